@@ -3,7 +3,8 @@
 Layout under the cache root (``$MOFA_OMNI_CACHE``, else the XDG cache dir)::
 
     sources/<model>/   the files as fetched (wheel contents, hub files, links to local files)
-    models/<model>/    the adapter's prepared artifacts, plus manifest.json
+    models/<model>/    the adapter's prepared artifacts
+    <dir>.manifest.json beside each directory
 
 A manifest (sizes and SHA-256 of every file, and the adapter's artifact
 version) is written last, so a half-built directory is never mistaken for a
@@ -35,7 +36,6 @@ from mofa_omni.catalog import HubSource, ModelSpec, PathSource, PypiSource
 
 log = logging.getLogger("mofa_omni.store")
 
-MANIFEST = "manifest.json"
 _CHUNK = 4 << 20
 
 
@@ -85,6 +85,10 @@ def _copy_stream(src, dst, total: int, stage: str, progress: Progress, done: int
     return done
 
 
+def _manifest_path(directory: Path) -> Path:
+    return directory.with_name(directory.name + ".manifest.json")
+
+
 @dataclass(frozen=True, slots=True)
 class Manifest:
     files: dict[str, tuple[int, str]]  # relative path -> (size, sha256)
@@ -94,19 +98,19 @@ class Manifest:
     def of_directory(cls, directory: Path, artifact_version: int) -> Manifest:
         files = {}
         for path in sorted(directory.rglob("*")):
-            if path.is_file() and path.name != MANIFEST:
+            if path.is_file():
                 files[str(path.relative_to(directory))] = (path.stat().st_size, sha256_of(path))
         return cls(files, artifact_version)
 
     def write(self, directory: Path) -> None:
         data = {"artifact_version": self.artifact_version,
                 "files": {k: {"size": s, "sha256": h} for k, (s, h) in self.files.items()}}
-        (directory / MANIFEST).write_text(json.dumps(data, indent=1))
+        _manifest_path(directory).write_text(json.dumps(data, indent=1))
 
     @classmethod
     def read(cls, directory: Path) -> Manifest | None:
         try:
-            data = json.loads((directory / MANIFEST).read_text())
+            data = json.loads(_manifest_path(directory).read_text())
             return cls({k: (v["size"], v["sha256"]) for k, v in data["files"].items()},
                        int(data["artifact_version"]))
         except (OSError, ValueError, KeyError, TypeError):
@@ -194,10 +198,12 @@ class ModelStore:
             except Exception as error:
                 raise ModelLoadError(f"model {spec.name!r}: converting {spec.format} weights "
                                      f"failed: {type(error).__name__}: {error}") from error
-            Manifest.of_directory(staging, adapter.artifact_version).write(staging)
+            manifest = Manifest.of_directory(staging, adapter.artifact_version)
+            _manifest_path(target).unlink(missing_ok=True)
             if target.exists():
                 shutil.rmtree(target)
             staging.rename(target)
+            manifest.write(target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -217,6 +223,7 @@ class ModelStore:
                 return directory
             log.warning("model %s: fetched files are damaged (%s); fetching again",
                         spec.name, "; ".join(problems))
+        _manifest_path(directory).unlink(missing_ok=True)
         if directory.exists():
             shutil.rmtree(directory)
         directory.mkdir(parents=True)

@@ -7,15 +7,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from mofa_omni.platform import ensure_fast_blas
-
-# MLX on a Linux CPU needs OpenBLAS preloaded before the process starts: re-exec pytest once.
-ensure_fast_blas()
-
-from mofa_omni.adapters.base import ModelAdapter  # noqa: E402
-from mofa_omni.catalog import Catalog  # noqa: E402
-from mofa_omni.loading import open_model  # noqa: E402
-from mofa_omni.store import ModelStore  # noqa: E402
+from mofa_omni.adapters.base import ModelAdapter
+from mofa_omni.catalog import Catalog
+from mofa_omni.loading import open_model
+from mofa_omni.store import ModelStore
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import ClassVar
 
 from mofa_omni.catalog import ModelSpec, unknown_name_message
-from mofa_omni.contract import TASK_SPECS, ContractError, GenericSpec, Task
+from mofa_omni.arrow import check_generic_schema
+from mofa_omni.contract import (
+    TASK_SPECS,
+    ContractError,
+    GenericRequest,
+    GenericResult,
+    GenericSpec,
+    Task,
+)
 from mofa_omni.memory import MemorySnapshot, release_freed_memory, snapshot
 
 ENTRY_POINT_GROUP = "mofa_omni.adapters"
@@ -121,10 +129,23 @@ class ModelAdapter(ABC):
             raise AdapterError(f"model {self.spec.name!r} does not serve {task.value}")
         if not self.loaded:
             raise AdapterError(f"model {self.spec.name!r} is not loaded")
+        if task is Task.GENERIC:
+            return self._run_generic_checked
         return getattr(self, TASK_SPECS[task].method)
 
     def generic_specs(self) -> list[GenericSpec]:
+        """The task kinds this adapter serves through ``Task.GENERIC`` (with their schemas)."""
         return []
+
+    def _run_generic_checked(self, request: GenericRequest) -> GenericResult:
+        specs = {spec.name: spec for spec in self.generic_specs()}
+        if request.kind not in specs:
+            raise ContractError(unknown_name_message("generic task kind", request.kind, list(specs)))
+        spec = specs[request.kind]
+        check_generic_schema(request.batch, spec.input_schema, f"{spec.name} input")
+        result = self.run_generic(request)  # type: ignore[attr-defined]
+        check_generic_schema(result.batch, spec.output_schema, f"{spec.name} output")
+        return result
 
 
 def adapter_names() -> list[str]:
@@ -137,7 +158,11 @@ def adapter_class(name: str) -> type[ModelAdapter]:
     points = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
     if name not in points:
         raise AdapterError(unknown_name_message("adapter", name, list(points)))
-    cls = points[name].load()
+    try:
+        cls = points[name].load()
+    except ImportError as error:
+        raise AdapterError(f"adapter {name!r} ({points[name].value}) cannot be imported: "
+                           f"{error}") from error
     if not (isinstance(cls, type) and issubclass(cls, ModelAdapter)):
         raise AdapterError(f"entry point {name!r} ({points[name].value}) is not a ModelAdapter")
     return cls

@@ -1,0 +1,205 @@
+"""Sentence embeddings from BERT-family encoders (all-MiniLM-L6-v2 and kin) in MLX.
+
+The encoder is built from a Hugging Face ``config.json`` and loads the
+checkpoint's ``model.safetensors`` under its own names; texts are tokenized
+with ``tokenizer.json``, mean-pooled over real tokens and L2-normalised, as
+sentence-transformers does. Everything stays float32 (float16 is very slow on
+a CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from mofa_omni.adapters.base import ModelAdapter, ModelLoadError, Progress
+from mofa_omni.contract import ContractError, EmbeddingRequest, Embeddings, Task
+
+FILES = ("config.json", "model.safetensors", "tokenizer.json")
+_CONFIG_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "max_position_embeddings", "vocab_size")
+DEFAULT_BATCH = 32
+
+
+class _Embeddings(nn.Module):
+    def __init__(self, c: dict[str, Any]):
+        super().__init__()
+        d = c["hidden_size"]
+        self.word_embeddings = nn.Embedding(c["vocab_size"], d)
+        self.position_embeddings = nn.Embedding(c["max_position_embeddings"], d)
+        self.token_type_embeddings = nn.Embedding(c.get("type_vocab_size", 2), d)
+        self.LayerNorm = nn.LayerNorm(d, eps=c.get("layer_norm_eps", 1e-12))
+
+    def __call__(self, ids: mx.array, types: mx.array) -> mx.array:
+        positions = mx.arange(ids.shape[1])
+        return self.LayerNorm(self.word_embeddings(ids) + self.position_embeddings(positions)
+                              + self.token_type_embeddings(types))
+
+
+class _DenseNorm(nn.Module):
+    """BERT's output block: projection, then layer norm over the residual sum."""
+
+    def __init__(self, d_in: int, d: int, eps: float):
+        super().__init__()
+        self.dense = nn.Linear(d_in, d)
+        self.LayerNorm = nn.LayerNorm(d, eps=eps)
+
+    def __call__(self, x: mx.array, residual: mx.array) -> mx.array:
+        return self.LayerNorm(self.dense(x) + residual)
+
+
+class _Attention(nn.Module):
+    def __init__(self, d: int, heads: int, eps: float):
+        super().__init__()
+        self.heads = heads
+        self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.output = _DenseNorm(d, d, eps)
+
+    def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
+        b, n, d = x.shape
+
+        def split(t: mx.array) -> mx.array:
+            return t.reshape(b, n, self.heads, -1).transpose(0, 2, 1, 3)
+
+        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+        scale = (d // self.heads) ** -0.5
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        return self.output(out.transpose(0, 2, 1, 3).reshape(b, n, d), x)
+
+
+class _Layer(nn.Module):
+    def __init__(self, c: dict[str, Any]):
+        super().__init__()
+        d, eps = c["hidden_size"], c.get("layer_norm_eps", 1e-12)
+        self.attention = _Attention(d, c["num_attention_heads"], eps)
+        self.intermediate = nn.Linear(d, c["intermediate_size"])
+        self.output = _DenseNorm(c["intermediate_size"], d, eps)
+
+    def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
+        x = self.attention(x, mask)
+        return self.output(nn.gelu(self.intermediate(x)), x)  # HF "gelu" is the exact (erf) one
+
+
+class BertEncoder(nn.Module):
+    """A BERT encoder whose parameter names follow the HF checkpoint (see ``hf_name``)."""
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__()
+        self.embeddings = _Embeddings(config)
+        self.layers = [_Layer(config) for _ in range(config["num_hidden_layers"])]
+
+    def __call__(self, ids: mx.array, types: mx.array, attention_mask: mx.array) -> mx.array:
+        # Padded keys get -inf-like scores, so padding never changes a real token's output.
+        bias = (1.0 - attention_mask[:, None, None, :].astype(mx.float32)) * -1e9
+        x = self.embeddings(ids, types)
+        for layer in self.layers:
+            x = layer(x, bias)
+        return x
+
+    @staticmethod
+    def hf_name(name: str) -> str:
+        """The MLX parameter name of the HF checkpoint tensor ``name``."""
+        return (name.replace("encoder.layer.", "layers.").replace(".attention.self.", ".attention.")
+                .replace(".intermediate.dense.", ".intermediate."))
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        missing = [key for key in _CONFIG_KEYS if not isinstance(config.get(key), int)]
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"BERT config {path} is unreadable: {error}") from None
+    if missing:
+        raise ModelLoadError(f"BERT config {path} lacks {', '.join(missing)}")
+    return config
+
+
+class MlxBertAdapter(ModelAdapter):
+    """A BERT sentence-embedding model in MLX: texts -> L2-normalised float32 vectors."""
+
+    supported_tasks = frozenset({Task.EMBEDDING})
+    formats = frozenset({"safetensors"})
+    backend = "mlx"
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self._model: BertEncoder | None = None
+        self._tokenizer = None
+        self.max_length = 0
+        self.batch_size = int(spec.options.get("batch_size", DEFAULT_BATCH))
+
+    def prepare(self, source_dir: Path, out_dir: Path, progress: Progress) -> None:
+        for name in FILES:
+            path = source_dir / name
+            if not path.is_file():
+                raise ModelLoadError(f"model {self.spec.name!r}: {name} is missing from {source_dir}")
+        _read_config(source_dir / "config.json")
+        for name in FILES:
+            shutil.copyfile(source_dir / name, out_dir / name)
+            progress(f"copy {name}", 1, 1)
+
+    def _load(self, model_dir: Path) -> None:
+        from tokenizers import Tokenizer
+
+        config = _read_config(model_dir / "config.json")
+        model = BertEncoder(config)
+        weights = {BertEncoder.hf_name(k): v.astype(mx.float32)
+                   for k, v in mx.load(str(model_dir / "model.safetensors")).items()}
+        wanted = {name for name, _ in tree_flatten(model.parameters())}
+        missing = wanted - weights.keys()
+        if missing:
+            raise ModelLoadError(f"model {self.spec.name!r}: model.safetensors lacks "
+                                 f"{', '.join(sorted(missing)[:5])}")
+        # Extra tensors (position_ids, a pooler head) are not part of the encoder: skip them.
+        model.load_weights([(k, v) for k, v in weights.items() if k in wanted])
+        mx.eval(model.parameters())
+        tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        # sentence-transformers truncates where the tokenizer says (128 for MiniLM);
+        # an option may raise it up to the model's position table.
+        truncation = (tokenizer.truncation or {}).get("max_length") or config["max_position_embeddings"]
+        self.max_length = min(int(self.spec.options.get("max_length", truncation)),
+                              config["max_position_embeddings"])
+        tokenizer.enable_truncation(self.max_length)
+        tokenizer.no_padding()  # padding is done per batch, to the batch's longest text
+        self._model, self._tokenizer = model, tokenizer
+
+    def _unload(self) -> None:
+        self._model = None
+        self._tokenizer = None
+
+    def embed(self, request: EmbeddingRequest) -> Embeddings:
+        """Embed ``request.texts``: float32 (n, hidden), unit rows, in the order given."""
+        if self._model is None:
+            raise ContractError(f"model {self.spec.name!r} is not loaded")
+        encodings = self._tokenizer.encode_batch(list(request.texts))
+        # Texts of similar length share a batch, so little compute goes into padding.
+        order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
+        vectors = np.empty((len(encodings), self._model.embeddings.LayerNorm.weight.shape[0]),
+                           np.float32)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            vectors[chunk] = self._embed_batch([encodings[i] for i in chunk])
+        return Embeddings(vectors)
+
+    def _embed_batch(self, encodings: list) -> np.ndarray:
+        width = max(len(e.ids) for e in encodings)
+        ids = np.zeros((len(encodings), width), np.int32)
+        types = np.zeros_like(ids)
+        mask = np.zeros_like(ids)
+        for row, e in enumerate(encodings):
+            n = len(e.ids)
+            ids[row, :n], types[row, :n], mask[row, :n] = e.ids, e.type_ids, 1
+        m = mx.array(mask)
+        hidden = self._model(mx.array(ids), mx.array(types), m)
+        weights = m[:, :, None].astype(mx.float32)
+        pooled = (hidden * weights).sum(axis=1) / mx.maximum(weights.sum(axis=1), 1.0)
+        pooled = pooled / mx.maximum(mx.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+        return np.array(pooled, dtype=np.float32)
+

@@ -1,0 +1,48 @@
+"""WAV files and resampling for float32 mono PCM, the contract's audio type."""
+
+from __future__ import annotations
+
+import wave
+from math import gcd
+from pathlib import Path
+
+import numpy as np
+
+from mofa_omni.contract import ContractError
+
+_SAMPLE_TYPES = {1: (np.uint8, 128.0, 128.0), 2: (np.int16, 0.0, 32768.0), 4: (np.int32, 0.0, 2**31)}
+
+
+def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
+    """Read a PCM WAV file as float32 mono in [-1, 1] (channels are averaged) and its rate."""
+    try:
+        with wave.open(str(path), "rb") as wav:
+            width, channels, rate = wav.getsampwidth(), wav.getnchannels(), wav.getframerate()
+            frames = wav.readframes(wav.getnframes())
+    except (wave.Error, EOFError) as error:
+        raise ContractError(f"{path}: not a PCM WAV file ({error})") from None
+    if width not in _SAMPLE_TYPES:
+        raise ContractError(f"{path}: {8 * width}-bit WAV samples are not supported")
+    dtype, offset, scale = _SAMPLE_TYPES[width]
+    samples = (np.frombuffer(frames, dtype).astype(np.float32) - offset) / scale
+    return samples.reshape(-1, channels).mean(axis=1, dtype=np.float32), rate
+
+
+def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int) -> None:
+    """Write float32 mono PCM as a 16-bit WAV file."""
+    pcm = (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2")
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(int(sample_rate))
+        wav.writeframes(pcm.tobytes())
+
+
+def resample(audio: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
+    """Polyphase resampling (anti-aliased) to ``target_rate``; float32 in, float32 out."""
+    if rate == target_rate:
+        return audio
+    from scipy.signal import resample_poly
+
+    divisor = gcd(int(rate), int(target_rate))
+    return resample_poly(audio, target_rate // divisor, rate // divisor).astype(np.float32)

@@ -1,0 +1,255 @@
+"""`omni`: one-shot use of the catalog's models from the shell (like `ollama run`).
+
+    omni models [--json]              the catalog, what is cached, sizes
+    omni pull NAME... | --defaults    fetch and convert once (progress bars), then cached
+    omni chat "PROMPT"                stream the LLM's reply
+    omni transcribe FILE.wav          speech to text
+    omni say "TEXT" -o FILE.wav       text to speech
+    omni embed TEXT... [--json]       sentence embeddings
+    omni doctor                       platform, MLX device, BLAS in use, measured GFLOP/s
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from mofa_omni.platform import ensure_fast_blas
+
+
+def _catalog():
+    from mofa_omni.catalog import Catalog
+
+    return Catalog.load()
+
+
+def _open(name: str | None, task, *, quiet: bool = False):
+    from mofa_omni.loading import open_model
+    from mofa_omni.store import no_progress, tqdm_progress
+
+    return open_model(name, task=task, catalog=_catalog(),
+                      progress=no_progress if quiet else tqdm_progress())
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from mofa_omni.adapters.base import AdapterError, adapter_class
+    from mofa_omni.memory import format_bytes
+    from mofa_omni.store import ModelStore
+
+    catalog, store = _catalog(), ModelStore()
+    defaults = {name for name in catalog.defaults.values()}
+    rows = []
+    for spec in catalog.models.values():
+        try:
+            cls = adapter_class(spec.adapter)
+            backend, ready = cls.backend, store.is_ready(spec, cls)
+        except AdapterError:
+            backend, ready = "(adapter not installed)", False
+        rows.append({
+            "name": spec.name, "tasks": [t.value for t in spec.tasks], "adapter": spec.adapter,
+            "backend": backend, "format": spec.format, "memory_estimate_bytes": spec.memory_bytes,
+            "cached": ready, "size_on_disk_bytes": store.size_on_disk(spec) if ready else 0,
+            "default": spec.name in defaults, "offline": spec.fetchable_offline,
+            "ladder": catalog.ladder_of(spec.name), "description": spec.description,
+        })
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'NAME':24} {'TASKS':28} {'BACKEND':12} {'MEMORY':>10} {'CACHED':>10}  NOTE")
+    for row in rows:
+        note = ["default"] if row["default"] else []
+        note += [] if row["offline"] else ["needs a network"]
+        cached = format_bytes(row["size_on_disk_bytes"]) if row["cached"] else "-"
+        print(f"{row['name']:24} {','.join(row['tasks']):28} {row['backend']:12} "
+              f"{format_bytes(row['memory_estimate_bytes']):>10} {cached:>10}  {', '.join(note)}")
+    print(f"\ncache: {store.root}")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from mofa_omni.loading import open_model
+    from mofa_omni.memory import format_bytes
+    from mofa_omni.store import ModelStore, tqdm_progress
+
+    catalog, store = _catalog(), ModelStore()
+    names = list(args.names) + (sorted(set(catalog.defaults.values())) if args.defaults else [])
+    if not names:
+        print("omni pull: name a model (see `omni models`) or pass --defaults", file=sys.stderr)
+        return 2
+    for name in names:
+        started = time.perf_counter()
+        adapter = open_model(name, catalog=catalog, store=store, progress=tqdm_progress(),
+                             load=False)
+        print(f"{name}: ready in {time.perf_counter() - started:.1f} s, "
+              f"{format_bytes(store.size_on_disk(adapter.spec))} at {store.model_dir(adapter.spec)}")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from mofa_omni.contract import ChatMessage, ChatRequest, Task
+
+    llm = _open(args.model, Task.TEXT_GENERATION, quiet=args.quiet)
+    messages = [ChatMessage("system", args.system)] if args.system else []
+    request = ChatRequest(messages + [ChatMessage("user", args.prompt)], args.max_tokens,
+                          args.temperature, stop=args.stop or [])
+    started, first = time.perf_counter(), None
+    for chunk in llm.generate(request):
+        first = first or time.perf_counter()
+        print(chunk.text, end="", flush=True)
+        if chunk.final:
+            print()
+            if args.verbose:
+                elapsed = time.perf_counter() - started
+                print(f"[{chunk.completion_tokens} tokens, first after {first - started:.2f} s, "
+                      f"{chunk.completion_tokens / elapsed:.1f} tok/s, {chunk.finish_reason}]",
+                      file=sys.stderr)
+    return 0
+
+
+def cmd_transcribe(args: argparse.Namespace) -> int:
+    from mofa_omni.audio import read_wav
+    from mofa_omni.contract import Task, TranscriptionRequest
+
+    audio, rate = read_wav(args.file)
+    asr = _open(args.model, Task.SPEECH_RECOGNITION, quiet=args.quiet)
+    transcript = asr.transcribe(TranscriptionRequest(audio, rate, args.language or ""))
+    print(transcript.text.strip())
+    return 0
+
+
+def cmd_say(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from mofa_omni.audio import write_wav
+    from mofa_omni.contract import SpeechRequest, Task
+
+    tts = _open(args.model, Task.SPEECH_SYNTHESIS, quiet=args.quiet)
+    chunks = list(tts.synthesize(SpeechRequest(args.text, speed=args.speed)))
+    audio = np.concatenate([c.audio for c in chunks])
+    write_wav(args.output, audio, chunks[0].sample_rate)
+    print(f"{args.output}: {len(audio) / chunks[0].sample_rate:.2f} s, "
+          f"{len(chunks)} sentence(s), {chunks[0].sample_rate} Hz", file=sys.stderr)
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from mofa_omni.contract import EmbeddingRequest, Task
+
+    embedder = _open(args.model, Task.EMBEDDING, quiet=args.quiet)
+    vectors = embedder.embed(EmbeddingRequest(list(args.texts))).vectors
+    if args.json:
+        print(json.dumps({"model": embedder.spec.name, "dim": int(vectors.shape[1]),
+                          "embeddings": vectors.tolist()}))
+        return 0
+    for text, vector in zip(args.texts, vectors):
+        print(f"{text[:40]:40} [{', '.join(f'{v:+.3f}' for v in vector[:6])}, ...] "
+              f"({len(vector)} dims)")
+    if len(args.texts) > 1:
+        similarity = vectors @ vectors.T
+        print("\ncosine similarity:")
+        for i, text in enumerate(args.texts):
+            print(f"{text[:40]:40} " + " ".join(f"{s:6.3f}" for s in similarity[i]))
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    import platform
+
+    import mlx.core as mx
+
+    from mofa_omni.adapters.base import AdapterError, adapter_class
+    from mofa_omni.contract import Task
+    from mofa_omni.memory import format_bytes, snapshot
+    from mofa_omni.platform import find_openblas, measure_blas, mlx_device
+    from mofa_omni.store import cache_root
+
+    report = measure_blas()
+    memory = snapshot()
+    print(f"platform     {platform.system()} {platform.machine()}, Python {platform.python_version()}")
+    print(f"memory       {format_bytes(memory.system_available_bytes)} available of "
+          f"{format_bytes(memory.system_total_bytes)}")
+    print(f"mlx          {mx.__version__}, device {mlx_device()}")
+    print(f"blas         {report.library}"
+          + (f", OPENBLAS_CORETYPE={report.coretype}" if report.coretype else ""))
+    print(f"matmul       {report.gflops:.1f} GFLOP/s (float32, 1024x1024, measured now)")
+    if sys.platform.startswith("linux") and find_openblas() is None:
+        print("warning      OpenBLAS is missing: `apt-get install libopenblas0-pthread`")
+    print(f"cache        {cache_root()}")
+    catalog = _catalog()
+    print("\ntask                  default model          adapter       backend")
+    for task in Task:
+        if task not in catalog.defaults:
+            continue
+        spec = catalog.default_for(task)
+        try:
+            backend = adapter_class(spec.adapter).backend
+        except AdapterError as error:
+            backend = f"unavailable: {error}"
+        print(f"{task.value:21} {spec.name:22} {spec.adapter:13} {backend}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="omni", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, handler, help_text: str, *, model: bool = True):
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        if model:
+            sub.add_argument("--model", help="catalog name (default: the catalog's default)")
+            sub.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+        return sub
+
+    sub = command("models", cmd_models, "list the catalog and what is cached", model=False)
+    sub.add_argument("--json", action="store_true")
+    sub = command("pull", cmd_pull, "fetch and convert models into the cache", model=False)
+    sub.add_argument("names", nargs="*")
+    sub.add_argument("--defaults", action="store_true", help="every task's default model")
+    sub = command("chat", cmd_chat, "stream an LLM reply to a prompt")
+    sub.add_argument("prompt")
+    sub.add_argument("--system", default="", help="system prompt")
+    sub.add_argument("--max-tokens", type=int, default=256)
+    sub.add_argument("--temperature", type=float, default=0.0)
+    sub.add_argument("--stop", action="append", help="stop sequence (repeatable)")
+    sub = command("transcribe", cmd_transcribe, "transcribe a WAV file")
+    sub.add_argument("file", type=Path)
+    sub.add_argument("--language", help="e.g. en (default: detect)")
+    sub = command("say", cmd_say, "synthesize speech into a WAV file")
+    sub.add_argument("text")
+    sub.add_argument("-o", "--output", type=Path, required=True)
+    sub.add_argument("--speed", type=float, default=1.0)
+    sub = command("embed", cmd_embed, "embed sentences")
+    sub.add_argument("texts", nargs="+")
+    sub.add_argument("--json", action="store_true")
+    command("doctor", cmd_doctor, "platform, MLX device, BLAS and speed", model=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `omni` console script."""
+    ensure_fast_blas()
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from mofa_omni.adapters.base import ModelLoadError
+    from mofa_omni.contract import ContractError
+    from mofa_omni.store import FetchError
+
+    try:
+        return args.handler(args)
+    except (ContractError, ModelLoadError, FetchError) as error:
+        print(f"omni {args.command}: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

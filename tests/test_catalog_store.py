@@ -1,0 +1,150 @@
+"""Catalog parsing, the model store (fetch, convert once, verify, rebuild) and adapter discovery."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from mofa_omni.adapters.base import AdapterError, adapter_class, adapter_names
+from mofa_omni.catalog import Catalog, CatalogError, PathSource, PypiSource
+from mofa_omni.contract import ContractError, GenericRequest, Task
+from mofa_omni.loading import open_model
+from mofa_omni.store import Manifest, ModelStore
+
+THIRD_PARTY = Path(__file__).parent / "thirdparty" / "omni-textstats"
+
+
+def test_builtin_catalog_has_defaults_ladders_and_sources(catalog: Catalog):
+    for task in (Task.TEXT_GENERATION, Task.SPEECH_RECOGNITION, Task.SPEECH_SYNTHESIS,
+                 Task.EMBEDDING):
+        assert task in catalog.default_for(task).tasks
+    assert catalog.smaller_than("gemma-3-270m") == ["smollm2-135m", "smollm2-135m-q4"]
+    assert catalog.smaller_than("whisper-base") == ["whisper-tiny.en"]
+    assert catalog.ladder_of("piper-joe") == ["piper-joe"]
+    joined = catalog.get("whisper-base").source
+    assert isinstance(joined, PypiSource) and list(joined.joined) == ["model.bin"]
+    assert not catalog.get("qwen2.5-0.5b-instruct").fetchable_offline
+
+
+def test_unknown_names_list_close_matches(catalog: Catalog):
+    with pytest.raises(CatalogError, match="did you mean smollm2-135m"):
+        catalog.get("smollm2")
+    with pytest.raises(CatalogError, match="does not serve speech_recognition"):
+        catalog.resolve("smollm2-135m", Task.SPEECH_RECOGNITION)
+    with pytest.raises(AdapterError, match="unknown adapter 'mlx_llm'; did you mean mlx_lm"):
+        adapter_class("mlx_llm")
+
+
+def test_user_catalog_adds_and_overrides_models(tmp_path: Path):
+    user = tmp_path / "catalog.toml"
+    user.write_text("""
+[defaults]
+embedding = "my-embedder"
+[models.my-embedder]
+adapter = "mlx_bert"
+tasks = ["embedding"]
+format = "safetensors"
+source = { path = "weights" }
+[models.smollm2-135m]
+adapter = "mlx_lm"
+tasks = ["text_generation"]
+format = "gguf"
+memory_mb = 1
+source = { path = "/elsewhere/model.gguf" }
+""")
+    catalog = Catalog.load([user])
+    assert catalog.default_for(Task.EMBEDDING).name == "my-embedder"
+    assert catalog.get("my-embedder").source == PathSource(tmp_path / "weights")
+    assert catalog.get("smollm2-135m").memory_mb == 1
+    assert "whisper-tiny.en" in catalog.models  # built-ins are kept
+
+
+@pytest.mark.parametrize(("entry", "error"), [
+    ('[models.x]\nadapter = "a"\n', "missing tasks, format, source"),
+    ('[models.x]\nadapter="a"\ntasks=["telepathy"]\nformat="f"\nsource={path="p"}\n',
+     "unknown task 'telepathy'"),
+    ('[models.x]\nadapter="a"\ntasks=["embedding"]\nformat="f"\nsource={ftp="p"}\n',
+     "source must have one of"),
+    ("[models.x\n", "catalog"),
+])
+def test_malformed_user_catalogs_are_reported(tmp_path: Path, entry: str, error: str):
+    path = tmp_path / "catalog.toml"
+    path.write_text(entry)
+    with pytest.raises(ContractError, match=error):
+        Catalog.load([path])
+
+
+def test_builtin_adapters_are_discovered_through_entry_points():
+    assert {"mlx_lm", "mlx_whisper", "piper", "mlx_bert"} <= set(adapter_names())
+
+
+@pytest.fixture(scope="module")
+def third_party(tmp_path_factory) -> Path:
+    """The omni-textstats package really installed (pip, into its own directory) and importable."""
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                    "--no-build-isolation", "--target", str(target), str(THIRD_PARTY)], check=True)
+    sys.path.insert(0, str(target))
+    yield target
+    sys.path.remove(str(target))
+    for name in [m for m in sys.modules if m.startswith("omni_textstats")]:
+        del sys.modules[name]
+
+
+def _textstats_catalog(tmp_path: Path, words: list[str]) -> Catalog:
+    (tmp_path / "stopwords.json").write_text(json.dumps(words))
+    user = tmp_path / "catalog.toml"
+    user.write_text('[models.textstats-en]\nadapter = "textstats"\ntasks = ["generic"]\n'
+                    'format = "json"\nsource = { path = "stopwords.json" }\n')
+    return Catalog.load([user])
+
+
+def test_third_party_adapter_adds_a_new_task_kind(third_party: Path, tmp_path: Path):
+    assert "textstats" in adapter_names()
+    catalog = _textstats_catalog(tmp_path, ["the", "a", "of"])
+    adapter = open_model("textstats-en", catalog=catalog, store=ModelStore(tmp_path / "cache"))
+    (spec,) = adapter.generic_specs()
+    assert spec.name == "text.stats"  # a kind the core has never heard of
+    run = adapter.handler(Task.GENERIC)
+    batch = pa.RecordBatch.from_pydict({"text": ["The capital of France", "a b c"]})
+    result = run(GenericRequest("text.stats", batch))
+    assert result.batch.to_pydict() == {"words": [4, 3], "stopwords": [2, 1]}
+
+    with pytest.raises(ContractError, match="unknown generic task kind 'text.count'"):
+        run(GenericRequest("text.count", batch))
+    wrong = pa.RecordBatch.from_pydict({"body": ["x"]})
+    with pytest.raises(ContractError, match="does not match the declared"):
+        run(GenericRequest("text.stats", wrong))
+    adapter.unload()
+    assert not adapter.loaded
+
+
+def test_store_converts_once_verifies_and_rebuilds_damaged_artifacts(
+        third_party: Path, tmp_path: Path, caplog):
+    catalog = _textstats_catalog(tmp_path, ["the"])
+    store = ModelStore(tmp_path / "cache")
+    adapter = open_model("textstats-en", catalog=catalog, store=store, load=False)
+    built = store.model_dir(adapter.spec)
+    manifest = Manifest.read(built)
+    assert manifest is not None and "stopwords.json" in manifest.files
+    assert store.is_ready(adapter.spec, type(adapter))
+    first_mtime = (built / "stopwords.json").stat().st_mtime_ns
+
+    assert store.prepare(adapter) == built  # cached: nothing rebuilt
+    assert (built / "stopwords.json").stat().st_mtime_ns == first_mtime
+
+    (built / "stopwords.json").write_text('["thX"]')  # same size, different bytes
+    store.prepare(adapter)
+    assert "does not match its checksum" in caplog.text
+    assert json.loads((built / "stopwords.json").read_text()) == ["the"]
+
+    (built / "stopwords.json").write_text("[")  # truncated
+    assert not store.is_ready(adapter.spec, type(adapter))
+    store.prepare(adapter)
+    assert "truncated" in caplog.text
+    assert json.loads((built / "stopwords.json").read_text()) == ["the"]
