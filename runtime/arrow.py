@@ -23,6 +23,7 @@ from mofa_omni.contract import (
     ContractError,
     EmbeddingRequest,
     Embeddings,
+    ErrorReport,
     GenericRequest,
     GenericResult,
     Image,
@@ -135,6 +136,14 @@ class _Codec:
 
 
 _CODECS: dict[type, _Codec] = {
+    ErrorReport: _Codec(
+        pa.struct([("request_id", pa.string()), ("kind", pa.string()), ("message", pa.string()),
+                   ("node", pa.string())]),
+        lambda m: [_one(m.request_id, pa.string()), _one(m.kind, pa.string()),
+                   _one(m.message, pa.string()), _one(m.node, pa.string())],
+        lambda r: ErrorReport(r.scalar("request_id"), r.scalar("kind"), r.scalar("message"),
+                              r.scalar("node")),
+    ),
     ChatRequest: _Codec(
         pa.struct([("messages", pa.list_(_MESSAGE)), ("max_tokens", pa.int32()),
                    ("temperature", pa.float32()), ("top_p", pa.float32()),

@@ -184,6 +184,18 @@ class GenericResult:
     batch: pa.RecordBatch
 
 
+# --- errors ----------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class ErrorReport:
+    """Sent on a node's ``error`` output when a request cannot be served."""
+
+    request_id: str
+    kind: str  # "bad_request" | "unknown_model" | "load_failed" | "internal" | "timeout" ...
+    message: str
+    node: str = ""
+
+
 # --- task protocols ------------------------------------------------------------------
 
 @runtime_checkable

@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +15,8 @@ from mofa_omni.adapters.base import ModelAdapter
 from mofa_omni.catalog import Catalog
 from mofa_omni.loading import open_model
 from mofa_omni.store import ModelStore
+
+THIRD_PARTY = Path(__file__).parent / "thirdparty" / "omni-textstats"
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +42,24 @@ def model(catalog: Catalog, store: ModelStore) -> Iterator[Callable[[str], Model
     yield get
     for adapter in loaded.values():
         adapter.unload()
+
+
+@pytest.fixture(scope="session")
+def third_party(tmp_path_factory) -> Path:
+    """The omni-textstats package really installed (pip, into its own directory) and importable."""
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                    "--no-build-isolation", "--target", str(target), str(THIRD_PARTY)], check=True)
+    sys.path.insert(0, str(target))
+    yield target
+    sys.path.remove(str(target))
+    for name in [m for m in sys.modules if m.startswith("omni_textstats")]:
+        del sys.modules[name]
+
+
+def textstats_catalog(tmp_path: Path, words: list[str]) -> Catalog:
+    (tmp_path / "stopwords.json").write_text(json.dumps(words))
+    user = tmp_path / "catalog.toml"
+    user.write_text('[models.textstats-en]\nadapter = "textstats"\ntasks = ["generic"]\n'
+                    'format = "json"\nsource = { path = "stopwords.json" }\n')
+    return Catalog.load([user])

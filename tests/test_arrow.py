@@ -15,6 +15,7 @@ from mofa_omni.contract import (
     ContractError,
     EmbeddingRequest,
     Embeddings,
+    ErrorReport,
     GenericRequest,
     GenericResult,
     Image,
@@ -41,6 +42,7 @@ SAMPLES = [
     EmbeddingRequest(["a", "b"]),
     RerankRequest("q", ["d1", "d2"]),
     ImageRequest("a cat", 64, 32, 2, 7),
+    ErrorReport("req-1", "bad_request", "audio is empty", "asr"),
 ]
 
 

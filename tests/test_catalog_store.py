@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,12 +10,10 @@ import pytest
 
 from mofa_omni.adapters.base import AdapterError, adapter_class, adapter_names
 from mofa_omni.catalog import Catalog, CatalogError, PathSource, PypiSource
+from tests.conftest import textstats_catalog
 from mofa_omni.contract import ContractError, GenericRequest, Task
 from mofa_omni.loading import open_model
 from mofa_omni.store import Manifest, ModelStore
-
-THIRD_PARTY = Path(__file__).parent / "thirdparty" / "omni-textstats"
-
 
 def test_builtin_catalog_has_defaults_ladders_and_sources(catalog: Catalog):
     for task in (Task.TEXT_GENERATION, Task.SPEECH_RECOGNITION, Task.SPEECH_SYNTHESIS,
@@ -83,30 +79,9 @@ def test_builtin_adapters_are_discovered_through_entry_points():
     assert {"mlx_lm", "mlx_whisper", "piper", "mlx_bert"} <= set(adapter_names())
 
 
-@pytest.fixture(scope="module")
-def third_party(tmp_path_factory) -> Path:
-    """The omni-textstats package really installed (pip, into its own directory) and importable."""
-    target = tmp_path_factory.mktemp("site")
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                    "--no-build-isolation", "--target", str(target), str(THIRD_PARTY)], check=True)
-    sys.path.insert(0, str(target))
-    yield target
-    sys.path.remove(str(target))
-    for name in [m for m in sys.modules if m.startswith("omni_textstats")]:
-        del sys.modules[name]
-
-
-def _textstats_catalog(tmp_path: Path, words: list[str]) -> Catalog:
-    (tmp_path / "stopwords.json").write_text(json.dumps(words))
-    user = tmp_path / "catalog.toml"
-    user.write_text('[models.textstats-en]\nadapter = "textstats"\ntasks = ["generic"]\n'
-                    'format = "json"\nsource = { path = "stopwords.json" }\n')
-    return Catalog.load([user])
-
-
 def test_third_party_adapter_adds_a_new_task_kind(third_party: Path, tmp_path: Path):
     assert "textstats" in adapter_names()
-    catalog = _textstats_catalog(tmp_path, ["the", "a", "of"])
+    catalog = textstats_catalog(tmp_path, ["the", "a", "of"])
     adapter = open_model("textstats-en", catalog=catalog, store=ModelStore(tmp_path / "cache"))
     (spec,) = adapter.generic_specs()
     assert spec.name == "text.stats"  # a kind the core has never heard of
@@ -126,7 +101,7 @@ def test_third_party_adapter_adds_a_new_task_kind(third_party: Path, tmp_path: P
 
 def test_store_converts_once_verifies_and_rebuilds_damaged_artifacts(
         third_party: Path, tmp_path: Path, caplog):
-    catalog = _textstats_catalog(tmp_path, ["the"])
+    catalog = textstats_catalog(tmp_path, ["the"])
     store = ModelStore(tmp_path / "cache")
     adapter = open_model("textstats-en", catalog=catalog, store=store, load=False)
     built = store.model_dir(adapter.spec)

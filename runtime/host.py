@@ -1,0 +1,116 @@
+"""The node host: serves a loaded model's tasks to Arrow requests, independent of dora.
+
+A request arrives on an input named after its task (``text_generation``,
+``speech_recognition``, ...) or on ``request`` for the model's first task. Its
+results leave on ``result`` (streamed tasks send several, the last ``final``),
+and anything that goes wrong leaves on ``error`` as an :class:`ErrorReport`
+naming the request — the host itself keeps serving.
+
+Every message carries :class:`MessageMeta` (request id, sequence number,
+final flag, origin and send timestamps) in dora's metadata.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from mofa_omni import arrow
+from mofa_omni.adapters.base import ModelAdapter
+from mofa_omni.contract import TASK_SPECS, ContractError, ErrorReport, Task
+
+log = logging.getLogger("mofa_omni.host")
+
+RESULT_OUTPUT = "result"
+ERROR_OUTPUT = "error"
+PRIMARY_INPUT = "request"
+
+
+@dataclass(frozen=True, slots=True)
+class MessageMeta:
+    """What every message carries, so latency per stage is traceable and gaps are seen."""
+
+    request_id: str
+    seq: int = 0
+    final: bool = True
+    origin_ns: int = 0  # when the request entered the graph
+    sent_ns: int = 0  # when this message was sent
+
+    def to_dora(self) -> dict[str, Any]:
+        return {"request_id": self.request_id, "seq": self.seq, "final": self.final,
+                "origin_ns": self.origin_ns, "sent_ns": self.sent_ns}
+
+    @classmethod
+    def from_dora(cls, metadata: dict[str, Any] | None, fallback_id: str) -> MessageMeta:
+        metadata = metadata or {}
+        return cls(str(metadata.get("request_id") or fallback_id), int(metadata.get("seq", 0)),
+                   bool(metadata.get("final", True)),
+                   int(metadata.get("origin_ns") or time.time_ns()), int(metadata.get("sent_ns", 0)))
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    output: str
+    value: pa.Array
+    meta: MessageMeta
+
+
+class ModelHost:
+    """Maps inputs to tasks of one loaded adapter and turns results into outgoing messages."""
+
+    def __init__(self, adapter: ModelAdapter, node_id: str = "omni-node"):
+        self.adapter, self.node_id = adapter, node_id
+        self._ids = itertools.count(1)
+
+    def task_for(self, input_id: str) -> Task:
+        if input_id == PRIMARY_INPUT:
+            return self.adapter.tasks[0]
+        try:
+            task = Task(input_id)
+        except ValueError:
+            raise ContractError(self._input_help(f"input {input_id!r} names no task")) from None
+        if task not in self.adapter.tasks:
+            raise ContractError(self._input_help(
+                f"model {self.adapter.spec.name!r} does not serve {task.value}"))
+        return task
+
+    def _input_help(self, problem: str) -> str:
+        inputs = [PRIMARY_INPUT, *(t.value for t in self.adapter.tasks)]
+        return f"{problem}; this node's inputs are: {', '.join(inputs)}"
+
+    def handle(self, input_id: str, value: pa.Array,
+               metadata: dict[str, Any] | None = None) -> Iterator[Outgoing]:
+        """Serve one request; yields its results, or one error, never raises."""
+        incoming = MessageMeta.from_dora(metadata, f"{self.node_id}-{next(self._ids)}")
+        try:
+            task = self.task_for(input_id)
+            spec = TASK_SPECS[task]
+            request = arrow.decode(value, spec.request_type)
+            results = self.adapter.handler(task)(request)
+            if not spec.streams:
+                yield self._out(RESULT_OUTPUT, arrow.encode(results), incoming, 0, True)
+                return
+            # Streamed results mark their own last item (``final``): no look-ahead delay.
+            for seq, result in enumerate(results):
+                yield self._out(RESULT_OUTPUT, arrow.encode(result), incoming, seq, result.final)
+        except ContractError as error:
+            yield self._error(incoming, "bad_request", str(error))
+        except Exception as error:  # the model failed on this request: report, keep serving
+            log.exception("request %s failed", incoming.request_id)
+            yield self._error(incoming, "internal", f"{type(error).__name__}: {error}")
+
+    def _out(self, output: str, value: pa.Array, incoming: MessageMeta, seq: int,
+             final: bool) -> Outgoing:
+        meta = MessageMeta(incoming.request_id, seq, final, incoming.origin_ns, time.time_ns())
+        return Outgoing(output, value, meta)
+
+    def _error(self, incoming: MessageMeta, kind: str, message: str) -> Outgoing:
+        log.error("request %s: %s", incoming.request_id, message)
+        report = ErrorReport(incoming.request_id, kind, message, self.node_id)
+        return self._out(ERROR_OUTPUT, arrow.encode(report), incoming, 0, True)
