@@ -22,7 +22,7 @@ from dora import Node  # noqa: E402
 
 from mofa_omni.catalog import Catalog  # noqa: E402
 from mofa_omni.contract import ContractError, Task  # noqa: E402
-from mofa_omni.host import ModelHost  # noqa: E402
+from mofa_omni.host import ModelHost, dora_node_id  # noqa: E402
 from mofa_omni.loading import open_model  # noqa: E402
 
 log = logging.getLogger("omni-node")
@@ -39,7 +39,7 @@ def main() -> int:
         return 2
     adapter = open_model(spec.name, catalog=catalog)
     node = Node()
-    host = ModelHost(adapter, os.environ.get("DORA_NODE_ID", spec.name))
+    host = ModelHost(adapter, dora_node_id(spec.name))
     log.info("serving %s (%s) in %.2f s", spec.name, ", ".join(t.value for t in spec.tasks),
              adapter.load_seconds)
     # dora may deliver STOP before queued inputs: keep reading until the stream ends.

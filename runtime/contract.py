@@ -301,9 +301,13 @@ def validate_image(pixels: np.ndarray, *, what: str = "image") -> np.ndarray:
 def validate_request(request: object) -> None:
     """Semantic checks shared by every transport (Arrow, CLI, HTTP)."""
     match request:
-        case ChatRequest(messages=messages, max_tokens=max_tokens):
+        case ChatRequest(messages=messages, max_tokens=max_tokens, temperature=temperature,
+                         top_p=top_p):
             if not messages:
                 raise ContractError("chat request has no messages")
+            if temperature < 0 or not 0 < top_p <= 1:
+                raise ContractError(f"temperature must be >= 0 and top_p in (0, 1], "
+                                    f"got {temperature} and {top_p}")
             for i, message in enumerate(messages):
                 if message.role not in ("system", "user", "assistant"):
                     raise ContractError(f"message {i} has unknown role {message.role!r}")
@@ -311,9 +315,11 @@ def validate_request(request: object) -> None:
                 raise ContractError(f"max_tokens must be positive, got {max_tokens}")
         case TranscriptionRequest(audio=audio, sample_rate=rate):
             validate_audio(audio, rate)
-        case SpeechRequest(text=text):
+        case SpeechRequest(text=text, speed=speed):
             if not text.strip():
                 raise ContractError("speech request has empty text")
+            if not 0.25 <= speed <= 4.0:
+                raise ContractError(f"speech speed {speed} is outside 0.25-4")
         case EmbeddingRequest(texts=texts):
             if not texts:
                 raise ContractError("embedding request has no texts")

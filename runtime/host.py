@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +32,12 @@ log = logging.getLogger("mofa_omni.host")
 RESULT_OUTPUT = "result"
 ERROR_OUTPUT = "error"
 PRIMARY_INPUT = "request"
+
+
+def dora_node_id(default: str = "node") -> str:
+    """This process's node id in the running dataflow (dora passes it in DORA_NODE_CONFIG)."""
+    match = re.search(r"^node_id:\s*(\S+)", os.environ.get("DORA_NODE_CONFIG", ""), re.MULTILINE)
+    return match.group(1) if match else default
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,7 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import platformdirs
@@ -90,8 +90,15 @@ def _manifest_path(directory: Path) -> Path:
 
 
 @dataclass(frozen=True, slots=True)
+class FileRecord:
+    size: int
+    sha256: str
+    mtime_ns: int
+
+
+@dataclass(frozen=True, slots=True)
 class Manifest:
-    files: dict[str, tuple[int, str]]  # relative path -> (size, sha256)
+    files: dict[str, FileRecord]  # by path relative to the directory
     artifact_version: int
 
     @classmethod
@@ -99,33 +106,41 @@ class Manifest:
         files = {}
         for path in sorted(directory.rglob("*")):
             if path.is_file():
-                files[str(path.relative_to(directory))] = (path.stat().st_size, sha256_of(path))
+                stat = path.stat()
+                files[str(path.relative_to(directory))] = FileRecord(
+                    stat.st_size, sha256_of(path), stat.st_mtime_ns)
         return cls(files, artifact_version)
 
     def write(self, directory: Path) -> None:
         data = {"artifact_version": self.artifact_version,
-                "files": {k: {"size": s, "sha256": h} for k, (s, h) in self.files.items()}}
+                "files": {name: asdict(record) for name, record in self.files.items()}}
         _manifest_path(directory).write_text(json.dumps(data, indent=1))
 
     @classmethod
     def read(cls, directory: Path) -> Manifest | None:
         try:
             data = json.loads(_manifest_path(directory).read_text())
-            return cls({k: (v["size"], v["sha256"]) for k, v in data["files"].items()},
+            return cls({k: FileRecord(**v) for k, v in data["files"].items()},
                        int(data["artifact_version"]))
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
     def problems(self, directory: Path, *, hashes: bool = True) -> list[str]:
-        """What is wrong with ``directory`` compared with this manifest (empty: intact)."""
+        """What is wrong with ``directory`` compared with this manifest (empty: intact).
+
+        A file whose size and modification time are as recorded is trusted; any other
+        is hashed, so a rewritten file is caught without re-hashing gigabytes per load.
+        """
         problems = []
-        for name, (size, digest) in self.files.items():
+        for name, record in self.files.items():
             path = directory / name
             if not path.is_file():
                 problems.append(f"{name} is missing")
-            elif path.stat().st_size != size:
-                problems.append(f"{name} is {path.stat().st_size} bytes, expected {size} (truncated?)")
-            elif hashes and sha256_of(path) != digest:
+                continue
+            stat = path.stat()
+            if stat.st_size != record.size:
+                problems.append(f"{name} is {stat.st_size} bytes, expected {record.size} (truncated?)")
+            elif hashes and stat.st_mtime_ns != record.mtime_ns and sha256_of(path) != record.sha256:
                 problems.append(f"{name} does not match its checksum (corrupt)")
         return problems
 
@@ -165,7 +180,7 @@ class ModelStore:
 
     def size_on_disk(self, spec: ModelSpec) -> int:
         manifest = Manifest.read(self.model_dir(spec))
-        return sum(size for size, _ in manifest.files.values()) if manifest else 0
+        return sum(record.size for record in manifest.files.values()) if manifest else 0
 
     # --- building --------------------------------------------------------------------
 

@@ -1,8 +1,37 @@
-"""Small pure text helpers shared by adapters, nodes and tests."""
+"""Small text utilities shared by adapters, tests and benchmarks (pure functions, no models)."""
 
 from __future__ import annotations
 
 import re
+import unicodedata
+
+_NOT_WORD = re.compile(r"[^\w\s']|_")
+
+
+def normalize_words(text: str) -> list[str]:
+    """Lower-cased words with punctuation removed ("Don't-stop!" -> ["dont", "stop"])."""
+    text = unicodedata.normalize("NFKC", text).lower().replace("\u2019", "'")
+    return _NOT_WORD.sub(" ", text).replace("'", "").split()
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """(substitutions + deletions + insertions) / reference words, after :func:`normalize_words`.
+
+    Raises ValueError when the reference has no words (the rate is undefined).
+    """
+    ref, hyp = normalize_words(reference), normalize_words(hypothesis)
+    if not ref:
+        raise ValueError("word error rate needs a reference with at least one word")
+    # Levenshtein distance over words, one row at a time.
+    previous = list(range(len(hyp) + 1))
+    for i, word in enumerate(ref, 1):
+        current = [i]
+        for j, other in enumerate(hyp, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1,
+                               previous[j - 1] + (word != other)))
+        previous = current
+    return previous[-1] / len(ref)
+
 
 # Abbreviations after which a full stop does not end a sentence (lower case, without the dot).
 # "etc." is left out on purpose: it often does end a sentence.

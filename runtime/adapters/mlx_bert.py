@@ -139,7 +139,8 @@ class MlxBertAdapter(ModelAdapter):
         for name in FILES:
             path = source_dir / name
             if not path.is_file():
-                raise ModelLoadError(f"model {self.spec.name!r}: {name} is missing from {source_dir}")
+                raise ModelLoadError(f"model {self.spec.name!r}: {name} is missing "
+                                     f"from {source_dir}")
         _read_config(source_dir / "config.json")
         for name in FILES:
             shutil.copyfile(source_dir / name, out_dir / name)
@@ -150,22 +151,23 @@ class MlxBertAdapter(ModelAdapter):
 
         config = _read_config(model_dir / "config.json")
         model = BertEncoder(config)
-        weights = {BertEncoder.hf_name(k): v.astype(mx.float32)
-                   for k, v in mx.load(str(model_dir / "model.safetensors")).items()}
         wanted = {name for name, _ in tree_flatten(model.parameters())}
+        # Extra tensors (position_ids, a pooler head) are not part of the encoder: skip them.
+        weights = {name: v.astype(mx.float32)
+                   for k, v in mx.load(str(model_dir / "model.safetensors")).items()
+                   if (name := BertEncoder.hf_name(k)) in wanted}
         missing = wanted - weights.keys()
         if missing:
             raise ModelLoadError(f"model {self.spec.name!r}: model.safetensors lacks "
                                  f"{', '.join(sorted(missing)[:5])}")
-        # Extra tensors (position_ids, a pooler head) are not part of the encoder: skip them.
-        model.load_weights([(k, v) for k, v in weights.items() if k in wanted])
+        model.load_weights(list(weights.items()))
         mx.eval(model.parameters())
         tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-        # sentence-transformers truncates where the tokenizer says (128 for MiniLM);
-        # an option may raise it up to the model's position table.
-        truncation = (tokenizer.truncation or {}).get("max_length") or config["max_position_embeddings"]
-        self.max_length = min(int(self.spec.options.get("max_length", truncation)),
-                              config["max_position_embeddings"])
+        # Truncate where tokenizer.json says (128 for MiniLM, its training length; the
+        # sentence-transformers config allows 256): the `max_length` option overrides it.
+        positions = config["max_position_embeddings"]
+        truncation = (tokenizer.truncation or {}).get("max_length") or positions
+        self.max_length = min(int(self.spec.options.get("max_length", truncation)), positions)
         tokenizer.enable_truncation(self.max_length)
         tokenizer.no_padding()  # padding is done per batch, to the batch's longest text
         self._model, self._tokenizer = model, tokenizer
@@ -174,6 +176,11 @@ class MlxBertAdapter(ModelAdapter):
         self._model = None
         self._tokenizer = None
 
+    @property
+    def dimension(self) -> int:
+        """Length of the embedding vectors (the encoder's hidden size)."""
+        return self._model.embeddings.LayerNorm.weight.shape[0]
+
     def embed(self, request: EmbeddingRequest) -> Embeddings:
         """Embed ``request.texts``: float32 (n, hidden), unit rows, in the order given."""
         if self._model is None:
@@ -181,8 +188,7 @@ class MlxBertAdapter(ModelAdapter):
         encodings = self._tokenizer.encode_batch(list(request.texts))
         # Texts of similar length share a batch, so little compute goes into padding.
         order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
-        vectors = np.empty((len(encodings), self._model.embeddings.LayerNorm.weight.shape[0]),
-                           np.float32)
+        vectors = np.empty((len(encodings), self.dimension), np.float32)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
             vectors[chunk] = self._embed_batch([encodings[i] for i in chunk])

@@ -91,6 +91,9 @@ class PiperAdapter(ModelAdapter):
 
     @property
     def sample_rate(self) -> int:
+        """The voice's output rate in Hz (loaded voices only)."""
+        if self._voice is None:
+            raise ContractError(f"model {self.spec.name!r} is not loaded")
         return int(self._voice.config.sample_rate)
 
     def synthesize(self, request: SpeechRequest) -> Iterator[AudioChunk]:
@@ -98,8 +101,7 @@ class PiperAdapter(ModelAdapter):
 
         ``request.speed`` > 1 speaks faster (Piper's length scale is divided by it).
         """
-        if self._voice is None:
-            raise ContractError(f"model {self.spec.name!r} is not loaded")
+        rate = self.sample_rate
         if not SPEED_RANGE[0] <= request.speed <= SPEED_RANGE[1]:
             raise ContractError(f"speed {request.speed} is outside {SPEED_RANGE}")
         from piper.config import SynthesisConfig
@@ -107,7 +109,6 @@ class PiperAdapter(ModelAdapter):
         voice = self._voice
         syn_config = SynthesisConfig(length_scale=voice.config.length_scale / request.speed)
         sentences = [s for s in split_sentences(request.text) if _SPEAKABLE.search(s)]
-        rate = self.sample_rate
         if not sentences:  # only punctuation: nothing to say, but the request still gets its reply
             yield AudioChunk(np.zeros(rate // 100, np.float32), rate, final=True, text=request.text)
             return

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import re
 import struct
 from dataclasses import dataclass
@@ -79,8 +80,9 @@ def read_model_bin(path: Path | str, progress: Progress | None = None) -> Ct2Mod
     path = Path(path)
     try:
         with path.open("rb") as handle:
-            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-    except (OSError, ValueError) as error:  # ValueError: an empty file cannot be mapped
+            empty = os.fstat(handle.fileno()).st_size == 0  # an empty file cannot be mapped
+            mapped = b"" if empty else mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as error:
         raise ModelLoadError(f"{path}: cannot read: {error}") from error
     reader = _Reader(path, memoryview(mapped))
     total = len(mapped)

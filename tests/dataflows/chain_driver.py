@@ -67,7 +67,8 @@ def main() -> None:
             chunk = arrow.decode(value, TextChunk)
             reply += chunk.text
             report["reply_chunks"] += 1
-            report["metadata"].append(dict(meta))
+            report["metadata"].append({key: meta.get(key) for key in
+                                       ("request_id", "seq", "final", "origin_ns", "sent_ns")})
             if chunk.final:
                 report["reply"] = reply
                 send("embed", EmbeddingRequest([QUESTION, reply, "The stock market fell."]),

@@ -1,0 +1,132 @@
+"""vad: cuts a live audio stream into utterances with Silero VAD (a real model, in-process).
+
+Configuration (env in the dataflow YAML):
+    MODEL            catalog name of the VAD model (default silero-vad)
+    THRESHOLD        speech probability at which speech starts (default 0.5)
+    NEG_THRESHOLD    below this, a frame is silence (default THRESHOLD - 0.15)
+    MIN_SPEECH_MS    voiced time before speech counts; shorter blips are dropped (default 250)
+    MIN_SILENCE_MS   silence that ends an utterance (default 600)
+    SPEECH_PAD_MS    audio kept before the speech starts and after it ends (default 100)
+    MAX_UTTERANCE_S  longer speech is cut into several utterances (default 30)
+    LANGUAGE         language set on each TranscriptionRequest ("" = the ASR's choice)
+
+Inputs:
+    audio            AudioChunk stream, any sample rate (resampled to 16 kHz here). Empty chunks
+                     and silence produce nothing; a chunk with final=true ends the stream, so
+                     speech still open is sent as an utterance at once.
+Outputs:
+    utterance        TranscriptionRequest, 16 kHz: request_id `utt-N` (N = 1, 2, ... for the
+                     node's lifetime), origin_ns = when the speech ended (on the clock of the
+                     audio chunks' origin_ns).
+    speech_started   an event (a GenericResult of kind `audio.speech_started`, one row with
+                     `index` and `start_s`; read it with mofa_omni.voice.read_event), request_id
+                     `utt-N` of the utterance it begins, origin_ns = when the speech began. Sent
+                     once MIN_SPEECH_MS of speech was heard (for barge-in); exactly one
+                     utterance with the same request_id follows.
+    error            ErrorReport for an input that is not a valid AudioChunk (kind bad_request).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+import numpy as np
+from dora import Node
+
+from mofa_omni import arrow
+from mofa_omni.contract import AudioChunk, ContractError, ErrorReport, TranscriptionRequest
+from mofa_omni.host import MessageMeta
+from mofa_omni.loading import open_model
+from mofa_omni.vad import VAD_RATE, SampleClock, SpeechStarted, StreamingVad, VadConfig
+from mofa_omni.voice import SPEECH_STARTED, SeqTracker, env_float, env_str, event
+
+log = logging.getLogger("vad")
+
+
+def config_from_env() -> VadConfig:
+    threshold = env_float("THRESHOLD", 0.5)
+    neg = env_str("NEG_THRESHOLD", "")
+    return VadConfig(threshold=threshold,
+                     neg_threshold=env_float("NEG_THRESHOLD", 0.0) if neg else None,
+                     min_speech_ms=env_float("MIN_SPEECH_MS", 250),
+                     min_silence_ms=env_float("MIN_SILENCE_MS", 600),
+                     speech_pad_ms=env_float("SPEECH_PAD_MS", 100),
+                     max_utterance_s=env_float("MAX_UTTERANCE_S", 30))
+
+
+def read_chunk(value) -> AudioChunk:
+    """The AudioChunk in ``value``; ContractError if it is not one or holds NaN/inf."""
+    chunk = arrow.decode(value, AudioChunk)
+    if chunk.audio.size and not np.isfinite(chunk.audio).all():
+        raise ContractError("AudioChunk: audio contains NaN or infinite samples")
+    if not 1000 <= chunk.sample_rate <= 384_000:
+        raise ContractError(f"AudioChunk: sample rate {chunk.sample_rate} Hz is out of range")
+    return chunk
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    node_id = os.environ.get("DORA_NODE_ID", "vad")
+    try:
+        config = config_from_env()
+        adapter = open_model(env_str("MODEL", "silero-vad"))
+    except ContractError as error:  # bad settings or an unknown model: fail fast
+        print(f"vad: {error}", file=sys.stderr)
+        return 2
+    if not hasattr(adapter, "speech_probabilities"):
+        print(f"vad: model {adapter.spec.name!r} gives no speech probabilities", file=sys.stderr)
+        return 2
+    vad = StreamingVad(adapter.speech_probabilities, config)
+    clock = SampleClock(VAD_RATE)
+    gaps = SeqTracker()
+    node = Node()
+    log.info("listening with %s (loaded in %.2f s)", adapter.spec.name, adapter.load_seconds)
+
+    def send(events) -> None:
+        for item in events:
+            request_id = f"utt-{item.index}"
+            if isinstance(item, SpeechStarted):
+                origin = min(clock.at(round(item.start_s * VAD_RATE)), time.time_ns())
+                value = event(SPEECH_STARTED, index=item.index, start_s=item.start_s)
+                node.send_output("speech_started", value,
+                                 MessageMeta(request_id, 0, True, origin, time.time_ns()).to_dora())
+                continue
+            log.info("%s: %.2f s of speech (%.2f-%.2f s)", request_id, item.end_s - item.start_s,
+                     item.start_s, item.end_s)
+            # Faster than real time (a file sent at once) the clock would run ahead of now.
+            origin = min(clock.at(round(item.end_s * VAD_RATE)), time.time_ns())
+            request = TranscriptionRequest(item.audio, item.sample_rate, env_str("LANGUAGE", ""))
+            node.send_output("utterance", arrow.encode(request),
+                             MessageMeta(request_id, 0, True, origin, time.time_ns()).to_dora())
+
+    # dora may deliver STOP before queued inputs: keep reading until the stream ends.
+    while (incoming := node.next()) is not None:
+        if incoming["type"] != "INPUT":
+            continue
+        meta = MessageMeta.from_dora(incoming.get("metadata"), "audio")
+        if missing := gaps.observe(meta.request_id, meta.seq, meta.final):
+            log.warning("%s: %d audio chunks lost before seq %d (%d in all)", meta.request_id,
+                        missing, meta.seq, gaps.missing)
+        try:
+            chunk = read_chunk(incoming["value"])
+        except ContractError as error:
+            log.error("%s: %s", meta.request_id, error)
+            report = ErrorReport(meta.request_id, "bad_request", str(error), node_id)
+            node.send_output("error", arrow.encode(report), MessageMeta(
+                meta.request_id, 0, True, meta.origin_ns, time.time_ns()).to_dora())
+            continue
+        if chunk.audio.size:
+            clock.mark(round(vad.position), meta.origin_ns)
+            send(vad.push(chunk.audio, chunk.sample_rate))
+        if chunk.final:
+            send(vad.flush())
+    send(vad.flush())
+    adapter.unload()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

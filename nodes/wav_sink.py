@@ -1,0 +1,141 @@
+"""wav_sink: writes each request's audio into its own WAV file, or plays it on the speaker.
+
+Configuration (env in the dataflow YAML):
+    SINK          file (default) | speaker
+    VOICE_OUTPUT  folder of the WAV files (default out/voice)
+    PREFIX        file name prefix (default reply): reply-001.wav, reply-002.wav, ... numbered in
+                  the order the requests begin
+
+Inputs:
+    audio   AudioChunk streams with request_id metadata (e.g. a TTS node's `result`); a request's
+            final chunk closes its file. A TranscriptionRequest (e.g. a VAD `utterance`) counts as
+            one whole, final chunk.
+Outputs:
+    done    event `audio.done` (a GenericResult, read it with mofa_omni.voice.read_event; fields
+            `path` and `seconds`) with the request's request_id and origin_ns, sent once its file
+            is closed or its audio has been played. Connect it to wav_source's `ready` to take turns.
+
+Speaker mode needs sounddevice (PortAudio) and an output device; without them the node exits
+with code 2 and one line saying what is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+from dora import Node
+
+from mofa_omni import arrow
+from mofa_omni.audio_stream import WavWriterSet
+from mofa_omni.contract import AudioChunk, ContractError, TranscriptionRequest
+from mofa_omni.host import MessageMeta
+from mofa_omni.voice import DONE, SeqTracker, env_choice, env_str, event, identify, load_sounddevice
+
+log = logging.getLogger("wav_sink")
+
+Done = Callable[[MessageMeta, str, float], None]
+
+
+def read_audio(value) -> tuple[np.ndarray, int, bool]:
+    """(audio, rate, final) of an AudioChunk, or of a TranscriptionRequest taken as a final chunk."""
+    kind = identify(value)
+    if kind is AudioChunk:
+        chunk = arrow.decode(value, AudioChunk)
+        return chunk.audio, chunk.sample_rate, chunk.final
+    if kind is TranscriptionRequest:
+        request = arrow.decode(value, TranscriptionRequest)
+        return request.audio, request.sample_rate, True
+    raise ContractError(f"expected an AudioChunk or a TranscriptionRequest, got {value.type}")
+
+
+class Speaker:
+    """Plays chunks in order on a worker thread (one output stream per sample rate)."""
+
+    def __init__(self, sd, done: Done):
+        self.sd, self.done = sd, done
+        self._queue: queue.Queue = queue.Queue()
+        self._played: dict[str, float] = {}
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def play(self, meta: MessageMeta, audio: np.ndarray, rate: int, final: bool) -> None:
+        self._queue.put((meta, audio, rate, final))
+
+    def close(self) -> None:
+        """Let everything queued finish playing."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        stream = None
+        while (item := self._queue.get()) is not None:
+            meta, audio, rate, final = item
+            if stream is None or stream.samplerate != rate:
+                if stream is not None:
+                    stream.close()
+                stream = self.sd.OutputStream(samplerate=rate, channels=1, dtype="float32")
+                stream.start()
+            if audio.size:
+                stream.write(np.ascontiguousarray(audio.reshape(-1, 1)))
+            seconds = self._played.pop(meta.request_id, 0.0) + len(audio) / rate
+            if final:
+                self.done(meta, "speaker", seconds)
+            else:
+                self._played[meta.request_id] = seconds
+        if stream is not None:
+            stream.close()
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    try:
+        mode = env_choice("SINK", "file", ("file", "speaker"))
+        if mode == "speaker":
+            sd = load_sounddevice()
+            try:
+                sd.query_devices(kind="output")
+            except (ValueError, sd.PortAudioError) as error:
+                raise ContractError(f"no audio output device ({error}); use SINK=file") from None
+    except ContractError as error:
+        print(f"wav_sink: {error}", file=sys.stderr)
+        return 2
+    node = Node()
+
+    def done(meta: MessageMeta, path: str, seconds: float) -> None:
+        log.info("%s: %s (%.2f s)", meta.request_id, path, seconds)
+        node.send_output("done", event(DONE, path=path, seconds=seconds),
+                         MessageMeta(meta.request_id, 0, True, meta.origin_ns, time.time_ns()).to_dora())
+
+    speaker = Speaker(sd, done) if mode == "speaker" else None
+    files = WavWriterSet(env_str("VOICE_OUTPUT", "out/voice"), env_str("PREFIX", "reply"))
+    gaps = SeqTracker()
+    while (incoming := node.next()) is not None:
+        if incoming["type"] != "INPUT":
+            continue
+        meta = MessageMeta.from_dora(incoming.get("metadata"), "audio")
+        if missing := gaps.observe(meta.request_id, meta.seq, meta.final):
+            log.warning("%s: %d audio chunks lost before seq %d", meta.request_id, missing, meta.seq)
+        try:
+            audio, rate, final = read_audio(incoming["value"])
+        except ContractError as error:
+            log.error("%s: %s", meta.request_id, error)
+            continue
+        if speaker is not None:
+            speaker.play(meta, audio, rate, final)
+        elif (closed := files.write(meta.request_id, audio, rate, final)) is not None:
+            done(meta, str(closed[0]), closed[1])
+    if speaker is not None:
+        speaker.close()
+    for path, seconds in files.close_all():
+        log.info("%s (%.2f s) closed at the end of the stream", path, seconds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

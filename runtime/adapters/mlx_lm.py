@@ -1,0 +1,160 @@
+"""Text generation with mlx-lm: GGUF files (converted once) and MLX/Hugging Face model directories."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import ClassVar
+
+from mofa_omni.adapters.base import AdapterError, ModelAdapter, ModelLoadError, Progress
+from mofa_omni.contract import ChatRequest, TextChunk, Task, validate_request
+
+
+class StopMatcher:
+    """Streams text through while holding back anything that could be the start of a stop sequence.
+
+    ``feed`` returns the text that is safe to emit and whether a stop sequence
+    was seen (the stop text itself and everything after it are never emitted);
+    ``flush`` returns what is still held back once the stream ends without one.
+    """
+
+    def __init__(self, stops: list[str]):
+        self.stops = [stop for stop in stops if stop]
+        self.pending = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        if self.stopped:
+            return "", True
+        self.pending += text
+        hits = [i for i in (self.pending.find(stop) for stop in self.stops) if i >= 0]
+        if hits:
+            emit, self.pending, self.stopped = self.pending[:min(hits)], "", True
+            return emit, True
+        held = max((self._overlap(stop) for stop in self.stops), default=0)
+        cut = len(self.pending) - held
+        emit, self.pending = self.pending[:cut], self.pending[cut:]
+        return emit, False
+
+    def flush(self) -> str:
+        emit, self.pending = self.pending, ""
+        return emit
+
+    def _overlap(self, stop: str) -> int:
+        """Length of the longest end of ``pending`` that is a proper start of ``stop``."""
+        for size in range(min(len(stop) - 1, len(self.pending)), 0, -1):
+            if self.pending.endswith(stop[:size]):
+                return size
+        return 0
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copy2(src, dst)
+
+
+class MlxLmAdapter(ModelAdapter):
+    """Chat models served by mlx-lm. ``options.dtype`` picks how a GGUF is converted
+    (``float32``, ``float16`` or ``quantized``; see :mod:`mofa_omni.formats.gguf`)."""
+
+    supported_tasks: ClassVar[frozenset[Task]] = frozenset({Task.TEXT_GENERATION})
+    formats: ClassVar[frozenset[str]] = frozenset({"gguf", "mlx"})
+    backend: ClassVar[str] = "mlx"
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self._model = None
+        self._tokenizer = None
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def prepare(self, source_dir: Path, out_dir: Path, progress: Progress) -> None:
+        """Convert the GGUF in ``source_dir``, or link an MLX model directory's files as they are."""
+        if self.spec.format == "mlx":
+            files = [p for p in sorted(source_dir.rglob("*"))
+                     if p.is_file() and ".cache" not in p.relative_to(source_dir).parts]
+            if not any(p.name == "config.json" for p in files):
+                raise ModelLoadError(f"model {self.spec.name!r}: {source_dir} has no config.json")
+            for done, path in enumerate(files, 1):
+                _link_or_copy(path, out_dir / path.relative_to(source_dir))
+                progress("link files", done, len(files))
+            return
+        from mofa_omni.formats.gguf import convert_gguf
+
+        wanted = self.spec.options.get("file")
+        ggufs = sorted(source_dir.glob(wanted or "*.gguf"))
+        if len(ggufs) != 1:
+            raise ModelLoadError(f"model {self.spec.name!r}: expected one .gguf file in {source_dir}, "
+                                 f"found {[p.name for p in ggufs]} (name one with options.file)")
+        convert_gguf(ggufs[0], out_dir, dtype=self.spec.options.get("dtype", "float32"),
+                     progress=progress)
+
+    def _load(self, model_dir: Path) -> None:
+        from mlx_lm.utils import load_model, load_tokenizer
+
+        model, config = load_model(Path(model_dir))
+        self._tokenizer = load_tokenizer(Path(model_dir), eos_token_ids=config.get("eos_token_id"))
+        self._model = model
+
+    def _unload(self) -> None:
+        self._model = None
+        self._tokenizer = None
+
+    # --- serving ---------------------------------------------------------------------
+
+    def prompt_tokens(self, request: ChatRequest) -> list[int]:
+        """The request's messages as token ids, through the model's chat template if it has one.
+
+        A base model without a template continues the plain text of its messages.
+        """
+        tokenizer = self._tokenizer
+        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        if tokenizer.chat_template:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        else:
+            text = "\n\n".join(m["content"] for m in messages)
+        bos = tokenizer.bos_token
+        return tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
+
+    def generate(self, request: ChatRequest) -> Iterator[TextChunk]:
+        """Stream the reply to ``request``; the last chunk is final and carries the usage.
+
+        Greedy at temperature 0. Stops at EOS, at ``max_tokens`` (finish_reason
+        "length") or at a stop sequence, which is never emitted. Closing the
+        generator stops the computation.
+        """
+        from mlx_lm.generate import stream_generate
+        from mlx_lm.sample_utils import make_sampler
+
+        validate_request(request)
+        if self._model is None:
+            raise AdapterError(f"model {self.spec.name!r} is not loaded")
+        prompt = self.prompt_tokens(request)
+        sampler = make_sampler(temp=request.temperature, top_p=request.top_p)
+        matcher = StopMatcher(request.stop)
+        responses = stream_generate(self._model, self._tokenizer, prompt,
+                                    max_tokens=request.max_tokens, sampler=sampler)
+        completion, finish = 0, "length"
+        try:
+            for response in responses:
+                if response.finish_reason == "stop":  # EOS: the token itself is not part of the reply
+                    finish = "stop"
+                else:
+                    completion += 1
+                text, stopped = matcher.feed(response.text)
+                if text:
+                    yield TextChunk(text)
+                if stopped:
+                    finish = "stop"
+                    break
+        finally:
+            responses.close()  # also when our consumer closed us: stops the model at once
+        if tail := matcher.flush():
+            yield TextChunk(tail)
+        yield TextChunk("", final=True, finish_reason=finish,
+                        prompt_tokens=len(prompt), completion_tokens=completion)

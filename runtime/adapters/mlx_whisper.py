@@ -1,0 +1,152 @@
+"""Whisper speech recognition on MLX (mlx_whisper), from CTranslate2 or MLX weights.
+
+Formats: ``ctranslate2`` (a faster-whisper directory, converted once by
+:mod:`mofa_omni.formats.ctranslate2`) and ``mlx`` (an mlx-community repo:
+config.json + weights.safetensors/npz, used as is).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import shutil
+import types
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from mofa_omni.adapters.base import AdapterError, ModelAdapter, ModelLoadError, Progress
+from mofa_omni.catalog import ModelSpec
+from mofa_omni.contract import (ContractError, Segment, Task, Transcript, TranscriptionRequest,
+                                validate_request)
+from mofa_omni.formats.ctranslate2 import convert_whisper
+from mofa_omni.platform import mlx_device
+
+WHISPER_RATE = 16_000
+MLX_FILES = ("config.json", "weights.safetensors", "weights.npz", "alignment_heads.json")
+
+
+class MlxWhisperAdapter(ModelAdapter):
+    """Whisper on MLX: float32 on a CPU (float16 is very slow there), float16 on a GPU."""
+
+    supported_tasks: ClassVar[frozenset[Task]] = frozenset({Task.SPEECH_RECOGNITION})
+    formats: ClassVar[frozenset[str]] = frozenset({"ctranslate2", "mlx"})
+    backend: ClassVar[str] = "mlx"
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__(spec)
+        self._model: Any = None
+        self._fp16 = False
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def prepare(self, source_dir: Path, out_dir: Path, progress: Progress) -> None:
+        if self.spec.format == "ctranslate2":
+            convert_whisper(source_dir, out_dir, progress)
+            return
+        present = [name for name in MLX_FILES if (source_dir / name).is_file()]
+        if "config.json" not in present or not {"weights.safetensors", "weights.npz"} & set(present):
+            raise ModelLoadError(f"model {self.spec.name!r}: {source_dir} needs config.json and "
+                                 f"weights.safetensors or weights.npz; it has {sorted(present)}")
+        for done, name in enumerate(present, 1):
+            _link_or_copy(source_dir / name, out_dir / name)
+            progress("link weights", done, len(present))
+
+    def _load(self, model_dir: Path) -> None:
+        import mlx.core as mx
+        from mlx.utils import tree_map
+        from mlx_whisper.load_models import load_model
+
+        self._fp16 = mlx_device() == "gpu"
+        dtype = mx.float16 if self._fp16 else mx.float32
+        model = load_model(str(model_dir), dtype=dtype)
+        # Hub weights (and quantization scales) are often float16, ~50x slower on a CPU: cast them.
+        floats = {mx.float16, mx.bfloat16, mx.float32} - {dtype}
+        model.update(tree_map(lambda p: p.astype(dtype) if p.dtype in floats else p,
+                              model.parameters()))
+        heads = model_dir / "alignment_heads.json"
+        if heads.is_file():
+            model.set_alignment_heads(np.asarray(json.loads(heads.read_text()), dtype=np.int64))
+        mx.eval(model.parameters())
+        self._model = model
+
+    def _unload(self) -> None:
+        self._model = None
+
+    # --- serving ---------------------------------------------------------------------
+
+    @property
+    def english_only(self) -> bool:
+        return not self._loaded_model().is_multilingual
+
+    def transcribe(self, request: TranscriptionRequest) -> Transcript:
+        """Transcribe mono float32 audio at any sample rate (resampled to 16 kHz)."""
+        validate_request(request)
+        model = self._loaded_model()
+        audio = resample(request.audio, request.sample_rate, WHISPER_RATE)
+        options: dict[str, Any] = {"fp16": self._fp16, "verbose": None}
+        language = request.language.strip().lower()
+        if language:
+            options["language"] = self._checked_language(language)
+        # An English-only model gets language "en" from mlx_whisper itself: no detection pass.
+        result = _transcribe_with(model)(audio, **options)
+        segments = [Segment(float(s["start"]), float(s["end"]), s["text"].strip())
+                    for s in result["segments"] if s["text"].strip()]
+        return Transcript(text=result["text"].strip(), language=result["language"], segments=segments)
+
+    def _checked_language(self, language: str) -> str:
+        from mlx_whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
+
+        code = TO_LANGUAGE_CODE.get(language, language)
+        if code not in LANGUAGES:
+            raise ContractError(f"unknown language {language!r} for whisper")
+        if self.english_only and code != "en":
+            raise ContractError(f"model {self.spec.name!r} is English-only; cannot transcribe {code!r}")
+        return code
+
+    def _loaded_model(self):
+        if self._model is None:
+            raise AdapterError(f"model {self.spec.name!r} is not loaded")
+        return self._model
+
+
+def resample(audio: np.ndarray, rate: int, target: int) -> np.ndarray:
+    """Band-limited polyphase resampling of float32 mono audio (returned as is at ``target``)."""
+    if rate == target:
+        return audio
+    from scipy.signal import resample_poly
+
+    common = math.gcd(int(rate), int(target))
+    return resample_poly(audio, target // common, rate // common).astype(np.float32)
+
+
+def _transcribe_with(model):
+    """mlx_whisper's ``transcribe`` bound to ``model`` instead of its process-wide ModelHolder.
+
+    ``transcribe`` fetches its model with ``ModelHolder.get_model(path, dtype)``,
+    a class attribute that would keep a second, invisible reference (and load
+    by path). A copy of the function with its own globals gets a holder that
+    returns our model: upstream's windowing, fallback and timestamp logic stay
+    intact, nothing global is mutated, and no reference outlives the call.
+    """
+    module = importlib.import_module("mlx_whisper.transcribe")
+    function = module.transcribe
+    if "ModelHolder" not in function.__code__.co_names:
+        raise AdapterError("this mlx_whisper version no longer uses ModelHolder: "
+                           "update mofa_omni.adapters.mlx_whisper")
+    holder = types.SimpleNamespace(get_model=lambda path, dtype: model)
+    bound = types.FunctionType(function.__code__, {**function.__globals__, "ModelHolder": holder},
+                               function.__name__, function.__defaults__, function.__closure__)
+    bound.__kwdefaults__ = dict(function.__kwdefaults__ or {})
+    return bound
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    # A hard link costs no space and survives the source directory being fetched again.
+    try:
+        os.link(source.resolve(), target)
+    except OSError:
+        shutil.copy2(source, target)
