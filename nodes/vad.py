@@ -13,7 +13,8 @@ Configuration (env in the dataflow YAML):
 Inputs:
     audio            AudioChunk stream, any sample rate (resampled to 16 kHz here). Empty chunks
                      and silence produce nothing; a chunk with final=true ends the stream, so
-                     speech still open is sent as an utterance at once.
+                     speech still open is sent as an utterance at once. Declare it with
+                     `queue_size` and `queue_policy: backpressure` so dora does not drop audio.
 Outputs:
     utterance        TranscriptionRequest, 16 kHz: request_id `utt-N` (N = 1, 2, ... for the
                      node's lifetime), origin_ns = when the speech ended (on the clock of the
@@ -23,7 +24,9 @@ Outputs:
                      `utt-N` of the utterance it begins, origin_ns = when the speech began. Sent
                      once MIN_SPEECH_MS of speech was heard (for barge-in); exactly one
                      utterance with the same request_id follows.
-    error            ErrorReport for an input that is not a valid AudioChunk (kind bad_request).
+    error            ErrorReport for an input that is not a valid AudioChunk (kind bad_request),
+                     and for audio chunks missing from a stream's seq numbers (kind
+                     lost_messages; dora can drop messages under load). The node goes on.
 """
 
 from __future__ import annotations
@@ -37,10 +40,18 @@ import numpy as np
 from dora import Node
 
 from mofa_omni import arrow
+from mofa_omni.audio_stream import StreamResampler
 from mofa_omni.contract import AudioChunk, ContractError, ErrorReport, TranscriptionRequest
 from mofa_omni.host import MessageMeta
 from mofa_omni.loading import open_model
-from mofa_omni.vad import VAD_RATE, SampleClock, SpeechStarted, StreamingVad, VadConfig
+from mofa_omni.vad import (
+    FRAME_SAMPLES,
+    VAD_RATE,
+    SampleClock,
+    SpeechStarted,
+    StreamingVad,
+    VadConfig,
+)
 from mofa_omni.voice import SPEECH_STARTED, SeqTracker, env_float, env_str, event
 
 log = logging.getLogger("vad")
@@ -67,9 +78,18 @@ def read_chunk(value) -> AudioChunk:
     return chunk
 
 
+def warm_up(adapter) -> None:
+    """Pay for the slow first calls (ONNX Runtime's first run, importing SciPy's resampler)
+    before audio arrives, so the first utterance is not late."""
+    StreamResampler(48000, VAD_RATE).push(np.zeros(4800, np.float32))
+    adapter.speech_probabilities(np.zeros((1, FRAME_SAMPLES), np.float32))
+    adapter.reset()
+
+
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     node_id = os.environ.get("DORA_NODE_ID", "vad")
+    language = env_str("LANGUAGE", "")
     try:
         config = config_from_env()
         adapter = open_model(env_str("MODEL", "silero-vad"))
@@ -79,6 +99,7 @@ def main() -> int:
     if not hasattr(adapter, "speech_probabilities"):
         print(f"vad: model {adapter.spec.name!r} gives no speech probabilities", file=sys.stderr)
         return 2
+    warm_up(adapter)
     vad = StreamingVad(adapter.speech_probabilities, config)
     clock = SampleClock(VAD_RATE)
     gaps = SeqTracker()
@@ -98,9 +119,15 @@ def main() -> int:
                      item.start_s, item.end_s)
             # Faster than real time (a file sent at once) the clock would run ahead of now.
             origin = min(clock.at(round(item.end_s * VAD_RATE)), time.time_ns())
-            request = TranscriptionRequest(item.audio, item.sample_rate, env_str("LANGUAGE", ""))
+            request = TranscriptionRequest(item.audio, item.sample_rate, language)
             node.send_output("utterance", arrow.encode(request),
                              MessageMeta(request_id, 0, True, origin, time.time_ns()).to_dora())
+
+    def report_error(meta: MessageMeta, kind: str, message: str) -> None:
+        log.error("%s: %s", meta.request_id, message)
+        report = ErrorReport(meta.request_id, kind, message, node_id)
+        node.send_output("error", arrow.encode(report), MessageMeta(
+            meta.request_id, 0, True, meta.origin_ns, time.time_ns()).to_dora())
 
     # dora may deliver STOP before queued inputs: keep reading until the stream ends.
     while (incoming := node.next()) is not None:
@@ -108,15 +135,12 @@ def main() -> int:
             continue
         meta = MessageMeta.from_dora(incoming.get("metadata"), "audio")
         if missing := gaps.observe(meta.request_id, meta.seq, meta.final):
-            log.warning("%s: %d audio chunks lost before seq %d (%d in all)", meta.request_id,
-                        missing, meta.seq, gaps.missing)
+            report_error(meta, "lost_messages", f"{missing} audio chunks lost before seq "
+                         f"{meta.seq} ({gaps.missing} in all)")
         try:
             chunk = read_chunk(incoming["value"])
         except ContractError as error:
-            log.error("%s: %s", meta.request_id, error)
-            report = ErrorReport(meta.request_id, "bad_request", str(error), node_id)
-            node.send_output("error", arrow.encode(report), MessageMeta(
-                meta.request_id, 0, True, meta.origin_ns, time.time_ns()).to_dora())
+            report_error(meta, "bad_request", str(error))
             continue
         if chunk.audio.size:
             clock.mark(round(vad.position), meta.origin_ns)

@@ -13,7 +13,8 @@ Inputs:
 Outputs:
     done    event `audio.done` (a GenericResult, read it with mofa_omni.voice.read_event; fields
             `path` and `seconds`) with the request's request_id and origin_ns, sent once its file
-            is closed or its audio has been played. Connect it to wav_source's `ready` to take turns.
+            is closed or its audio has been played. Connect it to wav_source's `ready` to take
+            turns.
 
 Speaker mode needs sounddevice (PortAudio) and an output device; without them the node exits
 with code 2 and one line saying what is missing.
@@ -43,7 +44,7 @@ Done = Callable[[MessageMeta, str, float], None]
 
 
 def read_audio(value) -> tuple[np.ndarray, int, bool]:
-    """(audio, rate, final) of an AudioChunk, or of a TranscriptionRequest taken as a final chunk."""
+    """(audio, rate, final) of an AudioChunk, or of a TranscriptionRequest (one final chunk)."""
     kind = identify(value)
     if kind is AudioChunk:
         chunk = arrow.decode(value, AudioChunk)
@@ -110,7 +111,8 @@ def main() -> int:
     def done(meta: MessageMeta, path: str, seconds: float) -> None:
         log.info("%s: %s (%.2f s)", meta.request_id, path, seconds)
         node.send_output("done", event(DONE, path=path, seconds=seconds),
-                         MessageMeta(meta.request_id, 0, True, meta.origin_ns, time.time_ns()).to_dora())
+                         MessageMeta(meta.request_id, 0, True, meta.origin_ns,
+                                     time.time_ns()).to_dora())
 
     speaker = Speaker(sd, done) if mode == "speaker" else None
     files = WavWriterSet(env_str("VOICE_OUTPUT", "out/voice"), env_str("PREFIX", "reply"))
@@ -120,7 +122,8 @@ def main() -> int:
             continue
         meta = MessageMeta.from_dora(incoming.get("metadata"), "audio")
         if missing := gaps.observe(meta.request_id, meta.seq, meta.final):
-            log.warning("%s: %d audio chunks lost before seq %d", meta.request_id, missing, meta.seq)
+            log.warning("%s: %d audio chunks lost before seq %d", meta.request_id, missing,
+                        meta.seq)
         try:
             audio, rate, final = read_audio(incoming["value"])
         except ContractError as error:

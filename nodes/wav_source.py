@@ -1,11 +1,15 @@
 """wav_source: plays WAV files into the graph as streams of AudioChunks, one file per turn.
 
 Configuration (env in the dataflow YAML):
-    VOICE_INPUT          a WAV file, or a folder whose *.wav files are the turns, in name order (required)
+    VOICE_INPUT          a WAV file, or a folder whose *.wav files are the turns in name order
+                         (required)
     RATE                 rate the audio is sent at, in Hz (default 16000; 0 = each file's own rate)
     CHUNK_MS             length of one chunk (default 100)
-    PACE                 realtime (default: one chunk per CHUNK_MS, like a microphone) | fast (no waiting;
-                         give the receiving input a queue_size that holds a whole turn)
+    PACE                 realtime (default: one chunk per CHUNK_MS, like a microphone), a speed-up
+                         factor (e.g. 10: ten times faster), or fast (no waiting at all). Faster
+                         than real time, give the receiving input a queue_size that holds a turn
+                         and `queue_policy: backpressure`: on a loaded machine dora otherwise
+                         drops messages of a burst (the VAD reports such gaps).
     TRAILING_SILENCE_S   silence sent after each turn so a VAD can close the utterance (default 1.5)
     READY_TIMEOUT_S      longest wait for `ready` before the next turn is sent anyway (default 120)
     LINGER_S             after the last turn, how long to wait for the graph to finish its reply
@@ -38,7 +42,7 @@ from mofa_omni import arrow
 from mofa_omni.audio_stream import load_turn, split_chunks, wav_turns
 from mofa_omni.contract import AudioChunk, ContractError, ErrorReport
 from mofa_omni.host import MessageMeta
-from mofa_omni.voice import env_choice, env_float, env_str
+from mofa_omni.voice import env_float, env_pace, env_str
 
 log = logging.getLogger("wav_source")
 
@@ -77,10 +81,13 @@ class Inbox:
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
-        turns = wav_turns(env_str("VOICE_INPUT", ""))
+        voice_input = env_str("VOICE_INPUT", "")
+        if not voice_input:
+            raise ContractError("VOICE_INPUT is not set: name a WAV file or a folder of them")
+        turns = wav_turns(voice_input)
         rate = int(env_float("RATE", 16000))
         chunk_ms = env_float("CHUNK_MS", 100, minimum=1)
-        realtime = env_choice("PACE", "realtime", ("realtime", "fast")) == "realtime"
+        speed = env_pace("PACE")
         trailing_s = env_float("TRAILING_SILENCE_S", 1.5)
         ready_timeout = env_float("READY_TIMEOUT_S", 120)
         linger = env_float("LINGER_S", 10)
@@ -88,7 +95,7 @@ def main() -> int:
         print(f"wav_source: {error}", file=sys.stderr)
         return 2
     if not turns:
-        log.warning("no .wav files in %s", env_str("VOICE_INPUT", ""))
+        log.warning("no .wav files in %s", voice_input)
     node = Node()
     inbox = Inbox(node)
     awaiting_reply = False  # a turn was sent whose `ready` has not come yet
@@ -108,13 +115,14 @@ def main() -> int:
             node.send_output("error", arrow.encode(report), MessageMeta(
                 request_id, 0, True, time.time_ns(), time.time_ns()).to_dora())
             continue
-        log.info("%s: %s (%.2f s at %d Hz)", request_id, path.name, len(audio) / file_rate, file_rate)
+        log.info("%s: %s (%.2f s at %d Hz)", request_id, path.name, len(audio) / file_rate,
+                 file_rate)
         silence = np.zeros(round(trailing_s * file_rate), np.float32)
         chunks = split_chunks(np.concatenate([audio, silence]), file_rate, chunk_ms)
         started = time.monotonic()
         for seq, piece in enumerate(chunks):
-            if realtime:  # on an absolute schedule, so waiting for events never drifts
-                inbox.wait(started + seq * chunk_ms / 1000 - time.monotonic())
+            if speed != float("inf"):  # an absolute schedule: waiting for events never drifts
+                inbox.wait(started + seq * chunk_ms / 1000 / speed - time.monotonic())
             if inbox.stopped:
                 break
             final = seq == len(chunks) - 1

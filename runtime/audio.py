@@ -21,10 +21,13 @@ def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
             frames = wav.readframes(wav.getnframes())
     except (wave.Error, EOFError) as error:
         raise ContractError(f"{path}: not a PCM WAV file ({error})") from None
+    except OSError as error:
+        raise ContractError(f"{path}: cannot be read ({error.strerror or error})") from None
     if width not in _SAMPLE_TYPES:
         raise ContractError(f"{path}: {8 * width}-bit WAV samples are not supported")
     dtype, offset, scale = _SAMPLE_TYPES[width]
-    samples = (np.frombuffer(frames, dtype).astype(np.float32) - offset) / scale
+    whole = len(frames) - len(frames) % (width * channels)  # a file cut mid-frame: keep whole frames
+    samples = (np.frombuffer(frames[:whole], dtype).astype(np.float32) - offset) / scale
     return samples.reshape(-1, channels).mean(axis=1, dtype=np.float32), rate
 
 

@@ -19,7 +19,7 @@ log = logging.getLogger("mofa_omni.audio_stream")
 
 
 def wav_turns(path: str | Path) -> list[Path]:
-    """The WAV files a voice input names: the file itself, or a folder's ``*.wav`` sorted by name."""
+    """The WAV files a voice input names: the file itself, or a folder's ``*.wav`` by name."""
     path = Path(path).expanduser()
     if path.is_dir():
         return sorted(p for p in path.iterdir() if p.suffix.lower() == ".wav" and not p.is_dir())
@@ -91,7 +91,7 @@ class StreamResampler:
             return np.zeros(0, np.float32)
         window = np.concatenate([self._history, self._pending[: ready + self.latency]])
         skip = len(self._history) * self.up // self.down
-        out = resample(window, self.rate, self.target_rate)[skip : skip + ready * self.up // self.down]
+        out = self._resample(window)[skip : skip + ready * self.up // self.down]
         self._history = np.concatenate([self._history, self._pending[:ready]])[-self.latency :]
         self._pending = self._pending[ready:]
         return out
@@ -102,9 +102,12 @@ class StreamResampler:
             self._history = self._pending = np.zeros(0, np.float32)
             return np.zeros(0, np.float32)
         window = np.concatenate([self._history, self._pending])
-        out = resample(window, self.rate, self.target_rate)[len(self._history) * self.up // self.down :]
+        out = self._resample(window)[len(self._history) * self.up // self.down :]
         self._history = self._pending = np.zeros(0, np.float32)
         return out
+
+    def _resample(self, audio: np.ndarray) -> np.ndarray:
+        return resample(audio, self.rate, self.target_rate)
 
 
 @dataclass

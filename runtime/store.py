@@ -60,8 +60,10 @@ def tqdm_progress() -> Progress:
     def update(stage: str, done: int, total: int) -> None:
         bar = bars.get(stage)
         if bar is None:
-            bar = bars[stage] = tqdm(total=total, desc=stage, unit="B", unit_scale=True,
-                                     unit_divisor=1024, leave=True, file=sys.stderr)
+            in_bytes = total >= 1 << 16  # small totals count items (tensors, files), not bytes
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit="B" if in_bytes else "it",
+                                     unit_scale=in_bytes, unit_divisor=1024, leave=True,
+                                     file=sys.stderr)
         bar.update(done - bar.n)
         if done >= total:
             bar.close()

@@ -113,14 +113,11 @@ class Segmenter:
         self._confirmed = False
         self._floor = 0  # no utterance reaches back before this sample
 
-    @property
-    def in_speech(self) -> bool:
-        """True while confirmed speech is open (a SpeechStarted was sent, its Utterance not yet)."""
-        return self._start is not None and self._confirmed
-
     def process(self, frames: np.ndarray, probabilities: np.ndarray) -> list[VadEvent]:
         """Advance by ``frames`` (n, frame_samples) scored ``probabilities`` (n,)."""
-        frames = np.asarray(frames, np.float32).reshape(-1, self.config.frame_samples)
+        # A copy: the frames are kept for padding, and the caller's buffer (say, dora's shared
+        # memory behind a message) may be reused once the call returns.
+        frames = np.array(frames, np.float32).reshape(-1, self.config.frame_samples)
         probabilities = np.asarray(probabilities, np.float32).reshape(-1)
         if len(frames) != len(probabilities):
             raise ContractError(f"{len(frames)} frames but {len(probabilities)} probabilities")
@@ -159,7 +156,8 @@ class Segmenter:
             self._confirmed = True
             self._count += 1
             events.append(SpeechStarted(self._count, self._seconds(self._start)))
-        if self._silence_from is not None and self.frames_seen - self._silence_from >= self._min_silence:
+        silent = 0 if self._silence_from is None else self.frames_seen - self._silence_from
+        if silent >= self._min_silence:
             if self._confirmed:
                 available = self.frames_seen * c.frame_samples
                 events.append(self._utterance(self._silence_from, available))
@@ -183,7 +181,8 @@ class Segmenter:
         hi = min(end + self._pad, available) if pad_end else end
         base = self._first * c.frame_samples
         audio = np.concatenate(list(self._frames))[lo - base : hi - base]
-        return Utterance(self._count, audio, c.sample_rate, start / c.sample_rate, end / c.sample_rate)
+        return Utterance(self._count, audio, c.sample_rate, start / c.sample_rate,
+                         end / c.sample_rate)
 
     def _to_silence(self) -> None:
         self._start, self._voiced, self._silence_from, self._confirmed = None, 0, None, False
@@ -235,7 +234,8 @@ class StreamingVad:
         """The stream ended (or paused): close any confirmed utterance now."""
         events = self._frames(self._resampler.flush()) if self._resampler else []
         if self._rest.size:  # complete the last frame with silence, so no audio is lost
-            events += self._frames(np.zeros(self.config.frame_samples - self._rest.size, np.float32))
+            missing = self.config.frame_samples - self._rest.size
+            events += self._frames(np.zeros(missing, np.float32))
         return events + self.segmenter.flush()
 
     def _frames(self, audio: np.ndarray) -> list[VadEvent]:

@@ -65,6 +65,21 @@ def env_choice(name: str, default: str, choices: tuple[str, ...],
     return value
 
 
+def env_pace(name: str, default: str = "realtime", env: Mapping[str, str] | None = None) -> float:
+    """How many times faster than real time to send audio: ``realtime`` (1), a factor such
+    as ``10``, or ``fast`` (inf: no waiting at all)."""
+    raw = env_str(name, default, env).lower()
+    if raw in ("realtime", "fast"):
+        return 1.0 if raw == "realtime" else float("inf")
+    try:
+        factor = float(raw)
+    except ValueError:
+        factor = 0.0
+    if not factor > 0:
+        raise ConfigError(f"{name}={raw!r}: use realtime, fast, or a speed-up factor like 10")
+    return factor
+
+
 SOUNDDEVICE_HELP = ("install it with `pip install sounddevice`; on Linux it also needs PortAudio "
                     "(`sudo apt-get install libportaudio2`)")
 
@@ -84,8 +99,7 @@ def load_sounddevice():
 
 def event(kind: str, **fields: Any) -> pa.StructArray:
     """A one-row event message, e.g. ``event(SPEECH_STARTED, start_s=1.2)``, Arrow-encoded."""
-    batch = pa.RecordBatch.from_pylist([fields]) if fields else \
-        pa.RecordBatch.from_pydict({"at_ns": [time.time_ns()]})
+    batch = pa.RecordBatch.from_pylist([fields or {"at_ns": time.time_ns()}])
     return arrow.encode(GenericResult(kind, batch))
 
 

@@ -35,5 +35,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
-# 3. The default models: fetched from their catalog sources and converted once (cached).
-"$VENV/bin/omni" pull --defaults
+# 3. The default models and the voice activity detector: fetched from their catalog
+#    sources and converted once (cached).
+"$VENV/bin/omni" pull --defaults silero-vad

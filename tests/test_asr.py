@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from mofa_omni.adapters.base import ModelLoadError
-from mofa_omni.adapters.mlx_whisper import MlxWhisperAdapter, resample
+from mofa_omni.adapters.mlx_whisper import MlxWhisperAdapter
+from mofa_omni.audio import resample
 from mofa_omni.catalog import ModelSpec, PathSource
 from mofa_omni.contract import ContractError, Task, TranscriptionRequest
 from mofa_omni.formats.ctranslate2 import convert_whisper, read_model_bin

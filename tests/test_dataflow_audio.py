@@ -63,18 +63,20 @@ def test_wav_turns_become_utterances_through_silero_vad(tmp_path: Path, turns, r
     elapsed = time.monotonic() - started
     assert transcript.exists(), log[-5000:]
     lines = transcript.read_text().splitlines()
+    story = "\n".join(l for l in log.splitlines()
+                      if "stdout" in l and "diagnostic" not in l)  # what the nodes said
 
     # Exactly two utterances, each as long as its sentence (espeak's own silence trimmed,
     # the VAD's padding added), written in turn order.
     files = sorted(out.glob("*.wav"))
-    assert [f.name for f in files] == ["utterance-001.wav", "utterance-002.wav"], lines
+    assert [f.name for f in files] == ["utterance-001.wav", "utterance-002.wav"], story
     lengths = []
     for path in files:
         audio, rate = read_wav(path)
         assert rate == 16000 and np.abs(audio).max() > 0.1
         lengths.append(len(audio) / rate)
-    assert 0.5 * short_s < lengths[0] < short_s + 0.3, (lengths, short_s)
-    assert 0.7 * long_s < lengths[1] < long_s + 0.3, (lengths, long_s)
+    assert 0.5 * short_s < lengths[0] < short_s + 0.3, (lengths, short_s, story)
+    assert 0.7 * long_s < lengths[1] < long_s + 0.3, (lengths, long_s, story)
 
     utterances = [l for l in lines if "[utterance]" in l]
     assert [re.search(r"(utt-\d+)", l).group(1) for l in utterances] == ["utt-1", "utt-2"]

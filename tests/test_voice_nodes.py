@@ -39,6 +39,7 @@ from mofa_omni.voice import (
     SeqTracker,
     env_choice,
     env_float,
+    env_pace,
     event,
     identify,
     read_event,
@@ -185,7 +186,8 @@ def test_message_log_joins_streams_per_request():
         "[utterance] utt-1: utterance 1.50 s at 16000 Hz"
     assert log.describe("vad", event(SPEECH_STARTED, index=1, start_s=0.5), "utt-1") == \
         "[vad] utt-1: audio.speech_started index=1, start_s=0.5"
-    assert log.describe("heard", arrow.encode(Transcript(" Paris. ")), "t") == "[heard] t: heard: Paris."
+    heard = arrow.encode(Transcript(" Paris. "))
+    assert log.describe("heard", heard, "t") == "[heard] t: heard: Paris."
     assert "unrecognised" in log.describe("x", pa.array([1]), "t")
 
 
@@ -208,6 +210,11 @@ def test_configuration_errors_name_the_variable():
     assert env_choice("PACE", "realtime", ("realtime", "fast"), {"PACE": "FAST"}) == "fast"
     with pytest.raises(ConfigError, match="PACE='slow': choose one of realtime, fast"):
         env_choice("PACE", "realtime", ("realtime", "fast"), {"PACE": "slow"})
+    assert [env_pace("PACE", env={"PACE": p}) for p in ("", "realtime", "10", "fast")] == \
+        [1.0, 1.0, 10.0, float("inf")]
+    for bad in ("0", "-2", "quick"):
+        with pytest.raises(ConfigError, match="use realtime, fast, or a speed-up factor"):
+            env_pace("PACE", env={"PACE": bad})
 
 
 # --- nodes that fail before joining a graph ------------------------------------------
@@ -235,10 +242,13 @@ def test_speaker_sink_says_what_to_install_without_portaudio():
     assert result.stderr.strip().startswith("wav_sink: sounddevice is not installed")
 
 
-def test_wav_source_fails_fast_on_a_missing_input(tmp_path: Path):
+@pytest.mark.parametrize("voice_input, message", [
+    ("nothing", "does not exist"), ("", "VOICE_INPUT is not set")])
+def test_wav_source_fails_fast_on_a_missing_input(tmp_path: Path, voice_input: str, message: str):
+    value = str(tmp_path / voice_input) if voice_input else ""
     result = subprocess.run([sys.executable, str(NODES / "wav_source.py")],
-                            env={**os.environ, "VOICE_INPUT": str(tmp_path / "nothing")},
-                            capture_output=True, text=True, timeout=60)
+                            env={**os.environ, "VOICE_INPUT": value, "PACE": "fast"},
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert result.returncode == 2
-    assert "voice input" in result.stderr and "does not exist" in result.stderr
+    assert result.stderr.startswith("wav_source: ") and message in result.stderr
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
 import os
 import shutil
 import types
@@ -19,6 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from mofa_omni.adapters.base import AdapterError, ModelAdapter, ModelLoadError, Progress
+from mofa_omni.audio import resample
 from mofa_omni.catalog import ModelSpec
 from mofa_omni.contract import (ContractError, Segment, Task, Transcript, TranscriptionRequest,
                                 validate_request)
@@ -111,16 +111,6 @@ class MlxWhisperAdapter(ModelAdapter):
         if self._model is None:
             raise AdapterError(f"model {self.spec.name!r} is not loaded")
         return self._model
-
-
-def resample(audio: np.ndarray, rate: int, target: int) -> np.ndarray:
-    """Band-limited polyphase resampling of float32 mono audio (returned as is at ``target``)."""
-    if rate == target:
-        return audio
-    from scipy.signal import resample_poly
-
-    common = math.gcd(int(rate), int(target))
-    return resample_poly(audio, target // common, rate // common).astype(np.float32)
 
 
 def _transcribe_with(model):

@@ -1,0 +1,254 @@
+"""Per-model figures: load time, memory, throughput, adapter overhead, and the BLAS speed-up.
+
+    python benchmarks/models.py [--models NAME...] [--repeats N] [--json FILE]
+
+For each model the same loaded weights are timed through the adapter and
+through the library directly (mlx-lm's stream_generate, mlx_whisper's
+transcribe, PiperVoice.synthesize, the MLX BERT forward pass), interleaved in
+the same run; the ratio adapter/direct is the adapter's overhead (goal <= 1.05).
+The BLAS section runs a matmul and MiniLM in child processes with OpenBLAS
+preloaded and with MLX's stock BLAS (goal >= 10x). Prints a table and writes
+benchmarks/results/models.json (or --json FILE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from mofa_omni.platform import ensure_fast_blas
+
+ensure_fast_blas()
+
+import numpy as np  # noqa: E402
+
+from mofa_omni.contract import (  # noqa: E402
+    ChatMessage,
+    ChatRequest,
+    EmbeddingRequest,
+    SpeechRequest,
+    TranscriptionRequest,
+)
+from mofa_omni.loading import open_model  # noqa: E402
+from mofa_omni.memory import format_bytes, release_freed_memory, snapshot  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+PROMPT = "What is the capital of France? Answer in one sentence."
+SPOKEN = "The quick brown fox jumps over the lazy dog. What is the capital of France?"
+SENTENCES = [f"Sentence number {i} talks about {topic}." for i, topic in
+             enumerate(["music", "the weather", "football", "cooking", "physics", "travel",
+                        "a red car", "old books"] * 8)]
+
+
+def best_of_interleaved(adapter_run: Callable[[], float], direct_run: Callable[[], float],
+                        repeats: int) -> tuple[float, float]:
+    """Median seconds of each, measured alternately so machine noise hits both alike."""
+    adapter_times, direct_times = [], []
+    for i in range(repeats):
+        runs = [(adapter_run, adapter_times), (direct_run, direct_times)]
+        for run, times in runs if i % 2 == 0 else reversed(runs):
+            times.append(run())
+    return statistics.median(adapter_times), statistics.median(direct_times)
+
+
+def timed(work: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    work()
+    return time.perf_counter() - started
+
+
+def bench_llm(adapter, repeats: int) -> dict:
+    from mlx_lm.generate import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    request = ChatRequest([ChatMessage("user", PROMPT)], max_tokens=48)
+    prompt = adapter.prompt_tokens(request)
+    tokens = {"adapter": 0}
+
+    def through_adapter() -> float:
+        started = time.perf_counter()
+        for chunk in adapter.generate(request):
+            if chunk.final:
+                tokens["adapter"] = chunk.completion_tokens
+        return time.perf_counter() - started
+
+    def direct() -> float:
+        sampler = make_sampler(temp=0.0)
+        return timed(lambda: [r for r in stream_generate(
+            adapter._model, adapter._tokenizer, prompt, max_tokens=48, sampler=sampler)])
+
+    through_adapter()  # warm-up (graph compilation, caches)
+    a, d = best_of_interleaved(through_adapter, direct, repeats)
+    return {"throughput": tokens["adapter"] / a, "unit": "tok/s (prompt+decode)",
+            "adapter_s": a, "direct_s": d}
+
+
+def bench_asr(adapter, audio: np.ndarray, rate: int, repeats: int) -> dict:
+    import mlx_whisper
+
+    from mofa_omni.audio import resample
+
+    request = TranscriptionRequest(audio, rate)
+    audio16 = resample(audio, rate, 16000)
+    fp16 = adapter._fp16
+    model_dir = str(adapter.model_dir)
+    # The direct baseline loads its own copy through mlx_whisper's ModelHolder (first call).
+    mlx_whisper.transcribe(audio16, path_or_hf_repo=model_dir, fp16=fp16, verbose=None)
+    adapter.transcribe(request)
+    a, d = best_of_interleaved(
+        lambda: timed(lambda: adapter.transcribe(request)),
+        lambda: timed(lambda: mlx_whisper.transcribe(
+            audio16, path_or_hf_repo=model_dir, fp16=fp16, verbose=None)), repeats)
+    mlx_whisper.transcribe.__globals__["ModelHolder"].model = None
+    seconds = len(audio) / rate
+    return {"throughput": a / seconds, "unit": "real-time factor (lower is faster)",
+            "adapter_s": a, "direct_s": d}
+
+
+def bench_tts(adapter, repeats: int) -> dict:
+    from piper.config import SynthesisConfig
+
+    request = SpeechRequest(SPOKEN)
+    voice = adapter._voice
+    config = SynthesisConfig(length_scale=voice.config.length_scale)
+    samples = {"n": 0}
+
+    def through_adapter() -> float:
+        started = time.perf_counter()
+        samples["n"] = sum(len(c.audio) for c in adapter.synthesize(request))
+        return time.perf_counter() - started
+
+    through_adapter()
+    a, d = best_of_interleaved(
+        through_adapter, lambda: timed(lambda: list(voice.synthesize(SPOKEN, config))), repeats)
+    return {"throughput": a / (samples["n"] / adapter.sample_rate),
+            "unit": "real-time factor (lower is faster)", "adapter_s": a, "direct_s": d}
+
+
+def bench_embedding(adapter, repeats: int) -> dict:
+    request = EmbeddingRequest(SENTENCES)
+    encodings = adapter._tokenizer.encode_batch(SENTENCES)
+
+    def direct() -> float:
+        started = time.perf_counter()
+        for start in range(0, len(encodings), adapter.batch_size):
+            adapter._embed_batch(encodings[start:start + adapter.batch_size])
+        return time.perf_counter() - started
+
+    adapter.embed(request)
+    a, d = best_of_interleaved(lambda: timed(lambda: adapter.embed(request)), direct, repeats)
+    return {"throughput": len(SENTENCES) / a, "unit": "sentences/s", "adapter_s": a,
+            "direct_s": d}
+
+
+def spoken_question() -> tuple[np.ndarray, int]:
+    tts = open_model("piper-joe")
+    chunks = list(tts.synthesize(SpeechRequest(SPOKEN)))
+    tts.unload()
+    return np.concatenate([c.audio for c in chunks]), chunks[0].sample_rate
+
+
+def bench_model(name: str, repeats: int, speech: tuple[np.ndarray, int]) -> dict:
+    release_freed_memory()
+    before = snapshot()
+    adapter = open_model(name)
+    after = snapshot()
+    task = adapter.tasks[0].value
+    runners = {
+        "text_generation": lambda: bench_llm(adapter, repeats),
+        "speech_recognition": lambda: bench_asr(adapter, *speech, repeats),
+        "speech_synthesis": lambda: bench_tts(adapter, repeats),
+        "embedding": lambda: bench_embedding(adapter, repeats),
+    }
+    figures = runners[task]()
+    row = {"model": name, "task": task, "backend": adapter.backend,
+           "load_s": adapter.load_seconds, "rss_bytes": after.rss_bytes - before.rss_bytes,
+           "mlx_bytes": after.mlx_active_bytes - before.mlx_active_bytes, **figures,
+           "overhead_ratio": figures["adapter_s"] / figures["direct_s"]}
+    adapter.unload()
+    return row
+
+
+BLAS_PROBE = """
+import json, time
+from mofa_omni.platform import measure_blas
+from mofa_omni.loading import open_model
+from mofa_omni.contract import EmbeddingRequest
+report = measure_blas()
+model = open_model("minilm-l6")
+texts = [f"Sentence {i} about the weather and music." for i in range(64)]
+model.embed(EmbeddingRequest(texts[:8]))
+started = time.perf_counter(); model.embed(EmbeddingRequest(texts))
+print(json.dumps({"library": report.library, "gflops": report.gflops,
+                  "sentences_per_s": len(texts) / (time.perf_counter() - started)}))
+"""
+
+
+def bench_blas() -> dict:
+    """MLX on OpenBLAS versus its stock BLAS, each in a fresh child process."""
+    results = {}
+    for label, disable in (("openblas", "0"), ("stock", "1")):
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("LD_PRELOAD", "OPENBLAS_CORETYPE", "MOFA_OMNI_BLAS_REEXEC")}
+        env["MOFA_OMNI_NO_OPENBLAS"] = disable
+        code = "from mofa_omni.platform import ensure_fast_blas; ensure_fast_blas()\n" + BLAS_PROBE
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, check=True).stdout
+        results[label] = json.loads(out.strip().splitlines()[-1])
+    results["matmul_ratio"] = results["openblas"]["gflops"] / results["stock"]["gflops"]
+    results["minilm_ratio"] = (results["openblas"]["sentences_per_s"]
+                               / results["stock"]["sentences_per_s"])
+    return results
+
+
+def print_table(rows: list[dict], blas: dict | None) -> None:
+    print(f"\n{'model':18} {'backend':12} {'load':>7} {'RSS':>10} {'MLX':>10} "
+          f"{'throughput':>12}  {'overhead':>8}")
+    for r in rows:
+        unit = {"tok/s (prompt+decode)": "tok/s", "sentences/s": "sent/s"}.get(r["unit"], "RTF")
+        print(f"{r['model']:18} {r['backend']:12} {r['load_s']:6.2f}s "
+              f"{format_bytes(r['rss_bytes']):>10} {format_bytes(r['mlx_bytes']):>10} "
+              f"{r['throughput']:7.2f} {unit:6}  {r['overhead_ratio']:7.3f}x")
+    if blas:
+        print(f"\nMLX BLAS        {'OpenBLAS':>10} {'stock':>10} {'ratio':>7}")
+        print(f"matmul GFLOP/s  {blas['openblas']['gflops']:10.1f} {blas['stock']['gflops']:10.1f} "
+              f"{blas['matmul_ratio']:6.1f}x")
+        print(f"MiniLM sent/s   {blas['openblas']['sentences_per_s']:10.1f} "
+              f"{blas['stock']['sentences_per_s']:10.1f} {blas['minilm_ratio']:6.1f}x")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+",
+                        default=["smollm2-135m", "smollm2-135m-q4", "whisper-tiny.en",
+                                 "piper-joe", "minilm-l6"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-blas", action="store_true", help="skip the BLAS comparison")
+    parser.add_argument("--json", type=Path, default=RESULTS / "models.json")
+    args = parser.parse_args()
+
+    speech = spoken_question()
+    rows = []
+    for name in args.models:
+        print(f"measuring {name} ...", file=sys.stderr, flush=True)
+        rows.append(bench_model(name, args.repeats, speech))
+    blas = None if args.no_blas else bench_blas()
+    print_table(rows, blas)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"machine": os.uname().nodename, "cpus": os.cpu_count(),
+                                     "date": time.strftime("%Y-%m-%d %H:%M"),
+                                     "models": rows, "blas": blas}, indent=1))
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
