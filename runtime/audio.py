@@ -26,8 +26,9 @@ def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
     if width not in _SAMPLE_TYPES:
         raise ContractError(f"{path}: {8 * width}-bit WAV samples are not supported")
     dtype, offset, scale = _SAMPLE_TYPES[width]
-    whole = len(frames) - len(frames) % (width * channels)  # a file cut mid-frame: keep whole frames
-    samples = (np.frombuffer(frames[:whole], dtype).astype(np.float32) - offset) / scale
+    if len(frames) % (width * channels):
+        raise ContractError(f"{path}: ends in the middle of a sample frame (truncated file)")
+    samples = (np.frombuffer(frames, dtype).astype(np.float32) - offset) / scale
     return samples.reshape(-1, channels).mean(axis=1, dtype=np.float32), rate
 
 
