@@ -2,7 +2,8 @@
 
 Configuration (env in the dataflow YAML):
     SINK          file (default) | speaker
-    VOICE_OUTPUT  folder of the WAV files (default out/voice)
+    VOICE_OUTPUT  folder of the WAV files (default: out/voice of this checkout; a relative path is
+                  relative to where dora was started)
     PREFIX        file name prefix (default reply): reply-001.wav, reply-002.wav, ... numbered in
                   the order the requests begin
 
@@ -10,6 +11,8 @@ Inputs:
     audio   AudioChunk streams with request_id metadata (e.g. a TTS node's `result`); a request's
             final chunk closes its file. A TranscriptionRequest (e.g. a VAD `utterance`) counts as
             one whole, final chunk.
+    cancel  optional, request ids (barge-in): the request's file is closed as it is (or its
+            queued audio is not played), and its later chunks are ignored.
 Outputs:
     done    event `audio.done` (a GenericResult, read it with mofa_omni.voice.read_event; fields
             `path` and `seconds`) with the request's request_id and origin_ns, sent once its file
@@ -36,7 +39,18 @@ from mofa_omni import arrow
 from mofa_omni.audio_stream import WavWriterSet
 from mofa_omni.contract import AudioChunk, ContractError, TranscriptionRequest
 from mofa_omni.host import MessageMeta
-from mofa_omni.voice import DONE, SeqTracker, env_choice, env_str, event, identify, load_sounddevice
+from mofa_omni.serving import CANCEL_INPUT, cancelled_ids
+from mofa_omni.voice import (
+    DEFAULT_VOICE_OUTPUT,
+    DONE,
+    SeqTracker,
+    env_choice,
+    env_path,
+    env_str,
+    event,
+    identify,
+    load_sounddevice,
+)
 
 log = logging.getLogger("wav_sink")
 
@@ -62,6 +76,7 @@ class Speaker:
         self.sd, self.done = sd, done
         self._queue: queue.Queue = queue.Queue()
         self._played: dict[str, float] = {}
+        self.cancelled: set[str] = set()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -77,6 +92,8 @@ class Speaker:
         stream = None
         while (item := self._queue.get()) is not None:
             meta, audio, rate, final = item
+            if meta.request_id in self.cancelled:
+                continue
             if stream is None or stream.samplerate != rate:
                 if stream is not None:
                     stream.close()
@@ -115,12 +132,21 @@ def main() -> int:
                                      time.time_ns()).to_dora())
 
     speaker = Speaker(sd, done) if mode == "speaker" else None
-    files = WavWriterSet(env_str("VOICE_OUTPUT", "out/voice"), env_str("PREFIX", "reply"))
+    files = WavWriterSet(env_path("VOICE_OUTPUT", DEFAULT_VOICE_OUTPUT), env_str("PREFIX", "reply"))
     gaps = SeqTracker()
+    cancelled: set[str] = speaker.cancelled if speaker is not None else set()
     while (incoming := node.next()) is not None:
         if incoming["type"] != "INPUT":
             continue
+        if incoming["id"] == CANCEL_INPUT:
+            for request_id in cancelled_ids(incoming["value"]):
+                cancelled.add(request_id)
+                if (closed := files.close(request_id)) is not None:
+                    log.info("%s: cancelled, %s kept as it was", request_id, closed[0])
+            continue
         meta = MessageMeta.from_dora(incoming.get("metadata"), "audio")
+        if meta.request_id in cancelled:
+            continue
         if missing := gaps.observe(meta.request_id, meta.seq, meta.final):
             log.warning("%s: %d audio chunks lost before seq %d", meta.request_id, missing,
                         meta.seq)

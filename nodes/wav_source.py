@@ -2,7 +2,8 @@
 
 Configuration (env in the dataflow YAML):
     VOICE_INPUT          a WAV file, or a folder whose *.wav files are the turns in name order
-                         (required)
+                         (default: dataflows/samples of this checkout; a relative path is
+                         relative to where dora was started)
     RATE                 rate the audio is sent at, in Hz (default 16000; 0 = each file's own rate)
     CHUNK_MS             length of one chunk (default 100)
     PACE                 realtime (default: one chunk per CHUNK_MS, like a microphone), a speed-up
@@ -42,7 +43,7 @@ from mofa_omni import arrow
 from mofa_omni.audio_stream import load_turn, split_chunks, wav_turns
 from mofa_omni.contract import AudioChunk, ContractError, ErrorReport
 from mofa_omni.host import MessageMeta
-from mofa_omni.voice import env_float, env_pace, env_str
+from mofa_omni.voice import DEFAULT_VOICE_INPUT, env_float, env_pace, env_path
 
 log = logging.getLogger("wav_source")
 
@@ -81,9 +82,7 @@ class Inbox:
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
-        voice_input = env_str("VOICE_INPUT", "")
-        if not voice_input:
-            raise ContractError("VOICE_INPUT is not set: name a WAV file or a folder of them")
+        voice_input = env_path("VOICE_INPUT", DEFAULT_VOICE_INPUT)
         turns = wav_turns(voice_input)
         rate = int(env_float("RATE", 16000))
         chunk_ms = env_float("CHUNK_MS", 100, minimum=1)

@@ -137,6 +137,10 @@ class WavWriterSet:
             current.samples += len(pcm)
         return self._close(request_id) if final else None
 
+    def close(self, request_id: str) -> tuple[Path, float] | None:
+        """Close the request's file now (its stream was cancelled); None if it has none open."""
+        return self._close(request_id) if request_id in self._open else None
+
     def close_all(self) -> list[tuple[Path, float]]:
         """Close the files whose final chunk never came (the stream ended early)."""
         closed = []

@@ -17,7 +17,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,12 +69,27 @@ class Outgoing:
     meta: MessageMeta
 
 
-class ModelHost:
-    """Maps inputs to tasks of one loaded adapter and turns results into outgoing messages."""
+StopCheck = Callable[[], str | None]  # "cancelled" / "timeout" when a request must stop
 
-    def __init__(self, adapter: ModelAdapter, node_id: str = "omni-node"):
+
+def _never() -> str | None:
+    return None
+
+
+class ModelHost:
+    """Maps inputs to tasks of one loaded adapter and turns results into outgoing messages.
+
+    Several requests may share a request id (the sentences of one reply, sent to a
+    TTS one by one, each marked ``final: false`` but the last): their results then
+    form one stream, numbered on from request to request, final only at the end.
+    """
+
+    def __init__(self, adapter: ModelAdapter, node_id: str = "omni-node",
+                 unavailable: str = ""):
         self.adapter, self.node_id = adapter, node_id
+        self.unavailable = unavailable  # why the model cannot serve (e.g. its weights are corrupt)
         self._ids = itertools.count(1)
+        self._next_seq: dict[str, int] = {}  # streams still open, by request id
 
     def task_for(self, input_id: str) -> Task:
         if input_id == PRIMARY_INPUT:
@@ -92,33 +107,57 @@ class ModelHost:
         inputs = [PRIMARY_INPUT, *(t.value for t in self.adapter.tasks)]
         return f"{problem}; this node's inputs are: {', '.join(inputs)}"
 
-    def handle(self, input_id: str, value: pa.Array,
-               metadata: dict[str, Any] | None = None) -> Iterator[Outgoing]:
-        """Serve one request; yields its results, or one error, never raises."""
+    def handle(self, input_id: str, value: pa.Array, metadata: dict[str, Any] | None = None,
+               should_stop: StopCheck = _never) -> Iterator[Outgoing]:
+        """Serve one request; yields its results, or one error, never raises.
+
+        ``should_stop`` is asked before the work starts and between streamed
+        results; when it names a reason the model is stopped and the request
+        ends with an error of that kind.
+        """
         incoming = MessageMeta.from_dora(metadata, f"{self.node_id}-{next(self._ids)}")
+        results = None
         try:
+            if reason := should_stop():
+                yield self._error(incoming, reason, f"request {reason} before it started")
+                return
+            if self.unavailable:
+                yield self._error(incoming, "unavailable", self.unavailable)
+                return
             task = self.task_for(input_id)
             spec = TASK_SPECS[task]
             request = arrow.decode(value, spec.request_type)
             results = self.adapter.handler(task)(request)
             if not spec.streams:
-                yield self._out(RESULT_OUTPUT, arrow.encode(results), incoming, 0, True)
+                yield self._result(results, incoming, True)
                 return
             # Streamed results mark their own last item (``final``): no look-ahead delay.
-            for seq, result in enumerate(results):
-                yield self._out(RESULT_OUTPUT, arrow.encode(result), incoming, seq, result.final)
+            for result in results:
+                if reason := should_stop():
+                    yield self._error(incoming, reason, f"request {reason} while it ran")
+                    return
+                yield self._result(result, incoming, result.final)
         except ContractError as error:
             yield self._error(incoming, "bad_request", str(error))
         except Exception as error:  # the model failed on this request: report, keep serving
             log.exception("request %s failed", incoming.request_id)
             yield self._error(incoming, "internal", f"{type(error).__name__}: {error}")
+        finally:
+            if hasattr(results, "close"):
+                results.close()  # a stopped generator stops the model's work at once
 
-    def _out(self, output: str, value: pa.Array, incoming: MessageMeta, seq: int,
-             final: bool) -> Outgoing:
-        meta = MessageMeta(incoming.request_id, seq, final, incoming.origin_ns, time.time_ns())
-        return Outgoing(output, value, meta)
+    def _result(self, result: Any, incoming: MessageMeta, last_of_request: bool) -> Outgoing:
+        rid = incoming.request_id
+        seq = self._next_seq.pop(rid, 0)
+        final = last_of_request and incoming.final
+        if not final:
+            self._next_seq[rid] = seq + 1
+        meta = MessageMeta(rid, seq, final, incoming.origin_ns, time.time_ns())
+        return Outgoing(RESULT_OUTPUT, arrow.encode(result), meta)
 
     def _error(self, incoming: MessageMeta, kind: str, message: str) -> Outgoing:
         log.error("request %s: %s", incoming.request_id, message)
+        self._next_seq.pop(incoming.request_id, None)
         report = ErrorReport(incoming.request_id, kind, message, self.node_id)
-        return self._out(ERROR_OUTPUT, arrow.encode(report), incoming, 0, True)
+        meta = MessageMeta(incoming.request_id, 0, True, incoming.origin_ns, time.time_ns())
+        return Outgoing(ERROR_OUTPUT, arrow.encode(report), meta)

@@ -105,6 +105,18 @@ def ensure_fast_blas() -> None:
     os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
+def prepare_compute_thread() -> None:
+    """Make the calling (non-main) thread able to run models.
+
+    MLX keeps its streams per thread: a thread that never set one fails on the
+    first evaluation ("There is no Stream(cpu, 0) in current thread"). Other
+    backends need nothing.
+    """
+    mx = sys.modules.get("mlx.core")
+    if mx is not None:
+        mx.set_default_stream(mx.new_stream(mx.default_device()))
+
+
 def mlx_device() -> str:
     """The device MLX computes on: 'gpu' (Metal or CUDA) or 'cpu'."""
     import mlx.core as mx

@@ -83,3 +83,36 @@ def split_sentences(text: str) -> list[str]:
         if paragraph[start:].strip():
             sentences.append(paragraph[start:].strip())
     return [s for s in sentences if s]
+
+
+class SentenceStream:
+    """Turns a stream of text pieces (an LLM's tokens) into TTS-sized sentences as they complete.
+
+    A sentence is released once the next one has begun (only then is its end
+    certain: "Dr. Smith" is not two sentences); :meth:`flush` releases the rest.
+    A sentence longer than ``max_chars`` without an end is cut after its last
+    comma, semicolon or colon, so speech can start before a run-on sentence ends.
+    """
+
+    def __init__(self, max_chars: int = 240):
+        self.max_chars = max_chars
+        self._pending = ""
+
+    def feed(self, piece: str) -> list[str]:
+        self._pending += piece
+        sentences = split_sentences(self._pending)
+        if not sentences:
+            return []
+        done, rest = sentences[:-1], sentences[-1]
+        if len(rest) > self.max_chars:
+            cut = max(rest.rfind(mark, 0, self.max_chars) for mark in (", ", "; ", ": "))
+            if cut > 0:
+                done.append(rest[: cut + 1])
+                rest = rest[cut + 2 :]
+        trailing = " " if self._pending[-1:].isspace() else ""
+        self._pending = rest + trailing
+        return done
+
+    def flush(self) -> list[str]:
+        rest, self._pending = self._pending, ""
+        return split_sentences(rest)

@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -40,6 +41,22 @@ class ConfigError(ContractError):
 def env_str(name: str, default: str, env: Mapping[str, str] | None = None) -> str:
     value = (os.environ if env is None else env).get(name, "")
     return value.strip() or default
+
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+DEFAULT_VOICE_INPUT = REPOSITORY / "dataflows" / "samples"
+DEFAULT_VOICE_OUTPUT = REPOSITORY / "out" / "voice"
+
+
+def env_path(name: str, default: Path, env: Mapping[str, str] | None = None) -> Path:
+    """``$name`` as a path. A relative path means relative to where the user ran dora ($PWD),
+    not to the dataflow's folder that dora starts nodes in."""
+    environ = os.environ if env is None else env
+    raw = env_str(name, "", environ)
+    if not raw:
+        return default
+    path = Path(raw).expanduser()
+    return path if path.is_absolute() else Path(environ.get("PWD") or os.getcwd()) / path
 
 
 def env_float(name: str, default: float, env: Mapping[str, str] | None = None, *,

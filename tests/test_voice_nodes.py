@@ -243,12 +243,15 @@ def test_speaker_sink_says_what_to_install_without_portaudio():
 
 
 @pytest.mark.parametrize("voice_input, message", [
-    ("nothing", "does not exist"), ("", "VOICE_INPUT is not set")])
-def test_wav_source_fails_fast_on_a_missing_input(tmp_path: Path, voice_input: str, message: str):
-    value = str(tmp_path / voice_input) if voice_input else ""
+    (lambda tmp: str(tmp / "nothing"), "does not exist"),
+    (lambda tmp: "relative/missing.wav", "relative/missing.wav")])  # relative to $PWD
+def test_wav_source_fails_fast_on_a_missing_input(tmp_path: Path, voice_input, message: str):
+    value = voice_input(tmp_path)
     result = subprocess.run([sys.executable, str(NODES / "wav_source.py")],
-                            env={**os.environ, "VOICE_INPUT": value, "PACE": "fast"},
+                            env={**os.environ, "VOICE_INPUT": value, "PACE": "fast",
+                                 "PWD": str(tmp_path)},
                             capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.startswith("wav_source: ") and message in result.stderr
+    assert str(tmp_path) in result.stderr  # a relative path is resolved where dora was started
 

@@ -1,0 +1,95 @@
+"""dialogue: the voice agent's conversation — history, system prompt, turn-taking, barge-in.
+
+Configuration (env in the dataflow YAML):
+    SYSTEM_PROMPT   the assistant's instructions (default: a brief voice assistant)
+    MAX_TOKENS      longest reply in tokens (default 96)
+    VOICE_OUTPUT    folder where transcript.txt is written (default: out/voice of this checkout)
+
+Inputs:
+    transcript      Transcript of an utterance (an ASR node's `result`)
+    asr_error       ErrorReport of the ASR: that utterance gets no reply
+    speech_started  the VAD heard the user begin to speak: barge in on a running reply
+    reply           TextChunk stream of the LLM
+    llm_error       ErrorReport of the LLM
+    tts_error       ErrorReport of the TTS
+    spoken          the sink's `done`: a reply's audio is complete
+Outputs:
+    chat        ChatRequest with the whole conversation, request_id `reply-N`, origin_ns = when
+                the user stopped speaking
+    cancel      request ids to stop (connect it to the LLM, splitter, TTS and sink `cancel`)
+    turn_done   the reply to a turn is over (connect it to wav_source's `ready` to take turns)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import pyarrow as pa
+from dora import Node
+
+from mofa_omni import arrow
+from mofa_omni.contract import ContractError, ErrorReport, TextChunk, Transcript
+from mofa_omni.dialogue import Action, Ask, Cancel, Dialogue, TranscriptLine, TurnDone
+from mofa_omni.host import MessageMeta
+from mofa_omni.voice import DEFAULT_VOICE_OUTPUT, env_path
+
+log = logging.getLogger("dialogue")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    node = Node()
+    dialogue = Dialogue(max_tokens=int(os.environ.get("MAX_TOKENS", "96")))
+    if prompt := os.environ.get("SYSTEM_PROMPT"):
+        dialogue.system_prompt = prompt
+    out_dir = env_path("VOICE_OUTPUT", DEFAULT_VOICE_OUTPUT)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    transcript = (out_dir / "transcript.txt").open("w", buffering=1)
+
+    def act(actions: list[Action]) -> None:
+        for action in actions:
+            match action:
+                case Ask(reply_id, request, origin_ns):
+                    meta = MessageMeta(reply_id, 0, True, origin_ns, time.time_ns())
+                    node.send_output("chat", arrow.encode(request), meta.to_dora())
+                case Cancel(reply_id):
+                    node.send_output("cancel", pa.array([reply_id]), {"request_id": reply_id})
+                case TurnDone(turn_id):
+                    node.send_output("turn_done", pa.array([turn_id]), {"request_id": turn_id})
+                case TranscriptLine() as line:
+                    log.info("%s", line.render())
+                    transcript.write(line.render() + "\n")
+
+    handlers = {
+        "transcript": lambda meta, value: dialogue.heard(
+            meta.request_id, arrow.decode(value, Transcript).text, meta.origin_ns),
+        "asr_error": lambda meta, value: [TurnDone(meta.request_id)],
+        "speech_started": lambda meta, value: dialogue.speech_started(),
+        "reply": lambda meta, value: dialogue.reply_text(
+            meta.request_id, arrow.decode(value, TextChunk).text, meta.final),
+        "llm_error": lambda meta, value: dialogue.reply_failed(
+            meta.request_id, _error_text(value)),
+        "tts_error": lambda meta, value: dialogue.speech_failed(
+            meta.request_id, _error_text(value)),
+        "spoken": lambda meta, value: dialogue.spoken(meta.request_id),
+    }
+    for event in node:
+        if event["type"] != "INPUT" or event["id"] not in handlers:
+            continue
+        meta = MessageMeta.from_dora(event.get("metadata"), event["id"])
+        try:
+            act(handlers[event["id"]](meta, event["value"]))
+        except ContractError as error:
+            log.error("%s %s: %s", event["id"], meta.request_id, error)
+    transcript.close()
+
+
+def _error_text(value: pa.Array) -> str:
+    report = arrow.decode(value, ErrorReport)
+    return f"{report.kind}: {report.message}"
+
+
+if __name__ == "__main__":
+    main()

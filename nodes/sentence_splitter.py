@@ -1,0 +1,73 @@
+"""sentence_splitter: turns an LLM's streamed reply into one TTS request per sentence.
+
+Configuration (env in the dataflow YAML):
+    MAX_CHARS   longest piece before a run-on sentence is cut at a comma (default 240)
+    VOICE       voice name passed on to the TTS (default: the model's own)
+    SPEED       speaking rate (default 1.0)
+
+Inputs:
+    text     TextChunk stream (an LLM node's `result`), one stream per request_id
+    cancel   request ids whose pending text is dropped (barge-in)
+Outputs:
+    speech   SpeechRequest per sentence, with the reply's request_id; seq counts the
+             sentences and only the reply's last sentence is `final`, so the TTS's audio
+             for the whole reply forms one stream.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from dora import Node
+
+from mofa_omni import arrow
+from mofa_omni.contract import ContractError, SpeechRequest, TextChunk
+from mofa_omni.host import MessageMeta
+from mofa_omni.serving import CANCEL_INPUT, cancelled_ids
+from mofa_omni.text import SentenceStream
+
+
+def main() -> None:
+    node = Node()
+    max_chars = int(os.environ.get("MAX_CHARS", "240"))
+    voice, speed = os.environ.get("VOICE", ""), float(os.environ.get("SPEED", "1.0"))
+    streams: dict[str, SentenceStream] = {}
+    sent: dict[str, int] = {}
+    cancelled: set[str] = set()
+
+    def send(meta: MessageMeta, sentence: str, final: bool) -> None:
+        seq = sent.get(meta.request_id, 0)
+        sent[meta.request_id] = seq + 1
+        out = MessageMeta(meta.request_id, seq, final, meta.origin_ns, time.time_ns())
+        node.send_output("speech", arrow.encode(SpeechRequest(sentence, voice, speed)),
+                         out.to_dora())
+
+    for event in node:
+        if event["type"] != "INPUT":
+            continue
+        if event["id"] == CANCEL_INPUT:
+            for request_id in cancelled_ids(event["value"]):
+                cancelled.add(request_id)
+                streams.pop(request_id, None)
+            continue
+        meta = MessageMeta.from_dora(event.get("metadata"), "reply")
+        if meta.request_id in cancelled:
+            continue
+        try:
+            chunk = arrow.decode(event["value"], TextChunk)
+        except ContractError as error:
+            node.log_error(f"request {meta.request_id}: {error}")
+            continue
+        stream = streams.setdefault(meta.request_id, SentenceStream(max_chars))
+        for sentence in stream.feed(chunk.text):
+            send(meta, sentence, False)
+        if chunk.final:
+            rest = streams.pop(meta.request_id).flush()
+            for i, sentence in enumerate(rest):
+                send(meta, sentence, i == len(rest) - 1)
+            sent.pop(meta.request_id, None)
+
+
+if __name__ == "__main__":
+    main()

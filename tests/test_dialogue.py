@@ -1,0 +1,91 @@
+"""The voice agent's conversation state machine (pure, no models)."""
+
+from mofa_omni.dialogue import Ask, Cancel, Dialogue, TranscriptLine, TurnDone
+
+
+def roles(request) -> list[tuple[str, str]]:
+    return [(m.role, m.content) for m in request.messages]
+
+
+def test_a_turn_asks_with_the_system_prompt_and_ends_when_spoken():
+    dialogue = Dialogue(system_prompt="Be brief.")
+    user_line, ask = dialogue.heard("turn-1", " What is the capital of France? ", 7)
+    assert user_line == TranscriptLine("user", "What is the capital of France?", "turn-1")
+    assert isinstance(ask, Ask) and ask.reply_id == "reply-1" and ask.origin_ns == 7
+    assert roles(ask.request) == [("system", "Be brief."),
+                                  ("user", "What is the capital of France?")]
+    assert dialogue.reply_text("reply-1", "Paris", False) == []
+    assert dialogue.reply_text("reply-1", ".", True) == []  # generated, not yet spoken
+    assert dialogue.spoken("reply-1") == [TranscriptLine("assistant", "Paris.", "turn-1"),
+                                          TurnDone("turn-1")]
+    assert dialogue.active is None
+
+
+def test_the_next_turn_carries_the_conversation():
+    dialogue = Dialogue(system_prompt="S")
+    dialogue.heard("turn-1", "My name is Ada.", 0)
+    dialogue.reply_text("reply-1", "Nice to meet you, Ada.", True)
+    dialogue.spoken("reply-1")
+    *_, ask = dialogue.heard("turn-2", "What is my name?", 0)
+    assert roles(ask.request) == [("system", "S"), ("user", "My name is Ada."),
+                                  ("assistant", "Nice to meet you, Ada."),
+                                  ("user", "What is my name?")]
+
+
+def test_barge_in_cancels_the_reply_and_marks_it_interrupted():
+    dialogue = Dialogue(system_prompt="S")
+    dialogue.heard("turn-1", "Tell me a long story.", 0)
+    dialogue.reply_text("reply-1", "Once upon a time", False)
+    cancel, line = dialogue.speech_started()
+    assert cancel == Cancel("reply-1")
+    assert line == TranscriptLine("assistant", "Once upon a time", "turn-1", interrupted=True)
+    assert line.render() == "assistant: Once upon a time [interrupted]"
+    assert dialogue.reply_text("reply-1", " there was", True) == []  # late chunks are ignored
+    *_, ask = dialogue.heard("turn-2", "Stop. What time is it?", 0)
+    assert ask.reply_id == "reply-2"
+    assert roles(ask.request)[-2:] == [("assistant", "Once upon a time"),
+                                       ("user", "Stop. What time is it?")]
+
+
+def test_an_utterance_during_a_reply_interrupts_it_even_without_a_vad_event():
+    dialogue = Dialogue()
+    dialogue.heard("turn-1", "Hello.", 0)
+    actions = dialogue.heard("turn-2", "Actually, never mind.", 0)
+    assert actions[0] == Cancel("reply-1")
+    assert isinstance(actions[-1], Ask) and actions[-1].reply_id == "reply-2"
+    assert [m.role for m in actions[-1].request.messages] == ["system", "user"]  # unanswered dropped
+
+
+def test_silence_and_noise_get_no_reply():
+    dialogue = Dialogue()
+    for text in ["", "   ", "[BLANK_AUDIO]", "(wind blowing)", "..."]:
+        assert dialogue.heard("turn-9", text, 0) == [TurnDone("turn-9")]
+    assert dialogue.history == [] and dialogue.active is None
+
+
+def test_a_failed_reply_ends_the_turn_and_keeps_history_consistent():
+    dialogue = Dialogue()
+    dialogue.heard("turn-1", "Hi.", 0)
+    line, done = dialogue.reply_failed("reply-1", "internal: boom")
+    assert line.render() == "assistant:  [error: internal: boom]" and done == TurnDone("turn-1")
+    assert dialogue.history == []
+
+
+def test_history_is_bounded():
+    dialogue = Dialogue(system_prompt="S", max_history=4)
+    for i in range(6):
+        dialogue.heard(f"turn-{i}", f"question {i}", 0)
+        dialogue.reply_text(f"reply-{i + 1}", f"answer {i}", True)
+        dialogue.spoken(f"reply-{i + 1}")
+    *_, ask = dialogue.heard("turn-x", "last", 0)
+    assert len(ask.request.messages) == 5 and ask.request.messages[-1].content == "last"
+
+
+def test_a_speech_failure_ends_the_turn_and_stops_generation():
+    dialogue = Dialogue()
+    dialogue.heard("turn-1", "Hi.", 0)
+    dialogue.reply_text("reply-1", "Hello", False)
+    cancel, line, done = dialogue.speech_failed("reply-1", "internal: voice crashed")
+    assert cancel == Cancel("reply-1") and done == TurnDone("turn-1")
+    assert line.error == "internal: voice crashed"
+    assert [m.role for m in dialogue.history] == ["user", "assistant"]

@@ -1,0 +1,118 @@
+"""The request worker: order, cancellation, deadlines, draining; and stream numbering."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from mofa_omni import arrow
+from mofa_omni.contract import ChatMessage, ChatRequest, ErrorReport, GenericRequest, TextChunk
+from mofa_omni.host import ModelHost, Outgoing
+from mofa_omni.loading import open_model
+from mofa_omni.serving import RequestWorker, cancelled_ids
+from mofa_omni.store import ModelStore
+from tests.conftest import textstats_catalog
+
+
+@pytest.fixture()
+def stats_host(third_party: Path, tmp_path: Path) -> ModelHost:
+    catalog = textstats_catalog(tmp_path, ["the"])
+    return ModelHost(open_model("textstats-en", catalog=catalog,
+                                store=ModelStore(tmp_path / "cache")), "stats")
+
+
+def stats_request(text: str) -> pa.Array:
+    return arrow.encode(GenericRequest("text.stats", pa.RecordBatch.from_pydict({"text": [text]})))
+
+
+class Collector:
+    def __init__(self):
+        self.sent: list[Outgoing] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, out: Outgoing) -> None:
+        with self.lock:
+            self.sent.append(out)
+
+    def errors(self) -> dict[str, ErrorReport]:
+        return {o.meta.request_id: arrow.decode(o.value, ErrorReport)
+                for o in self.sent if o.output == "error"}
+
+
+def test_requests_are_served_in_order_and_drained(stats_host: ModelHost):
+    sent = Collector()
+    worker = RequestWorker(lambda: stats_host, sent)
+    for i in range(20):
+        worker.submit("request", stats_request("the cat " * i), {"request_id": f"r{i}"})
+    worker.drain()
+    assert [o.meta.request_id for o in sent.sent] == [f"r{i}" for i in range(20)]
+    assert all(o.output == "result" for o in sent.sent)
+
+
+def test_queued_requests_past_their_deadline_time_out(stats_host: ModelHost):
+    sent = Collector()
+    worker = RequestWorker(lambda: stats_host, sent, timeout_s=0.0)
+    time.sleep(0.01)
+    worker.submit("request", stats_request("late"), {"request_id": "late"})
+    worker.drain()
+    assert sent.errors()["late"].kind == "timeout"
+
+
+def test_cancelled_requests_are_dropped_with_an_explicit_error(stats_host: ModelHost):
+    sent = Collector()
+    worker = RequestWorker(lambda: stats_host, sent)
+    worker.cancel("gone")
+    worker.submit("request", stats_request("a"), {"request_id": "gone"})
+    worker.submit("request", stats_request("b"), {"request_id": "kept"})
+    worker.drain()
+    assert sent.errors()["gone"].kind == "cancelled"
+    assert [o.output for o in sent.sent if o.meta.request_id == "kept"] == ["result"]
+
+
+def test_unavailable_model_answers_every_request(stats_host: ModelHost):
+    host = ModelHost(stats_host.adapter, "stats", unavailable="weights are corrupt")
+    (out,) = host.handle("request", stats_request("x"), {"request_id": "r"})
+    assert arrow.decode(out.value, ErrorReport).kind == "unavailable"
+
+
+def test_cancel_messages_carry_request_ids():
+    assert cancelled_ids(pa.array(["a", None, "b"])) == ["a", "b"]
+    struct = pa.StructArray.from_arrays([pa.array(["c"])], names=["request_id"])
+    assert cancelled_ids(struct) == ["c"]
+
+
+@pytest.mark.slow
+def test_cancelling_a_streaming_reply_stops_the_model(model):
+    llm = model("smollm2-135m")
+    host = ModelHost(llm, "llm")
+    sent = Collector()
+    worker = RequestWorker(lambda: host, sent)
+    request = ChatRequest([ChatMessage("user", "Write a long story about a dragon.")],
+                          max_tokens=400)
+    worker.submit("request", arrow.encode(request), {"request_id": "story"})
+    deadline = time.monotonic() + 60
+    while len(sent.sent) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    worker.cancel("story")
+    worker.drain()
+    chunks = [arrow.decode(o.value, TextChunk) for o in sent.sent if o.output == "result"]
+    assert 3 <= len(chunks) < 100  # stopped long before 400 tokens
+    assert not any(c.final for c in chunks)
+    assert sent.errors()["story"].kind == "cancelled"
+    assert sent.sent[-1].output == "error" and sent.sent[-1].meta.final
+
+
+def test_requests_sharing_an_id_form_one_numbered_stream(stats_host: ModelHost):
+    """Sentences of one reply sent as separate requests: seq runs on, final only at the end."""
+    metas = []
+    for i, last in enumerate([False, False, True]):
+        (out,) = stats_host.handle("request", stats_request(f"sentence {i}"),
+                                   {"request_id": "reply-1", "seq": i, "final": last})
+        metas.append((out.meta.seq, out.meta.final))
+    assert metas == [(0, False), (1, False), (2, True)]
+    (again,) = stats_host.handle("request", stats_request("next"), {"request_id": "reply-1"})
+    assert (again.meta.seq, again.meta.final) == (0, True)  # a finished stream starts over
