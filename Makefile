@@ -5,7 +5,8 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	.venv/bin/python scripts/demo.py
+	PATH="$(CURDIR)/.venv/bin:$$PATH" dora run dataflows/voice.yml
+	@echo; echo "== out/voice/transcript.txt"; cat out/voice/transcript.txt; ls out/voice/*.wav
 
 test: setup
 	.venv/bin/python -m pytest -q

@@ -13,6 +13,9 @@ Inputs:
     llm_error       ErrorReport of the LLM
     tts_error       ErrorReport of the TTS
     spoken          the sink's `done`: a reply's audio is complete
+
+The node ends once `transcript` is closed (no more turns) and the last reply is over.
+
 Outputs:
     chat        ChatRequest with the whole conversation, request_id `reply-N`, origin_ns = when
                 the user stopped speaking
@@ -29,10 +32,10 @@ import time
 import pyarrow as pa
 from dora import Node
 
-from mofa_omni import arrow
+from mofa_omni import arrow, trace
 from mofa_omni.contract import ContractError, ErrorReport, TextChunk, Transcript
 from mofa_omni.dialogue import Action, Ask, Cancel, Dialogue, TranscriptLine, TurnDone
-from mofa_omni.host import MessageMeta
+from mofa_omni.host import MessageMeta, dora_node_id
 from mofa_omni.voice import DEFAULT_VOICE_OUTPUT, env_path
 
 log = logging.getLogger("dialogue")
@@ -41,6 +44,7 @@ log = logging.getLogger("dialogue")
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     node = Node()
+    node_id = dora_node_id("dialogue")
     dialogue = Dialogue(max_tokens=int(os.environ.get("MAX_TOKENS", "96")))
     if prompt := os.environ.get("SYSTEM_PROMPT"):
         dialogue.system_prompt = prompt
@@ -54,6 +58,7 @@ def main() -> None:
                 case Ask(reply_id, request, origin_ns):
                     meta = MessageMeta(reply_id, 0, True, origin_ns, time.time_ns())
                     node.send_output("chat", arrow.encode(request), meta.to_dora())
+                    trace.record(node_id, "send", "chat", meta)
                 case Cancel(reply_id):
                     node.send_output("cancel", pa.array([reply_id]), {"request_id": reply_id})
                 case TurnDone(turn_id):
@@ -75,14 +80,22 @@ def main() -> None:
             meta.request_id, _error_text(value)),
         "spoken": lambda meta, value: dialogue.spoken(meta.request_id),
     }
+    heard_all = False  # the ASR's stream ended: no more turns will come
     for event in node:
-        if event["type"] != "INPUT" or event["id"] not in handlers:
-            continue
-        meta = MessageMeta.from_dora(event.get("metadata"), event["id"])
-        try:
-            act(handlers[event["id"]](meta, event["value"]))
-        except ContractError as error:
-            log.error("%s %s: %s", event["id"], meta.request_id, error)
+        if event["type"] == "INPUT_CLOSED" and event["id"] == "transcript":
+            heard_all = True
+        elif event["type"] == "INPUT" and event["id"] in handlers:
+            meta = MessageMeta.from_dora(event.get("metadata"), event["id"])
+            if event["id"] in ("transcript", "spoken"):
+                trace.record(node_id, "recv", event["id"], event.get("metadata"))
+            try:
+                act(handlers[event["id"]](meta, event["value"]))
+            except ContractError as error:
+                log.error("%s %s: %s", event["id"], meta.request_id, error)
+        # The graph has a cycle (dialogue -> llm -> dialogue): ending here, once the last
+        # reply is over, closes the cycle's inputs so every node downstream finishes too.
+        if heard_all and dialogue.active is None:
+            break
     transcript.close()
 
 

@@ -24,6 +24,7 @@ ensure_fast_blas()
 
 from dora import Node  # noqa: E402
 
+from mofa_omni import trace  # noqa: E402
 from mofa_omni.adapters.base import ModelLoadError, create_adapter  # noqa: E402
 from mofa_omni.catalog import Catalog  # noqa: E402
 from mofa_omni.contract import ContractError, Task  # noqa: E402
@@ -56,10 +57,26 @@ def main() -> int:
                  ", ".join(t.value for t in spec.tasks), adapter.load_seconds)
         return ModelHost(adapter, node_id)
 
+    node_id = dora_node_id(spec.name)
+
+    def traced_host() -> ModelHost:  # MOFA_OMNI_TRACE: when the worker begins each request
+        host = make_host()
+        handle = host.handle
+
+        def handle_traced(input_id, value, metadata=None, *args, **kwargs):
+            trace.record(node_id, "start", input_id, metadata)
+            yield from handle(input_id, value, metadata, *args, **kwargs)
+
+        if trace.trace_path():
+            host.handle = handle_traced
+        return host
+
+    def send(out) -> None:
+        node.send_output(out.output, out.value, out.meta.to_dora())
+        trace.record(node_id, "send", out.output, out.meta)
+
     node = Node()
-    worker = RequestWorker(make_host,
-                           lambda out: node.send_output(out.output, out.value, out.meta.to_dora()),
-                           float(os.environ.get("REQUEST_TIMEOUT_S", "120")))
+    worker = RequestWorker(traced_host, send, float(os.environ.get("REQUEST_TIMEOUT_S", "120")))
     # dora may deliver STOP before queued inputs: keep reading until the stream ends.
     while (event := node.next()) is not None:
         if event["type"] != "INPUT":
@@ -68,6 +85,7 @@ def main() -> int:
             for request_id in cancelled_ids(event["value"]):
                 worker.cancel(request_id)
         else:
+            trace.record(node_id, "recv", event["id"], event.get("metadata"))
             worker.submit(event["id"], event["value"], event.get("metadata"))
     worker.drain()
     worker.host.adapter.unload()

@@ -21,15 +21,16 @@ import time
 
 from dora import Node
 
-from mofa_omni import arrow
+from mofa_omni import arrow, trace
 from mofa_omni.contract import ContractError, SpeechRequest, TextChunk
-from mofa_omni.host import MessageMeta
+from mofa_omni.host import MessageMeta, dora_node_id
 from mofa_omni.serving import CANCEL_INPUT, cancelled_ids
 from mofa_omni.text import SentenceStream
 
 
 def main() -> None:
     node = Node()
+    node_id = dora_node_id("splitter")
     max_chars = int(os.environ.get("MAX_CHARS", "240"))
     voice, speed = os.environ.get("VOICE", ""), float(os.environ.get("SPEED", "1.0"))
     streams: dict[str, SentenceStream] = {}
@@ -42,6 +43,7 @@ def main() -> None:
         out = MessageMeta(meta.request_id, seq, final, meta.origin_ns, time.time_ns())
         node.send_output("speech", arrow.encode(SpeechRequest(sentence, voice, speed)),
                          out.to_dora())
+        trace.record(node_id, "send", "speech", out, chars=len(sentence))
 
     for event in node:
         if event["type"] != "INPUT":
@@ -52,6 +54,7 @@ def main() -> None:
                 streams.pop(request_id, None)
             continue
         meta = MessageMeta.from_dora(event.get("metadata"), "reply")
+        trace.record(node_id, "recv", event["id"], event.get("metadata"))
         if meta.request_id in cancelled:
             continue
         try:

@@ -39,10 +39,10 @@ import time
 import numpy as np
 from dora import Node
 
-from mofa_omni import arrow
+from mofa_omni import arrow, trace
 from mofa_omni.audio_stream import StreamResampler
 from mofa_omni.contract import AudioChunk, ContractError, ErrorReport, TranscriptionRequest
-from mofa_omni.host import MessageMeta
+from mofa_omni.host import MessageMeta, dora_node_id
 from mofa_omni.loading import open_model
 from mofa_omni.vad import (
     FRAME_SAMPLES,
@@ -89,6 +89,7 @@ def warm_up(adapter) -> None:
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     node_id = os.environ.get("DORA_NODE_ID", "vad")
+    trace_id = dora_node_id("vad")
     language = env_str("LANGUAGE", "")
     try:
         config = config_from_env()
@@ -112,16 +113,19 @@ def main() -> int:
             if isinstance(item, SpeechStarted):
                 origin = min(clock.at(round(item.start_s * VAD_RATE)), time.time_ns())
                 value = event(SPEECH_STARTED, index=item.index, start_s=item.start_s)
-                node.send_output("speech_started", value,
-                                 MessageMeta(request_id, 0, True, origin, time.time_ns()).to_dora())
+                meta = MessageMeta(request_id, 0, True, origin, time.time_ns())
+                node.send_output("speech_started", value, meta.to_dora())
+                trace.record(trace_id, "send", "speech_started", meta)
                 continue
             log.info("%s: %.2f s of speech (%.2f-%.2f s)", request_id, item.end_s - item.start_s,
                      item.start_s, item.end_s)
             # Faster than real time (a file sent at once) the clock would run ahead of now.
             origin = min(clock.at(round(item.end_s * VAD_RATE)), time.time_ns())
             request = TranscriptionRequest(item.audio, item.sample_rate, language)
-            node.send_output("utterance", arrow.encode(request),
-                             MessageMeta(request_id, 0, True, origin, time.time_ns()).to_dora())
+            meta = MessageMeta(request_id, 0, True, origin, time.time_ns())
+            node.send_output("utterance", arrow.encode(request), meta.to_dora())
+            trace.record(trace_id, "send", "utterance", meta,
+                         audio_s=round(len(item.audio) / item.sample_rate, 3))
 
     def report_error(meta: MessageMeta, kind: str, message: str) -> None:
         log.error("%s: %s", meta.request_id, message)

@@ -35,10 +35,10 @@ from collections.abc import Callable
 import numpy as np
 from dora import Node
 
-from mofa_omni import arrow
+from mofa_omni import arrow, trace
 from mofa_omni.audio_stream import WavWriterSet
 from mofa_omni.contract import AudioChunk, ContractError, TranscriptionRequest
-from mofa_omni.host import MessageMeta
+from mofa_omni.host import MessageMeta, dora_node_id
 from mofa_omni.serving import CANCEL_INPUT, cancelled_ids
 from mofa_omni.voice import (
     DEFAULT_VOICE_OUTPUT,
@@ -124,12 +124,13 @@ def main() -> int:
         print(f"wav_sink: {error}", file=sys.stderr)
         return 2
     node = Node()
+    node_id = dora_node_id("sink")
 
     def done(meta: MessageMeta, path: str, seconds: float) -> None:
         log.info("%s: %s (%.2f s)", meta.request_id, path, seconds)
-        node.send_output("done", event(DONE, path=path, seconds=seconds),
-                         MessageMeta(meta.request_id, 0, True, meta.origin_ns,
-                                     time.time_ns()).to_dora())
+        out = MessageMeta(meta.request_id, 0, True, meta.origin_ns, time.time_ns())
+        node.send_output("done", event(DONE, path=path, seconds=seconds), out.to_dora())
+        trace.record(node_id, "send", "done", out)
 
     speaker = Speaker(sd, done) if mode == "speaker" else None
     files = WavWriterSet(env_path("VOICE_OUTPUT", DEFAULT_VOICE_OUTPUT), env_str("PREFIX", "reply"))
@@ -145,16 +146,19 @@ def main() -> int:
                     log.info("%s: cancelled, %s kept as it was", request_id, closed[0])
             continue
         meta = MessageMeta.from_dora(incoming.get("metadata"), "audio")
+        trace.record(node_id, "recv", "audio", incoming.get("metadata"))
         if meta.request_id in cancelled:
             continue
         if missing := gaps.observe(meta.request_id, meta.seq, meta.final):
             log.warning("%s: %d audio chunks lost before seq %d", meta.request_id, missing,
                         meta.seq)
         try:
-            audio, rate, final = read_audio(incoming["value"])
+            audio, rate, chunk_final = read_audio(incoming["value"])
         except ContractError as error:
             log.error("%s: %s", meta.request_id, error)
             continue
+        # A reply spoken sentence by sentence is one stream: the metadata says where it ends.
+        final = chunk_final and meta.final
         if speaker is not None:
             speaker.play(meta, audio, rate, final)
         elif (closed := files.write(meta.request_id, audio, rate, final)) is not None:

@@ -13,6 +13,8 @@ Configuration (env in the dataflow YAML):
                          drops messages of a burst (the VAD reports such gaps).
     TRAILING_SILENCE_S   silence sent after each turn so a VAD can close the utterance (default 1.5)
     READY_TIMEOUT_S      longest wait for `ready` before the next turn is sent anyway (default 120)
+    TURN_TAKING          wait (default: wait for `ready` when it is connected) or free (send the
+                         turns on their own schedule, e.g. to talk over the agent)
     LINGER_S             after the last turn, how long to wait for the graph to finish its reply
                          before exiting (default 10)
 
@@ -43,7 +45,7 @@ from mofa_omni import arrow
 from mofa_omni.audio_stream import load_turn, split_chunks, wav_turns
 from mofa_omni.contract import AudioChunk, ContractError, ErrorReport
 from mofa_omni.host import MessageMeta
-from mofa_omni.voice import DEFAULT_VOICE_INPUT, env_float, env_pace, env_path
+from mofa_omni.voice import DEFAULT_VOICE_INPUT, env_choice, env_float, env_pace, env_path
 
 log = logging.getLogger("wav_source")
 
@@ -55,7 +57,8 @@ class Inbox:
         self.node = node
         self.ready = 0
         self.stopped = False
-        self.ready_connected = "ready" in (node.node_config().get("inputs") or {})
+        self.ready_connected = ("ready" in (node.node_config().get("inputs") or {})
+                                and env_choice("TURN_TAKING", "wait", ("wait", "free")) == "wait")
 
     def wait(self, seconds: float, *, for_ready: bool = False) -> bool:
         """Handle events for up to ``seconds``; with ``for_ready``, return True as soon as a

@@ -47,9 +47,11 @@ class TranscriptLine:
     error: str = ""
 
     def render(self) -> str:
+        """One line of the transcript file (the text's own line breaks become spaces)."""
         marks = " [interrupted]" if self.interrupted else ""
         marks += f" [error: {self.error}]" if self.error else ""
-        return f"{self.role}: {self.text}{marks}"
+        text = " ".join(self.text.split())
+        return f"{self.role}: {text}{marks}"
 
 
 Action = Ask | Cancel | TurnDone | TranscriptLine

@@ -210,8 +210,10 @@ class ModelStore:
         try:
             try:
                 adapter.prepare(source, staging, progress)
-            except (ModelLoadError, FetchError):
-                raise
+            except (ModelLoadError, FetchError) as error:
+                if spec.name in str(error):
+                    raise
+                raise type(error)(f"model {spec.name!r}: {error}") from error
             except Exception as error:
                 raise ModelLoadError(f"model {spec.name!r}: converting {spec.format} weights "
                                      f"failed: {type(error).__name__}: {error}") from error

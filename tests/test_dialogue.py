@@ -89,3 +89,8 @@ def test_a_speech_failure_ends_the_turn_and_stops_generation():
     assert cancel == Cancel("reply-1") and done == TurnDone("turn-1")
     assert line.error == "internal: voice crashed"
     assert [m.role for m in dialogue.history] == ["user", "assistant"]
+
+
+def test_transcript_lines_stay_on_one_line():
+    line = TranscriptLine("assistant", "Once upon a time,\nthere was\n\na dragon.", "t", True)
+    assert line.render() == "assistant: Once upon a time, there was a dragon. [interrupted]"

@@ -1,0 +1,528 @@
+"""The voice agent's latency: time to first audio and turn time, per stage, vs. a sequential run.
+
+    python benchmarks/voice_latency.py [--json FILE] [--png FILE] [--trace FILE] [--no-warmup]
+
+Spoken questions are made with Piper (16 kHz WAVs in a temporary folder) and played in real time
+through dataflows/voice.yml with ``dora run`` (wav_source -> Silero VAD -> whisper -> dialogue ->
+SmolLM2 -> sentence splitter -> Piper -> wav_sink). The nodes write a timing trace
+(``MOFA_OMNI_TRACE``, see :mod:`mofa_omni.trace`): one line per message sent or received, with
+its request id, seq, final flag, origin and send times. In the same run the *sequential
+baseline* serves the same questions with the same models in this one process, without streaming:
+whisper on the whole utterance, then the whole LLM reply (the same system prompt, max tokens and
+multi-turn history, through :class:`mofa_omni.dialogue.Dialogue`), then Piper on the whole reply.
+A first warm-up question (not counted) goes through both, so that neither measures model loading
+or first-call costs and both hold the same history.
+
+All times of a turn are relative to the *end of the user's speech*: the VAD's utterance carries
+it as origin_ns (the wall time at which the last voiced sample was played by the source), and
+every later message of the turn carries the same origin_ns, which is how the trace is grouped.
+
+Per turn (graph):
+    endpoint     end of speech -> the VAD sends the utterance (the VAD waits for MIN_SILENCE_MS
+                 of silence; a policy, not model compute nor framework overhead)
+    ASR          whisper's compute: the worker starts the request -> the transcript is sent
+    LLM 1st      the LLM's compute until its first text chunk is sent
+    LLM          the LLM's compute until its final chunk is sent
+    TTS 1st      Piper's compute for the first sentence: start -> its first audio chunk sent
+    TTFA         time to first audio: end of speech -> the sink receives the first audio chunk
+    turn         end of speech -> the sink receives the last audio chunk
+A model stage's compute runs from when its node's worker *starts* a request (not when it
+arrived: the queue wait is not compute) to the send stamp (sent_ns) of its result, taken as soon
+as the model yields it, before Arrow encoding and dora's send.
+
+Framework overhead of a turn (the `ovh` column) = turn - endpoint - model compute on the critical
+path, where model compute on the critical path is the length of the union of the compute
+intervals of all ASR, LLM and TTS requests of the turn, clipped to [utterance sent, last audio at
+the sink]. In this pipeline the LLM computes without pause from its start to its final chunk and
+each TTS request covers the waits of the sentences queued behind it, so the time not covered by
+any model is exactly the non-compute part of the critical path: transfers between nodes, queue
+waits, the dialogue and splitter nodes, encoding and decoding of messages at the edges, and idle
+gaps where a model waits for its input. (Model compute includes the CPU contention of stages that
+run at the same time on this machine.) The TTFA is also broken down exactly into consecutive
+segments of its own critical chain (``ttfa_path`` in the JSON): utterance -> ASR -> dialogue ->
+LLM until the chunk that completed the first sentence -> splitter -> TTS -> sink.
+
+Baseline turn = ASR + LLM + TTS, timed in this process, once before and once after the graph run
+(the models stay loaded, idle, while the graph runs); each figure is the mean of the two passes,
+which evens out some of the drift of a shared machine. Goals: median TTFA <= 0.5 x the median
+baseline turn, and framework overhead <= 10 % of the turn.
+
+Prints a table, writes benchmarks/results/voice_latency.json (or --json FILE) and a PNG timeline
+of one turn (the one with the median turn time) beside the baseline of the same question,
+benchmarks/results/voice_turn.png (or --png FILE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mofa_omni.platform import ensure_fast_blas
+
+ensure_fast_blas()
+
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+
+from mofa_omni import trace  # noqa: E402
+from mofa_omni.audio import read_wav, resample, write_wav  # noqa: E402
+from mofa_omni.contract import SpeechRequest, Task, TranscriptionRequest  # noqa: E402
+from mofa_omni.dialogue import Ask, Dialogue  # noqa: E402
+from mofa_omni.loading import open_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+VOICE = ROOT / "dataflows" / "voice.yml"
+WARMUP = "Hello, can you hear me?"
+QUESTIONS = [
+    "What is the capital of France?",
+    "How many legs does a spider have?",
+    "Why is the sky blue?",  # SmolLM2 answers this in several sentences: streaming shows
+    "Who wrote Romeo and Juliet?",
+]
+MS = 1e-6  # ns -> ms
+
+
+# --- inputs ----------------------------------------------------------------------------------
+
+def dialogue_settings() -> tuple[str, int]:
+    """The dialogue node's system prompt and max tokens, as dataflows/voice.yml sets them."""
+    nodes = {n["id"]: n for n in yaml.safe_load(VOICE.read_text())["nodes"]}
+    env = nodes["dialogue"].get("env") or {}
+    defaults = Dialogue()
+    return (str(env.get("SYSTEM_PROMPT") or defaults.system_prompt),
+            int(env.get("MAX_TOKENS") or defaults.max_tokens))
+
+
+def make_questions(folder: Path, texts: list[str], tts) -> list[dict]:
+    """Speak each text with Piper into folder/NN.wav at 16 kHz."""
+    folder.mkdir(parents=True, exist_ok=True)
+    questions = []
+    for i, text in enumerate(texts):
+        chunks = list(tts.synthesize(SpeechRequest(text)))
+        audio = resample(np.concatenate([c.audio for c in chunks]), chunks[0].sample_rate, 16000)
+        path = folder / f"{i:02d}.wav"
+        write_wav(path, audio, 16000)
+        questions.append({"text": text, "wav": path.name, "seconds": len(audio) / 16000})
+    return questions
+
+
+# --- the sequential baseline -----------------------------------------------------------------
+
+def run_baseline(folder: Path, questions: list[dict], system_prompt: str, max_tokens: int,
+                 asr, llm, tts) -> list[dict]:
+    """Each question in turn: whole-utterance ASR, whole LLM reply, whole-reply TTS."""
+    dialogue = Dialogue(system_prompt=system_prompt, max_tokens=max_tokens)
+    rows = []
+    for i, question in enumerate(questions):
+        audio, rate = read_wav(folder / question["wav"])
+        t0 = time.perf_counter()
+        heard = asr.transcribe(TranscriptionRequest(audio, rate)).text
+        t1 = time.perf_counter()
+        asks = [a for a in dialogue.heard(f"turn-{i}", heard, 0) if isinstance(a, Ask)]
+        reply, speech_s = "", 0.0
+        t2 = t3 = first = t1
+        if asks:
+            pieces = []
+            for chunk in llm.generate(asks[0].request):  # joined: only the first's time is noted
+                if not pieces:
+                    first = time.perf_counter()
+                pieces.append(chunk.text)
+            reply = "".join(pieces)
+            t2 = time.perf_counter()
+            dialogue.reply_text(asks[0].reply_id, reply, True)
+            if reply.strip():
+                chunks = list(tts.synthesize(SpeechRequest(reply)))
+                speech_s = sum(len(c.audio) for c in chunks) / chunks[0].sample_rate
+            t3 = time.perf_counter()
+            dialogue.spoken(asks[0].reply_id)
+        rows.append({"heard": heard, "reply": reply, "asr_s": t1 - t0,
+                     "llm_first_token_s": first - t1, "llm_s": t2 - t1,
+                     "tts_s": t3 - t2, "turn_s": t3 - t0, "reply_audio_s": speech_s})
+    return rows
+
+
+# --- the graph run -----------------------------------------------------------------------------
+
+def run_graph(inputs: Path, outputs: Path, trace_file: Path, timeout: float) -> tuple[int, str]:
+    """``dora run dataflows/voice.yml`` with this interpreter's environment first on PATH;
+    returns dora's exit status and output.
+
+    The voice graph has cycles (dialogue <-> llm, sink, tts), so once the source has played its
+    last turn its nodes never see all their inputs close; dora then stops them only after its
+    finish-drain grace period (120 s by default). The benchmark shortens that grace period.
+    """
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "VOICE_INPUT": str(inputs), "VOICE_OUTPUT": str(outputs),
+           trace.TRACE_ENV: str(trace_file), "PATH": bin_dir + os.pathsep + os.environ["PATH"],
+           "DORA_FINISH_DRAIN_GRACE_SECS": os.environ.get("DORA_FINISH_DRAIN_GRACE_SECS", "2")}
+    for name in ("LD_PRELOAD", "OPENBLAS_CORETYPE", "MOFA_OMNI_BLAS_REEXEC"):
+        env.pop(name, None)  # each node chooses its own BLAS set-up, as it would from a shell
+    result = subprocess.run([os.path.join(bin_dir, "dora"), "run", str(VOICE)], env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    return result.returncode, result.stdout + result.stderr
+
+
+def _union_ns(intervals: list[tuple[int, int]], lo: int, hi: int) -> int:
+    """Length of the union of ``intervals`` clipped to [lo, hi]."""
+    total, end = 0, lo
+    for a, b in sorted((max(a, lo), min(b, hi)) for a, b in intervals):
+        if b <= a or b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+def _jobs(records: list[dict], node: str) -> list[dict]:
+    """A model node's requests: start time, arrival, and the send stamps of their results (the
+    worker serves one request at a time, so a result belongs to the last request started)."""
+    starts = sorted((r for r in records if r["node"] == node and r["event"] == "start"),
+                    key=lambda r: r["now_ns"])
+    recvs = [r for r in records if r["node"] == node and r["event"] == "recv"]
+    jobs = []
+    for start in starts:
+        arrived = next((r["now_ns"] for r in recvs if r["request_id"] == start["request_id"]
+                        and r["seq"] == start["seq"]), start["now_ns"])
+        jobs.append({"seq": start["seq"], "recv": arrived, "start": start["now_ns"], "sends": []})
+    for send in sorted((r for r in records if r["node"] == node and r["event"] == "send"),
+                       key=lambda r: r["sent_ns"]):
+        owner = [j for j in jobs if j["start"] <= send["sent_ns"]]
+        if owner:
+            owner[-1]["sends"].append(send)
+    for job in jobs:
+        job["end"] = job["sends"][-1]["sent_ns"] if job["sends"] else job["start"]
+    return jobs
+
+
+def analyse_turn(records: list[dict], utterance: dict, all_records: list[dict]) -> dict | None:
+    """Stage figures of one turn from the trace lines that carry its origin_ns."""
+    origin = utterance["origin_ns"]
+
+    def of(node: str, event: str, port: str | None = None) -> list[dict]:
+        return [r for r in records if r["node"] == node and r["event"] == event
+                and (port is None or r["port"] == port)]
+
+    sink = sorted(of("sink", "recv", "audio"), key=lambda r: r["now_ns"])
+    if not sink or not sink[-1]["final"]:
+        return None  # no (complete) spoken reply: nothing to time
+    asr, llm, tts = _jobs(records, "asr"), _jobs(records, "llm"), _jobs(records, "tts")
+    if not (asr and llm and tts and asr[0]["sends"] and llm[0]["sends"] and tts[0]["sends"]):
+        return None
+    a, g, t0 = asr[0], llm[0], tts[0]
+    transcript = of("dialogue", "recv", "transcript")[0]
+    chat = of("dialogue", "send", "chat")[0]
+    splitter_in = sorted(of("splitter", "recv"), key=lambda r: r["now_ns"])
+    speech = sorted(of("splitter", "send", "speech"), key=lambda r: r["sent_ns"])
+    first_sentence = speech[0]
+    # The LLM chunk whose arrival made the splitter send its first sentence.
+    trigger = [r for r in splitter_in if r["now_ns"] <= first_sentence["sent_ns"]][-1]
+    trigger_send = next(s for s in g["sends"] if s["seq"] == trigger["seq"])
+    started = [r for r in all_records if r["node"] == "vad" and r["port"] == "speech_started"
+               and r["request_id"] == utterance["request_id"]]
+
+    def rel(ns: int) -> float:
+        return (ns - origin) / 1e9
+
+    chain = [  # the TTFA's critical chain: consecutive milestones (ns)
+        ("end of speech", origin),
+        ("utterance sent (VAD)", utterance["sent_ns"]),
+        ("ASR received", a["recv"]), ("ASR started", a["start"]),
+        ("transcript sent", a["end"]),
+        ("dialogue received", transcript["now_ns"]), ("chat sent", chat["sent_ns"]),
+        ("LLM received", g["recv"]), ("LLM started", g["start"]),
+        ("LLM sent the chunk ending sentence 1", trigger_send["sent_ns"]),
+        ("splitter received it", trigger["now_ns"]),
+        ("sentence 1 sent", first_sentence["sent_ns"]),
+        ("TTS received", t0["recv"]), ("TTS started", t0["start"]),
+        ("first audio sent (TTS)", t0["sends"][0]["sent_ns"]),
+        ("first audio at the sink", sink[0]["now_ns"]),
+    ]
+    compute_steps = {"ASR started", "LLM started", "TTS started"}  # a segment from these is compute
+    path = [{"from": chain[i][0], "to": chain[i + 1][0], "s": (chain[i + 1][1] - chain[i][1]) / 1e9,
+             "kind": "endpoint" if i == 0 else "compute" if chain[i][0] in compute_steps
+             else "framework"} for i in range(len(chain) - 1)]
+    intervals = [(j["start"], j["end"]) for j in asr + llm + tts]
+    turn_ns = sink[-1]["now_ns"] - origin
+    endpoint_ns = utterance["sent_ns"] - origin
+    compute_ns = _union_ns(intervals, utterance["sent_ns"], sink[-1]["now_ns"])
+    ttfa_ns = sink[0]["now_ns"] - origin
+    ttfa_compute_ns = sum(p["s"] for p in path if p["kind"] == "compute") * 1e9
+    overhead_ns = turn_ns - endpoint_ns - compute_ns
+    return {
+        "request_id": utterance["request_id"], "reply_id": chat["request_id"],
+        "speech_s": utterance.get("audio_s"),
+        "speech_start_s": rel(started[0]["origin_ns"]) if started else None,
+        "endpoint_s": endpoint_ns / 1e9,
+        "asr_s": (a["end"] - a["start"]) / 1e9,
+        "asr_queue_s": (a["start"] - a["recv"]) / 1e9,
+        "llm_first_token_s": (g["sends"][0]["sent_ns"] - g["start"]) / 1e9,
+        "llm_s": (g["end"] - g["start"]) / 1e9,
+        "llm_chunks": len(g["sends"]),
+        "sentences": len(speech),
+        "tts_first_chunk_s": (t0["sends"][0]["sent_ns"] - t0["start"]) / 1e9,
+        "tts_s": sum(j["end"] - j["start"] for j in tts) / 1e9,
+        "ttfa_s": ttfa_ns / 1e9,
+        "turn_s": turn_ns / 1e9,
+        "model_compute_s": compute_ns / 1e9,
+        "overhead_s": overhead_ns / 1e9,
+        "overhead_pct": 100 * overhead_ns / turn_ns,
+        "ttfa_overhead_s": (ttfa_ns - endpoint_ns - ttfa_compute_ns) / 1e9,
+        "ttfa_path": path,
+        "milestones_s": {  # relative to the end of speech
+            "utterance_sent": rel(utterance["sent_ns"]), "asr_done": rel(a["end"]),
+            "chat_sent": rel(chat["sent_ns"]), "llm_start": rel(g["start"]),
+            "llm_first_token": rel(g["sends"][0]["sent_ns"]), "llm_done": rel(g["end"]),
+            "first_sentence_sent": rel(first_sentence["sent_ns"]),
+            "tts_first_chunk": rel(t0["sends"][0]["sent_ns"]),
+            "first_audio_at_sink": rel(sink[0]["now_ns"]),
+            "last_audio_at_sink": rel(sink[-1]["now_ns"]),
+        },
+        "timeline": {  # for the PNG
+            "asr": [(rel(j["start"]), rel(j["end"])) for j in asr],
+            "llm": [(rel(j["start"]), rel(j["end"])) for j in llm],
+            "llm_tokens": [rel(s["sent_ns"]) for s in g["sends"]],
+            "sentences": [rel(s["sent_ns"]) for s in speech],
+            "tts": [(rel(j["start"]), rel(j["end"])) for j in tts],
+            "sink": [rel(r["now_ns"]) for r in sink],
+            "dialogue": [rel(transcript["now_ns"]), rel(chat["sent_ns"])],
+        },
+    }
+
+
+def analyse(trace_lines: list[dict]) -> list[dict]:
+    """One figure set per utterance that got a spoken reply, in the order they were heard."""
+    utterances = sorted((r for r in trace_lines if r["node"] == "vad" and r["event"] == "send"
+                         and r["port"] == "utterance"), key=lambda r: r["sent_ns"])
+    turns = []
+    for utterance in utterances:
+        mine = [r for r in trace_lines if r.get("origin_ns") == utterance["origin_ns"]
+                and r["node"] != "vad"]
+        if (turn := analyse_turn(mine, utterance, trace_lines)) is not None:
+            turns.append(turn)
+        else:
+            print(f"warning: {utterance['request_id']} got no complete spoken reply",
+                  file=sys.stderr)
+    return turns
+
+
+def transcript_pairs(path: Path) -> list[tuple[str, str]]:
+    """(user, assistant) lines of the dialogue's transcript.txt, in order."""
+    users, answers = [], []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        role, _, text = line.partition(": ")
+        (users if role == "user" else answers if role == "assistant" else []).append(text)
+    return list(zip(users, answers))
+
+
+# --- output ------------------------------------------------------------------------------------
+
+COLUMNS = [("endpt", "endpoint_s"), ("ASR", "asr_s"), ("LLM1st", "llm_first_token_s"),
+           ("LLM", "llm_s"), ("TTS1st", "tts_first_chunk_s"), ("TTFA", "ttfa_s"),
+           ("turn", "turn_s"), ("base", "baseline_turn_s")]
+
+
+def print_table(rows: list[dict], median: dict) -> None:
+    head = " ".join(f"{name:>7}" for name, _ in COLUMNS)
+    print(f"\n{'question':38} {head} {'TTFA/base':>9} {'ovh%':>6}")
+    for r in [*rows, median]:
+        cells = " ".join(f"{r[key]:7.2f}" for _, key in COLUMNS)
+        print(f"{r['question'][:38]:38} {cells} {r['ttfa_ratio']:9.2f} {r['overhead_pct']:6.1f}")
+    print("(seconds; endpt..TTFA/turn from the graph, `base` = the sequential baseline's turn)")
+
+
+def plot_turn(path: Path, turn: dict, baseline: dict, question: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = turn["timeline"]
+    rows: list[tuple[str, list[tuple[float, float]], str]] = []
+    if turn["speech_start_s"] is not None:
+        rows.append(("user speech", [(turn["speech_start_s"], 0.0)], "#9e9e9e"))
+    rows += [("VAD endpointing", [(0.0, turn["endpoint_s"])], "#bdbdbd"),
+             ("ASR (whisper)", t["asr"], "#1f77b4"),
+             ("dialogue", [tuple(t["dialogue"])], "#8c564b"),
+             ("LLM (SmolLM2)", t["llm"], "#2ca02c"),
+             ("TTS (Piper)", t["tts"], "#d62728")]
+    b0 = 0.0
+    base = [("baseline ASR", [(b0, b0 + baseline["asr_s"])], "#1f77b4"),
+            ("baseline LLM", [(b0 + baseline["asr_s"], b0 + baseline["asr_s"] + baseline["llm_s"])],
+             "#2ca02c"),
+            ("baseline TTS", [(b0 + baseline["asr_s"] + baseline["llm_s"], baseline["turn_s"])],
+             "#d62728")]
+    labels = [r[0] for r in rows] + ["splitter: sentences", "sink: audio chunks"] + [
+        r[0] for r in base]
+    fig, ax = plt.subplots(figsize=(11, 0.48 * len(labels) + 1.6))
+    y = {label: len(labels) - 1 - i for i, label in enumerate(labels)}
+    for label, spans, color in rows + base:
+        alpha = 0.55 if label.startswith("baseline") else 0.9
+        ax.broken_barh([(a, max(b - a, 0.004)) for a, b in spans], (y[label] - 0.35, 0.7),
+                       facecolors=color, alpha=alpha, edgecolor="black", linewidth=0.4)
+    llm_y = y["LLM (SmolLM2)"]
+    ax.plot(t["llm_tokens"], [llm_y] * len(t["llm_tokens"]), "|", color="black", ms=8,
+            label="LLM text chunk sent")
+    ax.plot(t["sentences"], [y["splitter: sentences"]] * len(t["sentences"]), "v",
+            color="#9467bd", ms=8)
+    ax.plot(t["sink"], [y["sink: audio chunks"]] * len(t["sink"]), "s", color="#ff7f0e", ms=7)
+    ax.axhline(y["baseline ASR"] + 0.5, color="gray", lw=0.6)
+    marks = [(0.0, "end of speech", "black"),
+             (turn["ttfa_s"], f"first audio {turn['ttfa_s']:.2f} s", "#ff7f0e"),
+             (turn["turn_s"], f"last audio {turn['turn_s']:.2f} s", "#d62728"),
+             (baseline["turn_s"], f"baseline done {baseline['turn_s']:.2f} s", "gray")]
+    if abs(turn["turn_s"] - turn["ttfa_s"]) < 0.05:  # one audio chunk: first = last
+        marks[1:3] = [(turn["ttfa_s"], f"first = last audio {turn['ttfa_s']:.2f} s", "#d62728")]
+    for k, (x, name, color) in enumerate(sorted(marks)):
+        ax.axvline(x, color=color, ls="--", lw=1)
+        ax.text(x, len(labels) - 0.05 - 0.32 * (k % 2), " " + name, fontsize=8, color=color,
+                va="bottom", ha="left")
+    ax.set_yticks(list(y.values()), list(y.keys()))
+    ax.set_ylim(-0.7, len(labels) + 0.5)
+    ax.set_xlabel("seconds after the end of the user's speech")
+    ax.set_title(f"One voice turn through dataflows/voice.yml vs. the sequential baseline\n"
+                 f"\u201c{question}\u201d  (TTFA {turn['ttfa_s']:.2f} s, "
+                 f"turn {turn['turn_s']:.2f} s,"
+                 f" framework overhead {turn['overhead_pct']:.1f} %)", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path, default=RESULTS / "voice_latency.json")
+    parser.add_argument("--png", type=Path, default=RESULTS / "voice_turn.png")
+    parser.add_argument("--trace", type=Path, help="keep the graph's raw trace (JSON lines) here")
+    parser.add_argument("--no-warmup", action="store_true",
+                        help="count the first question too (no untimed warm-up turn)")
+    parser.add_argument("--timeout", type=float, default=600, help="longest graph run, seconds")
+    args = parser.parse_args()
+
+    system_prompt, max_tokens = dialogue_settings()
+    texts = QUESTIONS if args.no_warmup else [WARMUP, *QUESTIONS]
+    skip = 0 if args.no_warmup else 1
+    work = Path(tempfile.mkdtemp(prefix="voice-latency-"))
+    try:
+        inputs, outputs, trace_file = work / "in", work / "out", work / "trace.jsonl"
+        print("speaking the questions, loading the baseline's models ...", file=sys.stderr,
+              flush=True)
+        speaker = open_model("piper-joe")
+        questions = make_questions(inputs, texts, speaker)
+        speaker.unload()
+        # The graph's models: omni-node serves each task's catalog default.
+        asr = open_model(task=Task.SPEECH_RECOGNITION)
+        llm = open_model(task=Task.TEXT_GENERATION)
+        tts = open_model(task=Task.SPEECH_SYNTHESIS)
+        models = {"asr": asr.spec.name, "llm": llm.spec.name, "tts": tts.spec.name}
+        passes = []
+        print("sequential baseline, pass 1 ...", file=sys.stderr, flush=True)
+        passes.append(run_baseline(inputs, questions, system_prompt, max_tokens, asr, llm, tts))
+        print("graph run (dora run dataflows/voice.yml, real-time audio) ...", file=sys.stderr,
+              flush=True)
+        started = time.perf_counter()  # the baseline's models stay loaded, idle
+        status, log = run_graph(inputs, outputs, trace_file, args.timeout)
+        graph_wall = time.perf_counter() - started
+        print("sequential baseline, pass 2 ...", file=sys.stderr, flush=True)
+        passes.append(run_baseline(inputs, questions, system_prompt, max_tokens, asr, llm, tts))
+        for adapter in (asr, llm, tts):
+            adapter.unload()
+        baseline = [{**runs[0], **{key: statistics.mean(run[key] for run in runs) for key in
+                                   ("asr_s", "llm_first_token_s", "llm_s", "tts_s", "turn_s")},
+                     "passes": [{k: run[k] for k in ("asr_s", "llm_first_token_s", "llm_s",
+                                                     "tts_s", "turn_s", "reply")} for run in runs]}
+                    for runs in zip(*passes)]
+        replies_written = len(list(outputs.glob("reply-*.wav")))
+        lines = trace.read(trace_file) if trace_file.exists() else []
+        if args.trace:
+            args.trace.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(trace_file, args.trace)
+            args.trace.with_suffix(".dora.log").write_text(log)
+        turns = analyse(lines)
+        if status != 0:
+            print(f"warning: dora run exited with status {status}; last lines of its output:\n"
+                  f"{log[-2000:]}", file=sys.stderr)
+            if len(turns) < len(questions):
+                return 1
+        pairs = transcript_pairs(outputs / "transcript.txt")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    answered = sum(1 for r in baseline if r["reply"].strip())
+    if replies_written != answered:
+        print(f"warning: the sink wrote {replies_written} reply WAV files for {answered} replies",
+              file=sys.stderr)
+    if len(turns) != len(questions):
+        print(f"warning: {len(turns)} timed turns for {len(questions)} questions; matched in "
+              "order", file=sys.stderr)
+    rows = []
+    for i, (turn, question, base) in enumerate(zip(turns, questions, baseline)):
+        heard, answer = pairs[i] if i < len(pairs) else ("", "")
+        turn.update(question=question["text"], heard=heard, reply=answer,
+                    baseline_turn_s=base["turn_s"], ttfa_ratio=turn["ttfa_s"] / base["turn_s"],
+                    baseline=base, warmup=i < skip)
+        rows.append(turn)
+    timed = [r for r in rows if not r["warmup"]]
+    if not timed:
+        print("no turn could be timed", file=sys.stderr)
+        return 1
+    median = {"question": "median"}
+    for key in ["endpoint_s", "asr_s", "llm_first_token_s", "llm_s", "tts_first_chunk_s",
+                "ttfa_s", "turn_s", "baseline_turn_s", "overhead_s", "overhead_pct",
+                "ttfa_overhead_s", "model_compute_s", "asr_queue_s"]:
+        median[key] = statistics.median(r[key] for r in timed)
+    median["ttfa_ratio"] = median["ttfa_s"] / median["baseline_turn_s"]
+    for stage in ("asr_s", "llm_first_token_s", "llm_s", "tts_s"):
+        median[f"baseline_{stage}"] = statistics.median(r["baseline"][stage] for r in timed)
+    segments: dict[str, list[float]] = {}
+    for r in timed:
+        for p in r["ttfa_path"]:
+            segments.setdefault(f"{p['from']} -> {p['to']}", []).append(p["s"])
+    median["ttfa_path"] = {k: statistics.median(v) for k, v in segments.items()}
+
+    print_table(timed, median)
+    print("\nTTFA critical chain, median per segment (ms):")
+    for name, seconds in median["ttfa_path"].items():
+        print(f"  {seconds * 1000:8.1f}  {name}")
+    goals = {"ttfa_le_half_baseline": median["ttfa_s"] <= 0.5 * median["baseline_turn_s"],
+             "overhead_le_10pct": median["overhead_pct"] <= 10.0}
+    print(f"\nbaseline stages (median): ASR {median['baseline_asr_s']:.2f} s, LLM first token "
+          f"{median['baseline_llm_first_token_s']:.2f} s, LLM {median['baseline_llm_s']:.2f} s, "
+          f"TTS {median['baseline_tts_s']:.2f} s")
+    print(f"goal TTFA <= 0.5 x baseline turn: {median['ttfa_s']:.2f} s vs "
+          f"{0.5 * median['baseline_turn_s']:.2f} s -> "
+          f"{'met' if goals['ttfa_le_half_baseline'] else 'NOT met'}")
+    print(f"goal framework overhead <= 10 % of the turn: {median['overhead_pct']:.1f} % "
+          f"({median['overhead_s'] * 1000:.0f} ms, endpointing of {median['endpoint_s']:.2f} s "
+          f"not counted) -> {'met' if goals['overhead_le_10pct'] else 'NOT met'}")
+
+    pick = sorted(timed, key=lambda r: r["turn_s"])[len(timed) // 2]
+    plot_turn(args.png, pick, pick["baseline"], pick["question"])
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({
+        "machine": os.uname().nodename, "cpus": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d %H:%M"), "models": models,
+        "system_prompt": system_prompt, "max_tokens": max_tokens,
+        "warmup_question": None if args.no_warmup else WARMUP,
+        "graph_wall_s": graph_wall, "dora_status": status,
+        "reply_wavs_written": replies_written, "turns": rows, "median": median,
+        "goals": goals,
+        "timeline_png": str(args.png), "timeline_turn": pick["question"],
+    }, indent=1))
+    print(f"\nwrote {args.json} and {args.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""dataflows/voice.yml end to end, with real models: answers, context, barge-in, bad input."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mofa_omni.audio import read_wav, resample, write_wav
+from mofa_omni.contract import SpeechRequest, TranscriptionRequest
+from mofa_omni.text import normalize_words, word_error_rate
+from tests.test_dataflow_models import run_dataflow
+
+VOICE = Path(__file__).parents[1] / "dataflows" / "voice.yml"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def speak(model):
+    """``speak(text)``: the sentence spoken by Piper, as 16 kHz float32."""
+    tts = model("piper-joe")
+
+    def spoken(text: str) -> np.ndarray:
+        chunks = list(tts.synthesize(SpeechRequest(text)))
+        return resample(np.concatenate([c.audio for c in chunks]), chunks[0].sample_rate, 16000)
+
+    return spoken
+
+
+def run_voice(tmp_path: Path, turns: dict[str, np.ndarray | bytes], **env: str):
+    """Run the voice graph on WAV turns; returns (transcript lines, reply WAV paths, log)."""
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    for name, audio in turns.items():
+        if isinstance(audio, bytes):
+            (inputs / name).write_bytes(audio)
+        else:
+            write_wav(inputs / name, audio, 16000)
+    log = run_dataflow(VOICE, {"VOICE_INPUT": str(inputs), "VOICE_OUTPUT": str(outputs), **env})
+    lines = (outputs / "transcript.txt").read_text().splitlines()
+    return lines, sorted(outputs.glob("reply-*.wav")), log
+
+
+def test_a_spoken_question_gets_a_relevant_spoken_answer(tmp_path, speak, model):
+    lines, replies, log = run_voice(tmp_path, {"01.wav": speak("What is the capital of France?")})
+    assert lines[0] == "user: What is the capital of France?", lines
+    assert lines[1].startswith("assistant: ") and "[" not in lines[1], lines
+    assert len(replies) == 1
+    audio, rate = read_wav(replies[0])
+    assert len(audio) / rate > 0.5
+    heard = model("whisper-tiny.en").transcribe(TranscriptionRequest(audio, rate)).text
+    said = lines[1].removeprefix("assistant: ")
+    assert word_error_rate(said, heard) < 0.35, (said, heard)  # the WAV speaks the reply
+    assert {"capital", "france"} <= set(normalize_words(heard)), heard  # which is on topic
+
+
+def test_the_second_turn_knows_the_first(tmp_path, speak):
+    lines, replies, _ = run_voice(tmp_path, {
+        "01.wav": speak("I live in Paris."),
+        "02.wav": speak("Which city do I live in?"),
+    })
+    users = [line for line in lines if line.startswith("user: ")]
+    answers = [line for line in lines if line.startswith("assistant: ")]
+    assert len(users) == 2 and len(answers) == 2 and len(replies) == 2, lines
+    assert "paris" in answers[1].lower(), lines  # only the first turn said so
+
+
+def test_talking_over_the_agent_interrupts_its_reply(tmp_path, speak):
+    story = np.concatenate([speak("Tell me a long story about a dragon and a princess."),
+                            np.zeros(16000 * 6, np.float32)])  # keep talking 6 s later
+    lines, replies, _ = run_voice(
+        tmp_path, {"01.wav": story, "02.wav": speak("Stop. What is the capital of France?")},
+        TURN_TAKING="free")
+    interrupted = [line for line in lines if line.endswith("[interrupted]")]
+    assert len(interrupted) == 1 and interrupted[0].startswith("assistant: "), lines
+    assert lines.index(interrupted[0]) < lines.index("user: Stop. What is the capital of France?")
+    final_answer = lines[-1]
+    assert final_answer.startswith("assistant: ") and "[" not in final_answer, lines
+    assert len(replies) == 2  # the interrupted reply's audio is kept up to where it stopped
+
+
+def test_odd_and_broken_input_is_converted_or_skipped(tmp_path, speak):
+    question = speak("What is the capital of France?")
+    stereo_48k = np.repeat(resample(question, 16000, 48000)[:, None], 2, axis=1)
+    turns = {"01-empty.wav": b"RIFF\x24\x00\x00\x00WAVEfmt ", "02-silence.wav": np.zeros(32000, np.float32),
+             "04-mono.wav": question}
+    inputs = tmp_path / "stereo"
+    inputs.mkdir()
+    _write_int16(inputs / "03-stereo-48k.wav", stereo_48k, 48000)
+    turns["03-stereo-48k.wav"] = (inputs / "03-stereo-48k.wav").read_bytes()
+    lines, replies, log = run_voice(tmp_path, turns, READY_TIMEOUT_S="6")
+    users = [line for line in lines if line.startswith("user: ")]
+    assert users == ["user: What is the capital of France?"] * 2, lines
+    assert len(replies) == 2
+    assert "01-empty.wav" in log  # reported, and the graph went on
+
+
+def test_a_model_that_cannot_load_answers_with_errors_and_the_graph_goes_on(tmp_path, speak):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\x00" * 64)
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text(f'[defaults]\ntext_generation = "broken-llm"\n[models.broken-llm]\n'
+                       f'adapter = "mlx_lm"\ntasks = ["text_generation"]\nformat = "gguf"\n'
+                       f'source = {{ path = "{broken}" }}\n')
+    lines, replies, _ = run_voice(tmp_path, {"01.wav": speak("Hello there."),
+                                             "02.wav": speak("Are you still there?")},
+                                  MOFA_OMNI_CATALOG=str(catalog))
+    errors = [line for line in lines if "[error: unavailable:" in line]
+    assert len(errors) == 2 and "broken-llm" in errors[0], lines
+    assert replies == []
+
+
+def _write_int16(path: Path, audio: np.ndarray, rate: int) -> None:
+    import wave
+
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(audio.shape[1])
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+        wav.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
+
+
+def test_the_sample_turns_run_under_a_coordinator(tmp_path):
+    """`dora up && dora start dataflows/voice.yml --attach` on the checkout's own samples."""
+    outputs = tmp_path / "out"
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+           "DORA_COORDINATOR_PORT": str(_free_port())}
+    dora = str(bin_dir / "dora")
+    subprocess.run([dora, "up"], env=env, check=True, capture_output=True, timeout=60)
+    try:
+        started = subprocess.run([dora, "start", str(VOICE), "--attach",
+                                  "--env", f"VOICE_OUTPUT={outputs}"],
+                                 env=env, capture_output=True, text=True, timeout=600)
+        assert started.returncode == 0, (started.stdout + started.stderr)[-4000:]
+    finally:
+        subprocess.run([dora, "destroy"], env=env, capture_output=True, timeout=60)
+    lines = (outputs / "transcript.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["user", "assistant"] * 2, lines
+    assert len(list(outputs.glob("reply-*.wav"))) == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
