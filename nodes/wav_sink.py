@@ -146,7 +146,6 @@ def main() -> int:
                     log.info("%s: cancelled, %s kept as it was", request_id, closed[0])
             continue
         meta = MessageMeta.from_dora(incoming.get("metadata"), "audio")
-        trace.record(node_id, "recv", "audio", incoming.get("metadata"))
         if meta.request_id in cancelled:
             continue
         if missing := gaps.observe(meta.request_id, meta.seq, meta.final):
@@ -157,6 +156,8 @@ def main() -> int:
         except ContractError as error:
             log.error("%s: %s", meta.request_id, error)
             continue
+        trace.record(node_id, "recv", "audio", incoming.get("metadata"),
+                     audio_s=round(len(audio) / rate, 4))
         # A reply spoken sentence by sentence is one stream: the metadata says where it ends.
         final = chunk_final and meta.final
         if speaker is not None:

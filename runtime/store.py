@@ -79,6 +79,16 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def link_or_copy(source: Path, target: Path) -> None:
+    """Place ``source`` at ``target``: a hard link (no space, and it survives the source being
+    fetched again) where the filesystem allows, else a copy."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source.resolve(), target)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copy2(source, target)
+
+
 def _copy_stream(src, dst, total: int, stage: str, progress: Progress, done: int = 0) -> int:
     while chunk := src.read(_CHUNK):
         dst.write(chunk)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
 from mofa_omni.adapters.base import AdapterError, ModelAdapter, ModelLoadError, Progress
 from mofa_omni.contract import ChatRequest, TextChunk, Task, validate_request
+from mofa_omni.store import link_or_copy
 
 
 class StopMatcher:
@@ -50,13 +49,6 @@ class StopMatcher:
         return 0
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:  # another filesystem, or links not allowed
-        shutil.copy2(src, dst)
-
 
 class MlxLmAdapter(ModelAdapter):
     """Chat models served by mlx-lm. ``options.dtype`` picks how a GGUF is converted
@@ -81,7 +73,7 @@ class MlxLmAdapter(ModelAdapter):
             if not any(p.name == "config.json" for p in files):
                 raise ModelLoadError(f"model {self.spec.name!r}: {source_dir} has no config.json")
             for done, path in enumerate(files, 1):
-                _link_or_copy(path, out_dir / path.relative_to(source_dir))
+                link_or_copy(path, out_dir / path.relative_to(source_dir))
                 progress("link files", done, len(files))
             return
         from mofa_omni.formats.gguf import convert_gguf

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import shutil
 import types
 from pathlib import Path
 from typing import Any, ClassVar
@@ -24,6 +22,7 @@ from mofa_omni.contract import (ContractError, Segment, Task, Transcript, Transc
                                 validate_request)
 from mofa_omni.formats.ctranslate2 import convert_whisper
 from mofa_omni.platform import mlx_device
+from mofa_omni.store import link_or_copy
 
 WHISPER_RATE = 16_000
 MLX_FILES = ("config.json", "weights.safetensors", "weights.npz", "alignment_heads.json")
@@ -52,7 +51,7 @@ class MlxWhisperAdapter(ModelAdapter):
             raise ModelLoadError(f"model {self.spec.name!r}: {source_dir} needs config.json and "
                                  f"weights.safetensors or weights.npz; it has {sorted(present)}")
         for done, name in enumerate(present, 1):
-            _link_or_copy(source_dir / name, out_dir / name)
+            link_or_copy(source_dir / name, out_dir / name)
             progress("link weights", done, len(present))
 
     def _load(self, model_dir: Path) -> None:
@@ -133,10 +132,3 @@ def _transcribe_with(model):
     bound.__kwdefaults__ = dict(function.__kwdefaults__ or {})
     return bound
 
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    # A hard link costs no space and survives the source directory being fetched again.
-    try:
-        os.link(source.resolve(), target)
-    except OSError:
-        shutil.copy2(source, target)

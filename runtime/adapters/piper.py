@@ -7,7 +7,6 @@ it is imported only here, only when a voice is loaded.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from collections.abc import Iterator
@@ -15,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from mofa_omni.adapters.base import ModelAdapter, ModelLoadError, Progress
 from mofa_omni.contract import AudioChunk, ContractError, SpeechRequest, Task
+from mofa_omni.onnx import cpu_session
 from mofa_omni.text import split_sentences
 
 MAX_THREADS = 2  # more intra-op threads buy little for one short sentence and starve the graph
@@ -69,7 +68,6 @@ class PiperAdapter(ModelAdapter):
 
     def _load(self, model_dir: Path) -> None:
         try:
-            import onnxruntime
             from piper import PiperVoice
             from piper.config import PiperConfig
         except ImportError:
@@ -77,13 +75,8 @@ class PiperAdapter(ModelAdapter):
                                  "pip install 'mofa-omni[piper]'") from None
         model, config_path = _find_voice(model_dir)
         config = PiperConfig.from_dict(_read_config(config_path))
-        # PiperVoice.load() takes no session options, and its default session spins one
-        # thread per core: build the session ourselves to bound the threads.
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = min(MAX_THREADS, os.cpu_count() or 1)
-        options.inter_op_num_threads = 1
-        session = onnxruntime.InferenceSession(str(model), sess_options=options,
-                                               providers=["CPUExecutionProvider"])
+        # PiperVoice.load() takes no session options: build the session to bound its threads.
+        session = cpu_session(model, MAX_THREADS, model_name=self.spec.name)
         self._voice = PiperVoice(session=session, config=config)
 
     def _unload(self) -> None:

@@ -18,9 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-
 from mofa_omni.adapters.base import ModelAdapter, ModelLoadError, Progress
-from mofa_omni.contract import ContractError, GenericRequest, GenericResult, GenericSpec, Task
+from mofa_omni.contract import (
+    ContractError,
+    GenericRequest,
+    GenericResult,
+    GenericSpec,
+    Task,
+)
+from mofa_omni.onnx import cpu_session
 
 SAMPLE_RATE = 16000
 FRAME_SAMPLES = 512
@@ -62,17 +68,8 @@ class SileroVadAdapter(ModelAdapter):
         progress(f"copy {MODEL_FILE}", 1, 1)
 
     def _load(self, model_dir: Path) -> None:
-        try:
-            import onnxruntime
-        except ImportError:
-            raise ModelLoadError(f"model {self.spec.name!r} needs ONNX Runtime: "
-                                 "pip install onnxruntime") from None
-        options = onnxruntime.SessionOptions()
         # One frame is a few hundred microseconds of work: threads would only add overhead.
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        session = onnxruntime.InferenceSession(str(model_dir / MODEL_FILE), sess_options=options,
-                                               providers=["CPUExecutionProvider"])
+        session = cpu_session(model_dir / MODEL_FILE, 1, model_name=self.spec.name)
         names = {i.name for i in session.get_inputs()}
         if names != {"input", "state", "sr"}:
             raise ModelLoadError(f"model {self.spec.name!r}: expected Silero VAD v5/v6 inputs "
