@@ -1,6 +1,7 @@
 """The voice agent's latency: time to first audio and turn time, per stage, vs. a sequential run.
 
-    python benchmarks/voice_latency.py [--json FILE] [--png FILE] [--trace FILE] [--no-warmup]
+    python benchmarks/voice_latency.py [--json FILE] [--png FILE] [--trace FILE]
+                                       [--baseline-passes N] [--no-warmup] [--timeout S]
 
 Spoken questions are made with Piper (16 kHz WAVs in a temporary folder) and played in real time
 through dataflows/voice.yml with ``dora run`` (wav_source -> Silero VAD -> whisper -> dialogue ->
@@ -19,6 +20,8 @@ neither measures model loading or first-call costs and both hold the same histor
 All times of a turn are relative to the *end of the user's speech*: the VAD's utterance carries
 it as origin_ns (the wall time at which the last voiced sample was played by the source), and
 every later message of the turn carries the same origin_ns, which is how the trace is grouped.
+(wav_source sends each 100 ms chunk at the start of its period, up to one chunk earlier than a
+microphone could, so the endpoint time here is up to 100 ms shorter than with a live microphone.)
 
 Per turn (graph):
     endpoint     end of speech -> the VAD sends the utterance (the VAD waits for MIN_SILENCE_MS
@@ -37,17 +40,19 @@ arrived: the queue wait is not compute) to the send stamp (sent_ns) of its resul
 as the model yields it, before Arrow encoding and dora's send. The sink's receive time is taken
 once the chunk is decoded (sub-millisecond).
 
-Framework overhead of a turn (the `ovh` column) = turn - endpoint - model compute on the critical
-path, where model compute on the critical path is the length of the union of the compute
-intervals of all ASR, LLM and TTS requests of the turn, clipped to [utterance sent, last audio at
-the sink]. In this pipeline the LLM computes without pause from its start to its final chunk and
-each TTS request covers the waits of the sentences queued behind it, so the time not covered by
-any model is exactly the non-compute part of the critical path: transfers between nodes, queue
+Framework overhead of a turn (the `ovh%` column, as a share of the turn; the JSON also has it
+with the endpoint counted as overhead) = turn - endpoint - model compute on the critical path,
+where model compute on the critical path is the length of the union of the compute intervals of
+all ASR, LLM and TTS requests of the turn, clipped to [utterance sent, last audio at the sink].
+In this pipeline the LLM's request is one interval from its start to its final chunk and each
+TTS request covers the waits of the sentences queued behind it, so the time not covered by any
+model is exactly the non-compute part of the critical path: transfers between nodes, queue
 waits, the dialogue and splitter nodes, encoding and decoding of messages at the edges, and idle
 gaps where a model waits for its input. (Model compute includes the CPU contention of stages that
 run at the same time on this machine.) The TTFA is also broken down exactly into consecutive
-segments of its own critical chain (``ttfa_path`` in the JSON): utterance -> ASR -> dialogue ->
-LLM until the chunk that completed the first sentence -> splitter -> TTS -> sink.
+segments of its own critical chain (``ttfa_path`` in the JSON, printed as medians): utterance ->
+ASR -> dialogue -> LLM until the chunk that completed the first sentence -> splitter -> TTS ->
+sink; its non-compute segments are ``ttfa_overhead_s``.
 
 Baseline turn = ASR + LLM + TTS, timed in this process after the graph run (the models are
 loaded before it and stay idle while it runs), ``--baseline-passes`` times (default 2); each
@@ -96,7 +101,6 @@ QUESTIONS = [
     "Why is the sky blue?",  # SmolLM2 answers this in several sentences: streaming shows
     "Who wrote Romeo and Juliet?",
 ]
-MS = 1e-6  # ns -> ms
 
 
 # --- inputs ----------------------------------------------------------------------------------
@@ -204,7 +208,7 @@ def run_graph(inputs: Path, outputs: Path, trace_file: Path, replies: int,
             elif stopping is not None and now - stopping > 60:
                 process.terminate()
                 stopping = now
-            time.sleep(0.25)
+            time.sleep(1.0)  # reading the trace costs little; keep the CPU for the graph
     return process.returncode, log_file.read_text(errors="replace")
 
 
@@ -322,6 +326,7 @@ def analyse_turn(records: list[dict], utterance: dict, all_records: list[dict]) 
         "model_compute_s": compute_ns / 1e9,
         "overhead_s": overhead_ns / 1e9,
         "overhead_pct": 100 * overhead_ns / turn_ns,
+        "overhead_incl_endpoint_pct": 100 * (overhead_ns + endpoint_ns) / turn_ns,
         "ttfa_overhead_s": (ttfa_ns - endpoint_ns - ttfa_compute_ns) / 1e9,
         "ttfa_path": path,
         "milestones_s": {  # relative to the end of speech
@@ -464,6 +469,7 @@ def main() -> int:
     args = parser.parse_args()
 
     system_prompt, max_tokens = dialogue_settings()
+    load = {"start": os.getloadavg()[0]}  # other work on the machine skews every figure
     texts = QUESTIONS if args.no_warmup else [WARMUP, *QUESTIONS]
     skip = 0 if args.no_warmup else 1
     work = Path(tempfile.mkdtemp(prefix="voice-latency-"))
@@ -485,6 +491,7 @@ def main() -> int:
         started = time.perf_counter()
         status, log = run_graph(inputs, outputs, trace_file, len(questions), args.timeout)
         graph_wall = time.perf_counter() - started
+        load["after_graph"] = os.getloadavg()[0]
         replies_written = len(list(outputs.glob("reply-*.wav")))
         lines = trace.read(trace_file) if trace_file.exists() else []
         if args.trace:
@@ -505,6 +512,7 @@ def main() -> int:
                                        tts, [user for user, _ in pairs]))
         for adapter in (asr, llm, tts):
             adapter.unload()
+        load["end"] = os.getloadavg()[0]
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -537,7 +545,8 @@ def main() -> int:
     median = {"question": "median"}
     for key in ["endpoint_s", "asr_s", "llm_first_token_s", "llm_s", "tts_first_chunk_s",
                 "ttfa_s", "turn_s", "baseline_turn_s", "overhead_s", "overhead_pct",
-                "ttfa_overhead_s", "model_compute_s", "asr_queue_s", "stall_s", "heard_by_s"]:
+                "ttfa_overhead_s", "model_compute_s", "asr_queue_s", "stall_s", "heard_by_s",
+                "overhead_incl_endpoint_pct"]:
         median[key] = statistics.median(r[key] for r in timed)
     median["ttfa_ratio"] = median["ttfa_s"] / median["baseline_turn_s"]
     for stage in ("asr_s", "llm_first_token_s", "llm_s", "tts_s"):
@@ -579,10 +588,13 @@ def main() -> int:
         "warmup_question": None if args.no_warmup else WARMUP,
         "graph_wall_s": graph_wall, "dora_status": status,
         "reply_wavs_written": replies_written, "baseline_passes": args.baseline_passes,
+        "load_average_1min": load,
         "turns": rows, "median": median,
         "goals": goals,
         "timeline_png": str(args.png), "timeline_turn": pick["question"],
     }, indent=1))
+    print("machine load (1-minute average): " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}"
+                                                           for k, v in load.items()))
     print(f"\nwrote {args.json} and {args.png}")
     return 0
 

@@ -3,6 +3,8 @@
 Configuration (env in the dataflow YAML):
     SYSTEM_PROMPT   the assistant's instructions (default: a brief voice assistant)
     MAX_TOKENS      longest reply in tokens (default 96)
+    REPLY_TIMEOUT_S a reply not spoken this long after the question is cancelled and reported
+                    as a timeout, so a lost message never stalls the conversation (default 180)
     VOICE_OUTPUT    folder where transcript.txt is written (default: out/voice of this checkout)
 
 Inputs:
@@ -46,6 +48,7 @@ def main() -> None:
     node = Node()
     node_id = dora_node_id("dialogue")
     dialogue = Dialogue(max_tokens=int(os.environ.get("MAX_TOKENS", "96")))
+    reply_timeout = float(os.environ.get("REPLY_TIMEOUT_S", "180"))
     if prompt := os.environ.get("SYSTEM_PROMPT"):
         dialogue.system_prompt = prompt
     out_dir = env_path("VOICE_OUTPUT", DEFAULT_VOICE_OUTPUT)
@@ -69,7 +72,8 @@ def main() -> None:
 
     handlers = {
         "transcript": lambda meta, value: dialogue.heard(
-            meta.request_id, arrow.decode(value, Transcript).text, meta.origin_ns),
+            meta.request_id, arrow.decode(value, Transcript).text, meta.origin_ns,
+            time.monotonic()),
         "asr_error": lambda meta, value: [TurnDone(meta.request_id)],
         "speech_started": lambda meta, value: dialogue.speech_started(),
         "reply": lambda meta, value: dialogue.reply_text(
@@ -81,7 +85,8 @@ def main() -> None:
         "spoken": lambda meta, value: dialogue.spoken(meta.request_id),
     }
     heard_all = False  # the ASR's stream ended: no more turns will come
-    for event in node:
+    while (event := node.next(timeout=1.0)) is not None:
+        act(dialogue.expire(time.monotonic(), reply_timeout))
         if event["type"] == "INPUT_CLOSED" and event["id"] == "transcript":
             heard_all = True
         elif event["type"] == "INPUT" and event["id"] in handlers:

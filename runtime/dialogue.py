@@ -61,6 +61,7 @@ Action = Ask | Cancel | TurnDone | TranscriptLine
 class _Reply:
     reply_id: str
     turn_id: str
+    started: float  # monotonic seconds, for the reply's deadline
     text: str = ""
     generated: bool = False  # the LLM's final chunk came
 
@@ -74,7 +75,7 @@ class Dialogue:
     active: _Reply | None = None
     _replies: int = 0
 
-    def heard(self, turn_id: str, text: str, origin_ns: int) -> list[Action]:
+    def heard(self, turn_id: str, text: str, origin_ns: int, now: float = 0.0) -> list[Action]:
         """A transcribed utterance: interrupt what is going on, then answer it."""
         text = text.strip()
         if _NON_SPEECH.match(text):
@@ -82,7 +83,7 @@ class Dialogue:
         actions = self._interrupt()
         self.history.append(ChatMessage("user", text))
         self._replies += 1
-        self.active = _Reply(f"reply-{self._replies}", turn_id)
+        self.active = _Reply(f"reply-{self._replies}", turn_id, now)
         messages = [ChatMessage("system", self.system_prompt), *self.history[-self.max_history:]]
         return [*actions, TranscriptLine("user", text, turn_id),
                 Ask(self.active.reply_id, ChatRequest(messages, self.max_tokens), origin_ns)]
@@ -135,6 +136,15 @@ class Dialogue:
             self.history.append(ChatMessage("assistant", reply.text.strip()))
         return [*actions, TranscriptLine("assistant", reply.text.strip(), reply.turn_id,
                                          error=message), TurnDone(reply.turn_id)]
+
+    def expire(self, now: float, timeout_s: float) -> list[Action]:
+        """End a reply that is not over ``timeout_s`` after the question: a lost message must
+        not leave the conversation waiting for ever."""
+        reply = self.active
+        if reply is None or now - reply.started <= timeout_s:
+            return []
+        return [Cancel(reply.reply_id),
+                *self.reply_failed(reply.reply_id, f"timeout: no complete reply in {timeout_s:g} s")]
 
     def _current(self, reply_id: str) -> _Reply | None:
         return self.active if self.active and self.active.reply_id == reply_id else None

@@ -94,3 +94,12 @@ def test_a_speech_failure_ends_the_turn_and_stops_generation():
 def test_transcript_lines_stay_on_one_line():
     line = TranscriptLine("assistant", "Once upon a time,\nthere was\n\na dragon.", "t", True)
     assert line.render() == "assistant: Once upon a time, there was a dragon. [interrupted]"
+
+
+def test_a_reply_that_never_completes_times_out():
+    dialogue = Dialogue()
+    dialogue.heard("turn-1", "Hello?", 0, now=100.0)
+    assert dialogue.expire(now=150.0, timeout_s=60) == []
+    cancel, line, done = dialogue.expire(now=161.0, timeout_s=60)
+    assert cancel == Cancel("reply-1") and done == TurnDone("turn-1")
+    assert "timeout" in line.error and dialogue.active is None
