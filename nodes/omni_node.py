@@ -46,8 +46,9 @@ def main() -> int:
         print(f"omni-node: {error}", file=sys.stderr)
         return 2
 
+    node_id = dora_node_id(spec.name)
+
     def make_host() -> ModelHost:  # runs on the worker thread, which then serves the model
-        node_id = dora_node_id(spec.name)
         try:
             adapter = open_model(spec.name, catalog=catalog)
         except (ModelLoadError, FetchError) as error:  # keep serving: every request gets this
@@ -57,26 +58,12 @@ def main() -> int:
                  ", ".join(t.value for t in spec.tasks), adapter.load_seconds)
         return ModelHost(adapter, node_id)
 
-    node_id = dora_node_id(spec.name)
-
-    def traced_host() -> ModelHost:  # MOFA_OMNI_TRACE: when the worker begins each request
-        host = make_host()
-        handle = host.handle
-
-        def handle_traced(input_id, value, metadata=None, *args, **kwargs):
-            trace.record(node_id, "start", input_id, metadata)
-            yield from handle(input_id, value, metadata, *args, **kwargs)
-
-        if trace.trace_path():
-            host.handle = handle_traced
-        return host
-
     def send(out) -> None:
         node.send_output(out.output, out.value, out.meta.to_dora())
         trace.record(node_id, "send", out.output, out.meta)
 
     node = Node()
-    worker = RequestWorker(traced_host, send, float(os.environ.get("REQUEST_TIMEOUT_S", "120")))
+    worker = RequestWorker(make_host, send, float(os.environ.get("REQUEST_TIMEOUT_S", "120")))
     # dora may deliver STOP before queued inputs: keep reading until the stream ends.
     while (event := node.next()) is not None:
         if event["type"] != "INPUT":

@@ -20,6 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from mofa_omni import trace
 from mofa_omni.host import ModelHost, Outgoing
 from mofa_omni.platform import prepare_compute_thread
 
@@ -96,6 +97,7 @@ class RequestWorker:
                     return "timeout"
                 return None
 
+            trace.record(self.host.node_id, "start", job.input_id, job.metadata)
             try:
                 for out in self.host.handle(job.input_id, job.value, job.metadata, should_stop):
                     self.send(out)
