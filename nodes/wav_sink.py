@@ -2,6 +2,9 @@
 
 Configuration (env in the dataflow YAML):
     SINK          file (default) | speaker
+    PLAYBACK      instant (default) | realtime: in file mode, when `done` is sent — as soon as
+                  the file is written, or when a speaker would have finished playing it (so
+                  turn-taking and barge-in behave as with a speaker)
     VOICE_OUTPUT  folder of the WAV files (default: out/voice of this checkout; a relative path is
                   relative to where dora was started)
     PREFIX        file name prefix (default reply): reply-001.wav, reply-002.wav, ... numbered in
@@ -36,7 +39,7 @@ import numpy as np
 from dora import Node
 
 from mofa_omni import arrow, trace
-from mofa_omni.audio_stream import WavWriterSet
+from mofa_omni.audio_stream import PlaybackClock, WavWriterSet
 from mofa_omni.contract import AudioChunk, ContractError, TranscriptionRequest
 from mofa_omni.host import MessageMeta, dora_node_id
 from mofa_omni.serving import CANCEL_INPUT, cancelled_ids
@@ -114,6 +117,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
         mode = env_choice("SINK", "file", ("file", "speaker"))
+        realtime = env_choice("PLAYBACK", "instant", ("instant", "realtime")) == "realtime"
         if mode == "speaker":
             sd = load_sounddevice()
             try:
@@ -134,14 +138,21 @@ def main() -> int:
 
     speaker = Speaker(sd, done) if mode == "speaker" else None
     files = WavWriterSet(env_path("VOICE_OUTPUT", DEFAULT_VOICE_OUTPUT), env_str("PREFIX", "reply"))
+    clock = PlaybackClock() if realtime else None
+    due: list[tuple[float, MessageMeta, str, float]] = []  # `done`s waiting for the playback
     gaps = SeqTracker()
     cancelled: set[str] = speaker.cancelled if speaker is not None else set()
-    while (incoming := node.next()) is not None:
+    while (incoming := node.next(timeout=0.05) if due else node.next()) is not None:
+        now = time.monotonic()
+        for entry in [d for d in due if d[0] <= now]:
+            due.remove(entry)
+            done(*entry[1:])
         if incoming["type"] != "INPUT":
             continue
         if incoming["id"] == CANCEL_INPUT:
             for request_id in cancelled_ids(incoming["value"]):
                 cancelled.add(request_id)
+                due[:] = [d for d in due if d[1].request_id != request_id]
                 if (closed := files.close(request_id)) is not None:
                     log.info("%s: cancelled, %s kept as it was", request_id, closed[0])
             continue
@@ -162,8 +173,17 @@ def main() -> int:
         final = chunk_final and meta.final
         if speaker is not None:
             speaker.play(meta, audio, rate, final)
-        elif (closed := files.write(meta.request_id, audio, rate, final)) is not None:
-            done(meta, str(closed[0]), closed[1])
+            continue
+        played_at = clock.add(meta.request_id, len(audio) / rate, now) if clock else now
+        if (closed := files.write(meta.request_id, audio, rate, final)) is not None:
+            if clock:
+                clock.forget(meta.request_id)
+            if played_at <= now:
+                done(meta, str(closed[0]), closed[1])
+            else:
+                due.append((played_at, meta, str(closed[0]), closed[1]))
+    for _, meta, path, seconds in due:  # the stream ended: say so now
+        done(meta, path, seconds)
     if speaker is not None:
         speaker.close()
     for path, seconds in files.close_all():

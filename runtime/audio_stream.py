@@ -163,3 +163,25 @@ class WavWriterSet:
         current = self._open.pop(request_id)
         current.wav.close()
         return current.path, current.samples / current.sample_rate
+
+
+class PlaybackClock:
+    """When each request's audio would have finished playing on a speaker.
+
+    Chunks play back to back from the first one's arrival; a chunk that arrives after
+    the previous one has finished starts when it arrives (a gap a listener would hear).
+    A file sink uses it to say "spoken" when a speaker would have, not when the bytes
+    were written, so that turn-taking and barge-in behave as with a real speaker.
+    """
+
+    def __init__(self) -> None:
+        self._ends: dict[str, float] = {}
+
+    def add(self, request_id: str, seconds: float, now: float) -> float:
+        """Account ``seconds`` of audio arriving ``now``; returns when it has been played."""
+        end = max(now, self._ends.get(request_id, now)) + seconds
+        self._ends[request_id] = end
+        return end
+
+    def forget(self, request_id: str) -> None:
+        self._ends.pop(request_id, None)

@@ -255,3 +255,15 @@ def test_wav_source_fails_fast_on_a_missing_input(tmp_path: Path, voice_input, m
     assert result.stderr.startswith("wav_source: ") and message in result.stderr
     assert str(tmp_path) in result.stderr  # a relative path is resolved where dora was started
 
+
+
+def test_playback_clock_plays_chunks_back_to_back_from_their_arrival():
+    from mofa_omni.audio_stream import PlaybackClock
+
+    clock = PlaybackClock()
+    assert clock.add("r", 2.0, now=10.0) == 12.0
+    assert clock.add("r", 1.0, now=10.5) == 13.0  # queued behind the first chunk
+    assert clock.add("r", 1.0, now=20.0) == 21.0  # arrived after a gap
+    assert clock.add("other", 0.5, now=20.0) == 20.5  # each request has its own timeline
+    clock.forget("r")
+    assert clock.add("r", 1.0, now=30.0) == 31.0
