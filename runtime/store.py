@@ -79,6 +79,19 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def source_key(spec: ModelSpec) -> str:
+    """A readable name for a model's source that is the same for every model sharing it."""
+    match spec.source:
+        case PypiSource(packages=packages):
+            label = packages[0].split("==")[0]
+        case HubSource(repo=repo):
+            label = repo.replace("/", "--")
+        case PathSource(path=path):
+            label = path.name
+    digest = hashlib.sha256(repr(spec.source).encode()).hexdigest()[:10]
+    return f"{label}-{digest}"
+
+
 def link_or_copy(source: Path, target: Path) -> None:
     """Place ``source`` at ``target``: a hard link (no space, and it survives the source being
     fetched again) where the filesystem allows, else a copy."""
@@ -164,19 +177,22 @@ class ModelStore:
         self.root = root or cache_root()
 
     def source_dir(self, spec: ModelSpec) -> Path:
+        """Where the source's files are fetched: shared by every model with the same source
+        (e.g. a GGUF converted two ways is downloaded once)."""
         if isinstance(spec.source, PathSource) and spec.source.path.is_dir():
             return spec.source.path
-        return self.root / "sources" / spec.name
+        return self.root / "sources" / source_key(spec)
 
     def model_dir(self, spec: ModelSpec) -> Path:
         return self.root / "models" / spec.name
 
     @contextlib.contextmanager
-    def _lock(self, spec: ModelSpec) -> Iterator[None]:
-        """One process at a time builds a given model (several nodes may start together)."""
+    def _lock(self, name: str) -> Iterator[None]:
+        """One process at a time builds a given model or fetches a given source (several
+        nodes may start together). Locks are taken model first, then source."""
         lock_dir = self.root / "locks"
         lock_dir.mkdir(parents=True, exist_ok=True)
-        with open(lock_dir / f"{spec.name}.lock", "w") as handle:
+        with open(lock_dir / f"{name}.lock", "w") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
@@ -201,7 +217,7 @@ class ModelStore:
         """The verified artifact directory of ``adapter``'s model, fetching/converting if needed."""
         spec = adapter.spec
         target = self.model_dir(spec)
-        with self._lock(spec):
+        with self._lock(spec.name):
             manifest = Manifest.read(target)
             if manifest is not None and manifest.artifact_version == adapter.artifact_version:
                 problems = manifest.problems(target, hashes=verify)
@@ -238,13 +254,17 @@ class ModelStore:
 
     def fetch(self, spec: ModelSpec, progress: Progress = no_progress) -> Path:
         """The source files of ``spec``, fetched once (verified against their manifest)."""
-        with self._lock(spec):
+        with self._lock(spec.name):
             return self._fetch_verified(spec, progress)
 
     def _fetch_verified(self, spec: ModelSpec, progress: Progress) -> Path:
         directory = self.source_dir(spec)
         if isinstance(spec.source, PathSource) and spec.source.path.is_dir():
             return directory  # the user's own directory: used as it is
+        with self._lock(f"source-{directory.name}"):
+            return self._fetch_into(spec, directory, progress)
+
+    def _fetch_into(self, spec: ModelSpec, directory: Path, progress: Progress) -> Path:
         manifest = Manifest.read(directory)
         if manifest is not None:
             problems = manifest.problems(directory)

