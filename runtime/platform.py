@@ -11,7 +11,6 @@ does not recognise recent CPUs and otherwise picks a slow generic kernel).
 from __future__ import annotations
 
 import os
-import platform
 import sys
 import time
 import warnings
@@ -26,10 +25,6 @@ OPENBLAS_CANDIDATES = (
 )
 _REEXEC_MARK = "MOFA_OMNI_BLAS_REEXEC"
 _DISABLE = "MOFA_OMNI_NO_OPENBLAS"  # set to 1 to keep the stock BLAS (benchmarks compare both)
-
-
-def is_apple_silicon() -> bool:
-    return sys.platform == "darwin" and platform.machine() == "arm64"
 
 
 def find_openblas() -> Path | None:

@@ -57,7 +57,6 @@ class RequestWorker:
                  timeout_s: float = 120.0):
         self.make_host, self.send, self.timeout_s = make_host, send, timeout_s
         self.host: ModelHost | None = None
-        self.ready = threading.Event()
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._lock = threading.Lock()
@@ -86,7 +85,6 @@ class RequestWorker:
     def _run(self) -> None:
         prepare_compute_thread()
         self.host = self.make_host()
-        self.ready.set()
         while (job := self._jobs.get()) is not None:
             request_id = str(job.metadata.get("request_id", ""))
 

@@ -26,7 +26,7 @@ from mofa_omni.contract import (
     GenericSpec,
     Task,
 )
-from mofa_omni.memory import MemorySnapshot, release_freed_memory, snapshot
+from mofa_omni.memory import release_freed_memory, snapshot
 
 ENTRY_POINT_GROUP = "mofa_omni.adapters"
 
@@ -113,9 +113,6 @@ class ModelAdapter(ABC):
     def estimate_memory(self) -> int:
         """Bytes this model is expected to need once loaded (measured cost once known)."""
         return self.loaded_cost_bytes or self.spec.memory_bytes
-
-    def memory(self) -> MemorySnapshot:
-        return snapshot()
 
     # --- serving ---------------------------------------------------------------------
 
