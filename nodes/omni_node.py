@@ -10,6 +10,11 @@ Inputs: ``request`` (the model's first task) or one named after each task it ser
 ``ErrorReport`` of kind ``cancelled``.
 Outputs: ``result`` and ``error``. Requests run one at a time on a worker thread while the
 main thread reads events; on STOP the node drains what is queued before exiting.
+
+With a scheduler in the graph (an input ``scheduler: <scheduler>/command`` and an output
+``memory``), the node loads only what the scheduler grants, reports its memory every
+MEMORY_REPORT_S seconds (default 1), unloads or switches variants when told to, between
+two requests, and exits once all its request inputs have closed.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 
 from mofa_omni.platform import ensure_fast_blas
 
@@ -25,13 +31,13 @@ ensure_fast_blas()
 from dora import Node  # noqa: E402
 
 from mofa_omni import trace  # noqa: E402
-from mofa_omni.adapters.base import ModelLoadError, create_adapter  # noqa: E402
+from mofa_omni.admission import SchedulerLink  # noqa: E402
 from mofa_omni.catalog import Catalog  # noqa: E402
 from mofa_omni.contract import ContractError, Task  # noqa: E402
-from mofa_omni.host import ModelHost, dora_node_id  # noqa: E402
-from mofa_omni.loading import open_model  # noqa: E402
+from mofa_omni.control import MEMORY_OUTPUT, SCHEDULER_INPUT, Command, from_arrow, to_arrow  # noqa: E402
+from mofa_omni.host import dora_node_id  # noqa: E402
+from mofa_omni.residency import ModelSlot  # noqa: E402
 from mofa_omni.serving import CANCEL_INPUT, RequestWorker, cancelled_ids  # noqa: E402
-from mofa_omni.store import FetchError  # noqa: E402
 
 log = logging.getLogger("omni-node")
 
@@ -40,42 +46,57 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     catalog = Catalog.load()
     model, task = os.environ.get("MODEL"), os.environ.get("TASK")
-    try:
+    try:  # fail fast, before joining the graph
         spec = catalog.resolve(model, Task.parse(task)) if task else catalog.get(model or "")
-    except ContractError as error:  # fail fast, before joining the graph
+        slot = ModelSlot(spec, catalog, dora_node_id(spec.name))
+    except ContractError as error:
         print(f"omni-node: {error}", file=sys.stderr)
         return 2
-
-    node_id = dora_node_id(spec.name)
-
-    def make_host() -> ModelHost:  # runs on the worker thread, which then serves the model
-        try:
-            adapter = open_model(spec.name, catalog=catalog)
-        except (ModelLoadError, FetchError) as error:  # keep serving: every request gets this
-            log.error("model %s cannot serve: %s", spec.name, error)
-            return ModelHost(create_adapter(spec), node_id, unavailable=str(error))
-        log.info("serving %s (%s), loaded in %.2f s", spec.name,
-                 ", ".join(t.value for t in spec.tasks), adapter.load_seconds)
-        return ModelHost(adapter, node_id)
-
-    def send(out) -> None:
-        node.send_output(out.output, out.value, out.meta.to_dora())
-        trace.record(node_id, "send", out.output, out.meta)
+    node_id = slot.host.node_id
 
     node = Node()
-    worker = RequestWorker(make_host, send, float(os.environ.get("REQUEST_TIMEOUT_S", "120")))
+    inputs = set(node.node_config()["inputs"])
+    sending = threading.Lock()  # the worker, the memory reporter and this thread all send
+
+    def send_output(output: str, value, metadata: dict | None = None) -> None:
+        with sending:
+            node.send_output(output, value, metadata or {})
+
+    def send(out) -> None:
+        send_output(out.output, out.value, out.meta.to_dora())
+        trace.record(node_id, "send", out.output, out.meta)
+
+    link = None
+    if SCHEDULER_INPUT in inputs:
+        link = SchedulerLink(node_id, slot, lambda message: send_output(MEMORY_OUTPUT,
+                                                                        to_arrow(message)),
+                             queue_length=lambda: worker.queue_length())
+        link.start_measuring(float(os.environ.get("MEMORY_REPORT_S", "1")))
+    worker = RequestWorker(slot, send, float(os.environ.get("REQUEST_TIMEOUT_S", "120")), link)
+    open_requests = inputs - {SCHEDULER_INPUT, CANCEL_INPUT}
     # dora may deliver STOP before queued inputs: keep reading until the stream ends.
     while (event := node.next()) is not None:
+        if event["type"] == "INPUT_CLOSED":
+            open_requests.discard(event["id"])
+            if event["id"] == SCHEDULER_INPUT and link:
+                log.warning("the scheduler stopped: this node now loads its model on its own")
+                link.detached = True
+                worker.command(Command(node_id, "load", spec.name, "the scheduler stopped"))
+            elif link and not open_requests:
+                break  # no request can come: leave, so that the scheduler can finish too
         if event["type"] != "INPUT":
             continue
         if event["id"] == CANCEL_INPUT:
             for request_id in cancelled_ids(event["value"]):
                 worker.cancel(request_id)
+        elif event["id"] == SCHEDULER_INPUT:
+            command = from_arrow(event["value"])
+            if isinstance(command, Command) and command.node == node_id:
+                worker.command(command)
         else:
             trace.record(node_id, "recv", event["id"], event.get("metadata"))
             worker.submit(event["id"], event["value"], event.get("metadata"))
     worker.drain()
-    worker.host.adapter.unload()
     return 0
 
 

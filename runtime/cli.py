@@ -7,6 +7,7 @@
     omni say "TEXT" -o FILE.wav       text to speech
     omni embed TEXT... [--json]       sentence embeddings
     omni doctor                       platform, MLX device, BLAS in use, measured GFLOP/s
+    omni status [--json]              a running graph's models, memory and scheduler decisions
 """
 
 from __future__ import annotations
@@ -193,6 +194,21 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from mofa_omni.status import GraphUnreachable, fetch_status, render_status
+
+    try:
+        status = fetch_status(args.timeout)
+    except GraphUnreachable as error:
+        print(f"omni status: {error}", file=sys.stderr)
+        return 1
+    print(msgspec.json.format(msgspec.json.encode(status).decode()) if args.json
+          else render_status(status))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omni", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -229,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("texts", nargs="+")
     sub.add_argument("--json", action="store_true")
     command("doctor", cmd_doctor, "platform, MLX device, BLAS and speed", model=False)
+    sub = command("status", cmd_status, "a running graph's models, memory and decisions",
+                  model=False)
+    sub.add_argument("--json", action="store_true")
+    sub.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the graph")
     return parser
 
 

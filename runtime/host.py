@@ -155,6 +155,11 @@ class ModelHost:
         meta = MessageMeta(rid, seq, final, incoming.origin_ns, time.time_ns())
         return Outgoing(RESULT_OUTPUT, arrow.encode(result), meta)
 
+    def reject(self, metadata: dict[str, Any] | None, kind: str, message: str) -> Outgoing:
+        """The error that answers a request this host will not serve (e.g. no memory for it)."""
+        return self._error(MessageMeta.from_dora(metadata, f"{self.node_id}-{next(self._ids)}"),
+                           kind, message)
+
     def _error(self, incoming: MessageMeta, kind: str, message: str) -> Outgoing:
         log.error("request %s: %s", incoming.request_id, message)
         self._next_seq.pop(incoming.request_id, None)

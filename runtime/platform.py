@@ -82,7 +82,9 @@ def ensure_fast_blas() -> None:
     """
     if not sys.platform.startswith("linux") or openblas_preloaded():
         return
-    if os.environ.get(_DISABLE) == "1" or os.environ.get(_REEXEC_MARK) == "1":
+    # The mark names the process that re-executed: a child inherits it but must still check
+    # for itself (dora removes LD_PRELOAD from the environment of the nodes it spawns).
+    if os.environ.get(_DISABLE) == "1" or os.environ.get(_REEXEC_MARK) == str(os.getpid()):
         return
     env = blas_environment()
     if not env:
@@ -94,7 +96,7 @@ def ensure_fast_blas() -> None:
                       stacklevel=2)
         return
     os.environ.update(env)
-    os.environ[_REEXEC_MARK] = "1"
+    os.environ[_REEXEC_MARK] = str(os.getpid())
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
@@ -144,3 +146,27 @@ def measure_blas(size: int = 1024, repeats: int = 5) -> BlasReport:
     else:
         library = "OpenBLAS (preloaded)" if openblas_preloaded() else "reference BLAS (slow)"
     return BlasReport(library, os.environ.get("OPENBLAS_CORETYPE", ""), 2 * size**3 / seconds / 1e9)
+
+
+LINUX_BUDGET_FRACTION = 0.7  # of physical memory: the rest for the system and other apps
+
+
+def default_memory_budget() -> tuple[int, str]:
+    """The memory the scheduler may give models when the dataflow sets none, and why.
+
+    On Apple Silicon, Metal's recommended working set (what the GPU can keep
+    resident without paging); elsewhere a fraction of physical memory.
+    """
+    import psutil
+
+    total = psutil.virtual_memory().total
+    if sys.platform == "darwin":
+        try:
+            import mlx.core as mx
+
+            size = int(mx.metal.device_info()["max_recommended_working_set_size"])
+            return size, "Metal's recommended working set"
+        except Exception:  # no Metal (an Intel Mac): fall through
+            pass
+    return int(total * LINUX_BUDGET_FRACTION), \
+        f"{LINUX_BUDGET_FRACTION:.0%} of physical memory"

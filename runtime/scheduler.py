@@ -1,40 +1,63 @@
 """The memory scheduler's policy: a pure, deterministic function of state and event.
 
-No I/O and no clock: every event carries ``now``; the caller (the scheduler
-node) measures memory, applies the decisions and feeds back what happened.
-The order of the policy, for a model that asks to load:
+No I/O and no clock: every event carries ``now``; the scheduler node measures
+memory, carries out the decisions and feeds back what really happened. Memory
+counts what the model processes hold: each process's own footprint (Python,
+libraries: ``overhead``) plus the model it loaded. A load is reserved at its
+measured peak, and memory being given back counts as used until the node says
+it is gone, so the budget holds at every instant, not only on average.
+
+For a node that asks to load a model, in this order:
 
 1. it fits in what the budget leaves: grant it;
-2. evict idle models outside the active pipelines, cheapest to reload first
-   (measured load seconds; least recently used breaks ties) — models that a
-   pipeline needs together with the requester, or that an active pipeline
-   needs, are never evicted for it;
-3. if that is not enough: evict all those, and step the remaining models (the
-   requester and its partners) down their size ladders, the step that frees
-   the most first — the requester itself may be granted a smaller variant;
-4. otherwise wait, and fail with an explicit error once the deadline passes.
+2. evict idle models outside the requester's and the active pipelines, cheapest
+   to reload first (measured load seconds; least recently used breaks ties);
+3. if that is not enough: evict all of those, and step the remaining models (the
+   requester's partners, and the requester itself) down their size ladders, the
+   step that frees the most first;
+4. otherwise wait, and refuse with an explicit error once the deadline passes. A
+   model larger than the whole budget even at its smallest is refused at once.
+
+Under pressure from outside (the system's available memory falls under
+``min_available``), idle models outside the active pipelines are evicted and
+then models are stepped down, until the deficit is covered. Models are stepped
+back up one rung at a time once memory is plentiful again: the step must leave
+``min_available + step_up_margin`` available and fit the budget, and no pressure
+may have been seen for ``calm_seconds`` (hysteresis, so it does not flap).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
-Ladder = tuple[tuple[str, int], ...]  # (model, bytes), largest first; [0] is what is asked
+Ladder = tuple[tuple[str, int], ...]  # (model, estimated bytes), largest first; [0] is asked
 
+
+# --- events ------------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
 class LoadRequest:
     node: str
     ladder: Ladder  # the requested model, then the smaller variants that may stand in
     now: float
+    overhead: int | None = None  # the process's own resident memory, measured before loading
 
 
 @dataclass(frozen=True, slots=True)
 class Loaded:
     node: str
     model: str
-    bytes: int  # measured cost of the load (replaces the estimate)
+    bytes: int  # measured resident growth once loaded (replaces the estimate)
+    peak: int  # measured peak growth while loading: what a reload of it must reserve
     seconds: float  # measured load time: the cost of reloading it later
+    now: float
+    overhead: int | None = None  # the process's resident memory before this load
+
+
+@dataclass(frozen=True, slots=True)
+class LoadFailed:
+    node: str
     now: float
 
 
@@ -42,39 +65,58 @@ class Loaded:
 class Unloaded:
     node: str
     now: float
+    overhead: int | None = None  # the process's resident memory with no model
 
 
 @dataclass(frozen=True, slots=True)
-class Used:
-    """A node served a request (it is busy now, and recently used)."""
+class Activity:
+    """A node started (``busy``) or finished serving requests."""
 
     node: str
+    busy: bool
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Measured:
+    """A node's periodic measurement of its process's resident memory."""
+
+    node: str
+    rss: int
     now: float
 
 
 @dataclass(frozen=True, slots=True)
 class Tick:
     now: float
+    available: int | None = None  # the system's available memory, when measured
 
 
-Event = LoadRequest | Loaded | Unloaded | Used | Tick
+Event = LoadRequest | Loaded | LoadFailed | Unloaded | Activity | Measured | Tick
 
+
+# --- decisions ---------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
 class Grant:
     node: str
     model: str  # the model to load: the one asked for, or a smaller variant
+    reason: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True, slots=True)
 class Evict:
     node: str
+    reason: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True, slots=True)
-class StepDown:
+class Switch:
+    """Reload a resident node with another variant of its ladder (down under pressure, up after)."""
+
     node: str
-    model: str  # reload this resident node with this smaller variant
+    model: str
+    reason: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,24 +131,36 @@ class Refuse:
     reason: str
 
 
-Decision = Grant | Evict | StepDown | Wait | Refuse
+Decision = Grant | Evict | Switch | Wait | Refuse
+
+
+# --- state -------------------------------------------------------------------------------
+
+Phase = Literal["loading", "ready", "leaving", "switching"]
 
 
 @dataclass
 class Resident:
     node: str
     model: str
-    bytes: int
-    ladder: Ladder
+    bytes: int  # reserved: the load's peak while loading, then the measured working set
+    ladder: Ladder  # the node's ladder; ladder[0] is the model it wants
     reload_seconds: float = 0.0
     last_used: float = 0.0
-    loading: bool = False  # granted, not loaded yet: its memory is reserved, not movable
+    phase: Phase = "loading"
+    target: int = 0  # while leaving/switching: the bytes it will hold afterwards
+    busy: bool = False
+
+    @property
+    def settled(self) -> bool:
+        return self.phase == "ready"
 
 
 @dataclass
 class Pending:
     request: LoadRequest
     deadline: float
+    planned: str  # the variant it will be granted (the one asked, or a smaller one)
 
 
 @dataclass
@@ -115,147 +169,288 @@ class SchedulerState:
     pipelines: list[frozenset[str]] = field(default_factory=list)  # nodes needed together
     active: set[int] = field(default_factory=set)  # indexes of pipelines in use now
     residents: dict[str, Resident] = field(default_factory=dict)
+    overhead: dict[str, int] = field(default_factory=dict)  # each model process's own memory
+    learned_peak: dict[str, int] = field(default_factory=dict)  # model -> measured load peak
     pending: list[Pending] = field(default_factory=list)
     wait_seconds: float = 60.0
     active_seconds: float = 30.0  # a pipeline stays active this long after its last use
+    min_available: int = 0  # system memory to keep available (0: ignore outside pressure)
+    step_up_margin: int = 512 << 20
+    calm_seconds: float = 10.0  # no step back up until memory was short this long ago
+    last_shortage: float | None = None
 
     def used_bytes(self) -> int:
-        return sum(r.bytes for r in self.residents.values())
+        return sum(self.overhead.values()) + sum(r.bytes for r in self.residents.values())
 
-    def protected_for(self, node: str) -> set[str]:
-        """Nodes that must stay loaded while ``node`` loads: its pipelines and active ones."""
-        keep = {node}
+    def freeing_bytes(self) -> int:
+        """Memory that evictions and step-downs under way will give back."""
+        return sum(max(r.bytes - r.target, 0) for r in self.residents.values()
+                   if r.phase in ("leaving", "switching"))
+
+    def protected_for(self, node: str | None) -> set[str]:
+        """Nodes to keep loaded for ``node``: its pipelines' and the active pipelines' nodes."""
+        keep = {node} if node else set()
         for index, group in enumerate(self.pipelines):
             if node in group or index in self.active:
                 keep |= group
         return keep
 
+    def estimate(self, model: str, estimate: int) -> int:
+        return self.learned_peak.get(model, estimate)
+
+
+# --- the policy --------------------------------------------------------------------------
 
 def decide(state: SchedulerState, event: Event) -> list[Decision]:
     """Apply ``event`` to ``state`` (mutated) and return the decisions to carry out."""
     match event:
         case LoadRequest():
-            return _admit(state, event)
-        case Loaded(node=node, model=model, bytes=size, seconds=seconds, now=now):
-            resident = state.residents.get(node)
-            ladder = resident.ladder if resident else ((model, size),)
-            state.residents[node] = Resident(node, model, size, ladder, seconds, now)
-            return []
-        case Unloaded(node=node):
+            if event.overhead is not None:
+                state.overhead[event.node] = event.overhead
+            return _queue(state, event)
+        case Loaded(node=node, model=model, now=now):
+            state.learned_peak[model] = max(event.peak, event.bytes)
+            if event.overhead is not None:  # libraries a first load imported stay resident
+                state.overhead[node] = event.overhead
+            previous = state.residents.get(node)
+            ladder = previous.ladder if previous else ((model, event.peak),)
+            state.residents[node] = Resident(node, model, event.bytes, ladder, event.seconds,
+                                             last_used=now, phase="ready",
+                                             busy=bool(previous and previous.busy))
+            return _retry_pending(state, now)
+        case LoadFailed(node=node, now=now) | Unloaded(node=node, now=now):
             state.residents.pop(node, None)
-            return _retry_pending(state, event.now)
-        case Used(node=node, now=now):
-            if node in state.residents:
-                state.residents[node].last_used = now
+            if isinstance(event, Unloaded) and event.overhead is not None:
+                state.overhead[node] = event.overhead
+            return _retry_pending(state, now)
+        case Activity(node=node, busy=busy, now=now):
+            if resident := state.residents.get(node):
+                resident.last_used, resident.busy = now, busy
             state.active |= {i for i, group in enumerate(state.pipelines) if node in group}
+            return _retry_pending(state, now) if not busy else []
+        case Measured(node=node, rss=rss):
+            resident = state.residents.get(node)
+            if resident is None:
+                state.overhead[node] = rss
+            elif resident.settled:
+                # The working set grows while serving (KV cache, activations): reserve what it
+                # used, now and whenever this model is loaded again.
+                resident.bytes = max(resident.bytes, rss - state.overhead.get(node, 0))
+                learned = state.learned_peak.get(resident.model, 0)
+                state.learned_peak[resident.model] = max(learned, resident.bytes)
             return []
-        case Tick(now=now):
+        case Tick(now=now, available=available):
             _expire_activity(state, now)
             refused = [Refuse(p.request.node, f"no memory for {p.request.ladder[0][0]} within "
                                               f"{state.wait_seconds:g} s")
                        for p in state.pending if now > p.deadline]
             state.pending = [p for p in state.pending if now <= p.deadline]
-            return refused + _retry_pending(state, now)
+            return refused + _retry_pending(state, now) + _balance(state, available, now)
     raise TypeError(f"not a scheduler event: {event!r}")
 
 
 def _expire_activity(state: SchedulerState, now: float) -> None:
-    state.active = {
-        index for index in state.active
-        if any(state.residents[n].last_used >= now - state.active_seconds
-               for n in state.pipelines[index] if n in state.residents)
-    }
+    def recent(node: str) -> bool:
+        resident = state.residents.get(node)
+        return bool(resident and (resident.busy or resident.last_used >= now - state.active_seconds))
+
+    state.active = {index for index in state.active if any(map(recent, state.pipelines[index]))}
 
 
 def _retry_pending(state: SchedulerState, now: float) -> list[Decision]:
     waiting, state.pending = state.pending, []
     decisions: list[Decision] = []
     for pending in waiting:
-        outcome = _admit(state, pending.request, queue=False)
-        if outcome and isinstance(outcome[-1], Grant):
+        outcome, planned = _admit(state, pending.request, pending.planned)
+        if planned is None:  # granted or refused
             decisions += outcome
-        else:
-            state.pending.append(pending)
+        else:  # still waiting: carry out what it set in motion, keep its deadline
+            decisions += [d for d in outcome if not isinstance(d, Wait)]
+            state.pending.append(Pending(pending.request, pending.deadline, planned))
     return decisions
 
 
-def _admit(state: SchedulerState, request: LoadRequest, *, queue: bool = True) -> list[Decision]:
-    node, (model, need) = request.node, request.ladder[0]
-    state.residents.pop(node, None)  # a node asking to load replaces what it held
+def _queue(state: SchedulerState, request: LoadRequest) -> list[Decision]:
+    decisions, planned = _admit(state, request)
+    if planned is not None:
+        state.pending.append(Pending(request, request.now + state.wait_seconds, planned))
+    return decisions
+
+
+def _admit(state: SchedulerState, request: LoadRequest,
+           planned: str | None = None) -> tuple[list[Decision], str | None]:
+    """The decisions for ``request``, and the model it waits for (None: granted or refused)."""
+    node = request.node
+    state.residents.pop(node, None)  # a node asking to load holds no model
+    ladder = tuple((model, state.estimate(model, size)) for model, size in request.ladder)
+    models = [m for m, _ in ladder]
+    candidates = ladder[models.index(planned):] if planned in models else ladder
+    model, need = candidates[0]
     free = state.budget - state.used_bytes()
     if need <= free:
-        return _grant(state, request, model, need)
+        reason = "fits the budget" if model == models[0] else \
+            f"stepped down from {models[0]}: the budget holds no more"
+        return _grant(state, request, ladder, model, reason), None
+
+    smallest_model, smallest = min(ladder, key=lambda step: step[1])
+    overhead = sum(state.overhead.values())
+    if smallest + overhead > state.budget:
+        return [Refuse(node, f"{smallest_model} needs {smallest} bytes, more than the budget of "
+                             f"{state.budget} leaves beside the model processes' own "
+                             f"{overhead} bytes")], None
+
+    incoming = state.freeing_bytes()
+    if need <= free + incoming:
+        return [Wait(node, f"waiting for memory being given back: {model} needs {need} "
+                           f"bytes")], model
 
     protected = state.protected_for(node)
     evictable = sorted((r for r in state.residents.values()
-                        if r.node not in protected and not r.loading),
+                        if r.node not in protected and r.settled and not r.busy),
                        key=lambda r: (r.reload_seconds, r.last_used, r.node))
     evictions: list[Resident] = []
+    within_reach = free + incoming
     for resident in evictable:
-        if free >= need:
+        if within_reach >= need:
             break
         evictions.append(resident)
-        free += resident.bytes
-    if free >= need:
+        within_reach += resident.bytes
+    plan: dict[str, tuple[str, int]] = {}
+    if within_reach < need:
+        # Evicting every idle outsider is not enough: step down the rest (partners, requester).
+        plan = _step_down_plan(state, {node: candidates}, need - within_reach,
+                               exclude={r.node for r in evictions}) or {}
+        if not plan:
+            return [Wait(node, f"waiting for memory: {model} needs {need} bytes, {free} free "
+                               f"of {state.budget}")], model
+        # With the steps taken, fewer evictions may do: keep only the cheapest ones needed.
+        need = plan.get(node, (model, need))[1]
+        reach = free + incoming + sum(state.residents[n].bytes - size
+                                      for n, (_, size) in plan.items() if n != node)
+        kept = []
         for resident in evictions:
-            del state.residents[resident.node]
-        return [Evict(r.node) for r in evictions] + _grant(state, request, model, need)
+            if reach >= need:
+                break
+            kept.append(resident)
+            reach += resident.bytes
+        evictions = kept
 
-    # Evicting every idle outsider is not enough: step down what remains (the requester and
-    # its pipeline partners), with those evictions done too.
-    steps = _step_down_plan(state, request, free, exclude={r.node for r in evictions})
-    if steps is not None:
-        for resident in evictions:
-            del state.residents[resident.node]
-        decisions: list[Decision] = [Evict(r.node) for r in evictions]
-        for target, (smaller, size) in steps.items():
-            if target == node:
-                model, need = smaller, size
-            else:
-                decisions.append(StepDown(target, smaller))
-                state.residents[target].model, state.residents[target].bytes = smaller, size
-        return decisions + _grant(state, request, model, need)
-
-    if queue:
-        state.pending.append(Pending(request, request.now + state.wait_seconds))
-    return [Wait(node, f"waiting for memory: {model} needs {need} bytes, "
-                       f"{state.budget - state.used_bytes()} free of {state.budget}")]
-
-
-def _grant(state: SchedulerState, request: LoadRequest, model: str, size: int) -> list[Decision]:
-    # Reserve the memory now so that concurrent requests cannot both be granted it.
-    state.residents[request.node] = Resident(request.node, model, size, request.ladder,
-                                             last_used=request.now, loading=True)
-    return [Grant(request.node, model)]
+    if plan:
+        state.last_shortage = request.now  # no stepping back up for a while: no flapping
+    decisions: list[Decision] = []
+    for resident in evictions:
+        resident.phase, resident.target = "leaving", 0
+        decisions.append(Evict(resident.node, f"idle, frees memory for {node} ({model})"))
+    for target, (smaller, size) in plan.items():
+        if target == node:
+            model = smaller
+        else:
+            decisions.append(_switch(state.residents[target], smaller, size,
+                                     f"makes room for {node}"))
+    if not decisions:  # only the requester itself stepped down: it fits now
+        return _admit(state, request, model)
+    return decisions + [Wait(node, f"waiting for {len(decisions)} model(s) to give memory "
+                                   f"back")], model
 
 
-def _step_down_plan(state: SchedulerState, request: LoadRequest, free: int,
-                    exclude: set[str]) -> dict[str, tuple[str, int]] | None:
-    """Steps down the ladders (the requester's and the residents' but ``exclude``) until the
-    request fits in ``free``, the step that frees the most first; None if it cannot fit."""
-    options = {request.node: list(request.ladder)}
+def _switch(resident: Resident, model: str, size: int, why: str) -> Switch:
+    models = [m for m, _ in resident.ladder]
+    lower = model in models and resident.model in models and \
+        models.index(model) > models.index(resident.model)
+    direction = "down" if lower else "up"
+    reason = f"steps {direction} from {resident.model}: {why}"
+    resident.phase, resident.target = "switching", size
+    resident.bytes = max(resident.bytes, size)  # a bigger variant's load peak is reserved now
+    return Switch(resident.node, model, reason)
+
+
+def _grant(state: SchedulerState, request: LoadRequest, ladder: Ladder, model: str,
+           reason: str) -> list[Decision]:
+    # Reserve the load's peak now so that concurrent requests cannot both be granted it.
+    size = dict(ladder)[model]
+    state.residents[request.node] = Resident(request.node, model, size, ladder,
+                                             last_used=request.now)
+    return [Grant(request.node, model, reason)]
+
+
+def _step_down_plan(state: SchedulerState, extra: dict[str, Ladder], shortfall: int,
+                    exclude: set[str], partial: bool = False) -> dict[str, tuple[str, int]] | None:
+    """Steps down ladders (those in ``extra`` and the settled residents' but ``exclude``) that
+    free ``shortfall`` bytes, the step that frees the most first. None if they cannot,
+    unless ``partial``: then as many steps as there are."""
+    options: dict[str, list[tuple[str, int]]] = {node: list(ladder) for node, ladder in extra.items()}
     for r in state.residents.values():
         models = [m for m, _ in r.ladder]
-        if r.node not in exclude and not r.loading and r.model in models:
-            options[r.node] = [(r.model, r.bytes), *r.ladder[models.index(r.model) + 1:]]
-    current = {node: ladder[0] for node, ladder in options.items()}
-    need = current[request.node][1]
+        if r.node not in exclude and r.settled and r.model in models:
+            smaller = [(m, state.estimate(m, size)) for m, size in r.ladder[models.index(r.model) + 1:]]
+            options[r.node] = [(r.model, r.bytes), *smaller]
+    current = {node: 0 for node in options}
     plan: dict[str, tuple[str, int]] = {}
-    while need > free:
+    while shortfall > 0:
         best = None
         for node, ladder in options.items():
-            index = ladder.index(current[node])
+            index = current[node]
             if index + 1 < len(ladder):
-                saving = current[node][1] - ladder[index + 1][1]
+                saving = ladder[index][1] - ladder[index + 1][1]
                 if best is None or saving > best[0]:
-                    best = (saving, node, ladder[index + 1])
+                    best = (saving, node)
         if best is None or best[0] <= 0:
-            return None
-        saving, node, step = best
-        current[node] = step
-        plan[node] = step
-        if node == request.node:
-            need -= saving
-        else:
-            free += saving
+            return plan if partial else None
+        saving, node = best
+        current[node] += 1
+        plan[node] = options[node][current[node]]
+        shortfall -= saving
     return plan
+
+
+def _balance(state: SchedulerState, available: int | None, now: float) -> list[Decision]:
+    """Relieve outside pressure, or step a model back up once memory is plentiful again."""
+    if available is not None and available < state.min_available:
+        state.last_shortage = now
+        deficit = state.min_available - available - state.freeing_bytes()
+        return _relieve(state, deficit) if deficit > 0 else []
+    settling = any(r.phase != "ready" for r in state.residents.values())
+    calm = state.last_shortage is None or now - state.last_shortage >= state.calm_seconds
+    if not calm or settling or state.pending:
+        return []
+    return _step_up(state, available)
+
+
+def _relieve(state: SchedulerState, deficit: int) -> list[Decision]:
+    """Free ``deficit`` bytes for the system: idle outsiders first, then step-downs."""
+    protected = state.protected_for(None)
+    decisions: list[Decision] = []
+    evictable = sorted((r for r in state.residents.values()
+                        if r.node not in protected and r.settled and not r.busy),
+                       key=lambda r: (r.reload_seconds, r.last_used, r.node))
+    for resident in evictable:
+        if deficit <= 0:
+            return decisions
+        resident.phase, resident.target = "leaving", 0
+        deficit -= resident.bytes
+        decisions.append(Evict(resident.node, "idle; the system is short of memory"))
+    if deficit > 0:
+        plan = _step_down_plan(state, {}, deficit, exclude={d.node for d in decisions},
+                               partial=True) or {}
+        decisions += [_switch(state.residents[node], smaller, size,
+                              "the system is short of memory")
+                      for node, (smaller, size) in plan.items()]
+    return decisions
+
+
+def _step_up(state: SchedulerState, available: int | None) -> list[Decision]:
+    """One rung back up for one stepped-down model, if memory stays plentiful after it."""
+    free = state.budget - state.used_bytes()
+    candidates = []
+    for r in state.residents.values():
+        models = [m for m, _ in r.ladder]
+        if r.model in models and models.index(r.model) > 0:
+            bigger, estimate = r.ladder[models.index(r.model) - 1]
+            size = state.estimate(bigger, estimate)
+            candidates.append((size - r.bytes, r.node, bigger, size))
+    for growth, node, bigger, size in sorted(candidates):
+        room = available is None or not state.min_available or \
+            available - growth >= state.min_available + state.step_up_margin
+        if growth <= free and room:
+            return [_switch(state.residents[node], bigger, size, "memory is plentiful again")]
+    return []

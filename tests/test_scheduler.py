@@ -1,28 +1,40 @@
-"""The scheduler's pure policy: admission, eviction, stepping down, waiting (no dora, no models)."""
+"""The scheduler's pure policy: admission, eviction, stepping down, waiting, pressure (no dora)."""
+
+import pytest
 
 from mofa_omni.scheduler import (
+    Activity,
     Evict,
     Grant,
     Loaded,
+    LoadFailed,
     LoadRequest,
+    Measured,
     Refuse,
     SchedulerState,
-    StepDown,
+    Switch,
     Tick,
     Unloaded,
-    Used,
     Wait,
     decide,
 )
 
 GB = 1 << 30
+MB = 1 << 20
 LLM = (("gemma-3-270m", 1 * GB), ("smollm2-135m", GB // 2), ("smollm2-135m-q4", GB // 8))
 ASR = (("whisper-base", GB // 2), ("whisper-tiny.en", GB // 4))
 
 
-def loaded(state, node, ladder, *, seconds=1.0, now=0.0, size=None):
-    assert decide(state, LoadRequest(node, ladder, now)) == [Grant(node, ladder[0][0])]
-    decide(state, Loaded(node, ladder[0][0], size or ladder[0][1], seconds, now))
+def loaded(state, node, ladder, *, seconds=1.0, now=0.0, size=None, model=None):
+    model = model or ladder[0][0]
+    decisions = decide(state, LoadRequest(node, ladder, now))
+    assert decisions[-1] == Grant(node, model), decisions
+    decide(state, Loaded(node, model, size or dict(ladder)[model], size or dict(ladder)[model],
+                         seconds, now))
+
+
+def kinds(decisions):
+    return [type(d).__name__ for d in decisions]
 
 
 def test_a_model_that_fits_is_granted_and_its_memory_reserved():
@@ -32,6 +44,15 @@ def test_a_model_that_fits_is_granted_and_its_memory_reserved():
     (wait,) = decide(state, LoadRequest("other", (("x", int(1.5 * GB)),), 0))
     assert wait == Wait("other", f"waiting for memory: x needs {int(1.5 * GB)} bytes, "
                                  f"{GB} free of {2 * GB}")
+    assert state.residents["llm"].phase == "loading"
+
+
+def test_the_model_processes_own_memory_counts():
+    state = SchedulerState(budget=GB)
+    decide(state, LoadRequest("a", (("a", GB // 2),), 0, overhead=300 * MB))
+    (wait,) = decide(state, LoadRequest("b", (("b", GB // 4),), 0, overhead=100 * MB))
+    assert isinstance(wait, Wait)  # 300 + 512 + 100 + 256 MB > 1 GB
+    assert state.used_bytes() == 300 * MB + GB // 2 + 100 * MB
 
 
 def test_idle_models_outside_the_pipeline_go_first_cheapest_reload_first():
@@ -40,47 +61,67 @@ def test_idle_models_outside_the_pipeline_go_first_cheapest_reload_first():
     loaded(state, "reranker", (("big", GB // 2),), seconds=9.0)
     loaded(state, "asr", ASR)
     decisions = decide(state, LoadRequest("llm", LLM, 5))
-    assert decisions == [Evict("embedder"), Grant("llm", "gemma-3-270m")]
-    assert "asr" in state.residents  # the pipeline partner is never evicted for it
+    # The grant waits until the evicted model has really given its memory back.
+    assert decisions == [Evict("embedder"), Wait("llm", decisions[1].reason)]
+    assert "asr" in state.residents and state.residents["embedder"].phase == "leaving"
+    # Another request meanwhile does not evict again for memory already on its way back.
+    assert decide(state, Tick(6)) == []
+    assert decide(state, Unloaded("embedder", 7)) == [Grant("llm", "gemma-3-270m")]
 
 
 def test_recency_breaks_ties_between_equal_reload_costs():
     state = SchedulerState(budget=int(1.5 * GB))
     loaded(state, "a", (("a", GB // 2),), now=1)
     loaded(state, "b", (("b", GB // 2),), now=2)
-    decide(state, Used("a", 10))
-    assert decide(state, LoadRequest("c", (("c", GB),), 11)) == [Evict("b"), Grant("c", "c")]
+    decide(state, Activity("a", False, 10))
+    assert kinds(decide(state, LoadRequest("c", (("c", GB),), 11))) == ["Evict", "Wait"]
+    assert state.residents["b"].phase == "leaving"
 
 
-def test_the_requester_steps_down_when_its_partners_fill_memory():
-    state = SchedulerState(budget=GB, pipelines=[frozenset({"asr", "llm"})])
-    loaded(state, "asr", ASR[1:])  # whisper-tiny.en, already the smallest
-    assert decide(state, LoadRequest("llm", LLM, 1)) == [Grant("llm", "smollm2-135m")]
+def test_a_busy_model_is_never_evicted():
+    state = SchedulerState(budget=GB)
+    loaded(state, "a", (("a", GB // 2),), seconds=0.1)
+    loaded(state, "b", (("b", GB // 2),), seconds=5.0)
+    decide(state, Activity("a", True, 3))  # cheaper to reload, but serving
+    assert decide(state, LoadRequest("c", (("c", GB // 2),), 4))[0] == Evict("b")
 
 
-def test_the_step_that_frees_most_is_taken_even_on_a_partner():
-    state = SchedulerState(budget=int(1.25 * GB), pipelines=[frozenset({"asr", "llm"})])
-    loaded(state, "asr", ASR)  # whisper-base, 0.5 GB: stepping it down frees 0.25 GB
-    decisions = decide(state, LoadRequest("llm", LLM[1:], 1))  # smollm2 0.5 GB -> q4 frees 0.375
-    assert decisions == [Grant("llm", "smollm2-135m")]  # 0.75 free: fits as asked
-    state = SchedulerState(budget=int(0.9 * GB), pipelines=[frozenset({"asr", "llm"})])
-    loaded(state, "asr", ASR)
-    decisions = decide(state, LoadRequest("llm", LLM[1:], 1))
-    assert decisions == [Grant("llm", "smollm2-135m-q4")]  # its own step frees the most
+@pytest.mark.parametrize("budget, asr, llm_ladder, expected", [
+    # 0.75 GB free beside whisper-base: smollm2 fits as asked.
+    (1.25, ASR, LLM[1:], [Grant("llm", "smollm2-135m")]),
+    # 0.4 GB free: stepping smollm2 down to q4 frees 0.375, more than whisper's step (0.25).
+    (0.9, ASR, LLM[1:], [Grant("llm", "smollm2-135m-q4")]),
+    # whisper-tiny.en is already the smallest: the requester steps down two rungs.
+    (1.0, ASR[1:], LLM, [Grant("llm", "smollm2-135m")]),
+])
+def test_the_requester_steps_down_when_its_partners_fill_memory(budget, asr, llm_ladder,
+                                                                expected):
+    state = SchedulerState(budget=int(budget * GB), pipelines=[frozenset({"asr", "llm"})])
+    loaded(state, "asr", asr)
+    decisions = decide(state, LoadRequest("llm", llm_ladder, 1))
+    assert decisions == expected
+    assert "stepped down" in decisions[0].reason or decisions[0].model == llm_ladder[0][0]
+
+
+def test_a_partner_steps_down_and_the_grant_waits_for_it():
     state = SchedulerState(budget=GB // 2, pipelines=[frozenset({"asr", "llm"})])
     loaded(state, "asr", ASR)
     decisions = decide(state, LoadRequest("llm", LLM[1:], 1))  # both must step down
-    assert decisions == [StepDown("asr", "whisper-tiny.en"), Grant("llm", "smollm2-135m-q4")]
+    assert decisions[0] == Switch("asr", "whisper-tiny.en") and isinstance(decisions[1], Wait)
+    assert "steps down from whisper-base" in decisions[0].reason
+    assert decide(state, Loaded("asr", "whisper-tiny.en", GB // 4, GB // 4, 0.5, 2)) == [
+        Grant("llm", "smollm2-135m-q4")]
+    assert state.used_bytes() <= state.budget
 
 
 def test_models_of_an_active_pipeline_are_kept():
     state = SchedulerState(budget=GB, pipelines=[frozenset({"tts"}), frozenset({"llm"})])
     loaded(state, "tts", (("piper", int(0.75 * GB)),))
-    decide(state, Used("tts", 10))
+    decide(state, Activity("tts", False, 10))
     assert isinstance(decide(state, LoadRequest("llm", LLM[1:2], 11))[0], Wait)
     # Once the pipeline has been idle long enough, it is evicted for the waiting request.
-    assert decide(state, Tick(10 + state.active_seconds + 1)) == [
-        Evict("tts"), Grant("llm", "smollm2-135m")]
+    assert decide(state, Tick(10 + state.active_seconds + 1)) == [Evict("tts")]
+    assert decide(state, Unloaded("tts", 42)) == [Grant("llm", "smollm2-135m")]
 
 
 def test_waiting_ends_in_a_grant_when_memory_frees_or_an_error_at_the_deadline():
@@ -98,7 +139,98 @@ def test_waiting_ends_in_a_grant_when_memory_frees_or_an_error_at_the_deadline()
     assert refused == Refuse("b", "no memory for b within 30 s") and state.pending == []
 
 
-def test_measured_cost_replaces_the_estimate():
+def test_a_model_larger_than_the_whole_budget_is_refused_at_once():
+    state = SchedulerState(budget=GB)
+    (refused,) = decide(state, LoadRequest("llm", (("huge", 3 * GB), ("big", 2 * GB)), 0,
+                                           overhead=100 * MB))
+    assert isinstance(refused, Refuse) and "big needs" in refused.reason
+    assert "budget" in refused.reason and state.pending == [] and state.residents == {}
+
+
+def test_measured_cost_replaces_the_estimate_and_the_working_set_is_reserved():
     state = SchedulerState(budget=2 * GB)
-    loaded(state, "llm", LLM, size=int(1.2 * GB))
-    assert state.used_bytes() == int(1.2 * GB)
+    decide(state, LoadRequest("llm", LLM, 0, overhead=100 * MB))
+    decide(state, Loaded("llm", "gemma-3-270m", int(1.2 * GB), int(1.4 * GB), 6.0, 1))
+    assert state.used_bytes() == 100 * MB + int(1.2 * GB)
+    decide(state, Measured("llm", 100 * MB + int(1.3 * GB), 2))  # KV cache grew while serving
+    assert state.used_bytes() == 100 * MB + int(1.3 * GB)
+    # After an unload, a reload reserves the measured peak, not the catalog's estimate.
+    decide(state, Unloaded("llm", 3, overhead=150 * MB))
+    decide(state, LoadRequest("llm", LLM, 4))
+    assert state.residents["llm"].bytes == int(1.4 * GB)
+
+
+def test_a_failed_load_gives_its_reservation_back():
+    state = SchedulerState(budget=GB)
+    decide(state, LoadRequest("a", (("a", GB),), 0))
+    assert isinstance(decide(state, LoadRequest("b", (("b", GB // 2),), 0))[0], Wait)
+    assert decide(state, LoadFailed("a", 1)) == [Grant("b", "b")]
+
+
+def pressured_state():
+    state = SchedulerState(budget=4 * GB, min_available=2 * GB, calm_seconds=10,
+                           step_up_margin=GB // 2,
+                           pipelines=[frozenset({"asr", "llm"}), frozenset({"embedder"})])
+    loaded(state, "asr", ASR)
+    loaded(state, "llm", LLM)
+    loaded(state, "embedder", (("minilm", GB // 8),), seconds=0.1)
+    decide(state, Activity("llm", False, 1))  # the voice pipeline is active
+    return state
+
+
+def test_outside_pressure_evicts_idle_models_first_then_steps_down():
+    state = pressured_state()
+    assert decide(state, Tick(2, available=3 * GB)) == []
+    assert decide(state, Tick(3, available=2 * GB - GB // 16)) == [Evict("embedder")]
+    decide(state, Unloaded("embedder", 4))
+    decisions = decide(state, Tick(5, available=2 * GB - GB // 4))
+    assert decisions == [Switch("llm", "smollm2-135m")]  # the largest saving first
+    assert "short of memory" in decisions[0].reason
+
+
+def test_stepping_down_does_not_flap_when_it_relieves_the_pressure_it_answered():
+    state = pressured_state()
+    decide(state, Unloaded("embedder", 1.5))
+    decisions = []
+    for second in range(2, 120):
+        # Another app leaves 0.75 GB over the threshold beside the LLM: with gemma loaded the
+        # system is short by 0.25 GB, with smollm2 it has 0.25 GB to spare. Plus noise.
+        noise = (GB // 16) * (1 if second % 3 else -1)
+        available = state.min_available + int(0.75 * GB) - state.residents["llm"].bytes + noise
+        for decision in decide(state, Tick(second, available=available)):
+            decisions.append(decision)
+            size = dict(LLM)[decision.model]
+            decide(state, Loaded(decision.node, decision.model, size, size, 1.0, second + 0.5))
+    assert decisions == [Switch("llm", "smollm2-135m")], decisions
+
+
+def test_models_step_back_up_once_pressure_is_gone():
+    state = pressured_state()
+    decide(state, Unloaded("embedder", 1.5))
+    decide(state, Tick(2, available=2 * GB - GB // 4))
+    decide(state, Loaded("llm", "smollm2-135m", GB // 2, GB // 2, 1.0, 3))
+    assert decide(state, Tick(5, available=8 * GB)) == []  # not calm yet
+    (up,) = decide(state, Tick(13, available=8 * GB))
+    assert up == Switch("llm", "gemma-3-270m") and "plentiful" in up.reason
+    assert state.used_bytes() <= state.budget
+    assert decide(state, Tick(14, available=8 * GB)) == []  # one switch at a time
+    # The budget, not only the system, must have room for the bigger variant.
+    state = pressured_state()
+    decide(state, Unloaded("embedder", 1.5))
+    decide(state, Tick(2, available=2 * GB - GB // 4))
+    decide(state, Loaded("llm", "smollm2-135m", GB // 2, GB // 2, 1.0, 3))
+    state.budget = state.used_bytes() + GB // 4
+    assert decide(state, Tick(20, available=8 * GB)) == []
+    state.budget += GB // 4
+    assert decide(state, Tick(21, available=8 * GB)) == [Switch("llm", "gemma-3-270m")]
+
+
+def test_only_the_evictions_still_needed_after_stepping_down_are_made():
+    state = SchedulerState(budget=int(1.5 * GB), pipelines=[frozenset({"asr", "llm"})])
+    loaded(state, "asr", ASR, seconds=0.2)  # 0.5 GB
+    loaded(state, "embedder", (("minilm", GB // 8),), seconds=0.1)
+    # A 2.5 GB model cannot fit even with both others evicted: it steps down to 1 GB.
+    decisions = decide(state, LoadRequest("writer", (("huge", int(2.5 * GB)), ("small", GB)), 1))
+    # 0.875 GB are free: evicting the embedder is enough for the 1 GB variant; whisper stays.
+    assert decisions == [Evict("embedder"), Wait("writer", decisions[-1].reason)]
+    assert decide(state, Unloaded("embedder", 2)) == [Grant("writer", "small")]

@@ -13,6 +13,7 @@ from mofa_omni import arrow
 from mofa_omni.contract import ChatMessage, ChatRequest, ErrorReport, GenericRequest, TextChunk
 from mofa_omni.host import ModelHost, Outgoing
 from mofa_omni.loading import open_model
+from mofa_omni.residency import ModelSlot
 from mofa_omni.serving import RequestWorker, cancelled_ids
 from mofa_omni.store import ModelStore
 from tests.conftest import textstats_catalog
@@ -23,6 +24,12 @@ def stats_host(third_party: Path, tmp_path: Path) -> ModelHost:
     catalog = textstats_catalog(tmp_path, ["the"])
     return ModelHost(open_model("textstats-en", catalog=catalog,
                                 store=ModelStore(tmp_path / "cache")), "stats")
+
+
+@pytest.fixture()
+def stats_slot(third_party: Path, tmp_path: Path) -> ModelSlot:
+    catalog = textstats_catalog(tmp_path, ["the"])
+    return ModelSlot(catalog.get("textstats-en"), catalog, "stats", ModelStore(tmp_path / "cache"))
 
 
 def stats_request(text: str) -> pa.Array:
@@ -43,9 +50,9 @@ class Collector:
                 for o in self.sent if o.output == "error"}
 
 
-def test_requests_are_served_in_order_and_drained(stats_host: ModelHost):
+def test_requests_are_served_in_order_and_drained(stats_slot: ModelSlot):
     sent = Collector()
-    worker = RequestWorker(lambda: stats_host, sent)
+    worker = RequestWorker(stats_slot, sent)
     for i in range(20):
         worker.submit("request", stats_request("the cat " * i), {"request_id": f"r{i}"})
     worker.drain()
@@ -53,18 +60,18 @@ def test_requests_are_served_in_order_and_drained(stats_host: ModelHost):
     assert all(o.output == "result" for o in sent.sent)
 
 
-def test_queued_requests_past_their_deadline_time_out(stats_host: ModelHost):
+def test_queued_requests_past_their_deadline_time_out(stats_slot: ModelSlot):
     sent = Collector()
-    worker = RequestWorker(lambda: stats_host, sent, timeout_s=0.0)
+    worker = RequestWorker(stats_slot, sent, timeout_s=0.0)
     time.sleep(0.01)
     worker.submit("request", stats_request("late"), {"request_id": "late"})
     worker.drain()
     assert sent.errors()["late"].kind == "timeout"
 
 
-def test_cancelled_requests_are_dropped_with_an_explicit_error(stats_host: ModelHost):
+def test_cancelled_requests_are_dropped_with_an_explicit_error(stats_slot: ModelSlot):
     sent = Collector()
-    worker = RequestWorker(lambda: stats_host, sent)
+    worker = RequestWorker(stats_slot, sent)
     worker.cancel("gone")
     worker.submit("request", stats_request("a"), {"request_id": "gone"})
     worker.submit("request", stats_request("b"), {"request_id": "kept"})
@@ -86,11 +93,9 @@ def test_cancel_messages_carry_request_ids():
 
 
 @pytest.mark.slow
-def test_cancelling_a_streaming_reply_stops_the_model(model):
-    llm = model("smollm2-135m")
-    host = ModelHost(llm, "llm")
+def test_cancelling_a_streaming_reply_stops_the_model(catalog, store):
     sent = Collector()
-    worker = RequestWorker(lambda: host, sent)
+    worker = RequestWorker(ModelSlot(catalog.get("smollm2-135m"), catalog, "llm", store), sent)
     request = ChatRequest([ChatMessage("user", "Write a long story about a dragon.")],
                           max_tokens=400)
     worker.submit("request", arrow.encode(request), {"request_id": "story"})

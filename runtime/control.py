@@ -1,0 +1,124 @@
+"""Messages of the control plane: model nodes, the scheduler node and ``omni`` commands.
+
+Model nodes send :class:`LoadAsk` and :class:`NodeReport` on their ``memory``
+output; the scheduler answers with :class:`Command` on its ``command`` output
+(every model node's ``scheduler`` input; each keeps those naming it) and
+publishes :class:`Status` on ``status`` for the dataflow's dynamic
+``omni-control`` node, through which ``omni status`` reads it. Each message is
+one msgspec-encoded JSON string in a one-element Arrow string array: small,
+typed, and readable in a trace.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+import pyarrow as pa
+
+from mofa_omni.contract import ContractError
+
+MEMORY_OUTPUT = "memory"  # model node -> scheduler
+SCHEDULER_INPUT = "scheduler"  # scheduler/command -> model node
+COMMAND_OUTPUT = "command"
+STATUS_OUTPUT = "status"
+CONTROL_NODE = "omni-control"  # the dynamic node `omni` commands connect as
+
+NodeState = Literal["starting", "waiting", "loading", "switching", "ready", "busy", "evicted",
+                    "unavailable"]
+
+
+class Variant(msgspec.Struct, frozen=True):
+    model: str
+    bytes: int  # estimated memory (the catalog's, until the scheduler has measured it)
+
+
+class LoadAsk(msgspec.Struct, frozen=True, tag="load"):
+    """A model node asks for memory to load its model (or a smaller variant of its ladder)."""
+
+    node: str
+    ladder: list[Variant]  # largest first; [0] is the model the node wants
+    overhead: int  # the process's own resident memory before loading
+
+
+class NodeReport(msgspec.Struct, frozen=True, tag="report"):
+    """What a model node did and measured. ``event`` says why it reports now."""
+
+    node: str
+    event: Literal["loaded", "load_failed", "unloaded", "busy", "idle", "measure"]
+    state: NodeState
+    model: str  # the variant it holds or is about to hold
+    rss: int  # the process's resident memory now
+    queue: int = 0  # requests waiting
+    model_bytes: int = 0  # loaded: resident growth the load caused
+    peak_bytes: int = 0  # loaded: peak growth while loading
+    load_seconds: float = 0.0
+    mlx_active: int = 0
+    mlx_peak: int = 0
+    detail: str = ""  # load_failed: why
+
+
+class Command(msgspec.Struct, frozen=True, tag="command"):
+    """The scheduler's decision for one node."""
+
+    node: str
+    action: Literal["load", "unload", "switch", "wait", "refuse"]
+    model: str = ""
+    reason: str = ""
+
+
+class NodeStatus(msgspec.Struct, frozen=True):
+    node: str
+    model: str
+    wanted: str
+    state: str
+    rss: int
+    model_bytes: int
+    queue: int
+    pipelines: list[int]
+
+
+class DecisionRecord(msgspec.Struct, frozen=True):
+    at: float  # seconds since the scheduler started
+    action: str
+    node: str
+    model: str
+    reason: str
+
+
+class Status(msgspec.Struct, frozen=True, tag="status"):
+    """The scheduler's view, for ``omni status``."""
+
+    budget: int
+    used: int  # what the model processes hold and what is reserved for loads under way
+    measured: int  # the model processes' resident memory, as last reported
+    peak_measured: int  # the highest ``measured`` seen since the scheduler started
+    available: int  # the system's available memory
+    total: int
+    min_available: int
+    uptime: float
+    nodes: list[NodeStatus]
+    pipelines: list[list[str]]
+    active: list[int]
+    decisions: list[DecisionRecord]
+
+
+ControlMessage = LoadAsk | NodeReport | Command | Status
+
+_decoder = msgspec.json.Decoder(ControlMessage)
+
+
+def to_arrow(message: ControlMessage) -> pa.Array:
+    return pa.array([msgspec.json.encode(message).decode()], pa.string())
+
+
+def from_arrow(value: pa.Array) -> ControlMessage:
+    """Decode one control message; a malformed one raises ContractError saying what is wrong."""
+    if not pa.types.is_string(value.type) or len(value) != 1:
+        raise ContractError(f"a control message is one string, got {len(value)} x {value.type}")
+    try:
+        return _decoder.decode(value[0].as_py())
+    except msgspec.ValidationError as error:
+        raise ContractError(f"bad control message: {error}") from None
+    except msgspec.DecodeError as error:
+        raise ContractError(f"control message is not JSON: {error}") from None

@@ -1,0 +1,76 @@
+"""The one model a node holds: load, unload and switch variants, with the memory each costs."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from mofa_omni.adapters.base import ModelLoadError, create_adapter
+from mofa_omni.catalog import Catalog, ModelSpec
+from mofa_omni.host import ModelHost
+from mofa_omni.memory import peak_resident_bytes, reset_peak_resident, resident_bytes
+from mofa_omni.store import FetchError, ModelStore
+
+log = logging.getLogger("mofa_omni.residency")
+
+
+@dataclass(frozen=True, slots=True)
+class LoadOutcome:
+    model: str
+    seconds: float
+    bytes: int  # resident growth once loaded
+    peak: int  # peak resident growth while fetching, converting and loading
+
+
+class ModelSlot:
+    """Holds a node's model (``wanted``, or a smaller variant of its catalog ladder) in a
+    :class:`ModelHost`. A model that cannot load leaves the host answering every request
+    with an ``unavailable`` error naming why; the slot itself never raises on load."""
+
+    def __init__(self, wanted: ModelSpec, catalog: Catalog, node_id: str,
+                 store: ModelStore | None = None):
+        self.wanted, self.catalog, self.store = wanted, catalog, store or ModelStore()
+        self.host = ModelHost(create_adapter(wanted), node_id)
+
+    @property
+    def model(self) -> str:
+        return self.host.adapter.spec.name
+
+    @property
+    def loaded(self) -> bool:
+        return self.host.adapter.loaded
+
+    def ladder(self) -> list[tuple[str, int]]:
+        """The wanted model and its smaller variants, with their estimated memory."""
+        names = [self.wanted.name, *self.catalog.smaller_than(self.wanted.name)]
+        return [(name, self.catalog.get(name).memory_bytes) for name in names]
+
+    def load(self, name: str | None = None) -> LoadOutcome | None:
+        """Load ``name`` (default: the wanted model) in place of what is loaded; None if it
+        failed (the host then answers with the reason)."""
+        spec = self.catalog.get(name) if name else self.wanted
+        if self.loaded and spec.name == self.model:
+            return LoadOutcome(spec.name, 0.0, 0, 0)
+        self.unload()
+        adapter = self.host.adapter if spec.name == self.model else create_adapter(spec)
+        precise = reset_peak_resident()
+        before = resident_bytes()
+        try:
+            adapter.load(self.store.prepare(adapter))
+        except (ModelLoadError, FetchError) as error:
+            log.error("model %s cannot serve: %s", spec.name, error)
+            self.host.adapter, self.host.unavailable = adapter, str(error)
+            return None
+        after = resident_bytes()
+        peak = peak_resident_bytes() if precise else after
+        self.host.adapter, self.host.unavailable = adapter, ""
+        log.info("loaded %s in %.2f s (+%d MiB, peak +%d MiB)", spec.name, adapter.load_seconds,
+                 (after - before) >> 20, (peak - before) >> 20)
+        return LoadOutcome(spec.name, adapter.load_seconds or 0.0, max(after - before, 0),
+                           max(peak - before, after - before, 0))
+
+    def unload(self) -> None:
+        """Drop the model and give its memory back to the system."""
+        if self.loaded:
+            self.host.adapter.unload()
+            log.info("unloaded %s (resident now %d MiB)", self.model, resident_bytes() >> 20)

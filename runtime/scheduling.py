@@ -1,0 +1,178 @@
+"""The scheduler node's bookkeeping, without dora: control messages in, commands and status out.
+
+Turns each model node's :class:`LoadAsk` / :class:`NodeReport` into events of
+the pure policy (:mod:`mofa_omni.scheduler`), turns its decisions into
+:class:`Command` messages, remembers what every node last reported and the last
+decisions with their reasons, and builds the :class:`Status` ``omni status`` shows.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO
+
+import msgspec
+
+from mofa_omni.control import (
+    Command,
+    ControlMessage,
+    DecisionRecord,
+    LoadAsk,
+    NodeReport,
+    NodeStatus,
+    Status,
+)
+from mofa_omni.scheduler import (
+    Activity,
+    Decision,
+    Evict,
+    Grant,
+    Loaded,
+    LoadFailed,
+    LoadRequest,
+    Measured,
+    Refuse,
+    SchedulerState,
+    Switch,
+    Tick,
+    Unloaded,
+    Wait,
+    decide,
+)
+
+log = logging.getLogger("mofa_omni.scheduling")
+
+DEFAULT_OVERHEAD = 160 << 20  # a model process before it reports: Python, dora, numpy, pyarrow
+ACTIONS = {Grant: "load", Evict: "unload", Switch: "switch", Wait: "wait", Refuse: "refuse"}
+_DECISION_TYPES = {cls.__name__: cls for cls in ACTIONS}
+_EVENT_TYPES = {cls.__name__: cls for cls in (LoadRequest, Loaded, LoadFailed, Unloaded, Activity,
+                                               Measured, Tick)}
+
+
+@dataclass
+class _NodeView:
+    model: str = ""
+    wanted: str = ""
+    state: str = "starting"
+    rss: int = 0
+    model_bytes: int = 0
+    queue: int = 0
+
+
+def journal_entry(event, decisions: list[Decision]) -> dict:
+    return {"event": type(event).__name__, "fields": event,
+            "decisions": [{"type": type(d).__name__, "fields": d} for d in decisions]}
+
+
+def replay(lines: list[bytes]) -> Iterator[tuple[list[Decision], list[Decision]]]:
+    """Feed a journal's events to the policy afresh: (recorded, replayed) decisions per event.
+
+    The journal's first line is the policy's initial state; the rest are events."""
+    state = msgspec.json.decode(lines[0], type=SchedulerState)
+    state.pipelines = [frozenset(group) for group in state.pipelines]
+    for line in lines[1:]:
+        entry = msgspec.json.decode(line)
+        event = msgspec.convert(entry["fields"], type=_EVENT_TYPES[entry["event"]])
+        recorded = [msgspec.convert(d["fields"], type=_DECISION_TYPES[d["type"]])
+                    for d in entry["decisions"]]
+        yield recorded, decide(state, event)
+
+
+class Scheduling:
+    """One scheduler's state: the policy's, what nodes reported, and the decision log."""
+
+    def __init__(self, state: SchedulerState, model_nodes: tuple[str, ...], started: float,
+                 history: int = 50, journal: IO[bytes] | None = None):
+        self.state, self.started, self.journal = state, started, journal
+        for node in model_nodes:
+            state.overhead.setdefault(node, DEFAULT_OVERHEAD)
+        if journal:
+            journal.write(msgspec.json.encode(state) + b"\n")
+        self.nodes = {node: _NodeView() for node in model_nodes}
+        self.decisions: collections.deque[DecisionRecord] = collections.deque(maxlen=history)
+        self.peak_measured = 0
+
+    def on_message(self, message: ControlMessage, now: float) -> list[Command]:
+        """A model node's message: the commands it leads to."""
+        match message:
+            case LoadAsk(node=node, ladder=ladder, overhead=overhead):
+                view = self._view(node)
+                view.wanted, view.model, view.state, view.rss = \
+                    ladder[0].model, ladder[0].model, "waiting", overhead
+                ladder_tuple = tuple((v.model, v.bytes) for v in ladder)
+                return self._apply(LoadRequest(node, ladder_tuple, now, overhead), now)
+            case NodeReport():
+                return self._apply(self._event_of(message, now), now)
+        log.warning("ignored a control message that is not for the scheduler: %r", message)
+        return []
+
+    def node_left(self, node: str, now: float) -> list[Command]:
+        """A model node's process ended (its ``memory`` output closed): it holds nothing now."""
+        self._view(node).state, self._view(node).rss = "stopped", 0
+        return self._apply(Unloaded(node, now, overhead=0), now)
+
+    def on_tick(self, now: float, available: int | None) -> list[Command]:
+        return self._apply(Tick(now, available), now)
+
+    def _event_of(self, report: NodeReport, now: float):
+        view = self._view(report.node)
+        view.state, view.rss, view.queue = report.state, report.rss, report.queue
+        view.model = report.model or view.model
+        self.peak_measured = max(self.peak_measured, self.measured())
+        match report.event:
+            case "loaded":
+                view.model_bytes = report.model_bytes
+                return Loaded(report.node, report.model, report.model_bytes, report.peak_bytes,
+                              report.load_seconds, now, overhead=report.rss - report.model_bytes)
+            case "load_failed":
+                return LoadFailed(report.node, now)
+            case "unloaded":
+                view.model_bytes = 0
+                return Unloaded(report.node, now, overhead=report.rss)
+            case "busy" | "idle":
+                return Activity(report.node, report.event == "busy", now)
+        return Measured(report.node, report.rss, now)
+
+    def _apply(self, event, now: float) -> list[Command]:
+        decisions = decide(self.state, event)
+        if self.journal:
+            self.journal.write(msgspec.json.encode(journal_entry(event, decisions)) + b"\n")
+            self.journal.flush()
+        for decision in decisions:
+            self._record(decision, now)
+        return [self._command(decision) for decision in decisions]
+
+    def _command(self, decision: Decision) -> Command:
+        model = getattr(decision, "model", "")
+        return Command(decision.node, ACTIONS[type(decision)], model, decision.reason)
+
+    def _record(self, decision: Decision, now: float) -> None:
+        action = ACTIONS[type(decision)]
+        model = getattr(decision, "model", "") or self._view(decision.node).model
+        log.info("%s %s %s: %s", action, decision.node, model, decision.reason)
+        self.decisions.append(DecisionRecord(round(now - self.started, 3), action, decision.node,
+                                             model, decision.reason))
+        if isinstance(decision, Wait):
+            self._view(decision.node).state = "waiting"
+        elif isinstance(decision, Refuse):
+            self._view(decision.node).state = "evicted"
+
+    def _view(self, node: str) -> _NodeView:
+        return self.nodes.setdefault(node, _NodeView())
+
+    def measured(self) -> int:
+        """The model processes' resident memory, as last reported."""
+        return sum(view.rss for view in self.nodes.values())
+
+    def status(self, now: float, available: int, total: int) -> Status:
+        pipelines = [sorted(group) for group in self.state.pipelines]
+        nodes = [NodeStatus(node, view.model, view.wanted, view.state, view.rss, view.model_bytes,
+                            view.queue, [i for i, group in enumerate(pipelines) if node in group])
+                 for node, view in sorted(self.nodes.items())]
+        return Status(self.state.budget, self.state.used_bytes(), self.measured(),
+                      self.peak_measured, available, total, self.state.min_available,
+                      round(now - self.started, 3), nodes, pipelines, sorted(self.state.active),
+                      list(self.decisions))
