@@ -73,6 +73,7 @@ class RequestWorker:
         self._cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._drained = threading.Event()
+        self._queued = 0
         self._thread = threading.Thread(target=self._run, name="request-worker", daemon=True)
         self._thread.start()
 
@@ -81,9 +82,13 @@ class RequestWorker:
         return self.slot.host
 
     def queue_length(self) -> int:
-        return self._jobs.qsize()
+        """Requests waiting to start."""
+        with self._lock:
+            return self._queued
 
     def submit(self, input_id: str, value: pa.Array, metadata: dict[str, Any] | None) -> None:
+        with self._lock:
+            self._queued += 1
         self._jobs.put(_Job(time.monotonic() + self.timeout_s, input_id, value, dict(metadata or {})))
 
     def command(self, command: Command) -> None:
@@ -118,7 +123,11 @@ class RequestWorker:
             job = self._jobs.get()
             if job is None:
                 break
-            if job is _WAKE or (self.link and not self._admitted(job)):
+            if job is _WAKE:
+                continue
+            with self._lock:
+                self._queued -= 1
+            if self.link and not self._admitted(job):
                 continue
             self._serve(job)
         if self.link:
@@ -146,7 +155,7 @@ class RequestWorker:
                 self.send(out)
         except Exception:  # sending failed (dora gone?): log, keep the thread alive
             log.exception("could not send the reply to %s", request_id or job.input_id)
-        if self._jobs.empty():
+        if self.queue_length() == 0:
             self._set_state("ready", "idle")
 
     def _admitted(self, job: _Job) -> bool:
@@ -159,11 +168,11 @@ class RequestWorker:
                 command = self._commands.get(timeout=max(job.deadline - time.monotonic(), 0))
             except queue.Empty:
                 self._reject(job, "timeout", "waited for memory to load "
-                                             f"{self.slot.model} until the deadline")
+                                             f"{self.slot.wanted.name} until the deadline")
                 return False
             if command.action == "refuse":
                 self.link.state = "evicted"
-                self._reject(job, "unavailable", f"no memory for {self.slot.model}: "
+                self._reject(job, "unavailable", f"no memory for {self.slot.wanted.name}: "
                                                  f"{command.reason}")
                 return False
             self._apply(command)
@@ -179,8 +188,8 @@ class RequestWorker:
                 return
 
     def _apply(self, command: Command) -> None:
-        log.info("scheduler: %s", " ".join(filter(None, [command.action, command.model,
-                                                         f"({command.reason})"])))
+        reason = f"({command.reason})" if command.reason else ""
+        log.info("scheduler: %s", " ".join(filter(None, [command.action, command.model, reason])))
         loaded = self.slot.loaded
         if command.action == "load" and not loaded:
             self._load("loading", command.model)
@@ -193,6 +202,8 @@ class RequestWorker:
             self._set_state("evicted", "unloaded")
         elif command.action == "wait":
             self.link.state = "waiting"
+        elif command.action == "refuse" and not loaded:
+            self.link.state = "evicted"  # the next request asks again
 
     def _load(self, state: str, model: str) -> None:
         if self.link:
