@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,11 @@ def test_transcribe_of_a_broken_file_is_a_clear_error(tmp_path: Path):
     bad.write_bytes(b"RIFF not really")
     result = omni("transcribe", str(bad), "-q", check=False)
     assert result.returncode == 1 and "bad.wav: not a PCM WAV file" in result.stderr
+
+
+def test_status_without_a_running_graph_says_so_quickly():
+    started = time.monotonic()
+    result = omni("status", "--timeout", "2", check=False)
+    assert result.returncode == 1
+    assert "no running dataflow declares the dynamic node 'omni-control'" in result.stderr
+    assert time.monotonic() - started < 30  # a clear answer, not a hang

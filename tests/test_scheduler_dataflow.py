@@ -23,10 +23,11 @@ GiB = 1 << 30
 
 
 class ModelMemorySampler(threading.Thread):
-    """Sums the resident memory of the omni-node processes every 20 ms; keeps the peak."""
+    """Sums the resident memory of the dataflow's omni-node processes every 20 ms; keeps the peak."""
 
-    def __init__(self):
+    def __init__(self, dataflow: subprocess.Popen):
         super().__init__(daemon=True)
+        self.root = psutil.Process(dataflow.pid)
         self.peak, self.peak_parts = 0, {}
         self._stop_event = threading.Event()
 
@@ -35,8 +36,17 @@ class ModelMemorySampler(threading.Thread):
         last_scan = 0.0
         while not self._stop_event.wait(0.02):
             if time.monotonic() - last_scan > 0.5:  # new processes: scan rarely, sample often
-                pids = [p.pid for p in psutil.process_iter(["cmdline"])
-                        if any("omni_node.py" in part for part in p.info["cmdline"] or [])]
+                pids = []
+                try:
+                    children = self.root.children(recursive=True)
+                except psutil.Error:  # the dataflow has ended
+                    children = []
+                for child in children:
+                    try:
+                        if any("omni_node.py" in part for part in child.cmdline()):
+                            pids.append(child.pid)
+                    except psutil.Error:
+                        pass
                 last_scan = time.monotonic()
             parts = {}
             for pid in pids:
@@ -91,11 +101,11 @@ def test_four_models_over_budget_every_request_completes_within_it(tmp_path: Pat
                  "minilm-l6"):
         model(name)  # fetched and converted before the clock runs
     budget = parse_size("1.75GiB")
-    sampler = ModelMemorySampler()
-    sampler.start()
     process = start_dataflow(DATAFLOWS / "scheduled.yml", {
         "WORK": str(tmp_path), "BUDGET": str(budget), "JOURNAL": str(tmp_path / "journal.jsonl"),
         "STATUS_FILE": str(tmp_path / "status.json")})
+    sampler = ModelMemorySampler(process)
+    sampler.start()
     status_seen = None
     try:
         deadline = time.monotonic() + 300

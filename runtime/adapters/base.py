@@ -26,7 +26,7 @@ from mofa_omni.contract import (
     GenericSpec,
     Task,
 )
-from mofa_omni.memory import release_freed_memory, snapshot
+from mofa_omni.memory import release_freed_memory
 
 ENTRY_POINT_GROUP = "mofa_omni.adapters"
 
@@ -65,7 +65,6 @@ class ModelAdapter(ABC):
         self.spec = spec
         self.model_dir: Path | None = None
         self.load_seconds: float | None = None
-        self.loaded_cost_bytes: int | None = None  # measured resident growth of the last load
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -84,10 +83,9 @@ class ModelAdapter(ABC):
         return self.model_dir is not None
 
     def load(self, model_dir: Path) -> None:
-        """Load the prepared weights in ``model_dir``; measures how long and how much it took."""
+        """Load the prepared weights in ``model_dir``; measures how long it took."""
         if self.loaded:
             return
-        before = snapshot()
         started = time.perf_counter()
         try:
             self._load(model_dir)
@@ -98,9 +96,6 @@ class ModelAdapter(ABC):
                                  f"{type(error).__name__}: {error}") from error
         self.load_seconds = time.perf_counter() - started
         self.model_dir = model_dir
-        after = snapshot()
-        self.loaded_cost_bytes = max(after.rss_bytes - before.rss_bytes,
-                                     after.mlx_active_bytes - before.mlx_active_bytes)
 
     def unload(self) -> None:
         """Drop the model and give its memory back."""
@@ -109,10 +104,6 @@ class ModelAdapter(ABC):
         self._unload()
         self.model_dir = None
         release_freed_memory()
-
-    def estimate_memory(self) -> int:
-        """Bytes this model is expected to need once loaded (measured cost once known)."""
-        return self.loaded_cost_bytes or self.spec.memory_bytes
 
     # --- serving ---------------------------------------------------------------------
 
