@@ -92,7 +92,15 @@ class Tick:
     available: int | None = None  # the system's available memory, when measured
 
 
-Event = LoadRequest | Loaded | LoadFailed | Unloaded | Activity | Measured | Tick
+@dataclass(frozen=True, slots=True)
+class Departed:
+    """A node's process ended: it holds no memory any more."""
+
+    node: str
+    now: float
+
+
+Event = LoadRequest | Loaded | LoadFailed | Unloaded | Departed | Activity | Measured | Tick
 
 
 # --- decisions ---------------------------------------------------------------------------
@@ -177,7 +185,7 @@ class SchedulerState:
     min_available: int = 0  # system memory to keep available (0: ignore outside pressure)
     step_up_margin: int = 512 << 20
     calm_seconds: float = 10.0  # no step back up until memory was short this long ago
-    last_shortage: float | None = None
+    unsettled_at: float | None = None  # when memory was last short or a node left
 
     def used_bytes(self) -> int:
         return sum(self.overhead.values()) + sum(r.bytes for r in self.residents.values())
@@ -207,6 +215,7 @@ def decide(state: SchedulerState, event: Event) -> list[Decision]:
         case LoadRequest():
             if event.overhead is not None:
                 state.overhead[event.node] = event.overhead
+            _activate(state, event.node)  # a pipeline being loaded is about to be used
             return _queue(state, event)
         case Loaded(node=node, model=model, now=now):
             state.learned_peak[model] = max(event.peak, event.bytes)
@@ -218,6 +227,11 @@ def decide(state: SchedulerState, event: Event) -> list[Decision]:
                                              last_used=now, phase="ready",
                                              busy=bool(previous and previous.busy))
             return _retry_pending(state, now)
+        case Departed(node=node, now=now):
+            state.residents.pop(node, None)
+            state.overhead.pop(node, None)
+            state.unsettled_at = now  # often the graph winding down: no step-ups for a while
+            return _retry_pending(state, now)
         case LoadFailed(node=node, now=now) | Unloaded(node=node, now=now):
             state.residents.pop(node, None)
             if isinstance(event, Unloaded) and event.overhead is not None:
@@ -226,7 +240,7 @@ def decide(state: SchedulerState, event: Event) -> list[Decision]:
         case Activity(node=node, busy=busy, now=now):
             if resident := state.residents.get(node):
                 resident.last_used, resident.busy = now, busy
-            state.active |= {i for i, group in enumerate(state.pipelines) if node in group}
+            _activate(state, node)
             return _retry_pending(state, now) if not busy else []
         case Measured(node=node, rss=rss):
             resident = state.residents.get(node)
@@ -241,12 +255,15 @@ def decide(state: SchedulerState, event: Event) -> list[Decision]:
             return []
         case Tick(now=now, available=available):
             _expire_activity(state, now)
-            refused = [Refuse(p.request.node, f"no memory for {p.request.ladder[0][0]} within "
-                                              f"{state.wait_seconds:g} s")
+            refused = [Refuse(p.request.node, f"no memory within {state.wait_seconds:g} s")
                        for p in state.pending if now > p.deadline]
             state.pending = [p for p in state.pending if now <= p.deadline]
             return refused + _retry_pending(state, now) + _balance(state, available, now)
     raise TypeError(f"not a scheduler event: {event!r}")
+
+
+def _activate(state: SchedulerState, node: str) -> None:
+    state.active |= {i for i, group in enumerate(state.pipelines) if node in group}
 
 
 def _expire_activity(state: SchedulerState, now: float) -> None:
@@ -292,17 +309,17 @@ def _admit(state: SchedulerState, request: LoadRequest,
             f"stepped down from {models[0]}: the budget holds no more"
         return _grant(state, request, ladder, model, reason), None
 
-    smallest_model, smallest = min(ladder, key=lambda step: step[1])
-    overhead = sum(state.overhead.values())
-    if smallest + overhead > state.budget:
-        return [Refuse(node, f"{smallest_model} needs {smallest} bytes, more than the budget of "
-                             f"{state.budget} leaves beside the model processes' own "
-                             f"{overhead} bytes")], None
+    floor, partners = _smallest_footprint(state, node, ladder)
+    if floor > state.budget:
+        together = f" with {', '.join(sorted(partners))}" if partners else ""
+        return [Refuse(node, f"even at the smallest variants, {node}{together} and the model "
+                             f"processes need {_mib(floor)}, more than the budget of "
+                             f"{_mib(state.budget)}")], None
 
     incoming = state.freeing_bytes()
     if need <= free + incoming:
-        return [Wait(node, f"waiting for memory being given back: {model} needs {need} "
-                           f"bytes")], model
+        return [Wait(node, f"waiting for memory being given back: {model} needs "
+                           f"{_mib(need)}")], model
 
     protected = state.protected_for(node)
     evictable = sorted((r for r in state.residents.values()
@@ -321,8 +338,8 @@ def _admit(state: SchedulerState, request: LoadRequest,
         plan = _step_down_plan(state, {node: candidates}, need - within_reach,
                                exclude={r.node for r in evictions}) or {}
         if not plan:
-            return [Wait(node, f"waiting for memory: {model} needs {need} bytes, {free} free "
-                               f"of {state.budget}")], model
+            return [Wait(node, f"waiting for memory: {model} needs {_mib(need)}, "
+                               f"{_mib(free)} free of {_mib(state.budget)}")], model
         # With the steps taken, fewer evictions may do: keep only the cheapest ones needed.
         need = plan.get(node, (model, need))[1]
         reach = free + incoming + sum(state.residents[n].bytes - size
@@ -336,7 +353,7 @@ def _admit(state: SchedulerState, request: LoadRequest,
         evictions = kept
 
     if plan:
-        state.last_shortage = request.now  # no stepping back up for a while: no flapping
+        state.unsettled_at = request.now  # no stepping back up for a while: no flapping
     decisions: list[Decision] = []
     for resident in evictions:
         resident.phase, resident.target = "leaving", 0
@@ -351,6 +368,25 @@ def _admit(state: SchedulerState, request: LoadRequest,
         return _admit(state, request, model)
     return decisions + [Wait(node, f"waiting for {len(decisions)} model(s) to give memory "
                                    f"back")], model
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):.0f} MiB"
+
+
+def _smallest_footprint(state: SchedulerState, node: str, ladder: Ladder) -> tuple[int, set[str]]:
+    """The least ``node`` and the partners it must run beside can take, with every process's
+    own memory: the floor below which no eviction or step-down can bring it."""
+    partners: dict[str, Ladder] = {}
+    for group in state.pipelines:
+        if node in group:
+            partners |= {r.node: r.ladder for r in state.residents.values() if r.node in group}
+            partners |= {p.request.node: p.request.ladder for p in state.pending
+                         if p.request.node in group}
+    partners.pop(node, None)
+    smallest = [min(state.estimate(m, size) for m, size in lad) for lad in
+                [ladder, *partners.values()]]
+    return sum(state.overhead.values()) + sum(smallest), set(partners)
 
 
 def _switch(resident: Resident, model: str, size: int, why: str) -> Switch:
@@ -406,18 +442,23 @@ def _step_down_plan(state: SchedulerState, extra: dict[str, Ladder], shortfall: 
 def _balance(state: SchedulerState, available: int | None, now: float) -> list[Decision]:
     """Relieve outside pressure, or step a model back up once memory is plentiful again."""
     if available is not None and available < state.min_available:
-        state.last_shortage = now
+        state.unsettled_at = now
         deficit = state.min_available - available - state.freeing_bytes()
-        return _relieve(state, deficit) if deficit > 0 else []
+        return _relieve(state, deficit, "the system is short of memory") if deficit > 0 else []
+    # Working sets grow after loading (KV caches, activations): back inside the budget.
+    excess = state.used_bytes() - state.freeing_bytes() - state.budget
+    if excess > 0 and not state.pending:
+        state.unsettled_at = now
+        return _relieve(state, excess, "the models outgrew the budget")
     settling = any(r.phase != "ready" for r in state.residents.values())
-    calm = state.last_shortage is None or now - state.last_shortage >= state.calm_seconds
+    calm = state.unsettled_at is None or now - state.unsettled_at >= state.calm_seconds
     if not calm or settling or state.pending:
         return []
     return _step_up(state, available)
 
 
-def _relieve(state: SchedulerState, deficit: int) -> list[Decision]:
-    """Free ``deficit`` bytes for the system: idle outsiders first, then step-downs."""
+def _relieve(state: SchedulerState, deficit: int, why: str) -> list[Decision]:
+    """Free ``deficit`` bytes: idle models outside the active pipelines first, then step-downs."""
     protected = state.protected_for(None)
     decisions: list[Decision] = []
     evictable = sorted((r for r in state.residents.values()
@@ -428,12 +469,11 @@ def _relieve(state: SchedulerState, deficit: int) -> list[Decision]:
             return decisions
         resident.phase, resident.target = "leaving", 0
         deficit -= resident.bytes
-        decisions.append(Evict(resident.node, "idle; the system is short of memory"))
+        decisions.append(Evict(resident.node, f"idle; {why}"))
     if deficit > 0:
         plan = _step_down_plan(state, {}, deficit, exclude={d.node for d in decisions},
                                partial=True) or {}
-        decisions += [_switch(state.residents[node], smaller, size,
-                              "the system is short of memory")
+        decisions += [_switch(state.residents[node], smaller, size, why)
                       for node, (smaller, size) in plan.items()]
     return decisions
 

@@ -28,6 +28,7 @@ from mofa_omni.control import (
 from mofa_omni.scheduler import (
     Activity,
     Decision,
+    Departed,
     Evict,
     Grant,
     Loaded,
@@ -45,11 +46,11 @@ from mofa_omni.scheduler import (
 
 log = logging.getLogger("mofa_omni.scheduling")
 
-DEFAULT_OVERHEAD = 160 << 20  # a model process before it reports: Python, dora, numpy, pyarrow
+DEFAULT_OVERHEAD = 200 << 20  # a model process before it reports (measured 185-225 MiB)
 ACTIONS = {Grant: "load", Evict: "unload", Switch: "switch", Wait: "wait", Refuse: "refuse"}
 _DECISION_TYPES = {cls.__name__: cls for cls in ACTIONS}
-_EVENT_TYPES = {cls.__name__: cls for cls in (LoadRequest, Loaded, LoadFailed, Unloaded, Activity,
-                                               Measured, Tick)}
+_EVENT_TYPES = {cls.__name__: cls for cls in (LoadRequest, Loaded, LoadFailed, Unloaded, Departed,
+                                               Activity, Measured, Tick)}
 
 
 @dataclass
@@ -112,7 +113,7 @@ class Scheduling:
     def node_left(self, node: str, now: float) -> list[Command]:
         """A model node's process ended (its ``memory`` output closed): it holds nothing now."""
         self._view(node).state, self._view(node).rss = "stopped", 0
-        return self._apply(Unloaded(node, now, overhead=0), now)
+        return self._apply(Departed(node, now), now)
 
     def on_tick(self, now: float, available: int | None) -> list[Command]:
         return self._apply(Tick(now, available), now)

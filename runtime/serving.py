@@ -172,8 +172,8 @@ class RequestWorker:
                 return False
             if command.action == "refuse":
                 self.link.state = "evicted"
-                self._reject(job, "unavailable", f"no memory for {self.slot.wanted.name}: "
-                                                 f"{command.reason}")
+                self._reject(job, "unavailable", f"the scheduler refused "
+                                                 f"{self.slot.wanted.name}: {command.reason}")
                 return False
             self._apply(command)
         if not self.slot.loaded and self.link.detached and not self.host.unavailable:

@@ -4,6 +4,7 @@ import pytest
 
 from mofa_omni.scheduler import (
     Activity,
+    Departed,
     Evict,
     Grant,
     Loaded,
@@ -42,8 +43,7 @@ def test_a_model_that_fits_is_granted_and_its_memory_reserved():
     assert decide(state, LoadRequest("llm", LLM, 0)) == [Grant("llm", "gemma-3-270m")]
     # Not loaded yet, but reserved: a second big request must not be granted the same memory.
     (wait,) = decide(state, LoadRequest("other", (("x", int(1.5 * GB)),), 0))
-    assert wait == Wait("other", f"waiting for memory: x needs {int(1.5 * GB)} bytes, "
-                                 f"{GB} free of {2 * GB}")
+    assert wait == Wait("other", "waiting for memory: x needs 1536 MiB, 1024 MiB free of 2048 MiB")
     assert state.residents["llm"].phase == "loading"
 
 
@@ -125,25 +125,36 @@ def test_models_of_an_active_pipeline_are_kept():
 
 
 def test_waiting_ends_in_a_grant_when_memory_frees_or_an_error_at_the_deadline():
-    state = SchedulerState(budget=GB, wait_seconds=30, pipelines=[frozenset({"a", "b"})])
+    state = SchedulerState(budget=GB, wait_seconds=30)
     loaded(state, "a", (("a", GB),))
+    decide(state, Activity("a", True, 0))  # serving: not evictable
     (wait,) = decide(state, LoadRequest("b", (("b", GB // 2),), 0))
     assert isinstance(wait, Wait) and "waiting for memory" in wait.reason
     assert decide(state, Unloaded("a", 5)) == [Grant("b", "b")]
 
-    state = SchedulerState(budget=GB, wait_seconds=30, pipelines=[frozenset({"a", "b"})])
+    state = SchedulerState(budget=GB, wait_seconds=30)
     loaded(state, "a", (("a", GB),))
+    decide(state, Activity("a", True, 0))
     decide(state, LoadRequest("b", (("b", GB // 2),), 0))
     assert decide(state, Tick(10)) == []
     (refused,) = decide(state, Tick(31))
-    assert refused == Refuse("b", "no memory for b within 30 s") and state.pending == []
+    assert refused == Refuse("b", "no memory within 30 s") and state.pending == []
+
+
+def test_a_pipeline_that_cannot_fit_even_at_its_smallest_is_refused_at_once():
+    state = SchedulerState(budget=GB, pipelines=[frozenset({"asr", "llm"})])
+    loaded(state, "asr", ASR)  # whisper-tiny.en at least: 0.25 GB
+    (refused,) = decide(state, LoadRequest("llm", (("big", GB),), 1, overhead=GB // 4))
+    assert isinstance(refused, Refuse) and "llm with asr" in refused.reason
+    # The LLM's process (0.25 GB) + the LLM (1 GB) + whisper-tiny.en (0.25 GB) > 1 GB.
+    assert "need 1536 MiB, more than the budget of 1024 MiB" in refused.reason
 
 
 def test_a_model_larger_than_the_whole_budget_is_refused_at_once():
     state = SchedulerState(budget=GB)
     (refused,) = decide(state, LoadRequest("llm", (("huge", 3 * GB), ("big", 2 * GB)), 0,
                                            overhead=100 * MB))
-    assert isinstance(refused, Refuse) and "big needs" in refused.reason
+    assert isinstance(refused, Refuse) and "smallest variants" in refused.reason
     assert "budget" in refused.reason and state.pending == [] and state.residents == {}
 
 
@@ -169,12 +180,12 @@ def test_a_failed_load_gives_its_reservation_back():
 
 def pressured_state():
     state = SchedulerState(budget=4 * GB, min_available=2 * GB, calm_seconds=10,
-                           step_up_margin=GB // 2,
+                           step_up_margin=GB // 2, active_seconds=5,
                            pipelines=[frozenset({"asr", "llm"}), frozenset({"embedder"})])
-    loaded(state, "asr", ASR)
-    loaded(state, "llm", LLM)
-    loaded(state, "embedder", (("minilm", GB // 8),), seconds=0.1)
-    decide(state, Activity("llm", False, 1))  # the voice pipeline is active
+    loaded(state, "asr", ASR, now=-10)
+    loaded(state, "llm", LLM, now=-10)
+    loaded(state, "embedder", (("minilm", GB // 8),), seconds=0.1, now=-10)
+    decide(state, Activity("llm", False, 1))  # the voice pipeline is active, the other is not
     return state
 
 
@@ -234,3 +245,41 @@ def test_only_the_evictions_still_needed_after_stepping_down_are_made():
     # 0.875 GB are free: evicting the embedder is enough for the 1 GB variant; whisper stays.
     assert decisions == [Evict("embedder"), Wait("writer", decisions[-1].reason)]
     assert decide(state, Unloaded("embedder", 2)) == [Grant("writer", "small")]
+
+
+def test_models_that_outgrow_the_budget_while_serving_are_brought_back_inside_it():
+    state = SchedulerState(budget=2 * GB, active_seconds=5,
+                           pipelines=[frozenset({"asr", "llm"}), frozenset({"embedder"})])
+    loaded(state, "embedder", (("minilm", GB // 4),), seconds=0.1, now=-10)
+    loaded(state, "llm", LLM[1:], now=-10)  # smollm2, 0.5 GB
+    loaded(state, "asr", ASR, now=-10)  # whisper-base, 0.5 GB
+    decide(state, Activity("asr", False, 0))
+    assert decide(state, Tick(1)) == []
+    decide(state, Measured("llm", int(1.5 * GB), 1))  # its KV cache grew to 1.5 GB
+    assert decide(state, Tick(2)) == [Evict("embedder")]  # the idle outsider goes first
+    decide(state, Unloaded("embedder", 3))
+    decide(state, Measured("asr", int(0.75 * GB), 3))  # and whisper's activations grew
+    (step,) = decide(state, Tick(4))
+    assert step == Switch("llm", "smollm2-135m-q4") and "outgrew the budget" in step.reason
+
+
+def test_a_node_that_leaves_holds_nothing_and_nothing_steps_up_right_after():
+    state = SchedulerState(budget=int(0.9 * GB), calm_seconds=10,
+                           pipelines=[frozenset({"asr", "llm"})])
+    loaded(state, "asr", ASR)
+    decide(state, LoadRequest("llm", LLM[1:], 1))  # steps itself down to the 4-bit variant
+    decide(state, Loaded("llm", "smollm2-135m-q4", GB // 8, GB // 8, 1.0, 2))
+    assert decide(state, Tick(20)) == []  # no room to step up beside whisper-base
+    decide(state, Departed("asr", 21))  # the graph is winding down
+    assert state.used_bytes() == GB // 8
+    assert decide(state, Tick(25)) == []  # room now, but not calm: no pointless reload
+    assert decide(state, Tick(32)) == [Switch("llm", "smollm2-135m")]
+
+
+def test_a_pipeline_being_loaded_counts_as_active():
+    state = SchedulerState(budget=GB, pipelines=[frozenset({"asr", "llm"}), frozenset({"tts"})])
+    decide(state, LoadRequest("asr", ASR[1:], 0))  # whisper-tiny.en, 0.25 GB
+    decide(state, Loaded("asr", "whisper-tiny.en", GB // 4, GB // 4, 1.0, 0.5))
+    # The voice pipeline is starting: its whisper is not evicted for an outsider at start-up.
+    (wait,) = decide(state, LoadRequest("tts", (("piper", int(0.9 * GB)),), 1))
+    assert isinstance(wait, Wait) and "asr" in state.residents
