@@ -78,17 +78,6 @@ from mofa_omni.catalog import Catalog
 from mofa_omni.control import COMMAND_OUTPUT, MEMORY_OUTPUT, SCHEDULER_INPUT
 from mofa_omni.loading import open_model
 from mofa_omni.memory import format_bytes, parse_size
-from mofa_omni.scheduler import (
-    Activity,
-    Loaded,
-    LoadFailed,
-    LoadRequest,
-    Measured,
-    SchedulerState,
-    Tick,
-    Unloaded,
-    decide,
-)
 from mofa_omni.scheduling import DEFAULT_OVERHEAD, replay
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,8 +87,6 @@ SAMPLES = ROOT / "dataflows" / "samples"
 SCHEDULER = "scheduler"
 MiB = 1 << 20
 VARIANTS = ("scheduler", "no scheduler")
-EVENT_TYPES = {cls.__name__: cls for cls in (LoadRequest, Loaded, LoadFailed, Unloaded, Activity,
-                                              Measured, Tick)}
 
 
 # --- the workload ------------------------------------------------------------------------------
@@ -357,19 +344,15 @@ def journal_decisions(path: Path) -> tuple[list[dict], list[dict], int, int, flo
     if not path.exists():
         return [], [], 0, 0, None
     lines = path.read_bytes().splitlines()
-    state = msgspec.json.decode(lines[0], type=SchedulerState)
-    state.pipelines = [frozenset(group) for group in state.pipelines]
     mismatches = accounted = 0
-    for (recorded, replayed), line in zip(replay(lines), lines[1:]):
+    for recorded, replayed, used in replay(lines):
         mismatches += recorded != replayed
-        entry = msgspec.json.decode(line)
-        decide(state, msgspec.convert(entry["fields"], type=EVENT_TYPES[entry["event"]]))
-        accounted = max(accounted, state.used_bytes())
+        accounted = max(accounted, used)
     decisions, loaded, first_left = [], [], None
     for line in lines[1:]:
         entry = msgspec.json.decode(line)
         now = entry["fields"]["now"]
-        if entry["event"] == "Unloaded" and entry["fields"].get("overhead") == 0:
+        if entry["event"] == "Departed":
             first_left = now if first_left is None else first_left  # its process ended
         if entry["event"] == "Loaded":
             loaded.append({**entry["fields"], "at": now})

@@ -68,8 +68,9 @@ def journal_entry(event, decisions: list[Decision]) -> dict:
             "decisions": [{"type": type(d).__name__, "fields": d} for d in decisions]}
 
 
-def replay(lines: list[bytes]) -> Iterator[tuple[list[Decision], list[Decision]]]:
-    """Feed a journal's events to the policy afresh: (recorded, replayed) decisions per event.
+def replay(lines: list[bytes]) -> Iterator[tuple[list[Decision], list[Decision], int]]:
+    """Feed a journal's events to the policy afresh: per event, the recorded decisions, the
+    replayed ones, and the memory the policy counts as used afterwards.
 
     The journal's first line is the policy's initial state; the rest are events."""
     state = msgspec.json.decode(lines[0], type=SchedulerState)
@@ -79,7 +80,8 @@ def replay(lines: list[bytes]) -> Iterator[tuple[list[Decision], list[Decision]]
         event = msgspec.convert(entry["fields"], type=_EVENT_TYPES[entry["event"]])
         recorded = [msgspec.convert(d["fields"], type=_DECISION_TYPES[d["type"]])
                     for d in entry["decisions"]]
-        yield recorded, decide(state, event)
+        replayed = decide(state, event)
+        yield recorded, replayed, state.used_bytes()
 
 
 class Scheduling:

@@ -44,7 +44,7 @@ def render_status(status: Status) -> str:
         f"{format_bytes(status.measured)} measured, peak {format_bytes(status.peak_measured)}",
         f"system     {format_bytes(status.available)} available of {format_bytes(status.total)}"
         f" (keeps {format_bytes(status.min_available)} free)",
-        f"pipelines  " + "; ".join(
+        "pipelines  " + "; ".join(
             " + ".join(group) + (" (active)" if i in status.active else "")
             for i, group in enumerate(status.pipelines)),
         "",

@@ -89,7 +89,7 @@ def omni(*args: str) -> subprocess.CompletedProcess:
 def journal(path: Path):
     lines = path.read_bytes().splitlines()
     decisions = []
-    for recorded, replayed in replay(lines):
+    for recorded, replayed, _ in replay(lines):
         assert recorded == replayed  # the node decided exactly what the pure policy decides
         decisions += recorded
     return decisions

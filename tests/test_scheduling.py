@@ -115,7 +115,7 @@ def test_the_bookkeeping_turns_messages_into_commands_status_and_a_replayable_jo
     (grant,) = scheduling.node_left("a", 105)
     assert grant == Command("b", "load", "b", "fits the budget")
     assert scheduling.status(106, 0, 0).nodes[0].state == "stopped"
-    for recorded, replayed in replay(journal.getvalue().splitlines()):
+    for recorded, replayed, _ in replay(journal.getvalue().splitlines()):
         assert recorded == replayed
 
 
