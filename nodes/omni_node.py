@@ -41,6 +41,8 @@ from mofa_omni.serving import CANCEL_INPUT, RequestWorker, cancelled_ids  # noqa
 
 log = logging.getLogger("omni-node")
 
+LINGER_S = 1.0  # after the last request input closed: inputs still in flight arrive within it
+
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
@@ -74,8 +76,13 @@ def main() -> int:
         link.start_measuring(float(os.environ.get("MEMORY_REPORT_S", "1")))
     worker = RequestWorker(slot, send, float(os.environ.get("REQUEST_TIMEOUT_S", "120")), link)
     open_requests = inputs - {SCHEDULER_INPUT, CANCEL_INPUT}
-    # dora may deliver STOP before queued inputs: keep reading until the stream ends.
-    while (event := node.next()) is not None:
+    timeout = None
+    # dora may deliver STOP or INPUT_CLOSED before queued inputs: keep reading until the stream
+    # ends -- or, with a scheduler (whose commands never close while this node lives), until
+    # every request input has closed and nothing more arrived for LINGER_S.
+    while (event := node.next(timeout=timeout)) is not None:
+        if event["type"] == "ERROR" and timeout is not None:
+            break  # nothing arrived for LINGER_S: leave, so that the scheduler can finish too
         if event["type"] == "INPUT_CLOSED":
             open_requests.discard(event["id"])
             if event["id"] == SCHEDULER_INPUT and link:
@@ -83,7 +90,7 @@ def main() -> int:
                 link.detached = True
                 worker.command(Command(node_id, "load", spec.name, "the scheduler stopped"))
             elif link and not open_requests:
-                break  # no request can come: leave, so that the scheduler can finish too
+                timeout = LINGER_S
         if event["type"] != "INPUT":
             continue
         if event["id"] == CANCEL_INPUT:

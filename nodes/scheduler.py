@@ -46,13 +46,13 @@ from mofa_omni.scheduling import Scheduling
 
 log = logging.getLogger("scheduler")
 
+STATUS_EVERY_S = 1.0
+
 
 def write_atomically(path: Path, data: bytes) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_bytes(data)
     partial.replace(path)
-
-STATUS_EVERY_S = 1.0
 
 
 def settings_from_env(total: int) -> SchedulerState:
@@ -93,14 +93,14 @@ def main() -> int:
     scheduling = Scheduling(state, graph.model_nodes, started, journal=journal)
     open_inputs = set(graph.memory_inputs)
     last_tick = last_status = 0.0
-
     status_file = os.environ.get("STATUS_FILE")
 
-    def publish_status(now: float, available: int) -> None:
+    def publish_status(now: float, available: int):
         status = scheduling.status(now, available, total)
         node.send_output(STATUS_OUTPUT, to_arrow(status))
         if status_file:
             write_atomically(Path(status_file), msgspec.json.encode(status))
+        return status
 
     while open_inputs:
         event = node.next(timeout=tick_s)
@@ -125,8 +125,7 @@ def main() -> int:
         if commands or now - last_status >= STATUS_EVERY_S:
             publish_status(now, available)
             last_status = now
-    publish_status(time.monotonic(), psutil.virtual_memory().available)
-    status = scheduling.status(time.monotonic(), psutil.virtual_memory().available, total)
+    status = publish_status(time.monotonic(), psutil.virtual_memory().available)
     if journal:
         journal.close()
     log.info("all model nodes have finished; peak %s of a %s budget",

@@ -65,6 +65,7 @@ class ModelSpec:
     description: str = ""
     options: dict[str, Any] = field(default_factory=dict)
     licence: str = ""
+    adapters: tuple[str, ...] = ()  # every adapter that can serve it; mofa_omni.backends chooses
 
     @property
     def memory_bytes(self) -> int:
@@ -94,9 +95,13 @@ def _parse_model(name: str, raw: dict[str, Any], base: Path) -> ModelSpec:
     missing = [key for key in ("adapter", "tasks", "format", "source") if key not in raw]
     if missing:
         raise CatalogError(f"model {name!r}: missing {', '.join(missing)}")
+    adapters = (raw["adapter"],) if isinstance(raw["adapter"], str) else tuple(raw["adapter"])
+    if not adapters:
+        raise CatalogError(f"model {name!r}: adapter must name at least one adapter")
     return ModelSpec(
         name=name,
-        adapter=raw["adapter"],
+        adapter=adapters[0],
+        adapters=adapters,
         tasks=tuple(Task.parse(t) for t in raw["tasks"]),
         format=raw["format"],
         source=_parse_source(name, raw["source"], base),

@@ -38,6 +38,7 @@ def _open(name: str | None, task, *, quiet: bool = False):
 
 def cmd_models(args: argparse.Namespace) -> int:
     from mofa_omni.adapters.base import AdapterError, adapter_class
+    from mofa_omni.backends import resolved
     from mofa_omni.memory import format_bytes
     from mofa_omni.store import ModelStore
 
@@ -46,6 +47,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     rows = []
     for spec in catalog.models.values():
         try:
+            spec = resolved(spec)
             cls = adapter_class(spec.adapter)
             backend, ready = cls.backend, store.is_ready(spec, cls)
         except AdapterError:
@@ -162,7 +164,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     import mlx.core as mx
 
-    from mofa_omni.adapters.base import AdapterError, adapter_class
+    from mofa_omni.adapters.base import AdapterError
+    from mofa_omni.backends import compute_platform, select_adapter
     from mofa_omni.contract import Task
     from mofa_omni.memory import format_bytes, snapshot
     from mofa_omni.platform import find_openblas, measure_blas, mlx_device
@@ -181,16 +184,19 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         print("warning      OpenBLAS is missing: `apt-get install libopenblas0-pthread`")
     print(f"cache        {cache_root()}")
     catalog = _catalog()
-    print("\ntask                  default model          adapter       backend")
+    print(f"\nbackends on this machine ({compute_platform()}): which adapter serves each task's "
+          "default model, and why")
+    print("task                  default model          adapter       backend       why")
     for task in Task:
         if task not in catalog.defaults:
             continue
         spec = catalog.default_for(task)
         try:
-            backend = adapter_class(spec.adapter).backend
+            chosen = select_adapter(spec)
+            print(f"{task.value:21} {spec.name:22} {chosen.adapter:13} {chosen.backend:13} "
+                  f"{chosen.reason}")
         except AdapterError as error:
-            backend = f"unavailable: {error}"
-        print(f"{task.value:21} {spec.name:22} {spec.adapter:13} {backend}")
+            print(f"{task.value:21} {spec.name:22} unavailable: {error}")
     return 0
 
 

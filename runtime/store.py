@@ -184,7 +184,10 @@ class ModelStore:
         return self.root / "sources" / source_key(spec)
 
     def model_dir(self, spec: ModelSpec) -> Path:
-        return self.root / "models" / spec.name
+        """Where ``spec``'s converted weights go: one folder per model and adapter."""
+        first = (spec.adapters or (spec.adapter,))[0]
+        name = spec.name if spec.adapter == first else f"{spec.name}.{spec.adapter}"
+        return self.root / "models" / name
 
     @contextlib.contextmanager
     def _lock(self, name: str) -> Iterator[None]:

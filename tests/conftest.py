@@ -30,14 +30,16 @@ def store() -> ModelStore:
 
 
 @pytest.fixture(scope="session")
-def model(catalog: Catalog, store: ModelStore) -> Iterator[Callable[[str], ModelAdapter]]:
-    """``model(name)``: the loaded adapter of a catalog model, shared by the whole session."""
-    loaded: dict[str, ModelAdapter] = {}
+def model(catalog: Catalog, store: ModelStore) -> Iterator[Callable[..., ModelAdapter]]:
+    """``model(name, backend=None)``: the loaded adapter of a catalog model (on ``backend``, or
+    the one chosen for this machine), shared by the whole session."""
+    loaded: dict[tuple[str, str | None], ModelAdapter] = {}
 
-    def get(name: str) -> ModelAdapter:
-        if name not in loaded:
-            loaded[name] = open_model(name, catalog=catalog, store=store)
-        return loaded[name]
+    def get(name: str, backend: str | None = None) -> ModelAdapter:
+        if (name, backend) not in loaded:
+            loaded[name, backend] = open_model(name, catalog=catalog, store=store,
+                                               backend=backend)
+        return loaded[name, backend]
 
     yield get
     for adapter in loaded.values():

@@ -250,12 +250,16 @@ def _transcribe(adapter, audio, rate, language=""):
     return transcript
 
 
+BACKENDS = ["mlx", "ctranslate2"]
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("rate", [22_050, 16_000])
-def test_tiny_en_transcribes_speech(model, speech, rate):
+def test_tiny_en_transcribes_speech(model, speech, rate, backend):
     audio, source_rate = speech
     audio = resample(audio, source_rate, rate)
-    transcript = _transcribe(model("whisper-tiny.en"), audio, rate)
+    transcript = _transcribe(model("whisper-tiny.en", backend), audio, rate)
     assert word_error_rate(SENTENCE, transcript.text) < 0.2, transcript.text
     assert transcript.language == "en"
     assert transcript.segments and transcript.segments[0].start >= 0
@@ -263,10 +267,11 @@ def test_tiny_en_transcribes_speech(model, speech, rate):
 
 
 @pytest.mark.slow
-def test_tiny_en_long_audio_spans_windows(model, tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tiny_en_long_audio_spans_windows(model, tmp_path, backend):
     audio, rate = espeak(PARAGRAPH, tmp_path)
     assert len(audio) / rate > 32
-    transcript = _transcribe(model("whisper-tiny.en"), audio, rate)
+    transcript = _transcribe(model("whisper-tiny.en", backend), audio, rate)
     assert word_error_rate(PARAGRAPH, transcript.text) < 0.15, transcript.text
     starts = [segment.start for segment in transcript.segments]
     assert starts == sorted(starts) and transcript.segments[-1].end > 30
@@ -282,7 +287,7 @@ def test_english_only_model_skips_language_detection(model, speech, monkeypatch)
 
     monkeypatch.setattr(mlx_whisper.whisper.Whisper, "detect_language", no_detection)
     monkeypatch.setattr(mlx_whisper.decoding, "detect_language", no_detection)
-    adapter = model("whisper-tiny.en")
+    adapter = model("whisper-tiny.en", "mlx")
     assert adapter.english_only
     assert _transcribe(adapter, *speech).language == "en"
     with pytest.raises(ContractError, match="English-only"):
@@ -290,8 +295,9 @@ def test_english_only_model_skips_language_detection(model, speech, monkeypatch)
 
 
 @pytest.mark.slow
-def test_whisper_base_transcribes_and_detects_english(model, speech):
-    adapter = model("whisper-base")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_whisper_base_transcribes_and_detects_english(model, speech, backend):
+    adapter = model("whisper-base", backend)
     assert not adapter.english_only
     transcript = _transcribe(adapter, *speech)
     assert word_error_rate(SENTENCE, transcript.text) < 0.2, transcript.text
@@ -300,8 +306,10 @@ def test_whisper_base_transcribes_and_detects_english(model, speech):
 
 @pytest.mark.slow
 def test_unload_returns_memory(catalog, store, speech):
+    # Libraries imported by a first load stay (as in any process): measure a second one.
+    open_model("whisper-tiny.en", catalog=catalog, store=store, backend="mlx").unload()
     before = snapshot()
-    adapter = open_model("whisper-tiny.en", catalog=catalog, store=store)
+    adapter = open_model("whisper-tiny.en", catalog=catalog, store=store, backend="mlx")
     adapter.transcribe(TranscriptionRequest(audio=speech[0], sample_rate=speech[1]))
     loaded = snapshot()
     model_ref = weakref.ref(adapter._model)
@@ -328,3 +336,38 @@ def test_truncated_real_model_bin(catalog, store, tmp_path):
     with pytest.raises(ModelLoadError,
                        match=r"model\.bin: ends after \d+ of 39831552 bytes \(in variable decoder/embeddings"):
         convert_whisper(tmp_path, tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_both_backends_hear_the_same_words_on_the_same_weights(model, speech):
+    # (whisper-base differs by a word between MLX float32 and CTranslate2 int8 on this clip:
+    # each stays within the word error rate that test_whisper_base_transcribes... asks for.)
+    mlx, ct2 = (_transcribe(model("whisper-tiny.en", backend), *speech) for backend in BACKENDS)
+    assert normalize_words(mlx.text) == normalize_words(ct2.text), (mlx.text, ct2.text)
+    assert mlx.language == ct2.language == "en"
+
+
+@pytest.mark.slow
+def test_ctranslate2_refuses_other_languages_on_an_english_only_model(model, speech):
+    adapter = model("whisper-tiny.en", "ctranslate2")
+    assert adapter.english_only and adapter.backend == "ctranslate2"
+    with pytest.raises(ContractError, match="English-only"):
+        adapter.transcribe(TranscriptionRequest(audio=speech[0], sample_rate=speech[1], language="de"))
+    with pytest.raises(ContractError, match="unknown language"):
+        adapter.transcribe(TranscriptionRequest(audio=speech[0], sample_rate=speech[1], language="xx"))
+
+
+@pytest.mark.slow
+def test_ctranslate2_unload_returns_memory(catalog, store, speech):
+    open_model("whisper-tiny.en", catalog=catalog, store=store, backend="ctranslate2").unload()
+    before = snapshot()
+    adapter = open_model("whisper-tiny.en", catalog=catalog, store=store, backend="ctranslate2")
+    adapter.transcribe(TranscriptionRequest(audio=speech[0], sample_rate=speech[1]))
+    loaded = snapshot()
+    adapter.unload()
+    after = snapshot()
+    print(f"\nRSS {format_bytes(before.rss_bytes)} -> {format_bytes(loaded.rss_bytes)} -> "
+          f"{format_bytes(after.rss_bytes)}")
+    grown = loaded.rss_bytes - before.rss_bytes
+    assert grown > 30 << 20  # int8 tiny.en and its buffers
+    assert after.rss_bytes - before.rss_bytes < grown // 2

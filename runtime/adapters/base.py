@@ -52,6 +52,7 @@ class ModelAdapter(ABC):
     supported_tasks: ClassVar[frozenset[Task]]
     formats: ClassVar[frozenset[str]]
     backend: ClassVar[str]  # "mlx", "onnxruntime", "ctranslate2", "remote", ...
+    requires: ClassVar[tuple[str, ...]] = ()  # modules it imports when loading: checked first
     artifact_version: ClassVar[int] = 1  # bump when ``prepare`` changes: cached builds are redone
 
     def __init__(self, spec: ModelSpec):
@@ -156,5 +157,9 @@ def adapter_class(name: str) -> type[ModelAdapter]:
     return cls
 
 
-def create_adapter(spec: ModelSpec) -> ModelAdapter:
+def create_adapter(spec: ModelSpec, backend: str | None = None) -> ModelAdapter:
+    """The adapter serving ``spec`` on this machine (see :mod:`mofa_omni.backends`)."""
+    from mofa_omni.backends import resolved
+
+    spec = resolved(spec, backend)
     return adapter_class(spec.adapter)(spec)

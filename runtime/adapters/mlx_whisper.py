@@ -34,6 +34,7 @@ class MlxWhisperAdapter(ModelAdapter):
     supported_tasks: ClassVar[frozenset[Task]] = frozenset({Task.SPEECH_RECOGNITION})
     formats: ClassVar[frozenset[str]] = frozenset({"ctranslate2", "mlx"})
     backend: ClassVar[str] = "mlx"
+    requires: ClassVar[tuple[str, ...]] = ("mlx", "mlx_whisper")
 
     def __init__(self, spec: ModelSpec):
         super().__init__(spec)

@@ -1,0 +1,169 @@
+"""Whisper speech recognition on CTranslate2, from the catalog's faster-whisper weights as they are.
+
+The packaged ``model.bin`` files are CTranslate2 models already; CTranslate2
+also needs the token strings (``vocabulary.json``), which those packages leave
+out: ``prepare`` writes them from whisper's own tokenizer. Audio becomes a
+log-mel spectrogram and tokens become text with the same code mlx_whisper uses,
+so both backends see the same input and decode the same way (greedy, no
+timestamps). Audio longer than 30 s is transcribed window by window.
+
+``options.compute_type`` in the catalog: ``int8`` (default: fastest on a CPU,
+same transcripts here), ``float32``, or ``float16``/``int8_float16`` on CUDA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from mofa_omni.adapters.base import AdapterError, ModelAdapter, ModelLoadError, Progress
+from mofa_omni.audio import resample
+from mofa_omni.contract import (ContractError, Segment, Task, Transcript, TranscriptionRequest,
+                                validate_request)
+from mofa_omni.formats.ctranslate2 import read_model_bin
+from mofa_omni.store import link_or_copy
+
+WHISPER_RATE = 16_000
+WINDOW_SAMPLES = 30 * WHISPER_RATE
+MAX_NEW_TOKENS = 224  # whisper's decoder context is 448: half for the text, as whisper does
+MULTILINGUAL_VOCAB = 51865
+
+
+class Ct2WhisperAdapter(ModelAdapter):
+    """Whisper on CTranslate2 (CPU, or CUDA where CTranslate2 sees a GPU)."""
+
+    supported_tasks: ClassVar[frozenset[Task]] = frozenset({Task.SPEECH_RECOGNITION})
+    formats: ClassVar[frozenset[str]] = frozenset({"ctranslate2"})
+    backend: ClassVar[str] = "ctranslate2"
+    requires: ClassVar[tuple[str, ...]] = ("ctranslate2", "mlx_whisper")
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self._multilingual = False
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def prepare(self, source_dir: Path, out_dir: Path, progress: Progress) -> None:
+        for name in ("model.bin", "config.json"):
+            if not (source_dir / name).is_file():
+                raise ModelLoadError(f"model {self.spec.name!r}: {source_dir} has no {name}")
+            link_or_copy(source_dir / name, out_dir / name)
+        vocab_size = _vocabulary_size(source_dir / "model.bin")
+        progress("write vocabulary", 0, 1)
+        tokenizer = _tokenizer(vocab_size >= MULTILINGUAL_VOCAB)
+        (out_dir / "vocabulary.json").write_text(json.dumps(_token_strings(tokenizer, vocab_size)))
+        progress("write vocabulary", 1, 1)
+
+    def _load(self, model_dir: Path) -> None:
+        import ctranslate2
+
+        device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+        compute_type = self.spec.options.get("compute_type", "int8")
+        try:
+            self._model = ctranslate2.models.Whisper(
+                str(model_dir), device=device, compute_type=compute_type,
+                intra_threads=os.cpu_count() or 1)
+        except (RuntimeError, ValueError) as error:
+            raise ModelLoadError(f"model {self.spec.name!r}: CTranslate2 cannot load "
+                                 f"{model_dir}: {error}") from error
+        self._multilingual = self._model.is_multilingual
+        self._tokenizer = _tokenizer(self._multilingual)
+
+    def _unload(self) -> None:
+        self._model = self._tokenizer = None
+
+    # --- serving ---------------------------------------------------------------------
+
+    @property
+    def english_only(self) -> bool:
+        if self._model is None:
+            raise AdapterError(f"model {self.spec.name!r} is not loaded")
+        return not self._multilingual
+
+    def transcribe(self, request: TranscriptionRequest) -> Transcript:
+        """Transcribe mono float32 audio at any sample rate (resampled to 16 kHz)."""
+        import ctranslate2
+
+        validate_request(request)
+        if self._model is None:
+            raise AdapterError(f"model {self.spec.name!r} is not loaded")
+        audio = resample(request.audio, request.sample_rate, WHISPER_RATE)
+        windows = [audio[start:start + WINDOW_SAMPLES]
+                   for start in range(0, len(audio), WINDOW_SAMPLES)]
+        features = ctranslate2.StorageView.from_array(np.stack([_log_mel(w) for w in windows]))
+        language = self._language(request.language.strip().lower(), features)
+        tokenizer = self._tokenizer_for(language)
+        prompt = list(tokenizer.sot_sequence_including_notimestamps)
+        results = self._model.generate(features, [prompt] * len(windows), beam_size=1,
+                                       max_length=MAX_NEW_TOKENS, suppress_blank=True)
+        segments = []
+        for index, result in enumerate(results):
+            text = tokenizer.decode([t for t in result.sequences_ids[0]
+                                     if t < tokenizer.eot]).strip()
+            if text:
+                start = index * WINDOW_SAMPLES / WHISPER_RATE
+                end = min(len(audio), (index + 1) * WINDOW_SAMPLES) / WHISPER_RATE
+                segments.append(Segment(start, end, text))
+        return Transcript(text=" ".join(s.text for s in segments), language=language,
+                          segments=segments)
+
+    def _language(self, asked: str, features) -> str:
+        from mlx_whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
+
+        if asked:
+            code = TO_LANGUAGE_CODE.get(asked, asked)
+            if code not in LANGUAGES:
+                raise ContractError(f"unknown language {asked!r} for whisper")
+            if not self._multilingual and code != "en":
+                raise ContractError(f"model {self.spec.name!r} is English-only; "
+                                    f"cannot transcribe {code!r}")
+            return code
+        if not self._multilingual:
+            return "en"
+        (ranked, *_) = self._model.detect_language(features)  # from the first window
+        return ranked[0][0].strip("<|>")
+
+    def _tokenizer_for(self, language: str):
+        if not self._multilingual:
+            return self._tokenizer
+        return _tokenizer(True, language)
+
+
+def _vocabulary_size(model_bin: Path) -> int:
+    """The number of tokens, from the decoder's embedding matrix in ``model.bin``."""
+    variables = read_model_bin(model_bin).variables
+    embedding = variables.get("decoder/embeddings/weight")
+    if embedding is None:
+        raise ModelLoadError(f"{model_bin} is not a whisper model: no decoder/embeddings/weight")
+    return int(embedding.shape[0])
+
+
+def _tokenizer(multilingual: bool, language: str | None = None):
+    from mlx_whisper.tokenizer import get_tokenizer
+
+    return get_tokenizer(multilingual=multilingual, language=language if multilingual else None,
+                         task="transcribe")
+
+
+def _token_strings(tokenizer, size: int) -> list[str]:
+    """One unique string per token id, as CTranslate2's vocabulary wants (ids are what it uses)."""
+    encoding = tokenizer.encoding
+    special = {rank: text for text, rank in encoding._special_tokens.items()}
+    return [special[i] if i in special else encoding.decode_single_token_bytes(i).decode("latin-1")
+            for i in range(size)]
+
+
+def _log_mel(window: np.ndarray) -> np.ndarray:
+    """The (80, 3000) log-mel features of one window, padded to 30 s (whisper's own code)."""
+    import mlx.core as mx
+    from mlx_whisper.audio import log_mel_spectrogram
+
+    padded = np.zeros(WINDOW_SAMPLES, np.float32)
+    padded[:len(window)] = window
+    return np.ascontiguousarray(np.array(log_mel_spectrogram(mx.array(padded), 80)).T)

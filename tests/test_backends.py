@@ -1,0 +1,77 @@
+"""Backend selection: one place decides which adapter serves a model on which machine."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from mofa_omni import backends
+from mofa_omni.adapters.base import AdapterError, create_adapter
+from mofa_omni.backends import select_adapter
+from mofa_omni.catalog import Catalog
+from mofa_omni.store import ModelStore
+
+
+@pytest.fixture(scope="module")
+def whisper():
+    return Catalog.load([]).get("whisper-tiny.en")
+
+
+@pytest.mark.parametrize("where, adapter", [
+    ("apple-silicon", "mlx_whisper"),  # Metal
+    ("cuda", "ct2_whisper"),
+    ("cpu", "ct2_whisper"),  # MLX's CPU backend is the slowest here
+])
+def test_the_fastest_backend_per_platform_is_chosen(whisper, where, adapter):
+    chosen = select_adapter(whisper, where=where)
+    assert chosen.adapter == adapter and f"on {where}" in chosen.reason
+
+
+def test_a_model_with_one_adapter_keeps_it():
+    chosen = select_adapter(Catalog.load([]).get("smollm2-135m"), where="cpu")
+    assert (chosen.adapter, chosen.backend) == ("mlx_lm", "mlx")
+
+
+def test_a_node_can_ask_for_a_backend(whisper):
+    assert select_adapter(whisper, "mlx", where="cpu").adapter == "mlx_whisper"
+    assert create_adapter(whisper, "mlx").backend == "mlx"
+    with pytest.raises(AdapterError, match="has no onnxruntime adapter; its backends: "
+                                           "ctranslate2, mlx"):
+        select_adapter(whisper, "onnxruntime")
+
+
+def test_a_pin_in_the_users_catalog_is_honoured(tmp_path: Path):
+    user = tmp_path / "catalog.toml"
+    builtin = Catalog.load([]).get("whisper-tiny.en")
+    user.write_text('[models."whisper-tiny.en"]\nadapter = "mlx_whisper"\n'
+                    'tasks = ["speech_recognition"]\nformat = "ctranslate2"\n'
+                    'source = { path = "unused" }\n')
+    pinned = Catalog.load([user]).get("whisper-tiny.en")
+    assert builtin.adapters == ("mlx_whisper", "ct2_whisper")
+    assert select_adapter(pinned, where="cpu").adapter == "mlx_whisper"
+
+
+def test_a_missing_optional_backend_falls_back_and_says_why(whisper, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "ctranslate2" else real(name, *a))
+    chosen = select_adapter(whisper, where="cpu")
+    assert chosen.adapter == "mlx_whisper"
+    assert "ctranslate2 skipped: ctranslate2 is not installed" in chosen.reason
+    with pytest.raises(AdapterError, match="the ctranslate2 backend cannot run: ctranslate2 "
+                                           "is not installed"):
+        select_adapter(whisper, "ctranslate2")
+
+
+def test_each_adapter_converts_into_its_own_folder(whisper, tmp_path: Path):
+    store = ModelStore(tmp_path)
+    mlx = create_adapter(whisper, "mlx").spec
+    ct2 = create_adapter(whisper, "ctranslate2").spec
+    assert store.model_dir(mlx) == tmp_path / "models" / "whisper-tiny.en"
+    assert store.model_dir(ct2) == tmp_path / "models" / "whisper-tiny.en.ct2_whisper"
+
+
+def test_this_machine_is_classified():
+    assert backends.compute_platform() in backends.PREFERENCE
