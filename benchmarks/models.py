@@ -158,7 +158,9 @@ def spoken_question() -> tuple[np.ndarray, int]:
 def bench_model(name: str, repeats: int, speech: tuple[np.ndarray, int]) -> dict:
     release_freed_memory()
     before = snapshot()
-    adapter = open_model(name)
+    # Each adapter against the library it wraps: whisper through MLX here, whatever backend
+    # this machine would pick (benchmarks/backends.py compares the backends).
+    adapter = open_model(name, backend="mlx" if name.startswith("whisper") else None)
     after = snapshot()
     task = adapter.tasks[0].value
     runners = {

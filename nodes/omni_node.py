@@ -3,6 +3,8 @@
 Configuration (env in the dataflow YAML):
     MODEL              catalog name (default: the catalog's default model for TASK)
     TASK               the task to serve when MODEL is not given (e.g. text_generation)
+    BACKEND            run the model on this backend (mlx, ctranslate2, onnxruntime, ...)
+                       instead of the one chosen for this machine (see mofa_omni.backends)
     REQUEST_TIMEOUT_S  deadline of a request from its arrival (default 120)
 
 Inputs: ``request`` (the model's first task) or one named after each task it serves, and
@@ -50,7 +52,8 @@ def main() -> int:
     model, task = os.environ.get("MODEL"), os.environ.get("TASK")
     try:  # fail fast, before joining the graph
         spec = catalog.resolve(model, Task.parse(task)) if task else catalog.get(model or "")
-        slot = ModelSlot(spec, catalog, dora_node_id(spec.name))
+        slot = ModelSlot(spec, catalog, dora_node_id(spec.name),
+                         backend=os.environ.get("BACKEND") or None)
     except ContractError as error:
         print(f"omni-node: {error}", file=sys.stderr)
         return 2

@@ -28,9 +28,10 @@ class ModelSlot:
     with an ``unavailable`` error naming why; the slot itself never raises on load."""
 
     def __init__(self, wanted: ModelSpec, catalog: Catalog, node_id: str,
-                 store: ModelStore | None = None):
+                 store: ModelStore | None = None, backend: str | None = None):
         self.wanted, self.catalog, self.store = wanted, catalog, store or ModelStore()
-        self.host = ModelHost(create_adapter(wanted), node_id)
+        self.backend = backend  # None: the one mofa_omni.backends picks for this machine
+        self.host = ModelHost(create_adapter(wanted, backend), node_id)
 
     @property
     def model(self) -> str:
@@ -52,7 +53,8 @@ class ModelSlot:
         if self.loaded and spec.name == self.model:
             return LoadOutcome(spec.name, 0.0, 0, 0)
         self.unload()
-        adapter = self.host.adapter if spec.name == self.model else create_adapter(spec)
+        adapter = self.host.adapter if spec.name == self.model else \
+            create_adapter(spec, self.backend)
         precise = reset_peak_resident()
         before = resident_bytes()
         try:
@@ -64,8 +66,8 @@ class ModelSlot:
         after = resident_bytes()
         peak = peak_resident_bytes() if precise else after
         self.host.adapter, self.host.unavailable = adapter, ""
-        log.info("loaded %s in %.2f s (+%d MiB, peak +%d MiB)", spec.name, adapter.load_seconds,
-                 (after - before) >> 20, (peak - before) >> 20)
+        log.info("loaded %s on %s in %.2f s (+%d MiB, peak +%d MiB)", spec.name, adapter.backend,
+                 adapter.load_seconds, (after - before) >> 20, (peak - before) >> 20)
         return LoadOutcome(spec.name, adapter.load_seconds or 0.0, max(after - before, 0),
                            max(peak - before, after - before, 0))
 

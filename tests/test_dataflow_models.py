@@ -53,6 +53,7 @@ def test_spoken_question_through_four_model_nodes(tmp_path: Path):
     assert "no messages" in errors["bad-empty-chat"]["message"]
     assert {e["kind"] for e in errors.values()} == {"bad_request"}
     assert {e["node"] for e in errors.values()} == {"asr", "llm"}
+    assert "loaded whisper-tiny.en on mlx" in log  # BACKEND in the YAML overrides the choice
 
 
 def test_omni_node_fails_fast_on_an_unknown_model():
