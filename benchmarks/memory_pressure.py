@@ -34,7 +34,7 @@ Measured for each, from this process: the resident memory (RSS) of the model-nod
 every 0.5 s) -- its peak, peak / budget, and the seconds spent over the budget; requests sent,
 completed and failed (voice turns from the dialogue's transcript: a reply without an error mark
 is completed; embeddings from the driver's report: vectors or an ErrorReport); load times (the
-nodes' "loaded X in Y s" log lines: first loads, reloads after an eviction, and variant switches);
+nodes' "loaded X on BACKEND in Y s" log lines: first loads, reloads after an eviction, and variant switches);
 wall time. With the scheduler, its JOURNAL (every policy event with the decisions it led to,
 replayed here through the pure policy as a check) gives the decisions: grants, evictions,
 step-downs (a grant of a smaller variant than asked, or a switch down), step-ups, waits and
@@ -291,7 +291,7 @@ def node_logs(work: Path) -> dict[str, list[dict]]:
 def load_events(logs: dict[str, list[dict]], models: dict[str, str]) -> list[dict]:
     """Each model load in the nodes' logs: a first load, a reload (after an eviction), or a
     switch to another variant (the node's last scheduler command was `switch`)."""
-    loaded = re.compile(r"loaded (\S+) in ([\d.]+) s \(\+(\d+) MiB, peak \+(\d+) MiB\)")
+    loaded = re.compile(r"loaded (\S+) on \S+ in ([\d.]+) s \(\+(\d+) MiB, peak \+(\d+) MiB\)")
     command = re.compile(r"mofa_omni\.serving: scheduler: (\w+)")
     events = []
     for node in models:
