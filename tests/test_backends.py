@@ -30,8 +30,15 @@ def test_the_fastest_backend_per_platform_is_chosen(whisper, where, adapter):
 
 
 def test_a_model_with_one_adapter_keeps_it():
-    chosen = select_adapter(Catalog.load([]).get("smollm2-135m"), where="cpu")
-    assert (chosen.adapter, chosen.backend) == ("mlx_lm", "mlx")
+    chosen = select_adapter(Catalog.load([]).get("minilm-l6"), where="cpu")
+    assert (chosen.adapter, chosen.backend) == ("mlx_bert", "mlx")
+
+
+@pytest.mark.parametrize("where, adapter", [("apple-silicon", "mlx_lm"), ("cpu", "ct2_lm")])
+def test_the_llm_runs_on_ctranslate2_except_on_a_mac(where, adapter):
+    assert select_adapter(Catalog.load([]).get("smollm2-135m"), where=where).adapter == adapter
+    # gemma-3-270m is not a Llama-architecture model: MLX serves it everywhere.
+    assert select_adapter(Catalog.load([]).get("gemma-3-270m"), where=where).backend == "mlx"
 
 
 def test_a_node_can_ask_for_a_backend(whisper):

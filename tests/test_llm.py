@@ -202,17 +202,22 @@ def test_unknown_dtype_is_a_clear_error(tiny_gguf, tmp_path):
 
 # --- real weights ------------------------------------------------------------------------
 
+BACKENDS = ["mlx", "ctranslate2"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["smollm2-135m", "smollm2-135m-q4"])
-def test_smollm2_knows_the_capital_of_france(model, name):
-    text, chunks = reply(model(name), ChatRequest(CAPITAL, max_tokens=24))
+@pytest.mark.parametrize("name, backend", [("smollm2-135m", "mlx"), ("smollm2-135m", "ctranslate2"),
+                                           ("smollm2-135m-q4", None)])
+def test_smollm2_knows_the_capital_of_france(model, name, backend):
+    text, chunks = reply(model(name, backend), ChatRequest(CAPITAL, max_tokens=24))
     assert "Paris" in text
     assert chunks[-1].finish_reason == "stop"  # ended at EOS, well before max_tokens
 
 
 @pytest.mark.slow
-def test_streaming_yields_chunks_then_one_final(model):
-    chunks = list(model("smollm2-135m").generate(ChatRequest(CAPITAL, max_tokens=24)))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_streaming_yields_chunks_then_one_final(model, backend):
+    chunks = list(model("smollm2-135m", backend).generate(ChatRequest(CAPITAL, max_tokens=24)))
     assert len([c for c in chunks if c.text]) >= 3
     assert [c.final for c in chunks] == [False] * (len(chunks) - 1) + [True]
     final = chunks[-1]
@@ -220,23 +225,27 @@ def test_streaming_yields_chunks_then_one_final(model):
 
 
 @pytest.mark.slow
-def test_max_tokens_gives_length(model):
-    _, chunks = reply(model("smollm2-135m"), ChatRequest(STORY, max_tokens=7))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_max_tokens_gives_length(model, backend):
+    _, chunks = reply(model("smollm2-135m", backend), ChatRequest(STORY, max_tokens=7))
     assert chunks[-1].finish_reason == "length"
     assert chunks[-1].completion_tokens == 7
 
 
 @pytest.mark.slow
-def test_stop_sequence_split_across_tokens_is_never_emitted(model):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stop_sequence_split_across_tokens_is_never_emitted(model, backend):
     # " is" and " Paris" are separate tokens: the stop text spans both
-    text, chunks = reply(model("smollm2-135m"), ChatRequest(CAPITAL, max_tokens=24, stop=[" is Par"]))
+    text, chunks = reply(model("smollm2-135m", backend),
+                         ChatRequest(CAPITAL, max_tokens=24, stop=[" is Par"]))
     assert chunks[-1].finish_reason == "stop"
     assert text and "Par" not in text and not text.endswith(" is")
 
 
 @pytest.mark.slow
-def test_closing_the_stream_stops_generation(model):
-    adapter = model("smollm2-135m")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_closing_the_stream_stops_generation(model, backend):
+    adapter = model("smollm2-135m", backend)
     stream = adapter.generate(ChatRequest(STORY, max_tokens=200))
     assert next(stream).text
     stream.close()
@@ -250,7 +259,7 @@ def test_closing_the_stream_stops_generation(model):
 def test_unload_gives_memory_back(catalog, store, model):
     model("smollm2-135m-q4")  # libraries imported and warm, so what follows measures weights only
     before = snapshot()
-    adapter = open_model("smollm2-135m", catalog=catalog, store=store)
+    adapter = open_model("smollm2-135m", catalog=catalog, store=store, backend="mlx")
     loaded = snapshot()
     grew = loaded.mlx_active_bytes - before.mlx_active_bytes
     assert grew > 400e6  # 135M parameters in float32
@@ -258,6 +267,25 @@ def test_unload_gives_memory_back(catalog, store, model):
     after = snapshot()
     assert loaded.mlx_active_bytes - after.mlx_active_bytes > 0.95 * grew
     assert loaded.rss_bytes - after.rss_bytes > 0.7 * grew
+
+
+@pytest.mark.slow
+def test_ctranslate2_unload_gives_memory_back(catalog, store, model):
+    model("smollm2-135m", "ctranslate2")  # libraries imported, the artifact built
+    before = snapshot()
+    adapter = open_model("smollm2-135m", catalog=catalog, store=store, backend="ctranslate2")
+    loaded = snapshot()
+    grew = loaded.rss_bytes - before.rss_bytes
+    assert grew > 100e6  # 135M parameters in int8
+    adapter.unload()
+    assert loaded.rss_bytes - snapshot().rss_bytes > 0.7 * grew
+
+
+@pytest.mark.slow
+def test_both_backends_answer_alike(model):
+    texts = [reply(model("smollm2-135m", backend), ChatRequest(CAPITAL, max_tokens=24))[0]
+             for backend in BACKENDS]
+    assert all("capital of France is Paris" in text for text in texts), texts
 
 
 @pytest.mark.slow

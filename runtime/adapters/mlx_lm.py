@@ -49,6 +49,19 @@ class StopMatcher:
         return 0
 
 
+def chat_prompt_tokens(tokenizer, request: ChatRequest) -> list[int]:
+    """The request's messages as token ids, through the model's chat template if it has one.
+
+    A base model without a template continues the plain text of its messages.
+    """
+    messages = [{"role": m.role, "content": m.content} for m in request.messages]
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    else:
+        text = "\n\n".join(m["content"] for m in messages)
+    bos = tokenizer.bos_token
+    return tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
+
 
 class MlxLmAdapter(ModelAdapter):
     """Chat models served by mlx-lm. ``options.dtype`` picks how a GGUF is converted
@@ -100,18 +113,7 @@ class MlxLmAdapter(ModelAdapter):
     # --- serving ---------------------------------------------------------------------
 
     def prompt_tokens(self, request: ChatRequest) -> list[int]:
-        """The request's messages as token ids, through the model's chat template if it has one.
-
-        A base model without a template continues the plain text of its messages.
-        """
-        tokenizer = self._tokenizer
-        messages = [{"role": m.role, "content": m.content} for m in request.messages]
-        if tokenizer.chat_template:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        else:
-            text = "\n\n".join(m["content"] for m in messages)
-        bos = tokenizer.bos_token
-        return tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
+        return chat_prompt_tokens(self._tokenizer, request)
 
     def generate(self, request: ChatRequest) -> Iterator[TextChunk]:
         """Stream the reply to ``request``; the last chunk is final and carries the usage.

@@ -1,0 +1,191 @@
+"""Text generation on CTranslate2, from the catalog's GGUF weights (Llama-family models).
+
+``prepare`` dequantizes the GGUF (the same reader the MLX path uses), maps the
+weights onto a CTranslate2 decoder spec and saves it quantized — no torch
+needed. Tokenizer, chat template and streaming detokenization are mlx-lm's, so
+both backends build the same prompt and stream the same way. On this 2-core
+CPU SmolLM2-135M runs ~65 tok/s in int8 and ~30 tok/s in float32, against ~9
+tok/s for MLX float32.
+
+``options.compute_type``: ``int8`` (default), ``float32``, or ``int8_float16`` /
+``float16`` on CUDA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from mofa_omni.adapters.base import AdapterError, ModelAdapter, ModelLoadError, Progress
+from mofa_omni.adapters.mlx_lm import StopMatcher, chat_prompt_tokens
+from mofa_omni.contract import ChatRequest, Task, TextChunk, validate_request
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+MODEL_CONFIG = "model_config.json"  # the model's own config (CTranslate2 writes config.json)
+
+
+class Ct2LmAdapter(ModelAdapter):
+    """Llama-architecture chat models (SmolLM2, Llama, Qwen2 without biases...) on CTranslate2."""
+
+    supported_tasks: ClassVar[frozenset[Task]] = frozenset({Task.TEXT_GENERATION})
+    formats: ClassVar[frozenset[str]] = frozenset({"gguf"})
+    backend: ClassVar[str] = "ctranslate2"
+    requires: ClassVar[tuple[str, ...]] = ("ctranslate2", "mlx_lm")
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self._generator: Any = None
+        self._tokenizer: Any = None
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def prepare(self, source_dir: Path, out_dir: Path, progress: Progress) -> None:
+        from mofa_omni.formats.gguf import convert_gguf
+
+        ggufs = sorted(source_dir.glob(self.spec.options.get("file") or "*.gguf"))
+        if len(ggufs) != 1:
+            raise ModelLoadError(f"model {self.spec.name!r}: expected one .gguf file in "
+                                 f"{source_dir}, found {[p.name for p in ggufs]}")
+        with tempfile.TemporaryDirectory(dir=out_dir.parent) as scratch:
+            config = convert_gguf(ggufs[0], Path(scratch), dtype="float32", progress=progress)
+            progress("build CTranslate2 model", 0, 1)
+            spec = _decoder_spec(Path(scratch), config)
+            spec.optimize(quantization=self.spec.options.get("compute_type", "int8"))
+            spec.save(str(out_dir))
+            for name in TOKENIZER_FILES:
+                shutil.copy(Path(scratch) / name, out_dir / name)
+            shutil.copy(Path(scratch) / "config.json", out_dir / MODEL_CONFIG)
+            progress("build CTranslate2 model", 1, 1)
+
+    def _load(self, model_dir: Path) -> None:
+        import ctranslate2
+        from mlx_lm.utils import load_tokenizer
+
+        device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+        try:
+            self._generator = ctranslate2.Generator(
+                str(model_dir), device=device,
+                compute_type=self.spec.options.get("compute_type", "int8"),
+                intra_threads=os.cpu_count() or 1)
+        except (RuntimeError, ValueError) as error:
+            raise ModelLoadError(f"model {self.spec.name!r}: CTranslate2 cannot load "
+                                 f"{model_dir}: {error}") from error
+        config = json.loads((model_dir / MODEL_CONFIG).read_text())
+        self._tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
+
+    def _unload(self) -> None:
+        self._generator = self._tokenizer = None
+
+    # --- serving ---------------------------------------------------------------------
+
+    def generate(self, request: ChatRequest) -> Iterator[TextChunk]:
+        """Stream the reply to ``request``, as the MLX adapter does: greedy at temperature 0,
+        stops at EOS, ``max_tokens`` or a stop sequence (never emitted); closing the
+        generator stops the computation."""
+        validate_request(request)
+        if self._generator is None:
+            raise AdapterError(f"model {self.spec.name!r} is not loaded")
+        tokenizer = self._tokenizer
+        prompt = chat_prompt_tokens(tokenizer, request)
+        eos = sorted(tokenizer.eos_token_ids)
+        sampling: dict[str, Any] = {"sampling_topk": 1}
+        if request.temperature > 0:
+            sampling = {"sampling_topk": 0, "sampling_temperature": request.temperature,
+                        "sampling_topp": request.top_p}
+        steps = self._generator.generate_tokens(
+            tokenizer.convert_ids_to_tokens(prompt), max_length=request.max_tokens,
+            end_token=tokenizer.convert_ids_to_tokens(eos), **sampling)
+        detokenizer = tokenizer.detokenizer
+        detokenizer.reset()
+        matcher = StopMatcher(request.stop)
+        completion, finish = 0, "length"
+        try:
+            for step in steps:
+                if step.token_id in eos:
+                    finish = "stop"
+                    break
+                completion += 1
+                detokenizer.add_token(step.token_id)
+                text, stopped = matcher.feed(detokenizer.last_segment)
+                if text:
+                    yield TextChunk(text)
+                if stopped:
+                    finish = "stop"
+                    break
+        finally:
+            steps.close()  # also when our consumer closed us: stops the model at once
+        detokenizer.finalize()
+        tail = matcher.feed(detokenizer.last_segment)[0] if not matcher.stopped else ""
+        if tail := tail + matcher.flush():
+            yield TextChunk(tail)
+        yield TextChunk("", final=True, finish_reason=finish,
+                        prompt_tokens=len(prompt), completion_tokens=completion)
+
+
+def _decoder_spec(model_dir: Path, config: dict):
+    """A CTranslate2 decoder spec with the weights of an mlx-lm Llama-family model directory."""
+    from ctranslate2.specs import common_spec, transformer_spec
+    from safetensors.numpy import load_file
+
+    if config.get("model_type") != "llama" or config.get("attention_bias"):
+        raise ModelLoadError(f"CTranslate2 serves Llama-architecture models here, not "
+                             f"{config.get('model_type')!r}")
+    weights = load_file(str(model_dir / "model.safetensors"))
+    heads = config["num_attention_heads"]
+    spec = transformer_spec.TransformerDecoderModelSpec.from_config(
+        config["num_hidden_layers"], heads, activation=common_spec.Activation.SWISH,
+        pre_norm=True, ffn_glu=True, rms_norm=True, rotary_dim=0,
+        # GGUF keeps Q/K rows in the order of llama.cpp's interleaved ("traditional") rotary.
+        rotary_interleave=bool(config.get("rope_traditional", False)),
+        rotary_base=config.get("rope_theta", 10000.0),
+        num_heads_kv=config.get("num_key_value_heads", heads),
+        head_dim=config.get("head_dim", config["hidden_size"] // heads))
+    decoder = spec.decoder
+    decoder.scale_embeddings = False  # Llama does not scale embeddings by sqrt(d_model)
+
+    def weight(name: str) -> np.ndarray:
+        return np.ascontiguousarray(weights[name].astype(np.float32))
+
+    decoder.embeddings.weight = weight("model.embed_tokens.weight")
+    decoder.layer_norm.gamma = weight("model.norm.weight")
+    decoder.projection.weight = (weight("lm_head.weight") if "lm_head.weight" in weights
+                                 else decoder.embeddings.weight)
+    for index, layer in enumerate(decoder.layer):
+        prefix = f"model.layers.{index}."
+        attention, ffn = layer.self_attention, layer.ffn
+        attention.layer_norm.gamma = weight(prefix + "input_layernorm.weight")
+        attention.linear[0].weight = np.concatenate(
+            [weight(prefix + f"self_attn.{p}_proj.weight") for p in "qkv"])
+        attention.linear[1].weight = weight(prefix + "self_attn.o_proj.weight")
+        ffn.layer_norm.gamma = weight(prefix + "post_attention_layernorm.weight")
+        ffn.linear_0.weight = weight(prefix + "mlp.gate_proj.weight")
+        ffn.linear_0_noact.weight = weight(prefix + "mlp.up_proj.weight")
+        ffn.linear_1.weight = weight(prefix + "mlp.down_proj.weight")
+    tokenizer = json.loads((model_dir / "tokenizer.json").read_text())
+    vocabulary = _vocabulary(tokenizer, config["vocab_size"])
+    spec.register_vocabulary(vocabulary)
+    spec.config.bos_token = vocabulary[config.get("bos_token_id", 1)]
+    eos = config.get("eos_token_id", 2)
+    spec.config.eos_token = vocabulary[eos[0] if isinstance(eos, list) else eos]
+    spec.config.unk_token = vocabulary[0]
+    spec.validate()
+    return spec
+
+
+def _vocabulary(tokenizer: dict, size: int) -> list[str]:
+    """Token strings by id (CTranslate2 wants one per id; the ids are what matter)."""
+    tokens = [f"<unused_{i}>" for i in range(size)]
+    for text, index in tokenizer["model"]["vocab"].items():
+        if index < size:
+            tokens[index] = text
+    for added in tokenizer.get("added_tokens", []):
+        if added["id"] < size:
+            tokens[added["id"]] = added["content"]
+    return tokens
