@@ -36,6 +36,7 @@ from mofa_omni.contract import (  # noqa: E402
     SpeechRequest,
     TranscriptionRequest,
 )
+from mofa_omni.catalog import Catalog  # noqa: E402
 from mofa_omni.loading import open_model  # noqa: E402
 from mofa_omni.memory import format_bytes, release_freed_memory, snapshot  # noqa: E402
 
@@ -158,9 +159,10 @@ def spoken_question() -> tuple[np.ndarray, int]:
 def bench_model(name: str, repeats: int, speech: tuple[np.ndarray, int]) -> dict:
     release_freed_memory()
     before = snapshot()
-    # Each adapter against the library it wraps: whisper through MLX here, whatever backend
-    # this machine would pick (benchmarks/backends.py compares the backends).
-    adapter = open_model(name, backend="mlx" if name.startswith("whisper") else None)
+    # Each adapter against the library it wraps: the MLX adapter of models that also have a
+    # CTranslate2 one, whichever this machine would pick (comparing backends is another table).
+    catalog_spec = Catalog.load().get(name)
+    adapter = open_model(name, backend="mlx" if len(catalog_spec.adapters) > 1 else None)
     after = snapshot()
     task = adapter.tasks[0].value
     runners = {
