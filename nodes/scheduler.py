@@ -116,8 +116,10 @@ def main() -> int:
                 commands += scheduling.on_message(from_arrow(event["value"]), now)
             except ContractError as error:
                 log.error("from %s: %s", graph.memory_inputs[event["id"]], error)
-        available = psutil.virtual_memory().available
-        if now - last_tick >= tick_s:
+        tick_due = now - last_tick >= tick_s
+        status_due = commands or tick_due or now - last_status >= STATUS_EVERY_S
+        available = psutil.virtual_memory().available if status_due else 0
+        if tick_due:
             commands += scheduling.on_tick(now, available)
             last_tick = now
         for command in commands:

@@ -17,14 +17,14 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
 from mofa_omni.adapters.base import AdapterError, ModelAdapter, ModelLoadError, Progress
-from mofa_omni.adapters.mlx_lm import StopMatcher, chat_prompt_tokens
+from mofa_omni.adapters.mlx_lm import Piece, chat_prompt_tokens, stream_reply
 from mofa_omni.contract import ChatRequest, Task, TextChunk, validate_request
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -104,29 +104,22 @@ class Ct2LmAdapter(ModelAdapter):
             end_token=tokenizer.convert_ids_to_tokens(eos), **sampling)
         detokenizer = tokenizer.detokenizer
         detokenizer.reset()
-        matcher = StopMatcher(request.stop)
-        completion, finish = 0, "length"
-        try:
-            for step in steps:
-                if step.token_id in eos:
-                    finish = "stop"
-                    break
-                completion += 1
-                detokenizer.add_token(step.token_id)
-                text, stopped = matcher.feed(detokenizer.last_segment)
-                if text:
-                    yield TextChunk(text)
-                if stopped:
-                    finish = "stop"
-                    break
-        finally:
-            steps.close()  # also when our consumer closed us: stops the model at once
-        detokenizer.finalize()
-        tail = matcher.feed(detokenizer.last_segment)[0] if not matcher.stopped else ""
-        if tail := tail + matcher.flush():
-            yield TextChunk(tail)
-        yield TextChunk("", final=True, finish_reason=finish,
-                        prompt_tokens=len(prompt), completion_tokens=completion)
+
+        def pieces() -> Generator[Piece, None, None]:
+            ended = False
+            try:
+                for step in steps:
+                    if step.token_id in eos:
+                        ended = True
+                        break
+                    detokenizer.add_token(step.token_id)
+                    yield Piece(detokenizer.last_segment)
+            finally:
+                steps.close()
+            detokenizer.finalize()
+            yield Piece(detokenizer.last_segment, token=False, end=ended)
+
+        return stream_reply(pieces(), request.stop, len(prompt))
 
 
 def _decoder_spec(model_dir: Path, config: dict):

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 from mofa_omni.adapters.base import AdapterError, ModelAdapter, ModelLoadError, Progress
 from mofa_omni.contract import ChatRequest, TextChunk, Task, validate_request
@@ -47,6 +47,41 @@ class StopMatcher:
             if self.pending.endswith(stop[:size]):
                 return size
         return 0
+
+
+class Piece(NamedTuple):
+    """Text an LLM backend produced: ``token`` if it is a generated token's (counted in the
+    usage), ``end`` if the model ended its reply (EOS)."""
+
+    text: str
+    token: bool = True
+    end: bool = False
+
+
+def stream_reply(pieces: Generator[Piece, None, None], stops: list[str],
+                 prompt_tokens: int) -> Iterator[TextChunk]:
+    """The reply's chunks from a backend's pieces, for every LLM adapter: stop sequences are
+    held back and never emitted, and the last chunk is final and carries the usage. Closing
+    the stream closes ``pieces``, which stops the model at once."""
+    matcher = StopMatcher(stops)
+    completion, finish = 0, "length"
+    try:
+        for piece in pieces:
+            completion += piece.token
+            if piece.end:
+                finish = "stop"
+            text, stopped = matcher.feed(piece.text)
+            if text:
+                yield TextChunk(text)
+            if stopped:
+                finish = "stop"
+                break
+    finally:
+        pieces.close()
+    if tail := matcher.flush():
+        yield TextChunk(tail)
+    yield TextChunk("", final=True, finish_reason=finish, prompt_tokens=prompt_tokens,
+                    completion_tokens=completion)
 
 
 def chat_prompt_tokens(tokenizer, request: ChatRequest) -> list[int]:
@@ -130,25 +165,16 @@ class MlxLmAdapter(ModelAdapter):
             raise AdapterError(f"model {self.spec.name!r} is not loaded")
         prompt = self.prompt_tokens(request)
         sampler = make_sampler(temp=request.temperature, top_p=request.top_p)
-        matcher = StopMatcher(request.stop)
         responses = stream_generate(self._model, self._tokenizer, prompt,
                                     max_tokens=request.max_tokens, sampler=sampler)
-        completion, finish = 0, "length"
-        try:
-            for response in responses:
-                if response.finish_reason == "stop":  # EOS: the token itself is not part of the reply
-                    finish = "stop"
-                else:
-                    completion += 1
-                text, stopped = matcher.feed(response.text)
-                if text:
-                    yield TextChunk(text)
-                if stopped:
-                    finish = "stop"
-                    break
-        finally:
-            responses.close()  # also when our consumer closed us: stops the model at once
-        if tail := matcher.flush():
-            yield TextChunk(tail)
-        yield TextChunk("", final=True, finish_reason=finish,
-                        prompt_tokens=len(prompt), completion_tokens=completion)
+
+        def pieces() -> Generator[Piece, None, None]:
+            try:  # EOS arrives as a response of its own: its text is not a generated token's
+                for r in responses:
+                    yield Piece(r.text, token=r.finish_reason != "stop",
+                                end=r.finish_reason == "stop")
+            finally:
+                responses.close()
+
+        return stream_reply(pieces(), request.stop, len(prompt))
+
