@@ -19,7 +19,9 @@ Configuration (env in the dataflow YAML):
 Every model node it manages declares ``scheduler: <this node>/command`` as an input and
 ``memory`` as an output, which this node takes as an input (any input id). The pipelines
 come from the dataflow itself. Output ``status`` (read by ``omni status`` through the
-dynamic ``omni-control`` node) is sent on every decision and every second.
+dynamic ``omni-control`` node) is sent on every decision and every second, and carries
+the outcome of every swap. ``omni swap`` asks through an input taken from the dynamic
+node's ``control`` output (``control: omni-control/control``).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import psutil
 from dora import Node
 
 from mofa_omni.contract import ContractError
-from mofa_omni.control import COMMAND_OUTPUT, STATUS_OUTPUT, from_arrow, to_arrow
+from mofa_omni.control import COMMAND_OUTPUT, STATUS_OUTPUT, SwapAsk, from_arrow, to_arrow
 from mofa_omni.graph import scheduled_graph
 from mofa_omni.host import dora_node_id
 from mofa_omni.memory import format_bytes, parse_size
@@ -116,6 +118,14 @@ def main() -> int:
                 commands += scheduling.on_message(from_arrow(event["value"]), now)
             except ContractError as error:
                 log.error("from %s: %s", graph.memory_inputs[event["id"]], error)
+        elif event["type"] == "INPUT":  # from omni-control: omni swap
+            try:
+                message = from_arrow(event["value"])
+                if not isinstance(message, SwapAsk):
+                    raise ContractError(f"expected a swap request, got {type(message).__name__}")
+                commands += scheduling.on_message(message, now)
+            except ContractError as error:
+                log.error("on input %s: %s", event["id"], error)
         tick_due = now - last_tick >= tick_s
         status_due = commands or tick_due or now - last_status >= STATUS_EVERY_S
         available = psutil.virtual_memory().available if status_due else 0
@@ -124,6 +134,8 @@ def main() -> int:
             last_tick = now
         for command in commands:
             node.send_output(COMMAND_OUTPUT, to_arrow(command))
+        for outcome in scheduling.take_outcomes():
+            node.send_output(STATUS_OUTPUT, to_arrow(outcome))
         if commands or now - last_status >= STATUS_EVERY_S:
             publish_status(now, available)
             last_status = now

@@ -6,7 +6,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from mofa_omni.control import ControlMessage, LoadAsk, NodeReport, NodeState, Variant
+from mofa_omni.control import ControlMessage, LoadAsk, NodeReport, NodeState, SwapOutcome, Variant
 from mofa_omni.memory import resident_bytes, snapshot
 from mofa_omni.residency import LoadOutcome, ModelSlot
 
@@ -37,7 +37,8 @@ class SchedulerLink:
         ladder = [Variant(model, size) for model, size in self.slot.ladder()]
         self.publish(LoadAsk(self.node_id, ladder, overhead=resident_bytes()))
 
-    def report(self, event: str, outcome: LoadOutcome | None = None, detail: str = "") -> None:
+    def report(self, event: str, outcome: LoadOutcome | None = None, detail: str = "",
+               swap: SwapOutcome | None = None) -> None:
         memory = snapshot()
         self.publish(NodeReport(
             self.node_id, event, self.state, self.slot.model, memory.rss_bytes,
@@ -45,7 +46,8 @@ class SchedulerLink:
             model_bytes=outcome.bytes if outcome else 0,
             peak_bytes=outcome.peak if outcome else 0,
             load_seconds=outcome.seconds if outcome else 0.0,
-            mlx_active=memory.mlx_active_bytes, mlx_peak=memory.mlx_peak_bytes, detail=detail))
+            mlx_active=memory.mlx_active_bytes, mlx_peak=memory.mlx_peak_bytes, detail=detail,
+            swap=swap))
 
     def start_measuring(self, interval_s: float) -> None:
         """Report resident memory every ``interval_s`` from a background thread."""

@@ -123,6 +123,7 @@ class Catalog:
     models: dict[str, ModelSpec]
     defaults: dict[Task, str]
     ladders: dict[str, list[str]]
+    sources: list[Path] = field(default_factory=list)  # the files merged, in order
 
     @classmethod
     def load(cls, paths: list[Path] | None = None) -> Catalog:
@@ -133,11 +134,20 @@ class Catalog:
                 catalog.merge(path)
         return catalog
 
+    def reload(self) -> Catalog:
+        """The same files read again: a running graph sees models added since it started."""
+        catalog = Catalog({}, {}, {})
+        for path in self.sources:
+            if path.is_file():
+                catalog.merge(path)
+        return catalog
+
     def merge(self, path: Path) -> None:
         try:
             raw = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as error:
             raise CatalogError(f"catalog {path}: {error}") from None
+        self.sources.append(path)
         for name, entry in raw.get("models", {}).items():
             self.models[name] = _parse_model(name, entry, path.parent)
         for task, name in raw.get("defaults", {}).items():

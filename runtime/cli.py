@@ -8,6 +8,7 @@
     omni embed TEXT... [--json]       sentence embeddings
     omni doctor                       platform, MLX device, BLAS in use, measured GFLOP/s
     omni status [--json]              a running graph's models, memory and scheduler decisions
+    omni swap NODE MODEL              serve MODEL on a running graph's NODE, losing no request
 """
 
 from __future__ import annotations
@@ -203,16 +204,36 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import msgspec
 
-    from mofa_omni.status import GraphUnreachable, fetch_status, render_status
+    from mofa_omni.graph_control import GraphUnreachable, fetch_status
+    from mofa_omni.status import render_status
 
     try:
-        status = fetch_status(args.timeout)
+        status = fetch_status(args.timeout, args.dataflow)
     except GraphUnreachable as error:
         print(f"omni status: {error}", file=sys.stderr)
         return 1
     print(msgspec.json.format(msgspec.json.encode(status).decode()) if args.json
           else render_status(status))
     return 0
+
+
+def cmd_swap(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from mofa_omni.graph_control import GraphUnreachable, swap
+    from mofa_omni.status import render_swap
+
+    _catalog().get(args.model)  # an unknown name fails here, with close matches
+    try:
+        outcome = swap(args.node, args.model, args.timeout, args.dataflow)
+    except GraphUnreachable as error:
+        print(f"omni swap: {error}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(msgspec.json.format(msgspec.json.encode(outcome).decode()))
+    else:
+        print(render_swap(outcome), file=sys.stdout if outcome.ok else sys.stderr)
+    return 0 if outcome.ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,6 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
                   model=False)
     sub.add_argument("--json", action="store_true")
     sub.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the graph")
+    sub.add_argument("--dataflow", help="the graph's name, when several run")
+    sub = command("swap", cmd_swap, "serve another model on a running graph's node, while it "
+                                    "keeps serving", model=False)
+    sub.add_argument("node", help="the model node's id in the dataflow (e.g. llm)")
+    sub.add_argument("model", help="catalog name of the model to serve from now on")
+    sub.add_argument("--json", action="store_true")
+    sub.add_argument("--timeout", type=float, default=600.0,
+                     help="seconds to wait for the swap to end (fetching, converting, loading)")
+    sub.add_argument("--dataflow", help="the graph's name, when several run")
     return parser
 
 

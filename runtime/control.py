@@ -4,7 +4,10 @@ Model nodes send :class:`LoadAsk` and :class:`NodeReport` on their ``memory``
 output; the scheduler answers with :class:`Command` on its ``command`` output
 (every model node's ``scheduler`` input; each keeps those naming it) and
 publishes :class:`Status` on ``status`` for the dataflow's dynamic
-``omni-control`` node, through which ``omni status`` reads it. Each message is
+``omni-control`` node, through which ``omni status`` reads it. ``omni swap``
+sends :class:`SwapAsk` on that node's ``control`` output; the scheduler
+decides how (or whether) the swap fits the budget, the node carries it out and
+reports it, and the scheduler publishes the :class:`SwapOutcome` on ``status``. Each message is
 one msgspec-encoded JSON string in a one-element Arrow string array: small,
 typed, and readable in a trace.
 """
@@ -22,10 +25,11 @@ MEMORY_OUTPUT = "memory"  # model node -> scheduler
 SCHEDULER_INPUT = "scheduler"  # scheduler/command -> model node
 COMMAND_OUTPUT = "command"
 STATUS_OUTPUT = "status"
+CONTROL_OUTPUT = "control"  # omni-control -> scheduler
 CONTROL_NODE = "omni-control"  # the dynamic node `omni` commands connect as
 
-NodeState = Literal["starting", "waiting", "loading", "switching", "ready", "busy", "evicted",
-                    "unavailable"]
+NodeState = Literal["starting", "waiting", "loading", "switching", "swapping", "ready", "busy",
+                    "evicted", "unavailable"]
 
 
 class Variant(msgspec.Struct, frozen=True):
@@ -41,11 +45,38 @@ class LoadAsk(msgspec.Struct, frozen=True, tag="load"):
     overhead: int  # the process's own resident memory before loading
 
 
+class SwapAsk(msgspec.Struct, frozen=True, tag="swap"):
+    """``omni swap``: serve ``model`` on ``node`` from now on."""
+
+    swap_id: str
+    node: str
+    model: str
+
+
+class SwapOutcome(msgspec.Struct, frozen=True, tag="swap_outcome"):
+    """How a swap ended: the node reports it, the scheduler passes it on to ``omni swap``."""
+
+    swap_id: str
+    node: str
+    ok: bool
+    old_model: str
+    new_model: str
+    mode: Literal["beside", "in_place", "not_loaded", "none"] = "none"
+    load_seconds: float = 0.0  # loading the new model
+    total_seconds: float = 0.0  # from the node's receiving the command to serving the new model
+    paused_seconds: float = 0.0  # when no request could be served (unload + load in place)
+    waited: int = 0  # requests that were waiting when serving resumed
+    longest_wait: float = 0.0  # the longest any of them waited because of the swap
+    detail: str = ""  # failed: why; ok: how the scheduler decided
+    warning: str = ""
+
+
 class NodeReport(msgspec.Struct, frozen=True, tag="report"):
     """What a model node did and measured. ``event`` says why it reports now."""
 
     node: str
-    event: Literal["loaded", "load_failed", "unloaded", "busy", "idle", "measure"]
+    event: Literal["loaded", "load_failed", "unloaded", "busy", "idle", "measure", "swapped",
+                   "swap_failed"]
     state: NodeState
     model: str  # the variant it holds or is about to hold
     rss: int  # the process's resident memory now
@@ -56,15 +87,19 @@ class NodeReport(msgspec.Struct, frozen=True, tag="report"):
     mlx_active: int = 0
     mlx_peak: int = 0
     detail: str = ""  # load_failed: why
+    swap: SwapOutcome | None = None  # swapped / swap_failed (and unloaded, for a node
+    # that held no model): the outcome for ``omni swap``
 
 
 class Command(msgspec.Struct, frozen=True, tag="command"):
     """The scheduler's decision for one node."""
 
     node: str
-    action: Literal["load", "unload", "switch", "wait", "refuse"]
+    action: Literal["load", "unload", "switch", "wait", "refuse", "swap"]
     model: str = ""
     reason: str = ""
+    beside: bool = False  # swap: load the new model while the old one keeps serving
+    swap_id: str = ""
 
 
 class NodeStatus(msgspec.Struct, frozen=True):
@@ -103,7 +138,7 @@ class Status(msgspec.Struct, frozen=True, tag="status"):
     decisions: list[DecisionRecord]
 
 
-ControlMessage = LoadAsk | NodeReport | Command | Status
+ControlMessage = LoadAsk | NodeReport | Command | Status | SwapAsk | SwapOutcome
 
 _decoder = msgspec.json.Decoder(ControlMessage)
 

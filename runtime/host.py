@@ -49,10 +49,12 @@ class MessageMeta:
     final: bool = True
     origin_ns: int = 0  # when the request entered the graph
     sent_ns: int = 0  # when this message was sent
+    model: str = ""  # the model that produced it (a node's model can be swapped)
 
     def to_dora(self) -> dict[str, Any]:
-        return {"request_id": self.request_id, "seq": self.seq, "final": self.final,
+        meta = {"request_id": self.request_id, "seq": self.seq, "final": self.final,
                 "origin_ns": self.origin_ns, "sent_ns": self.sent_ns}
+        return meta | {"model": self.model} if self.model else meta
 
     @classmethod
     def from_dora(cls, metadata: dict[str, Any] | None, fallback_id: str) -> MessageMeta:
@@ -152,7 +154,8 @@ class ModelHost:
         final = last_of_request and incoming.final
         if not final:
             self._next_seq[rid] = seq + 1
-        meta = MessageMeta(rid, seq, final, incoming.origin_ns, time.time_ns())
+        meta = MessageMeta(rid, seq, final, incoming.origin_ns, time.time_ns(),
+                           self.adapter.spec.name)
         return Outgoing(RESULT_OUTPUT, arrow.encode(result), meta)
 
     def reject(self, metadata: dict[str, Any] | None, kind: str, message: str) -> Outgoing:

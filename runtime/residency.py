@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from mofa_omni.adapters.base import ModelLoadError, create_adapter
+from pathlib import Path
+
+from mofa_omni.adapters.base import ModelAdapter, ModelLoadError, create_adapter
 from mofa_omni.catalog import Catalog, ModelSpec
 from mofa_omni.host import ModelHost
 from mofa_omni.memory import peak_resident_bytes, reset_peak_resident, resident_bytes
@@ -20,6 +22,15 @@ class LoadOutcome:
     seconds: float
     bytes: int  # resident growth once loaded
     peak: int  # peak resident growth while fetching, converting and loading
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedModel:
+    """A model's adapter and its verified files, ready to load (fetched and converted)."""
+
+    spec: ModelSpec
+    adapter: ModelAdapter
+    files: Path
 
 
 class ModelSlot:
@@ -55,21 +66,43 @@ class ModelSlot:
         self.unload()
         adapter = self.host.adapter if spec.name == self.model else \
             create_adapter(spec, self.backend)
-        precise = reset_peak_resident()
-        before = resident_bytes()
         try:
-            adapter.load(self.store.prepare(adapter))
+            outcome = self.load_prepared(PreparedModel(spec, adapter, self.store.prepare(adapter)))
         except (ModelLoadError, FetchError) as error:
             log.error("model %s cannot serve: %s", spec.name, error)
             self.host.adapter, self.host.unavailable = adapter, str(error)
             return None
+        self.host.adapter, self.host.unavailable = adapter, ""
+        return outcome
+
+    def prepare(self, name: str) -> PreparedModel:
+        """Fetch, convert and verify ``name``'s files without loading it (nor touching what is
+        loaded). The catalog is read again first: a model added to it since the node started
+        can be swapped in. Raises what the catalog or the store raise."""
+        self.catalog = self.catalog.reload()
+        spec = self.catalog.get(name)
+        adapter = create_adapter(spec, self.backend)
+        return PreparedModel(spec, adapter, self.store.prepare(adapter))
+
+    def load_prepared(self, prepared: PreparedModel) -> LoadOutcome:
+        """Load a prepared model, measuring the memory it takes; what is loaded stays loaded
+        (a swap loads the new model beside the old one). Raises if the load fails."""
+        adapter = prepared.adapter
+        precise = reset_peak_resident()
+        before = resident_bytes()
+        adapter.load(prepared.files)
         after = resident_bytes()
         peak = peak_resident_bytes() if precise else after
-        self.host.adapter, self.host.unavailable = adapter, ""
-        log.info("loaded %s on %s in %.2f s (+%d MiB, peak +%d MiB)", spec.name, adapter.backend,
-                 adapter.load_seconds, (after - before) >> 20, (peak - before) >> 20)
-        return LoadOutcome(spec.name, adapter.load_seconds or 0.0, max(after - before, 0),
-                           max(peak - before, after - before, 0))
+        log.info("loaded %s on %s in %.2f s (+%d MiB, peak +%d MiB)", prepared.spec.name,
+                 adapter.backend, adapter.load_seconds, (after - before) >> 20,
+                 (peak - before) >> 20)
+        return LoadOutcome(prepared.spec.name, adapter.load_seconds or 0.0,
+                           max(after - before, 0), max(peak - before, after - before, 0))
+
+    def install(self, prepared: PreparedModel) -> None:
+        """Serve ``prepared`` from now on, and want it: its ladder is the node's ladder now."""
+        self.host.adapter, self.host.unavailable = prepared.adapter, ""
+        self.wanted = prepared.spec
 
     def unload(self) -> None:
         """Drop the model and give its memory back to the system."""

@@ -24,6 +24,11 @@ then models are stepped down, until the deficit is covered. Models are stepped
 back up one rung at a time once memory is plentiful again: the step must leave
 ``min_available + step_up_margin`` available and fit the budget, and no pressure
 may have been seen for ``calm_seconds`` (hysteresis, so it does not flap).
+
+A node asked to swap its model (``omni swap``) loads the new one beside the old,
+which keeps serving, when the budget holds both; in place (the old one unloaded
+first, requests waiting meanwhile) when it holds the new one only once the old
+is gone; otherwise the swap is declined and the old model keeps serving.
 """
 
 from __future__ import annotations
@@ -100,7 +105,38 @@ class Departed:
     now: float
 
 
-Event = LoadRequest | Loaded | LoadFailed | Unloaded | Departed | Activity | Measured | Tick
+@dataclass(frozen=True, slots=True)
+class SwapRequest:
+    """Replace the model a node holds with ``ladder[0]`` (``omni swap``)."""
+
+    node: str
+    ladder: Ladder  # the new model, then its smaller variants: the node's ladder afterwards
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Swapped:
+    """The node serves the new model; the old one's memory is given back."""
+
+    node: str
+    model: str
+    bytes: int
+    peak: int
+    seconds: float
+    now: float
+    overhead: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SwapFailed:
+    """The new model could not load; the node serves the old one again."""
+
+    node: str
+    now: float
+
+
+Event = (LoadRequest | Loaded | LoadFailed | Unloaded | Departed | Activity | Measured | Tick
+         | SwapRequest | Swapped | SwapFailed)
 
 
 # --- decisions ---------------------------------------------------------------------------
@@ -139,12 +175,31 @@ class Refuse:
     reason: str
 
 
-Decision = Grant | Evict | Switch | Wait | Refuse
+@dataclass(frozen=True, slots=True)
+class Replace:
+    """Swap the node's model: ``beside`` the old one (both fit), or in its place."""
+
+    node: str
+    model: str
+    beside: bool
+    reason: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Decline:
+    """A swap that cannot be done now; the node keeps its model."""
+
+    node: str
+    model: str
+    reason: str
+
+
+Decision = Grant | Evict | Switch | Wait | Refuse | Replace | Decline
 
 
 # --- state -------------------------------------------------------------------------------
 
-Phase = Literal["loading", "ready", "leaving", "switching"]
+Phase = Literal["loading", "ready", "leaving", "switching", "swapping"]
 
 
 @dataclass
@@ -172,6 +227,12 @@ class Pending:
 
 
 @dataclass
+class SwapPlan:
+    ladder: Ladder  # the node's ladder once swapped
+    previous_bytes: int  # what the node held before: restored if the swap fails
+
+
+@dataclass
 class SchedulerState:
     budget: int
     pipelines: list[frozenset[str]] = field(default_factory=list)  # nodes needed together
@@ -186,6 +247,7 @@ class SchedulerState:
     step_up_margin: int = 512 << 20
     calm_seconds: float = 10.0  # no step back up until memory was short this long ago
     unsettled_at: float | None = None  # when memory was last short or a node left
+    swaps: dict[str, SwapPlan] = field(default_factory=dict)  # swaps under way, by node
 
     def used_bytes(self) -> int:
         return sum(self.overhead.values()) + sum(r.bytes for r in self.residents.values())
@@ -216,6 +278,8 @@ def decide(state: SchedulerState, event: Event) -> list[Decision]:
             if event.overhead is not None:
                 state.overhead[event.node] = event.overhead
             _activate(state, event.node)  # a pipeline being loaded is about to be used
+            # A node asks again after a swap changed its model: the new ask replaces the old.
+            state.pending = [p for p in state.pending if p.request.node != event.node]
             return _queue(state, event)
         case Loaded(node=node, model=model, now=now):
             state.learned_peak[model] = max(event.peak, event.bytes)
@@ -230,6 +294,7 @@ def decide(state: SchedulerState, event: Event) -> list[Decision]:
         case Departed(node=node, now=now):
             state.residents.pop(node, None)
             state.overhead.pop(node, None)
+            state.swaps.pop(node, None)
             state.unsettled_at = now  # often the graph winding down: no step-ups for a while
             return _retry_pending(state, now)
         case LoadFailed(node=node, now=now) | Unloaded(node=node, now=now):
@@ -253,6 +318,24 @@ def decide(state: SchedulerState, event: Event) -> list[Decision]:
                 learned = state.learned_peak.get(resident.model, 0)
                 state.learned_peak[resident.model] = max(learned, resident.bytes)
             return []
+        case SwapRequest():
+            return _swap(state, event)
+        case Swapped(node=node, model=model, now=now):
+            plan = state.swaps.pop(node, None)
+            state.learned_peak[model] = max(event.peak, event.bytes)
+            if event.overhead is not None:
+                state.overhead[node] = event.overhead
+            ladder = plan.ladder if plan else ((model, event.peak),)
+            previous = state.residents.get(node)
+            state.residents[node] = Resident(node, model, event.bytes, ladder, event.seconds,
+                                             last_used=now, phase="ready",
+                                             busy=bool(previous and previous.busy))
+            return _retry_pending(state, now)
+        case SwapFailed(node=node, now=now):
+            plan = state.swaps.pop(node, None)
+            if (resident := state.residents.get(node)) and plan:
+                resident.bytes, resident.phase, resident.target = plan.previous_bytes, "ready", 0
+            return _retry_pending(state, now)
         case Tick(now=now, available=available):
             _expire_activity(state, now)
             refused = [Refuse(p.request.node, f"no memory within {state.wait_seconds:g} s")
@@ -260,6 +343,35 @@ def decide(state: SchedulerState, event: Event) -> list[Decision]:
             state.pending = [p for p in state.pending if now <= p.deadline]
             return refused + _retry_pending(state, now) + _balance(state, available, now)
     raise TypeError(f"not a scheduler event: {event!r}")
+
+
+def _swap(state: SchedulerState, request: SwapRequest) -> list[Decision]:
+    node = request.node
+    model, estimate = request.ladder[0]
+    need = state.estimate(model, estimate)
+    resident = state.residents.get(node)
+    if resident is None:  # it holds nothing: the next request loads the new model
+        return [Replace(node, model, False, "the node holds no model now; the next request "
+                                            "loads it")]
+    if not resident.settled:
+        return [Decline(node, model, f"{node} is {resident.phase} {resident.model}; "
+                                     f"try again once it is ready")]
+    free = state.budget - state.used_bytes()
+    state.swaps[node] = SwapPlan(request.ladder, resident.bytes)
+    if need <= free:
+        resident.phase, resident.target = "swapping", need
+        resident.bytes += need
+        return [Replace(node, model, True, f"{model} ({_mib(need)}) fits beside "
+                                            f"{resident.model}: {_mib(free)} free")]
+    if need <= free + resident.bytes:
+        resident.phase, resident.target = "swapping", need
+        resident.bytes = max(resident.bytes, need)
+        return [Replace(node, model, False, f"{model} ({_mib(need)}) fits only in place of "
+                                             f"{resident.model}: {_mib(free)} free")]
+    del state.swaps[node]
+    return [Decline(node, model, f"not enough memory: {model} needs {_mib(need)}; the budget "
+                                 f"of {_mib(state.budget)} leaves {_mib(free)}, "
+                                 f"{_mib(free + resident.bytes)} with {resident.model} unloaded")]
 
 
 def _activate(state: SchedulerState, node: str) -> None:

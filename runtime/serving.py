@@ -4,7 +4,10 @@ The node's main thread keeps reading dora events (so a ``cancel`` is seen
 while a reply streams) and hands requests to :class:`RequestWorker`, which runs
 them one at a time on its own thread through :class:`~mofa_omni.host.ModelHost`
 and sends what they produce; with a scheduler in the graph it also loads,
-unloads and switches the model as granted, between two requests. Every request ends in results or an explicit error:
+unloads and switches the model as granted, between two requests, and swaps it
+for another when ``omni swap`` asks (see :mod:`mofa_omni.swapping`): the new
+model's thread takes the queue over between two requests, so none is lost and
+the order is kept. Every request ends in results or an explicit error:
 ``cancelled`` when asked, ``timeout`` past its deadline (queued or running).
 """
 
@@ -19,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import pyarrow as pa
 
 from mofa_omni import trace
@@ -27,6 +31,7 @@ from mofa_omni.control import Command
 from mofa_omni.host import ModelHost, Outgoing
 from mofa_omni.platform import prepare_compute_thread
 from mofa_omni.residency import ModelSlot
+from mofa_omni.swapping import Swap, failure_reason, swap_warning
 
 log = logging.getLogger("mofa_omni.serving")
 
@@ -36,6 +41,7 @@ _REMEMBERED_CANCELS = 1024  # a cancelled id also drops requests of that id stil
 
 @dataclass
 class _Job:
+    arrived: float
     deadline: float
     input_id: str
     value: pa.Array
@@ -69,7 +75,9 @@ class RequestWorker:
                  timeout_s: float = 120.0, link: SchedulerLink | None = None):
         self.slot, self.send, self.timeout_s, self.link = slot, send, timeout_s, link
         self._jobs: queue.Queue[_Job | object | None] = queue.Queue()
-        self._commands: queue.Queue[Command] = queue.Queue()
+        self._commands: queue.Queue[Command | Swap] = queue.Queue()  # a Swap: ready to take over
+        self._swaps: list[Swap] = []  # under way
+        self._ending = False
         self._cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._drained = threading.Event()
@@ -89,7 +97,8 @@ class RequestWorker:
     def submit(self, input_id: str, value: pa.Array, metadata: dict[str, Any] | None) -> None:
         with self._lock:
             self._queued += 1
-        self._jobs.put(_Job(time.monotonic() + self.timeout_s, input_id, value, dict(metadata or {})))
+        now = time.monotonic()
+        self._jobs.put(_Job(now, now + self.timeout_s, input_id, value, dict(metadata or {})))
 
     def command(self, command: Command) -> None:
         """A scheduler decision for this node: applied before the next request starts."""
@@ -118,11 +127,33 @@ class RequestWorker:
             self.link.ask()
         else:
             self.slot.load()
+        self._serve_then_retire()
+
+    def _serve_then_retire(self) -> None:
+        """Serve until drained or until a swap takes the queue over; then park this thread."""
+        swap = self._serve_queue()
+        if swap is None:
+            self._ending = True
+            for pending in self._swaps:
+                pending.turn.set()  # they see _ending and stop
+            if self.link:
+                self.link.stop()
+            self.slot.unload()
+            self._drained.set()
+        else:
+            self._hand_over(swap)
+        # Stay parked until the process exits: MLX aborts at exit (std::terminate) when the
+        # thread that made a stream and freed arrays on it has ended (measured: 4 runs in 5).
+        threading.Event().wait()
+
+    def _serve_queue(self) -> Swap | None:
+        """Serve requests in order; returns None once drained, or the swap ready to take over."""
         while True:
-            self._apply_commands()
+            if (swap := self._apply_commands()) is not None:
+                return swap
             job = self._jobs.get()
             if job is None:
-                break
+                return None
             if job is _WAKE:
                 continue
             with self._lock:
@@ -130,13 +161,6 @@ class RequestWorker:
             if self.link and not self._admitted(job):
                 continue
             self._serve(job)
-        if self.link:
-            self.link.stop()
-        self.slot.unload()
-        self._drained.set()
-        # Stay parked until the process exits: MLX aborts at exit (std::terminate) when the
-        # thread that made a stream and freed arrays on it has ended (measured: 4 runs in 5).
-        threading.Event().wait()
 
     def _serve(self, job: _Job) -> None:
         request_id = str(job.metadata.get("request_id", ""))
@@ -166,6 +190,9 @@ class RequestWorker:
                 self.link.ask()
             try:
                 command = self._commands.get(timeout=max(job.deadline - time.monotonic(), 0))
+                if isinstance(command, Swap):  # cannot happen: swaps start only when loaded
+                    log.error("a swap was ready while no model was loaded: dropped")
+                    continue
             except queue.Empty:
                 self._reject(job, "timeout", "waited for memory to load "
                                              f"{self.slot.wanted.name} until the deadline")
@@ -180,12 +207,15 @@ class RequestWorker:
             self._load("load", self.slot.wanted.name)
         return True
 
-    def _apply_commands(self) -> None:
+    def _apply_commands(self) -> Swap | None:
         while True:
             try:
-                self._apply(self._commands.get_nowait())
+                item = self._commands.get_nowait()
             except queue.Empty:
-                return
+                return None
+            if isinstance(item, Swap):
+                return item
+            self._apply(item)
 
     def _apply(self, command: Command) -> None:
         reason = f"({command.reason})" if command.reason else ""
@@ -204,6 +234,112 @@ class RequestWorker:
             self.link.state = "waiting"
         elif command.action == "refuse" and not loaded:
             self.link.state = "evicted"  # the next request asks again
+        elif command.action == "swap" and loaded:
+            swap = Swap(command, self.host.node_id, self.slot.model)
+            self._swaps.append(swap)
+            threading.Thread(target=self._swap_thread, args=(swap,), name="swap",
+                             daemon=True).start()
+        elif command.action == "swap":
+            self._retarget(command)
+
+    # --- swapping (omni swap) -----------------------------------------------------------
+
+    def _retarget(self, command: Command) -> None:
+        """A swap while no model is loaded: check the new model's files, and want it; the
+        next request loads it."""
+        swap = Swap(command, self.host.node_id, self.slot.model)
+        try:
+            prepared = self.slot.prepare(command.model)
+        except Exception as error:
+            self._report_swap("unloaded", swap.failed(failure_reason(error)))
+            return
+        old = self.slot.wanted
+        self.slot.install(prepared)
+        swap.paused_at = swap.received
+        swap.resume([])
+        outcome = swap.succeeded(swap_warning(old, prepared.spec))
+        self._report_swap("unloaded", msgspec.structs.replace(outcome, mode="not_loaded"))
+        if self.link and self.link.asked:  # it waits for memory: for the new model now
+            self.link.ask()
+
+    def _swap_thread(self, swap: Swap) -> None:
+        """Prepare (and, beside the old model, load) the new model; take the queue over when
+        the old thread hands it over; then serve on this thread (the new model's)."""
+        prepare_compute_thread()
+        try:
+            swap.prepared = self.slot.prepare(swap.command.model)
+            if swap.command.beside:
+                swap.loaded = self.slot.load_prepared(swap.prepared)
+        except Exception as error:  # the old model keeps serving: nothing was handed over
+            self._swaps.remove(swap)
+            if swap.prepared and swap.prepared.adapter.loaded:
+                swap.prepared.adapter.unload()
+            self._report_swap("swap_failed", swap.failed(failure_reason(error)))
+            threading.Event().wait()  # parked, like every thread that made MLX arrays
+        self._commands.put(swap)  # the old thread hands over between two requests
+        self._jobs.put(_WAKE)
+        swap.turn.wait()
+        if self._ending:
+            threading.Event().wait()
+        old_spec = self.slot.wanted
+        if not swap.command.beside:
+            try:
+                swap.loaded = self.slot.load_prepared(swap.prepared)
+            except Exception as error:
+                self._restore_after_failed_swap(swap, error)
+                return self._serve_then_retire()
+        self.slot.install(swap.prepared)
+        self._swaps.remove(swap)
+        swap.resume(self._waiting_since())
+        if not swap.command.beside:  # beside: the old thread reports once the old model is gone
+            self._report_swap("swapped", swap.succeeded(swap_warning(old_spec, swap.prepared.spec)),
+                              swap.loaded)
+        log.info("swapped %s for %s (%s) in %.2f s; requests paused %.3f s", swap.old_model,
+                 swap.command.model, swap.mode, swap.resumed_at - swap.received,
+                 swap.resumed_at - swap.paused_at)
+        self._serve_then_retire()
+
+    def _hand_over(self, swap: Swap) -> None:
+        """On the old model's thread, between two requests: give the queue to the new one."""
+        swap.paused_at = time.monotonic()
+        old_adapter, old_spec = self.host.adapter, self.slot.wanted
+        if not swap.command.beside:
+            if self.link:
+                self.link.state = "swapping"
+            self.slot.unload()  # its memory goes before the new model loads
+        swap.turn.set()
+        if swap.command.beside:
+            swap.resumed.wait()
+            old_adapter.unload()
+            self._report_swap("swapped", swap.succeeded(swap_warning(old_spec, swap.prepared.spec)),
+                              swap.loaded)
+
+    def _restore_after_failed_swap(self, swap: Swap, error: Exception) -> None:
+        why = failure_reason(error)
+        log.error("swap to %s failed (%s): loading %s again", swap.command.model, why,
+                  swap.old_model)
+        outcome = self.slot.load(swap.old_model)
+        self._swaps.remove(swap)
+        swap.resume(self._waiting_since())
+        again = f"; {swap.old_model} serves again" if outcome else \
+            f"; {swap.old_model} could not load again either: {self.host.unavailable}"
+        self._report_swap("swap_failed", swap.failed(why + again), outcome)
+
+    def _waiting_since(self) -> list[float]:
+        with self._jobs.mutex:
+            return [job.arrived for job in self._jobs.queue if isinstance(job, _Job)]
+
+    def _report_swap(self, event: str, outcome, loaded=None) -> None:
+        if outcome.ok:
+            log.info("swap %s: %s -> %s", outcome.swap_id, outcome.old_model, outcome.new_model)
+        else:
+            log.error("swap to %s failed: %s", outcome.new_model, outcome.detail)
+        if outcome.warning:
+            log.warning("%s", outcome.warning)
+        if self.link:
+            self.link.state = "ready" if self.slot.loaded else \
+                ("unavailable" if self.host.unavailable else self.link.state)
+            self.link.report(event, loaded, detail=self.host.unavailable, swap=outcome)
 
     def _load(self, state: str, model: str) -> None:
         if self.link:

@@ -1,40 +1,9 @@
-"""``omni status``: read the scheduler's status from a running graph, and show it."""
+"""How ``omni status`` and ``omni swap`` show what a running graph told them."""
 
 from __future__ import annotations
 
-import time
-
-from mofa_omni.control import CONTROL_NODE, STATUS_OUTPUT, Status, from_arrow
+from mofa_omni.control import Status, SwapOutcome
 from mofa_omni.memory import format_bytes
-
-
-class GraphUnreachable(RuntimeError):
-    """No running dataflow with a scheduler could be reached."""
-
-
-def fetch_status(timeout_s: float = 5.0) -> Status:
-    """The latest status, read through the dataflow's dynamic ``omni-control`` node."""
-    from dora import Node
-
-    try:
-        node = Node(CONTROL_NODE)
-    except RuntimeError as error:
-        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise GraphUnreachable(
-            f"no running dataflow declares the dynamic node {CONTROL_NODE!r} "
-            f"(is a graph with a scheduler running, started from this machine?): {first_line}"
-        ) from None
-    deadline = time.monotonic() + timeout_s
-    while (left := deadline - time.monotonic()) > 0:
-        event = node.next(timeout=left)
-        if event is None:
-            break
-        if event["type"] == "INPUT" and event["id"] == STATUS_OUTPUT:
-            message = from_arrow(event["value"])
-            if isinstance(message, Status):
-                return message
-    raise GraphUnreachable(f"the graph sent no status within {timeout_s:g} s "
-                           f"(does {CONTROL_NODE!r} take the scheduler's status as input?)")
 
 
 def render_status(status: Status) -> str:
@@ -59,4 +28,29 @@ def render_status(status: Status) -> str:
         lines += ["", "last decisions"]
         for d in status.decisions[-10:]:
             lines.append(f"  {d.at:8.1f} s  {d.action:7} {d.node:12} {d.model:20} {d.reason}")
+    return "\n".join(lines)
+
+
+_MODES = {"beside": "loaded beside the old model, which kept serving",
+          "in_place": "loaded in place of the old model (both did not fit the budget)",
+          "not_loaded": "the node held no model: its next request loads the new one"}
+
+
+def render_swap(outcome: SwapOutcome) -> str:
+    """One swap's outcome: what happened, how long it took and what requests paid for it."""
+    if not outcome.ok:
+        return (f"{outcome.node}: swap to {outcome.new_model} failed: {outcome.detail}\n"
+                f"{outcome.node} still serves {outcome.old_model or 'its model'}")
+    if outcome.mode == "none":
+        return f"{outcome.node}: {outcome.detail}"
+    lines = [f"{outcome.node}: {outcome.old_model} -> {outcome.new_model}, "
+             f"{_MODES[outcome.mode]}"]
+    if outcome.mode != "not_loaded":
+        lines.append(f"  switch took {outcome.total_seconds:.2f} s (loading "
+                     f"{outcome.load_seconds:.2f} s); requests paused {outcome.paused_seconds:.3f} s;"
+                     f" {outcome.waited} waited, the longest {outcome.longest_wait:.3f} s")
+    if outcome.detail:
+        lines.append(f"  scheduler: {outcome.detail}")
+    if outcome.warning:
+        lines.append(f"  warning: {outcome.warning}")
     return "\n".join(lines)

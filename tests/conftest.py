@@ -65,3 +65,18 @@ def textstats_catalog(tmp_path: Path, words: list[str]) -> Catalog:
     user.write_text('[models.textstats-en]\nadapter = "textstats"\ntasks = ["generic"]\n'
                     'format = "json"\nsource = { path = "stopwords.json" }\n')
     return Catalog.load([user])
+
+
+@pytest.fixture()
+def stats_catalog(third_party: Path, tmp_path: Path) -> Catalog:
+    """Two textstats "models" on one ladder (stats-big, stats-small): a real load path."""
+    (tmp_path / "big.json").write_text(json.dumps(["the", "a", "of"]))
+    (tmp_path / "small.json").write_text(json.dumps(["the"]))
+    user = tmp_path / "catalog.toml"
+    user.write_text(
+        '[ladders]\nstats = ["stats-big", "stats-small"]\n'
+        '[models.stats-big]\nadapter = "textstats"\ntasks = ["generic"]\nformat = "json"\n'
+        'memory_mb = 20\nsource = { path = "big.json" }\n'
+        '[models.stats-small]\nadapter = "textstats"\ntasks = ["generic"]\nformat = "json"\n'
+        'memory_mb = 10\nsource = { path = "small.json" }\n')
+    return Catalog.load([user])

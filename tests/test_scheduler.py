@@ -11,8 +11,13 @@ from mofa_omni.scheduler import (
     LoadFailed,
     LoadRequest,
     Measured,
+    Decline,
     Refuse,
+    Replace,
     SchedulerState,
+    SwapFailed,
+    Swapped,
+    SwapRequest,
     Switch,
     Tick,
     Unloaded,
@@ -283,3 +288,71 @@ def test_a_pipeline_being_loaded_counts_as_active():
     # The voice pipeline is starting: its whisper is not evicted for an outsider at start-up.
     (wait,) = decide(state, LoadRequest("tts", (("piper", int(0.9 * GB)),), 1))
     assert isinstance(wait, Wait) and "asr" in state.residents
+
+
+# --- swaps (omni swap) -----------------------------------------------------------------
+
+SMALL = (("smollm2-135m-q4", GB // 8),)
+
+
+def test_a_swap_that_fits_beside_reserves_both_models_until_the_old_one_is_gone():
+    state = SchedulerState(budget=2 * GB)
+    loaded(state, "llm", LLM[1:2])  # smollm2 at 512 MiB
+    (replace,) = decide(state, SwapRequest("llm", LLM[:1], 1.0))
+    assert replace == Replace("llm", "gemma-3-270m", beside=True)
+    assert state.used_bytes() == GB // 2 + GB  # both held while the new one loads
+    (wait,) = decide(state, LoadRequest("other", (("x", GB),), 1.0))
+    assert isinstance(wait, Wait)  # the reservation holds against other loads
+    decide(state, Swapped("llm", "gemma-3-270m", 900 * MB, 950 * MB, 2.0, 3.0))
+    resident = state.residents["llm"]
+    assert (resident.model, resident.bytes, resident.phase) == ("gemma-3-270m", 900 * MB, "ready")
+    assert resident.ladder == LLM[:1]  # the node's ladder is the new model's now
+    assert state.learned_peak["gemma-3-270m"] == 950 * MB
+
+
+def test_a_swap_that_fits_only_in_place_reserves_the_larger_of_the_two():
+    state = SchedulerState(budget=GB + GB // 4)
+    loaded(state, "llm", LLM[1:2])
+    (replace,) = decide(state, SwapRequest("llm", LLM[:1], 1.0))
+    assert replace == Replace("llm", "gemma-3-270m", beside=False)
+    assert "fits only in place" in replace.reason
+    assert state.used_bytes() == GB
+
+
+def test_a_swap_beyond_the_budget_is_declined_and_the_old_model_keeps_its_reservation():
+    state = SchedulerState(budget=GB)
+    loaded(state, "asr", ASR[:1])  # 512 MiB
+    loaded(state, "llm", LLM[1:2])  # 512 MiB
+    (decline,) = decide(state, SwapRequest("llm", LLM[:1], 1.0))
+    assert decline == Decline("llm", "gemma-3-270m", decline.reason)
+    assert "not enough memory: gemma-3-270m needs 1024 MiB" in decline.reason
+    assert state.residents["llm"].phase == "ready" and state.used_bytes() == GB
+    assert not state.swaps
+
+
+def test_a_failed_swap_restores_the_old_models_reservation():
+    state = SchedulerState(budget=2 * GB)
+    loaded(state, "llm", LLM[1:2])
+    decide(state, SwapRequest("llm", LLM[:1], 1.0))
+    decide(state, SwapFailed("llm", 2.0))
+    resident = state.residents["llm"]
+    assert (resident.model, resident.bytes, resident.phase) == ("smollm2-135m", GB // 2, "ready")
+
+
+def test_a_node_mid_change_declines_a_swap_and_a_node_holding_nothing_takes_it_at_once():
+    state = SchedulerState(budget=2 * GB)
+    decide(state, LoadRequest("llm", LLM[1:2], 0))  # loading, not ready
+    (decline,) = decide(state, SwapRequest("llm", SMALL, 0.5))
+    assert isinstance(decline, Decline) and "loading" in decline.reason
+    (replace,) = decide(state, SwapRequest("asr", ASR[1:], 0.5))  # asr holds no model
+    assert replace == Replace("asr", "whisper-tiny.en", beside=False)
+    assert "asr" not in state.residents
+
+
+def test_a_model_being_swapped_is_neither_evicted_nor_stepped():
+    state = SchedulerState(budget=2 * GB, min_available=GB)
+    loaded(state, "llm", LLM[1:])
+    decide(state, SwapRequest("llm", SMALL, 1.0))
+    assert decide(state, Tick(2.0, available=GB // 2)) == []  # pressure: nothing to touch
+    decide(state, LoadRequest("other", (("x", int(1.8 * GB)),), 2.0))
+    assert state.residents["llm"].phase == "swapping"

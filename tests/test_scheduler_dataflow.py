@@ -4,7 +4,6 @@ down, outside pressure, `omni status`."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -17,6 +16,7 @@ import pytest
 from mofa_omni.memory import parse_size
 from mofa_omni.scheduler import Grant, Switch
 from mofa_omni.scheduling import ACTIONS, replay
+from tests.dataflow_run import finish, omni, start_dataflow
 
 DATAFLOWS = Path(__file__).parent / "dataflows"
 GiB = 1 << 30
@@ -61,29 +61,6 @@ class ModelMemorySampler(threading.Thread):
         self._stop_event.set()
         self.join()
         return self.peak
-
-
-def start_dataflow(dataflow: Path, env: dict[str, str]) -> subprocess.Popen:
-    bin_dir = str(Path(sys.executable).parent)
-    full_env = {**os.environ, **env, "PATH": bin_dir + os.pathsep + os.environ["PATH"]}
-    return subprocess.Popen([os.path.join(bin_dir, "dora"), "run", str(dataflow)], env=full_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def finish(process: subprocess.Popen, timeout: float) -> str:
-    try:
-        log, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        log, _ = process.communicate()
-        pytest.fail(f"the dataflow did not finish within {timeout:g} s:\n{log[-5000:]}")
-    assert process.returncode == 0, log[-5000:]
-    return log
-
-
-def omni(*args: str) -> subprocess.CompletedProcess:
-    omni_bin = Path(sys.executable).parent / "omni"
-    return subprocess.run([str(omni_bin), *args], capture_output=True, text=True, timeout=60)
 
 
 def journal(path: Path):

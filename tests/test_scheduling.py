@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import threading
 import time
 from pathlib import Path
 
@@ -15,14 +14,14 @@ import yaml
 
 from mofa_omni import arrow
 from mofa_omni.admission import SchedulerLink
-from mofa_omni.catalog import Catalog
-from mofa_omni.contract import ContractError, ErrorReport, GenericRequest, GenericResult
+from mofa_omni.contract import ContractError, ErrorReport
 from mofa_omni.control import Command, LoadAsk, NodeReport, Status, Variant, from_arrow, to_arrow
 from mofa_omni.graph import scheduled_graph
 from mofa_omni.memory import parse_size
 from mofa_omni.residency import ModelSlot
 from mofa_omni.scheduler import SchedulerState
 from mofa_omni.scheduling import Scheduling, replay
+from tests.wire import Wire, ask
 from mofa_omni.serving import RequestWorker
 from mofa_omni.store import ModelStore
 
@@ -120,55 +119,6 @@ def test_the_bookkeeping_turns_messages_into_commands_status_and_a_replayable_jo
 
 
 # --- a model node's worker under the scheduler (the textstats adapter: real load path) ---
-
-@pytest.fixture()
-def stats_catalog(third_party: Path, tmp_path: Path) -> Catalog:
-    (tmp_path / "big.json").write_text(json.dumps(["the", "a", "of"]))
-    (tmp_path / "small.json").write_text(json.dumps(["the"]))
-    user = tmp_path / "catalog.toml"
-    user.write_text(
-        '[ladders]\nstats = ["stats-big", "stats-small"]\n'
-        '[models.stats-big]\nadapter = "textstats"\ntasks = ["generic"]\nformat = "json"\n'
-        'memory_mb = 20\nsource = { path = "big.json" }\n'
-        '[models.stats-small]\nadapter = "textstats"\ntasks = ["generic"]\nformat = "json"\n'
-        'memory_mb = 10\nsource = { path = "small.json" }\n')
-    return Catalog.load([user])
-
-
-class Wire:
-    """What a node would send: results/errors and control messages, in order."""
-
-    def __init__(self):
-        self.out, self.control, self.lock = [], [], threading.Lock()
-
-    def send(self, out) -> None:
-        with self.lock:
-            self.out.append(out)
-
-    def publish(self, message) -> None:
-        with self.lock:
-            self.control.append(message)
-
-    def wait_for(self, condition, timeout=10.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self.lock:
-                if condition(self):
-                    return
-            time.sleep(0.01)
-        raise AssertionError(f"timed out: {self.out} {self.control}")
-
-    def stopwords(self, request_id: str) -> int:
-        (out,) = [o for o in self.out if o.meta.request_id == request_id]
-        return arrow.decode(out.value, GenericResult).batch.column("stopwords")[0].as_py()
-
-    def events(self) -> list[str]:
-        return [m.event if isinstance(m, NodeReport) else "ask" for m in self.control]
-
-
-def ask(text: str) -> pa.Array:
-    return arrow.encode(GenericRequest("text.stats", pa.RecordBatch.from_pydict({"text": [text]})))
-
 
 def test_a_scheduled_node_loads_switches_unloads_and_refuses_only_as_told(stats_catalog,
                                                                          tmp_path: Path):
