@@ -1,7 +1,12 @@
-"""Drives tests/dataflows/swap.yml: REQUESTS chat requests, one every INTERVAL_S, each with its
-own secret code in the conversation's earlier turns; writes $WORK/progress (replies so far) and,
-once every request has ended, $WORK/swap.json: per request, in the order the replies finished,
-its id, code, reply, the model that answered, and when it was sent and answered."""
+"""A steady stream of chat requests to an LLM node (tests/dataflows/swap.yml,
+benchmarks/dataflows/hot_swap*.yml): REQUESTS requests, one every INTERVAL_S, each with its own
+secret code in the conversation's earlier turns, so a reply shows whether the model saw them.
+With WARM_UP=1 the stream starts once a first request was answered (the model loaded and warm).
+
+Writes $WORK/progress (replies so far) and, once every request has ended -- or SETTLE_S after the
+last was sent, when some never will (lost) -- $WORK/swap.json: per request, in the order the
+replies finished, its id, code, reply (or error), the model that answered, and when it was sent
+and answered (seconds from the stream's start), and the requests never answered ("lost")."""
 
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ WORK = Path(os.environ["WORK"])
 REQUESTS = int(os.environ.get("REQUESTS", "120"))
 INTERVAL_S = float(os.environ.get("INTERVAL_S", "0.25"))
 DEADLINE_S = float(os.environ.get("DEADLINE_S", "400"))
+SETTLE_S = float(os.environ.get("SETTLE_S", "120"))
+WARM_UP = os.environ.get("WARM_UP", "") == "1"  # the stream starts once a first request is answered
 
 
 def secret_code(index: int) -> str:
@@ -34,12 +41,22 @@ def conversation(code: str) -> ChatRequest:
 def main() -> None:
     node = Node()
     started = time.monotonic()
+    warming = WARM_UP
+    if warming:
+        node.send_output("ask", arrow.encode(conversation(secret_code(0))),
+                         {"request_id": "warm-up"})
     sent: dict[str, dict] = {}
     finished: list[dict] = []
     replies: dict[str, str] = {}
     for event in node:
         now = time.monotonic()
         if event["type"] != "INPUT":
+            continue
+        if warming:
+            if event["id"] in ("reply", "llm_error") and \
+                    event["metadata"].get("request_id") == "warm-up" and \
+                    event["metadata"].get("final", True):
+                warming, started = False, time.monotonic()
             continue
         if event["id"] == "tick":
             if len(sent) < REQUESTS and now - started >= len(sent) * INTERVAL_S:
@@ -61,12 +78,20 @@ def main() -> None:
             error = arrow.decode(event["value"], ErrorReport)
             finished.append(sent.get(error.request_id, {"id": error.request_id}) | {
                 "error": f"{error.kind}: {error.message}", "answered": now})
-        if len(finished) == REQUESTS or now - started > DEADLINE_S:
+        all_sent = len(sent) == REQUESTS
+        if len(finished) == REQUESTS or now - started > DEADLINE_S or (
+                all_sent and now - started - (REQUESTS - 1) * INTERVAL_S > SETTLE_S):
             break
     for entry in finished:
         entry["sent"] -= started
         entry["answered"] -= started
-    (WORK / "swap.json").write_text(json.dumps({"requests": REQUESTS, "finished": finished}))
+    answered = {entry["id"] for entry in finished}
+    lost = [{"id": i, "code": e["code"], "sent": e["sent"] - started}
+            for i, e in sent.items() if i not in answered]
+    # time.monotonic() is one clock for every process on Linux and macOS: "started" places
+    # the record on a benchmark's own timeline.
+    (WORK / "swap.json").write_text(json.dumps({"requests": REQUESTS, "finished": finished,
+                                                "lost": lost, "started": started}))
 
 
 if __name__ == "__main__":
