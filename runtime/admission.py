@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 from mofa_omni.control import ControlMessage, LoadAsk, NodeReport, NodeState, SwapOutcome, Variant
@@ -24,6 +25,7 @@ class SchedulerLink:
                  queue_length: Callable[[], int] = lambda: 0):
         self.node_id, self.slot, self.publish, self.queue_length = node_id, slot, publish, queue_length
         self.state: NodeState = "starting"
+        self.asked_at = 0.0  # when it last asked for memory (time.monotonic)
         self.detached = False  # the scheduler is gone: the node manages its model on its own
         self._stop = threading.Event()
         self._measuring: threading.Thread | None = None
@@ -33,7 +35,7 @@ class SchedulerLink:
         return self.state in ("waiting", "loading")
 
     def ask(self) -> None:
-        self.state = "waiting"
+        self.state, self.asked_at = "waiting", time.monotonic()
         ladder = [Variant(model, size) for model, size in self.slot.ladder()]
         self.publish(LoadAsk(self.node_id, ladder, overhead=resident_bytes()))
 

@@ -278,9 +278,13 @@ def decide(state: SchedulerState, event: Event) -> list[Decision]:
             if event.overhead is not None:
                 state.overhead[event.node] = event.overhead
             _activate(state, event.node)  # a pipeline being loaded is about to be used
-            # A node asks again after a swap changed its model: the new ask replaces the old.
+            # A node asks again when an answer was lost (the ask keeps its first deadline) or
+            # after a swap changed its model (a new ask): either way it replaces the old one.
+            earlier = [p for p in state.pending if p.request.node == event.node]
             state.pending = [p for p in state.pending if p.request.node != event.node]
-            return _queue(state, event)
+            deadline = earlier[0].deadline if earlier and \
+                earlier[0].request.ladder == event.ladder else None
+            return _queue(state, event, deadline)
         case Loaded(node=node, model=model, now=now):
             state.learned_peak[model] = max(event.peak, event.bytes)
             if event.overhead is not None:  # libraries a first load imported stay resident
@@ -399,10 +403,12 @@ def _retry_pending(state: SchedulerState, now: float) -> list[Decision]:
     return decisions
 
 
-def _queue(state: SchedulerState, request: LoadRequest) -> list[Decision]:
+def _queue(state: SchedulerState, request: LoadRequest,
+           deadline: float | None = None) -> list[Decision]:
     decisions, planned = _admit(state, request)
     if planned is not None:
-        state.pending.append(Pending(request, request.now + state.wait_seconds, planned))
+        state.pending.append(Pending(request, deadline or request.now + state.wait_seconds,
+                                     planned))
     return decisions
 
 

@@ -36,6 +36,7 @@ from mofa_omni.swapping import Swap, failure_reason, swap_warning
 log = logging.getLogger("mofa_omni.serving")
 
 CANCEL_INPUT = "cancel"
+ASK_AGAIN_S = 5.0  # no answer to a load request this long: ask again (dora may drop a message)
 _REMEMBERED_CANCELS = 1024  # a cancelled id also drops requests of that id still to come
 
 
@@ -188,12 +189,21 @@ class RequestWorker:
         while not (self.slot.loaded or self.host.unavailable or self.link.detached):
             if not self.link.asked:
                 self.link.ask()
+            now = time.monotonic()
+            ask_again_at = self.link.asked_at + ASK_AGAIN_S
             try:
-                command = self._commands.get(timeout=max(job.deadline - time.monotonic(), 0))
+                command = self._commands.get(timeout=max(min(job.deadline, ask_again_at) - now, 0))
                 if isinstance(command, Swap):  # cannot happen: swaps start only when loaded
                     log.error("a swap was ready while no model was loaded: dropped")
                     continue
             except queue.Empty:
+                if time.monotonic() < job.deadline:
+                    # The grant (or the ask) may have been dropped on the way; asking again is
+                    # harmless: the scheduler keeps the first ask's deadline.
+                    log.warning("no grant %.0f s after asking for %s: asking again",
+                                time.monotonic() - self.link.asked_at, self.slot.wanted.name)
+                    self.link.ask()
+                    continue
                 self._reject(job, "timeout", "waited for memory to load "
                                              f"{self.slot.wanted.name} until the deadline")
                 return False

@@ -356,3 +356,20 @@ def test_a_model_being_swapped_is_neither_evicted_nor_stepped():
     assert decide(state, Tick(2.0, available=GB // 2)) == []  # pressure: nothing to touch
     decide(state, LoadRequest("other", (("x", int(1.8 * GB)),), 2.0))
     assert state.residents["llm"].phase == "swapping"
+
+
+def test_asking_again_after_a_lost_answer_is_harmless():
+    state = SchedulerState(budget=GB, wait_seconds=10)
+    loaded(state, "asr", ASR[:1])
+    decide(state, Activity("asr", True, 0))
+    assert kinds(decide(state, LoadRequest("llm", LLM[:1], 1.0))) == ["Wait"]
+    assert kinds(decide(state, LoadRequest("llm", LLM[:1], 6.0))) == ["Wait"]  # asked again
+    assert len(state.pending) == 1 and state.pending[0].deadline == 11.0  # the first deadline
+    (refuse,) = decide(state, Tick(11.5))
+    assert refuse == Refuse("llm", "no memory within 10 s")
+    # A node whose grant was lost asks again: granted again, reserved once.
+    decide(state, Activity("asr", False, 12.0))
+    state.residents.pop("asr")
+    assert decide(state, LoadRequest("tts", (("piper", GB // 4),), 12.0)) == [Grant("tts", "piper")]
+    assert decide(state, LoadRequest("tts", (("piper", GB // 4),), 17.0)) == [Grant("tts", "piper")]
+    assert state.used_bytes() == GB // 4

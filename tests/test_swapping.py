@@ -3,6 +3,7 @@ scheduler's swap commands (real textstats adapter and store), and the scheduler'
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from mofa_omni.scheduler import SchedulerState
 from mofa_omni.scheduling import Scheduling
 from mofa_omni.serving import RequestWorker
 from mofa_omni.store import ModelStore
+from mofa_omni.swapping import swap_warning
 from tests.wire import Wire, ask
 
 MB = 1 << 20
@@ -196,3 +198,11 @@ def test_a_swap_beyond_the_budget_is_declined_with_the_figures(swap_catalog, tmp
     assert not outcome.ok and outcome.detail == (
         "not enough memory: stats-fat needs 50 MiB; the budget of 45 MiB leaves 25 MiB, "
         "45 MiB with stats-big unloaded")
+
+
+def test_swapping_embedding_models_warns_that_old_vectors_do_not_compare(catalog: Catalog):
+    minilm = catalog.get("minilm-l6")
+    other = dataclasses.replace(minilm, name="minilm-l6-short", options={"max_length": 64})
+    assert "not comparable with those from minilm-l6" in swap_warning(minilm, other)
+    assert swap_warning(catalog.get("smollm2-135m"), catalog.get("gemma-3-270m")) == ""
+    assert swap_warning(minilm, minilm) == ""
