@@ -47,8 +47,9 @@ def render_swap(outcome: SwapOutcome) -> str:
              f"{_MODES[outcome.mode]}"]
     if outcome.mode != "not_loaded":
         lines.append(f"  switch took {outcome.total_seconds:.2f} s (loading "
-                     f"{outcome.load_seconds:.2f} s); requests paused {outcome.paused_seconds:.3f} s;"
-                     f" {outcome.waited} waited, the longest {outcome.longest_wait:.3f} s")
+                     f"{outcome.load_seconds:.2f} s); requests paused {outcome.paused_seconds:.3f} s"
+                     f" ({outcome.waited} queued at the switch, the longest extra wait "
+                     f"{outcome.longest_wait:.3f} s)")
     if outcome.detail:
         lines.append(f"  scheduler: {outcome.detail}")
     if outcome.warning:

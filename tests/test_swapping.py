@@ -18,6 +18,7 @@ from mofa_omni.scheduler import SchedulerState
 from mofa_omni.scheduling import Scheduling
 from mofa_omni.serving import RequestWorker
 from mofa_omni.store import ModelStore
+from mofa_omni.status import render_swap
 from mofa_omni.swapping import swap_warning
 from tests.wire import Wire, ask
 
@@ -206,3 +207,19 @@ def test_swapping_embedding_models_warns_that_old_vectors_do_not_compare(catalog
     assert "not comparable with those from minilm-l6" in swap_warning(minilm, other)
     assert swap_warning(catalog.get("smollm2-135m"), catalog.get("gemma-3-270m")) == ""
     assert swap_warning(minilm, minilm) == ""
+
+
+def test_omni_swap_says_what_happened_and_what_still_serves():
+    done = SwapOutcome("a", "llm", True, "smollm2-135m", "gemma-3-270m", "in_place",
+                       load_seconds=1.5, total_seconds=2.0, paused_seconds=1.6, waited=3,
+                       longest_wait=1.4, detail="fits only in place")
+    assert render_swap(done).splitlines() == [
+        "llm: smollm2-135m -> gemma-3-270m, loaded in place of the old model (both did not fit "
+        "the budget)",
+        "  switch took 2.00 s (loading 1.50 s); requests paused 1.600 s (3 queued at the switch, "
+        "the longest extra wait 1.400 s)",
+        "  scheduler: fits only in place"]
+    failed = SwapOutcome("b", "llm", False, "smollm2-135m", "broken-llm", "beside",
+                         detail="broken-llm: not a GGUF file")
+    assert render_swap(failed) == ("llm: swap to broken-llm failed: broken-llm: not a GGUF file\n"
+                                   "llm still serves smollm2-135m")

@@ -49,7 +49,11 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 class PiperAdapter(ModelAdapter):
-    """A Piper voice: text -> one float32 audio chunk per sentence, streamed."""
+    """A Piper voice: text -> one float32 audio chunk per sentence, streamed.
+
+    Catalog option ``speed`` (default 1.0) is the voice's own speaking rate; a request's
+    ``speed`` multiplies it.
+    """
 
     supported_tasks = frozenset({Task.SPEECH_SYNTHESIS})
     formats = frozenset({"onnx"})
@@ -58,6 +62,10 @@ class PiperAdapter(ModelAdapter):
     def __init__(self, spec):
         super().__init__(spec)
         self._voice = None  # piper.PiperVoice while loaded
+        self.speed = float(spec.options.get("speed", 1.0))
+        if not SPEED_RANGE[0] <= self.speed <= SPEED_RANGE[1]:
+            raise ContractError(f"model {spec.name!r}: option speed {self.speed} is outside "
+                                f"{SPEED_RANGE}")
 
     def prepare(self, source_dir: Path, out_dir: Path, progress: Progress) -> None:
         model, config = _find_voice(source_dir)
@@ -100,7 +108,8 @@ class PiperAdapter(ModelAdapter):
         from piper.config import SynthesisConfig
 
         voice = self._voice
-        syn_config = SynthesisConfig(length_scale=voice.config.length_scale / request.speed)
+        syn_config = SynthesisConfig(
+            length_scale=voice.config.length_scale / (request.speed * self.speed))
         sentences = [s for s in split_sentences(request.text) if _SPEAKABLE.search(s)]
         if not sentences:  # only punctuation: nothing to say, but the request still gets its reply
             yield AudioChunk(np.zeros(rate // 100, np.float32), rate, final=True, text=request.text)

@@ -1,0 +1,85 @@
+"""Drives tests/dataflows/swap_tasks.yml: on every tick one request to each node -- the France
+sample to whisper, a sentence to Piper, two sentences to the embedder -- until the test writes
+$WORK/swapped, then AFTER more of each. Writes $WORK/progress (answers per kind, as JSON) and, once every
+request has ended, $WORK/tasks.json: per kind, the answers in the order they came, each with
+its request id, the model that answered, and what it said (transcript, seconds of speech, the
+similarity of the two sentences' vectors) or the error."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from dora import Node
+
+from mofa_omni import arrow
+from mofa_omni.audio import read_wav
+from mofa_omni.contract import (
+    AudioChunk,
+    EmbeddingRequest,
+    Embeddings,
+    ErrorReport,
+    SpeechRequest,
+    Transcript,
+    TranscriptionRequest,
+)
+
+WORK = Path(os.environ["WORK"])
+AFTER = int(os.environ.get("AFTER", "5"))
+SAMPLE = Path(__file__).resolve().parents[2] / "dataflows" / "samples" / "01-capital-of-france.wav"
+SENTENCES = ["A man is playing a guitar.", "Someone plays an instrument."]
+KINDS = {"hear": "transcript", "say": "speech", "embed": "vectors"}
+
+
+def main() -> None:
+    node = Node()
+    audio, rate = read_wav(SAMPLE)
+    requests = {
+        "hear": arrow.encode(TranscriptionRequest(audio, rate)),
+        "say": arrow.encode(SpeechRequest("The capital of France is Paris.")),
+        "embed": arrow.encode(EmbeddingRequest(SENTENCES)),
+    }
+    sent = dict.fromkeys(KINDS, 0)
+    total = None  # requests of each kind, once the test said the swaps are done
+    answers: dict[str, list[dict]] = {kind: [] for kind in KINDS}
+    speech_seconds: dict[str, float] = {}
+    for event in node:
+        if event["type"] != "INPUT":
+            continue
+        input_id, meta = event["id"], event.get("metadata") or {}
+        if input_id == "tick":
+            if total is None and (WORK / "swapped").exists():
+                total = max(sent.values()) + AFTER
+            for kind in KINDS:
+                if total is None or sent[kind] < total:
+                    node.send_output(kind, requests[kind], {"request_id": f"{kind}-{sent[kind]:02d}"})
+                    sent[kind] += 1
+            continue
+        kind = next((k for k, output in KINDS.items() if input_id == output), None)
+        answer = {"id": meta.get("request_id"), "model": meta.get("model", "")}
+        if input_id.endswith("_error"):
+            error = arrow.decode(event["value"], ErrorReport)
+            kind = {"asr": "hear", "tts": "say", "embedder": "embed"}[input_id.removesuffix("_error")]
+            answers[kind].append(answer | {"id": error.request_id,
+                                           "error": f"{error.kind}: {error.message}"})
+        elif kind == "hear":
+            answers[kind].append(answer | {"text": arrow.decode(event["value"], Transcript).text})
+        elif kind == "say":
+            chunk = arrow.decode(event["value"], AudioChunk)
+            speech_seconds[answer["id"]] = speech_seconds.get(answer["id"], 0.0) + \
+                len(chunk.audio) / chunk.sample_rate
+            if chunk.final:
+                answers[kind].append(answer | {"seconds": speech_seconds.pop(answer["id"])})
+        elif kind == "embed":
+            vectors = arrow.decode(event["value"], Embeddings).vectors
+            answers[kind].append(answer | {"similarity": float(np.dot(vectors[0], vectors[1]))})
+        (WORK / "progress").write_text(json.dumps({k: len(v) for k, v in answers.items()}))
+        if total is not None and all(len(v) == total for v in answers.values()):
+            break
+    (WORK / "tasks.json").write_text(json.dumps(answers))
+
+
+if __name__ == "__main__":
+    main()
