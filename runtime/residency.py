@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-
 from pathlib import Path
 
 from mofa_omni.adapters.base import ModelAdapter, ModelLoadError, create_adapter
-from mofa_omni.catalog import Catalog, ModelSpec
+from mofa_omni.catalog import Catalog, CatalogError, ModelSpec
 from mofa_omni.host import ModelHost
 from mofa_omni.memory import peak_resident_bytes, reset_peak_resident, resident_bytes
 from mofa_omni.store import FetchError, ModelStore
@@ -81,6 +80,8 @@ class ModelSlot:
         can be swapped in. Raises what the catalog or the store raise."""
         self.catalog = self.catalog.reload()
         spec = self.catalog.get(name)
+        if (task := self.wanted.tasks[0]) not in spec.tasks:
+            raise CatalogError(f"{name} does not serve {task.value}, which this node serves")
         adapter = create_adapter(spec, self.backend)
         return PreparedModel(spec, adapter, self.store.prepare(adapter))
 

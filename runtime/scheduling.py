@@ -128,7 +128,7 @@ class Scheduling:
             case NodeReport(swap=SwapOutcome() as outcome) if outcome.swap_id in {
                     ask.swap_id for ask in self._swaps.values()}:
                 self._swaps.pop(message.node, None)
-                self.outcomes.append(outcome)
+                self._finish(outcome)
                 if message.event == "swapped":
                     self._view(message.node).wanted = message.model
                 return self._apply(self._event_of(message, now), now)
