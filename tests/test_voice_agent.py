@@ -55,7 +55,10 @@ def test_a_spoken_question_gets_a_relevant_spoken_answer(tmp_path, speak, model)
     assert len(audio) / rate > 0.5
     heard = model("whisper-tiny.en").transcribe(TranscriptionRequest(audio, rate)).text
     said = lines[1].removeprefix("assistant: ")
-    assert word_error_rate(said, heard) < 0.35, (said, heard)  # the WAV speaks the reply
+    # The WAV speaks the reply. Piper samples noise on every synthesis, and whisper tiny hears
+    # SmolLM2's "Le Grand Paris is ..." as anything up to "will grand peris as ..." (WER 0 to
+    # 0.375 measured over repeated syntheses); another sentence would be near 1.
+    assert word_error_rate(said, heard) < 0.5, (said, heard)
     assert {"capital", "france"} <= set(normalize_words(heard)), heard  # which is on topic
 
 

@@ -1,0 +1,290 @@
+"""Every backend of every task on the same weights and inputs, the engines called directly, and
+the default path through an omni-node in a dataflow -- in one run.
+
+    python benchmarks/backends.py [--repeats N] [--json FILE] [--png FILE] [--tasks TASK...]
+
+(Run it with the project's environment first on PATH: dora starts `.py` nodes with `python`.)
+
+Per task, each contender serves the same request --repeats times (default 5) after a warm-up;
+the median latency and the throughput are recorded:
+
+  speech_recognition  whisper-tiny.en on a 4.6 s spoken question: MLX (float32), CTranslate2
+                      float32 and int8 through our adapter; CTranslate2's Whisper.generate called
+                      directly on the same features (the engine faster-whisper runs)
+  text_generation     SmolLM2-135M, one 48-token reply: MLX float32 and 4-bit, CTranslate2
+                      float32 and int8 through our adapter; CTranslate2's Generator called
+                      directly on the same prompt tokens
+  speech_synthesis    Piper joe, two sentences: our adapter (ONNX Runtime), PiperVoice directly
+  embedding           all-MiniLM-L6-v2, 32 sentences: our MLX adapter (no other engine has
+                      these weights offline here)
+
+"node" is the task's default backend on this machine (mofa_omni.backends) served by an omni-node
+in a real dataflow (benchmarks/dataflows/backends.yml), timed by a driver node from sending the
+request to its last result; "vs fastest direct" divides the fastest direct contender's latency
+by it (goal >= 0.95: the framework costs at most 5 %), and the default's latency is compared
+with the fastest direct one (goal <= 1.1x).
+
+Peers a user would pick instead that cannot run here are named in the output: faster-whisper
+needs whisper's Hugging Face tokenizer.json (downloaded on first use; offline here), llama.cpp's
+Python bindings have no binary wheel on the registry. Prints a table per task, writes
+benchmarks/results/backends.json (or --json FILE) and a bar chart per task in one PNG
+(benchmarks/results/backends.png or --png FILE). About 4 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from mofa_omni.platform import ensure_fast_blas
+
+ensure_fast_blas()
+
+from mofa_omni.adapters.base import create_adapter  # noqa: E402
+from mofa_omni.audio import read_wav, resample  # noqa: E402
+from mofa_omni.backends import select_adapter  # noqa: E402
+from mofa_omni.catalog import Catalog  # noqa: E402
+from mofa_omni.contract import (  # noqa: E402
+    ChatMessage,
+    ChatRequest,
+    EmbeddingRequest,
+    SpeechRequest,
+    TranscriptionRequest,
+)
+from mofa_omni.store import ModelStore  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SAMPLE = ROOT / "dataflows" / "samples" / "01-capital-of-france.wav"
+PROMPT = "Write three short sentences about the sea."
+MAX_TOKENS = 48
+SPOKEN = "The capital of France is Paris. It is known for the Eiffel Tower."
+SENTENCES = [f"Sentence number {i} is about {topic}." for i, topic in
+             enumerate(["music", "the sea", "cooking", "robots"] * 8)]
+MODELS = {"speech_recognition": "whisper-tiny.en", "text_generation": "smollm2-135m",
+          "speech_synthesis": "piper-joe", "embedding": "minilm-l6"}
+NOT_HERE = {
+    "speech_recognition": "faster-whisper: needs whisper's tokenizer.json from the Hugging Face "
+                          "hub (offline here); its engine, CTranslate2, is measured directly",
+    "text_generation": "llama.cpp: llama-cpp-python has no binary wheel on the registry; "
+                       "CTranslate2's Generator is measured directly",
+    "speech_synthesis": "",
+    "embedding": "sentence-transformers needs torch; fastembed downloads its ONNX files",
+}
+
+
+@dataclasses.dataclass
+class Contender:
+    name: str
+    run: Callable[[], float]  # serves the request once; returns the units it produced
+    unit: str
+
+
+def measure(contender: Contender, repeats: int) -> dict:
+    contender.run()  # warm-up
+    latencies, units = [], 0.0
+    for _ in range(repeats):
+        started = time.perf_counter()
+        units = contender.run()
+        latencies.append(time.perf_counter() - started)
+    latency = statistics.median(latencies)
+    return {"contender": contender.name, "latency_s": round(latency, 4),
+            "throughput": round(units / latency, 3), "unit": contender.unit}
+
+
+def variant(catalog: Catalog, name: str, backend: str, **options):
+    """``name`` on ``backend``, with other options under its own name (its own converted files)."""
+    spec = catalog.get(name)
+    if options:
+        suffix = "-".join(str(v) for v in options.values())
+        spec = dataclasses.replace(spec, name=f"{name}-{suffix}", options=spec.options | options)
+    adapter = create_adapter(spec, backend)
+    adapter.load(ModelStore().prepare(adapter))
+    return adapter
+
+
+def asr_contenders(catalog: Catalog) -> list[Contender]:
+    import ctranslate2
+
+    from mofa_omni.adapters import ct2_whisper
+
+    audio, rate = read_wav(SAMPLE)
+    request, seconds = TranscriptionRequest(audio, rate), len(audio) / rate
+    contenders = []
+    for label, backend, options in [("MLX float32", "mlx", {}),
+                                    ("CTranslate2 float32", "ctranslate2",
+                                     {"compute_type": "float32"}),
+                                    ("CTranslate2 int8", "ctranslate2", {})]:
+        adapter = variant(catalog, MODELS["speech_recognition"], backend, **options)
+        contenders.append(Contender(f"{label} (adapter)",
+                                    lambda a=adapter: (a.transcribe(request), seconds)[1],
+                                    "audio s/s"))
+    engine, tokenizer = adapter._model, adapter._tokenizer  # the int8 one, loaded above
+    audio16 = resample(audio, rate, ct2_whisper.WHISPER_RATE)
+
+    def direct() -> float:
+        features = ctranslate2.StorageView.from_array(ct2_whisper._log_mel(audio16)[None])
+        engine.generate(features, [list(tokenizer.sot_sequence_including_notimestamps)],
+                        beam_size=1, max_length=ct2_whisper.MAX_NEW_TOKENS, suppress_blank=True)
+        return seconds
+
+    contenders.append(Contender("CTranslate2 int8 (engine directly)", direct, "audio s/s"))
+    return contenders
+
+
+def llm_contenders(catalog: Catalog) -> list[Contender]:
+    request = ChatRequest([ChatMessage("user", PROMPT)], max_tokens=MAX_TOKENS)
+
+    def through(adapter) -> Callable[[], float]:
+        def run() -> float:
+            return next(c for c in adapter.generate(request) if c.final).completion_tokens
+        return run
+
+    contenders = []
+    for label, name, backend, options in [
+            ("MLX float32", "smollm2-135m", "mlx", {}),
+            ("MLX 4-bit", "smollm2-135m-q4", "mlx", {}),
+            ("CTranslate2 float32", "smollm2-135m", "ctranslate2", {"compute_type": "float32"}),
+            ("CTranslate2 int8", "smollm2-135m", "ctranslate2", {})]:
+        adapter = variant(catalog, name, backend, **options)
+        contenders.append(Contender(f"{label} (adapter)", through(adapter), "tok/s"))
+    from mofa_omni.adapters.mlx_lm import chat_prompt_tokens
+
+    generator, tokenizer = adapter._generator, adapter._tokenizer  # the int8 one
+    prompt = tokenizer.convert_ids_to_tokens(chat_prompt_tokens(tokenizer, request))
+    end = tokenizer.convert_ids_to_tokens(sorted(tokenizer.eos_token_ids))
+
+    def direct() -> float:
+        return sum(1 for _ in generator.generate_tokens(prompt, max_length=MAX_TOKENS,
+                                                        end_token=end, sampling_topk=1))
+
+    contenders.append(Contender("CTranslate2 int8 (engine directly)", direct, "tok/s"))
+    return contenders
+
+
+def tts_contenders(catalog: Catalog) -> list[Contender]:
+    from piper.config import SynthesisConfig
+
+    adapter = variant(catalog, MODELS["speech_synthesis"], "onnxruntime")
+    rate = adapter.sample_rate
+    voice = adapter._voice
+    config = SynthesisConfig(length_scale=voice.config.length_scale)
+    return [
+        Contender("ONNX Runtime (adapter)", lambda: sum(
+            len(c.audio) for c in adapter.synthesize(SpeechRequest(SPOKEN))) / rate,
+            "audio s/s"),
+        Contender("PiperVoice (library directly)", lambda: sum(
+            len(c.audio_float_array) for c in voice.synthesize(SPOKEN, config)) / rate,
+            "audio s/s"),
+    ]
+
+
+def embedding_contenders(catalog: Catalog) -> list[Contender]:
+    adapter = variant(catalog, MODELS["embedding"], "mlx")
+    request = EmbeddingRequest(SENTENCES)
+    return [Contender("MLX (adapter)", lambda: (adapter.embed(request), len(SENTENCES))[1],
+                      "sentences/s")]
+
+
+def through_node(tasks: list[str], repeats: int) -> dict[str, dict]:
+    """Each task's default backend in an omni-node, timed by benchmarks/dataflows/backends_driver.py."""
+    work = Path(tempfile.mkdtemp(prefix="backends-"))
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "WORK": str(work),
+           "REPEATS": str(repeats), "TASKS": ",".join(tasks), "SAMPLE": str(SAMPLE),
+           "PROMPT": PROMPT, "MAX_TOKENS": str(MAX_TOKENS), "SPOKEN": SPOKEN,
+           "SENTENCES": json.dumps(SENTENCES)}
+    done = subprocess.run([str(bin_dir / "dora"), "run",
+                           str(ROOT / "benchmarks" / "dataflows" / "backends.yml")],
+                          env=env, capture_output=True, text=True, timeout=900)
+    report = work / "backends.json"
+    if not report.exists():
+        raise RuntimeError(f"the dataflow wrote no report:\n{(done.stdout + done.stderr)[-3000:]}")
+    return json.loads(report.read_text())
+
+
+BUILDERS = {"speech_recognition": asr_contenders, "text_generation": llm_contenders,
+            "speech_synthesis": tts_contenders, "embedding": embedding_contenders}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", type=Path, default=RESULTS / "backends.json")
+    parser.add_argument("--png", type=Path, default=RESULTS / "backends.png")
+    parser.add_argument("--tasks", nargs="*", choices=list(MODELS), default=list(MODELS))
+    args = parser.parse_args()
+    catalog = Catalog.load()
+    results: dict[str, dict] = {}
+    for task in args.tasks:
+        print(f"{task} ...", flush=True)
+        contenders = BUILDERS[task](catalog)
+        rows = [measure(c, args.repeats) for c in contenders]
+        default = select_adapter(catalog.get(MODELS[task]))
+        results[task] = {"model": MODELS[task], "default": f"{default.adapter} "
+                         f"({default.backend}): {default.reason}", "direct": rows,
+                         "not_measured": NOT_HERE[task]}
+    node = through_node(args.tasks, args.repeats)
+    for task in args.tasks:
+        measured = node[task]
+        fastest = min(results[task]["direct"], key=lambda r: r["latency_s"])
+        unit_per_request = fastest["throughput"] * fastest["latency_s"]
+        results[task]["node"] = {
+            "latency_s": measured["latency_s"],
+            "throughput": round(unit_per_request / measured["latency_s"], 3),
+            "vs_fastest_direct": round(fastest["latency_s"] / measured["latency_s"], 3),
+            "fastest_direct": fastest["contender"]}
+    print_tables(results)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"repeats": args.repeats, "tasks": results}, indent=1))
+    plot(results, args.png)
+    print(f"\nwrote {args.json} and {args.png}")
+    return 0
+
+
+def print_tables(results: dict[str, dict]) -> None:
+    for task, result in results.items():
+        print(f"\n{task}: {result['model']}; default here: {result['default']}")
+        for row in result["direct"]:
+            print(f"  {row['contender']:38} {row['latency_s'] * 1000:8.1f} ms "
+                  f"{row['throughput']:9.2f} {row['unit']}")
+        node = result["node"]
+        print(f"  {'default in an omni-node (dataflow)':38} {node['latency_s'] * 1000:8.1f} ms "
+              f"{node['throughput']:9.2f}   {node['vs_fastest_direct']:.2f}x the fastest direct "
+              f"({node['fastest_direct']})")
+        if result["not_measured"]:
+            print(f"  not measured: {result['not_measured']}")
+
+
+def plot(results: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(len(results), 1, figsize=(9, 2.6 * len(results)), squeeze=False)
+    for axis, (task, result) in zip(axes[:, 0], results.items()):
+        names = [r["contender"] for r in result["direct"]] + ["default in an omni-node"]
+        values = [r["throughput"] for r in result["direct"]] + [result["node"]["throughput"]]
+        colors = ["#8899aa"] * len(result["direct"]) + ["#dd7733"]
+        axis.barh(names, values, color=colors)
+        axis.set_title(f"{task} ({result['model']}): {result['direct'][0]['unit']}, higher is "
+                       f"faster", fontsize=10)
+        axis.invert_yaxis()
+        axis.tick_params(labelsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
