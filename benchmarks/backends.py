@@ -5,8 +5,8 @@ the default path through an omni-node in a dataflow -- in one run.
 
 (Run it with the project's environment first on PATH: dora starts `.py` nodes with `python`.)
 
-Per task, each contender serves the same request --repeats times (default 5) after a warm-up;
-the median latency and the throughput are recorded:
+Per task, each contender serves the same request --repeats times (default 5) after a warm-up,
+the contenders taking turns; the median latency and the throughput are recorded:
 
   speech_recognition  whisper-tiny.en on a 4.6 s spoken question: MLX (float32), CTranslate2
                       float32 and int8 through our adapter; CTranslate2's Whisper.generate called
@@ -89,16 +89,22 @@ class Contender:
     unit: str
 
 
-def measure(contender: Contender, repeats: int) -> dict:
-    contender.run()  # warm-up
-    latencies, units = [], 0.0
+def measure(contenders: list[Contender], repeats: int) -> list[dict]:
+    """Each contender's median latency, in interleaved rounds (so that the machine's drift
+    falls on all of them alike), after a warm-up each."""
+    units = [contender.run() for contender in contenders]  # warm-up
+    latencies: list[list[float]] = [[] for _ in contenders]
     for _ in range(repeats):
-        started = time.perf_counter()
-        units = contender.run()
-        latencies.append(time.perf_counter() - started)
-    latency = statistics.median(latencies)
-    return {"contender": contender.name, "latency_s": round(latency, 4),
-            "throughput": round(units / latency, 3), "unit": contender.unit}
+        for index, contender in enumerate(contenders):
+            started = time.perf_counter()
+            units[index] = contender.run()
+            latencies[index].append(time.perf_counter() - started)
+    rows = []
+    for contender, produced, times in zip(contenders, units, latencies):
+        latency = statistics.median(times)
+        rows.append({"contender": contender.name, "latency_s": round(latency, 4),
+                     "throughput": round(produced / latency, 3), "unit": contender.unit})
+    return rows
 
 
 def variant(catalog: Catalog, name: str, backend: str, **options):
@@ -228,7 +234,7 @@ def main() -> int:
     for task in args.tasks:
         print(f"{task} ...", flush=True)
         contenders = BUILDERS[task](catalog)
-        rows = [measure(c, args.repeats) for c in contenders]
+        rows = measure(contenders, args.repeats)
         default = select_adapter(catalog.get(MODELS[task]))
         results[task] = {"model": MODELS[task], "default": f"{default.adapter} "
                          f"({default.backend}): {default.reason}", "direct": rows,
