@@ -20,7 +20,8 @@ the contenders taking turns; the median latency and the throughput are recorded:
 
 "node" is the task's default backend on this machine (mofa_omni.backends) served by an omni-node
 in a real dataflow (benchmarks/dataflows/backends.yml), timed by a driver node from sending the
-request to its last result; "vs fastest direct" divides the fastest direct contender's latency
+request to its last result, in the same rounds as the direct calls (each round: every contender
+once, then every node once); "vs fastest direct" divides the fastest direct contender's latency
 by it (goal >= 0.95: the framework costs at most 5 %), and the default's latency is compared
 with the fastest direct one (goal <= 1.1x).
 
@@ -89,22 +90,76 @@ class Contender:
     unit: str
 
 
-def measure(contenders: list[Contender], repeats: int) -> list[dict]:
-    """Each contender's median latency, in interleaved rounds (so that the machine's drift
-    falls on all of them alike), after a warm-up each."""
-    units = [contender.run() for contender in contenders]  # warm-up
-    latencies: list[list[float]] = [[] for _ in contenders]
-    for _ in range(repeats):
-        for index, contender in enumerate(contenders):
-            started = time.perf_counter()
-            units[index] = contender.run()
-            latencies[index].append(time.perf_counter() - started)
-    rows = []
-    for contender, produced, times in zip(contenders, units, latencies):
-        latency = statistics.median(times)
-        rows.append({"contender": contender.name, "latency_s": round(latency, 4),
-                     "throughput": round(produced / latency, 3), "unit": contender.unit})
-    return rows
+def timed(contender: Contender) -> tuple[float, float]:
+    started = time.perf_counter()
+    units = contender.run()
+    return time.perf_counter() - started, units
+
+
+class NodePath:
+    """Each task's default backend in an omni-node of benchmarks/dataflows/backends.yml, timed
+    by its driver in rounds this process starts, between the direct calls."""
+
+    def __init__(self, tasks: list[str], rounds: int):
+        self.work = Path(tempfile.mkdtemp(prefix="backends-"))
+        bin_dir = Path(sys.executable).parent
+        env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+               "WORK": str(self.work), "ROUNDS": str(rounds), "TASKS": ",".join(tasks),
+               "SAMPLE": str(SAMPLE), "PROMPT": PROMPT, "MAX_TOKENS": str(MAX_TOKENS),
+               "SPOKEN": SPOKEN, "SENTENCES": json.dumps(SENTENCES)}
+        self.process = subprocess.Popen(
+            [str(bin_dir / "dora"), "run", str(ROOT / "benchmarks" / "dataflows" / "backends.yml")],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def round(self, index: int, timeout: float = 600) -> dict[str, float]:
+        (self.work / f"go-{index}").touch()
+        done = self.work / f"done-{index}.json"
+        deadline = time.monotonic() + timeout
+        while not done.exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
+                raise RuntimeError(f"the dataflow stopped:\n{self.process.communicate()[0][-3000:]}")
+            time.sleep(0.02)
+        return json.loads(done.read_text())
+
+    def finish(self) -> None:
+        try:
+            self.process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def measure(contenders: dict[str, list[Contender]], repeats: int) -> dict[str, dict]:
+    """Per task, each contender's median latency and the node path's, in interleaved rounds
+    (the machine's drift falls on all alike), after a warm-up each."""
+    node = NodePath(list(contenders), repeats)
+    units = {task: [c.run() for c in group] for task, group in contenders.items()}  # warm-up
+    node.round(0)
+    times: dict[str, list[list[float]]] = {t: [[] for _ in g] for t, g in contenders.items()}
+    node_times: dict[str, list[float]] = {task: [] for task in contenders}
+    for index in range(1, repeats + 1):
+        for task, group in contenders.items():
+            for position, contender in enumerate(group):
+                seconds, units[task][position] = timed(contender)
+                times[task][position].append(seconds)
+        for task, seconds in node.round(index).items():
+            node_times[task].append(seconds)
+    node.finish()
+    results = {}
+    for task, group in contenders.items():
+        rows = []
+        for contender, produced, latencies in zip(group, units[task], times[task]):
+            latency = statistics.median(latencies)
+            rows.append({"contender": contender.name, "latency_s": round(latency, 4),
+                         "throughput": round(produced / latency, 3), "unit": contender.unit})
+        fastest = min(rows, key=lambda r: r["latency_s"])
+        latency = statistics.median(node_times[task])
+        per_request = fastest["throughput"] * fastest["latency_s"]
+        results[task] = {"direct": rows, "node": {
+            "latency_s": round(latency, 4), "throughput": round(per_request / latency, 3),
+            "vs_fastest_direct": round(fastest["latency_s"] / latency, 3),
+            "fastest_direct": fastest["contender"], "latencies": node_times[task]}}
+    return results
 
 
 def variant(catalog: Catalog, name: str, backend: str, **options):
@@ -201,23 +256,6 @@ def embedding_contenders(catalog: Catalog) -> list[Contender]:
                       "sentences/s")]
 
 
-def through_node(tasks: list[str], repeats: int) -> dict[str, dict]:
-    """Each task's default backend in an omni-node, timed by benchmarks/dataflows/backends_driver.py."""
-    work = Path(tempfile.mkdtemp(prefix="backends-"))
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "WORK": str(work),
-           "REPEATS": str(repeats), "TASKS": ",".join(tasks), "SAMPLE": str(SAMPLE),
-           "PROMPT": PROMPT, "MAX_TOKENS": str(MAX_TOKENS), "SPOKEN": SPOKEN,
-           "SENTENCES": json.dumps(SENTENCES)}
-    done = subprocess.run([str(bin_dir / "dora"), "run",
-                           str(ROOT / "benchmarks" / "dataflows" / "backends.yml")],
-                          env=env, capture_output=True, text=True, timeout=900)
-    report = work / "backends.json"
-    if not report.exists():
-        raise RuntimeError(f"the dataflow wrote no report:\n{(done.stdout + done.stderr)[-3000:]}")
-    return json.loads(report.read_text())
-
-
 BUILDERS = {"speech_recognition": asr_contenders, "text_generation": llm_contenders,
             "speech_synthesis": tts_contenders, "embedding": embedding_contenders}
 
@@ -230,25 +268,16 @@ def main() -> int:
     parser.add_argument("--tasks", nargs="*", choices=list(MODELS), default=list(MODELS))
     args = parser.parse_args()
     catalog = Catalog.load()
-    results: dict[str, dict] = {}
+    contenders = {}
     for task in args.tasks:
-        print(f"{task} ...", flush=True)
-        contenders = BUILDERS[task](catalog)
-        rows = measure(contenders, args.repeats)
+        print(f"loading {task} ...", flush=True)
+        contenders[task] = BUILDERS[task](catalog)
+    print(f"measuring, {args.repeats} rounds ...", flush=True)
+    results = measure(contenders, args.repeats)
+    for task in args.tasks:
         default = select_adapter(catalog.get(MODELS[task]))
-        results[task] = {"model": MODELS[task], "default": f"{default.adapter} "
-                         f"({default.backend}): {default.reason}", "direct": rows,
-                         "not_measured": NOT_HERE[task]}
-    node = through_node(args.tasks, args.repeats)
-    for task in args.tasks:
-        measured = node[task]
-        fastest = min(results[task]["direct"], key=lambda r: r["latency_s"])
-        unit_per_request = fastest["throughput"] * fastest["latency_s"]
-        results[task]["node"] = {
-            "latency_s": measured["latency_s"],
-            "throughput": round(unit_per_request / measured["latency_s"], 3),
-            "vs_fastest_direct": round(fastest["latency_s"] / measured["latency_s"], 3),
-            "fastest_direct": fastest["contender"]}
+        results[task] |= {"model": MODELS[task], "not_measured": NOT_HERE[task],
+                          "default": f"{default.adapter} ({default.backend}): {default.reason}"}
     print_tables(results)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"repeats": args.repeats, "tasks": results}, indent=1))

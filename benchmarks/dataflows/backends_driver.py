@@ -1,12 +1,12 @@
-"""Times benchmarks/dataflows/backends.yml's model nodes: for each task in TASKS, a warm-up and
-then REPEATS requests, one at a time, each from sending it to its last result. Writes
-$WORK/backends.json: per task, the median latency and every latency."""
+"""Times benchmarks/dataflows/backends.yml's model nodes in rounds the benchmark starts: once
+$WORK/go-K exists, one request per task in TASKS, one at a time, each timed from sending it to
+its last result; then $WORK/done-K.json (task -> seconds). Round 0 warms up. Ends after round
+ROUNDS."""
 
 from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from mofa_omni.contract import (
 )
 
 WORK = Path(os.environ["WORK"])
-REPEATS = int(os.environ.get("REPEATS", "5"))
+ROUNDS = int(os.environ.get("ROUNDS", "5"))
 RESULT_INPUTS = {"asr": "speech_recognition", "llm": "text_generation",
                  "tts": "speech_synthesis", "embedder": "embedding"}
 
@@ -43,8 +43,8 @@ def requests() -> dict:
 def main() -> None:
     node = Node()
     encoded = {task: arrow.encode(request) for task, request in requests().items()}
-    plan = [(task, i) for task in os.environ["TASKS"].split(",") for i in range(REPEATS + 1)]
-    latencies: dict[str, list[float]] = {}
+    tasks = os.environ["TASKS"].split(",")
+    round_, todo, timings = 0, [], {}
     waiting, sent_at = None, 0.0
     for event in node:
         if event["type"] != "INPUT":
@@ -52,21 +52,20 @@ def main() -> None:
         meta = event.get("metadata") or {}
         if waiting and event["id"].removesuffix("_error") in RESULT_INPUTS and \
                 meta.get("request_id") == waiting and meta.get("final", True):
-            task, index = plan.pop(0)
             if event["id"].endswith("_error"):
                 raise RuntimeError(arrow.decode(event["value"], ErrorReport).message)
-            if index:  # the first one warms up
-                latencies.setdefault(task, []).append(time.perf_counter() - sent_at)
+            timings[todo.pop(0)] = time.perf_counter() - sent_at
             waiting = None
-        if waiting is None:
-            if not plan:
-                break
-            task, index = plan[0]
-            waiting, sent_at = f"{task}-{index}", time.perf_counter()
-            node.send_output(task, encoded[task], {"request_id": waiting})
-    (WORK / "backends.json").write_text(json.dumps(
-        {task: {"latency_s": round(statistics.median(values), 4), "latencies": values}
-         for task, values in latencies.items()}))
+            if not todo:
+                (WORK / f"done-{round_}.json").write_text(json.dumps(timings))
+                if round_ == ROUNDS:
+                    break
+                round_, timings = round_ + 1, {}
+        if not todo and waiting is None and (WORK / f"go-{round_}").exists():
+            todo = list(tasks)
+        if todo and waiting is None:
+            waiting, sent_at = f"{todo[0]}-{round_}", time.perf_counter()
+            node.send_output(todo[0], encoded[todo[0]], {"request_id": waiting})
 
 
 if __name__ == "__main__":
