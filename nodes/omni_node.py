@@ -43,10 +43,15 @@ from mofa_omni.serving import CANCEL_INPUT, RequestWorker, cancelled_ids  # noqa
 
 log = logging.getLogger("omni-node")
 
+GIL_SWITCH_S = 0.0005
 LINGER_S = 1.0  # after the last request input closed: inputs still in flight arrive within it
 
 
 def main() -> int:
+    # The main thread wakes for dora events while the worker runs the model; with Python's
+    # default 5 ms switch interval the worker can then wait up to 5 ms for the GIL each time
+    # (per streamed token for an LLM). See benchmarks/backends.py.
+    sys.setswitchinterval(GIL_SWITCH_S)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     catalog = Catalog.load()
     model, task = os.environ.get("MODEL"), os.environ.get("TASK")
