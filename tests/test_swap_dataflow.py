@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import msgspec
-import pytest
 
 from mofa_omni.control import Status, SwapOutcome
 from tests.dataflow_run import catalog_variant, finish, omni, start_dataflow
