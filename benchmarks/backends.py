@@ -10,7 +10,8 @@ the contenders taking turns; the median latency and the throughput are recorded:
 
   speech_recognition  whisper-tiny.en on a 4.6 s spoken question: MLX (float32), CTranslate2
                       float32 and int8 through our adapter; CTranslate2's Whisper.generate called
-                      directly on the same features (the engine faster-whisper runs)
+                      directly on the same features; faster-whisper (if installed: it is not a
+                      dependency) on the same converted directory, greedy, English, no timestamps
   text_generation     SmolLM2-135M, one 48-token reply: MLX float32 and 4-bit, CTranslate2
                       float32 and int8 through our adapter; CTranslate2's Generator called
                       directly on the same prompt tokens
@@ -25,9 +26,8 @@ once, then every node once); "vs fastest direct" divides the fastest direct cont
 by it (goal >= 0.95: the framework costs at most 5 %), and the default's latency is compared
 with the fastest direct one (goal <= 1.1x).
 
-Peers a user would pick instead that cannot run here are named in the output: faster-whisper
-needs whisper's Hugging Face tokenizer.json (downloaded on first use; offline here), llama.cpp's
-Python bindings have no binary wheel on the registry. Prints a table per task, writes
+Peers a user would pick instead that cannot run here are named in the output: llama.cpp's
+Python bindings have no binary wheel on the registry; no ONNX MiniLM can be had offline. Prints a table per task, writes
 benchmarks/results/backends.json (or --json FILE) and a bar chart per task in one PNG
 (benchmarks/results/backends.png or --png FILE). About 4 minutes.
 """
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import statistics
@@ -74,8 +75,8 @@ SENTENCES = [f"Sentence number {i} is about {topic}." for i, topic in
 MODELS = {"speech_recognition": "whisper-tiny.en", "text_generation": "smollm2-135m",
           "speech_synthesis": "piper-joe", "embedding": "minilm-l6"}
 NOT_HERE = {
-    "speech_recognition": "faster-whisper: needs whisper's tokenizer.json from the Hugging Face "
-                          "hub (offline here); its engine, CTranslate2, is measured directly",
+    "speech_recognition": "" if importlib.util.find_spec("faster_whisper") else
+                          "faster-whisper is not installed (pip install faster-whisper)",
     "text_generation": "llama.cpp: llama-cpp-python has no binary wheel on the registry; "
                        "CTranslate2's Generator is measured directly",
     "speech_synthesis": "",
@@ -199,6 +200,23 @@ def asr_contenders(catalog: Catalog) -> list[Contender]:
         return seconds
 
     contenders.append(Contender("CTranslate2 int8 (engine directly)", direct, "audio s/s"))
+    try:
+        from faster_whisper import WhisperModel
+    except ImportError:
+        return contenders
+    # The same converted directory: ct2_whisper writes the tokenizer.json faster-whisper reads.
+    peer = WhisperModel(str(adapter.model_dir), device="cpu", compute_type="int8",
+                        cpu_threads=os.cpu_count() or 1)
+
+    def faster_whisper() -> float:
+        segments, _ = peer.transcribe(audio16, beam_size=1, language="en",
+                                      without_timestamps=True, vad_filter=False,
+                                      condition_on_previous_text=False)
+        list(segments)
+        return seconds
+
+    contenders.append(Contender("faster-whisper int8 (library directly)", faster_whisper,
+                                "audio s/s"))
     return contenders
 
 

@@ -25,6 +25,7 @@ from mofa_omni.audio import resample
 from mofa_omni.contract import (ContractError, Segment, Task, Transcript, TranscriptionRequest,
                                 validate_request)
 from mofa_omni.formats.ctranslate2 import read_model_bin
+from mofa_omni.formats.tiktoken_bpe import hf_tokenizer
 from mofa_omni.store import link_or_copy
 
 WHISPER_RATE = 16_000
@@ -40,6 +41,7 @@ class Ct2WhisperAdapter(ModelAdapter):
     formats: ClassVar[frozenset[str]] = frozenset({"ctranslate2"})
     backend: ClassVar[str] = "ctranslate2"
     requires: ClassVar[tuple[str, ...]] = ("ctranslate2", "mlx_whisper")
+    artifact_version: ClassVar[int] = 2  # 2: tokenizer.json beside vocabulary.json
 
     def __init__(self, spec):
         super().__init__(spec)
@@ -58,6 +60,9 @@ class Ct2WhisperAdapter(ModelAdapter):
         progress("write vocabulary", 0, 1)
         tokenizer = _tokenizer(vocab_size >= MULTILINGUAL_VOCAB)
         (out_dir / "vocabulary.json").write_text(json.dumps(_token_strings(tokenizer, vocab_size)))
+        # faster-whisper (and the like) read the same directory with this, not the hub's copy
+        hf_tokenizer(tokenizer.encoding._mergeable_ranks,
+                     tokenizer.encoding._special_tokens).save(str(out_dir / "tokenizer.json"))
         progress("write vocabulary", 1, 1)
 
     def _load(self, model_dir: Path) -> None:
