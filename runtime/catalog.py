@@ -9,6 +9,7 @@ override models in their own TOML files of the same layout, found at
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -190,3 +191,19 @@ def unknown_name_message(kind: str, name: str, known: list[str]) -> str:
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     return f"unknown {kind} {name!r}{hint} (known: {', '.join(sorted(known))})"
+
+
+def variant_entry(name: str, of: str, **changes) -> str:
+    """A catalog entry (TOML) for ``name``: the packaged model ``of`` with ``changes`` made (e.g.
+    another ``memory_mb`` or ``options``) -- the same weights under another name."""
+    packaged = tomllib.loads(BUILTIN_CATALOG.read_text())["models"]
+    if of not in packaged:
+        raise CatalogError(unknown_name_message("model", of, list(packaged)))
+    entry = packaged[of] | changes
+
+    def value(item) -> str:  # JSON strings, numbers and lists are TOML too
+        if isinstance(item, dict):
+            return "{ " + ", ".join(f"{json.dumps(k)} = {value(v)}" for k, v in item.items()) + " }"
+        return json.dumps(item)
+
+    return f"[models.{name}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in entry.items())

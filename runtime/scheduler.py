@@ -285,12 +285,19 @@ def decide(state: SchedulerState, event: Event) -> list[Decision]:
             deadline = earlier[0].deadline if earlier and \
                 earlier[0].request.ladder == event.ladder else None
             return _queue(state, event, deadline)
-        case Loaded(node=node, model=model, now=now):
+        case Loaded(node=node, model=model, now=now) | Swapped(node=node, model=model, now=now):
+            swapped = isinstance(event, Swapped)
+            plan = state.swaps.pop(node, None) if swapped else None
             state.learned_peak[model] = max(event.peak, event.bytes)
             if event.overhead is not None:  # libraries a first load imported stay resident
                 state.overhead[node] = event.overhead
             previous = state.residents.get(node)
-            ladder = previous.ladder if previous else ((model, event.peak),)
+            if plan:  # swapped: the node's ladder is the new model's
+                ladder = plan.ladder
+            elif previous and not swapped:
+                ladder = previous.ladder
+            else:
+                ladder = ((model, event.peak),)
             state.residents[node] = Resident(node, model, event.bytes, ladder, event.seconds,
                                              last_used=now, phase="ready",
                                              busy=bool(previous and previous.busy))
@@ -324,17 +331,6 @@ def decide(state: SchedulerState, event: Event) -> list[Decision]:
             return []
         case SwapRequest():
             return _swap(state, event)
-        case Swapped(node=node, model=model, now=now):
-            plan = state.swaps.pop(node, None)
-            state.learned_peak[model] = max(event.peak, event.bytes)
-            if event.overhead is not None:
-                state.overhead[node] = event.overhead
-            ladder = plan.ladder if plan else ((model, event.peak),)
-            previous = state.residents.get(node)
-            state.residents[node] = Resident(node, model, event.bytes, ladder, event.seconds,
-                                             last_used=now, phase="ready",
-                                             busy=bool(previous and previous.busy))
-            return _retry_pending(state, now)
         case SwapFailed(node=node, now=now):
             plan = state.swaps.pop(node, None)
             if (resident := state.residents.get(node)) and plan:

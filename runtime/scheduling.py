@@ -194,16 +194,13 @@ class Scheduling:
         view.model = report.model or view.model
         self.peak_measured = max(self.peak_measured, self.measured())
         match report.event:
-            case "loaded":
+            case "loaded" | "swapped":
                 view.model_bytes = report.model_bytes
-                return Loaded(report.node, report.model, report.model_bytes, report.peak_bytes,
-                              report.load_seconds, now, overhead=report.rss - report.model_bytes)
+                event = Loaded if report.event == "loaded" else Swapped
+                return event(report.node, report.model, report.model_bytes, report.peak_bytes,
+                             report.load_seconds, now, overhead=report.rss - report.model_bytes)
             case "load_failed":
                 return LoadFailed(report.node, now)
-            case "swapped":
-                view.model_bytes = report.model_bytes
-                return Swapped(report.node, report.model, report.model_bytes, report.peak_bytes,
-                               report.load_seconds, now, overhead=report.rss - report.model_bytes)
             case "swap_failed":
                 return SwapFailed(report.node, now)
             case "unloaded":

@@ -297,7 +297,8 @@ class RequestWorker:
                 swap.loaded = self.slot.load_prepared(swap.prepared)
             except Exception as error:
                 self._restore_after_failed_swap(swap, error)
-                return self._serve_then_retire()
+                self._serve_then_retire()  # the old model serves again from this thread
+                return
         self.slot.install(swap.prepared)
         self._swaps.remove(swap)
         swap.resume(self._waiting_since())

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -36,18 +34,3 @@ def omni(*args: str, timeout: float = 60,
     omni_bin = Path(sys.executable).parent / "omni"
     return subprocess.run([str(omni_bin), *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
-
-
-def catalog_variant(name: str, of: str, **changes) -> str:
-    """A catalog entry (TOML) for ``name``: the packaged model ``of`` with ``changes`` made (e.g.
-    another ``memory_mb`` or ``options``) -- the same weights under another name."""
-    from mofa_omni.catalog import BUILTIN_CATALOG
-
-    entry = tomllib.loads(BUILTIN_CATALOG.read_text())["models"][of] | changes
-
-    def value(item) -> str:  # JSON strings, numbers and lists are TOML too
-        if isinstance(item, dict):
-            return "{ " + ", ".join(f"{json.dumps(k)} = {value(v)}" for k, v in item.items()) + " }"
-        return json.dumps(item)
-
-    return f"[models.{name}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in entry.items())

