@@ -32,12 +32,11 @@ import os
 import time
 
 import pyarrow as pa
-from dora import Node
-
 from mofa_omni import arrow, trace
 from mofa_omni.contract import ContractError, ErrorReport, TextChunk, Transcript
 from mofa_omni.dialogue import Action, Ask, Cancel, Dialogue, TranscriptLine, TurnDone
 from mofa_omni.host import MessageMeta, dora_node_id
+from mofa_omni.integrity import CheckedNode
 from mofa_omni.voice import DEFAULT_VOICE_OUTPUT, env_path
 
 log = logging.getLogger("dialogue")
@@ -45,7 +44,7 @@ log = logging.getLogger("dialogue")
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    node = Node()
+    node = CheckedNode()
     node_id = dora_node_id("dialogue")
     dialogue = Dialogue(max_tokens=int(os.environ.get("MAX_TOKENS", "96")))
     reply_timeout = float(os.environ.get("REPLY_TIMEOUT_S", "180"))

@@ -23,11 +23,10 @@ import threading
 import time
 
 import numpy as np
-from dora import Node
-
 from mofa_omni import arrow
 from mofa_omni.contract import AudioChunk, ContractError
 from mofa_omni.host import MessageMeta
+from mofa_omni.integrity import CheckedNode
 from mofa_omni.voice import env_float, env_str, load_sounddevice
 
 log = logging.getLogger("microphone")
@@ -52,7 +51,7 @@ def main() -> int:
         print(f"microphone: no audio input device ({error})", file=sys.stderr)
         return 2
 
-    node = Node()
+    node = CheckedNode()
     blocks: queue.Queue[tuple[int, np.ndarray]] = queue.Queue()
     stopping = threading.Event()
 

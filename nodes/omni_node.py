@@ -3,6 +3,11 @@
 Configuration (env in the dataflow YAML):
     MODEL              catalog name (default: the catalog's default model for TASK)
     TASK               the task to serve when MODEL is not given (e.g. text_generation)
+    STAGES             instead of one whole model: stages run in this process, in order, each
+                       handing its output to the next as the same object (no copy), e.g.
+                       "whisper-tiny.en:log_mel whisper-tiny.en:encode whisper-tiny.en:decode"
+                       (see mofa_omni.stages); the input is named after what the first stage
+                       takes (``request`` / the task, or ``tensor`` from stages in another node)
     BACKEND            run the model on this backend (mlx, ctranslate2, onnxruntime, ...)
                        instead of the one chosen for this machine (see mofa_omni.backends)
     REQUEST_TIMEOUT_S  deadline of a request from its arrival (default 120)
@@ -10,7 +15,8 @@ Configuration (env in the dataflow YAML):
 Inputs: ``request`` (the model's first task) or one named after each task it serves, and
 ``cancel`` (request ids, as strings): a cancelled request stops at once and ends with an
 ``ErrorReport`` of kind ``cancelled``.
-Outputs: ``result`` and ``error``. Requests run one at a time on a worker thread while the
+Outputs: ``result`` and ``error`` (a result too big for the node's shared-memory pool is
+answered with an error of kind ``too_large`` saying how to fix it). Requests run one at a time on a worker thread while the
 main thread reads events; on STOP the node drains what is queued before exiting.
 
 With a scheduler in the graph (an input ``scheduler: <scheduler>/command`` and an output
@@ -30,21 +36,32 @@ from mofa_omni.platform import ensure_fast_blas
 
 ensure_fast_blas()
 
-from dora import Node  # noqa: E402
-
 from mofa_omni import trace  # noqa: E402
 from mofa_omni.admission import SchedulerLink  # noqa: E402
 from mofa_omni.catalog import Catalog  # noqa: E402
 from mofa_omni.contract import ContractError, Task  # noqa: E402
 from mofa_omni.control import MEMORY_OUTPUT, SCHEDULER_INPUT, Command, from_arrow, to_arrow  # noqa: E402
 from mofa_omni.host import dora_node_id  # noqa: E402
+from mofa_omni.integrity import CheckedNode, PayloadTooLarge  # noqa: E402
 from mofa_omni.residency import ModelSlot  # noqa: E402
 from mofa_omni.serving import CANCEL_INPUT, RequestWorker, cancelled_ids  # noqa: E402
+from mofa_omni.stage_host import StageSlot  # noqa: E402
+from mofa_omni.stages import parse_stages  # noqa: E402
 
 log = logging.getLogger("omni-node")
 
 GIL_SWITCH_S = 0.0005
 LINGER_S = 1.0  # after the last request input closed: inputs still in flight arrive within it
+
+
+def slot_from_env(catalog: Catalog) -> ModelSlot | StageSlot:
+    """The model (MODEL or TASK) or the stages (STAGES) this node serves."""
+    backend = os.environ.get("BACKEND") or None
+    if stages := os.environ.get("STAGES"):
+        return StageSlot(parse_stages(stages), catalog, dora_node_id("stages"), backend=backend)
+    model, task = os.environ.get("MODEL"), os.environ.get("TASK")
+    spec = catalog.resolve(model, Task.parse(task)) if task else catalog.get(model or "")
+    return ModelSlot(spec, catalog, dora_node_id(spec.name), backend=backend)
 
 
 def main() -> int:
@@ -53,18 +70,14 @@ def main() -> int:
     # (per streamed token for an LLM). See benchmarks/backends.py.
     sys.setswitchinterval(GIL_SWITCH_S)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    catalog = Catalog.load()
-    model, task = os.environ.get("MODEL"), os.environ.get("TASK")
     try:  # fail fast, before joining the graph
-        spec = catalog.resolve(model, Task.parse(task)) if task else catalog.get(model or "")
-        slot = ModelSlot(spec, catalog, dora_node_id(spec.name),
-                         backend=os.environ.get("BACKEND") or None)
+        slot = slot_from_env(Catalog.load())
     except ContractError as error:
         print(f"omni-node: {error}", file=sys.stderr)
         return 2
     node_id = slot.host.node_id
 
-    node = Node()
+    node = CheckedNode(node_id=node_id)
     inputs = set(node.node_config()["inputs"])
     sending = threading.Lock()  # the worker, the memory reporter and this thread all send
 
@@ -73,14 +86,22 @@ def main() -> int:
             node.send_output(output, value, metadata or {})
 
     def send(out) -> None:
-        send_output(out.output, out.value, out.meta.to_dora())
+        try:
+            send_output(out.output, out.value, out.meta.to_dora())
+        except PayloadTooLarge as error:  # answer the request with why, instead of nothing
+            out = slot.host.reject(out.meta.to_dora(), "too_large", str(error))
+            send_output(out.output, out.value, out.meta.to_dora())
         trace.record(node_id, "send", out.output, out.meta)
 
     link = None
+    if SCHEDULER_INPUT in inputs and isinstance(slot, StageSlot):
+        print("omni-node: a node running STAGES does not take scheduler commands yet; remove "
+              f"its {SCHEDULER_INPUT!r} input", file=sys.stderr)
+        return 2
     if SCHEDULER_INPUT in inputs:
         link = SchedulerLink(node_id, slot, lambda message: send_output(MEMORY_OUTPUT,
                                                                         to_arrow(message)),
-                             queue_length=lambda: worker.queue_length())
+                             queue_length=lambda: worker.queue_length(), lost=node.gaps.lost)
         link.start_measuring(float(os.environ.get("MEMORY_REPORT_S", "1")))
     worker = RequestWorker(slot, send, float(os.environ.get("REQUEST_TIMEOUT_S", "120")), link)
     open_requests = inputs - {SCHEDULER_INPUT, CANCEL_INPUT}

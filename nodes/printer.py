@@ -19,10 +19,9 @@ import sys
 import time
 from datetime import datetime
 
-from dora import Node
-
 from mofa_omni.contract import ContractError
 from mofa_omni.host import MessageMeta
+from mofa_omni.integrity import CheckedNode
 from mofa_omni.voice import MessageLog, env_str
 
 
@@ -30,7 +29,7 @@ def main() -> int:
     path = env_str("TRANSCRIPT", "")
     transcript = open(path, "a", encoding="utf-8") if path else None
     messages = MessageLog()
-    node = Node()
+    node = CheckedNode()
     while (incoming := node.next()) is not None:
         if incoming["type"] != "INPUT":
             continue

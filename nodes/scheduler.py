@@ -35,12 +35,11 @@ from pathlib import Path
 
 import msgspec
 import psutil
-from dora import Node
-
 from mofa_omni.contract import ContractError
 from mofa_omni.control import COMMAND_OUTPUT, STATUS_OUTPUT, SwapAsk, from_arrow, to_arrow
 from mofa_omni.graph import scheduled_graph
 from mofa_omni.host import dora_node_id
+from mofa_omni.integrity import CheckedNode
 from mofa_omni.memory import format_bytes, parse_size
 from mofa_omni.platform import default_memory_budget
 from mofa_omni.scheduler import SchedulerState
@@ -84,7 +83,7 @@ def main() -> int:
         return 2
     tick_s = float(os.environ.get("TICK_S", "0.5"))
 
-    node = Node()
+    node = CheckedNode()
     graph = scheduled_graph(node.dataflow_descriptor(), dora_node_id("scheduler"))
     if not graph.model_nodes:
         log.warning("no model node takes this scheduler's commands: nothing to schedule")
@@ -98,7 +97,7 @@ def main() -> int:
     status_file = os.environ.get("STATUS_FILE")
 
     def publish_status(now: float, available: int):
-        status = scheduling.status(now, available, total)
+        status = scheduling.status(now, available, total, node.gaps.lost())
         node.send_output(STATUS_OUTPUT, to_arrow(status))
         if status_file:
             write_atomically(Path(status_file), msgspec.json.encode(status))

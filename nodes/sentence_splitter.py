@@ -19,17 +19,16 @@ from __future__ import annotations
 import os
 import time
 
-from dora import Node
-
 from mofa_omni import arrow, trace
 from mofa_omni.contract import ContractError, SpeechRequest, TextChunk
 from mofa_omni.host import MessageMeta, dora_node_id
+from mofa_omni.integrity import CheckedNode
 from mofa_omni.serving import CANCEL_INPUT, cancelled_ids
 from mofa_omni.text import SentenceStream
 
 
 def main() -> None:
-    node = Node()
+    node = CheckedNode()
     node_id = dora_node_id("splitter")
     max_chars = int(os.environ.get("MAX_CHARS", "240"))
     voice, speed = os.environ.get("VOICE", ""), float(os.environ.get("SPEED", "1.0"))

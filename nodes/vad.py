@@ -37,12 +37,11 @@ import sys
 import time
 
 import numpy as np
-from dora import Node
-
 from mofa_omni import arrow, trace
 from mofa_omni.audio_stream import StreamResampler
 from mofa_omni.contract import AudioChunk, ContractError, ErrorReport, TranscriptionRequest
 from mofa_omni.host import MessageMeta, dora_node_id
+from mofa_omni.integrity import CheckedNode
 from mofa_omni.loading import open_model
 from mofa_omni.vad import (
     FRAME_SAMPLES,
@@ -104,7 +103,7 @@ def main() -> int:
     vad = StreamingVad(adapter.speech_probabilities, config)
     clock = SampleClock(VAD_RATE)
     gaps = SeqTracker()
-    node = Node()
+    node = CheckedNode()
     log.info("listening with %s (loaded in %.2f s)", adapter.spec.name, adapter.load_seconds)
 
     def send(events) -> None:

@@ -36,12 +36,11 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-from dora import Node
-
 from mofa_omni import arrow, trace
 from mofa_omni.audio_stream import PlaybackClock, WavWriterSet
 from mofa_omni.contract import AudioChunk, ContractError, TranscriptionRequest
 from mofa_omni.host import MessageMeta, dora_node_id
+from mofa_omni.integrity import CheckedNode
 from mofa_omni.serving import CANCEL_INPUT, cancelled_ids
 from mofa_omni.voice import (
     DEFAULT_VOICE_OUTPUT,
@@ -127,7 +126,7 @@ def main() -> int:
     except ContractError as error:
         print(f"wav_sink: {error}", file=sys.stderr)
         return 2
-    node = Node()
+    node = CheckedNode()
     node_id = dora_node_id("sink")
 
     def done(meta: MessageMeta, path: str, seconds: float) -> None:

@@ -39,12 +39,11 @@ import sys
 import time
 
 import numpy as np
-from dora import Node
-
 from mofa_omni import arrow
 from mofa_omni.audio_stream import load_turn, split_chunks, wav_turns
 from mofa_omni.contract import AudioChunk, ContractError, ErrorReport
 from mofa_omni.host import MessageMeta
+from mofa_omni.integrity import CheckedNode
 from mofa_omni.voice import DEFAULT_VOICE_INPUT, env_choice, env_float, env_pace, env_path
 
 log = logging.getLogger("wav_source")
@@ -98,7 +97,7 @@ def main() -> int:
         return 2
     if not turns:
         log.warning("no .wav files in %s", voice_input)
-    node = Node()
+    node = CheckedNode()
     inbox = Inbox(node)
     awaiting_reply = False  # a turn was sent whose `ready` has not come yet
     for number, path in enumerate(turns, start=1):

@@ -18,12 +18,15 @@ class SchedulerLink:
     """Sends a node's :class:`LoadAsk` and :class:`NodeReport` messages through ``publish``.
 
     ``state`` is what ``omni status`` shows for the node. ``queue_length`` tells
-    how many requests wait, for the reports.
+    how many requests wait, and ``lost`` how many messages went missing on each input
+    (see :mod:`mofa_omni.integrity`), for the reports.
     """
 
     def __init__(self, node_id: str, slot: ModelSlot, publish: Callable[[ControlMessage], None],
-                 queue_length: Callable[[], int] = lambda: 0):
+                 queue_length: Callable[[], int] = lambda: 0,
+                 lost: Callable[[], dict[str, int]] = dict):
         self.node_id, self.slot, self.publish, self.queue_length = node_id, slot, publish, queue_length
+        self.lost = lost  # messages dora dropped before they reached this node, by input
         self.state: NodeState = "starting"
         self.asked_at = 0.0  # when it last asked for memory (time.monotonic)
         self.detached = False  # the scheduler is gone: the node manages its model on its own
@@ -49,7 +52,7 @@ class SchedulerLink:
             peak_bytes=outcome.peak if outcome else 0,
             load_seconds=outcome.seconds if outcome else 0.0,
             mlx_active=memory.mlx_active_bytes, mlx_peak=memory.mlx_peak_bytes, detail=detail,
-            swap=swap))
+            swap=swap, lost=self.lost()))
 
     def start_measuring(self, interval_s: float) -> None:
         """Report resident memory every ``interval_s`` from a background thread."""

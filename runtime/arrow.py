@@ -9,6 +9,7 @@ input) with a :class:`ContractError` that names the message and the field.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -17,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from mofa_omni.contract import (
+    TENSOR_DTYPES,
     AudioChunk,
     ChatMessage,
     ChatRequest,
@@ -32,10 +34,12 @@ from mofa_omni.contract import (
     RerankResult,
     Segment,
     SpeechRequest,
+    Tensor,
     TextChunk,
     Transcript,
     TranscriptionRequest,
     VisionRequest,
+    dtype_name,
     validate_image,
     validate_request,
 )
@@ -109,6 +113,26 @@ def _numbers(values: np.ndarray, arrow_type: pa.DataType) -> pa.ListArray:
 
 def _one(value: Any, arrow_type: pa.DataType) -> pa.Array:
     return pa.array([value], type=arrow_type)
+
+
+def _raw_bytes(array: Any) -> pa.ListArray:
+    """An array's bytes as list<uint8> without copying them (an MLX array is read in place)."""
+    flat = np.ascontiguousarray(np.asarray(array)).reshape(-1)
+    data = pa.Array.from_buffers(pa.uint8(), flat.nbytes, [None, pa.py_buffer(flat.view(np.uint8))])
+    return pa.ListArray.from_arrays(pa.array([0, flat.nbytes], pa.int32()), data)
+
+
+def _tensor_from(row: _Row) -> Tensor:
+    kind, dtype, shape = row.scalar("kind"), row.scalar("dtype"), tuple(row.scalar("shape"))
+    raw = row.numbers("data")
+    if dtype not in TENSOR_DTYPES:
+        raise ContractError(f"{row.what} {kind!r}: dtype {dtype!r} is not one of "
+                            f"{', '.join(TENSOR_DTYPES)}")
+    itemsize = np.dtype(dtype).itemsize
+    if any(n < 0 for n in shape) or raw.size != int(np.prod(shape)) * itemsize:
+        raise ContractError(f"{row.what} {kind!r}: {raw.size} bytes do not fill shape {shape} "
+                            f"of {dtype}")
+    return Tensor(kind, raw.view(dtype).reshape(shape), json.loads(row.scalar("attrs") or "{}"))
 
 
 def _messages(messages: list[ChatMessage]) -> pa.Array:
@@ -223,6 +247,14 @@ _CODECS: dict[type, _Codec] = {
                    _one(m.temperature, pa.float32())],
         lambda r: VisionRequest(_read_images(r), _read_messages(r), r.scalar("max_tokens"),
                                 r.scalar("temperature")),
+    ),
+    Tensor: _Codec(
+        pa.struct([("kind", pa.string()), ("dtype", pa.string()), ("shape", pa.list_(pa.int64())),
+                   ("data", pa.list_(pa.uint8())), ("attrs", pa.string())]),
+        lambda m: [_one(m.kind, pa.string()), _one(dtype_name(m.array), pa.string()),
+                   _one(list(m.array.shape), pa.list_(pa.int64())), _raw_bytes(m.array),
+                   _one(json.dumps(m.attrs), pa.string())],
+        _tensor_from,
     ),
     ImageRequest: _Codec(
         pa.struct([("prompt", pa.string()), ("width", pa.int32()), ("height", pa.int32()),

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from mofa_omni.adapters.base import AdapterError, adapter_class
+from mofa_omni.adapters.base import AdapterError, ModelAdapter, adapter_class
 from mofa_omni.catalog import ModelSpec
 
 PREFERENCE = {
@@ -93,6 +93,24 @@ def resolved(spec: ModelSpec, backend: str | None = None) -> ModelSpec:
     if len(spec.adapters) <= 1 and not backend:
         return spec
     return dataclasses.replace(spec, adapter=select_adapter(spec, backend).adapter)
+
+
+def stage_adapter(spec: ModelSpec, stage: str, backend: str | None = None) -> ModelAdapter:
+    """An adapter of ``spec`` that offers ``stage``: the one chosen for this machine when it
+    does, else the first listed that does (stages are an MLX feature: on a Linux CPU whisper
+    is served whole by CTranslate2, and split into stages by MLX)."""
+    first = select_adapter(spec, backend).adapter
+    candidates = [first] if backend else [first, *(spec.adapters or ())]
+    offered: dict[str, list[str]] = {}
+    for name in dict.fromkeys(candidates):
+        if missing_requirement(name):
+            continue
+        adapter = adapter_class(name)(dataclasses.replace(spec, adapter=name))
+        if stage in (stages := adapter.stages()):
+            return adapter
+        offered[name] = sorted(stages)
+    listing = "; ".join(f"{name}: {', '.join(names) or 'none'}" for name, names in offered.items())
+    raise AdapterError(f"model {spec.name!r} has no stage {stage!r} (stages offered: {listing})")
 
 
 def _backend_of(adapter: str) -> str:

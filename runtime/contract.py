@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -159,6 +159,31 @@ class ImageRequest:
 @dataclass(frozen=True, slots=True)
 class Image:
     pixels: np.ndarray  # uint8, HWC
+
+
+# --- stages ----------------------------------------------------------------------------
+
+TENSOR_DTYPES = ("float32", "float16", "int32", "int64", "uint8")
+
+
+@dataclass(frozen=True, slots=True)
+class Tensor:
+    """An intermediate array between two stages of a pipeline (e.g. whisper's audio features).
+
+    Inside one process ``array`` is the producing stage's own array (an ``mx.array``),
+    handed on as the same object; after crossing processes it is a read-only numpy view of
+    the shared-memory buffer. ``kind`` names what it holds, so that a stage fed the wrong
+    array says so; ``attrs`` carry the request's context (a duration, a language).
+    """
+
+    kind: str
+    array: Any
+    attrs: dict[str, str | int | float | bool] = field(default_factory=dict)
+
+
+def dtype_name(array: Any) -> str:
+    """``float32`` for a numpy or an MLX float32 array (MLX prints ``mlx.core.float32``)."""
+    return str(array.dtype).rsplit(".", 1)[-1]
 
 
 # --- generic ---------------------------------------------------------------------------
@@ -342,5 +367,11 @@ def validate_request(request: object) -> None:
                 raise ContractError("image request has an empty prompt")
             if not (8 <= width <= 4096 and 8 <= height <= 4096):
                 raise ContractError(f"image size {width}x{height} is out of range")
+        case Tensor(kind=kind, array=array):
+            if not kind:
+                raise ContractError("tensor has no kind")
+            if dtype_name(array) not in TENSOR_DTYPES:
+                raise ContractError(f"tensor {kind!r} has dtype {array.dtype}; "
+                                    f"stages exchange {', '.join(TENSOR_DTYPES)}")
         case _:
             pass

@@ -89,6 +89,7 @@ class NodeReport(msgspec.Struct, frozen=True, tag="report"):
     detail: str = ""  # load_failed: why
     swap: SwapOutcome | None = None  # swapped / swap_failed (and unloaded, for a node
     # that held no model): the outcome for ``omni swap``
+    lost: dict[str, int] = {}  # messages missing from each input's numbered stream, so far
 
 
 class Command(msgspec.Struct, frozen=True, tag="command"):
@@ -111,6 +112,7 @@ class NodeStatus(msgspec.Struct, frozen=True):
     model_bytes: int
     queue: int
     pipelines: list[int]
+    lost: dict[str, int] = {}  # by input: messages dora dropped on the way to this node
 
 
 class DecisionRecord(msgspec.Struct, frozen=True):
@@ -136,6 +138,7 @@ class Status(msgspec.Struct, frozen=True, tag="status"):
     pipelines: list[list[str]]
     active: list[int]
     decisions: list[DecisionRecord]
+    lost: dict[str, int] = {}  # the scheduler's own inputs
 
 
 ControlMessage = LoadAsk | NodeReport | Command | Status | SwapAsk | SwapOutcome

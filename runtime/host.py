@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -78,36 +79,37 @@ def _never() -> str | None:
     return None
 
 
-class ModelHost:
-    """Maps inputs to tasks of one loaded adapter and turns results into outgoing messages.
+@dataclass(frozen=True, slots=True)
+class Route:
+    """How an input is served: the request type it carries and the callable serving it."""
+
+    request_type: type
+    serve: Callable[[Any], Any]
+    streams: bool  # ``serve`` yields several results, the last one ``final``
+
+
+class RequestHost(ABC):
+    """Serves requests arriving as Arrow and turns results into outgoing messages.
 
     Several requests may share a request id (the sentences of one reply, sent to a
     TTS one by one, each marked ``final: false`` but the last): their results then
     form one stream, numbered on from request to request, final only at the end.
     """
 
-    def __init__(self, adapter: ModelAdapter, node_id: str = "omni-node",
-                 unavailable: str = ""):
-        self.adapter, self.node_id = adapter, node_id
-        self.unavailable = unavailable  # why the model cannot serve (e.g. its weights are corrupt)
+    def __init__(self, node_id: str, unavailable: str = ""):
+        self.node_id = node_id
+        self.unavailable = unavailable  # why it cannot serve (e.g. its weights are corrupt)
         self._ids = itertools.count(1)
         self._next_seq: dict[str, int] = {}  # streams still open, by request id
 
-    def task_for(self, input_id: str) -> Task:
-        if input_id == PRIMARY_INPUT:
-            return self.adapter.tasks[0]
-        try:
-            task = Task(input_id)
-        except ValueError:
-            raise ContractError(self._input_help(f"input {input_id!r} names no task")) from None
-        if task not in self.adapter.tasks:
-            raise ContractError(self._input_help(
-                f"model {self.adapter.spec.name!r} does not serve {task.value}"))
-        return task
+    @abstractmethod
+    def route(self, input_id: str) -> Route:
+        """How requests on ``input_id`` are served; ContractError if they cannot be."""
 
-    def _input_help(self, problem: str) -> str:
-        inputs = [PRIMARY_INPUT, *(t.value for t in self.adapter.tasks)]
-        return f"{problem}; this node's inputs are: {', '.join(inputs)}"
+    @property
+    @abstractmethod
+    def served_name(self) -> str:
+        """What results name as their producer (the model, or the stages)."""
 
     def handle(self, input_id: str, value: pa.Array, metadata: dict[str, Any] | None = None,
                should_stop: StopCheck = _never) -> Iterator[Outgoing]:
@@ -126,11 +128,10 @@ class ModelHost:
             if self.unavailable:
                 yield self._error(incoming, "unavailable", self.unavailable)
                 return
-            task = self.task_for(input_id)
-            spec = TASK_SPECS[task]
-            request = arrow.decode(value, spec.request_type)
-            results = self.adapter.handler(task)(request)
-            if not spec.streams:
+            route = self.route(input_id)
+            request = arrow.decode(value, route.request_type)
+            results = route.serve(request)
+            if not route.streams:
                 yield self._result(results, incoming, True)
                 return
             # Streamed results mark their own last item (``final``): no look-ahead delay.
@@ -154,8 +155,7 @@ class ModelHost:
         final = last_of_request and incoming.final
         if not final:
             self._next_seq[rid] = seq + 1
-        meta = MessageMeta(rid, seq, final, incoming.origin_ns, time.time_ns(),
-                           self.adapter.spec.name)
+        meta = MessageMeta(rid, seq, final, incoming.origin_ns, time.time_ns(), self.served_name)
         return Outgoing(RESULT_OUTPUT, arrow.encode(result), meta)
 
     def reject(self, metadata: dict[str, Any] | None, kind: str, message: str) -> Outgoing:
@@ -169,3 +169,37 @@ class ModelHost:
         report = ErrorReport(incoming.request_id, kind, message, self.node_id)
         meta = MessageMeta(incoming.request_id, 0, True, incoming.origin_ns, time.time_ns())
         return Outgoing(ERROR_OUTPUT, arrow.encode(report), meta)
+
+
+class ModelHost(RequestHost):
+    """Serves the tasks of one loaded adapter, each on the input named after it."""
+
+    def __init__(self, adapter: ModelAdapter, node_id: str = "omni-node",
+                 unavailable: str = ""):
+        super().__init__(node_id, unavailable)
+        self.adapter = adapter
+
+    @property
+    def served_name(self) -> str:
+        return self.adapter.spec.name
+
+    def route(self, input_id: str) -> Route:
+        task = self.task_for(input_id)
+        spec = TASK_SPECS[task]
+        return Route(spec.request_type, self.adapter.handler(task), spec.streams)
+
+    def task_for(self, input_id: str) -> Task:
+        if input_id == PRIMARY_INPUT:
+            return self.adapter.tasks[0]
+        try:
+            task = Task(input_id)
+        except ValueError:
+            raise ContractError(self._input_help(f"input {input_id!r} names no task")) from None
+        if task not in self.adapter.tasks:
+            raise ContractError(self._input_help(
+                f"model {self.adapter.spec.name!r} does not serve {task.value}"))
+        return task
+
+    def _input_help(self, problem: str) -> str:
+        inputs = [PRIMARY_INPUT, *(t.value for t in self.adapter.tasks)]
+        return f"{problem}; this node's inputs are: {', '.join(inputs)}"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import collections
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO
 
 import msgspec
@@ -75,6 +75,7 @@ class _NodeView:
     rss: int = 0
     model_bytes: int = 0
     queue: int = 0
+    lost: dict[str, int] = field(default_factory=dict)
 
 
 def journal_entry(event, decisions: list[Decision]) -> dict:
@@ -191,6 +192,7 @@ class Scheduling:
     def _event_of(self, report: NodeReport, now: float):
         view = self._view(report.node)
         view.state, view.rss, view.queue = report.state, report.rss, report.queue
+        view.lost = report.lost
         view.model = report.model or view.model
         self.peak_measured = max(self.peak_measured, self.measured())
         match report.event:
@@ -253,12 +255,15 @@ class Scheduling:
         """The model processes' resident memory, as last reported."""
         return sum(view.rss for view in self.nodes.values())
 
-    def status(self, now: float, available: int, total: int) -> Status:
+    def status(self, now: float, available: int, total: int,
+               lost: dict[str, int] | None = None) -> Status:
+        """What ``omni status`` shows; ``lost``: messages missing on the scheduler's own inputs."""
         pipelines = [sorted(group) for group in self.state.pipelines]
         nodes = [NodeStatus(node, view.model, view.wanted, view.state, view.rss, view.model_bytes,
-                            view.queue, [i for i, group in enumerate(pipelines) if node in group])
+                            view.queue, [i for i, group in enumerate(pipelines) if node in group],
+                            view.lost)
                  for node, view in sorted(self.nodes.items())]
         return Status(self.state.budget, self.state.used_bytes(), self.measured(),
                       self.peak_measured, available, total, self.state.min_available,
                       round(now - self.started, 3), nodes, pipelines, sorted(self.state.active),
-                      list(self.decisions))
+                      list(self.decisions), lost or {})

@@ -24,6 +24,11 @@ def render_status(status: Status) -> str:
         wants = n.wanted if n.wanted != n.model else ""
         lines.append(f"{n.node:14} {n.model:20} {wants:20} {n.state:12} "
                      f"{format_bytes(n.rss):>10} {format_bytes(n.model_bytes):>10} {n.queue:>5}")
+    lost = {f"{n.node}/{name}": count for n in status.nodes for name, count in n.lost.items()}
+    lost |= {f"scheduler/{name}": count for name, count in status.lost.items()}
+    lines += ["", "messages lost  " + (", ".join(f"{where} {count}" for where, count in lost.items())
+                                       + " (dora dropped them: gaps in their stream numbers)"
+                                       if lost else "none (no gap in any input's stream numbers)")]
     if status.decisions:
         lines += ["", "last decisions"]
         for d in status.decisions[-10:]:

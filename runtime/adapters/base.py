@@ -27,6 +27,7 @@ from mofa_omni.contract import (
     Task,
 )
 from mofa_omni.memory import release_freed_memory
+from mofa_omni.stages import Stage
 
 ENTRY_POINT_GROUP = "mofa_omni.adapters"
 
@@ -121,6 +122,11 @@ class ModelAdapter(ABC):
         if task is Task.GENERIC:
             return self._run_generic_checked
         return getattr(self, TASK_SPECS[task].method)
+
+    def stages(self) -> dict[str, Stage]:
+        """The steps this model can be split into, by name (see :mod:`mofa_omni.stages`);
+        they run on the loaded model."""
+        return {}
 
     def generic_specs(self) -> list[GenericSpec]:
         """The task kinds this adapter serves through ``Task.GENERIC`` (with their schemas)."""

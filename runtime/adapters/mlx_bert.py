@@ -20,6 +20,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mofa_omni.adapters.base import ModelAdapter, ModelLoadError, Progress
+from mofa_omni.stages import Stage, embed_query_and_documents
 from mofa_omni.contract import ContractError, EmbeddingRequest, Embeddings, Task
 
 FILES = ("config.json", "model.safetensors", "tokenizer.json")
@@ -183,18 +184,28 @@ class MlxBertAdapter(ModelAdapter):
 
     def embed(self, request: EmbeddingRequest) -> Embeddings:
         """Embed ``request.texts``: float32 (n, hidden), unit rows, in the order given."""
+        return Embeddings(np.array(self._embed_texts(list(request.texts)), dtype=np.float32))
+
+    def stages(self) -> dict[str, Stage]:
+        return {"embed_query_and_documents": embed_query_and_documents(self._embed_texts)}
+
+    def _embed_texts(self, texts: list[str]) -> mx.array:
+        """Unit vectors of ``texts`` as one MLX matrix, rows in the order given."""
         if self._model is None:
             raise ContractError(f"model {self.spec.name!r} is not loaded")
-        encodings = self._tokenizer.encode_batch(list(request.texts))
+        encodings = self._tokenizer.encode_batch(texts)
         # Texts of similar length share a batch, so little compute goes into padding.
         order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
-        vectors = np.empty((len(encodings), self.dimension), np.float32)
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start:start + self.batch_size]
-            vectors[chunk] = self._embed_batch([encodings[i] for i in chunk])
-        return Embeddings(vectors)
+        batches = [order[start:start + self.batch_size]
+                   for start in range(0, len(order), self.batch_size)]
+        vectors = mx.concatenate([self._embed_batch([encodings[i] for i in batch])
+                                  for batch in batches])
+        if len(batches) > 1 or order != sorted(order):
+            vectors = vectors[mx.array(np.argsort(order))]  # back to the order given
+        mx.eval(vectors)
+        return vectors
 
-    def _embed_batch(self, encodings: list) -> np.ndarray:
+    def _embed_batch(self, encodings: list) -> mx.array:
         width = max(len(e.ids) for e in encodings)
         ids = np.zeros((len(encodings), width), np.int32)
         types = np.zeros_like(ids)
@@ -207,5 +218,5 @@ class MlxBertAdapter(ModelAdapter):
         weights = m[:, :, None].astype(mx.float32)
         pooled = (hidden * weights).sum(axis=1) / mx.maximum(weights.sum(axis=1), 1.0)
         pooled = pooled / mx.maximum(mx.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
-        return np.array(pooled, dtype=np.float32)
+        return pooled
 

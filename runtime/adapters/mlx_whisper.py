@@ -18,10 +18,11 @@ import numpy as np
 from mofa_omni.adapters.base import AdapterError, ModelAdapter, ModelLoadError, Progress
 from mofa_omni.audio import resample
 from mofa_omni.catalog import ModelSpec
-from mofa_omni.contract import (ContractError, Segment, Task, Transcript, TranscriptionRequest,
-                                validate_request)
+from mofa_omni.contract import (ContractError, Segment, Task, Tensor, Transcript,
+                                TranscriptionRequest, validate_request)
 from mofa_omni.formats.ctranslate2 import convert_whisper
 from mofa_omni.platform import mlx_device
+from mofa_omni.stages import Stage
 from mofa_omni.store import link_or_copy
 
 WHISPER_RATE = 16_000
@@ -96,6 +97,73 @@ class MlxWhisperAdapter(ModelAdapter):
         segments = [Segment(float(s["start"]), float(s["end"]), s["text"].strip())
                     for s in result["segments"] if s["text"].strip()]
         return Transcript(text=result["text"].strip(), language=result["language"], segments=segments)
+
+    # --- stages: log-mel -> encoder -> decoder, one 30 s window ------------------------
+
+    def stages(self) -> dict[str, Stage]:
+        return {"log_mel": Stage("log_mel", TranscriptionRequest, Tensor, self._log_mel),
+                "encode": Stage("encode", Tensor, Tensor, self._encode),
+                "decode": Stage("decode", Tensor, Transcript, self._decode)}
+
+    def _log_mel(self, request: TranscriptionRequest) -> Tensor:
+        from mlx_whisper.audio import N_FRAMES, N_SAMPLES, log_mel_spectrogram
+
+        validate_request(request)
+        model = self._loaded_model()
+        audio = resample(request.audio, request.sample_rate, WHISPER_RATE)
+        if audio.size > N_SAMPLES:
+            raise ContractError(f"the staged whisper takes one 30 s window; this audio is "
+                                f"{audio.size / WHISPER_RATE:.1f} s (serve it whole instead)")
+        language = request.language.strip().lower()
+        attrs = {"seconds": audio.size / WHISPER_RATE,
+                 "language": self._checked_language(language) if language else ""}
+        mel = log_mel_spectrogram(audio, n_mels=model.dims.n_mels, padding=N_SAMPLES)[:N_FRAMES]
+        return Tensor(f"{self._stage_prefix}/log_mel", mel, attrs)
+
+    def _encode(self, mel: Tensor) -> Tensor:
+        import mlx.core as mx
+
+        model = self._loaded_model()
+        self._check_tensor(mel, "log_mel", (3000, model.dims.n_mels))
+        features = model.encoder(self._as_mx(mel.array)[None])
+        mx.eval(features)
+        return Tensor(f"{self._stage_prefix}/audio_features", features, mel.attrs)
+
+    def _decode(self, features: Tensor) -> Transcript:
+        from mlx_whisper.decoding import DecodingOptions, decode
+
+        model = self._loaded_model()
+        self._check_tensor(features, "audio_features",
+                           (1, model.dims.n_audio_ctx, model.dims.n_audio_state))
+        language = str(features.attrs.get("language") or "") or None
+        if language is None and self.english_only:
+            language = "en"
+        result = decode(model, self._as_mx(features.array),
+                        DecodingOptions(language=language, fp16=self._fp16, without_timestamps=True))
+        result = result[0] if isinstance(result, list) else result
+        text = result.text.strip()
+        seconds = float(features.attrs.get("seconds", 0.0))
+        return Transcript(text, result.language, [Segment(0.0, seconds, text)] if text else [])
+
+    @property
+    def _stage_prefix(self) -> str:
+        return f"whisper:{self.spec.name}"
+
+    def _as_mx(self, array):
+        """The stage's input as an MLX array of the model's dtype: as is when it already is one
+        (a fused hand-off), else copied in (it came through Arrow)."""
+        import mlx.core as mx
+
+        dtype = mx.float16 if self._fp16 else mx.float32
+        array = array if isinstance(array, mx.array) else mx.array(array)
+        return array if array.dtype == dtype else array.astype(dtype)
+
+    def _check_tensor(self, tensor: Tensor, kind: str, shape: tuple[int, ...]) -> None:
+        expected = f"{self._stage_prefix}/{kind}"
+        if tensor.kind != expected:
+            raise ContractError(f"takes {expected!r}, got {tensor.kind!r}")
+        if tuple(tensor.array.shape) != shape:
+            raise ContractError(f"{kind} must have shape {shape}, got {tuple(tensor.array.shape)}")
 
     def _checked_language(self, language: str) -> str:
         from mlx_whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE

@@ -1,0 +1,38 @@
+"""The two nodes of tests/dataflows/gaps.yml: `burst` sends MESSAGES numbered messages at once;
+`read` reads them slowly and writes what it received and what it counted as lost to $REPORT."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+from mofa_omni.integrity import CheckedNode
+
+
+def burst() -> None:
+    node = CheckedNode()
+    for event in node:
+        if event["type"] == "INPUT":
+            for i in range(int(os.environ["MESSAGES"])):
+                node.send_output("numbers", pa.array([i]))
+            return
+
+
+def read() -> None:
+    node = CheckedNode()
+    values = []
+    for event in node:
+        if event["type"] == "INPUT":
+            values.append(event["value"][0].as_py())
+            time.sleep(0.005)
+    Path(os.environ["REPORT"]).write_text(json.dumps({"values": values,
+                                                       "lost": node.gaps.lost()}))
+
+
+if __name__ == "__main__":
+    {"burst": burst, "read": read}[sys.argv[1]]()
