@@ -16,8 +16,9 @@ Inputs: ``request`` (the model's first task) or one named after each task it ser
 ``cancel`` (request ids, as strings): a cancelled request stops at once and ends with an
 ``ErrorReport`` of kind ``cancelled``.
 Outputs: ``result`` and ``error`` (a result too big for the node's shared-memory pool is
-answered with an error of kind ``too_large`` saying how to fix it). Requests run one at a time on a worker thread while the
-main thread reads events; on STOP the node drains what is queued before exiting.
+answered with an error of kind ``too_large`` saying how to fix it). Requests run one at a time
+on a worker thread while the main thread reads events; on STOP the node drains what is queued
+before exiting.
 
 With a scheduler in the graph (an input ``scheduler: <scheduler>/command`` and an output
 ``memory``), the node loads only what the scheduler grants, reports its memory every

@@ -20,8 +20,8 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mofa_omni.adapters.base import ModelAdapter, ModelLoadError, Progress
-from mofa_omni.stages import Stage, embed_query_and_documents
 from mofa_omni.contract import ContractError, EmbeddingRequest, Embeddings, Task
+from mofa_omni.stages import Stage, embed_query_and_documents
 
 FILES = ("config.json", "model.safetensors", "tokenizer.json")
 _CONFIG_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -200,7 +200,7 @@ class MlxBertAdapter(ModelAdapter):
                    for start in range(0, len(order), self.batch_size)]
         vectors = mx.concatenate([self._embed_batch([encodings[i] for i in batch])
                                   for batch in batches])
-        if len(batches) > 1 or order != sorted(order):
+        if order != list(range(len(order))):
             vectors = vectors[mx.array(np.argsort(order))]  # back to the order given
         mx.eval(vectors)
         return vectors
