@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from itertools import pairwise
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,7 +78,7 @@ class StagePipeline:
     observe: Callable[[Handoff], None] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        for (label, stage), (next_label, following) in zip(self.stages, self.stages[1:]):
+        for (label, stage), (next_label, following) in pairwise(self.stages):
             if stage.produces is not following.consumes:
                 raise ContractError(f"stage {label} produces {stage.produces.__name__}, but "
                                     f"{next_label} takes {following.consumes.__name__}")
