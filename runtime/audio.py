@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import wave
 from math import gcd
 from pathlib import Path
@@ -13,10 +14,13 @@ from mofa_omni.contract import ContractError
 _SAMPLE_TYPES = {1: (np.uint8, 128.0, 128.0), 2: (np.int16, 0.0, 32768.0), 4: (np.int32, 0.0, 2**31)}
 
 
-def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
-    """Read a PCM WAV file as float32 mono in [-1, 1] (channels are averaged) and its rate."""
+def read_wav(path: str | Path | bytes, name: str = "") -> tuple[np.ndarray, int]:
+    """Read a PCM WAV file (a path, or its bytes) as float32 mono in [-1, 1] (channels are
+    averaged) and its rate. ``name`` names bytes in errors."""
+    source = io.BytesIO(path) if isinstance(path, bytes) else str(path)
+    path = name or ("the WAV bytes" if isinstance(path, bytes) else path)
     try:
-        with wave.open(str(path), "rb") as wav:
+        with wave.open(source, "rb") as wav:
             width, channels, rate = wav.getsampwidth(), wav.getnchannels(), wav.getframerate()
             frames = wav.readframes(wav.getnframes())
     except (wave.Error, EOFError) as error:
@@ -34,12 +38,23 @@ def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
 
 def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int) -> None:
     """Write float32 mono PCM as a 16-bit WAV file."""
-    pcm = (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2")
-    with wave.open(str(path), "wb") as wav:
+    Path(path).write_bytes(wav_bytes(audio, sample_rate))
+
+
+def pcm16(audio: np.ndarray) -> bytes:
+    """float32 PCM as 16-bit little-endian samples."""
+    return (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+
+
+def wav_bytes(audio: np.ndarray, sample_rate: int) -> bytes:
+    """float32 mono PCM as the bytes of a 16-bit WAV file."""
+    out = io.BytesIO()
+    with wave.open(out, "wb") as wav:
         wav.setnchannels(1)
         wav.setsampwidth(2)
         wav.setframerate(int(sample_rate))
-        wav.writeframes(pcm.tobytes())
+        wav.writeframes(pcm16(audio))
+    return out.getvalue()
 
 
 def resample(audio: np.ndarray, rate: int, target_rate: int) -> np.ndarray:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mofa_omni.audio import read_wav, resample
+from mofa_omni.audio import pcm16, read_wav, resample
 from mofa_omni.contract import ContractError, validate_audio
 
 log = logging.getLogger("mofa_omni.audio_stream")
@@ -132,9 +132,8 @@ class WavWriterSet:
         if audio.size:
             if sample_rate != current.sample_rate:  # a file has one rate: the first chunk's
                 audio = resample(audio, sample_rate, current.sample_rate)
-            pcm = (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2")
-            current.wav.writeframes(pcm.tobytes())
-            current.samples += len(pcm)
+            current.wav.writeframes(pcm16(audio))
+            current.samples += len(audio)
         return self._close(request_id) if final else None
 
     def close(self, request_id: str) -> tuple[Path, float] | None:

@@ -52,7 +52,16 @@ class PathSource:
     path: Path
 
 
-Source = PypiSource | HubSource | PathSource
+@dataclass(frozen=True, slots=True)
+class RemoteSource:
+    """A model on a remote OpenAI-compatible server: nothing to download, an endpoint to call."""
+
+    url: str  # its API root, e.g. http://127.0.0.1:8000/v1
+    model: str  # the model's name there
+    api_key_env: str = ""  # the environment variable holding its API key, if it needs one
+
+
+Source = PypiSource | HubSource | PathSource | RemoteSource
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +98,12 @@ def _parse_source(name: str, raw: dict[str, Any], base: Path) -> Source:
     if "path" in raw:
         path = Path(raw["path"]).expanduser()
         return PathSource(path if path.is_absolute() else base / path)
-    raise CatalogError(f"model {name!r}: source must have one of 'pypi', 'hf' or 'path', got {raw}")
+    if "url" in raw:
+        if "model" not in raw:
+            raise CatalogError(f"model {name!r}: a url source also names the remote `model`")
+        return RemoteSource(raw["url"], raw["model"], raw.get("api_key_env", ""))
+    raise CatalogError(f"model {name!r}: source must have one of 'pypi', 'hf', 'path' or 'url', "
+                       f"got {raw}")
 
 
 def _parse_model(name: str, raw: dict[str, Any], base: Path) -> ModelSpec:

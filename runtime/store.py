@@ -32,11 +32,12 @@ from pathlib import Path
 import platformdirs
 
 from mofa_omni.adapters.base import ModelAdapter, ModelLoadError, Progress
-from mofa_omni.catalog import HubSource, ModelSpec, PathSource, PypiSource
+from mofa_omni.catalog import HubSource, ModelSpec, PathSource, PypiSource, RemoteSource
 
 log = logging.getLogger("mofa_omni.store")
 
 _CHUNK = 4 << 20
+REMOTE_FILE = "remote.json"  # a remote model's endpoint (url, model, api_key_env), as fetched
 
 
 class FetchError(RuntimeError):
@@ -88,6 +89,8 @@ def source_key(spec: ModelSpec) -> str:
             label = repo.replace("/", "--")
         case PathSource(path=path):
             label = path.name
+        case RemoteSource(model=model):
+            label = f"remote-{model}".replace("/", "--")
     digest = hashlib.sha256(repr(spec.source).encode()).hexdigest()[:10]
     return f"{label}-{digest}"
 
@@ -288,6 +291,8 @@ class ModelStore:
                 if not path.is_file():
                     raise FetchError(f"model {spec.name!r}: local weights {path} do not exist")
                 (directory / path.name).symlink_to(path)
+            case RemoteSource():
+                (directory / REMOTE_FILE).write_text(json.dumps(asdict(spec.source)))
         Manifest.of_directory(directory, 0).write(directory)
         return directory
 

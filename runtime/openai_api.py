@@ -1,0 +1,235 @@
+"""The OpenAI HTTP API's bodies, mapped onto the model contract, and its errors (no I/O here).
+
+Typed request bodies (msgspec) decode what a client sent, with a clear error for
+anything malformed; each turns into a contract request. The response builders
+produce what the official clients parse: chat completions (whole and streamed
+chunks), embeddings (floats or base64), transcriptions, model lists and error
+bodies (``{"error": {"message", "type", "param", "code"}}``).
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import msgspec
+import numpy as np
+
+from mofa_omni.audio import pcm16, read_wav, resample, wav_bytes
+from mofa_omni.contract import (
+    ChatMessage,
+    ChatRequest,
+    ContractError,
+    EmbeddingRequest,
+    SpeechRequest,
+    TextChunk,
+    Transcript,
+    validate_request,
+)
+
+OPENAI_PCM_RATE = 24_000  # "pcm": raw 16-bit little-endian mono at 24 kHz, as OpenAI sends it
+
+
+class ApiError(Exception):
+    """An error answered to the client: HTTP status, OpenAI error type, message."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = (status, message, kind,
+                                                                      param, code)
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
+                          "code": self.code}}
+
+
+# A model node's error kinds (ErrorReport.kind) as HTTP answers.
+NODE_ERRORS: dict[str, tuple[int, str]] = {
+    "bad_request": (400, "invalid_request_error"),
+    "too_large": (413, "invalid_request_error"),
+    "unavailable": (503, "service_unavailable"),
+    "timeout": (504, "timeout"),
+    "cancelled": (499, "cancelled"),
+    "internal": (500, "server_error"),
+}
+
+
+def node_error(kind: str, message: str) -> ApiError:
+    status, error_type = NODE_ERRORS.get(kind, (500, "server_error"))
+    return ApiError(status, message, error_type, code=kind)
+
+
+# --- request bodies ----------------------------------------------------------------------
+
+class _Message(msgspec.Struct):
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatBody(msgspec.Struct):
+    model: str
+    messages: list[_Message]
+    stream: bool = False
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream_options: dict[str, Any] | None = None
+
+    def to_request(self) -> ChatRequest:
+        if self.n != 1:
+            raise ContractError("n must be 1: one choice per request")
+        messages = [ChatMessage(m.role, _text_of(m.content, i)) for i, m in enumerate(self.messages)]
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        request = ChatRequest(messages, self.max_completion_tokens or self.max_tokens or 256,
+                              self.temperature, self.top_p, stop)
+        validate_request(request)
+        return request
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+def _text_of(content: str | list[dict[str, Any]] | None, index: int) -> str:
+    """A message's text: a string, or the text parts of a content list (images: not here)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    kinds = {part.get("type") for part in content}
+    if kinds - {"text"}:
+        raise ContractError(f"message {index}: only text content is served on this endpoint, "
+                            f"got {sorted(str(k) for k in kinds - {'text'})}")
+    return "".join(str(part.get("text", "")) for part in content)
+
+
+class EmbeddingBody(msgspec.Struct):
+    model: str
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] = "float"
+
+    def to_request(self) -> EmbeddingRequest:
+        request = EmbeddingRequest([self.input] if isinstance(self.input, str) else self.input)
+        validate_request(request)
+        return request
+
+
+class SpeechBody(msgspec.Struct):
+    model: str
+    input: str
+    voice: str = ""
+    response_format: str = "wav"
+    speed: float = 1.0
+
+    def to_request(self) -> SpeechRequest:
+        if self.response_format not in ("wav", "pcm"):
+            raise ContractError(f"response_format {self.response_format!r}: this server speaks "
+                                "wav or pcm")
+        request = SpeechRequest(self.input, self.voice, self.speed)
+        validate_request(request)
+        return request
+
+
+def decode_body(raw: bytes, body_type: type[msgspec.Struct]) -> Any:
+    """The JSON body as ``body_type``; a 400 naming what is wrong otherwise."""
+    try:
+        return msgspec.json.decode(raw, type=body_type)
+    except msgspec.ValidationError as error:
+        raise ApiError(400, f"invalid request body: {error}") from None
+    except msgspec.DecodeError as error:
+        raise ApiError(400, f"the body is not JSON: {error}") from None
+
+
+def read_audio_upload(data: bytes, filename: str) -> tuple[np.ndarray, int]:
+    """An uploaded audio file (PCM WAV) as float32 mono and its sample rate."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        raise ContractError(f"file {filename!r}: only PCM WAV uploads are read here")
+    return read_wav(data, f"file {filename!r}")
+
+
+# --- responses ---------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """Who answers: the completion id, its model, and when it was created."""
+
+    id: str
+    model: str
+    created: int
+
+    @classmethod
+    def new(cls, request_id: str, model: str) -> Completion:
+        return cls(f"chatcmpl-{request_id}", model, int(time.time()))
+
+    def chunk(self, delta: dict[str, Any], finish_reason: str | None = None,
+              usage: dict[str, int] | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk",
+                                "created": self.created, "model": self.model,
+                                "choices": [{"index": 0, "delta": delta,
+                                             "finish_reason": finish_reason}]}
+        if usage is not None:
+            body["usage"] = usage
+        return body
+
+    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model, "choices": [], "usage": usage}
+
+    def whole(self, text: str, finish_reason: str, usage: dict[str, int]) -> dict[str, Any]:
+        return {"id": self.id, "object": "chat.completion", "created": self.created,
+                "model": self.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": finish_reason, "logprobs": None}],
+                "usage": usage}
+
+
+def usage_of(chunk: TextChunk) -> dict[str, int]:
+    return {"prompt_tokens": chunk.prompt_tokens, "completion_tokens": chunk.completion_tokens,
+            "total_tokens": chunk.prompt_tokens + chunk.completion_tokens}
+
+
+def finish_reason_of(chunk: TextChunk) -> str:
+    return {"length": "length"}.get(chunk.finish_reason, "stop")
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    """One server-sent event."""
+    payload = data if isinstance(data, str) else msgspec.json.encode(data).decode()
+    return f"data: {payload}\n\n".encode()
+
+
+def embeddings_body(vectors: np.ndarray, model: str, encoding: str) -> dict[str, Any]:
+    def encoded(row: np.ndarray) -> list[float] | str:
+        if encoding == "base64":
+            return base64.b64encode(row.astype("<f4").tobytes()).decode()
+        return row.tolist()
+
+    return {"object": "list", "model": model,
+            "data": [{"object": "embedding", "index": i, "embedding": encoded(row)}
+                     for i, row in enumerate(vectors)],
+            "usage": {"prompt_tokens": 0, "total_tokens": 0}}
+
+
+def transcription_body(transcript: Transcript, response_format: str,
+                       seconds: float) -> dict[str, Any] | str:
+    if response_format == "text":
+        return transcript.text
+    if response_format == "verbose_json":
+        return {"task": "transcribe", "language": transcript.language, "duration": seconds,
+                "text": transcript.text,
+                "segments": [{"id": i, "start": s.start, "end": s.end, "text": s.text}
+                             for i, s in enumerate(transcript.segments)]}
+    return {"text": transcript.text}
+
+
+def speech_bytes(audio: np.ndarray, sample_rate: int, response_format: str) -> tuple[bytes, str]:
+    """Spoken audio as a WAV file (the model's rate) or OpenAI's raw 24 kHz PCM; and its type."""
+    if response_format == "pcm":
+        return pcm16(resample(audio, sample_rate, OPENAI_PCM_RATE)), "audio/pcm"
+    return wav_bytes(audio, sample_rate), "audio/wav"

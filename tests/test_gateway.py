@@ -1,0 +1,258 @@
+"""The OpenAI-compatible gateway in real dataflows, driven by the official `openai` client.
+
+One graph (dataflows/server.yml, the default models) serves every endpoint; a second graph
+(tests/dataflows/gateway_fallback.yml) routes to the first as its remote fallback, and holds
+a model that cannot load and a node whose replies never come back.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import signal
+import socket
+import subprocess
+import time
+import wave
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from mofa_omni.text import word_error_rate
+from tests.dataflow_run import finish, start_dataflow
+
+ROOT = Path(__file__).parents[1]
+SENTENCE = "Please turn on the lights in the kitchen."
+LOAD_S = 180
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+
+    def client(self, **options) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url, api_key="unused", max_retries=0, timeout=120,
+                             **options)
+
+    def stats(self) -> dict:
+        return httpx.get(self.url.removesuffix("/v1") + "/stats", timeout=10).json()
+
+    def stop(self) -> str:
+        self.process.send_signal(signal.SIGINT)
+        return finish(self.process, 90)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def serve(dataflow: Path, ready: list[str], **env: str) -> Server:
+    """Start ``dataflow`` with its gateway on a free port; wait until ``ready`` models load."""
+    port = free_port()
+    process = start_dataflow(dataflow, {"PORT": str(port), **env})
+    server = Server(f"http://127.0.0.1:{port}/v1", process)
+    deadline = time.monotonic() + LOAD_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the graph stopped:\n{process.stdout.read()[-5000:]}")
+        try:
+            models = {m["id"]: m for m in httpx.get(f"{server.url}/models", timeout=2).json()["data"]}
+            if all(models[name]["loaded"] for name in ready):
+                return server
+        except (httpx.HTTPError, KeyError):
+            pass
+        time.sleep(0.5)
+    process.kill()
+    pytest.fail(f"the models {ready} did not load within {LOAD_S} s:\n{process.communicate()[0][-5000:]}")
+
+
+@pytest.fixture(scope="module")
+def server() -> Server:
+    running = serve(ROOT / "dataflows" / "server.yml",
+                    ["smollm2-135m", "whisper-tiny.en", "piper-joe", "minilm-l6"],
+                    MAX_BODY_BYTES=str(4 << 20))
+    yield running
+    log = running.stop()
+    assert "Traceback" not in log, log[-5000:]
+
+
+# --- the endpoints -------------------------------------------------------------------------
+
+def test_models_lists_the_catalog_with_what_is_served_and_loaded(server):
+    models = {m.id: m for m in server.client().models.list()}
+    assert {"smollm2-135m", "whisper-tiny.en", "piper-joe", "minilm-l6", "gemma-3-270m"} <= \
+        set(models)
+    llm = models["smollm2-135m"].model_dump()
+    assert llm["served_by"] == ["llm"] and llm["loaded"] and llm["tasks"] == ["text_generation"]
+    assert models["gemma-3-270m"].model_dump()["served_by"] == []
+
+
+def test_chat_whole_and_streamed_give_the_same_reply(server):
+    client = server.client()
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    whole = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=24)
+    text = whole.choices[0].message.content
+    assert "Paris" in text and whole.model == "smollm2-135m"
+    assert whole.usage.completion_tokens > 0 and whole.usage.prompt_tokens > 0
+    assert whole.choices[0].finish_reason in ("stop", "length")
+    chunks = list(client.chat.completions.create(
+        model="smollm2-135m", messages=messages, max_tokens=24, stream=True,
+        stream_options={"include_usage": True}))
+    pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert "".join(pieces) == text  # temperature 0: the same words, now in pieces
+    assert sum(1 for p in pieces if p) > 1
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == \
+        whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_speech_then_transcription_round_trip(server):
+    client = server.client()
+    wav = client.audio.speech.create(model="piper-joe", voice="", input=SENTENCE,
+                                     response_format="wav").content
+    with wave.open(io.BytesIO(wav)) as spoken:
+        rate, seconds = spoken.getframerate(), spoken.getnframes() / spoken.getframerate()
+    assert rate == 22050 and 1.0 < seconds < 8.0
+    pcm = client.audio.speech.create(model="piper-joe", voice="", input=SENTENCE,
+                                     response_format="pcm").content
+    assert len(pcm) / 2 / 24_000 == pytest.approx(seconds, rel=0.25)  # 16-bit at 24 kHz
+    heard = client.audio.transcriptions.create(model="whisper-tiny.en",
+                                               file=("sentence.wav", wav, "audio/wav"))
+    assert word_error_rate(SENTENCE, heard.text) < 0.5, heard.text
+    verbose = client.audio.transcriptions.create(model="whisper-tiny.en",
+                                                 file=("sentence.wav", wav, "audio/wav"),
+                                                 response_format="verbose_json")
+    assert verbose.duration == pytest.approx(seconds, rel=0.01) and verbose.text == heard.text
+
+
+def test_embeddings_as_floats_and_base64(server):
+    client = server.client()
+    texts = ["The cat sleeps on the sofa.", "A kitten naps on the couch.", "Stock prices fell."]
+    vectors = np.array([d.embedding for d in client.embeddings.create(
+        model="minilm-l6", input=texts).data])  # the client asks for base64 by default
+    floats = httpx.post(f"{server.url}/embeddings", json={
+        "model": "minilm-l6", "input": texts, "encoding_format": "float"}).json()
+    assert np.allclose(vectors, [d["embedding"] for d in floats["data"]], atol=1e-6)
+    assert vectors.shape == (3, 384)
+    assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2] + 0.3
+
+
+# --- errors --------------------------------------------------------------------------------
+
+def test_bad_requests_get_openai_errors_with_the_right_status(server):
+    client = server.client()
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.NotFoundError, match="no node of this graph serves 'gemma-3-270m'"):
+        client.chat.completions.create(model="gemma-3-270m",
+                                       messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="no messages"):
+        client.chat.completions.create(model="smollm2-135m", messages=[])
+    with pytest.raises(openai.BadRequestError, match="empty text"):
+        client.embeddings.create(model="minilm-l6", input=["fine", " "])
+    with pytest.raises(openai.BadRequestError, match="only PCM WAV uploads"):
+        client.audio.transcriptions.create(model="whisper-tiny.en", file=("a.mp3", b"ID3junk"))
+    with pytest.raises(openai.APIStatusError) as too_large:
+        client.audio.transcriptions.create(model="whisper-tiny.en",
+                                           file=("big.wav", b"\0" * (5 << 20)))
+    assert too_large.value.status_code == 413
+    response = httpx.post(f"{server.url}/chat/completions", content=b"{not json")
+    assert response.status_code == 400 and response.json()["error"]["type"] == \
+        "invalid_request_error"
+
+
+def test_a_client_gone_mid_stream_cancels_the_generation(server):
+    before = server.stats()["cancelled_by_node"]
+    stream = server.client().chat.completions.create(
+        model="smollm2-135m", max_tokens=400, stream=True,
+        messages=[{"role": "user", "content": "Write a long story about a dragon."}])
+    received = 0
+    for chunk in stream:
+        received += bool(chunk.choices and chunk.choices[0].delta.content)
+        if received == 3:
+            break
+    stream.close()
+    deadline = time.monotonic() + 20
+    while server.stats()["cancelled_by_node"] == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert server.stats()["cancelled_by_node"] == before + 1  # the node stopped generating
+
+
+def test_eight_clients_at_once_lose_nothing(server):
+    client = server.client()
+    texts = [f"Sentence number {i} is about {word}." for i, word in
+             enumerate(["apples", "rivers", "engines", "music"] * 5)]
+    reference = {t: np.array(client.embeddings.create(model="minilm-l6", input=t).data[0].embedding)
+                 for t in texts}
+
+    def one_client(k: int) -> list[str]:
+        problems = []
+        for i in range(20):
+            if i % 2:
+                text = texts[(k + i) % len(texts)]
+                got = np.array(client.embeddings.create(model="minilm-l6", input=text)
+                               .data[0].embedding)
+                if not np.allclose(got, reference[text], atol=1e-5):
+                    problems.append(f"client {k} request {i}: another text's vector")
+            else:
+                reply = client.chat.completions.create(
+                    model="smollm2-135m", max_tokens=6,
+                    messages=[{"role": "user", "content": f"Say the number {k * 100 + i}."}])
+                if not reply.choices[0].message.content.strip():
+                    problems.append(f"client {k} request {i}: empty reply")
+        return problems
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one_client, range(8), timeout=600))
+    assert [p for problems in results for p in problems] == []
+    stats = server.stats()
+    assert stats["in_flight"] == 0 and stats["lost"] == {}
+
+
+# --- the second graph: remote fallback, 503, 504 ---------------------------------------------
+
+def test_a_second_gateway_falls_back_to_the_first(server, tmp_path: Path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 64)
+    voice = tmp_path / "broken.onnx"
+    voice.write_bytes(b"not an onnx model")
+    (tmp_path / "broken.onnx.json").write_text("{}")
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text(
+        f'[models.broken-llm]\nadapter = "mlx_lm"\ntasks = ["text_generation"]\n'
+        f'format = "gguf"\nsource = {{ path = "{broken}" }}\nmemory_mb = 100\n\n'
+        f'[models.broken-voice]\nadapter = "piper"\ntasks = ["speech_synthesis"]\n'
+        f'format = "onnx"\nsource = {{ path = "{voice}" }}\nmemory_mb = 100\n\n'
+        f'[models.remote-smollm2]\nadapter = "openai_remote"\ntasks = ["text_generation"]\n'
+        f'format = "remote"\nmemory_mb = 1\n'
+        f'source = {{ url = "{server.url}", model = "smollm2-135m" }}\n')
+    second = serve(ROOT / "tests" / "dataflows" / "gateway_fallback.yml", [],
+                   MOFA_OMNI_CATALOG=str(catalog), DEADLINE_S="6")
+    try:
+        client = second.client()
+        reply = client.chat.completions.create(  # the local model cannot load: the remote answers
+            model="broken-llm", max_tokens=24,
+            messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert "Paris" in reply.choices[0].message.content
+        assert reply.model == "remote-smollm2"
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="gemma-3-270m", max_tokens=24, stream=True,  # not in this graph: remote
+            messages=[{"role": "user", "content": "What is the capital of France?"}]) if c.choices)
+        assert streamed == reply.choices[0].message.content
+        with pytest.raises(openai.InternalServerError) as unavailable:
+            client.audio.speech.create(model="broken-voice", voice="", input="Hello there.")
+        assert unavailable.value.status_code == 503
+        started = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as late:
+            client.embeddings.create(model="minilm-l6", input="its reply never comes back")
+        assert late.value.status_code == 504 and 5 < time.monotonic() - started < 30
+    finally:
+        log = second.stop()
+    assert "could not answer" in log and "asking llm-remote" in log
