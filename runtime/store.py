@@ -128,19 +128,20 @@ class FileRecord:
 class Manifest:
     files: dict[str, FileRecord]  # by path relative to the directory
     artifact_version: int
+    source: str = ""  # source_key() of what it was built from ("": built before it was recorded)
 
     @classmethod
-    def of_directory(cls, directory: Path, artifact_version: int) -> Manifest:
+    def of_directory(cls, directory: Path, artifact_version: int, source: str = "") -> Manifest:
         files = {}
         for path in sorted(directory.rglob("*")):
             if path.is_file():
                 stat = path.stat()
                 files[str(path.relative_to(directory))] = FileRecord(
                     stat.st_size, sha256_of(path), stat.st_mtime_ns)
-        return cls(files, artifact_version)
+        return cls(files, artifact_version, source)
 
     def write(self, directory: Path) -> None:
-        data = {"artifact_version": self.artifact_version,
+        data = {"artifact_version": self.artifact_version, "source": self.source,
                 "files": {name: asdict(record) for name, record in self.files.items()}}
         _manifest_path(directory).write_text(json.dumps(data, indent=1))
 
@@ -149,9 +150,14 @@ class Manifest:
         try:
             data = json.loads(_manifest_path(directory).read_text())
             return cls({k: FileRecord(**v) for k, v in data["files"].items()},
-                       int(data["artifact_version"]))
+                       int(data["artifact_version"]), str(data.get("source", "")))
         except (OSError, ValueError, KeyError, TypeError):
             return None
+
+    def built_from(self, spec: ModelSpec, artifact_version: int) -> bool:
+        """Built by this artifact version from ``spec``'s current source (a catalog entry
+        pointed at other weights under the same name must be built again)."""
+        return self.artifact_version == artifact_version and self.source in ("", source_key(spec))
 
     def problems(self, directory: Path, *, hashes: bool = True) -> list[str]:
         """What is wrong with ``directory`` compared with this manifest (empty: intact).
@@ -209,7 +215,7 @@ class ModelStore:
 
     def is_ready(self, spec: ModelSpec, adapter_cls: type[ModelAdapter]) -> bool:
         manifest = Manifest.read(self.model_dir(spec))
-        return (manifest is not None and manifest.artifact_version == adapter_cls.artifact_version
+        return (manifest is not None and manifest.built_from(spec, adapter_cls.artifact_version)
                 and not manifest.problems(self.model_dir(spec), hashes=False))
 
     def size_on_disk(self, spec: ModelSpec) -> int:
@@ -225,7 +231,7 @@ class ModelStore:
         target = self.model_dir(spec)
         with self._lock(spec.name):
             manifest = Manifest.read(target)
-            if manifest is not None and manifest.artifact_version == adapter.artifact_version:
+            if manifest is not None and manifest.built_from(spec, adapter.artifact_version):
                 problems = manifest.problems(target, hashes=verify)
                 if not problems:
                     return target
@@ -249,7 +255,7 @@ class ModelStore:
             except Exception as error:
                 raise ModelLoadError(f"model {spec.name!r}: converting {spec.format} weights "
                                      f"failed: {type(error).__name__}: {error}") from error
-            manifest = Manifest.of_directory(staging, adapter.artifact_version)
+            manifest = Manifest.of_directory(staging, adapter.artifact_version, source_key(spec))
             _manifest_path(target).unlink(missing_ok=True)
             if target.exists():
                 shutil.rmtree(target)

@@ -125,6 +125,22 @@ def test_store_converts_once_verifies_and_rebuilds_damaged_artifacts(
     assert json.loads((built / "stopwords.json").read_text()) == ["the"]
 
 
+def test_a_model_pointed_at_other_weights_is_built_again(third_party: Path, tmp_path: Path):
+    store = ModelStore(tmp_path / "cache")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = open_model("textstats-en", catalog=textstats_catalog(tmp_path / "a", ["the"]),
+                       store=store, load=False)
+    built = store.model_dir(first.spec)
+    assert json.loads((built / "stopwords.json").read_text()) == ["the"]
+    second = open_model("textstats-en", catalog=textstats_catalog(tmp_path / "b", ["a", "an"]),
+                        store=store, load=False)  # the same name, other weights
+    assert store.model_dir(second.spec) == built
+    assert json.loads((built / "stopwords.json").read_text()) == ["a", "an"]
+    assert store.is_ready(second.spec, type(second)) and not store.is_ready(first.spec,
+                                                                             type(first))
+
+
 def test_models_with_the_same_source_share_one_download(catalog: Catalog, store: ModelStore):
     full, small = catalog.get("smollm2-135m"), catalog.get("smollm2-135m-q4")
     assert store.source_dir(full) == store.source_dir(small)
