@@ -34,10 +34,11 @@ LOAD_S = 180
 class Server:
     url: str
     process: subprocess.Popen
+    api_key: str = ""
 
     def client(self, **options) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url, api_key="unused", max_retries=0, timeout=120,
-                             **options)
+        return openai.OpenAI(base_url=self.url, api_key=self.api_key or "unused", max_retries=0,
+                             timeout=120, **options)
 
     def stats(self) -> dict:
         return httpx.get(self.url.removesuffix("/v1") + "/stats", timeout=10).json()
@@ -57,13 +58,15 @@ def serve(dataflow: Path, ready: list[str], **env: str) -> Server:
     """Start ``dataflow`` with its gateway on a free port; wait until ``ready`` models load."""
     port = free_port()
     process = start_dataflow(dataflow, {"PORT": str(port), **env})
-    server = Server(f"http://127.0.0.1:{port}/v1", process)
+    server = Server(f"http://127.0.0.1:{port}/v1", process, env.get("API_KEY", ""))
+    headers = {"Authorization": f"Bearer {server.api_key}"} if server.api_key else {}
     deadline = time.monotonic() + LOAD_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
             pytest.fail(f"the graph stopped:\n{process.stdout.read()[-5000:]}")
         try:
-            models = {m["id"]: m for m in httpx.get(f"{server.url}/models", timeout=2).json()["data"]}
+            listed = httpx.get(f"{server.url}/models", headers=headers, timeout=2).json()
+            models = {m["id"]: m for m in listed["data"]}
             if all(models[name]["loaded"] for name in ready):
                 return server
         except (httpx.HTTPError, KeyError):
@@ -234,8 +237,10 @@ def test_a_second_gateway_falls_back_to_the_first(server, tmp_path: Path):
         f'format = "remote"\nmemory_mb = 1\n'
         f'source = {{ url = "{server.url}", model = "smollm2-135m" }}\n')
     second = serve(ROOT / "tests" / "dataflows" / "gateway_fallback.yml", [],
-                   MOFA_OMNI_CATALOG=str(catalog), DEADLINE_S="6")
+                   MOFA_OMNI_CATALOG=str(catalog), DEADLINE_S="6", API_KEY="sesame")
     try:
+        with pytest.raises(openai.AuthenticationError, match="a valid API key is needed"):
+            openai.OpenAI(base_url=second.url, api_key="wrong", max_retries=0).models.list()
         client = second.client()
         reply = client.chat.completions.create(  # the local model cannot load: the remote answers
             model="broken-llm", max_tokens=24,
