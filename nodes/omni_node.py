@@ -2,7 +2,8 @@
 
 Configuration (env in the dataflow YAML):
     MODEL              catalog name (default: the catalog's default model for TASK)
-    TASK               the task to serve when MODEL is not given (e.g. text_generation)
+    TASK               the task the ``request`` input carries (e.g. text_generation; default:
+                       the model's first); without MODEL, the catalog's default model for it
     STAGES             instead of one whole model: stages run in this process, in order, each
                        handing its output to the next as the same object (no copy), e.g.
                        "whisper-tiny.en:log_mel whisper-tiny.en:encode whisper-tiny.en:decode"
@@ -60,9 +61,10 @@ def slot_from_env(catalog: Catalog) -> ModelSlot | StageSlot:
     backend = os.environ.get("BACKEND") or None
     if stages := os.environ.get("STAGES"):
         return StageSlot(parse_stages(stages), catalog, dora_node_id("stages"), backend=backend)
-    model, task = os.environ.get("MODEL"), os.environ.get("TASK")
-    spec = catalog.resolve(model, Task.parse(task)) if task else catalog.get(model or "")
-    return ModelSlot(spec, catalog, dora_node_id(spec.name), backend=backend)
+    model, task_name = os.environ.get("MODEL"), os.environ.get("TASK")
+    task = Task.parse(task_name) if task_name else None
+    spec = catalog.resolve(model, task) if task else catalog.get(model or "")
+    return ModelSlot(spec, catalog, dora_node_id(spec.name), backend=backend, task=task)
 
 
 def main() -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hmac
 import itertools
 import logging
 import threading
@@ -234,10 +235,13 @@ def build_app(graph: Graph, catalog: Catalog, loaded: Callable[[], dict[str, boo
     settings = graph.settings
     statuses: collections.Counter[int] = collections.Counter()
 
-    async def body_of(request: Request) -> bytes:
+    def check_declared_size(request: Request) -> None:
         declared = int(request.headers.get("content-length") or 0)
         if declared > settings.max_body_bytes:
             raise _too_large(declared)
+
+    async def body_of(request: Request) -> bytes:
+        check_declared_size(request)
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
@@ -253,8 +257,8 @@ def build_app(graph: Graph, catalog: Catalog, loaded: Callable[[], dict[str, boo
     def checked(handler):
         async def endpoint(request: Request) -> Response:
             try:
-                if settings.api_key and request.headers.get("authorization") != \
-                        f"Bearer {settings.api_key}":
+                if settings.api_key and not hmac.compare_digest(
+                        request.headers.get("authorization", ""), f"Bearer {settings.api_key}"):
                     raise ApiError(401, "a valid API key is needed: Authorization: Bearer <key>",
                                    "authentication_error", code="invalid_api_key")
                 response = await handler(request)
@@ -296,7 +300,7 @@ def build_app(graph: Graph, catalog: Catalog, loaded: Callable[[], dict[str, boo
         return JSONResponse(embeddings_body(result.vectors, answer.model, body.encoding_format))
 
     async def transcriptions(request: Request) -> Response:
-        await body_of_limit_for_form(request)
+        check_declared_size(request)
         async with request.form(max_part_size=settings.max_body_bytes) as form:
             upload, model = form.get("file"), str(form.get("model") or "")
             if upload is None or isinstance(upload, str):
@@ -312,11 +316,6 @@ def build_app(graph: Graph, catalog: Catalog, loaded: Callable[[], dict[str, boo
         transcript = await _single(graph.ask(choice, message, Transcript))
         body = transcription_body(transcript, response_format, audio.size / rate)
         return PlainTextResponse(body) if isinstance(body, str) else JSONResponse(body)
-
-    async def body_of_limit_for_form(request: Request) -> None:
-        declared = int(request.headers.get("content-length") or 0)
-        if declared > settings.max_body_bytes:
-            raise _too_large(declared)
 
     async def speech(request: Request) -> Response:
         body = decode_body(await body_of(request), SpeechBody)
@@ -364,9 +363,11 @@ def build_app(graph: Graph, catalog: Catalog, loaded: Callable[[], dict[str, boo
 
 
 async def _single(answer: Answer) -> Any:
-    async for result in answer:
-        return result
-    raise ApiError(500, "the model node answered nothing", "server_error")
+    """The one result of a task that does not stream."""
+    results = [result async for result in answer]
+    if not results:
+        raise ApiError(500, "the model node answered nothing", "server_error")
+    return results[-1]
 
 
 async def _chat_events(completion: Completion, first: TextChunk, rest: AsyncIterator[TextChunk],

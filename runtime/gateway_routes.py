@@ -76,7 +76,8 @@ def routes_from(descriptor: dict[str, Any], gateway: str, catalog: Catalog) -> l
             raise ContractError(f"node {node['id']!r}: {error}") from None
         remote = select_adapter(spec, env.get("BACKEND") or None).backend == REMOTE_BACKEND
         for input_name, output in fed.items():
-            task = spec.tasks[0] if input_name == "request" else Task.parse(input_name)
+            primary = Task.parse(task_name) if task_name else spec.tasks[0]
+            task = primary if input_name == "request" else Task.parse(input_name)
             routes.append(Route(node["id"], output, input_name, task, spec.name, remote, cancel))
     return routes
 

@@ -172,12 +172,13 @@ class RequestHost(ABC):
 
 
 class ModelHost(RequestHost):
-    """Serves the tasks of one loaded adapter, each on the input named after it."""
+    """Serves the tasks of one loaded adapter, each on the input named after it; ``request``
+    carries ``task`` (the node's TASK), or else the model's first task."""
 
     def __init__(self, adapter: ModelAdapter, node_id: str = "omni-node",
-                 unavailable: str = ""):
+                 unavailable: str = "", task: Task | None = None):
         super().__init__(node_id, unavailable)
-        self.adapter = adapter
+        self.adapter, self.task = adapter, task
 
     @property
     def served_name(self) -> str:
@@ -190,11 +191,13 @@ class ModelHost(RequestHost):
 
     def task_for(self, input_id: str) -> Task:
         if input_id == PRIMARY_INPUT:
-            return self.adapter.tasks[0]
-        try:
-            task = Task(input_id)
-        except ValueError:
-            raise ContractError(self._input_help(f"input {input_id!r} names no task")) from None
+            task = self.task or self.adapter.tasks[0]
+        else:
+            try:
+                task = Task(input_id)
+            except ValueError:
+                raise ContractError(self._input_help(f"input {input_id!r} names no task")) \
+                    from None
         if task not in self.adapter.tasks:
             raise ContractError(self._input_help(
                 f"model {self.adapter.spec.name!r} does not serve {task.value}"))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from mofa_omni.adapters.base import ModelAdapter, ModelLoadError, create_adapter
 from mofa_omni.catalog import Catalog, CatalogError, ModelSpec
+from mofa_omni.contract import Task
 from mofa_omni.host import ModelHost
 from mofa_omni.memory import peak_resident_bytes, reset_peak_resident, resident_bytes
 from mofa_omni.store import FetchError, ModelStore
@@ -38,10 +39,12 @@ class ModelSlot:
     with an ``unavailable`` error naming why; the slot itself never raises on load."""
 
     def __init__(self, wanted: ModelSpec, catalog: Catalog, node_id: str,
-                 store: ModelStore | None = None, backend: str | None = None):
+                 store: ModelStore | None = None, backend: str | None = None,
+                 task: Task | None = None):
         self.wanted, self.catalog, self.store = wanted, catalog, store or ModelStore()
         self.backend = backend  # None: the one mofa_omni.backends picks for this machine
-        self.host = ModelHost(create_adapter(wanted, backend), node_id)
+        self.task = task or wanted.tasks[0]  # what the node's ``request`` input carries
+        self.host = ModelHost(create_adapter(wanted, backend), node_id, task=self.task)
 
     @property
     def model(self) -> str:
@@ -80,8 +83,8 @@ class ModelSlot:
         can be swapped in. Raises what the catalog or the store raise."""
         self.catalog = self.catalog.reload()
         spec = self.catalog.get(name)
-        if (task := self.wanted.tasks[0]) not in spec.tasks:
-            raise CatalogError(f"{name} does not serve {task.value}, which this node serves")
+        if self.task not in spec.tasks:
+            raise CatalogError(f"{name} does not serve {self.task.value}, which this node serves")
         adapter = create_adapter(spec, self.backend)
         return PreparedModel(spec, adapter, self.store.prepare(adapter))
 

@@ -152,9 +152,10 @@ class Scheduling:
                                     f"under way")
             self.catalog = self.catalog.reload()  # models added since the graph started count
             spec = self.catalog.get(ask.model)
-            if old in self.catalog.models and (task := self.catalog.get(old).tasks[0]) \
-                    not in spec.tasks:
-                raise ContractError(f"{ask.model} does not serve {task.value}, which {ask.node} "
+            if old in self.catalog.models and not set(self.catalog.get(old).tasks) & \
+                    set(spec.tasks):
+                tasks = ", ".join(t.value for t in self.catalog.get(old).tasks)
+                raise ContractError(f"{ask.model} does not serve {tasks}, which {ask.node} "
                                     f"serves with {old}")
         except ContractError as error:
             self._finish(SwapOutcome(ask.swap_id, ask.node, False, old, ask.model,

@@ -25,7 +25,9 @@ import numpy as np
 
 from mofa_omni.adapters.base import AdapterError, ModelAdapter, ModelLoadError, Progress
 from mofa_omni.adapters.mlx_lm import Piece, chat_prompt_tokens, stream_reply
-from mofa_omni.contract import ChatRequest, Task, TextChunk, validate_request
+from mofa_omni.contract import (ChatRequest, RerankRequest, RerankResult, Task, TextChunk,
+                                validate_request)
+from mofa_omni.llm_rerank import relevance_scores, rerank_method
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 MODEL_CONFIG = "model_config.json"  # the model's own config (CTranslate2 writes config.json)
@@ -34,7 +36,7 @@ MODEL_CONFIG = "model_config.json"  # the model's own config (CTranslate2 writes
 class Ct2LmAdapter(ModelAdapter):
     """Llama-architecture chat models (SmolLM2, Llama, Qwen2 without biases...) on CTranslate2."""
 
-    supported_tasks: ClassVar[frozenset[Task]] = frozenset({Task.TEXT_GENERATION})
+    supported_tasks: ClassVar[frozenset[Task]] = frozenset({Task.TEXT_GENERATION, Task.RERANK})
     formats: ClassVar[frozenset[str]] = frozenset({"gguf"})
     backend: ClassVar[str] = "ctranslate2"
     requires: ClassVar[tuple[str, ...]] = ("ctranslate2", "mlx_lm")
@@ -120,6 +122,22 @@ class Ct2LmAdapter(ModelAdapter):
             yield Piece(detokenizer.last_segment, token=False, end=ended)
 
         return stream_reply(pieces(), request.stop, len(prompt))
+
+    def rerank(self, request: RerankRequest) -> RerankResult:
+        """Score each document with the model (see :mod:`mofa_omni.llm_rerank`)."""
+        if self._generator is None:
+            raise AdapterError(f"model {self.spec.name!r} is not loaded")
+        return RerankResult(relevance_scores(request, self._tokenizer, self,
+                                             rerank_method(self.spec.options)))
+
+    def next_log_probs(self, prompts: list[list[int]]) -> np.ndarray:
+        log_probs = np.asarray(self._generator.forward_batch(prompts, return_log_probs=True))
+        return np.stack([log_probs[i, len(p) - 1] for i, p in enumerate(prompts)])
+
+    def sequence_log_probs(self, sequences: list[list[int]]) -> list[np.ndarray]:
+        scored = self._generator.score_batch(
+            [self._tokenizer.convert_ids_to_tokens(s) for s in sequences])
+        return [np.asarray(result.log_probs, np.float32) for result in scored]
 
 
 def _decoder_spec(model_dir: Path, config: dict):

@@ -20,8 +20,10 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mofa_omni.adapters.base import ModelAdapter, ModelLoadError, Progress
-from mofa_omni.contract import ContractError, EmbeddingRequest, Embeddings, Task
-from mofa_omni.stages import Stage, embed_query_and_documents
+from mofa_omni.contract import (ContractError, EmbeddingRequest, Embeddings, RerankRequest,
+                                RerankResult, Task, Tensor)
+from mofa_omni.stages import (QUERY_AND_DOCUMENTS, Stage, cosine_rank,
+                              embed_query_and_documents)
 
 FILES = ("config.json", "model.safetensors", "tokenizer.json")
 _CONFIG_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -125,7 +127,7 @@ def _read_config(path: Path) -> dict[str, Any]:
 class MlxBertAdapter(ModelAdapter):
     """A BERT sentence-embedding model in MLX: texts -> L2-normalised float32 vectors."""
 
-    supported_tasks = frozenset({Task.EMBEDDING})
+    supported_tasks = frozenset({Task.EMBEDDING, Task.RERANK})
     formats = frozenset({"safetensors"})
     backend = "mlx"
 
@@ -185,6 +187,11 @@ class MlxBertAdapter(ModelAdapter):
     def embed(self, request: EmbeddingRequest) -> Embeddings:
         """Embed ``request.texts``: float32 (n, hidden), unit rows, in the order given."""
         return Embeddings(np.array(self._embed_texts(list(request.texts)), dtype=np.float32))
+
+    def rerank(self, request: RerankRequest) -> RerankResult:
+        """Score each document by its cosine similarity with the query."""
+        return cosine_rank(Tensor(QUERY_AND_DOCUMENTS,
+                                  self._embed_texts([request.query, *request.documents])))
 
     def stages(self) -> dict[str, Stage]:
         return {"embed_query_and_documents": embed_query_and_documents(self._embed_texts)}

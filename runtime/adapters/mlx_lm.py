@@ -6,8 +6,12 @@ from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import ClassVar, NamedTuple
 
+import numpy as np
+
 from mofa_omni.adapters.base import AdapterError, ModelAdapter, ModelLoadError, Progress
-from mofa_omni.contract import ChatRequest, TextChunk, Task, validate_request
+from mofa_omni.contract import (ChatRequest, RerankRequest, RerankResult, Task, TextChunk,
+                                validate_request)
+from mofa_omni.llm_rerank import relevance_scores, rerank_method
 from mofa_omni.store import link_or_copy
 
 
@@ -102,7 +106,7 @@ class MlxLmAdapter(ModelAdapter):
     """Chat models served by mlx-lm. ``options.dtype`` picks how a GGUF is converted
     (``float32``, ``float16`` or ``quantized``; see :mod:`mofa_omni.formats.gguf`)."""
 
-    supported_tasks: ClassVar[frozenset[Task]] = frozenset({Task.TEXT_GENERATION})
+    supported_tasks: ClassVar[frozenset[Task]] = frozenset({Task.TEXT_GENERATION, Task.RERANK})
     formats: ClassVar[frozenset[str]] = frozenset({"gguf", "mlx"})
     backend: ClassVar[str] = "mlx"
 
@@ -178,3 +182,32 @@ class MlxLmAdapter(ModelAdapter):
 
         return stream_reply(pieces(), request.stop, len(prompt))
 
+    def rerank(self, request: RerankRequest) -> RerankResult:
+        """Score each document with the model (see :mod:`mofa_omni.llm_rerank`)."""
+        if self._model is None:
+            raise AdapterError(f"model {self.spec.name!r} is not loaded")
+        return RerankResult(relevance_scores(request, self._tokenizer, self,
+                                             rerank_method(self.spec.options)))
+
+    def _log_probs(self, sequences: list[list[int]]):
+        """log-softmax of the logits at every position (right padding: the model is causal)."""
+        import mlx.core as mx
+
+        width = max(len(s) for s in sequences)
+        logits = self._model(mx.array([s + [0] * (width - len(s)) for s in sequences]))
+        return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+    def next_log_probs(self, prompts: list[list[int]]) -> np.ndarray:
+        import mlx.core as mx
+
+        log_probs = self._log_probs(prompts)
+        return np.array(mx.stack([log_probs[i, len(p) - 1] for i, p in enumerate(prompts)]),
+                        np.float32)
+
+    def sequence_log_probs(self, sequences: list[list[int]]) -> list[np.ndarray]:
+        import mlx.core as mx
+
+        log_probs = self._log_probs(sequences)
+        return [np.array(mx.take_along_axis(log_probs[i, :len(s) - 1],
+                                            mx.array(s[1:])[:, None], axis=-1)[:, 0], np.float32)
+                for i, s in enumerate(sequences)]
