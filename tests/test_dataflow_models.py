@@ -62,3 +62,21 @@ def test_omni_node_fails_fast_on_an_unknown_model():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "unknown model 'smolm2'; did you mean smollm2-135m" in result.stderr
+
+
+def test_a_third_party_task_kind_runs_in_a_dataflow(third_party: Path, tmp_path: Path):
+    """omni-textstats (installed into its own directory) adds "text.stats": the omni-node finds
+    its adapter through the entry point and serves it like any task."""
+    (tmp_path / "stopwords.json").write_text('["the", "and", "a"]')
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text('[models.textstats-en]\nadapter = "textstats"\ntasks = ["generic"]\n'
+                       f'format = "json"\nsource = {{ path = "{tmp_path / "stopwords.json"}" }}\n')
+    report_path = tmp_path / "report.json"
+    python_path = os.pathsep.join(filter(None, [str(third_party), os.environ.get("PYTHONPATH")]))
+    run_dataflow(Path(__file__).parent / "dataflows" / "new_task.yml",
+                 {"REPORT": str(report_path), "MOFA_OMNI_CATALOG": str(catalog),
+                  "PYTHONPATH": python_path}, timeout=120)
+    report = json.loads(report_path.read_text())
+    assert report["results"] == {"two": {"kind": "text.stats", "words": [5, 2],
+                                         "stopwords": [3, 1]}}
+    assert "unknown generic task kind 'text.sentiment'" in report["errors"]["odd"]
