@@ -11,7 +11,9 @@
 Wiring (see dataflows/server.yml): each output of this node feeds one model node's request
 input (``request`` or a task's name; the node's MODEL/TASK says what it serves), an optional
 output feeds the nodes' ``cancel`` inputs, and the nodes' ``result`` and ``error`` outputs come
-back on inputs of any name. An input from ``<scheduler>/status`` tells which models are loaded.
+back on inputs of any name. An input from ``<scheduler>/status`` tells which models are loaded;
+inputs from the nodes' ``lost`` outputs let the gateway send again the requests dora dropped
+on their way (the nodes see the gaps in the requests' stream numbers).
 
 Configuration (env):
     HOST, PORT          where to listen (default 127.0.0.1:8000; loopback unless told otherwise)
@@ -67,9 +69,9 @@ def main() -> int:
                  ", remote" if route.remote else "")
     sending = threading.Lock()
 
-    def send(output: str, value, metadata: dict) -> None:
+    def send(output: str, value, metadata: dict) -> int:
         with sending:
-            node.send_output(output, value, metadata)
+            return node.send_output(output, value, metadata)
 
     replies = Replies()
     graph = Graph(router, replies, send, settings_from_env())
@@ -94,6 +96,11 @@ def main() -> int:
                 loaded[source_node] = True
             replies.deliver(str(metadata.get("request_id", "")),
                             Reply(kind, event["value"], metadata))
+        elif kind == "lost" and replies.loop is not None:  # dora dropped requests to that node
+            metadata = event.get("metadata") or {}
+            replies.loop.call_soon_threadsafe(
+                graph.resend_lost, source_node, str(metadata.get("lost_input", "")),
+                int(metadata.get("lost_first", 0)), int(metadata.get("lost_last", -1)))
     server.should_exit = True
     http.join(timeout=5)
     return 0

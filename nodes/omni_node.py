@@ -17,7 +17,10 @@ Inputs: ``request`` (the model's first task) or one named after each task it ser
 ``cancel`` (request ids, as strings): a cancelled request stops at once and ends with an
 ``ErrorReport`` of kind ``cancelled``.
 Outputs: ``result`` and ``error`` (a result too big for the node's shared-memory pool is
-answered with an error of kind ``too_large`` saying how to fix it). Requests run one at a time
+answered with an error of kind ``too_large`` saying how to fix it), and optionally ``lost``:
+when dora drops requests on their way here (a gap in their stream numbers), an ErrorReport
+of kind ``lost`` whose metadata names the input and the stream_seq range, so that the
+requester (the gateway) sends them again. Requests run one at a time
 on a worker thread while the main thread reads events; on STOP the node drains what is queued
 before exiting.
 
@@ -38,13 +41,13 @@ from mofa_omni.platform import ensure_fast_blas
 
 ensure_fast_blas()
 
-from mofa_omni import trace  # noqa: E402
+from mofa_omni import arrow, trace  # noqa: E402
 from mofa_omni.admission import SchedulerLink  # noqa: E402
 from mofa_omni.catalog import Catalog  # noqa: E402
-from mofa_omni.contract import ContractError, Task  # noqa: E402
+from mofa_omni.contract import ContractError, ErrorReport, Task  # noqa: E402
 from mofa_omni.control import MEMORY_OUTPUT, SCHEDULER_INPUT, Command, from_arrow, to_arrow  # noqa: E402
 from mofa_omni.host import dora_node_id  # noqa: E402
-from mofa_omni.integrity import CheckedNode, PayloadTooLarge  # noqa: E402
+from mofa_omni.integrity import LOST_OUTPUT, CheckedNode, Gap, PayloadTooLarge  # noqa: E402
 from mofa_omni.residency import ModelSlot  # noqa: E402
 from mofa_omni.serving import CANCEL_INPUT, RequestWorker, cancelled_ids  # noqa: E402
 from mofa_omni.stage_host import StageSlot  # noqa: E402
@@ -95,6 +98,18 @@ def main() -> int:
             out = slot.host.reject(out.meta.to_dora(), "too_large", str(error))
             send_output(out.output, out.value, out.meta.to_dora())
         trace.record(node_id, "send", out.output, out.meta)
+
+    if LOST_OUTPUT in node.node_config()["outputs"]:
+        request_inputs = inputs - {SCHEDULER_INPUT, CANCEL_INPUT}
+
+        def report_lost(gap: Gap) -> None:  # dora dropped requests: the requester resends them
+            if gap.input in request_inputs:
+                notice = ErrorReport("", "lost", f"dora dropped {gap.last - gap.first + 1} "
+                                     f"message(s) on input {gap.input!r}", node_id)
+                send_output(LOST_OUTPUT, arrow.encode(notice), {
+                    "lost_input": gap.input, "lost_first": gap.first, "lost_last": gap.last})
+
+        node.on_gap = report_lost
 
     link = None
     if SCHEDULER_INPUT in inputs and isinstance(slot, StageSlot):

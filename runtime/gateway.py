@@ -118,18 +118,58 @@ class Replies:
         self.loop.call_soon_threadsafe(queue.put_nowait, reply)
 
 
-Send = Callable[[str, pa.Array, dict[str, Any]], None]
+Send = Callable[[str, pa.Array, dict[str, Any]], int]  # returns the message's stream_seq
+RESENDS = 2  # times a request dora dropped is sent again
+
+
+@dataclass(slots=True)
+class _Sent:
+    answer: Answer
+    output: str
+    value: pa.Array
+    metadata: dict[str, Any]
+    resends: int = 0
 
 
 class Graph:
-    """Sends requests into the dataflow; each :class:`Answer` yields one request's results."""
+    """Sends requests into the dataflow; each :class:`Answer` yields one request's results.
+
+    Requests dora dropped on their way to a model node (which says so on its ``lost``
+    output, naming the stream numbers) are sent again, up to RESENDS times. Runs on the
+    event loop's thread.
+    """
 
     def __init__(self, router: Router, replies: Replies, send: Send, settings: Settings):
         self.router, self.replies, self.send, self.settings = router, replies, send, settings
         self._ids = itertools.count(1)
+        self._awaiting: dict[tuple[str, int], _Sent] = {}  # (output, stream_seq) -> request
+        self.resent = 0
 
     def ask(self, choice: Choice, message: Any, result_type: type) -> Answer:
         return Answer(self, choice, message, result_type, f"gw-{next(self._ids)}")
+
+    def send_request(self, sent: _Sent) -> tuple[str, int]:
+        key = (sent.output, self.send(sent.output, sent.value, sent.metadata))
+        self._awaiting[key] = sent
+        return key
+
+    def answered(self, key: tuple[str, int] | None) -> None:
+        if key is not None:
+            self._awaiting.pop(key, None)
+
+    def resend_lost(self, node: str, input_id: str, first: int, last: int) -> None:
+        """``node`` never got messages ``first`` .. ``last`` of its input ``input_id``."""
+        outputs = {r.output for r in self.router.routes if r.node == node and r.input == input_id}
+        for output in outputs:
+            for seq in range(first, last + 1):
+                sent = self._awaiting.pop((output, seq), None)
+                if sent is None or sent.resends >= RESENDS:
+                    continue
+                sent.resends += 1
+                self.resent += 1
+                log.warning("dora dropped %s on its way to %s: sending it again",
+                            sent.metadata.get("request_id"), node)
+                sent.answer.sent_as = self.send_request(sent)
 
 
 class Answer:
@@ -148,6 +188,7 @@ class Answer:
         self.model = choice.primary.model  # the model that answers, once it has
         self.deadline = time.monotonic() + graph.settings.deadline_s
         self._in_flight: tuple[Route, str] | None = None  # (route, request id) not finished
+        self.sent_as: tuple[str, int] | None = None  # (output, stream_seq) of the request
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._results()
@@ -172,8 +213,9 @@ class Answer:
         queue = graph.replies.open(request_id)
         self._in_flight = (route, request_id)
         try:
-            graph.send(route.output, arrow.encode(self.message),
-                       {"request_id": request_id, "origin_ns": time.time_ns()})
+            self.sent_as = graph.send_request(_Sent(self, route.output, arrow.encode(self.message),
+                                                    {"request_id": request_id,
+                                                     "origin_ns": time.time_ns()}))
             first = True
             while True:
                 reply = await self._next(queue, route, first_within if first else None)
@@ -195,6 +237,7 @@ class Answer:
         finally:
             self.cancel()
             graph.replies.close(request_id)
+            graph.answered(self.sent_as)
 
     async def _next(self, queue: asyncio.Queue[Reply], route: Route,
                     first_within: float | None) -> Reply:
@@ -345,6 +388,7 @@ def build_app(graph: Graph, catalog: Catalog, loaded: Callable[[], dict[str, boo
             "in_flight": graph.replies.in_flight,
             "unclaimed_replies": dict(graph.replies.unclaimed),
             "cancelled_by_node": graph.replies.unclaimed["error:cancelled"],
+            "resent_after_loss": graph.resent,
             "lost": lost()})
 
     @contextlib.asynccontextmanager

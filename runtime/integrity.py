@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ from mofa_omni.memory import format_bytes
 log = logging.getLogger("mofa_omni.integrity")
 
 STREAM_SEQ = "stream_seq"  # metadata key: a message's number on its output
+LOST_OUTPUT = "lost"  # a model node's notices of requests dora dropped on their way to it
 DEFAULT_POOL_BYTES = 8 << 20  # dora 1.1.0's pool without `shared_memory_pool_size` (measured)
 
 
@@ -105,9 +106,19 @@ def check_payload(output: str, size: int, pool: int) -> None:
             f"this node in the dataflow (at least {size}), or send smaller pieces")
 
 
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Messages ``first`` .. ``last`` (stream_seq) of ``input`` never arrived."""
+
+    input: str
+    first: int
+    last: int
+
+
 class CheckedNode:
     """A dora node whose outputs are numbered and checked against its pool, and whose inputs
-    are checked for gaps (logged when seen, counted in :attr:`gaps`)."""
+    are checked for gaps (logged when seen, counted in :attr:`gaps`, and passed to
+    ``on_gap`` — a model node tells its requester, which sends the lost requests again)."""
 
     def __init__(self, node: Any = None, node_id: str = ""):
         if node is None:
@@ -119,23 +130,29 @@ class CheckedNode:
         self.numbering = OutputNumbering()
         self.gaps = GapDetector()
         self._sending = threading.Lock()  # numbers follow the order of sending, across threads
+        self.on_gap: Callable[[Gap], None] | None = None
 
-    def send_output(self, output: str, value: pa.Array, metadata: dict[str, Any] | None = None):
+    def send_output(self, output: str, value: pa.Array,
+                    metadata: dict[str, Any] | None = None) -> int:
+        """Send ``value``; returns its stream_seq on ``output``."""
         check_payload(output, payload_bytes(value), self.pool)
         with self._sending:
-            metadata = {**(metadata or {}), STREAM_SEQ: self.numbering.peek(output)}
-            self.node.send_output(output, value, metadata)
+            seq = self.numbering.peek(output)
+            self.node.send_output(output, value, {**(metadata or {}), STREAM_SEQ: seq})
             self.numbering.advance(output)
+        return seq
 
     def next(self, timeout: float | None = None) -> dict | None:
         event = self.node.next(timeout=timeout)
         if event is not None and event["type"] == "INPUT":
             missing = self.gaps.check(event["id"], event.get("metadata"))
             if missing:
+                seq = event["metadata"][STREAM_SEQ]
                 log.warning("%s: %d message(s) lost on input %r before stream_seq %s (dora "
                             "dropped them; %d lost on it so far)", self.node_id,
-                            missing, event["id"], event["metadata"][STREAM_SEQ],
-                            self.gaps.inputs[event["id"]].lost)
+                            missing, event["id"], seq, self.gaps.inputs[event["id"]].lost)
+                if self.on_gap is not None:
+                    self.on_gap(Gap(event["id"], seq - missing, seq - 1))
         return event
 
     def __iter__(self) -> Iterator[dict]:

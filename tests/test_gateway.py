@@ -93,7 +93,8 @@ def test_models_lists_the_catalog_with_what_is_served_and_loaded(server):
     assert {"smollm2-135m", "whisper-tiny.en", "piper-joe", "minilm-l6", "gemma-3-270m"} <= \
         set(models)
     llm = models["smollm2-135m"].model_dump()
-    assert llm["served_by"] == ["llm"] and llm["loaded"] and llm["tasks"] == ["text_generation"]
+    assert llm["served_by"] == ["llm"] and llm["loaded"]
+    assert llm["tasks"] == ["text_generation", "rerank"]
     assert models["gemma-3-270m"].model_dump()["served_by"] == []
 
 
