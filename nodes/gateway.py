@@ -4,6 +4,7 @@
     POST /v1/audio/transcriptions  (multipart upload of a WAV file)
     POST /v1/audio/speech          (WAV, or OpenAI's raw 24 kHz PCM)
     POST /v1/embeddings
+    POST /v1/rerank                (Cohere/Jina-style: query + documents -> scored indices)
     GET  /v1/models                (the catalog, with the nodes serving each and what is loaded)
     GET  /stats                    (responses by status, requests in flight, replies that came
                                     after their request was given up, messages dora dropped)

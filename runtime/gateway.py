@@ -35,6 +35,7 @@ from mofa_omni.contract import (
     AudioChunk,
     ContractError,
     Embeddings,
+    RerankResult,
     ErrorReport,
     Task,
     TextChunk,
@@ -47,12 +48,14 @@ from mofa_omni.openai_api import (
     ChatBody,
     Completion,
     EmbeddingBody,
+    RerankBody,
     SpeechBody,
     decode_body,
     embeddings_body,
     finish_reason_of,
     node_error,
     read_audio_upload,
+    rerank_body,
     speech_bytes,
     sse,
     transcription_body,
@@ -342,6 +345,14 @@ def build_app(graph: Graph, catalog: Catalog, loaded: Callable[[], dict[str, boo
         result = await _single(answer)
         return JSONResponse(embeddings_body(result.vectors, answer.model, body.encoding_format))
 
+    async def rerank(request: Request) -> Response:
+        body = decode_body(await body_of(request), RerankBody)
+        message = body.to_request()
+        choice = graph.router.choose(body.model, Task.RERANK)
+        answer = graph.ask(choice, message, RerankResult)
+        result = await _single(answer)
+        return JSONResponse(rerank_body(body, result.scores, answer.model))
+
     async def transcriptions(request: Request) -> Response:
         check_declared_size(request)
         async with request.form(max_part_size=settings.max_body_bytes) as form:
@@ -399,6 +410,7 @@ def build_app(graph: Graph, catalog: Catalog, loaded: Callable[[], dict[str, boo
     return Starlette(routes=[
         HttpRoute("/v1/chat/completions", checked(chat), methods=["POST"]),
         HttpRoute("/v1/embeddings", checked(embeddings), methods=["POST"]),
+        HttpRoute("/v1/rerank", checked(rerank), methods=["POST"]),
         HttpRoute("/v1/audio/transcriptions", checked(transcriptions), methods=["POST"]),
         HttpRoute("/v1/audio/speech", checked(speech), methods=["POST"]),
         HttpRoute("/v1/models", checked(models), methods=["GET"]),

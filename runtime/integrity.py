@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+
 from mofa_omni.contract import ContractError
 from mofa_omni.host import dora_node_id
 from mofa_omni.memory import format_bytes

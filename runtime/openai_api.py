@@ -23,6 +23,7 @@ from mofa_omni.contract import (
     ChatRequest,
     ContractError,
     EmbeddingRequest,
+    RerankRequest,
     SpeechRequest,
     TextChunk,
     Transcript,
@@ -116,6 +117,23 @@ class EmbeddingBody(msgspec.Struct):
 
     def to_request(self) -> EmbeddingRequest:
         request = EmbeddingRequest([self.input] if isinstance(self.input, str) else self.input)
+        validate_request(request)
+        return request
+
+
+class RerankBody(msgspec.Struct):
+    """Not OpenAI's: the rerank request of Cohere and Jina, which vLLM and others also serve."""
+
+    model: str
+    query: str
+    documents: list[str]
+    top_n: int | None = None
+    return_documents: bool = True
+
+    def to_request(self) -> RerankRequest:
+        if self.top_n is not None and self.top_n < 1:
+            raise ContractError(f"top_n must be at least 1, got {self.top_n}")
+        request = RerankRequest(self.query, self.documents)
         validate_request(request)
         return request
 
@@ -214,6 +232,15 @@ def embeddings_body(vectors: np.ndarray, model: str, encoding: str) -> dict[str,
             "data": [{"object": "embedding", "index": i, "embedding": encoded(row)}
                      for i, row in enumerate(vectors)],
             "usage": {"prompt_tokens": 0, "total_tokens": 0}}
+
+
+def rerank_body(body: RerankBody, scores: np.ndarray, model: str) -> dict[str, Any]:
+    """The documents' indices and scores, best first (the top_n best when asked)."""
+    order = sorted(range(len(scores)), key=lambda i: -float(scores[i]))[:body.top_n]
+    return {"model": model, "results": [
+        {"index": i, "relevance_score": float(scores[i]),
+         **({"document": {"text": body.documents[i]}} if body.return_documents else {})}
+        for i in order]}
 
 
 def transcription_body(transcript: Transcript, response_format: str,

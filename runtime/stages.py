@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from itertools import pairwise
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
+
 from mofa_omni.catalog import unknown_name_message
 from mofa_omni.contract import ContractError, RerankRequest, RerankResult, Tensor
 

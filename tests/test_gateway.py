@@ -148,6 +148,19 @@ def test_embeddings_as_floats_and_base64(server):
     assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2] + 0.3
 
 
+def test_rerank_puts_the_answering_document_first(server):
+    documents = ["Bananas are yellow and rich in potassium.",
+                 "Paris is the capital and largest city of France.",
+                 "The next train to the airport leaves at noon."]
+    response = httpx.post(f"{server.url}/rerank", timeout=60, json={
+        "model": "minilm-l6", "query": "When does the train leave?", "documents": documents,
+        "top_n": 2}).json()
+    assert response["model"] == "minilm-l6"
+    assert [r["index"] for r in response["results"]][0] == 2 and len(response["results"]) == 2
+    assert response["results"][0]["document"]["text"] == documents[2]
+    assert response["results"][0]["relevance_score"] > response["results"][1]["relevance_score"]
+
+
 # --- errors --------------------------------------------------------------------------------
 
 def test_bad_requests_get_openai_errors_with_the_right_status(server):

@@ -16,11 +16,13 @@ from mofa_omni.openai_api import (
     ChatBody,
     Completion,
     EmbeddingBody,
+    RerankBody,
     SpeechBody,
     decode_body,
     embeddings_body,
     node_error,
     read_audio_upload,
+    rerank_body,
     speech_bytes,
 )
 
@@ -59,6 +61,19 @@ def test_embeddings_and_speech_bodies():
     assert SpeechBody("m", "Hello.", speed=1.5).to_request().speed == 1.5
     with pytest.raises(ContractError, match="wav or pcm"):
         SpeechBody("m", "Hello.", response_format="mp3").to_request()
+
+
+def test_rerank_bodies_and_results_best_first():
+    body = decode_body(b'{"model": "m", "query": "q", "documents": ["a", "b", "c"], "top_n": 2}',
+                       RerankBody)
+    assert body.to_request().documents == ["a", "b", "c"]
+    result = rerank_body(body, np.array([0.1, 0.9, 0.5], np.float32), "m")
+    assert [(r["index"], r["document"]["text"]) for r in result["results"]] == [(1, "b"),
+                                                                              (2, "c")]
+    with pytest.raises(ContractError, match="no documents"):
+        RerankBody("m", "q", []).to_request()
+    with pytest.raises(ContractError, match="top_n must be at least 1"):
+        RerankBody("m", "q", ["a"], top_n=0).to_request()
 
 
 def test_responses_have_the_shapes_clients_parse():

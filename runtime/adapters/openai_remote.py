@@ -27,7 +27,6 @@ import numpy as np
 
 from mofa_omni.adapters.base import ModelAdapter, ModelLoadError, Progress
 from mofa_omni.audio import read_wav, wav_bytes
-from mofa_omni.store import REMOTE_FILE
 from mofa_omni.contract import (
     AudioChunk,
     ChatRequest,
@@ -41,6 +40,7 @@ from mofa_omni.contract import (
     TranscriptionRequest,
     validate_request,
 )
+from mofa_omni.store import REMOTE_FILE
 
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 120.0
