@@ -1,8 +1,10 @@
 """The two nodes of tests/dataflows/gaps.yml: `burst` sends MESSAGES numbered messages at once;
 `read` reads them slowly and writes what it received and what it counted as lost to $REPORT.
 
-`burst` stays until `read` has the last message: dora drops what is still queued from a
-sender that has exited (its shared memory goes with it)."""
+Once the burst is out, `burst` waits for the reader to drain its queue and sends one more
+message, the end mark (number MESSAGES), then stays until `read` has it: dora drops what is
+still queued from a sender that has exited, and under load it may drop the burst's newest
+messages too, so only a message sent into an empty queue is sure to arrive."""
 
 from __future__ import annotations
 
@@ -23,20 +25,23 @@ def burst() -> None:
     for event in node:
         if event["type"] == "INPUT" and event["id"] == "tick" and not sent:
             sent = True
-            for i in range(int(os.environ["MESSAGES"])):
+            messages = int(os.environ["MESSAGES"])
+            for i in range(messages):
                 node.send_output("numbers", pa.array([i]))
+            time.sleep(1.0)  # the reader empties its queue of 2 in ~10 ms
+            node.send_output("numbers", pa.array([messages]))  # the end mark
         elif event["type"] == "INPUT" and event["id"] == "done":
             return
 
 
 def read() -> None:
     node = CheckedNode()
-    values, last = [], int(os.environ["MESSAGES"]) - 1
+    values, end_mark = [], int(os.environ["MESSAGES"])
     for event in node:
         if event["type"] == "INPUT":
             values.append(event["value"][0].as_py())
             time.sleep(0.005)
-            if values[-1] == last:
+            if values[-1] == end_mark:
                 node.send_output("done", pa.array([True]))
     Path(os.environ["REPORT"]).write_text(json.dumps({"values": values,
                                                        "lost": node.gaps.lost()}))
