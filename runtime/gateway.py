@@ -229,9 +229,10 @@ class Answer:
                             route is self.choice.primary:
                         raise _FallBack(f"{error.kind}: {error.message}")
                     raise node_error(error.kind, f"{route.node}: {error.message}")
+                if first:  # the model that answers (after `omni swap`, not the one at start)
+                    self.model = str(reply.metadata.get("model") or route.model)
+                    graph.router.node_serves(route.node, self.model)
                 first = False
-                self.model = str(reply.metadata.get("model") or route.model)
-                graph.router.node_serves(route.node, self.model)
                 if reply.metadata.get("final", True):
                     self._in_flight = None
                 yield arrow.decode(reply.value, self.result_type)

@@ -11,9 +11,10 @@ cannot load, or is too slow.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
+from mofa_omni.backends import select_adapter
 from mofa_omni.catalog import Catalog, CatalogError
 from mofa_omni.contract import ContractError, Task
 from mofa_omni.openai_api import ApiError
@@ -54,8 +55,6 @@ def input_sources(descriptor: dict[str, Any], node_id: str) -> dict[str, tuple[s
 
 def routes_from(descriptor: dict[str, Any], gateway: str, catalog: Catalog) -> list[Route]:
     """The model nodes the gateway's outputs feed, with the task and model each serves."""
-    from mofa_omni.backends import select_adapter
-
     routes = []
     for node in descriptor.get("nodes", []):
         inputs = {name: _source(spec) for name, spec in (node.get("inputs") or {}).items()}
@@ -88,11 +87,6 @@ class Router:
 
     routes: list[Route]
     catalog: Catalog
-    _by_node: dict[str, list[int]] = field(default_factory=dict, init=False)
-
-    def __post_init__(self) -> None:
-        for i, route in enumerate(self.routes):
-            self._by_node.setdefault(route.node, []).append(i)
 
     def choose(self, model: str, task: Task) -> Choice:
         """The node serving ``model`` for ``task`` (404 if none can), and its fallback."""
@@ -124,6 +118,5 @@ class Router:
 
     def node_serves(self, node: str, model: str) -> None:
         """``node`` answered with ``model`` (after ``omni swap``, another than at start)."""
-        for i in self._by_node.get(node, []):
-            if self.routes[i].model != model and model:
-                self.routes[i] = replace(self.routes[i], model=model)
+        if model and any(r.node == node and r.model != model for r in self.routes):
+            self.routes = [replace(r, model=model) if r.node == node else r for r in self.routes]

@@ -185,15 +185,10 @@ class Completion:
     def new(cls, request_id: str, model: str) -> Completion:
         return cls(f"chatcmpl-{request_id}", model, int(time.time()))
 
-    def chunk(self, delta: dict[str, Any], finish_reason: str | None = None,
-              usage: dict[str, int] | None = None) -> dict[str, Any]:
-        body: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk",
-                                "created": self.created, "model": self.model,
-                                "choices": [{"index": 0, "delta": delta,
-                                             "finish_reason": finish_reason}]}
-        if usage is not None:
-            body["usage"] = usage
-        return body
+    def chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
 
     def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
@@ -213,7 +208,7 @@ def usage_of(chunk: TextChunk) -> dict[str, int]:
 
 
 def finish_reason_of(chunk: TextChunk) -> str:
-    return {"length": "length"}.get(chunk.finish_reason, "stop")
+    return "length" if chunk.finish_reason == "length" else "stop"
 
 
 def sse(data: dict[str, Any] | str) -> bytes:
