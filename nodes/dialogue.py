@@ -37,7 +37,7 @@ from mofa_omni.contract import ContractError, ErrorReport, TextChunk, Transcript
 from mofa_omni.dialogue import Action, Ask, Cancel, Dialogue, TranscriptLine, TurnDone
 from mofa_omni.host import MessageMeta, dora_node_id
 from mofa_omni.integrity import CheckedNode
-from mofa_omni.voice import DEFAULT_VOICE_OUTPUT, env_path
+from mofa_omni.voice import voice_output
 
 log = logging.getLogger("dialogue")
 
@@ -50,7 +50,7 @@ def main() -> None:
     reply_timeout = float(os.environ.get("REPLY_TIMEOUT_S", "180"))
     if prompt := os.environ.get("SYSTEM_PROMPT"):
         dialogue.system_prompt = prompt
-    out_dir = env_path("VOICE_OUTPUT", DEFAULT_VOICE_OUTPUT)
+    out_dir = voice_output()
     out_dir.mkdir(parents=True, exist_ok=True)
     transcript = (out_dir / "transcript.txt").open("w", buffering=1)
 
@@ -78,9 +78,9 @@ def main() -> None:
         "reply": lambda meta, value: dialogue.reply_text(
             meta.request_id, arrow.decode(value, TextChunk).text, meta.final),
         "llm_error": lambda meta, value: dialogue.reply_failed(
-            meta.request_id, _error_text(value)),
+            meta.request_id, arrow.decode(value, ErrorReport).summary()),
         "tts_error": lambda meta, value: dialogue.speech_failed(
-            meta.request_id, _error_text(value)),
+            meta.request_id, arrow.decode(value, ErrorReport).summary()),
         "spoken": lambda meta, value: dialogue.spoken(meta.request_id),
     }
     heard_all = False  # the ASR's stream ended: no more turns will come
@@ -102,10 +102,6 @@ def main() -> None:
             break
     transcript.close()
 
-
-def _error_text(value: pa.Array) -> str:
-    report = arrow.decode(value, ErrorReport)
-    return f"{report.kind}: {report.message}"
 
 
 if __name__ == "__main__":

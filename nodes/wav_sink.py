@@ -5,8 +5,8 @@ Configuration (env in the dataflow YAML):
     PLAYBACK      instant (default) | realtime: in file mode, when `done` is sent — as soon as
                   the file is written, or when a speaker would have finished playing it (so
                   turn-taking and barge-in behave as with a speaker)
-    VOICE_OUTPUT  folder of the WAV files (default: out/voice of this checkout; a relative path is
-                  relative to where dora was started)
+    VOICE_OUTPUT  folder of the WAV files (default: $DEFAULT_OUTPUT of this checkout, else
+                  out/voice; a relative path is relative to where dora was started)
     PREFIX        file name prefix (default reply): reply-001.wav, reply-002.wav, ... numbered in
                   the order the requests begin
 
@@ -43,15 +43,14 @@ from mofa_omni.host import MessageMeta, dora_node_id
 from mofa_omni.integrity import CheckedNode
 from mofa_omni.serving import CANCEL_INPUT, cancelled_ids
 from mofa_omni.voice import (
-    DEFAULT_VOICE_OUTPUT,
     DONE,
     SeqTracker,
     env_choice,
-    env_path,
     env_str,
     event,
     identify,
     load_sounddevice,
+    voice_output,
 )
 
 log = logging.getLogger("wav_sink")
@@ -136,7 +135,7 @@ def main() -> int:
         trace.record(node_id, "send", "done", out)
 
     speaker = Speaker(sd, done) if mode == "speaker" else None
-    files = WavWriterSet(env_path("VOICE_OUTPUT", DEFAULT_VOICE_OUTPUT), env_str("PREFIX", "reply"))
+    files = WavWriterSet(voice_output(), env_str("PREFIX", "reply"))
     clock = PlaybackClock() if realtime else None
     due: list[tuple[float, MessageMeta, str, float]] = []  # `done`s waiting for the playback
     gaps = SeqTracker()

@@ -2,8 +2,8 @@
 
 Configuration (env in the dataflow YAML):
     VOICE_INPUT          a WAV file, or a folder whose *.wav files are the turns in name order
-                         (default: dataflows/samples of this checkout; a relative path is
-                         relative to where dora was started)
+                         (default: $DEFAULT_INPUT of this checkout, else dataflows/samples; a relative
+                         path is relative to where dora was started)
     RATE                 rate the audio is sent at, in Hz (default 16000; 0 = each file's own rate)
     CHUNK_MS             length of one chunk (default 100)
     PACE                 realtime (default: one chunk per CHUNK_MS, like a microphone), a speed-up
@@ -44,7 +44,7 @@ from mofa_omni.audio_stream import load_turn, split_chunks, wav_turns
 from mofa_omni.contract import AudioChunk, ContractError, ErrorReport
 from mofa_omni.host import MessageMeta
 from mofa_omni.integrity import CheckedNode
-from mofa_omni.voice import DEFAULT_VOICE_INPUT, env_choice, env_float, env_pace, env_path
+from mofa_omni.voice import env_choice, env_float, env_pace, voice_input
 
 log = logging.getLogger("wav_source")
 
@@ -84,8 +84,8 @@ class Inbox:
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
-        voice_input = env_path("VOICE_INPUT", DEFAULT_VOICE_INPUT)
-        turns = wav_turns(voice_input)
+        input_path = voice_input()
+        turns = wav_turns(input_path)
         rate = int(env_float("RATE", 16000))
         chunk_ms = env_float("CHUNK_MS", 100, minimum=1)
         speed = env_pace("PACE")
@@ -96,7 +96,7 @@ def main() -> int:
         print(f"wav_source: {error}", file=sys.stderr)
         return 2
     if not turns:
-        log.warning("no .wav files in %s", voice_input)
+        log.warning("no .wav files in %s", input_path)
     node = CheckedNode()
     inbox = Inbox(node)
     awaiting_reply = False  # a turn was sent whose `ready` has not come yet

@@ -171,12 +171,12 @@ _CODECS: dict[type, _Codec] = {
     ChatRequest: _Codec(
         pa.struct([("messages", pa.list_(_MESSAGE)), ("max_tokens", pa.int32()),
                    ("temperature", pa.float32()), ("top_p", pa.float32()),
-                   ("stop", pa.list_(pa.string()))]),
+                   ("stop", pa.list_(pa.string())), ("json_schema", pa.string())]),
         lambda m: [_messages(m.messages), _one(m.max_tokens, pa.int32()),
                    _one(m.temperature, pa.float32()), _one(m.top_p, pa.float32()),
-                   _one(list(m.stop), pa.list_(pa.string()))],
+                   _one(list(m.stop), pa.list_(pa.string())), _one(m.json_schema, pa.string())],
         lambda r: ChatRequest(_read_messages(r), r.scalar("max_tokens"), r.scalar("temperature"),
-                              r.scalar("top_p"), r.scalar("stop")),
+                              r.scalar("top_p"), r.scalar("stop"), r.scalar("json_schema")),
     ),
     TextChunk: _Codec(
         pa.struct([("text", pa.string()), ("final", pa.bool_()), ("finish_reason", pa.string()),

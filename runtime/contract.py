@@ -59,6 +59,9 @@ class ChatRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
+    # A JSON Schema (as JSON text) the reply must satisfy: structured output, see
+    # mofa_omni.structured for the supported subset. "" = free text.
+    json_schema: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +223,9 @@ class ErrorReport:
     message: str
     node: str = ""
 
+    def summary(self) -> str:
+        return f"{self.kind}: {self.message}"
+
 
 # --- task protocols ------------------------------------------------------------------
 
@@ -338,6 +344,10 @@ def validate_request(request: object) -> None:
                     raise ContractError(f"message {i} has unknown role {message.role!r}")
             if max_tokens <= 0:
                 raise ContractError(f"max_tokens must be positive, got {max_tokens}")
+            if request.json_schema:
+                from mofa_omni.structured import parse_schema
+
+                parse_schema(request.json_schema)
         case TranscriptionRequest(audio=audio, sample_rate=rate):
             validate_audio(audio, rate)
         case SpeechRequest(text=text, speed=speed):

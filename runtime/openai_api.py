@@ -10,6 +10,7 @@ bodies (``{"error": {"message", "type", "param", "code"}}``).
 from __future__ import annotations
 
 import base64
+import json
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -81,6 +82,7 @@ class ChatBody(msgspec.Struct):
     stop: str | list[str] | None = None
     n: int = 1
     stream_options: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
 
     def to_request(self) -> ChatRequest:
         if self.n != 1:
@@ -88,9 +90,20 @@ class ChatBody(msgspec.Struct):
         messages = [ChatMessage(m.role, _text_of(m.content, i)) for i, m in enumerate(self.messages)]
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         request = ChatRequest(messages, self.max_completion_tokens or self.max_tokens or 256,
-                              self.temperature, self.top_p, stop)
+                              self.temperature, self.top_p, stop, self._json_schema())
         validate_request(request)
         return request
+
+    def _json_schema(self) -> str:
+        """OpenAI's structured outputs: ``{"type": "json_schema", "json_schema": {"schema": ...}}``."""
+        match self.response_format:
+            case None | {"type": "text"}:
+                return ""
+            case {"type": "json_schema", "json_schema": {"schema": dict() as schema}}:
+                return json.dumps(schema)
+            case _:
+                raise ContractError("response_format: only {\"type\": \"json_schema\", "
+                                    "\"json_schema\": {\"schema\": {...}}} and \"text\" are supported")
 
     @property
     def include_usage(self) -> bool:

@@ -59,6 +59,20 @@ def env_path(name: str, default: Path, env: Mapping[str, str] | None = None) -> 
     return path if path.is_absolute() else Path(environ.get("PWD") or os.getcwd()) / path
 
 
+def voice_input(env: Mapping[str, str] | None = None) -> Path:
+    """The turns' WAVs: $VOICE_INPUT, else $DEFAULT_INPUT (a dataflow's own samples, relative to
+    this checkout), else dataflows/samples."""
+    default = env_str("DEFAULT_INPUT", "", env)
+    return env_path("VOICE_INPUT", REPOSITORY / default if default else DEFAULT_VOICE_INPUT, env)
+
+
+def voice_output(env: Mapping[str, str] | None = None) -> Path:
+    """Where replies go: $VOICE_OUTPUT, else $DEFAULT_OUTPUT (relative to this checkout), else
+    out/voice."""
+    default = env_str("DEFAULT_OUTPUT", "", env)
+    return env_path("VOICE_OUTPUT", REPOSITORY / default if default else DEFAULT_VOICE_OUTPUT, env)
+
+
 def env_float(name: str, default: float, env: Mapping[str, str] | None = None, *,
               minimum: float = 0.0) -> float:
     """``$name`` as a number >= ``minimum`` (``default`` when unset or empty)."""

@@ -32,6 +32,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # mlx-whisper's metadata requires torch, which it only uses to convert checkpoints:
   # install it alone; its runtime needs are in pyproject.toml.
   "$VENV/bin/python" -m pip install --quiet --no-deps mlx-whisper==0.4.3
+  # mlx-vlm's metadata pulls 64 packages (opencv, datasets, mlx-audio, a web server) that
+  # inference never imports: install it alone; what it does import is in pyproject.toml.
+  "$VENV/bin/python" -m pip install --quiet --no-deps mlx-vlm==0.7.10
   echo "$want" > "$stamp"
 fi
 

@@ -28,6 +28,7 @@ from mofa_omni.adapters.mlx_lm import Piece, chat_prompt_tokens, stream_reply
 from mofa_omni.contract import (ChatRequest, RerankRequest, RerankResult, Task, TextChunk,
                                 validate_request)
 from mofa_omni.llm_rerank import relevance_scores, rerank_method
+from mofa_omni.structured import structured_reply
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 MODEL_CONFIG = "model_config.json"  # the model's own config (CTranslate2 writes config.json)
@@ -90,12 +91,14 @@ class Ct2LmAdapter(ModelAdapter):
     def generate(self, request: ChatRequest) -> Iterator[TextChunk]:
         """Stream the reply to ``request``, as the MLX adapter does: greedy at temperature 0,
         stops at EOS, ``max_tokens`` or a stop sequence (never emitted); closing the
-        generator stops the computation."""
+        generator stops the computation. With ``json_schema``: JSON satisfying it."""
         validate_request(request)
         if self._generator is None:
             raise AdapterError(f"model {self.spec.name!r} is not loaded")
         tokenizer = self._tokenizer
         prompt = chat_prompt_tokens(tokenizer, request)
+        if request.json_schema:
+            return structured_reply(request, tokenizer, self, prompt)
         eos = sorted(tokenizer.eos_token_ids)
         sampling: dict[str, Any] = {"sampling_topk": 1}
         if request.temperature > 0:

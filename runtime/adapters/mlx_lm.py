@@ -12,6 +12,7 @@ from mofa_omni.adapters.base import AdapterError, ModelAdapter, ModelLoadError, 
 from mofa_omni.contract import (ChatRequest, RerankRequest, RerankResult, Task, TextChunk,
                                 validate_request)
 from mofa_omni.llm_rerank import relevance_scores, rerank_method
+from mofa_omni.structured import structured_reply
 from mofa_omni.store import link_or_copy
 
 
@@ -157,7 +158,8 @@ class MlxLmAdapter(ModelAdapter):
     def generate(self, request: ChatRequest) -> Iterator[TextChunk]:
         """Stream the reply to ``request``; the last chunk is final and carries the usage.
 
-        Greedy at temperature 0. Stops at EOS, at ``max_tokens`` (finish_reason
+        Greedy at temperature 0. With ``json_schema``, the reply is JSON satisfying it
+        (:mod:`mofa_omni.structured`). Stops at EOS, at ``max_tokens`` (finish_reason
         "length") or at a stop sequence, which is never emitted. Closing the
         generator stops the computation.
         """
@@ -168,6 +170,8 @@ class MlxLmAdapter(ModelAdapter):
         if self._model is None:
             raise AdapterError(f"model {self.spec.name!r} is not loaded")
         prompt = self.prompt_tokens(request)
+        if request.json_schema:
+            return structured_reply(request, self._tokenizer, self, prompt)
         sampler = make_sampler(temp=request.temperature, top_p=request.top_p)
         responses = stream_generate(self._model, self._tokenizer, prompt,
                                     max_tokens=request.max_tokens, sampler=sampler)
