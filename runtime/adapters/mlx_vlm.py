@@ -1,0 +1,133 @@
+"""Vision-language models served by mlx-vlm: images and a chat in, streamed text out.
+
+A model is a checkpoint directory in mlx-vlm's own format (config.json, *.safetensors,
+tokenizer and processor files), loaded by mlx-vlm's ``load`` — the path a checkpoint pulled
+from the Hub takes. The same weights also answer plain chat (``text_generation``): an omni
+model, one load, one footprint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from mofa_omni.adapters.base import AdapterError, ModelAdapter, ModelLoadError, Progress
+from mofa_omni.adapters.mlx_lm import Piece, stream_reply
+from mofa_omni.contract import (ChatMessage, ChatRequest, ContractError, Task, TextChunk,
+                                VisionRequest, validate_request)
+from mofa_omni.store import link_or_copy
+
+_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+def to_rgb(pixels: np.ndarray):
+    """A contract image (uint8 HWC, 1/3/4 channels) as the RGB PIL image processors expect;
+    grey is repeated over the three channels, alpha is dropped."""
+    from PIL import Image
+
+    channels = pixels.shape[2]
+    image = Image.fromarray(pixels[:, :, 0] if channels == 1 else np.ascontiguousarray(pixels),
+                            mode=_MODES[channels])
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+class MlxVlmAdapter(ModelAdapter):
+    """Vision-language models (SmolVLM, Qwen2-VL, LLaVA, PaliGemma...) through mlx-vlm."""
+
+    supported_tasks: ClassVar[frozenset[Task]] = frozenset({Task.VISION_LANGUAGE,
+                                                            Task.TEXT_GENERATION})
+    formats: ClassVar[frozenset[str]] = frozenset({"mlx"})
+    backend: ClassVar[str] = "mlx"
+    requires: ClassVar[tuple[str, ...]] = ("mlx_vlm",)
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self._model = None
+        self._processor = None
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def prepare(self, source_dir: Path, out_dir: Path, progress: Progress) -> None:
+        """Link the checkpoint's files as they are: mlx-vlm reads its own format directly."""
+        files = [p for p in sorted(source_dir.rglob("*"))
+                 if p.is_file() and ".cache" not in p.relative_to(source_dir).parts]
+        if not any(p.name == "config.json" for p in files):
+            raise ModelLoadError(f"model {self.spec.name!r}: {source_dir} has no config.json")
+        for done, path in enumerate(files, 1):
+            link_or_copy(path, out_dir / path.relative_to(source_dir))
+            progress("link files", done, len(files))
+
+    def _load(self, model_dir: Path) -> None:
+        from mlx_vlm.utils import load
+
+        # A local directory: mlx-vlm reads it in place and never reaches for the Hub.
+        self._model, self._processor = load(str(Path(model_dir).resolve()))
+
+    def _unload(self) -> None:
+        self._model = None
+        self._processor = None
+
+    # --- serving ---------------------------------------------------------------------
+
+    def generate_from_images(self, request: VisionRequest) -> Iterator[TextChunk]:
+        """Stream the answer about ``request.images``; the last chunk is final and carries the
+        usage. Greedy at temperature 0; stops at EOS or ``max_tokens`` (finish_reason
+        "length"). The images go with the last user message; each is uint8 HWC with 1, 3 or 4
+        channels. Closing the generator stops the computation."""
+        validate_request(request)
+        if request.max_tokens <= 0:
+            raise ContractError(f"max_tokens must be positive, got {request.max_tokens}")
+        if request.temperature < 0:
+            raise ContractError(f"temperature must be >= 0, got {request.temperature}")
+        _check_roles(request.messages)
+        images = [to_rgb(pixels) for pixels in request.images]
+        return self._stream(request.messages, images, max_tokens=request.max_tokens,
+                            temperature=request.temperature)
+
+    def generate(self, request: ChatRequest) -> Iterator[TextChunk]:
+        """Plain chat with the same weights (no image); stop sequences are never emitted."""
+        validate_request(request)
+        if getattr(request, "json_schema", ""):
+            raise ContractError(f"model {self.spec.name!r} (mlx_vlm) does not do structured "
+                                "output (json_schema)")
+        return self._stream(request.messages, [], max_tokens=request.max_tokens,
+                            temperature=request.temperature, top_p=request.top_p,
+                            stop=request.stop)
+
+    def _stream(self, messages: list[ChatMessage], images: list, *, stop: list[str] = (),
+                **sampling) -> Iterator[TextChunk]:
+        from mlx_vlm.generate import stream_generate
+        from mlx_vlm.prompt_utils import apply_chat_template
+
+        if self._model is None:
+            raise AdapterError(f"model {self.spec.name!r} is not loaded")
+        prompt = apply_chat_template(self._processor, self._model.config,
+                                     [{"role": m.role, "content": m.content} for m in messages],
+                                     num_images=len(images))
+        responses = stream_generate(self._model, self._processor, prompt, image=images or None,
+                                    **sampling)
+        prompt_tokens = [0]
+
+        def pieces() -> Generator[Piece, None, None]:
+            # mlx-vlm ends with a result of its own (finish_reason set) that flushes the
+            # detokenizer: its text belongs to tokens already counted.
+            try:
+                for r in responses:
+                    prompt_tokens[0] = r.prompt_tokens
+                    yield Piece(r.text, token=r.finish_reason is None,
+                                end=r.finish_reason == "stop")
+            finally:
+                responses.close()
+
+        for chunk in stream_reply(pieces(), list(stop), 0):
+            yield replace(chunk, prompt_tokens=prompt_tokens[0]) if chunk.final else chunk
+
+
+def _check_roles(messages: list[ChatMessage]) -> None:
+    for i, message in enumerate(messages):
+        if message.role not in ("system", "user", "assistant"):
+            raise ContractError(f"message {i} has unknown role {message.role!r}")

