@@ -372,11 +372,15 @@ def validate_request(request: object) -> None:
                 validate_image(image, what=f"image {i}")
             if not messages:
                 raise ContractError("vision request has no messages")
-        case ImageRequest(prompt=prompt, width=width, height=height):
+        case ImageRequest(prompt=prompt, width=width, height=height, steps=steps, seed=seed):
             if not prompt.strip():
                 raise ContractError("image request has an empty prompt")
             if not (8 <= width <= 4096 and 8 <= height <= 4096):
                 raise ContractError(f"image size {width}x{height} is out of range")
+            if steps < 1:
+                raise ContractError(f"image request steps must be at least 1, got {steps}")
+            if seed < 0:
+                raise ContractError(f"image request seed must not be negative, got {seed}")
         case Tensor(kind=kind, array=array):
             if not kind:
                 raise ContractError("tensor has no kind")

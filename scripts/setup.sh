@@ -35,6 +35,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # mlx-vlm's metadata pulls 64 packages (opencv, datasets, mlx-audio, a web server) that
   # inference never imports: install it alone; what it does import is in pyproject.toml.
   "$VENV/bin/python" -m pip install --quiet --no-deps mlx-vlm==0.7.10
+  # mflux's metadata requires torch and the CUDA build of MLX; its FLUX.2 pipeline uses
+  # neither: install it alone; what it imports is in pyproject.toml.
+  "$VENV/bin/python" -m pip install --quiet --no-deps mflux==0.24.0
   echo "$want" > "$stamp"
 fi
 

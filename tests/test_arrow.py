@@ -142,6 +142,9 @@ def test_malformed_transcription_requests_are_rejected_clearly(make_bad, message
         (EmbeddingRequest(["ok", ""]), "empty text"),
         (RerankRequest("q", []), "no documents"),
         (ImageRequest("cat", 4, 4), "out of range"),
+        (ImageRequest("  ", 64, 64), "empty prompt"),
+        (ImageRequest("cat", 64, 64, steps=0), "steps must be at least 1"),
+        (ImageRequest("cat", 64, 64, seed=-1), "seed must not be negative"),
     ],
 )
 def test_semantically_empty_requests_are_rejected(message, error):
@@ -158,6 +161,15 @@ def test_image_with_wrong_shape_dtype_or_channels_is_rejected():
     bad = _with_field(good, "height", pa.array([7], pa.int32()))
     with pytest.raises(ContractError, match="do not fill shape"):
         arrow.decode(bad, Image)
+    floats = pa.array([PIXELS.astype(np.float32).ravel()], pa.list_(pa.float32()))
+    with pytest.raises(ContractError, match="field 'pixels' must be list<item: uint8>"):
+        arrow.decode(_with_field(good, "pixels", floats), Image)
+    two = _with_field(_with_field(good, "channels", pa.array([2], pa.int32())), "height",
+                      pa.array([6], pa.int32()))  # 6 x 5 x 2 = the 60 values sent
+    with pytest.raises(ContractError, match="1, 3 or 4 channels"):
+        arrow.decode(two, Image)
+    with pytest.raises(ContractError, match="HWC"):
+        arrow.encode(Image(PIXELS[:, :, 0]))
 
 
 def test_unknown_types_are_refused():
