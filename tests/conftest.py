@@ -9,10 +9,13 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mofa_omni.adapters.base import ModelAdapter
+from mofa_omni.audio import resample
 from mofa_omni.catalog import Catalog
+from mofa_omni.contract import SpeechRequest
 from mofa_omni.loading import open_model
 from mofa_omni.store import ModelStore
 
@@ -44,6 +47,18 @@ def model(catalog: Catalog, store: ModelStore) -> Iterator[Callable[..., ModelAd
     yield get
     for adapter in loaded.values():
         adapter.unload()
+
+
+@pytest.fixture(scope="session")
+def speak(model) -> Callable[[str], np.ndarray]:
+    """``speak(text)``: the sentence spoken by Piper, as 16 kHz float32."""
+    tts = model("piper-joe")
+
+    def spoken(text: str) -> np.ndarray:
+        chunks = list(tts.synthesize(SpeechRequest(text)))
+        return resample(np.concatenate([c.audio for c in chunks]), chunks[0].sample_rate, 16000)
+
+    return spoken
 
 
 @pytest.fixture(scope="session")

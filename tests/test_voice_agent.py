@@ -12,24 +12,12 @@ import numpy as np
 import pytest
 
 from mofa_omni.audio import read_wav, resample, write_wav
-from mofa_omni.contract import SpeechRequest, TranscriptionRequest
+from mofa_omni.contract import TranscriptionRequest
 from mofa_omni.text import normalize_words, word_error_rate
 from tests.test_dataflow_models import run_dataflow
 
 VOICE = Path(__file__).parents[1] / "dataflows" / "voice.yml"
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def speak(model):
-    """``speak(text)``: the sentence spoken by Piper, as 16 kHz float32."""
-    tts = model("piper-joe")
-
-    def spoken(text: str) -> np.ndarray:
-        chunks = list(tts.synthesize(SpeechRequest(text)))
-        return resample(np.concatenate([c.audio for c in chunks]), chunks[0].sample_rate, 16000)
-
-    return spoken
 
 
 def run_voice(tmp_path: Path, turns: dict[str, np.ndarray | bytes], **env: str):
