@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
+import json
 import signal
 import socket
 import subprocess
@@ -115,6 +116,20 @@ def test_chat_whole_and_streamed_give_the_same_reply(server):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == \
         whole.choices[0].finish_reason
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_structured_output_through_the_openai_client(server):
+    schema = {"type": "object", "additionalProperties": False, "required": ["city", "country"],
+              "properties": {"city": {"type": "string", "maxLength": 24},
+                             "country": {"type": "string", "enum": ["France", "Italy"]}}}
+    reply = server.client().chat.completions.create(
+        model="smollm2-135m", max_tokens=32,
+        messages=[{"role": "user", "content": "Which city is the capital of Italy?"}],
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "capital", "schema": schema, "strict": True}})
+    answer = json.loads(reply.choices[0].message.content)
+    assert list(answer) == ["city", "country"] and answer["country"] == "Italy", answer
+    assert reply.choices[0].finish_reason == "stop"
 
 
 def test_speech_then_transcription_round_trip(server):
