@@ -65,7 +65,7 @@ def write_tiny_smolvlm(out_dir: Path, tokenizer_gguf: Path, *, seed: int = 0,
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                   for t in _image_tokens()])
     tokenizer.save(str(out_dir / "tokenizer.json"))
-    eos = [tokenizer.token_to_id(tokenizer_config["eos_token"]), tokenizer.token_to_id(END_OF_UTTERANCE)]
+    eos = [tokenizer.token_to_id(t) for t in (tokenizer_config["eos_token"], END_OF_UTTERANCE)]
     tokenizer_config.pop("chat_template", None)  # SmolVLM's template is in chat_template.json
     tokenizer_config.update(extra_special_tokens={
         "fake_image_token": FAKE_IMAGE_TOKEN, "image_token": IMAGE_TOKEN,
@@ -92,7 +92,8 @@ def write_tiny_smolvlm(out_dir: Path, tokenizer_gguf: Path, *, seed: int = 0,
         },
         "vision_config": {
             "model_type": "smolvlm_vision", "hidden_size": vision_hidden,
-            "intermediate_size": 2 * vision_hidden, "num_attention_heads": max(1, vision_hidden // 16),
+            "intermediate_size": 2 * vision_hidden,
+            "num_attention_heads": max(1, vision_hidden // 16),
             "num_hidden_layers": vision_layers, "patch_size": patch, "image_size": tile,
             "num_channels": 3, "layer_norm_eps": 1e-6,
         },

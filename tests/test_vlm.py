@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mofa_omni import arrow
+from mofa_omni import arrow, memory
 from mofa_omni.adapters.base import ModelAdapter
 from mofa_omni.catalog import Catalog, PypiSource
 from mofa_omni.contract import (ChatMessage, ChatRequest, ContractError, TextChunk, Task,
@@ -65,6 +65,19 @@ def test_the_generated_checkpoint_is_in_mlx_vlms_format(tiny: dict[str, Path]):
     assert config["model_type"] == "smolvlm" and config["text_config"]["model_type"] == "llama"
     tokens = json.loads((tiny["checkpoint"] / "tokenizer.json").read_text())["added_tokens"]
     assert config["image_token_id"] == next(t["id"] for t in tokens if t["content"] == IMAGE_TOKEN)
+
+
+def test_loading_holds_the_weights_and_unloading_gives_them_back(tiny: dict[str, Path],
+                                                                 vlm: ModelAdapter):
+    """mlx-vlm keeps no cache of its own: the memory a load takes is visible, and goes."""
+    weights = (tiny["checkpoint"] / "model.safetensors").stat().st_size
+    before = memory.snapshot().mlx_active_bytes
+    second = open_model("tiny-smolvlm", catalog=Catalog.load([tiny["catalog"]]),
+                        store=ModelStore(tiny["cache"]))
+    assert second is not vlm and second.load_seconds > 0
+    assert memory.snapshot().mlx_active_bytes - before >= 0.9 * weights
+    second.unload()
+    assert memory.snapshot().mlx_active_bytes - before < 0.1 * weights
 
 
 def test_a_picture_and_a_question_stream_text_back(vlm: ModelAdapter):
@@ -141,9 +154,16 @@ def test_closing_the_stream_stops_generation(vlm: ModelAdapter):
 
 
 def test_the_same_weights_chat_without_a_picture(vlm: ModelAdapter):
-    chunks = list(vlm.generate(ChatRequest([ChatMessage("user", "Hello!")], max_tokens=5)))
-    assert chunks[-1].final and chunks[-1].completion_tokens <= 5
+    hello = [ChatMessage("user", "Hello!")]
+    chunks = list(vlm.generate(ChatRequest(hello, max_tokens=6)))
+    assert chunks[-1].final and chunks[-1].completion_tokens <= 6
     assert 0 < chunks[-1].prompt_tokens < 20  # no image tokens
+    # A stop sequence taken from that (greedy) reply ends it there, unsent.
+    text = "".join(c.text for c in chunks)
+    stop = text.strip()[len(text.strip()) // 2:][:4]
+    stopped = list(vlm.generate(ChatRequest(hello, max_tokens=6, stop=[stop])))
+    assert "".join(c.text for c in stopped) == text[:text.index(stop)]
+    assert stopped[-1].finish_reason == "stop"
 
 
 def test_vision_requests_cross_arrow_and_bad_pictures_there_are_named():
