@@ -7,6 +7,7 @@ determinism, the limits and the errors — not what is drawn."""
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 from pathlib import Path
@@ -112,6 +113,7 @@ def test_bad_requests_are_refused_clearly(imagegen: ModelAdapter, changes, messa
 def test_loading_holds_the_weights_in_mlx_memory_and_unloading_frees_them(tiny):
     """What the scheduler sees: the weights are read at load (not lazily at the first request),
     and unloading gives them back."""
+    gc.collect()  # what earlier tests dropped must not be freed during the measurement
     before = snapshot().mlx_active_bytes
     adapter = open_model("tiny-flux2", catalog=Catalog.load([tiny["catalog"]]),
                          store=ModelStore(tiny["cache"]))
