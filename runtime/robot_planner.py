@@ -129,7 +129,7 @@ class Planner:
                              "I cannot move yet: I have not heard from my wheels.", now)
         decision = check(action, self._drive_id, self.world, self.state)
         if not isinstance(decision, Approved):
-            return self._say(log + [LogLine("refused", decision.reason)], decision.reason, now)
+            return self._say(log + [LogLine("refused", "not executed")], decision.reason, now)
         turn.phase, turn.since, turn.description = "driving", now, decision.description
         return log + [SendDrive(decision.drive)]
 
