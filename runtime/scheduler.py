@@ -29,6 +29,15 @@ A node asked to swap its model (``omni swap``) loads the new one beside the old,
 which keeps serving, when the budget holds both; in place (the old one unloaded
 first, requests waiting meanwhile) when it holds the new one only once the old
 is gone; otherwise the swap is declined and the old model keeps serving.
+
+A graph spread over several machines (dora's ``deploy: {machine: ...}``) has one
+:class:`SchedulerState` per machine in a :class:`Cluster`: each machine has its
+own budget, its own measured memory and its own outside pressure, and
+:func:`decide_cluster` hands every event to the state of the machine its node
+runs on, so a model on one machine is never evicted or stepped down to make room
+on another. Pipelines still span machines: using a model keeps its partners on
+other machines loaded. A machine whose nodes all fell silent (its daemon died) is
+:class:`MachineLost`: its models are forgotten until its nodes ask again.
 """
 
 from __future__ import annotations
@@ -95,6 +104,15 @@ class Measured:
 class Tick:
     now: float
     available: int | None = None  # the system's available memory, when measured
+    machine: str = ""  # in a cluster: the machine measured (see decide_cluster)
+
+
+@dataclass(frozen=True, slots=True)
+class MachineLost:
+    """Every node of ``machine`` fell silent (its daemon or the machine died)."""
+
+    machine: str
+    now: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +154,7 @@ class SwapFailed:
 
 
 Event = (LoadRequest | Loaded | LoadFailed | Unloaded | Departed | Activity | Measured | Tick
-         | SwapRequest | Swapped | SwapFailed)
+         | SwapRequest | Swapped | SwapFailed | MachineLost)
 
 
 # --- decisions ---------------------------------------------------------------------------
@@ -269,7 +287,52 @@ class SchedulerState:
         return self.learned_peak.get(model, estimate)
 
 
+@dataclass
+class Cluster:
+    """One policy state per machine, and which machine each model node runs on."""
+
+    machines: dict[str, SchedulerState]
+    machine_of: dict[str, str] = field(default_factory=dict)  # node -> machine
+    lost: set[str] = field(default_factory=set)  # machines whose nodes all fell silent
+
+    def machine(self, node: str) -> str:
+        """The machine ``node`` runs on ("" on a single machine)."""
+        return self.machine_of.get(node, "")
+
+    def state_of(self, node: str) -> SchedulerState:
+        return self.machines[self.machine(node)]
+
+
 # --- the policy --------------------------------------------------------------------------
+
+def decide_cluster(cluster: Cluster, event: Event) -> list[Decision]:
+    """:func:`decide` for a graph on several machines: each event goes to its machine's state.
+
+    A node's event is decided by its own machine's policy state, so memory on one machine is
+    never freed for another. Activity also marks the node's pipelines active on the other
+    machines, whose partners then stay loaded. A :class:`Tick` concerns its ``machine``; a
+    :class:`MachineLost` forgets what that machine held."""
+    match event:
+        case Tick(machine=machine):
+            return decide(cluster.machines[machine], event)
+        case MachineLost(machine=machine, now=now):
+            cluster.lost.add(machine)
+            state = cluster.machines[machine]
+            state.residents.clear()
+            state.overhead.clear()
+            state.swaps.clear()
+            state.pending.clear()  # its nodes are gone: nobody left to grant or refuse
+            state.unsettled_at = now
+            return []
+    node = event.node
+    machine = cluster.machine(node)
+    cluster.lost.discard(machine)  # one of its nodes speaks again: the machine is back
+    if isinstance(event, (Activity, LoadRequest)):
+        for other, state in cluster.machines.items():
+            if other != machine:
+                _activate(state, node)
+    return decide(cluster.machines[machine], event)
+
 
 def decide(state: SchedulerState, event: Event) -> list[Decision]:
     """Apply ``event`` to ``state`` (mutated) and return the decisions to carry out."""
