@@ -1,19 +1,22 @@
-"""A tiny SmolVLM checkpoint with random weights, written in mlx-vlm's own format.
+"""Tiny vision-language checkpoints with random weights, written in mlx-vlm's own format.
 
-No real vision-language weights can be fetched offline, so the tests serve a model of a real
-architecture that mlx-vlm supports (SmolVLM: a SigLIP vision tower, a pixel-shuffle connector
-and a Llama language model) at a toy size. It is written by mlx-vlm's own ``save_weights`` and
-``save_config`` and carries the files a checkpoint from the Hub carries (config.json,
-model.safetensors + index, tokenizer.json, tokenizer_config.json, preprocessor_config.json,
-processor_config.json, chat_template.json), so loading it takes the same code path as a real
-one. The tokenizer is SmolLM2's — the one SmolVLM is built on — rebuilt from its GGUF, plus the
-image tokens SmolVLM's processor expects. What it writes is gibberish, by construction.
+No real vision-language weights can be fetched offline, so the tests serve models of real
+architectures that mlx-vlm supports at a toy size: SmolVLM (a SigLIP vision tower, a
+pixel-shuffle connector, a Llama language model; images cut into tiles) and Qwen2-VL (a ViT
+with 2-D rotary positions, patches merged 2 x 2, a Qwen2 language model with multimodal
+rotary positions; images at their own resolution). Each is written by mlx-vlm's own
+``save_weights`` and ``save_config`` and carries the files a checkpoint from the Hub carries
+(config.json, model.safetensors + index, tokenizer.json, tokenizer_config.json,
+preprocessor_config.json, and the processor's files), so loading it takes the same code path as
+a real one. The tokenizer is SmolLM2's (the one SmolVLM is built on), rebuilt from its GGUF,
+plus the image tokens each processor expects. What they write is gibberish, by construction.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from mofa_omni.formats.gguf import Metadata, open_gguf, tokenizer_files
 
@@ -26,7 +29,7 @@ END_OF_UTTERANCE = "<end_of_utterance>"
 MAX_TILES_PER_SIDE = 6
 
 # SmolVLM's prompt layout: "User:<image>What is this?<end_of_utterance>\nAssistant:".
-CHAT_TEMPLATE = (
+SMOLVLM_CHAT_TEMPLATE = (
     "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
     "{% if message['content'] is string %}{{ ': ' + message['content'] }}"
     "{% else %}{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}"
@@ -36,11 +39,46 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 
+# Qwen2-VL's: ChatML, each image a run of <|image_pad|> between <|vision_start|>/<|vision_end|>.
+QWEN_IMAGE_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif part['type'] == 'text' %}"
+    "{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
-def _image_tokens() -> list[str]:
-    tiles = [f"<row_{r}_col_{c}>" for r in range(1, MAX_TILES_PER_SIDE + 1)
-             for c in range(1, MAX_TILES_PER_SIDE + 1)]
-    return [FAKE_IMAGE_TOKEN, IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, END_OF_UTTERANCE, *tiles]
+
+def _tokenizer(out_dir: Path, gguf: Path, extra: list[str]) -> tuple[Any, dict]:
+    """SmolLM2's tokenizer from ``gguf`` plus the special tokens ``extra``, saved in
+    ``out_dir``; returns it and its tokenizer_config (written by the caller)."""
+    from tokenizers import AddedToken
+
+    tokenizer, config = tokenizer_files(Metadata(open_gguf(gguf)))
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in extra])
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    return tokenizer, config
+
+
+def _write_model(out_dir: Path, config: dict, seed: int) -> None:
+    """Build the mlx-vlm model ``config`` describes with random weights (mlx-vlm's own
+    initialisation, seeded) and save it as mlx-vlm saves converted checkpoints."""
+    import mlx.core as mx
+    from mlx_vlm.utils import get_model_and_args, save_config, save_weights, update_module_configs
+
+    saved = json.loads(json.dumps(config))  # ModelConfig.from_dict may fill in the dict it reads
+    module, _ = get_model_and_args(config)
+    model_config = update_module_configs(module.ModelConfig.from_dict(config), module, config,
+                                         ["text", "vision"])
+    mx.random.seed(seed)
+    save_weights(out_dir, module.Model(model_config))
+    save_config(saved, out_dir / "config.json")
+
+
+def _write_json(path: Path, value: dict) -> None:
+    path.write_text(json.dumps(value, indent=1))
 
 
 def write_tiny_smolvlm(out_dir: Path, tokenizer_gguf: Path, *, seed: int = 0,
@@ -54,29 +92,25 @@ def write_tiny_smolvlm(out_dir: Path, tokenizer_gguf: Path, *, seed: int = 0,
     seen as ``(tile / patch)**2`` patches that the connector folds 4 to 1 into language tokens.
     The same ``seed`` writes the same weights.
     """
-    import mlx.core as mx
-    from mlx_vlm.utils import get_model_and_args, save_config, save_weights, update_module_configs
-    from tokenizers import AddedToken
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    tokenizer, tokenizer_config = tokenizer_files(Metadata(open_gguf(tokenizer_gguf)))
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                  for t in _image_tokens()])
-    tokenizer.save(str(out_dir / "tokenizer.json"))
+    tiles = [f"<row_{r}_col_{c}>" for r in range(1, MAX_TILES_PER_SIDE + 1)
+             for c in range(1, MAX_TILES_PER_SIDE + 1)]
+    tokenizer, tokenizer_config = _tokenizer(
+        out_dir, tokenizer_gguf,
+        [FAKE_IMAGE_TOKEN, IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, END_OF_UTTERANCE, *tiles])
     eos = [tokenizer.token_to_id(t) for t in (tokenizer_config["eos_token"], END_OF_UTTERANCE)]
     tokenizer_config.pop("chat_template", None)  # SmolVLM's template is in chat_template.json
     tokenizer_config.update(extra_special_tokens={
         "fake_image_token": FAKE_IMAGE_TOKEN, "image_token": IMAGE_TOKEN,
         "global_image_token": GLOBAL_IMAGE_TOKEN, "end_of_utterance_token": END_OF_UTTERANCE})
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=1))
-    (out_dir / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
+    _write_json(out_dir / "tokenizer_config.json", tokenizer_config)
+    _write_json(out_dir / "chat_template.json", {"chat_template": SMOLVLM_CHAT_TEMPLATE})
 
     vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     scale = 2  # the connector's pixel shuffle: 2 x 2 patches -> one language token
     heads = max(1, text_hidden // 16)
-    config = {
+    _write_model(out_dir, {
         "architectures": ["SmolVLMForConditionalGeneration"],
         "model_type": "smolvlm",
         "image_token_id": tokenizer.token_to_id(IMAGE_TOKEN),
@@ -97,23 +131,64 @@ def write_tiny_smolvlm(out_dir: Path, tokenizer_gguf: Path, *, seed: int = 0,
             "num_hidden_layers": vision_layers, "patch_size": patch, "image_size": tile,
             "num_channels": 3, "layer_norm_eps": 1e-6,
         },
-    }
-    module, _ = get_model_and_args(config)
-    model_config = update_module_configs(module.ModelConfig.from_dict(config), module, config,
-                                         ["text", "vision"])
-    mx.random.seed(seed)
-    model = module.Model(model_config)
-    save_weights(out_dir, model)
-    save_config(config, out_dir / "config.json")
+    }, seed)
 
-    image_seq_len = (tile // patch) ** 2 // scale**2
-    (out_dir / "processor_config.json").write_text(json.dumps(
-        {"processor_class": "SmolVLMProcessor", "image_seq_len": image_seq_len}, indent=1))
-    (out_dir / "preprocessor_config.json").write_text(json.dumps({
+    _write_json(out_dir / "processor_config.json", {
+        "processor_class": "SmolVLMProcessor", "image_seq_len": (tile // patch) ** 2 // scale**2})
+    _write_json(out_dir / "preprocessor_config.json", {
         "image_processor_type": "SmolVLMImageProcessor", "processor_class": "SmolVLMProcessor",
         "do_convert_rgb": True, "do_resize": True, "size": {"longest_edge": 2 * tile},
         "resample": 1, "do_image_splitting": True, "max_image_size": {"longest_edge": tile},
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
         "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_pad": True,
-    }, indent=1))
+    })
+    return out_dir
+
+
+def write_tiny_qwen2_vl(out_dir: Path, tokenizer_gguf: Path, *, seed: int = 0,
+                        max_pixels: int = 112 * 112, text_hidden: int = 64,
+                        text_layers: int = 2, vision_hidden: int = 32) -> Path:
+    """Write a random-weight Qwen2-VL into ``out_dir`` and return it.
+
+    Images are resized to at most ``max_pixels`` (keeping their aspect, sides multiples of
+    28), cut into 14-pixel patches, merged 2 x 2 into language tokens. ``tokenizer_gguf`` and
+    ``seed`` as for :func:`write_tiny_smolvlm`.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer, tokenizer_config = _tokenizer(out_dir, tokenizer_gguf, list(QWEN_IMAGE_TOKENS))
+    tokenizer_config["chat_template"] = QWEN2_VL_CHAT_TEMPLATE
+    _write_json(out_dir / "tokenizer_config.json", tokenizer_config)
+
+    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    heads = max(1, text_hidden // 16)
+    half_head = text_hidden // heads // 2  # rotary pairs, split over time, height and width
+    sections = [half_head - 2 * (half_head // 3), half_head // 3, half_head // 3]
+    token = tokenizer.token_to_id
+    _write_model(out_dir, {  # Qwen2-VL keeps the language model's settings at the top level
+        "architectures": ["Qwen2VLForConditionalGeneration"],
+        "model_type": "qwen2_vl",
+        "hidden_size": text_hidden, "intermediate_size": 2 * text_hidden,
+        "num_hidden_layers": text_layers, "num_attention_heads": heads,
+        "num_key_value_heads": max(1, heads // 2), "rms_norm_eps": 1e-6,
+        "vocab_size": vocab, "rope_theta": 1000000.0, "max_position_embeddings": 4096,
+        "rope_scaling": {"type": "mrope", "mrope_section": sections},
+        "tie_word_embeddings": False,
+        "image_token_id": token("<|image_pad|>"), "video_token_id": token("<|video_pad|>"),
+        "vision_start_token_id": token("<|vision_start|>"),
+        "eos_token_id": [token(tokenizer_config["eos_token"])],
+        "vision_config": {
+            "model_type": "qwen2_vl", "depth": 1, "embed_dim": vision_hidden,
+            "hidden_size": text_hidden, "num_heads": max(1, vision_hidden // 16),
+            "mlp_ratio": 2, "in_channels": 3, "patch_size": 14, "spatial_patch_size": 14,
+            "spatial_merge_size": 2, "temporal_patch_size": 2,
+        },
+    }, seed)
+    _write_json(out_dir / "preprocessor_config.json", {
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor",
+        "min_pixels": 28 * 28, "max_pixels": max_pixels, "patch_size": 14,
+        "temporal_patch_size": 2, "merge_size": 2,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+    })
     return out_dir
