@@ -329,6 +329,16 @@ def validate_image(pixels: np.ndarray, *, what: str = "image") -> np.ndarray:
     return pixels
 
 
+def _check_generation(messages: list[ChatMessage], max_tokens: int, temperature: float) -> None:
+    for i, message in enumerate(messages):
+        if message.role not in ("system", "user", "assistant"):
+            raise ContractError(f"message {i} has unknown role {message.role!r}")
+    if max_tokens <= 0:
+        raise ContractError(f"max_tokens must be positive, got {max_tokens}")
+    if temperature < 0:
+        raise ContractError(f"temperature must be >= 0, got {temperature}")
+
+
 def validate_request(request: object) -> None:
     """Semantic checks shared by every transport (Arrow, CLI, HTTP)."""
     match request:
@@ -336,14 +346,9 @@ def validate_request(request: object) -> None:
                          top_p=top_p):
             if not messages:
                 raise ContractError("chat request has no messages")
-            if temperature < 0 or not 0 < top_p <= 1:
-                raise ContractError(f"temperature must be >= 0 and top_p in (0, 1], "
-                                    f"got {temperature} and {top_p}")
-            for i, message in enumerate(messages):
-                if message.role not in ("system", "user", "assistant"):
-                    raise ContractError(f"message {i} has unknown role {message.role!r}")
-            if max_tokens <= 0:
-                raise ContractError(f"max_tokens must be positive, got {max_tokens}")
+            if not 0 < top_p <= 1:
+                raise ContractError(f"top_p must be in (0, 1], got {top_p}")
+            _check_generation(messages, max_tokens, temperature)
             if request.json_schema:
                 from mofa_omni.structured import parse_schema
 
@@ -372,6 +377,7 @@ def validate_request(request: object) -> None:
                 validate_image(image, what=f"image {i}")
             if not messages:
                 raise ContractError("vision request has no messages")
+            _check_generation(messages, request.max_tokens, request.temperature)
         case ImageRequest(prompt=prompt, width=width, height=height, steps=steps, seed=seed):
             if not prompt.strip():
                 raise ContractError("image request has an empty prompt")
