@@ -5,7 +5,8 @@ One turn at a time: a command is heard → the LLM is asked for the action (stru
 output) → the action is checked against the world → an approved drive is sent to the
 simulator and, when it ends, the outcome is spoken; a refused one is not executed and
 its reason is spoken. The turn is over once the sentence has been spoken. Commands
-heard meanwhile wait their turn. Every phase has a deadline, so a lost message or a
+heard meanwhile wait their turn — except "stop", which stops a drive at once (the
+drive's turn then says where it stopped). Every phase has a deadline, so a lost message or a
 stuck drive ends in an explicit sentence rather than a silent robot.
 """
 
@@ -23,6 +24,8 @@ from mofa_omni.robot_messages import Drive, Outcome, RobotState
 from mofa_omni.robot_world import World
 
 _NON_SPEECH = re.compile(r"^[\s.,!?\-]*$|^\s*[\[(][^\])]*[\])]\s*$")
+# Said while the robot drives, these stop it at once, without waiting for the LLM.
+_EMERGENCY_STOP = re.compile(r"^\W*(stop|halt|freeze|wait)( now| there| it)?\W*$", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +91,9 @@ class Planner:
     def heard(self, turn_id: str, text: str, now: float) -> list[Action]:
         if _NON_SPEECH.match(text):
             return [TurnDone(turn_id)]
+        if _EMERGENCY_STOP.match(text) and self.turn is not None and self.turn.phase == "driving":
+            return [LogLine("user", text.strip()),
+                    SendDrive(Drive(f"{turn_id}-stop", "stop")), TurnDone(turn_id)]
         self.waiting.append((turn_id, text.strip()))
         return self._next(now)
 

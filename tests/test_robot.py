@@ -171,6 +171,19 @@ def test_a_turn_from_command_to_spoken_outcome():
     assert after[0] == TurnDone("turn-1") and isinstance(after[-1], AskLLM)  # the next command
 
 
+def test_stop_said_during_a_drive_stops_the_robot_at_once():
+    p = planner()
+    p.heard("turn-1", "Go to the blue box.", 0.0)
+    p.reply_text("turn-1-action", '{"action": "go_to", "target": "blue box", "amount": 0}', True, 1.0)
+    actions = p.heard("turn-2", "Stop!", 2.0)
+    assert actions[1:] == [SendDrive(Drive("turn-2-stop", "stop")), TurnDone("turn-2")]
+    said = p.outcome(Outcome("turn-1-drive", "stopped", START), 2.1)
+    assert said[-1] == Say("turn-1-say", "I stopped before I could go to the blue box.")
+    # not driving: an ordinary command, queued behind the turn being spoken
+    assert p.heard("turn-3", "Stop.", 3.0) == []
+    assert list(p.waiting) == [("turn-3", "Stop.")]
+
+
 def test_a_refused_command_is_spoken_and_never_driven():
     p = planner()
     p.heard("turn-1", "Drive into the lava pit.", 0.0)
