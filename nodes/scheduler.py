@@ -3,9 +3,14 @@
 Configuration (env in the dataflow YAML):
     BUDGET          memory for the model processes: bytes ("1.5GiB", "800MB") or a fraction of
                     physical memory ("0.5", "50%"); default: Metal's recommended working set
-                    on Apple Silicon, 70% of physical memory elsewhere
+                    on Apple Silicon, 70% of physical memory elsewhere. A graph on several
+                    machines has one budget per machine: one value is each machine's, or
+                    per machine "A=4GiB,B=70%" (a fraction of that machine's memory)
     MIN_AVAILABLE   system memory to keep available; below it, models are evicted or stepped
-                    down until it is back (default: 10% of physical memory)
+                    down until it is back (default: 10% of physical memory; per machine as
+                    BUDGET)
+    MACHINE_SILENT_S  on several machines: a machine none of whose model nodes reported for this
+                    long is lost, its models unavailable, until they speak again (default 10)
     STEP_UP_MARGIN  available memory, beyond MIN_AVAILABLE, that a step back up must leave
                     (default 512MiB)
     CALM_S          no step back up until memory was short this long ago (default 10)
@@ -22,6 +27,10 @@ come from the dataflow itself. Output ``status`` (read by ``omni status`` throug
 dynamic ``omni-control`` node) is sent on every decision and every second, and carries
 the outcome of every swap. ``omni swap`` asks through an input taken from the dynamic
 node's ``control`` output (``control: omni-control/control``).
+
+On several machines (``deploy: {machine: ...}`` in the dataflow), the model nodes' machines
+come from the dataflow; this node measures its own machine and each model node reports its
+own machine's memory, so every machine is scheduled inside its own budget.
 """
 
 from __future__ import annotations
@@ -41,8 +50,8 @@ from mofa_omni.graph import scheduled_graph
 from mofa_omni.host import dora_node_id
 from mofa_omni.integrity import CheckedNode
 from mofa_omni.memory import format_bytes, parse_size
-from mofa_omni.platform import default_memory_budget
-from mofa_omni.scheduler import SchedulerState
+from mofa_omni.platform import LINUX_BUDGET_FRACTION, default_memory_budget
+from mofa_omni.scheduler import Cluster, SchedulerState
 from mofa_omni.scheduling import Scheduling
 
 log = logging.getLogger("scheduler")
@@ -56,16 +65,38 @@ def write_atomically(path: Path, data: bytes) -> None:
     partial.replace(path)
 
 
-def settings_from_env(total: int) -> SchedulerState:
-    env = os.environ.get
-    if env("BUDGET"):
-        budget, why = parse_size(env("BUDGET"), total), "BUDGET"
-    else:
+def for_machine(setting: str, machine: str) -> str:
+    """A setting's value for ``machine``: the whole value, or its ``machine=value`` entry from
+    "A=4GiB,B=70%" ("" when the machine has none)."""
+    if "=" not in setting:
+        return setting
+    entries = dict(entry.strip().partition("=")[::2] for entry in setting.split(",") if entry.strip())
+    return entries.get(machine, "").strip()
+
+
+def machine_memory(machine: str, total: int, here: bool) -> tuple[int, int]:
+    """``machine``'s budget and minimum available memory from BUDGET and MIN_AVAILABLE; ``here``:
+    it is this node's own machine (then Metal's working set can be asked for the default)."""
+    budget_setting = for_machine(os.environ.get("BUDGET", ""), machine)
+    if budget_setting:
+        budget, why = parse_size(budget_setting, total), "BUDGET"
+    elif here:
         budget, why = default_memory_budget()
-    log.info("budget %s (%s); %s physical", format_bytes(budget), why, format_bytes(total))
+    else:
+        budget, why = int(total * LINUX_BUDGET_FRACTION), \
+            f"{LINUX_BUDGET_FRACTION:.0%} of its physical memory"
+    log.info("budget%s %s (%s); %s physical", f" of machine {machine}" if machine else "",
+             format_bytes(budget), why, format_bytes(total))
+    minimum = for_machine(os.environ.get("MIN_AVAILABLE", ""), machine) or "0.1"
+    return budget, parse_size(minimum, total)
+
+
+def settings_from_env(total: int, machine: str = "") -> SchedulerState:
+    env = os.environ.get
+    budget, min_available = machine_memory(machine, total, here=True)
     return SchedulerState(
         budget=budget,
-        min_available=parse_size(env("MIN_AVAILABLE", "0.1"), total),
+        min_available=min_available,
         step_up_margin=parse_size(env("STEP_UP_MARGIN", "512MiB"), total),
         calm_seconds=float(env("CALM_S", "10")),
         wait_seconds=float(env("WAIT_S", "60")),
@@ -76,22 +107,30 @@ def settings_from_env(total: int) -> SchedulerState:
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     total = psutil.virtual_memory().total
-    try:
-        state = settings_from_env(total)
-    except ValueError as error:
-        print(f"scheduler: {error}", file=sys.stderr)
-        return 2
     tick_s = float(os.environ.get("TICK_S", "0.5"))
-
     node = CheckedNode()
     graph = scheduled_graph(node.dataflow_descriptor(), dora_node_id("scheduler"))
     if not graph.model_nodes:
         log.warning("no model node takes this scheduler's commands: nothing to schedule")
-    state.pipelines = list(graph.pipelines)
+    try:
+        # Until another machine's first node tells its memory, it is sized like this one.
+        states = {machine: settings_from_env(total, machine) for machine in graph.machines}
+    except ValueError as error:
+        print(f"scheduler: {error}", file=sys.stderr)
+        return 2
+    for state in states.values():
+        state.pipelines = list(graph.pipelines)
     log.info("pipelines: %s", "; ".join(" + ".join(sorted(p)) for p in graph.pipelines))
+    if len(states) > 1:
+        log.info("machines: %s; this one is %s", ", ".join(
+            f"{m} ({', '.join(n for n in graph.model_nodes if graph.machine_of[n] == m) or '-'})"
+            for m in states), graph.home)
     started = time.monotonic()
     journal = open(os.environ["JOURNAL"], "wb") if os.environ.get("JOURNAL") else None
-    scheduling = Scheduling(state, graph.model_nodes, started, journal=journal)
+    scheduling = Scheduling(
+        Cluster(states, dict(graph.machine_of)), graph.model_nodes, started, journal=journal,
+        home=graph.home, size_machine=lambda machine, size: machine_memory(machine, size, False),
+        silent_after=float(os.environ.get("MACHINE_SILENT_S", "10")))
     open_inputs = set(graph.memory_inputs)
     last_tick = last_status = 0.0
     status_file = os.environ.get("STATUS_FILE")

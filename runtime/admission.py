@@ -40,7 +40,10 @@ class SchedulerLink:
     def ask(self) -> None:
         self.state, self.asked_at = "waiting", time.monotonic()
         ladder = [Variant(model, size) for model, size in self.slot.ladder()]
-        self.publish(LoadAsk(self.node_id, ladder, overhead=resident_bytes()))
+        memory = snapshot()
+        self.publish(LoadAsk(self.node_id, ladder, overhead=resident_bytes(),
+                             available=memory.system_available_bytes,
+                             total=memory.system_total_bytes))
 
     def report(self, event: str, outcome: LoadOutcome | None = None, detail: str = "",
                swap: SwapOutcome | None = None) -> None:
@@ -52,7 +55,8 @@ class SchedulerLink:
             peak_bytes=outcome.peak if outcome else 0,
             load_seconds=outcome.seconds if outcome else 0.0,
             mlx_active=memory.mlx_active_bytes, mlx_peak=memory.mlx_peak_bytes, detail=detail,
-            swap=swap, lost=self.lost()))
+            swap=swap, lost=self.lost(), available=memory.system_available_bytes,
+            total=memory.system_total_bytes))
 
     def start_measuring(self, interval_s: float) -> None:
         """Report resident memory every ``interval_s`` from a background thread."""

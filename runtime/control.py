@@ -43,6 +43,8 @@ class LoadAsk(msgspec.Struct, frozen=True, tag="load"):
     node: str
     ladder: list[Variant]  # largest first; [0] is the model the node wants
     overhead: int  # the process's own resident memory before loading
+    available: int = 0  # the node's machine: available memory (the scheduler may run elsewhere)
+    total: int = 0  # the node's machine: physical memory (0: not measured)
 
 
 class SwapAsk(msgspec.Struct, frozen=True, tag="swap"):
@@ -90,6 +92,8 @@ class NodeReport(msgspec.Struct, frozen=True, tag="report"):
     swap: SwapOutcome | None = None  # swapped / swap_failed (and unloaded, for a node
     # that held no model): the outcome for ``omni swap``
     lost: dict[str, int] = {}  # messages missing from each input's numbered stream, so far
+    available: int = 0  # the node's machine: available memory (the scheduler may run elsewhere)
+    total: int = 0  # the node's machine: physical memory (0: not measured)
 
 
 class Command(msgspec.Struct, frozen=True, tag="command"):
@@ -113,6 +117,21 @@ class NodeStatus(msgspec.Struct, frozen=True):
     queue: int
     pipelines: list[int]
     lost: dict[str, int] = {}  # by input: messages dora dropped on the way to this node
+    machine: str = ""  # the machine it runs on (dora's deploy: machine; "" on one machine)
+
+
+class MachineStatus(msgspec.Struct, frozen=True):
+    """One machine of a graph spread over several: its own budget and memory."""
+
+    machine: str
+    budget: int
+    used: int
+    measured: int
+    available: int
+    total: int
+    min_available: int
+    lost: bool = False  # its nodes fell silent: its daemon or the machine is gone
+    detail: str = ""
 
 
 class DecisionRecord(msgspec.Struct, frozen=True):
@@ -139,6 +158,7 @@ class Status(msgspec.Struct, frozen=True, tag="status"):
     active: list[int]
     decisions: list[DecisionRecord]
     lost: dict[str, int] = {}  # the scheduler's own inputs
+    machines: list[MachineStatus] = []  # per machine, when the graph runs on several
 
 
 ControlMessage = LoadAsk | NodeReport | Command | Status | SwapAsk | SwapOutcome

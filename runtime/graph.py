@@ -8,7 +8,7 @@ dynamic nodes (``omni`` commands) carry control, not data, and are left out.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mofa_omni.control import COMMAND_OUTPUT, MEMORY_OUTPUT
@@ -19,6 +19,25 @@ class ScheduledGraph:
     model_nodes: tuple[str, ...]  # nodes that take the scheduler's commands
     memory_inputs: dict[str, str]  # the scheduler's input id -> the model node reporting on it
     pipelines: tuple[frozenset[str], ...]
+    machine_of: dict[str, str] = field(default_factory=dict)  # node -> its deploy: machine
+    home: str = ""  # the scheduler's own machine
+
+    @property
+    def machines(self) -> tuple[str, ...]:
+        """The machines the model nodes and the scheduler run on ("" when none is named)."""
+        return tuple(sorted({self.home, *(self.machine_of.get(n, self.home)
+                                          for n in self.model_nodes)}))
+
+
+def machine_of(descriptor: dict[str, Any]) -> dict[str, str]:
+    """Each node's machine: its ``deploy: {machine: ...}``, else the dataflow's, else absent."""
+    default = ((descriptor.get("deploy") or {}).get("machine")) or ""
+    placed = {}
+    for n in descriptor.get("nodes", []):
+        machine = ((n.get("deploy") or {}).get("machine")) or default
+        if machine:
+            placed[n["id"]] = machine
+    return placed
 
 
 def _source(spec: Any) -> str:
@@ -63,4 +82,7 @@ def scheduled_graph(descriptor: dict[str, Any], scheduler: str) -> ScheduledGrap
     for m in model_nodes:  # a model that works with no other still forms a pipeline of its own
         if not any(m in group for group in pipelines):
             pipelines.append(frozenset({m}))
-    return ScheduledGraph(model_nodes, memory_inputs, tuple(pipelines))
+    placed = machine_of(descriptor)
+    home = placed.get(scheduler, "")
+    return ScheduledGraph(model_nodes, memory_inputs, tuple(pipelines),
+                          {n: placed.get(n, home) for n in model_nodes}, home)

@@ -7,6 +7,12 @@ crawls through the daemon or fails deep inside dora with a bare "internal error"
 it sends carries its number on that output (``stream_seq``, from 0), every input it
 receives is checked by a :class:`GapDetector`, and a payload that does not fit the
 pool is refused with :class:`PayloadTooLarge` before dora sees it.
+
+An output read by a node on another machine (dora's ``deploy: machine``) crosses the
+network through the daemons, with no shared memory: dora 1.1.0 refuses messages
+above 64 MiB there and was measured to drop some of 32 and 56 MiB without a word
+(loopback, two daemons), so such outputs are held to NETWORK_PAYLOAD_LIMIT (16 MiB
+by default: 8 minutes of 16 kHz audio, or a 2-megapixel RGB frame, in one message).
 """
 
 from __future__ import annotations
@@ -23,13 +29,14 @@ import pyarrow as pa
 
 from mofa_omni.contract import ContractError
 from mofa_omni.host import dora_node_id
-from mofa_omni.memory import format_bytes
+from mofa_omni.memory import format_bytes, parse_size
 
 log = logging.getLogger("mofa_omni.integrity")
 
 STREAM_SEQ = "stream_seq"  # metadata key: a message's number on its output
 LOST_OUTPUT = "lost"  # a model node's notices of requests dora dropped on their way to it
 DEFAULT_POOL_BYTES = 8 << 20  # dora 1.1.0's pool without `shared_memory_pool_size` (measured)
+NETWORK_PAYLOAD_BYTES = 16 << 20  # the largest message sent to another machine (see above)
 
 
 class PayloadTooLarge(ContractError):
@@ -107,6 +114,49 @@ def check_payload(output: str, size: int, pool: int) -> None:
             f"this node in the dataflow (at least {size}), or send smaller pieces")
 
 
+def remote_readers(descriptor: dict[str, Any], node_id: str,
+                   machine: str | None = None) -> dict[str, list[str]]:
+    """The outputs of ``node_id`` read on other machines: output -> those machines.
+
+    ``machine``: where this node runs (default: dora's DORA_MACHINE_ID, else its
+    ``deploy: machine``). Empty on a graph with no placement."""
+    def placed(node: dict[str, Any]) -> str:
+        default = (descriptor.get("deploy") or {}).get("machine") or ""
+        return (node.get("deploy") or {}).get("machine") or default
+
+    nodes = {n["id"]: n for n in descriptor.get("nodes", [])}
+    if node_id not in nodes:
+        return {}
+    here = machine or os.environ.get("DORA_MACHINE_ID") or placed(nodes[node_id])
+    readers: dict[str, list[str]] = {}
+    for reader in nodes.values():
+        there = placed(reader)
+        if not there or there == here:
+            continue
+        for spec in (reader.get("inputs") or {}).values():
+            source = spec["source"] if isinstance(spec, dict) else str(spec)
+            sender, _, output = source.partition("/")
+            if sender == node_id and there not in readers.get(output, []):
+                readers.setdefault(output, []).append(there)
+    return readers
+
+
+def network_limit() -> int:
+    """NETWORK_PAYLOAD_LIMIT (bytes, e.g. "32MiB"), else NETWORK_PAYLOAD_BYTES."""
+    setting = os.environ.get("NETWORK_PAYLOAD_LIMIT", "").strip()
+    return parse_size(setting, None) if setting else NETWORK_PAYLOAD_BYTES
+
+
+def check_network_payload(output: str, size: int, limit: int, machines: list[str]) -> None:
+    """Refuse a payload too large to send to a node on another machine."""
+    if size > limit:
+        raise PayloadTooLarge(
+            f"output {output!r}: a {format_bytes(size)} payload is too large to send to machine "
+            f"{', '.join(machines)} (over the network, without shared memory, at most "
+            f"{format_bytes(limit)} a message: NETWORK_PAYLOAD_LIMIT); send smaller pieces, "
+            f"or place the reading node on this node's machine")
+
+
 @dataclass(frozen=True, slots=True)
 class Gap:
     """Messages ``first`` .. ``last`` (stream_seq) of ``input`` never arrived."""
@@ -128,6 +178,11 @@ class CheckedNode:
             node = Node()
         self.node, self.node_id = node, node_id or dora_node_id()
         self.pool = pool_bytes()
+        try:
+            self.remote = remote_readers(self.node.dataflow_descriptor(), self.node_id)
+        except Exception:  # a stand-in node without a descriptor (tests): nothing remote
+            self.remote = {}
+        self.network_limit = network_limit() if self.remote else NETWORK_PAYLOAD_BYTES
         self.numbering = OutputNumbering()
         self.gaps = GapDetector()
         self._sending = threading.Lock()  # numbers follow the order of sending, across threads
@@ -136,7 +191,10 @@ class CheckedNode:
     def send_output(self, output: str, value: pa.Array,
                     metadata: dict[str, Any] | None = None) -> int:
         """Send ``value``; returns its stream_seq on ``output``."""
-        check_payload(output, payload_bytes(value), self.pool)
+        size = payload_bytes(value)
+        check_payload(output, size, self.pool)
+        if output in self.remote:
+            check_network_payload(output, size, self.network_limit, self.remote[output])
         with self._sending:
             seq = self.numbering.peek(output)
             self.node.send_output(output, value, {**(metadata or {}), STREAM_SEQ: seq})

@@ -108,6 +108,16 @@ class Tick:
 
 
 @dataclass(frozen=True, slots=True)
+class MachineMemory:
+    """A machine's budget, set once its physical memory is known (its first node's message)."""
+
+    machine: str
+    budget: int
+    min_available: int
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
 class MachineLost:
     """Every node of ``machine`` fell silent (its daemon or the machine died)."""
 
@@ -154,7 +164,7 @@ class SwapFailed:
 
 
 Event = (LoadRequest | Loaded | LoadFailed | Unloaded | Departed | Activity | Measured | Tick
-         | SwapRequest | Swapped | SwapFailed | MachineLost)
+         | SwapRequest | Swapped | SwapFailed | MachineLost | MachineMemory)
 
 
 # --- decisions ---------------------------------------------------------------------------
@@ -315,6 +325,10 @@ def decide_cluster(cluster: Cluster, event: Event) -> list[Decision]:
     match event:
         case Tick(machine=machine):
             return decide(cluster.machines[machine], event)
+        case MachineMemory(machine=machine):
+            state = cluster.machines[machine]
+            state.budget, state.min_available = event.budget, event.min_available
+            return []
         case MachineLost(machine=machine, now=now):
             cluster.lost.add(machine)
             state = cluster.machines[machine]

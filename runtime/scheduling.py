@@ -7,13 +7,19 @@ decisions with their reasons, and builds the :class:`Status` ``omni status`` sho
 A :class:`SwapAsk` from ``omni swap`` is checked against the catalog (the node
 exists, the model is known and serves the node's task) before the policy decides;
 how each swap ends waits in :attr:`Scheduling.outcomes` for the node to publish.
+
+A graph on several machines is scheduled machine by machine (a
+:class:`~mofa_omni.scheduler.Cluster`): each node's messages carry its own
+machine's memory, which sizes that machine's budget and measures its pressure;
+a machine none of whose nodes was heard for ``silent_after`` seconds is lost
+(its models shown ``unavailable``) until one of them speaks again.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -26,14 +32,17 @@ from mofa_omni.control import (
     ControlMessage,
     DecisionRecord,
     LoadAsk,
+    MachineStatus,
     NodeReport,
     NodeStatus,
     Status,
     SwapAsk,
     SwapOutcome,
 )
+from mofa_omni.memory import format_bytes
 from mofa_omni.scheduler import (
     Activity,
+    Cluster,
     Decision,
     Decline,
     Departed,
@@ -42,6 +51,8 @@ from mofa_omni.scheduler import (
     Loaded,
     LoadFailed,
     LoadRequest,
+    MachineLost,
+    MachineMemory,
     Measured,
     Refuse,
     Replace,
@@ -53,7 +64,7 @@ from mofa_omni.scheduler import (
     Tick,
     Unloaded,
     Wait,
-    decide,
+    decide_cluster,
 )
 
 log = logging.getLogger("mofa_omni.scheduling")
@@ -64,7 +75,9 @@ ACTIONS = {Grant: "load", Evict: "unload", Switch: "switch", Wait: "wait", Refus
 _DECISION_TYPES = {cls.__name__: cls for cls in ACTIONS}
 _EVENT_TYPES = {cls.__name__: cls for cls in (LoadRequest, Loaded, LoadFailed, Unloaded, Departed,
                                                Activity, Measured, Tick, SwapRequest, Swapped,
-                                               SwapFailed)}
+                                               SwapFailed, MachineLost, MachineMemory)}
+SILENT_AFTER_S = 10.0  # model nodes report every second: this long without one, a machine is lost
+SizeMachine = Callable[[str, int], tuple[int, int]]  # (machine, physical) -> budget, min_available
 
 
 @dataclass
@@ -87,38 +100,84 @@ def replay(lines: list[bytes]) -> Iterator[tuple[list[Decision], list[Decision],
     """Feed a journal's events to the policy afresh: per event, the recorded decisions, the
     replayed ones, and the memory the policy counts as used afterwards.
 
-    The journal's first line is the policy's initial state; the rest are events."""
-    state = msgspec.json.decode(lines[0], type=SchedulerState)
-    state.pipelines = [frozenset(group) for group in state.pipelines]
+    The journal's first line is the policy's initial state (one machine's, or a cluster's);
+    the rest are events. The memory used is summed over the machines."""
+    first = msgspec.json.decode(lines[0])
+    if "machines" in first:
+        cluster = msgspec.json.decode(lines[0], type=Cluster)
+    else:
+        cluster = Cluster({"": msgspec.json.decode(lines[0], type=SchedulerState)})
+    for state in cluster.machines.values():
+        state.pipelines = [frozenset(group) for group in state.pipelines]
     for line in lines[1:]:
         entry = msgspec.json.decode(line)
         event = msgspec.convert(entry["fields"], type=_EVENT_TYPES[entry["event"]])
         recorded = [msgspec.convert(d["fields"], type=_DECISION_TYPES[d["type"]])
                     for d in entry["decisions"]]
-        replayed = decide(state, event)
-        yield recorded, replayed, state.used_bytes()
+        replayed = decide_cluster(cluster, event)
+        yield recorded, replayed, sum(m.used_bytes() for m in cluster.machines.values())
 
 
 class Scheduling:
-    """One scheduler's state: the policy's, what nodes reported, and the decision log."""
+    """One scheduler's state: the policy's, what nodes reported, and the decision log.
 
-    def __init__(self, state: SchedulerState, model_nodes: tuple[str, ...], started: float,
-                 history: int = 50, journal: IO[bytes] | None = None,
-                 catalog: Catalog | None = None):
-        self.state, self.started, self.journal = state, started, journal
+    ``state`` is one machine's policy state, or a :class:`Cluster` of them for a graph on
+    several machines; ``home`` is the scheduler's own machine (measured by the caller, its
+    ``available`` passed to :meth:`on_tick`). ``size_machine`` gives another machine's budget
+    and minimum available memory from its physical memory, once its first node tells it.
+    """
+
+    def __init__(self, state: SchedulerState | Cluster, model_nodes: tuple[str, ...],
+                 started: float, history: int = 50, journal: IO[bytes] | None = None,
+                 catalog: Catalog | None = None, *, home: str = "",
+                 size_machine: SizeMachine | None = None,
+                 silent_after: float = SILENT_AFTER_S):
+        self.cluster = state if isinstance(state, Cluster) else Cluster({home: state})
+        self.home, self.started, self.journal = home, started, journal
+        self.size_machine, self.silent_after = size_machine, silent_after
         self.catalog = catalog or Catalog.load()
         self.outcomes: list[SwapOutcome] = []  # finished swaps, for the node to publish
         self._swaps: dict[str, SwapAsk] = {}  # swaps under way, by node
         for node in model_nodes:
-            state.overhead.setdefault(node, DEFAULT_OVERHEAD)
+            self.cluster.state_of(node).overhead.setdefault(node, DEFAULT_OVERHEAD)
         if journal:
-            journal.write(msgspec.json.encode(state) + b"\n")
+            journal.write(msgspec.json.encode(self.cluster) + b"\n")
         self.nodes = {node: _NodeView() for node in model_nodes}
         self.decisions: collections.deque[DecisionRecord] = collections.deque(maxlen=history)
         self.peak_measured = 0
+        self.heard: dict[str, float] = {}  # machine -> when one of its nodes last spoke
+        self.memory: dict[str, tuple[int, int]] = {}  # machine -> (available, total) reported
+        self.sized = {home}  # machines whose budget is set from their own memory
+        self.lost_detail: dict[str, str] = {}
+
+    @property
+    def state(self) -> SchedulerState:
+        """The scheduler's own machine's policy state (the only one on a single machine)."""
+        return self.cluster.machines[self.home]
 
     def on_message(self, message: ControlMessage, now: float) -> list[Command]:
         """A model node's message: the commands it leads to."""
+        commands = self._heard(message, now) if isinstance(message, (LoadAsk, NodeReport)) else []
+        return commands + self._on_message(message, now)
+
+    def _heard(self, message: LoadAsk | NodeReport, now: float) -> list[Command]:
+        machine = self.cluster.machine(message.node)
+        self.heard[machine] = now
+        if machine in self.cluster.lost:
+            log.warning("machine %s is back: %s speaks again", machine, message.node)
+            self.lost_detail.pop(machine, None)
+        if not message.total:
+            return []
+        self.memory[machine] = (message.available, message.total)
+        if machine in self.sized or self.size_machine is None:
+            return []
+        self.sized.add(machine)
+        budget, min_available = self.size_machine(machine, message.total)
+        log.info("machine %s: budget %s of %s physical", machine, format_bytes(budget),
+                 format_bytes(message.total))
+        return self._apply(MachineMemory(machine, budget, min_available, now), now)
+
+    def _on_message(self, message: ControlMessage, now: float) -> list[Command]:
         match message:
             case LoadAsk(node=node, ladder=ladder, overhead=overhead):
                 view = self._view(node)
@@ -188,7 +247,39 @@ class Scheduling:
         return self._apply(Departed(node, now), now)
 
     def on_tick(self, now: float, available: int | None) -> list[Command]:
-        return self._apply(Tick(now, available), now)
+        """Time passes: ``available`` is the scheduler's own machine's available memory; other
+        machines' comes from their nodes' latest reports. Machines gone silent are lost."""
+        commands = []
+        for machine in self.cluster.machines:
+            if machine == self.home:
+                commands += self._apply(Tick(now, available, machine), now)
+                continue
+            heard = self.heard.get(machine)
+            if heard is not None and now - heard > self.silent_after \
+                    and machine not in self.cluster.lost and self._running_on(machine):
+                commands += self._lose(machine, now - heard, now)
+            recent = heard is not None and now - heard <= self.silent_after
+            reported = self.memory.get(machine, (None, 0))[0] if recent else None
+            commands += self._apply(Tick(now, reported, machine), now)
+        return commands
+
+    def _running_on(self, machine: str) -> list[str]:
+        return [node for node, view in self.nodes.items()
+                if self.cluster.machine(node) == machine and view.state != "stopped"]
+
+    def _lose(self, machine: str, silent: float, now: float) -> list[Command]:
+        nodes = self._running_on(machine)
+        detail = (f"no message from {', '.join(nodes)} for {silent:.0f} s: the daemon of "
+                  f"machine {machine} or the machine is gone")
+        log.error("machine %s lost: %s", machine, detail)
+        self.lost_detail[machine] = detail
+        for node in nodes:
+            view = self._view(node)
+            view.state, view.rss, view.model_bytes = "unavailable", 0, 0
+            if ask := self._swaps.pop(node, None):
+                self._finish(SwapOutcome(ask.swap_id, node, False, view.model, ask.model,
+                                         detail=detail))
+        return self._apply(MachineLost(machine, now), now)
 
     def _event_of(self, report: NodeReport, now: float):
         view = self._view(report.node)
@@ -214,7 +305,7 @@ class Scheduling:
         return Measured(report.node, report.rss, now)
 
     def _apply(self, event, now: float) -> list[Command]:
-        decisions = decide(self.state, event)
+        decisions = decide_cluster(self.cluster, event)
         if self.journal:
             self.journal.write(msgspec.json.encode(journal_entry(event, decisions)) + b"\n")
             self.journal.flush()
@@ -258,13 +349,26 @@ class Scheduling:
 
     def status(self, now: float, available: int, total: int,
                lost: dict[str, int] | None = None) -> Status:
-        """What ``omni status`` shows; ``lost``: messages missing on the scheduler's own inputs."""
+        """What ``omni status`` shows; ``lost``: messages missing on the scheduler's own inputs.
+        ``available`` and ``total`` are the scheduler's own machine's memory."""
         pipelines = [sorted(group) for group in self.state.pipelines]
         nodes = [NodeStatus(node, view.model, view.wanted, view.state, view.rss, view.model_bytes,
                             view.queue, [i for i, group in enumerate(pipelines) if node in group],
-                            view.lost)
+                            view.lost, self.cluster.machine(node))
                  for node, view in sorted(self.nodes.items())]
-        return Status(self.state.budget, self.state.used_bytes(), self.measured(),
-                      self.peak_measured, available, total, self.state.min_available,
-                      round(now - self.started, 3), nodes, pipelines, sorted(self.state.active),
-                      list(self.decisions), lost or {})
+        machines = []
+        if set(self.cluster.machines) != {""}:
+            for machine, state in sorted(self.cluster.machines.items()):
+                there_available, there_total = (available, total) if machine == self.home else \
+                    self.memory.get(machine, (0, 0))
+                measured = sum(view.rss for node, view in self.nodes.items()
+                               if self.cluster.machine(node) == machine)
+                machines.append(MachineStatus(
+                    machine, state.budget, state.used_bytes(), measured, there_available,
+                    there_total, state.min_available, machine in self.cluster.lost,
+                    self.lost_detail.get(machine, "")))
+        states = self.cluster.machines.values()
+        return Status(sum(s.budget for s in states), sum(s.used_bytes() for s in states),
+                      self.measured(), self.peak_measured, available, total,
+                      self.state.min_available, round(now - self.started, 3), nodes, pipelines,
+                      sorted(self.state.active), list(self.decisions), lost or {}, machines)

@@ -2,28 +2,57 @@
 
 from __future__ import annotations
 
-from mofa_omni.control import Status, SwapOutcome
+from mofa_omni.control import NodeStatus, Status, SwapOutcome
 from mofa_omni.memory import format_bytes
 
 
+_HEADER = (f"{'node':14} {'model':20} {'wants':20} {'state':12} {'resident':>10} {'model':>10} "
+           f"{'queue':>5}")
+
+
+def _node_line(n: NodeStatus) -> str:
+    wants = n.wanted if n.wanted != n.model else ""
+    return (f"{n.node:14} {n.model:20} {wants:20} {n.state:12} "
+            f"{format_bytes(n.rss):>10} {format_bytes(n.model_bytes):>10} {n.queue:>5}")
+
+
+def _machine_lines(status: Status) -> list[str]:
+    """One block per machine: its budget and memory, then its nodes."""
+    lines = []
+    for m in status.machines:
+        lines += ["", f"machine {m.machine}" + (f"  LOST: {m.detail}" if m.lost else ""),
+                  f"  budget   {format_bytes(m.budget)}; used {format_bytes(m.used)} (reserved), "
+                  f"{format_bytes(m.measured)} measured",
+                  f"  system   " + (f"{format_bytes(m.available)} available of "
+                                    f"{format_bytes(m.total)} (keeps "
+                                    f"{format_bytes(m.min_available)} free)"
+                                    if m.total else "not reported yet"),
+                  "  " + _HEADER]
+        lines += ["  " + _node_line(n) for n in status.nodes if n.machine == m.machine]
+    return lines
+
+
 def render_status(status: Status) -> str:
-    """The status as a table: memory, then each node, then the last decisions."""
-    lines = [
-        f"budget     {format_bytes(status.budget)}; used {format_bytes(status.used)} (reserved), "
-        f"{format_bytes(status.measured)} measured, peak {format_bytes(status.peak_measured)}",
-        f"system     {format_bytes(status.available)} available of {format_bytes(status.total)}"
-        f" (keeps {format_bytes(status.min_available)} free)",
-        "pipelines  " + "; ".join(
-            " + ".join(group) + (" (active)" if i in status.active else "")
-            for i, group in enumerate(status.pipelines)),
-        "",
-        f"{'node':14} {'model':20} {'wants':20} {'state':12} {'resident':>10} {'model':>10} "
-        f"{'queue':>5}",
-    ]
-    for n in status.nodes:
-        wants = n.wanted if n.wanted != n.model else ""
-        lines.append(f"{n.node:14} {n.model:20} {wants:20} {n.state:12} "
-                     f"{format_bytes(n.rss):>10} {format_bytes(n.model_bytes):>10} {n.queue:>5}")
+    """The status as a table: memory, then each node, then the last decisions. A graph on
+    several machines is shown machine by machine, each with its own budget."""
+    if status.machines:
+        lines = [f"machines   {len(status.machines)}; budgets {format_bytes(status.budget)} in "
+                 f"all, used {format_bytes(status.used)} (reserved), "
+                 f"{format_bytes(status.measured)} measured"]
+    else:
+        lines = [
+            f"budget     {format_bytes(status.budget)}; used {format_bytes(status.used)} "
+            f"(reserved), {format_bytes(status.measured)} measured, peak "
+            f"{format_bytes(status.peak_measured)}",
+            f"system     {format_bytes(status.available)} available of "
+            f"{format_bytes(status.total)} (keeps {format_bytes(status.min_available)} free)"]
+    lines.append("pipelines  " + "; ".join(
+        " + ".join(group) + (" (active)" if i in status.active else "")
+        for i, group in enumerate(status.pipelines)))
+    if status.machines:
+        lines += _machine_lines(status)
+    else:
+        lines += ["", _HEADER] + [_node_line(n) for n in status.nodes]
     lost = {f"{n.node}/{name}": count for n in status.nodes for name, count in n.lost.items()}
     lost |= {f"scheduler/{name}": count for name, count in status.lost.items()}
     lines += ["", "messages lost  " + (", ".join(f"{where} {count}" for where, count in lost.items())
