@@ -1,0 +1,104 @@
+"""dataflows/voice.split.yml on dora's own multi-machine set-up: a coordinator and two daemons
+(machines A and B) on loopback ports of their own, real models: the reply, then machine B dying
+and coming back."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from mofa_omni.local_cluster import LocalCluster
+
+SPLIT = Path(__file__).parents[1] / "dataflows" / "voice.split.yml"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    with LocalCluster(["A", "B"], tmp_path / "cluster") as running:
+        yield running
+
+
+def _wait(condition, timeout: float, what: str, cluster: LocalCluster):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.5)
+    pytest.fail(f"{what} within {timeout:g} s\nA:\n{cluster.node_logs('A')[-3000:]}\n"
+                f"B:\n{cluster.node_logs('B')[-3000:]}")
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def _status(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def test_asr_on_one_machine_and_the_llm_and_tts_on_another_answer_the_question(cluster,
+                                                                                 tmp_path):
+    out, status_file = tmp_path / "out", tmp_path / "status.json"
+    flow = cluster.start(SPLIT, env={"VOICE_OUTPUT": str(out), "STATUS_FILE": str(status_file)})
+    assert cluster.wait_finished(flow, timeout=300) == "Finished", cluster.node_logs("A")[-3000:]
+    lines = _lines(out / "transcript.txt")
+    assert lines[:2] == ["user: What is the capital of France?",
+                         "assistant: Le Grand Paris is the capital of France."], lines
+    assert [line.split(":")[0] for line in lines] == ["user", "assistant"] * 2, lines
+    assert "italy" in lines[3].lower() and "[" not in lines[3], lines
+    assert len(list(out.glob("reply-*.wav"))) == 2  # spoken on B, written on A
+    # Each node ran on its own machine: dora's per-node logs are kept by that machine's daemon.
+    assert '"node":"llm"' in cluster.node_logs("B") and '"node":"llm"' not in cluster.node_logs("A")
+    assert '"node":"asr"' in cluster.node_logs("A") and '"node":"asr"' not in cluster.node_logs("B")
+    status = _status(status_file)
+    machines = {m["machine"]: m for m in status["machines"]}
+    assert set(machines) == {"A", "B"} and not any(m["lost"] for m in machines.values())
+    assert {n["node"]: n["machine"] for n in status["nodes"]} == {"asr": "A", "llm": "B",
+                                                                  "tts": "B"}
+    assert machines["B"]["total"] > 0  # B's memory, reported by B's nodes
+
+
+def test_a_machine_that_dies_fails_its_requests_the_rest_goes_on_and_a_restart_recovers(
+        cluster, tmp_path):
+    out, status_file = tmp_path / "out", tmp_path / "status.json"
+    flow = cluster.start(SPLIT, env={"VOICE_OUTPUT": str(out), "STATUS_FILE": str(status_file),
+                                     "REPLY_TIMEOUT_S": "12", "MACHINE_SILENT_S": "4"})
+    transcript = out / "transcript.txt"
+    _wait(lambda: any(line.startswith("assistant: ") for line in _lines(transcript)), 240,
+          "no first reply", cluster)
+    killed = cluster.kill_machine("B")  # the daemon and the LLM, splitter and TTS with it
+    assert len(killed) >= 4
+
+    # The second question was asked of a machine that is gone: the dialogue on A ends that
+    # reply with an explicit timeout and the conversation goes on.
+    errors = _wait(lambda: [line for line in _lines(transcript) if "[error: timeout" in line],
+                   90, "no timeout for the turn B never answered", cluster)
+    assert errors[0].startswith("assistant: "), _lines(transcript)
+    # The scheduler on A saw B's nodes fall silent: B lost, its models unavailable, A's fine.
+    status = _wait(lambda: (s := _status(status_file)) and any(
+        m["lost"] for m in s["machines"]) and s, 30, "B not marked lost", cluster)
+    states = {n["node"]: n["state"] for n in status["nodes"]}
+    assert states["llm"] == states["tts"] == "unavailable" and states["asr"] != "unavailable"
+    (lost,) = [m for m in status["machines"] if m["lost"]]
+    assert lost["machine"] == "B" and "llm, tts" in lost["detail"]
+    assert cluster.status_of(flow) == "Running"  # A's part of the graph is still up
+
+    # B comes back (a fresh daemon): dora 1.1.0 gives it no nodes of the running graph, so
+    # the graph is restarted on the daemons there are now, and answers again.
+    cluster.start_daemon("B")
+    cluster.wait_for_daemons(["B"])
+    transcript.unlink()
+    again = cluster.restart(flow)
+    assert cluster.wait_finished(again, timeout=300) == "Finished"
+    lines = _lines(transcript)
+    assert [line.split(":")[0] for line in lines] == ["user", "assistant"] * 2, lines
+    assert not any("[error" in line for line in lines), lines
+    status = _status(status_file)
+    assert not any(m["lost"] for m in status["machines"]), status["machines"]
