@@ -1,6 +1,9 @@
 """gateway: an OpenAI-compatible HTTP server inside the dataflow, answered by its model nodes.
 
-    POST /v1/chat/completions      (streamed as server-sent events, or whole)
+    POST /v1/chat/completions      (streamed as server-sent events, or whole; messages with
+                                    pictures -- image_url parts, inline data URLs of PNG or
+                                    JPEG -- go to the node serving vision_language)
+    POST /v1/images/generations    (a PNG as b64_json; seed and steps as extensions)
     POST /v1/audio/transcriptions  (multipart upload of a WAV file)
     POST /v1/audio/speech          (WAV, or OpenAI's raw 24 kHz PCM)
     POST /v1/embeddings
@@ -20,6 +23,7 @@ Configuration (env):
     HOST, PORT          where to listen (default 127.0.0.1:8000; loopback unless told otherwise)
     API_KEY             when set, requests need `Authorization: Bearer <API_KEY>`
     MAX_BODY_BYTES      larger request bodies get a 413 (default 25 MiB)
+    MAX_IMAGE_PIXELS    a larger picture in a chat message gets a 400 (default 4096*4096)
     DEADLINE_S          a request with no complete answer by then gets a 504 (default 150)
     FALLBACK_AFTER_S    a local model with no first result by then is given up for the remote
                         one serving the same task, if the graph has one (default: only when
@@ -42,6 +46,7 @@ from mofa_omni.gateway import Graph, Replies, Reply, Settings, build_app
 from mofa_omni.gateway_routes import Router, input_sources, routes_from
 from mofa_omni.host import dora_node_id
 from mofa_omni.integrity import CheckedNode
+from mofa_omni.openai_api import MAX_IMAGE_PIXELS
 
 log = logging.getLogger("gateway")
 
@@ -51,7 +56,8 @@ def settings_from_env() -> Settings:
     return Settings(deadline_s=float(env("DEADLINE_S", "150")),
                     max_body_bytes=int(env("MAX_BODY_BYTES", str(25 << 20))),
                     api_key=env("API_KEY", ""),
-                    fallback_after_s=float(env("FALLBACK_AFTER_S", "0")))
+                    fallback_after_s=float(env("FALLBACK_AFTER_S", "0")),
+                    max_image_pixels=int(env("MAX_IMAGE_PIXELS", str(MAX_IMAGE_PIXELS))))
 
 
 def main() -> int:

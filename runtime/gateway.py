@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route as HttpRoute
@@ -35,24 +36,29 @@ from mofa_omni.contract import (
     AudioChunk,
     ContractError,
     Embeddings,
-    RerankResult,
     ErrorReport,
+    Image,
+    RerankResult,
     Task,
     TextChunk,
     Transcript,
     TranscriptionRequest,
 )
 from mofa_omni.gateway_routes import Choice, Route, Router
+from mofa_omni.integrity import PayloadTooLarge
 from mofa_omni.openai_api import (
+    MAX_IMAGE_PIXELS,
     ApiError,
     ChatBody,
     Completion,
     EmbeddingBody,
+    ImageBody,
     RerankBody,
     SpeechBody,
     decode_body,
     embeddings_body,
     finish_reason_of,
+    images_body,
     node_error,
     read_audio_upload,
     rerank_body,
@@ -73,6 +79,7 @@ class Settings:
     max_body_bytes: int = 25 << 20  # larger bodies get a 413 (OpenAI's own audio limit)
     api_key: str = ""  # when set, requests must carry `Authorization: Bearer <key>`
     fallback_after_s: float = 0.0  # > 0: no first result from a local model by then -> remote
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # a larger picture in a chat message gets a 400
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,11 +221,11 @@ class Answer:
                     first_within: float | None) -> AsyncIterator[Any]:
         graph = self.graph
         queue = graph.replies.open(request_id)
-        self._in_flight = (route, request_id)
         try:
             self.sent_as = graph.send_request(_Sent(self, route.output, arrow.encode(self.message),
                                                     {"request_id": request_id,
                                                      "origin_ns": time.time_ns()}))
+            self._in_flight = (route, request_id)  # sent: a refused one has nothing to cancel
             first = True
             while True:
                 reply = await self._next(queue, route, first_within if first else None)
@@ -309,6 +316,9 @@ def build_app(graph: Graph, catalog: Catalog, loaded: Callable[[], dict[str, boo
                     raise ApiError(401, "a valid API key is needed: Authorization: Bearer <key>",
                                    "authentication_error", code="invalid_api_key")
                 response = await handler(request)
+            except PayloadTooLarge as error:  # a request bigger than the dora pool can carry
+                response = JSONResponse(ApiError(413, str(error), code="request_too_large").body(),
+                                        413)
             except ContractError as error:
                 response = JSONResponse(ApiError(400, str(error)).body(), 400)
             except ApiError as error:
@@ -322,8 +332,12 @@ def build_app(graph: Graph, catalog: Catalog, loaded: Callable[[], dict[str, boo
 
     async def chat(request: Request) -> Response:
         body = decode_body(await body_of(request), ChatBody)
-        chat_request = body.to_request()
-        choice = graph.router.choose(body.model, Task.TEXT_GENERATION)
+        if body.has_images:  # a vision request: its pictures are decoded off the event loop
+            choice = graph.router.choose_for_images(body.model)
+            chat_request = await run_in_threadpool(body.to_request, settings.max_image_pixels)
+        else:
+            chat_request = body.to_request()
+            choice = graph.router.choose(body.model, Task.TEXT_GENERATION)
         answer = graph.ask(choice, chat_request, TextChunk)
         results = aiter(answer)
         if not body.stream:
@@ -353,6 +367,13 @@ def build_app(graph: Graph, catalog: Catalog, loaded: Callable[[], dict[str, boo
         answer = graph.ask(choice, message, RerankResult)
         result = await _single(answer)
         return JSONResponse(rerank_body(body, result.scores, answer.model))
+
+    async def image_generations(request: Request) -> Response:
+        body = decode_body(await body_of(request), ImageBody)
+        message = body.to_request()
+        choice = graph.router.choose(body.model, Task.IMAGE_GENERATION)
+        image = await _single(graph.ask(choice, message, Image))
+        return JSONResponse(await run_in_threadpool(images_body, image.pixels, message.seed))
 
     async def transcriptions(request: Request) -> Response:
         check_declared_size(request)
@@ -412,6 +433,7 @@ def build_app(graph: Graph, catalog: Catalog, loaded: Callable[[], dict[str, boo
         HttpRoute("/v1/chat/completions", checked(chat), methods=["POST"]),
         HttpRoute("/v1/embeddings", checked(embeddings), methods=["POST"]),
         HttpRoute("/v1/rerank", checked(rerank), methods=["POST"]),
+        HttpRoute("/v1/images/generations", checked(image_generations), methods=["POST"]),
         HttpRoute("/v1/audio/transcriptions", checked(transcriptions), methods=["POST"]),
         HttpRoute("/v1/audio/speech", checked(speech), methods=["POST"]),
         HttpRoute("/v1/models", checked(models), methods=["GET"]),

@@ -108,6 +108,19 @@ class Router:
                             + (f"; it serves {', '.join(served)}" if served else ""),
                        code="model_not_served", param="model")
 
+    def choose_for_images(self, model: str) -> Choice:
+        """The node serving ``model`` for a chat holding pictures (vision_language); a 400
+        when the catalog says ``model`` does not read pictures, naming those here that do."""
+        spec = self.catalog.models.get(model)
+        if spec is not None and Task.VISION_LANGUAGE not in spec.tasks:
+            readers = sorted({r.model for r in self.routes if r.task is Task.VISION_LANGUAGE})
+            raise ApiError(400, f"the messages hold images, and {model!r} does not read images "
+                                f"(it serves {', '.join(t.value for t in spec.tasks)}); "
+                                + (f"models of this graph that do: {', '.join(readers)}"
+                                   if readers else "no model of this graph does"),
+                           code="model_not_multimodal", param="model")
+        return self.choose(model, Task.VISION_LANGUAGE)
+
     def served(self) -> dict[str, list[str]]:
         """The nodes serving each model."""
         nodes: dict[str, list[str]] = {}

@@ -4,13 +4,16 @@ Typed request bodies (msgspec) decode what a client sent, with a clear error for
 anything malformed; each turns into a contract request. The response builders
 produce what the official clients parse: chat completions (whole and streamed
 chunks), embeddings (floats or base64), transcriptions, model lists and error
-bodies (``{"error": {"message", "type", "param", "code"}}``).
+bodies (``{"error": {"message", "type", "param", "code"}}``). A chat whose messages hold
+pictures (``image_url`` parts, inline data URLs) becomes a vision request; an image
+generation body becomes an image request, answered as base64 PNG.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -24,14 +27,19 @@ from mofa_omni.contract import (
     ChatRequest,
     ContractError,
     EmbeddingRequest,
+    ImageRequest,
     RerankRequest,
     SpeechRequest,
     TextChunk,
     Transcript,
+    VisionRequest,
     validate_request,
 )
+from mofa_omni.picture_input import picture_from_url
+from mofa_omni.png import png_bytes
 
 OPENAI_PCM_RATE = 24_000  # "pcm": raw 16-bit little-endian mono at 24 kHz, as OpenAI sends it
+MAX_IMAGE_PIXELS = 4096 * 4096  # a picture in a chat message larger than this is refused
 
 
 class ApiError(Exception):
@@ -84,15 +92,46 @@ class ChatBody(msgspec.Struct):
     stream_options: dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
 
-    def to_request(self) -> ChatRequest:
+    @property
+    def has_images(self) -> bool:
+        """Whether a message holds a picture (the chat is then a vision request)."""
+        return any(isinstance(m.content, list) and
+                   any(isinstance(p, dict) and p.get("type") == "image_url" for p in m.content)
+                   for m in self.messages)
+
+    def to_request(self, max_image_pixels: int = MAX_IMAGE_PIXELS) -> ChatRequest | VisionRequest:
+        """A ChatRequest, or a VisionRequest when the messages hold pictures (each decoded,
+        at most ``max_image_pixels``; the pictures go to the model in the order sent)."""
         if self.n != 1:
             raise ContractError("n must be 1: one choice per request")
-        messages = [ChatMessage(m.role, _text_of(m.content, i)) for i, m in enumerate(self.messages)]
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        request = ChatRequest(messages, self.max_completion_tokens or self.max_tokens or 256,
-                              self.temperature, self.top_p, stop, self._json_schema())
+        messages, images = [], []
+        for i, message in enumerate(self.messages):
+            text, pictures = _content_of(message.content, i, max_image_pixels)
+            messages.append(ChatMessage(message.role, text))
+            images += pictures
+        max_tokens = next((n for n in (self.max_completion_tokens, self.max_tokens)
+                           if n is not None), 256)
+        request: ChatRequest | VisionRequest
+        if images:
+            self._check_vision_options()
+            request = VisionRequest(images, messages, max_tokens, self.temperature)
+        else:
+            stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+            request = ChatRequest(messages, max_tokens, self.temperature, self.top_p, stop,
+                                  self._json_schema())
         validate_request(request)
         return request
+
+    def _check_vision_options(self) -> None:
+        """What a vision request cannot honour is refused rather than ignored."""
+        if self.stop:
+            raise ContractError("stop: stop sequences are not served for messages with images")
+        if self.top_p != 1.0:
+            raise ContractError(f"top_p: messages with images are sampled by temperature only "
+                                f"(top_p must be 1, got {self.top_p})")
+        if self._json_schema():
+            raise ContractError("response_format: structured output is not served for messages "
+                                "with images")
 
     def _json_schema(self) -> str:
         """OpenAI's structured outputs: ``{"type": "json_schema", "json_schema": {"schema": ...}}``."""
@@ -110,17 +149,29 @@ class ChatBody(msgspec.Struct):
         return bool((self.stream_options or {}).get("include_usage"))
 
 
-def _text_of(content: str | list[dict[str, Any]] | None, index: int) -> str:
-    """A message's text: a string, or the text parts of a content list (images: not here)."""
+def _content_of(content: str | list[dict[str, Any]] | None, index: int,
+                max_image_pixels: int) -> tuple[str, list[np.ndarray]]:
+    """A message's text (a string, or its text parts joined) and its pictures."""
     if content is None:
-        return ""
+        return "", []
     if isinstance(content, str):
-        return content
-    kinds = {part.get("type") for part in content}
-    if kinds - {"text"}:
-        raise ContractError(f"message {index}: only text content is served on this endpoint, "
-                            f"got {sorted(str(k) for k in kinds - {'text'})}")
-    return "".join(str(part.get("text", "")) for part in content)
+        return content, []
+    texts, pictures = [], []
+    for j, part in enumerate(content):
+        where = f"messages[{index}].content[{j}]"
+        kind = part.get("type")
+        if kind == "text":
+            texts.append(str(part.get("text", "")))
+        elif kind == "image_url":
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(url, str):
+                raise ContractError(f"{where}: an image_url part needs image_url.url (a data URL)")
+            pictures.append(picture_from_url(url, f"{where} (image_url)", max_image_pixels))
+        else:
+            raise ContractError(f"{where}: content of type {kind!r} is not served; parts are "
+                                "'text' or 'image_url'")
+    return "".join(texts), pictures
 
 
 class EmbeddingBody(msgspec.Struct):
@@ -165,6 +216,46 @@ class SpeechBody(msgspec.Struct):
         request = SpeechRequest(self.input, self.voice, self.speed)
         validate_request(request)
         return request
+
+
+class ImageBody(msgspec.Struct):
+    """OpenAI's image generation body; ``seed`` and ``steps`` are this server's extensions
+    (a random seed when none is given, the model's default step count)."""
+
+    model: str
+    prompt: str
+    n: int = 1
+    size: str | None = None  # "WIDTHxHEIGHT", or "auto" / absent: the contract's default
+    response_format: str | None = None  # "b64_json" (the default here); "url" is not served
+    output_format: str | None = None  # gpt-image's: "png" only
+    seed: int | None = None
+    steps: int | None = None
+
+    def to_request(self) -> ImageRequest:
+        if self.n != 1:
+            raise ContractError(f"n must be 1: one image per request, got {self.n}")
+        if self.response_format not in (None, "b64_json"):
+            raise ContractError(f"response_format {self.response_format!r}: images are answered "
+                                "as b64_json (this server keeps no files to link to)")
+        if self.output_format not in (None, "png"):
+            raise ContractError(f"output_format {self.output_format!r}: images are PNG")
+        defaults = ImageRequest("")
+        width, height = _size(self.size, defaults)
+        request = ImageRequest(self.prompt, width, height,
+                               defaults.steps if self.steps is None else self.steps,
+                               secrets.randbelow(1 << 31) if self.seed is None else self.seed)
+        validate_request(request)
+        return request
+
+
+def _size(size: str | None, defaults: ImageRequest) -> tuple[int, int]:
+    if size in (None, "auto"):
+        return defaults.width, defaults.height
+    width, x, height = size.lower().partition("x")
+    if not (x and width.isdigit() and height.isdigit()):
+        raise ContractError(f"size {size!r}: expected WIDTHxHEIGHT in pixels (e.g. 512x512) or "
+                            "auto")
+    return int(width), int(height)
 
 
 def decode_body(raw: bytes, body_type: type[msgspec.Struct]) -> Any:
@@ -249,6 +340,12 @@ def rerank_body(body: RerankBody, scores: np.ndarray, model: str) -> dict[str, A
         {"index": i, "relevance_score": float(scores[i]),
          **({"document": {"text": body.documents[i]}} if body.return_documents else {})}
         for i in order]}
+
+
+def images_body(pixels: np.ndarray, seed: int) -> dict[str, Any]:
+    """OpenAI's images response: the picture as base64 PNG (and the seed that drew it)."""
+    return {"created": int(time.time()),
+            "data": [{"b64_json": base64.b64encode(png_bytes(pixels)).decode(), "seed": seed}]}
 
 
 def transcription_body(transcript: Transcript, response_format: str,

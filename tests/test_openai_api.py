@@ -44,8 +44,10 @@ def test_chat_bodies_become_chat_requests():
     (b'{"model": "m", "messages": []}', "chat request has no messages"),
     (b'{"model": "m", "messages": [{"role": "robot", "content": "x"}]}', "unknown role"),
     (b'{"model": "m", "n": 2, "messages": [{"role": "user", "content": "x"}]}', "n must be 1"),
-    (b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}',
-     "only text content"),
+    (b'{"model": "m", "max_tokens": 0, "messages": [{"role": "user", "content": "x"}]}',
+     "max_tokens must be positive"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}',
+     r"messages\[0\].content\[0\]: content of type 'input_audio' is not served"),
     (b'{"model": 3, "messages": []}', "Expected `str`, got `int`"),
     (b"{nope", "the body is not JSON"),
 ])

