@@ -63,12 +63,15 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'NAME':24} {'TASKS':28} {'BACKEND':12} {'MEMORY':>10} {'CACHED':>10}  NOTE")
+    name_width = max(24, *(len(row["name"]) for row in rows))
+    tasks_width = max(28, *(len(",".join(row["tasks"])) for row in rows))
+    print(f"{'NAME':{name_width}} {'TASKS':{tasks_width}} {'BACKEND':12} {'MEMORY':>10} "
+          f"{'CACHED':>10}  NOTE")
     for row in rows:
         note = ["default"] if row["default"] else []
         note += [] if row["offline"] else ["needs a network"]
         cached = format_bytes(row["size_on_disk_bytes"]) if row["cached"] else "-"
-        print(f"{row['name']:24} {','.join(row['tasks']):28} {row['backend']:12} "
+        print(f"{row['name']:{name_width}} {','.join(row['tasks']):{tasks_width}} {row['backend']:12} "
               f"{format_bytes(row['memory_estimate_bytes']):>10} {cached:>10}  {', '.join(note)}")
     print(f"\ncache: {store.root}")
     return 0
