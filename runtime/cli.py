@@ -9,6 +9,7 @@
     omni doctor                       platform, MLX device, BLAS in use, measured GFLOP/s
     omni status [--json]              a running graph's models, memory and scheduler decisions
     omni swap NODE MODEL              serve MODEL on a running graph's NODE, losing no request
+    omni recover --dataflow NAME      restart a multi-machine graph when a lost machine is back
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -239,6 +241,45 @@ def cmd_swap(args: argparse.Namespace) -> int:
     return 0 if outcome.ok else 1
 
 
+def cmd_recover(args: argparse.Namespace) -> int:
+    import shutil
+    import subprocess
+
+    from mofa_omni.recovery import CoordinatorGone, Recoverer, RecoveryFailed
+
+    machines = None
+    if args.descriptor:
+        import yaml
+
+        from mofa_omni.graph import machine_of
+
+        machines = set(machine_of(yaml.safe_load(args.descriptor.read_text())).values())
+        if not machines:
+            print(f"omni recover: {args.descriptor} places no node on a machine (deploy: "
+                  f"machine): there is no machine to lose", file=sys.stderr)
+            return 1
+    dora = shutil.which("dora") or str(Path(sys.executable).parent / "dora")
+    coordinator = ["--coordinator-addr", args.coordinator_addr,
+                   "--coordinator-port", str(args.coordinator_port)]
+    env = {**os.environ, "RUST_BACKTRACE": "0"}
+
+    def run_dora(*dora_args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([dora, *dora_args, *coordinator], capture_output=True, text=True,
+                              timeout=60, env=env, check=False)
+
+    def log(line: str) -> None:
+        print(f"{time.strftime('%H:%M:%S')} omni recover: {line}", flush=True)
+
+    recoverer = Recoverer(args.dataflow, run_dora, log, machines=machines,
+                          interval=args.interval, coordinator_timeout=args.coordinator_timeout,
+                          attempts=args.attempts)
+    try:
+        return recoverer.run()
+    except (CoordinatorGone, RecoveryFailed) as error:  # dora's message names the address
+        print(f"omni recover: {error}", file=sys.stderr)
+    return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omni", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -288,6 +329,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--timeout", type=float, default=600.0,
                      help="seconds to wait for the swap to end (fetching, converting, loading)")
     sub.add_argument("--dataflow", help="the graph's name, when several run")
+    sub = command("recover", cmd_recover, "watch a graph spread over machines; when a machine it "
+                  "lost has its daemon connected again, restart the graph (dora restart --force)",
+                  model=False)
+    sub.add_argument("--dataflow", required=True, help="the running graph's name or UUID")
+    sub.add_argument("--descriptor", type=Path,
+                     help="its YAML, for the machines it runs on (default: every machine "
+                          "connected when the watch begins)")
+    sub.add_argument("--coordinator-addr", default=os.environ.get("DORA_COORDINATOR_ADDR",
+                                                                  "127.0.0.1"))
+    sub.add_argument("--coordinator-port", type=int,
+                     default=int(os.environ.get("DORA_COORDINATOR_PORT", "6013")))
+    sub.add_argument("--interval", type=float, default=2.0, help="seconds between two looks")
+    sub.add_argument("--coordinator-timeout", type=float, default=60.0,
+                     help="give up when the coordinator has not answered for this long")
+    sub.add_argument("--attempts", type=int, default=3,
+                     help="give up after this many failed restarts in a row")
     return parser
 
 
