@@ -105,6 +105,18 @@ def link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
+def link_model_directory(name: str, source_dir: Path, out_dir: Path, progress: Progress) -> None:
+    """Link a model directory's files as they are (for formats a library reads directly), after
+    checking it has a ``config.json``; the Hub's ``.cache`` bookkeeping is left out."""
+    files = [p for p in sorted(source_dir.rglob("*"))
+             if p.is_file() and ".cache" not in p.relative_to(source_dir).parts]
+    if not any(p.name == "config.json" for p in files):
+        raise ModelLoadError(f"model {name!r}: {source_dir} has no config.json")
+    for done, path in enumerate(files, 1):
+        link_or_copy(path, out_dir / path.relative_to(source_dir))
+        progress("link files", done, len(files))
+
+
 def _copy_stream(src, dst, total: int, stage: str, progress: Progress, done: int = 0) -> int:
     while chunk := src.read(_CHUNK):
         dst.write(chunk)

@@ -13,7 +13,7 @@ from mofa_omni.contract import (ChatRequest, RerankRequest, RerankResult, Task, 
                                 validate_request)
 from mofa_omni.llm_rerank import relevance_scores, rerank_method
 from mofa_omni.structured import structured_reply
-from mofa_omni.store import link_or_copy
+from mofa_omni.store import link_model_directory
 
 
 class StopMatcher:
@@ -121,13 +121,7 @@ class MlxLmAdapter(ModelAdapter):
     def prepare(self, source_dir: Path, out_dir: Path, progress: Progress) -> None:
         """Convert the GGUF in ``source_dir``, or link an MLX model directory's files as they are."""
         if self.spec.format == "mlx":
-            files = [p for p in sorted(source_dir.rglob("*"))
-                     if p.is_file() and ".cache" not in p.relative_to(source_dir).parts]
-            if not any(p.name == "config.json" for p in files):
-                raise ModelLoadError(f"model {self.spec.name!r}: {source_dir} has no config.json")
-            for done, path in enumerate(files, 1):
-                link_or_copy(path, out_dir / path.relative_to(source_dir))
-                progress("link files", done, len(files))
+            link_model_directory(self.spec.name, source_dir, out_dir, progress)
             return
         from mofa_omni.formats.gguf import convert_gguf
 

@@ -15,11 +15,11 @@ from typing import ClassVar
 
 import numpy as np
 
-from mofa_omni.adapters.base import AdapterError, ModelAdapter, ModelLoadError, Progress
+from mofa_omni.adapters.base import AdapterError, ModelAdapter, Progress
 from mofa_omni.adapters.mlx_lm import Piece, stream_reply
 from mofa_omni.contract import (ChatMessage, ChatRequest, ContractError, Task, TextChunk,
                                 VisionRequest, validate_request)
-from mofa_omni.store import link_or_copy
+from mofa_omni.store import link_model_directory
 
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
@@ -53,13 +53,7 @@ class MlxVlmAdapter(ModelAdapter):
 
     def prepare(self, source_dir: Path, out_dir: Path, progress: Progress) -> None:
         """Link the checkpoint's files as they are: mlx-vlm reads its own format directly."""
-        files = [p for p in sorted(source_dir.rglob("*"))
-                 if p.is_file() and ".cache" not in p.relative_to(source_dir).parts]
-        if not any(p.name == "config.json" for p in files):
-            raise ModelLoadError(f"model {self.spec.name!r}: {source_dir} has no config.json")
-        for done, path in enumerate(files, 1):
-            link_or_copy(path, out_dir / path.relative_to(source_dir))
-            progress("link files", done, len(files))
+        link_model_directory(self.spec.name, source_dir, out_dir, progress)
 
     def _load(self, model_dir: Path) -> None:
         from mlx_vlm.utils import load
