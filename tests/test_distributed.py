@@ -1,10 +1,12 @@
 """dataflows/voice.split.yml on dora's own multi-machine set-up: a coordinator and two daemons
 (machines A and B) on loopback ports of their own, real models: the reply, then machine B dying
-and coming back."""
+and coming back, the graph recovered by ``omni recover``."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -65,11 +67,25 @@ def test_asr_on_one_machine_and_the_llm_and_tts_on_another_answer_the_question(c
     assert machines["B"]["total"] > 0  # B's memory, reported by B's nodes
 
 
-def test_a_machine_that_dies_fails_its_requests_the_rest_goes_on_and_a_restart_recovers(
+def test_a_machine_that_dies_fails_its_requests_the_rest_goes_on_and_the_graph_recovers(
         cluster, tmp_path):
     out, status_file = tmp_path / "out", tmp_path / "status.json"
-    flow = cluster.start(SPLIT, env={"VOICE_OUTPUT": str(out), "STATUS_FILE": str(status_file),
-                                     "REPLY_TIMEOUT_S": "12", "MACHINE_SILENT_S": "4"})
+    flow = cluster.start(SPLIT, name="voice", env={
+        "VOICE_OUTPUT": str(out), "STATUS_FILE": str(status_file), "REPLY_TIMEOUT_S": "12",
+        "MACHINE_SILENT_S": "4"})
+    watcher = subprocess.Popen(
+        [str(Path(sys.executable).parent / "omni"), "recover", "--dataflow", "voice",
+         "--descriptor", str(SPLIT), "--coordinator-port", str(cluster.port), "--interval", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _lose_machine_b_and_recover(cluster, flow, out, status_file, watcher)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            print(watcher.communicate()[0])
+
+
+def _lose_machine_b_and_recover(cluster, flow, out, status_file, watcher):
     transcript = out / "transcript.txt"
     _wait(lambda: any(line.startswith("assistant: ") for line in _lines(transcript)), 240,
           "no first reply", cluster)
@@ -90,15 +106,19 @@ def test_a_machine_that_dies_fails_its_requests_the_rest_goes_on_and_a_restart_r
     assert lost["machine"] == "B" and "llm, tts" in lost["detail"]
     assert cluster.status_of(flow) == "Running"  # A's part of the graph is still up
 
-    # B comes back (a fresh daemon): dora 1.1.0 gives it no nodes of the running graph, so
-    # the graph is restarted on the daemons there are now, and answers again.
-    cluster.start_daemon("B")
-    cluster.wait_for_daemons(["B"])
+    # B comes back (a fresh daemon): dora 1.1.0 gives it no nodes of the running graph; the
+    # watcher sees B's daemon connected again and restarts the graph, which answers again.
     transcript.unlink()
-    again = cluster.restart(flow)
-    assert cluster.wait_finished(again, timeout=300) == "Finished"
+    cluster.start_daemon("B")
+    log, _ = watcher.communicate(timeout=300)  # it ends when the restarted graph has finished
+    assert watcher.returncode == 0, log
+    assert "machine B lost" in log and "machine B is connected again" in log, log
+    assert log.count("restarted in") == 1 and "dataflow voice is finished" in log, log
+    (again,) = [f for f in cluster.flows().values() if f["uuid"] != flow]
+    assert again["name"] == "voice" and again["status"] == "Finished", again
     lines = _lines(transcript)
     assert [line.split(":")[0] for line in lines] == ["user", "assistant"] * 2, lines
     assert not any("[error" in line for line in lines), lines
+    assert "capital of France" in lines[0] and "paris" in lines[1].lower(), lines
     status = _status(status_file)
     assert not any(m["lost"] for m in status["machines"]), status["machines"]
