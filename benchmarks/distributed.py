@@ -48,11 +48,10 @@ from voice_latency import analyse  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLIT = ROOT / "dataflows" / "voice.split.yml"
-# The dialogue traces only its transcript and spoken inputs: its receipt of llm/result (which
-# crosses machines too) is not timed; llm/result -> splitter is the same output on B.
+# llm/result goes to both the splitter (beside the LLM on B) and the dialogue (on A).
 HOPS = [("vad/utterance", "asr"), ("asr/result", "dialogue"), ("dialogue/chat", "llm"),
-        ("llm/result", "splitter"), ("splitter/speech", "tts"), ("tts/result", "sink"),
-        ("sink/done", "dialogue")]
+        ("llm/result", "splitter"), ("llm/result", "dialogue"), ("splitter/speech", "tts"),
+        ("tts/result", "sink"), ("sink/done", "dialogue")]
 
 
 # A turn's figures (benchmarks/voice_latency.py): where the time went, then the totals.

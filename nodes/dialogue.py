@@ -90,7 +90,7 @@ def main() -> None:
             heard_all = True
         elif event["type"] == "INPUT" and event["id"] in handlers:
             meta = MessageMeta.from_dora(event.get("metadata"), event["id"])
-            if event["id"] in ("transcript", "spoken"):
+            if event["id"] in ("transcript", "reply", "spoken"):
                 trace.record(node_id, "recv", event["id"], event.get("metadata"))
             try:
                 act(handlers[event["id"]](meta, event["value"]))
