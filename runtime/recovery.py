@@ -21,8 +21,8 @@ import json
 import re
 import subprocess
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 _UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 _DAEMON_ID = re.compile(rf"^(?:(?P<machine>.*)-)?(?P<uuid>{_UUID})$")

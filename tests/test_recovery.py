@@ -108,22 +108,27 @@ def _until(condition, timeout: float, what: str):
     pytest.fail(f"{what} within {timeout:g} s")
 
 
+def _node(name: str, machine: str, tick: str, heard: Path) -> str:
+    """A node of recovery_nodes.py on ``machine``: absolute paths, as dora 1.1.0's daemons of a
+    multi-machine dataflow resolve no relative one."""
+    return (f"  - id: {name}\n    path: {sys.executable}\n    args: {NODES} {name}\n"
+            f"    deploy: {{ machine: {machine} }}\n    env: {{ HEARD: {heard} }}\n"
+            f"    inputs: {{ tick: {tick} }}\n    outputs: [tick]\n")
+
+
 def test_the_graph_is_restarted_by_itself_when_its_lost_machine_is_connected_again(tmp_path):
     heard = tmp_path / "heard.txt"
     flow_yml = tmp_path / "flow.yml"
-    node = lambda name, machine, inputs: (  # noqa: E731
-        f"  - id: {name}\n    path: {sys.executable}\n    args: {NODES} {name}\n"
-        f"    deploy: {{ machine: {machine} }}\n    env: {{ HEARD: {heard} }}\n"
-        f"    inputs: {{ tick: {inputs} }}\n    outputs: [tick]\n")
-    flow_yml.write_text("nodes:\n" + node("ticker", "A", "dora/timer/millis/200")
-                        + node("listener", "B", "ticker/tick"))
+    flow_yml.write_text("nodes:\n" + _node("ticker", "A", "dora/timer/millis/200", heard)
+                        + _node("listener", "B", "ticker/tick", heard))
     with LocalCluster(["A", "B"], tmp_path / "cluster") as cluster:
         cluster.start(flow_yml, name="ticks")
         first = _until(lambda: _heard(heard), 30, "B heard nothing from A")[0]
         watcher = _omni("recover", "--dataflow", "ticks", "--descriptor", str(flow_yml),
                         "--coordinator-port", str(cluster.port), "--interval", "0.5")
         try:
-            time.sleep(1.5)
+            started = watcher.stdout.readline()
+            assert "watching dataflow ticks" in started and "machines A, B" in started, started
             cluster.kill_machine("B")
             time.sleep(2.0)
             before = len(_heard(heard))
