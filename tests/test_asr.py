@@ -371,3 +371,24 @@ def test_ctranslate2_unload_returns_memory(catalog, store, speech):
     grown = loaded.rss_bytes - before.rss_bytes
     assert grown > 30 << 20  # int8 tiny.en and its buffers
     assert after.rss_bytes - before.rss_bytes < grown // 2
+
+
+def test_numpy_features_equal_mlx_whispers():
+    """ct2_whisper's NumPy log-mel is whisper's (as mlx_whisper computes it on MLX)."""
+    import mlx.core as mx
+    from mlx_whisper.audio import log_mel_spectrogram
+    from mlx_whisper.audio import mel_filters as reference_filters
+
+    from mofa_omni.whisper_features import WINDOW_SAMPLES, log_mel, mel_filters
+
+    for n_mels in (80, 128):
+        np.testing.assert_allclose(mel_filters(n_mels), np.array(reference_filters(n_mels)),
+                                   atol=1e-8)
+    audio = np.random.default_rng(0).normal(0, 0.1, 3 * 16000).astype(np.float32)
+    padded = np.zeros(WINDOW_SAMPLES, np.float32)
+    padded[:len(audio)] = audio
+    reference = np.array(log_mel_spectrogram(mx.array(padded), 80)).T
+    features = log_mel(audio)
+    assert features.shape == (80, 3000) and features.dtype == np.float32
+    np.testing.assert_allclose(features, reference, atol=1e-4)
+    assert log_mel(np.zeros(40 * 16000, np.float32)).shape == (80, 3000)  # cut to one window

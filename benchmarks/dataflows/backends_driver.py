@@ -1,7 +1,7 @@
-"""Times benchmarks/dataflows/backends.yml's model nodes in rounds the benchmark starts: once
-$WORK/go-K exists, one request per task in TASKS, one at a time, each timed from sending it to
-its last result; then $WORK/done-K.json (task -> seconds). Round 0 warms up. Ends after round
-ROUNDS."""
+"""Times benchmarks/dataflows/backends.yml's model nodes in steps the benchmark starts: once
+$WORK/go-K exists, one request per task it names (comma-separated), one at a time, each timed
+from sending it to its last result; then $WORK/done-K.json (task -> seconds). Ends after step
+STEPS."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from mofa_omni.contract import (
 )
 
 WORK = Path(os.environ["WORK"])
-ROUNDS = int(os.environ.get("ROUNDS", "5"))
+STEPS = int(os.environ["STEPS"])
 RESULT_INPUTS = {"asr": "speech_recognition", "llm": "text_generation",
                  "tts": "speech_synthesis", "embedder": "embedding"}
 
@@ -43,8 +43,7 @@ def requests() -> dict:
 def main() -> None:
     node = Node()
     encoded = {task: arrow.encode(request) for task, request in requests().items()}
-    tasks = os.environ["TASKS"].split(",")
-    round_, todo, timings = 0, [], {}
+    step, todo, timings = 0, [], {}
     waiting, sent_at = None, 0.0
     for event in node:
         if event["type"] != "INPUT":
@@ -57,14 +56,15 @@ def main() -> None:
             timings[todo.pop(0)] = time.perf_counter() - sent_at
             waiting = None
             if not todo:
-                (WORK / f"done-{round_}.json").write_text(json.dumps(timings))
-                if round_ == ROUNDS:
+                (WORK / f"done-{step}.json").write_text(json.dumps(timings))
+                step, timings = step + 1, {}
+                if step == STEPS:
                     break
-                round_, timings = round_ + 1, {}
-        if not todo and waiting is None and (WORK / f"go-{round_}").exists():
-            todo = list(tasks)
+        go = WORK / f"go-{step}"
+        if not todo and waiting is None and go.exists():
+            todo = go.read_text().split(",")
         if todo and waiting is None:
-            waiting, sent_at = f"{todo[0]}-{round_}", time.perf_counter()
+            waiting, sent_at = f"{todo[0]}-{step}", time.perf_counter()
             node.send_output(todo[0], encoded[todo[0]], {"request_id": waiting})
 
 

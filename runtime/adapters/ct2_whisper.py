@@ -2,10 +2,10 @@
 
 The packaged ``model.bin`` files are CTranslate2 models already; CTranslate2
 also needs the token strings (``vocabulary.json``), which those packages leave
-out: ``prepare`` writes them from whisper's own tokenizer. Audio becomes a
-log-mel spectrogram and tokens become text with the same code mlx_whisper uses,
-so both backends see the same input and decode the same way (greedy, no
-timestamps). Audio longer than 30 s is transcribed window by window.
+out: ``prepare`` writes them from whisper's own tokenizer. Audio becomes the same
+log-mel spectrogram as mlx_whisper's (computed in NumPy, :mod:`mofa_omni.whisper_features`)
+and tokens become text with mlx_whisper's tokenizer, so both backends see the same input and
+decode the same way (greedy, no timestamps). Audio longer than 30 s is transcribed window by window.
 
 ``options.compute_type`` in the catalog: ``int8`` (default: fastest on a CPU,
 same transcripts here), ``float32``, or ``float16``/``int8_float16`` on CUDA.
@@ -27,9 +27,8 @@ from mofa_omni.contract import (ContractError, Segment, Task, Transcript, Transc
 from mofa_omni.formats.ctranslate2 import read_model_bin
 from mofa_omni.formats.tiktoken_bpe import hf_tokenizer
 from mofa_omni.store import link_or_copy
+from mofa_omni.whisper_features import SAMPLE_RATE, WINDOW_SAMPLES, log_mel
 
-WHISPER_RATE = 16_000
-WINDOW_SAMPLES = 30 * WHISPER_RATE
 MAX_NEW_TOKENS = 224  # whisper's decoder context is 448: half for the text, as whisper does
 MULTILINGUAL_VOCAB = 51865
 
@@ -98,10 +97,11 @@ class Ct2WhisperAdapter(ModelAdapter):
         validate_request(request)
         if self._model is None:
             raise AdapterError(f"model {self.spec.name!r} is not loaded")
-        audio = resample(request.audio, request.sample_rate, WHISPER_RATE)
+        audio = resample(request.audio, request.sample_rate, SAMPLE_RATE)
         windows = [audio[start:start + WINDOW_SAMPLES]
                    for start in range(0, len(audio), WINDOW_SAMPLES)]
-        features = ctranslate2.StorageView.from_array(np.stack([_log_mel(w) for w in windows]))
+        features = ctranslate2.StorageView.from_array(
+            np.stack([log_mel(w, self._model.n_mels) for w in windows]))
         language = self._language(request.language.strip().lower(), features)
         tokenizer = self._tokenizer_for(language)
         prompt = list(tokenizer.sot_sequence_including_notimestamps)
@@ -112,8 +112,8 @@ class Ct2WhisperAdapter(ModelAdapter):
             text = tokenizer.decode([t for t in result.sequences_ids[0]
                                      if t < tokenizer.eot]).strip()
             if text:
-                start = index * WINDOW_SAMPLES / WHISPER_RATE
-                end = min(len(audio), (index + 1) * WINDOW_SAMPLES) / WHISPER_RATE
+                start = index * WINDOW_SAMPLES / SAMPLE_RATE
+                end = min(len(audio), (index + 1) * WINDOW_SAMPLES) / SAMPLE_RATE
                 segments.append(Segment(start, end, text))
         return Transcript(text=" ".join(s.text for s in segments), language=language,
                           segments=segments)
@@ -163,12 +163,3 @@ def _token_strings(tokenizer, size: int) -> list[str]:
     return [special[i] if i in special else encoding.decode_single_token_bytes(i).decode("latin-1")
             for i in range(size)]
 
-
-def _log_mel(window: np.ndarray) -> np.ndarray:
-    """The (80, 3000) log-mel features of one window, padded to 30 s (whisper's own code)."""
-    import mlx.core as mx
-    from mlx_whisper.audio import log_mel_spectrogram
-
-    padded = np.zeros(WINDOW_SAMPLES, np.float32)
-    padded[:len(window)] = window
-    return np.ascontiguousarray(np.array(log_mel_spectrogram(mx.array(padded), 80)).T)
