@@ -4,7 +4,7 @@ The same numbers as whisper's reference code (and mlx_whisper's, which runs it o
 400-point Hann-windowed STFT every 160 samples of 16 kHz audio, reflect-padded, the power
 spectrum through 80 (or 128) Slaney-style mel filters, log10, clamped to 8 below the maximum,
 scaled. NumPy's FFT does it in ~20 ms on a CPU where MLX's CPU backend takes ~80 ms (and
-~1.8 s for its first call in a process), and without MLX loaded at all.
+~1.8 s for its first call in a process).
 """
 
 from __future__ import annotations
