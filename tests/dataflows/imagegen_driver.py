@@ -1,6 +1,7 @@
 """Drives tests/dataflows/imagegen.yml: two drawings with one seed, two bad requests, then —
 once both were answered with errors — a drawing with another seed; writes what came back
-(shapes, a digest of the pixels, whether they were read in place) to $REPORT."""
+(shapes, a digest of the pixels, whether they were read in place) to $REPORT. A request dora
+dropped is sent once more (see resending.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 from mofa_omni import arrow
 from mofa_omni.contract import ErrorReport, Image, ImageRequest
 from mofa_omni.integrity import CheckedNode
+from resending import Outbox
 
 DEADLINE_S = 240
 WIDTH, HEIGHT = 96, 64  # 18 KiB of pixels: above dora's shared-memory threshold (4 KiB)
@@ -30,9 +32,11 @@ def main() -> None:
     after_errors = {"apple-seed-4": ImageRequest("a red apple on a table", WIDTH, HEIGHT,
                                                  steps=2, seed=4)}
 
+    outbox = Outbox(node, after_s=60)
+
     def send(requests: dict[str, ImageRequest]) -> None:
         for request_id, request in requests.items():
-            node.send_output("draw", arrow.encode(request), {"request_id": request_id})
+            outbox.send("draw", request_id, arrow.encode(request))
 
     started, sent = time.monotonic(), False
     for event in node:
@@ -46,7 +50,12 @@ def main() -> None:
         if kind == "tick" and not sent:
             sent = True
             send(first)
+        elif kind == "tick":
+            outbox.resend_stale()
+        elif kind == "image_lost":
+            outbox.resend_lost(meta, {"image_generation": "draw"})
         elif kind == "image":
+            outbox.answered(rid)
             pixels = arrow.decode(value, Image).pixels
             arrow_pixels = value.field("pixels").flatten()
             report["images"][rid] = {
@@ -57,16 +66,20 @@ def main() -> None:
                 "in_place": pixels.ctypes.data == arrow_pixels.buffers()[1].address
                 and not pixels.flags.owndata,
             }
-            report["order"].append(rid)
+            if rid not in report["order"]:
+                report["order"].append(rid)
         elif kind == "image_error":
             error = arrow.decode(value, ErrorReport)
+            outbox.answered(error.request_id)
             report["errors"][error.request_id] = {"kind": error.kind, "message": error.message,
                                                   "node": error.node}
-            report["order"].append(error.request_id)
-            if len(report["errors"]) == 2:
+            if error.request_id not in report["order"]:
+                report["order"].append(error.request_id)
+            if len(report["errors"]) == 2 and not outbox.sent("apple-seed-4"):
                 send(after_errors)
         if len(report["order"]) == len(first) + len(after_errors):
             break
+    report["resent"], report["lost_on_inputs"] = outbox.resent, node.gaps.lost()
     Path(os.environ["REPORT"]).write_text(json.dumps(report, indent=1))
 
 

@@ -1,8 +1,6 @@
 """Drives tests/dataflows/vlm.yml: a picture and two malformed ones, then — once both were
-answered with errors — an RGBA picture and a plain chat; writes what came back to $REPORT.
-
-dora may drop a message now and then under load: a request the node reports lost, or one with
-no answer after RESEND_AFTER_S, is sent once more (recorded in the report's "resent")."""
+answered with errors — an RGBA picture and a plain chat; writes what came back to $REPORT
+(a request dora dropped is sent once more: see resending.py)."""
 
 from __future__ import annotations
 
@@ -17,9 +15,9 @@ import pyarrow as pa
 from mofa_omni import arrow
 from mofa_omni.contract import ChatMessage, ChatRequest, ErrorReport, TextChunk, VisionRequest
 from mofa_omni.integrity import CheckedNode
+from resending import Outbox
 
 DEADLINE_S = 180
-RESEND_AFTER_S = 30
 MAX_TOKENS = 8
 QUESTION = [ChatMessage("user", "What is in this picture?")]
 
@@ -58,21 +56,11 @@ def main() -> None:
                                                   max_tokens=MAX_TOKENS))),
     }
 
-    by_seq: dict[tuple[str, int], str] = {}
-    pending: dict[str, float] = {}  # request id -> when sent
-    report["resent"] = []
+    outbox = Outbox(node)
 
     def send(requests: dict) -> None:
         for request_id, (output, message) in requests.items():
-            seq = node.send_output(output, message, {"request_id": request_id})
-            by_seq[output, seq] = request_id
-            pending[request_id] = time.monotonic()
-
-    def resend(request_id: str) -> None:
-        if request_id in report["resent"] or request_id not in pending:
-            return
-        report["resent"].append(request_id)
-        send({request_id: {**first, **after_errors}[request_id]})
+            outbox.send(output, request_id, message)
 
     started, sent = time.monotonic(), False
     for event in node:
@@ -87,20 +75,15 @@ def main() -> None:
             sent = True
             send(first)
         elif kind == "tick":
-            for request_id, when in list(pending.items()):
-                if time.monotonic() - when > RESEND_AFTER_S:
-                    resend(request_id)
-        elif kind == "vlm_lost":  # the node saw a gap in a request input's numbering
-            output = {"vision_language": "look", "text_generation": "chat"}[meta["lost_input"]]
-            for seq in range(meta["lost_first"], meta["lost_last"] + 1):
-                if (output, seq) in by_seq:
-                    resend(by_seq[output, seq])
+            outbox.resend_stale()
+        elif kind == "vlm_lost":
+            outbox.resend_lost(meta, {"vision_language": "look", "text_generation": "chat"})
         elif kind == "vlm":
             chunk = arrow.decode(value, TextChunk)
             report["texts"][rid] = report["texts"].get(rid, "") + chunk.text
             report["chunks"][rid] = report["chunks"].get(rid, 0) + 1
             if chunk.final:
-                pending.pop(rid, None)
+                outbox.answered(rid)
                 report["finals"][rid] = {"finish_reason": chunk.finish_reason,
                                          "completion_tokens": chunk.completion_tokens,
                                          "prompt_tokens": chunk.prompt_tokens,
@@ -109,16 +92,16 @@ def main() -> None:
                     report["order"].append(rid)
         elif kind == "vlm_error":
             error = arrow.decode(value, ErrorReport)
-            pending.pop(error.request_id, None)
+            outbox.answered(error.request_id)
             report["errors"][error.request_id] = {"kind": error.kind, "message": error.message,
                                                   "node": error.node}
             if error.request_id not in report["order"]:
                 report["order"].append(error.request_id)
-            if len(report["errors"]) == 2 and "rgba" not in by_seq.values():
+            if len(report["errors"]) == 2 and not outbox.sent("rgba"):
                 send(after_errors)
         if len(report["order"]) == len(first) + len(after_errors):
             break
-    report["lost_on_inputs"] = node.gaps.lost()
+    report["resent"], report["lost_on_inputs"] = outbox.resent, node.gaps.lost()
     Path(os.environ["REPORT"]).write_text(json.dumps(report, indent=1))
 
 
