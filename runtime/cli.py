@@ -206,19 +206,30 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _results_stream():
+    """This command's standard output, kept for its results: from here on, what else writes to
+    file descriptor 1 -- dora's and zenoh's log lines, written as JSON by the node a command
+    connects as -- goes to standard error, so that `--json` output stays one JSON document."""
+    sys.stdout.flush()
+    results = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    return results
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import msgspec
 
     from mofa_omni.graph_control import GraphUnreachable, fetch_status
     from mofa_omni.status import render_status
 
+    results = _results_stream()
     try:
         status = fetch_status(args.timeout, args.dataflow)
     except GraphUnreachable as error:
         print(f"omni status: {error}", file=sys.stderr)
         return 1
     print(msgspec.json.format(msgspec.json.encode(status).decode()) if args.json
-          else render_status(status))
+          else render_status(status), file=results)
     return 0
 
 
@@ -229,15 +240,16 @@ def cmd_swap(args: argparse.Namespace) -> int:
     from mofa_omni.status import render_swap
 
     _catalog().get(args.model)  # an unknown name fails here, with close matches
+    results = _results_stream()
     try:
         outcome = swap(args.node, args.model, args.timeout, args.dataflow)
     except GraphUnreachable as error:
         print(f"omni swap: {error}", file=sys.stderr)
         return 1
     if args.json:
-        print(msgspec.json.format(msgspec.json.encode(outcome).decode()))
+        print(msgspec.json.format(msgspec.json.encode(outcome).decode()), file=results)
     else:
-        print(render_swap(outcome), file=sys.stdout if outcome.ok else sys.stderr)
+        print(render_swap(outcome), file=results if outcome.ok else sys.stderr)
     return 0 if outcome.ok else 1
 
 

@@ -5,17 +5,37 @@ a Piper voice and an embedding model swapped while they serve."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import msgspec
+import pytest
 
 from mofa_omni.control import Status, SwapOutcome
 from mofa_omni.catalog import variant_entry
 from tests.dataflow_run import finish, omni, start_dataflow
 
 DATAFLOWS = Path(__file__).parent / "dataflows"
+_RUNNING: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_graph_left_behind():
+    """A test that fails before its graph finished must not leave it running (a graph left
+    behind answers later tests' `omni` commands)."""
+    yield
+    while _RUNNING:
+        process = _RUNNING.pop()
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)  # dora run stops the dataflow and its nodes
+            try:
+                process.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.communicate()
 
 
 class Graph:
@@ -26,6 +46,7 @@ class Graph:
         self.catalog.write_text(catalog)
         self.env = {"WORK": str(tmp_path), "MOFA_OMNI_CATALOG": str(self.catalog), **env}
         self.process = start_dataflow(DATAFLOWS / flow, self.env)
+        _RUNNING.append(self.process)
 
     def wait_for_progress(self, enough, timeout: float = 240) -> None:
         progress = self.work / "progress"
