@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from mofa_omni.contract import ChatMessage, ChatRequest
 
 # What whisper writes for non-speech; such an utterance gets no reply.
-_NON_SPEECH = re.compile(r"^[\s.,!?\-]*$|^\s*[\[(][^\])]*[\])]\s*$")
+NON_SPEECH = re.compile(r"^[\s.,!?\-]*$|^\s*[\[(][^\])]*[\])]\s*$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +78,7 @@ class Dialogue:
     def heard(self, turn_id: str, text: str, origin_ns: int, now: float = 0.0) -> list[Action]:
         """A transcribed utterance: interrupt what is going on, then answer it."""
         text = text.strip()
-        if _NON_SPEECH.match(text):
+        if NON_SPEECH.match(text):
             return [TurnDone(turn_id)]  # silence or noise: no reply, nothing breaks
         actions = self._interrupt()
         self.history.append(ChatMessage("user", text))

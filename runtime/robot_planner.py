@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 import msgspec
 
 from mofa_omni.contract import ChatRequest
+from mofa_omni.dialogue import NON_SPEECH
 from mofa_omni.robot_actions import Approved, action_request, check, parse_action, report
 from mofa_omni.robot_messages import Drive, Outcome, RobotState
 from mofa_omni.robot_world import World
 
-_NON_SPEECH = re.compile(r"^[\s.,!?\-]*$|^\s*[\[(][^\])]*[\])]\s*$")
 # Said while the robot drives, these stop it at once, without waiting for the LLM.
 _EMERGENCY_STOP = re.compile(r"^\W*(stop|halt|freeze|wait)( now| there| it)?\W*$", re.IGNORECASE)
 
@@ -89,7 +89,7 @@ class Planner:
     waiting: deque = field(default_factory=deque)
 
     def heard(self, turn_id: str, text: str, now: float) -> list[Action]:
-        if _NON_SPEECH.match(text):
+        if NON_SPEECH.match(text):
             return [TurnDone(turn_id)]
         if _EMERGENCY_STOP.match(text) and self.turn is not None and self.turn.phase == "driving":
             return [LogLine("user", text.strip()),

@@ -126,7 +126,6 @@ class _Reply:
         self.prompt = prompt
         self.tokenizer = tokenizer
         self.text = ""
-        self.steps = 0  # forward passes spent
 
     def tokens(self, text: str | None = None) -> list[int]:
         written = self.text if text is None else text
@@ -176,7 +175,6 @@ def _choose(reply: _Reply, values: tuple, scorer) -> str | bool:
     base = reply.tokens()
     sequences = [reply.tokens(reply.text + json.dumps(value)) for value in values]
     scored = scorer.sequence_log_probs(sequences)
-    reply.steps += 1
     totals = []
     for sequence, log_probs in zip(sequences, scored):
         shared = _common_prefix(base, sequence)
@@ -251,7 +249,6 @@ def _next_piece(reply: _Reply, partial: str, scorer, step) -> str | None:
     """The most likely allowed continuation of ``partial`` (the field's text so far, written
     after ``reply.text``): its text, "" when the field ends, None when nothing may follow."""
     log_probs = scorer.next_log_probs([reply.tokens(reply.text + partial)])[0]
-    reply.steps += 1
     order = np.argsort(-log_probs)
     for block in (order[:CANDIDATES], order[CANDIDATES:]):
         for token_id in block:
