@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from mofa_omni.local_cluster import LocalCluster
@@ -30,8 +31,22 @@ def _wait(condition, timeout: float, what: str, cluster: LocalCluster):
         if value := condition():
             return value
         time.sleep(0.5)
-    pytest.fail(f"{what} within {timeout:g} s\nA:\n{cluster.node_logs('A')[-3000:]}\n"
-                f"B:\n{cluster.node_logs('B')[-3000:]}")
+    pytest.fail(f"{what} within {timeout:g} s\n{_diagnosis(cluster)}")
+
+
+def _diagnosis(cluster: LocalCluster) -> str:
+    """Which nodes still run on each machine, and the last lines their logs have."""
+    parts = [f"dataflows: {cluster.flows()}"]
+    for machine, daemon in cluster.daemons.items():
+        try:
+            alive = [" ".join(p.cmdline()[:3]) for p in psutil.Process(daemon.pid).children()]
+        except psutil.NoSuchProcess:
+            alive = ["(the daemon is gone)"]
+        parts.append(f"{machine} still runs: {alive}")
+        for log in sorted((cluster.workdir / f"machine-{machine}").glob("_work/*/out/*/log_*")):
+            parts.append(f"  {log.relative_to(cluster.workdir)}: "
+                         f"{log.read_text(errors='replace')[-800:]}")
+    return "\n".join(parts)
 
 
 def _lines(path: Path) -> list[str]:
@@ -51,8 +66,8 @@ def test_asr_on_one_machine_and_the_llm_and_tts_on_another_answer_the_question(c
     flow = cluster.start(SPLIT, env={"VOICE_OUTPUT": str(out), "STATUS_FILE": str(status_file)})
     assert cluster.wait_finished(flow, timeout=300) == "Finished", cluster.node_logs("A")[-3000:]
     lines = _lines(out / "transcript.txt")
-    assert lines[:2] == ["user: What is the capital of France?",
-                         "assistant: Le Grand Paris is the capital of France."], lines
+    assert lines[0] == "user: What is the capital of France?", lines
+    assert "paris" in lines[1].lower() and "[" not in lines[1], lines
     assert [line.split(":")[0] for line in lines] == ["user", "assistant"] * 2, lines
     assert "italy" in lines[3].lower() and "[" not in lines[3], lines
     assert len(list(out.glob("reply-*.wav"))) == 2  # spoken on B, written on A
@@ -110,7 +125,11 @@ def _lose_machine_b_and_recover(cluster, flow, out, status_file, watcher):
     # watcher sees B's daemon connected again and restarts the graph, which answers again.
     transcript.unlink()
     cluster.start_daemon("B")
-    log, _ = watcher.communicate(timeout=300)  # it ends when the restarted graph has finished
+    try:  # it ends when the restarted graph has finished
+        log, _ = watcher.communicate(timeout=300)
+    except subprocess.TimeoutExpired as timeout:
+        pytest.fail(f"the restarted graph did not finish in 300 s: {timeout.output}\n"
+                    f"transcript: {_lines(transcript)}\n{_diagnosis(cluster)}")
     assert watcher.returncode == 0, log
     assert "machine B lost" in log and "machine B is connected again" in log, log
     assert log.count("restarted in") == 1 and "dataflow voice is finished" in log, log
