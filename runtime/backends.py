@@ -3,9 +3,10 @@
 A catalog model may name several adapters (``adapter = ["mlx_whisper", "ct2_whisper"]``);
 the one whose backend ranks first for this platform, and can be imported, serves it:
 MLX on Apple Silicon (Metal), CTranslate2 then MLX on a CUDA machine, and the CPU
-engines (CTranslate2, ONNX Runtime) before MLX on a Linux CPU, where MLX's CPU
-backend is slow at small-batch decoding (measured: whisper tiny.en 3 s with MLX,
-0.6 s with CTranslate2 int8, same transcript). A user pins one adapter in their
+engines (llama.cpp, CTranslate2, ONNX Runtime) before MLX on a Linux CPU, where MLX's
+CPU backend is slow at small-batch decoding (measured: whisper tiny.en 3 s with MLX,
+0.6 s with CTranslate2 int8, same transcript; SmolLM2 decoding 11 tok/s with MLX,
+55 with CTranslate2 int8, 86 with llama.cpp on the GGUF as it is). A user pins one adapter in their
 catalog (``adapter = "mlx_whisper"``), or a node asks for a backend (``BACKEND``).
 """
 
@@ -22,9 +23,14 @@ from mofa_omni.adapters.base import AdapterError, ModelAdapter, adapter_class
 from mofa_omni.catalog import ModelSpec
 
 PREFERENCE = {
-    "apple-silicon": ("mlx", "onnxruntime", "ctranslate2", "python"),
-    "cuda": ("ctranslate2", "mlx", "onnxruntime", "python"),
-    "cpu": ("ctranslate2", "onnxruntime", "mlx", "python"),
+    "apple-silicon": ("mlx", "llama.cpp", "onnxruntime", "ctranslate2", "python"),
+    "cuda": ("ctranslate2", "llama.cpp", "mlx", "onnxruntime", "python"),
+    "cpu": ("llama.cpp", "ctranslate2", "onnxruntime", "mlx", "python"),
+}
+# How to get a module an optional backend needs, said when that backend is skipped.
+INSTALL_HINTS = {
+    "llama_cpp": "scripts/setup.sh builds it on Linux (LLAMA_CPP=0 skips it), or "
+                 "pip install llama-cpp-python",
 }
 
 
@@ -52,7 +58,8 @@ def missing_requirement(adapter: str) -> str | None:
         return str(error)
     for module in getattr(cls, "requires", ()):
         if importlib.util.find_spec(module) is None:
-            return f"{module} is not installed"
+            hint = INSTALL_HINTS.get(module)
+            return f"{module} is not installed" + (f" ({hint})" if hint else "")
     return None
 
 

@@ -10,7 +10,7 @@ not write valid JSON on its own — the way llama.cpp grammars, Outlines and
 OpenAI's structured outputs constrain decoding.
 
 Backends supply token log-probabilities only (:class:`mofa_omni.llm_rerank.TokenScorer`),
-so the same code runs on MLX and CTranslate2.
+so the same code runs on MLX, CTranslate2 and llama.cpp.
 
 Supported schema subset: an ``object`` whose ``properties`` are all ``required``
 (``additionalProperties`` false implied), each a ``string`` (with ``enum``, or with
@@ -177,13 +177,14 @@ def _choose(reply: _Reply, values: tuple, scorer) -> str | bool:
     scored = scorer.sequence_log_probs(sequences)
     totals = []
     for sequence, log_probs in zip(sequences, scored):
-        shared = _common_prefix(base, sequence)
+        shared = common_prefix(base, sequence)
         # log_probs[t - 1] is log P(sequence[t] | sequence[:t]); sum the value's own tokens.
         totals.append(float(np.sum(log_probs[max(shared, 1) - 1:])))
     return values[int(np.argmax(totals))]
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many tokens ``a`` and ``b`` share from their start."""
     n = 0
     for x, y in zip(a, b):
         if x != y:

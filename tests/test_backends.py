@@ -34,11 +34,13 @@ def test_a_model_with_one_adapter_keeps_it():
     assert (chosen.adapter, chosen.backend) == ("mlx_bert", "mlx")
 
 
-@pytest.mark.parametrize("where, adapter", [("apple-silicon", "mlx_lm"), ("cpu", "ct2_lm")])
-def test_the_llm_runs_on_ctranslate2_except_on_a_mac(where, adapter):
+@pytest.mark.parametrize("where, adapter", [("apple-silicon", "mlx_lm"), ("cuda", "ct2_lm"),
+                                            ("cpu", "llama_cpp")])
+def test_the_llm_runs_on_the_fastest_engine_of_each_platform(where, adapter):
     assert select_adapter(Catalog.load([]).get("smollm2-135m"), where=where).adapter == adapter
-    # gemma-3-270m is not a Llama-architecture model: MLX serves it everywhere.
-    assert select_adapter(Catalog.load([]).get("gemma-3-270m"), where=where).backend == "mlx"
+    # gemma-3-270m is not a Llama-architecture model: CTranslate2 has no Gemma 3, llama.cpp does.
+    gemma = select_adapter(Catalog.load([]).get("gemma-3-270m"), where=where).backend
+    assert gemma == {"apple-silicon": "mlx", "cuda": "llama.cpp", "cpu": "llama.cpp"}[where]
 
 
 def test_a_node_can_ask_for_a_backend(whisper):
@@ -70,6 +72,16 @@ def test_a_missing_optional_backend_falls_back_and_says_why(whisper, monkeypatch
     with pytest.raises(AdapterError, match="the ctranslate2 backend cannot run: ctranslate2 "
                                            "is not installed"):
         select_adapter(whisper, "ctranslate2")
+
+
+def test_without_llama_cpp_the_llm_falls_back_to_ctranslate2_and_says_how_to_get_it(
+        monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    chosen = select_adapter(Catalog.load([]).get("smollm2-135m"), where="cpu")
+    assert (chosen.adapter, chosen.backend) == ("ct2_lm", "ctranslate2")
+    assert "llama.cpp skipped: llama_cpp is not installed (scripts/setup.sh builds it" in chosen.reason
 
 
 def test_each_adapter_converts_into_its_own_folder(whisper, tmp_path: Path):

@@ -28,6 +28,10 @@ from tests.dataflow_run import finish, start_dataflow
 
 ROOT = Path(__file__).parents[1]
 SENTENCE = "Please turn on the lights in the kitchen."
+# SmolLM2-135M is tiny: told to answer in one sentence it names Paris on every backend (asked
+# bare, llama.cpp's Q4_1 arithmetic sends it off on "L'Étoile, la Marseillaise, ...").
+CAPITAL = [{"role": "system", "content": "Answer in one sentence."},
+           {"role": "user", "content": "What is the capital of France?"}]
 LOAD_S = 180
 
 
@@ -101,7 +105,7 @@ def test_models_lists_the_catalog_with_what_is_served_and_loaded(server):
 
 def test_chat_whole_and_streamed_give_the_same_reply(server):
     client = server.client()
-    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    messages = CAPITAL
     whole = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=24)
     text = whole.choices[0].message.content
     assert "Paris" in text and whole.model == "smollm2-135m"
@@ -272,13 +276,12 @@ def test_a_second_gateway_falls_back_to_the_first(server, tmp_path: Path):
             openai.OpenAI(base_url=second.url, api_key="wrong", max_retries=0).models.list()
         client = second.client()
         reply = client.chat.completions.create(  # the local model cannot load: the remote answers
-            model="broken-llm", max_tokens=24,
-            messages=[{"role": "user", "content": "What is the capital of France?"}])
+            model="broken-llm", max_tokens=24, messages=CAPITAL)
         assert "Paris" in reply.choices[0].message.content
         assert reply.model == "remote-smollm2"
         streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
             model="gemma-3-270m", max_tokens=24, stream=True,  # not in this graph: remote
-            messages=[{"role": "user", "content": "What is the capital of France?"}]) if c.choices)
+            messages=CAPITAL) if c.choices)
         assert streamed == reply.choices[0].message.content
         with pytest.raises(openai.InternalServerError) as unavailable:
             client.audio.speech.create(model="broken-voice", voice="", input="Hello there.")

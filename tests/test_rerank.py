@@ -23,7 +23,8 @@ QUERIES = [("What is the capital of France?", 1), ("When does the train leave?",
 
 
 @pytest.mark.parametrize("name, backend", [("smollm2-135m", "ctranslate2"),
-                                           ("smollm2-135m", "mlx"), ("minilm-l6", None)])
+                                           ("smollm2-135m", "mlx"), ("smollm2-135m", "llama.cpp"),
+                                           ("minilm-l6", None)])
 def test_rerankers_put_the_relevant_document_first(model, name, backend):
     reranker = model(name, backend)
     for query, best in QUERIES:
@@ -32,12 +33,14 @@ def test_rerankers_put_the_relevant_document_first(model, name, backend):
         assert int(np.argmax(scores)) == best, (query, scores)
 
 
-def test_both_llm_backends_score_alike(model):
+def test_every_llm_backend_scores_alike(model):
     request = RerankRequest("Which countries border France?", DOCUMENTS)
     int8 = model("smollm2-135m", "ctranslate2").rerank(request).scores
     float32 = model("smollm2-135m", "mlx").rerank(request).scores
-    assert int(np.argmax(int8)) == int(np.argmax(float32)) == 3
+    q4_1 = model("smollm2-135m", "llama.cpp").rerank(request).scores  # the GGUF as it is
+    assert int(np.argmax(int8)) == int(np.argmax(float32)) == int(np.argmax(q4_1)) == 3
     np.testing.assert_allclose(int8, float32, atol=0.5)  # mean log-probabilities, int8 vs float32
+    np.testing.assert_allclose(q4_1, float32, atol=0.5)
 
 
 def test_the_judgement_method_scores_yes_against_no(catalog, store):

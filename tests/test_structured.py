@@ -72,8 +72,8 @@ def test_openai_response_format_becomes_the_schema():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["ctranslate2", "mlx"])
-def test_replies_satisfy_the_schema_on_both_backends(model, backend):
+@pytest.mark.parametrize("backend", ["ctranslate2", "mlx", "llama.cpp"])
+def test_replies_satisfy_the_schema_on_every_backend(model, backend):
     llm = model("smollm2-135m", backend)
     chunks = list(llm.generate(ask("Tell me about Paris, the capital of France.")))
     assert chunks[-1].final and chunks[-1].finish_reason == "stop"
@@ -87,8 +87,9 @@ def test_replies_satisfy_the_schema_on_both_backends(model, backend):
 
 
 @pytest.mark.slow
-def test_the_choice_follows_the_question(model):
-    llm = model("smollm2-135m", "ctranslate2")
+@pytest.mark.parametrize("backend", ["ctranslate2", "llama.cpp"])
+def test_the_choice_follows_the_question(model, backend):
+    llm = model("smollm2-135m", backend)
     schema = {"type": "object", "properties": {"country": {"enum": ["France", "Italy", "Spain"]}}}
     for city, country in [("Rome", "Italy"), ("Madrid", "Spain"), ("Paris", "France")]:
         reply = "".join(c.text for c in llm.generate(ask(f"Which country is {city} in?", schema)))

@@ -50,14 +50,11 @@ class Ct2LmAdapter(ModelAdapter):
     # --- lifecycle -------------------------------------------------------------------
 
     def prepare(self, source_dir: Path, out_dir: Path, progress: Progress) -> None:
-        from mofa_omni.formats.gguf import convert_gguf
+        from mofa_omni.formats.gguf import convert_gguf, find_gguf
 
-        ggufs = sorted(source_dir.glob(self.spec.options.get("file") or "*.gguf"))
-        if len(ggufs) != 1:
-            raise ModelLoadError(f"model {self.spec.name!r}: expected one .gguf file in "
-                                 f"{source_dir}, found {[p.name for p in ggufs]}")
+        gguf = find_gguf(source_dir, self.spec.name, self.spec.options.get("file"))
         with tempfile.TemporaryDirectory(dir=out_dir.parent) as scratch:
-            config = convert_gguf(ggufs[0], Path(scratch), dtype="float32", progress=progress)
+            config = convert_gguf(gguf, Path(scratch), dtype="float32", progress=progress)
             progress("build CTranslate2 model", 0, 1)
             spec = _decoder_spec(Path(scratch), config)
             spec.optimize(quantization=self.spec.options.get("compute_type", "int8"))

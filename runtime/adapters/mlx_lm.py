@@ -8,7 +8,7 @@ from typing import ClassVar, NamedTuple
 
 import numpy as np
 
-from mofa_omni.adapters.base import AdapterError, ModelAdapter, ModelLoadError, Progress
+from mofa_omni.adapters.base import AdapterError, ModelAdapter, Progress
 from mofa_omni.contract import (ChatRequest, RerankRequest, RerankResult, Task, TextChunk,
                                 validate_request)
 from mofa_omni.llm_rerank import relevance_scores, rerank_method
@@ -123,14 +123,10 @@ class MlxLmAdapter(ModelAdapter):
         if self.spec.format == "mlx":
             link_model_directory(self.spec.name, source_dir, out_dir, progress)
             return
-        from mofa_omni.formats.gguf import convert_gguf
+        from mofa_omni.formats.gguf import convert_gguf, find_gguf
 
-        wanted = self.spec.options.get("file")
-        ggufs = sorted(source_dir.glob(wanted or "*.gguf"))
-        if len(ggufs) != 1:
-            raise ModelLoadError(f"model {self.spec.name!r}: expected one .gguf file in {source_dir}, "
-                                 f"found {[p.name for p in ggufs]} (name one with options.file)")
-        convert_gguf(ggufs[0], out_dir, dtype=self.spec.options.get("dtype", "float32"),
+        gguf = find_gguf(source_dir, self.spec.name, self.spec.options.get("file"))
+        convert_gguf(gguf, out_dir, dtype=self.spec.options.get("dtype", "float32"),
                      progress=progress)
 
     def _load(self, model_dir: Path) -> None:

@@ -402,11 +402,34 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, dtype: str = "float32",
             config["quantization"] = quantization
     else:
         entries = _float_entries(reader, arch, DTYPES[dtype])
-    tokenizer, tokenizer_config = tokenizer_files(meta)
-
     out_dir.mkdir(parents=True, exist_ok=True)
     write_safetensors(out_dir / "model.safetensors", entries, progress, f"convert {gguf_path.name}")
+    _write_description(meta, config, out_dir, "config.json")
+    return config
+
+
+def write_description(gguf_path: Path, out_dir: Path, config_name: str = "config.json") -> dict:
+    """Write the tokenizer (tokenizer.json, tokenizer_config.json) and the model config the
+    GGUF's metadata describes into ``out_dir``, reading no weights (for an engine that runs
+    the GGUF as it is); returns the config."""
+    meta = Metadata(open_gguf(gguf_path))
+    config = _architecture(meta).config(meta)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    _write_description(meta, config, Path(out_dir), config_name)
+    return config
+
+
+def _write_description(meta: Metadata, config: dict, out_dir: Path, config_name: str) -> None:
+    tokenizer, tokenizer_config = tokenizer_files(meta)
     tokenizer.save(str(out_dir / "tokenizer.json"))
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=1))
-    (out_dir / "config.json").write_text(json.dumps(config, indent=1))
-    return config
+    (out_dir / config_name).write_text(json.dumps(config, indent=1))
+
+
+def find_gguf(source_dir: Path, model: str, pattern: str | None = None) -> Path:
+    """The one GGUF file of ``model`` in ``source_dir`` (``pattern``: its ``options.file``)."""
+    ggufs = sorted(Path(source_dir).glob(pattern or "*.gguf"))
+    if len(ggufs) != 1:
+        raise ModelLoadError(f"model {model!r}: expected one .gguf file in {source_dir}, "
+                             f"found {[p.name for p in ggufs]} (name one with options.file)")
+    return ggufs[0]

@@ -62,7 +62,8 @@ def main() -> None:
         elif kind == "transcript":
             heard = arrow.decode(value, Transcript).text.strip()
             report["heard"] = heard
-            send("ask", ChatRequest([ChatMessage("user", heard)], max_tokens=48), "turn-1")
+            send("ask", ChatRequest([ChatMessage("system", "Answer in one sentence."),
+                                      ChatMessage("user", heard)], max_tokens=48), "turn-1")
         elif kind == "reply":
             chunk = arrow.decode(value, TextChunk)
             reply += chunk.text

@@ -39,7 +39,8 @@ def main() -> None:
         if kind == "tick" and not sent:
             sent = True
             outbox.send("chat", "chat", arrow.encode(ChatRequest(
-                [ChatMessage("user", "What is the capital of France?")], max_tokens=16)))
+                [ChatMessage("user", "What is the capital of France? Answer in one sentence.")],
+                max_tokens=16)))
             for query, _ in QUERIES:
                 request = arrow.encode(RerankRequest(query, DOCUMENTS))
                 outbox.send("rank", query, request)

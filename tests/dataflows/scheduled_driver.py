@@ -66,7 +66,8 @@ def main() -> None:
         elif kind == "transcript":
             text = arrow.decode(value, Transcript).text.strip()
             report["results"][request_id] = text
-            send("ask", ChatRequest([ChatMessage("user", text)], max_tokens=12),
+            send("ask", ChatRequest([ChatMessage("system", "Answer in one sentence."),
+                                      ChatMessage("user", text)], max_tokens=12),
                  request_id.replace("hear", "ask"))
         elif kind == "reply":
             chunk = arrow.decode(value, TextChunk)

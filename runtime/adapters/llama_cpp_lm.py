@@ -1,0 +1,202 @@
+"""Text generation on llama.cpp (llama-cpp-python), reading the catalog's GGUF file as it is.
+
+Nothing is converted: ``prepare`` links the GGUF into the cache and writes the tokenizer
+rebuilt from its metadata (the reader the other LLM adapters use), so every backend builds
+the same prompt and streams text the same way (mlx-lm's chat template and detokenizer);
+llama.cpp only runs the network. Greedy at temperature 0 gives the same tokens as the other
+backends up to the arithmetic of the weights' format. llama.cpp keeps the previous
+request's tokens: a prompt that starts like the last one (the next turn of a conversation)
+only evaluates what is new.
+
+``options``: ``context`` (tokens, default 4096: prompt + reply must fit), ``threads``
+(default: every core).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Generator, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from mofa_omni.adapters.base import AdapterError, ModelAdapter, ModelLoadError, Progress
+from mofa_omni.adapters.mlx_lm import Piece, chat_prompt_tokens, stream_reply
+from mofa_omni.contract import (ChatRequest, ContractError, RerankRequest, RerankResult, Task,
+                                TextChunk, validate_request)
+from mofa_omni.llm_rerank import relevance_scores, rerank_method
+from mofa_omni.structured import common_prefix, structured_reply
+
+WEIGHTS = "model.gguf"
+MODEL_CONFIG = "model_config.json"
+DEFAULT_CONTEXT = 4096
+
+
+class LlamaCppAdapter(ModelAdapter):
+    """GGUF models of the architectures whose tokenizer :mod:`mofa_omni.formats.gguf` reads
+    (Llama-family such as SmolLM2, Gemma 3), run by whatever llama.cpp is installed."""
+
+    supported_tasks: ClassVar[frozenset[Task]] = frozenset({Task.TEXT_GENERATION, Task.RERANK})
+    formats: ClassVar[frozenset[str]] = frozenset({"gguf"})
+    backend: ClassVar[str] = "llama.cpp"
+    requires: ClassVar[tuple[str, ...]] = ("llama_cpp", "mlx_lm")
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self._llama: Any = None
+        self._tokenizer: Any = None
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def prepare(self, source_dir: Path, out_dir: Path, progress: Progress) -> None:
+        from mofa_omni.formats.gguf import find_gguf, write_description
+
+        gguf = find_gguf(source_dir, self.spec.name, self.spec.options.get("file"))
+        progress("read GGUF metadata", 0, 1)
+        write_description(gguf, out_dir, MODEL_CONFIG)  # checks the file is whole, too
+        try:  # the same bytes, not a copy: the source stays in the cache
+            os.link(gguf, out_dir / WEIGHTS)
+        except OSError:
+            shutil.copyfile(gguf, out_dir / WEIGHTS)
+        progress("read GGUF metadata", 1, 1)
+
+    def _load(self, model_dir: Path) -> None:
+        from llama_cpp import Llama
+        from mlx_lm.utils import load_tokenizer
+
+        context = int(self.spec.options.get("context", DEFAULT_CONTEXT))
+        threads = int(self.spec.options.get("threads", os.cpu_count() or 1))
+        weights = model_dir / WEIGHTS
+        if not weights.is_file():
+            raise ModelLoadError(f"model {self.spec.name!r}: {weights} is missing")
+        try:
+            self._llama = Llama(model_path=str(weights), n_ctx=context, n_threads=threads,
+                                n_threads_batch=threads, logits_all=False, verbose=False)
+        except (ValueError, RuntimeError) as error:  # llama.cpp says only "failed to load"
+            raise ModelLoadError(f"model {self.spec.name!r}: llama.cpp cannot load {weights} "
+                                 f"(corrupt, or an architecture this llama.cpp does not "
+                                 f"know): {error}") from error
+        config = json.loads((model_dir / MODEL_CONFIG).read_text())
+        self._tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
+
+    def _unload(self) -> None:
+        llama, self._llama, self._tokenizer = self._llama, None, None
+        if llama is not None and hasattr(llama, "close"):
+            llama.close()  # frees the context and unmaps the weights now, not at collection
+
+    # --- serving ---------------------------------------------------------------------
+
+    def generate(self, request: ChatRequest) -> Iterator[TextChunk]:
+        """Stream the reply to ``request`` as the other LLM adapters do: greedy at temperature
+        0, stops at EOS, ``max_tokens`` or a stop sequence (never emitted); closing the
+        generator stops the computation. With ``json_schema``: JSON satisfying it."""
+        validate_request(request)
+        llama, tokenizer = self._serving()
+        prompt = chat_prompt_tokens(tokenizer, request)
+        self._check_fits(len(prompt), request.max_tokens)
+        if request.json_schema:
+            return structured_reply(request, tokenizer, self, prompt)
+        eos = tokenizer.eos_token_ids
+        sampling = {"temp": request.temperature, "top_k": 0 if request.temperature > 0 else 1,
+                    "top_p": request.top_p, "min_p": 0.0, "repeat_penalty": 1.0}
+        detokenizer = tokenizer.detokenizer
+        detokenizer.reset()
+
+        def pieces() -> Generator[Piece, None, None]:
+            steps = llama.generate(prompt, **sampling)
+            ended, produced = False, 0
+            try:
+                for token in steps:
+                    if token in eos:
+                        ended = True
+                        break
+                    detokenizer.add_token(token)
+                    yield Piece(detokenizer.last_segment)
+                    produced += 1
+                    if produced >= request.max_tokens:
+                        break
+            finally:
+                steps.close()
+            detokenizer.finalize()
+            yield Piece(detokenizer.last_segment, token=False, end=ended)
+
+        return stream_reply(pieces(), request.stop, len(prompt))
+
+    def rerank(self, request: RerankRequest) -> RerankResult:
+        """Score each document with the model (see :mod:`mofa_omni.llm_rerank`)."""
+        _, tokenizer = self._serving()
+        return RerankResult(relevance_scores(request, tokenizer, self,
+                                             rerank_method(self.spec.options)))
+
+    # --- token scores (structured output, reranking) ---------------------------------
+
+    def next_log_probs(self, prompts: list[list[int]]) -> np.ndarray:
+        return np.stack([_log_softmax(self._logits_after(prompt)[-1]) for prompt in prompts])
+
+    def sequence_log_probs(self, sequences: list[list[int]]) -> list[np.ndarray]:
+        scored = []
+        for sequence in sequences:
+            logits = self._logits_after(sequence, every_position=True)
+            log_probs = _log_softmax(logits[:-1])
+            scored.append(log_probs[np.arange(len(sequence) - 1), sequence[1:]])
+        return scored
+
+    def _logits_after(self, tokens: list[int], *, every_position: bool = False) -> np.ndarray:
+        """Logits after ``tokens``: the last position's (1, vocab), or every position's (len,
+        vocab). For the last position only what differs from the tokens llama.cpp holds from
+        the previous call is evaluated."""
+        llama, _ = self._serving()
+        self._check_fits(len(tokens), 0)
+        vocab = llama.n_vocab()
+        if every_position:
+            # The Llama object keeps no logits of earlier positions (0.3 keeps none at all):
+            # decode with every position's logits asked for and read them from the context.
+            llama.reset()
+            rows = []
+            for start in range(0, len(tokens), llama.n_batch):
+                batch = tokens[start:start + llama.n_batch]
+                _decode(llama, batch, every_position=True)
+                rows.append(_context_logits(llama, len(batch), vocab))
+            return np.concatenate(rows)
+        kept = common_prefix(list(llama.input_ids[:llama.n_tokens]), tokens)
+        llama.n_tokens = min(kept, len(tokens) - 1)  # the last token's logits must be new
+        llama.eval(tokens[llama.n_tokens:])
+        return _context_logits(llama, 1, vocab)
+
+    def _serving(self) -> tuple[Any, Any]:
+        if self._llama is None:
+            raise AdapterError(f"model {self.spec.name!r} is not loaded")
+        return self._llama, self._tokenizer
+
+    def _check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        context = self._llama.n_ctx()
+        if prompt_tokens + max_tokens > context:
+            raise ContractError(f"model {self.spec.name!r}: the prompt ({prompt_tokens} "
+                                f"tokens) and max_tokens ({max_tokens}) exceed its context of "
+                                f"{context} tokens")
+
+
+# llama-cpp-python's ``_ctx``/``_batch`` wrappers (the same in 0.2 and 0.3) give the decoded
+# batch's logits, which its public ``eval`` only keeps when the whole model was opened with
+# ``logits_all`` (slow for every prompt).
+
+def _decode(llama, batch: list[int], *, every_position: bool) -> None:
+    llama._ctx.kv_cache_seq_rm(-1, llama.n_tokens, -1)
+    llama._batch.set_batch(batch=batch, n_past=llama.n_tokens, logits_all=every_position)
+    llama._ctx.decode(llama._batch)
+    llama.input_ids[llama.n_tokens:llama.n_tokens + len(batch)] = batch
+    llama.n_tokens += len(batch)
+
+
+def _context_logits(llama, rows: int, vocab: int) -> np.ndarray:
+    """The logits of the last decoded batch's ``rows`` flagged positions (a copy)."""
+    return np.ctypeslib.as_array(llama._ctx.get_logits(), shape=(rows, vocab)).copy()
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float32)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
