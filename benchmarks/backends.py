@@ -13,8 +13,10 @@ the contenders taking turns; the median latency and the throughput are recorded:
                       directly on the same features; faster-whisper (if installed: it is not a
                       dependency) on the same converted directory, greedy, English, no timestamps
   text_generation     SmolLM2-135M, one 48-token reply: MLX float32 and 4-bit, CTranslate2
-                      float32 and int8 through our adapter; CTranslate2's Generator called
-                      directly on the same prompt tokens
+                      float32 and int8, llama.cpp on the Q4_1 GGUF through our adapters;
+                      CTranslate2's Generator called directly on the same prompt tokens;
+                      llama-cpp-python's create_chat_completion (its own template, greedy,
+                      streamed) on the same GGUF
   speech_synthesis    Piper joe, two sentences: our adapter (ONNX Runtime), PiperVoice directly
   embedding           all-MiniLM-L6-v2, 32 sentences: our MLX adapter (no other engine has
                       these weights offline here)
@@ -22,15 +24,19 @@ the contenders taking turns; the median latency and the throughput are recorded:
 "node" is the task's default backend on this machine (mofa_omni.backends) served by an omni-node
 in a real dataflow (benchmarks/dataflows/backends.yml), timed by a driver node from sending the
 request to its last result, in the same rounds as the direct calls (each round, task by task:
-every contender of the task once, then its node). "vs fastest direct" is the median over the
-rounds of the fastest direct contender's latency divided by the node's in the same round --
-paired, so that the machine's drift between rounds (up to 40 % here) cancels -- with the range
-of the middle half (goal >= 0.95: the framework costs at most 5 %).
+every contender once and the node once, in an order rotated from round to round). The node is compared with the fastest *peer*: a library
+a user would call instead of us (faster-whisper or CTranslate2's engine, llama-cpp-python or
+CTranslate2's Generator, PiperVoice; our own adapter where no other library has the weights),
+by throughput -- LLM engines write replies of different lengths, so the driver reports the
+node's tokens. "vs fastest peer" is the median over the rounds of the node's throughput divided
+by the peer's in the same round -- paired, so that the machine's drift between rounds (up to
+40 % here) cancels -- with the range of the middle half (goal >= 0.95); "latency" is the node's
+median latency over the peer's (goal <= 1.1).
 
-Peers a user would pick instead that cannot run here are named in the output: llama.cpp's
-Python bindings have no binary wheel on the registry; no ONNX MiniLM can be had offline. Prints a table per task, writes
-benchmarks/results/backends.json (or --json FILE) and a bar chart per task in one PNG
-(benchmarks/results/backends.png or --png FILE). About 4 minutes.
+Peers a user would pick instead that cannot run here are named in the output (no ONNX MiniLM
+can be had offline; llama-cpp-python when the set-up could not build it). Prints a table per
+task, writes benchmarks/results/backends.json (or --json FILE) and a bar chart per task in one
+PNG (benchmarks/results/backends.png or --png FILE). About 4 minutes (10 with --repeats 11).
 """
 
 from __future__ import annotations
@@ -73,13 +79,14 @@ MAX_TOKENS = 48
 SPOKEN = "The capital of France is Paris. It is known for the Eiffel Tower."
 SENTENCES = [f"Sentence number {i} is about {topic}." for i, topic in
              enumerate(["music", "the sea", "cooking", "robots"] * 8)]
+SETTLE_S = 0.1  # pause before each timed call
 MODELS = {"speech_recognition": "whisper-tiny.en", "text_generation": "smollm2-135m",
           "speech_synthesis": "piper-joe", "embedding": "minilm-l6"}
 NOT_HERE = {
     "speech_recognition": "" if importlib.util.find_spec("faster_whisper") else
                           "faster-whisper is not installed (pip install faster-whisper)",
-    "text_generation": "llama.cpp: llama-cpp-python has no binary wheel on the registry; "
-                       "CTranslate2's Generator is measured directly",
+    "text_generation": "" if importlib.util.find_spec("llama_cpp") else
+                       "llama.cpp: llama-cpp-python is not installed (scripts/setup.sh builds it)",
     "speech_synthesis": "",
     "embedding": "sentence-transformers needs torch; fastembed downloads its ONNX files",
 }
@@ -90,6 +97,7 @@ class Contender:
     name: str
     run: Callable[[], float]  # serves the request once; returns the units it produced
     unit: str
+    peer: bool = False  # a library a user would call instead of us (not one of our adapters)
 
 
 def timed(contender: Contender) -> tuple[float, float]:
@@ -115,8 +123,8 @@ class NodePath:
 
         self.steps = 0
 
-    def run(self, tasks: list[str], timeout: float = 600) -> dict[str, float]:
-        """One request to each task's node, in turn: task -> seconds."""
+    def run(self, tasks: list[str], timeout: float = 600) -> dict[str, list]:
+        """One request to each task's node, in turn: task -> [seconds, tokens or None]."""
         index, self.steps = self.steps, self.steps + 1
         (self.work / f"go-{index}").write_text(",".join(tasks))
         done = self.work / f"done-{index}.json"
@@ -142,33 +150,55 @@ def measure(contenders: dict[str, list[Contender]], repeats: int) -> dict[str, d
     units = {task: [c.run() for c in group] for task, group in contenders.items()}  # warm-up
     node.run(list(contenders))
     times: dict[str, list[list[float]]] = {t: [[] for _ in g] for t, g in contenders.items()}
-    node_times: dict[str, list[float]] = {task: [] for task in contenders}
-    for _ in range(repeats):
+    node_runs: dict[str, list[list]] = {task: [] for task in contenders}
+    for round_ in range(repeats):
         for task, group in contenders.items():
-            for position, contender in enumerate(group):
-                seconds, units[task][position] = timed(contender)
+            # Every contender once and the node once, in an order rotated each round: whatever
+            # runs right after another use of the same weights (warm caches) changes turns.
+            turns = [*range(len(group)), None]
+            shift = round_ % len(turns)
+            for position in turns[shift:] + turns[:shift]:
+                # ONNX Runtime's threads spin ~20 ms after a run: let them settle first, so
+                # that no call pays for the one before it (in this process or the node's).
+                time.sleep(SETTLE_S)
+                if position is None:
+                    node_runs[task].append(node.run([task])[task])
+                    continue
+                seconds, units[task][position] = timed(group[position])
                 times[task][position].append(seconds)
-            node_times[task].append(node.run([task])[task])
     node.finish()
-    results = {}
-    for task, group in contenders.items():
-        rows = []
-        for contender, produced, latencies in zip(group, units[task], times[task]):
-            latency = statistics.median(latencies)
-            rows.append({"contender": contender.name, "latency_s": round(latency, 4),
-                         "throughput": round(produced / latency, 3), "unit": contender.unit})
-        best = min(range(len(rows)), key=lambda i: rows[i]["latency_s"])
-        fastest = rows[best]
-        latency = statistics.median(node_times[task])
-        per_request = fastest["throughput"] * fastest["latency_s"]
-        paired = sorted(d / n for d, n in zip(times[task][best], node_times[task]))
-        quartiles = statistics.quantiles(paired, n=4) if len(paired) > 1 else paired * 3
-        results[task] = {"direct": rows, "node": {
-            "latency_s": round(latency, 4), "throughput": round(per_request / latency, 3),
-            "vs_fastest_direct": round(statistics.median(paired), 3),
-            "vs_fastest_middle_half": [round(quartiles[0], 3), round(quartiles[2], 3)],
-            "fastest_direct": fastest["contender"], "latencies": node_times[task]}}
-    return results
+    return {task: _summary(group, units[task], times[task], node_runs[task])
+            for task, group in contenders.items()}
+
+
+def _summary(group: list[Contender], units: list[float], times: list[list[float]],
+             node_runs: list[list]) -> dict:
+    """The task's rows, and the node compared with the fastest peer library (by throughput:
+    LLM engines write replies of different lengths) round by round."""
+    rows = []
+    for contender, produced, latencies in zip(group, units, times):
+        latency = statistics.median(latencies)
+        rows.append({"contender": contender.name, "latency_s": round(latency, 4),
+                     "throughput": round(produced / latency, 3), "unit": contender.unit,
+                     "peer": contender.peer})
+    peers = [i for i, c in enumerate(group) if c.peer] or list(range(len(group)))
+    best = max(peers, key=lambda i: rows[i]["throughput"])
+    # The node produces what the reference does (the same audio, sentences), except an LLM,
+    # whose driver reports the reply's tokens.
+    node_units = [tokens if tokens is not None else units[best] for _, tokens in node_runs]
+    node_seconds = [seconds for seconds, _ in node_runs]
+    paired = sorted((n / s) / (units[best] / d)
+                    for n, s, d in zip(node_units, node_seconds, times[best]))
+    quartiles = statistics.quantiles(paired, n=4) if len(paired) > 1 else paired * 3
+    latency = statistics.median(node_seconds)
+    return {"direct": rows, "node": {
+        "latency_s": round(latency, 4),
+        "throughput": round(statistics.median(node_units) / latency, 3),
+        "vs_fastest_peer": round(statistics.median(paired), 3),
+        "vs_fastest_middle_half": [round(quartiles[0], 3), round(quartiles[2], 3)],
+        "latency_vs_fastest_peer": round(latency / rows[best]["latency_s"], 3),
+        "fastest_peer": group[best].name, "latencies": node_seconds,
+        "tokens": [tokens for _, tokens in node_runs]}}
 
 
 def variant(catalog: Catalog, name: str, backend: str, **options):
@@ -208,7 +238,8 @@ def asr_contenders(catalog: Catalog) -> list[Contender]:
                         beam_size=1, max_length=ct2_whisper.MAX_NEW_TOKENS, suppress_blank=True)
         return seconds
 
-    contenders.append(Contender("CTranslate2 int8 (engine directly)", direct, "audio s/s"))
+    contenders.append(Contender("CTranslate2 int8 (engine directly)", direct, "audio s/s",
+                                peer=True))
     try:
         from faster_whisper import WhisperModel
     except ImportError:
@@ -225,7 +256,7 @@ def asr_contenders(catalog: Catalog) -> list[Contender]:
         return seconds
 
     contenders.append(Contender("faster-whisper int8 (library directly)", faster_whisper,
-                                "audio s/s"))
+                                "audio s/s", peer=True))
     return contenders
 
 
@@ -238,11 +269,11 @@ def llm_contenders(catalog: Catalog) -> list[Contender]:
         return run
 
     contenders = []
-    for label, name, backend, options in [
-            ("MLX float32", "smollm2-135m", "mlx", {}),
-            ("MLX 4-bit", "smollm2-135m-q4", "mlx", {}),
-            ("CTranslate2 float32", "smollm2-135m", "ctranslate2", {"compute_type": "float32"}),
-            ("CTranslate2 int8", "smollm2-135m", "ctranslate2", {})]:
+    backends = [("MLX float32", "smollm2-135m", "mlx", {}),
+                ("MLX 4-bit", "smollm2-135m-q4", "mlx", {}),
+                ("CTranslate2 float32", "smollm2-135m", "ctranslate2", {"compute_type": "float32"}),
+                ("CTranslate2 int8", "smollm2-135m", "ctranslate2", {})]
+    for label, name, backend, options in backends:
         adapter = variant(catalog, name, backend, **options)
         contenders.append(Contender(f"{label} (adapter)", through(adapter), "tok/s"))
     from mofa_omni.adapters.mlx_lm import chat_prompt_tokens
@@ -255,7 +286,26 @@ def llm_contenders(catalog: Catalog) -> list[Contender]:
         return sum(1 for _ in generator.generate_tokens(prompt, max_length=MAX_TOKENS,
                                                         end_token=end, sampling_topk=1))
 
-    contenders.append(Contender("CTranslate2 int8 (engine directly)", direct, "tok/s"))
+    contenders.append(Contender("CTranslate2 int8 (engine directly)", direct, "tok/s",
+                                peer=True))
+    if importlib.util.find_spec("llama_cpp") is None:
+        return contenders
+    adapter = variant(catalog, "smollm2-135m", "llama.cpp")
+    contenders.append(Contender("llama.cpp Q4_1 (adapter)", through(adapter), "tok/s"))
+    from llama_cpp import Llama
+
+    # What a llama-cpp-python user writes: the GGUF, its own chat template, greedy, streamed.
+    peer = Llama(model_path=str(adapter.model_dir / "model.gguf"), n_ctx=4096,
+                 n_threads=os.cpu_count() or 1, verbose=False)
+    messages = [{"role": "user", "content": PROMPT}]
+
+    def llama_cpp() -> float:
+        stream = peer.create_chat_completion(messages, max_tokens=MAX_TOKENS, temperature=0.0,
+                                             repeat_penalty=1.0, stream=True)
+        return sum(1 for chunk in stream if chunk["choices"][0]["delta"].get("content"))
+
+    contenders.append(Contender("llama-cpp-python (library directly)", llama_cpp, "tok/s",
+                                peer=True))
     return contenders
 
 
@@ -272,7 +322,7 @@ def tts_contenders(catalog: Catalog) -> list[Contender]:
             "audio s/s"),
         Contender("PiperVoice (library directly)", lambda: sum(
             len(c.audio_float_array) for c in voice.synthesize(SPOKEN, config)) / rate,
-            "audio s/s"),
+            "audio s/s", peer=True),
     ]
 
 
@@ -321,9 +371,10 @@ def print_tables(results: dict[str, dict]) -> None:
                   f"{row['throughput']:9.2f} {row['unit']}")
         node = result["node"]
         print(f"  {'default in an omni-node (dataflow)':38} {node['latency_s'] * 1000:8.1f} ms "
-              f"{node['throughput']:9.2f}   {node['vs_fastest_direct']:.2f}x the fastest direct "
-              f"({node['fastest_direct']}; middle half of the rounds "
-              f"{node['vs_fastest_middle_half'][0]:.2f}-{node['vs_fastest_middle_half'][1]:.2f}x)")
+              f"{node['throughput']:9.2f}   {node['vs_fastest_peer']:.2f}x the throughput of "
+              f"{node['fastest_peer']} (middle half of the rounds "
+              f"{node['vs_fastest_middle_half'][0]:.2f}-{node['vs_fastest_middle_half'][1]:.2f}x), "
+              f"latency {node['latency_vs_fastest_peer']:.2f}x")
         if result["not_measured"]:
             print(f"  not measured: {result['not_measured']}")
 

@@ -20,6 +20,7 @@ from mofa_omni.contract import (
     EmbeddingRequest,
     ErrorReport,
     SpeechRequest,
+    TextChunk,
     TranscriptionRequest,
 )
 
@@ -53,7 +54,10 @@ def main() -> None:
                 meta.get("request_id") == waiting and meta.get("final", True):
             if event["id"].endswith("_error"):
                 raise RuntimeError(arrow.decode(event["value"], ErrorReport).message)
-            timings[todo.pop(0)] = time.perf_counter() - sent_at
+            seconds = time.perf_counter() - sent_at
+            tokens = (arrow.decode(event["value"], TextChunk).completion_tokens
+                      if event["id"] == "llm" else None)
+            timings[todo.pop(0)] = [seconds, tokens]
             waiting = None
             if not todo:
                 (WORK / f"done-{step}.json").write_text(json.dumps(timings))
