@@ -12,7 +12,7 @@ the contenders taking turns; the median latency and the throughput are recorded:
                       float32 and int8 through our adapter; CTranslate2's Whisper.generate called
                       directly on the same features; faster-whisper (if installed: it is not a
                       dependency) on the same converted directory, greedy, English, no timestamps
-  text_generation     SmolLM2-135M, one 48-token reply: MLX float32 and 4-bit, CTranslate2
+  text_generation     SmolLM2-135M, one 48-token reply: MLX float32, 8-bit and 4-bit, CTranslate2
                       float32 and int8, llama.cpp on the Q4_1 GGUF through our adapters;
                       CTranslate2's Generator called directly on the same prompt tokens;
                       llama-cpp-python's create_chat_completion (its own template, greedy,
@@ -270,6 +270,7 @@ def llm_contenders(catalog: Catalog) -> list[Contender]:
 
     contenders = []
     backends = [("MLX float32", "smollm2-135m", "mlx", {}),
+                ("MLX 8-bit", "smollm2-135m", "mlx", {"bits": 8}),
                 ("MLX 4-bit", "smollm2-135m-q4", "mlx", {}),
                 ("CTranslate2 float32", "smollm2-135m", "ctranslate2", {"compute_type": "float32"}),
                 ("CTranslate2 int8", "smollm2-135m", "ctranslate2", {})]

@@ -6,12 +6,13 @@ use the real SmolLM2-135M and Gemma-3-270M weights from the model cache.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mofa_omni.adapters.base import ModelLoadError
+from mofa_omni.adapters.base import ModelLoadError, create_adapter
 from mofa_omni.adapters.mlx_lm import StopMatcher
 from mofa_omni.catalog import Catalog
 from mofa_omni.contract import ChatMessage, ChatRequest
@@ -282,6 +283,23 @@ def test_cpu_engines_unload_gives_memory_back(catalog, store, model, backend, we
     assert grew > weights  # the scheduler sees it in the process's resident memory
     adapter.unload()
     assert loaded.rss_bytes - snapshot().rss_bytes > 0.7 * grew
+
+
+@pytest.mark.slow
+def test_mlx_quantizes_to_8_bits_at_load_and_still_answers(catalog, store, model):
+    model("smollm2-135m", "mlx")  # the float32 conversion the 8-bit model loads from, warm
+    spec = catalog.get("smollm2-135m")
+    eight = dataclasses.replace(spec, name="smollm2-135m-8bit", options=spec.options | {"bits": 8})
+    before = snapshot().mlx_active_bytes
+    adapter = create_adapter(eight, "mlx")
+    adapter.load(store.prepare(adapter))
+    try:
+        grew = snapshot().mlx_active_bytes - before
+        assert 100e6 < grew < 0.4 * 540e6  # 135M parameters: 8 bits and scales, not float32
+        text, _ = reply(adapter, ChatRequest(CAPITAL, max_tokens=24))
+        assert "Paris" in text
+    finally:
+        adapter.unload()
 
 
 @pytest.mark.slow

@@ -105,7 +105,8 @@ def chat_prompt_tokens(tokenizer, request: ChatRequest) -> list[int]:
 
 class MlxLmAdapter(ModelAdapter):
     """Chat models served by mlx-lm. ``options.dtype`` picks how a GGUF is converted
-    (``float32``, ``float16`` or ``quantized``; see :mod:`mofa_omni.formats.gguf`)."""
+    (``float32``, ``float16`` or ``quantized``; see :mod:`mofa_omni.formats.gguf`);
+    ``options.bits`` (e.g. 8) quantizes the converted weights with MLX when they load."""
 
     supported_tasks: ClassVar[frozenset[Task]] = frozenset({Task.TEXT_GENERATION, Task.RERANK})
     formats: ClassVar[frozenset[str]] = frozenset({"gguf", "mlx"})
@@ -133,6 +134,14 @@ class MlxLmAdapter(ModelAdapter):
         from mlx_lm.utils import load_model, load_tokenizer
 
         model, config = load_model(Path(model_dir))
+        if bits := self.spec.options.get("bits"):
+            import mlx.core as mx
+            import mlx.nn as nn
+
+            # Quantized in memory at load (the converted float32 files stay as they are).
+            nn.quantize(model, group_size=int(self.spec.options.get("group_size", 64)),
+                        bits=int(bits))
+            mx.eval(model.parameters())
         self._tokenizer = load_tokenizer(Path(model_dir), eos_token_ids=config.get("eos_token_id"))
         self._model = model
 
