@@ -5,8 +5,8 @@ the one whose backend ranks first for this platform, and can be imported, serves
 MLX on Apple Silicon (Metal), CTranslate2 then MLX on a CUDA machine, and the CPU
 engines (llama.cpp, CTranslate2, ONNX Runtime) before MLX on a Linux CPU, where MLX's
 CPU backend is slow at small-batch decoding (measured: whisper tiny.en 3 s with MLX,
-0.6 s with CTranslate2 int8, same transcript; SmolLM2 11 tok/s with MLX float32, 55-63
-with CTranslate2 int8, 61-68 with llama.cpp on the GGUF as it is, which also evaluates
+0.6 s with CTranslate2 int8, same transcript; SmolLM2 11 tok/s with MLX float32, 45-63
+with CTranslate2 int8, 60-68 with llama.cpp on the GGUF as it is, which also evaluates
 only the new tokens of a conversation's next turn). A user pins one adapter in their
 catalog (``adapter = "mlx_whisper"``), or a node asks for a backend (``BACKEND``).
 """
