@@ -54,7 +54,8 @@ def main() -> None:
                 outbox.answered(rid)
         elif kind in ("llm", "minilm"):
             outbox.answered(rid)
-            report[kind][rid.removeprefix("minilm: ")] = arrow.decode(value, RerankResult).scores.tolist()
+            scores = arrow.decode(value, RerankResult).scores.tolist()
+            report[kind][rid.removeprefix("minilm: ")] = scores
         elif kind.endswith("_error"):
             error = arrow.decode(value, ErrorReport)
             report["errors"].append(f"{error.request_id}: {error.kind}: {error.message}")

@@ -14,9 +14,10 @@ from mofa_omni import arrow
 from mofa_omni.contract import (ErrorReport, RerankRequest, RerankResult, Transcript,
                                 TranscriptionRequest)
 from mofa_omni.integrity import CheckedNode
+from resending import Outbox
 
 DEADLINE_S = float(os.environ.get("DEADLINE_S", "240"))
-RESEND_AFTER_S = 60  # dora drops a message now and then: what is still missing is sent once more
+RESEND_AFTER_S = 60  # dora drops a message now and then: one unanswered this long is sent again
 QUERIES = [("What is the capital of France?", 1), ("When does the train leave?", 2),
            ("Which fruit is yellow?", 0)]
 DOCUMENTS = ["Bananas are yellow and rich in potassium.",
@@ -37,12 +38,21 @@ def main() -> None:
                 "rank_split": len(QUERIES), "tiny_pool_error": len(wavs) + 1}
     report: dict = {key: {} for key in expected} | {"errors": [], "wavs": [w.name for w in wavs],
                                                     "queries": QUERIES}
-    started, sent, resent = time.monotonic(), False, False
-    outgoing: dict[str, tuple[str, object]] = {}  # request id -> (output, message)
+    started, sent = time.monotonic(), False
+    outbox = Outbox(node, after_s=RESEND_AFTER_S)
+    outputs: dict[str, str] = {}  # request id -> the output it went out on
 
     def send(output: str, request_id: str, message) -> None:
-        outgoing[request_id] = (output, message)
-        node.send_output(output, message, {"request_id": request_id})
+        outputs[request_id] = output
+        outbox.send(output, request_id, message)
+
+    def answered(request_id: str) -> bool:
+        """Every stage path reading the request's output has answered it (the too-long audio
+        only the fused one: the others refuse it on their own inputs)."""
+        if request_id == "too-long":
+            return request_id in report["asr_fused"]
+        return all(request_id in report[key] for key in expected
+                   if (outputs[request_id] == "query") == key.startswith("rank"))
 
     for event in node:
         if event["type"] != "INPUT":
@@ -60,15 +70,11 @@ def main() -> None:
             send("speech", "too-long", arrow.encode(TranscriptionRequest(long_audio, 16_000)))
             for query, _ in QUERIES:
                 send("query", query, arrow.encode(RerankRequest(query, DOCUMENTS)))
-        elif kind == "tick" and not resent and time.monotonic() - started > RESEND_AFTER_S:
-            resent = True
-            missing = {rid for rid in outgoing
-                       if any(rid not in report[key] for key in expected
-                              if (outgoing[rid][0] == "query") == key.startswith("rank"))
-                       and not (rid == "too-long" and "too-long" in report["asr_fused"])}
-            report["resent"] = sorted(missing)
-            for rid in sorted(missing):
-                node.send_output(*outgoing[rid], {"request_id": rid})
+        elif kind == "tick":
+            for request_id in outputs:
+                if answered(request_id):
+                    outbox.answered(request_id)
+            outbox.resend_stale()
         elif kind.startswith("asr_"):
             text = arrow.decode(value, Transcript).text if not kind.endswith("error") else None
             if text is not None:
@@ -86,6 +92,7 @@ def main() -> None:
                 report["asr_fused"][error.request_id] = {"error": error.kind}
         if all(len(report[key]) >= n for key, n in expected.items()):
             break
+    report["resent"] = outbox.resent
     report["lost"] = node.gaps.lost()
     report["seconds"] = time.monotonic() - started
     Path(os.environ["REPORT"]).write_text(json.dumps(report, indent=1))
