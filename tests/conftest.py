@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mofa_omni.adapters.base import ModelAdapter
+from mofa_omni.adapters.base import ModelAdapter, create_adapter
 from mofa_omni.audio import resample
 from mofa_omni.catalog import Catalog
 from mofa_omni.contract import SpeechRequest
@@ -50,15 +51,20 @@ def model(catalog: Catalog, store: ModelStore) -> Iterator[Callable[..., ModelAd
 
 
 @pytest.fixture(scope="session")
-def speak(model) -> Callable[[str], np.ndarray]:
-    """``speak(text)``: the sentence spoken by Piper, as 16 kHz float32."""
-    tts = model("piper-joe")
+def speak(catalog: Catalog, store: ModelStore) -> Iterator[Callable[[str], np.ndarray]]:
+    """``speak(text)``: the sentence spoken by Piper, as 16 kHz float32 — the same samples for
+    the same text (no VITS noise): what whisper hears in a test must not change between runs."""
+    steady = dataclasses.replace(catalog.get("piper-joe"),
+                                 options={"noise_scale": 0.0, "noise_w_scale": 0.0})
+    tts = create_adapter(steady)
+    tts.load(store.prepare(tts))
 
     def spoken(text: str) -> np.ndarray:
         chunks = list(tts.synthesize(SpeechRequest(text)))
         return resample(np.concatenate([c.audio for c in chunks]), chunks[0].sample_rate, 16000)
 
-    return spoken
+    yield spoken
+    tts.unload()
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -124,6 +125,21 @@ def test_piper_edge_cases(model):
     assert chunk.final and chunk.audio.dtype == np.float32
     with pytest.raises(ContractError, match="speed"):
         _speak(voice, "Hello.", speed=0)
+
+
+@pytest.mark.slow
+def test_piper_noise_options(model, speak):
+    text = "The same words twice."
+    voice = model(VOICE)  # the voice's own noise: sampled anew on every synthesis
+    assert not np.array_equal(_speak(voice, text)[0].audio, _speak(voice, text)[0].audio)
+    assert np.array_equal(speak(text), speak(text))  # noise_scale = noise_w_scale = 0
+
+
+@pytest.mark.parametrize("value", [-0.1, 2.5, "much", True])
+def test_piper_rejects_bad_noise_options(catalog, value):
+    spec = dataclasses.replace(catalog.get(VOICE), options={"noise_w_scale": value})
+    with pytest.raises(ContractError, match=r"'piper-joe': option noise_w_scale = .* is not a"):
+        PiperAdapter(spec)
 
 
 @pytest.mark.slow

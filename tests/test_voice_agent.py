@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -52,13 +53,15 @@ def test_a_spoken_question_gets_a_relevant_spoken_answer(tmp_path, speak, model)
 
 def test_the_second_turn_knows_the_first(tmp_path, speak):
     lines, replies, _ = run_voice(tmp_path, {
-        "01.wav": speak("I live in Paris."),
-        "02.wav": speak("Which city do I live in?"),
+        "01.wav": speak("I have a dog named Max."),
+        "02.wav": speak("What is my dog's name?"),
     })
     users = [line for line in lines if line.startswith("user: ")]
     answers = [line for line in lines if line.startswith("assistant: ")]
     assert len(users) == 2 and len(answers) == 2 and len(replies) == 2, lines
-    assert "paris" in answers[1].lower(), lines  # only the first turn said so
+    # Only the first turn said so. (SmolLM2-135M answers this one on every backend; asked where
+    # the user lives after "I live in Paris" it drifts into French or "I'm not sure".)
+    assert re.search(r"\bmax\b", answers[1].lower()), lines
 
 
 def test_talking_over_the_agent_interrupts_its_reply(tmp_path, speak):

@@ -21,6 +21,7 @@ from mofa_omni.text import split_sentences
 
 MAX_THREADS = 2  # more intra-op threads buy little for one short sentence and starve the graph
 SPEED_RANGE = (0.25, 4.0)
+NOISE_RANGE = (0.0, 2.0)
 _SPEAKABLE = re.compile(r"\w")
 
 
@@ -48,11 +49,25 @@ def _read_config(path: Path) -> dict[str, Any]:
     return config
 
 
+def _noise_option(model: str, options: dict[str, Any], key: str) -> float | None:
+    """Catalog option ``key`` as a float in NOISE_RANGE, or None (the voice's own) if unset."""
+    if key not in options:
+        return None
+    value = options[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not NOISE_RANGE[0] <= value <= NOISE_RANGE[1]:
+        raise ContractError(f"model {model!r}: option {key} = {value!r} is not a number in "
+                            f"{NOISE_RANGE}")
+    return float(value)
+
+
 class PiperAdapter(ModelAdapter):
     """A Piper voice: text -> one float32 audio chunk per sentence, streamed.
 
     Catalog option ``speed`` (default 1.0) is the voice's own speaking rate; a request's
-    ``speed`` multiplies it.
+    ``speed`` multiplies it. Options ``noise_scale`` and ``noise_w_scale`` (default: the
+    voice's config) are Piper's own: VITS samples noise for the voice and the phoneme lengths
+    on every synthesis; 0 for both makes the same text give the same samples every time.
     """
 
     supported_tasks = frozenset({Task.SPEECH_SYNTHESIS})
@@ -66,6 +81,8 @@ class PiperAdapter(ModelAdapter):
         if not SPEED_RANGE[0] <= self.speed <= SPEED_RANGE[1]:
             raise ContractError(f"model {spec.name!r}: option speed {self.speed} is outside "
                                 f"{SPEED_RANGE}")
+        self.noise = {key: _noise_option(spec.name, spec.options, key)
+                      for key in ("noise_scale", "noise_w_scale")}
 
     def prepare(self, source_dir: Path, out_dir: Path, progress: Progress) -> None:
         model, config = _find_voice(source_dir)
@@ -109,7 +126,7 @@ class PiperAdapter(ModelAdapter):
 
         voice = self._voice
         syn_config = SynthesisConfig(
-            length_scale=voice.config.length_scale / (request.speed * self.speed))
+            length_scale=voice.config.length_scale / (request.speed * self.speed), **self.noise)
         sentences = [s for s in split_sentences(request.text) if _SPEAKABLE.search(s)]
         if not sentences:  # only punctuation: nothing to say, but the request still gets its reply
             yield AudioChunk(np.zeros(rate // 100, np.float32), rate, final=True, text=request.text)
