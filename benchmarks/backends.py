@@ -1,12 +1,13 @@
 """Every backend of every task on the same weights and inputs, the engines called directly, and
 the default path through an omni-node in a dataflow -- in one run.
 
-    python benchmarks/backends.py [--repeats N] [--json FILE] [--png FILE] [--tasks TASK...]
+    python benchmarks/backends.py [--repeats N] [--duels D] [--json FILE] [--png FILE]
+                                  [--tasks TASK...]
 
 (Run it with the project's environment first on PATH: dora starts `.py` nodes with `python`.)
 
-Per task, each contender serves the same request --repeats times (default 5) after a warm-up,
-the contenders taking turns; the median latency and the throughput are recorded:
+Per task, each contender serves the same request in --repeats rounds (default 5) after a
+warm-up, the contenders taking turns; the median latency and the throughput are recorded:
 
   speech_recognition  whisper-tiny.en on a 4.6 s spoken question: MLX (float32), CTranslate2
                       float32 and int8 through our adapter; CTranslate2's Whisper.generate called
@@ -18,25 +19,27 @@ the contenders taking turns; the median latency and the throughput are recorded:
                       llama-cpp-python's create_chat_completion (its own template, greedy,
                       streamed) on the same GGUF
   speech_synthesis    Piper joe, two sentences: our adapter (ONNX Runtime), PiperVoice directly
-  embedding           all-MiniLM-L6-v2, 32 sentences: our MLX adapter (no other engine has
-                      these weights offline here)
+  embedding           all-MiniLM-L6-v2, 32 sentences: our MLX and ONNX Runtime adapters (the
+                      ONNX graph written from the same safetensors); ONNX Runtime's session
+                      called directly on that graph
 
 "node" is the task's default backend on this machine (mofa_omni.backends) served by an omni-node
 in a real dataflow (benchmarks/dataflows/backends.yml), timed by a driver node from sending the
 request to its last result, in the same rounds as the direct calls (each round, task by task:
-every contender once and the node once, in an order rotated from round to round). The node is compared with the fastest *peer*: a library
-a user would call instead of us (faster-whisper or CTranslate2's engine, llama-cpp-python or
-CTranslate2's Generator, PiperVoice; our own adapter where no other library has the weights),
+every contender once and the node once, then --duels more passes (default 3) over the peers and
+the node only, each pass in a rotated order). The node is compared with the fastest *peer*: a
+library a user would call instead of us (faster-whisper or CTranslate2's engine,
+llama-cpp-python or CTranslate2's Generator, PiperVoice, ONNX Runtime's session),
 by throughput -- LLM engines write replies of different lengths, so the driver reports the
-node's tokens. "vs fastest peer" is the median over the rounds of the node's throughput divided
-by the peer's in the same round -- paired, so that the machine's drift between rounds (up to
+node's tokens. "vs fastest peer" is the median over the passes of the node's throughput divided
+by the peer's in the same pass -- paired, so that the machine's drift between passes (up to
 40 % here) cancels -- with the range of the middle half (goal >= 0.95); "latency" is the node's
 median latency over the peer's (goal <= 1.1).
 
 Peers a user would pick instead that cannot run here are named in the output (no ONNX MiniLM
 can be had offline; llama-cpp-python when the set-up could not build it). Prints a table per
 task, writes benchmarks/results/backends.json (or --json FILE) and a bar chart per task in one
-PNG (benchmarks/results/backends.png or --png FILE). About 4 minutes (10 with --repeats 11).
+PNG (benchmarks/results/backends.png or --png FILE). About 5 minutes (15 with --repeats 12).
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 from mofa_omni.platform import ensure_fast_blas
 
@@ -143,32 +148,43 @@ class NodePath:
             self.process.kill()
 
 
-def measure(contenders: dict[str, list[Contender]], repeats: int) -> dict[str, dict]:
+def measure(contenders: dict[str, list[Contender]], repeats: int,
+            duels: int) -> dict[str, dict]:
     """Per task, each contender's median latency and the node path's, in interleaved rounds
-    (the machine's drift falls on all alike), after a warm-up each."""
-    node = NodePath(1 + repeats * len(contenders))
+    (the machine's drift falls on all alike), after a warm-up each. Each round is one pass over
+    every contender and the node, then ``duels`` passes over the peers and the node only: what
+    the goal compares gets more samples, each pass pairing the node with the peers beside it."""
+    passes = {task: [[*range(len(group)), None]] + [[*peers(group), None]] * duels
+              for task, group in contenders.items()}
+    node = NodePath(1 + repeats * sum(len(p) for p in passes.values()))
     units = {task: [c.run() for c in group] for task, group in contenders.items()}  # warm-up
     node.run(list(contenders))
     times: dict[str, list[list[float]]] = {t: [[] for _ in g] for t, g in contenders.items()}
     node_runs: dict[str, list[list]] = {task: [] for task in contenders}
     for round_ in range(repeats):
         for task, group in contenders.items():
-            # Every contender once and the node once, in an order rotated each round: whatever
-            # runs right after another use of the same weights (warm caches) changes turns.
-            turns = [*range(len(group)), None]
-            shift = round_ % len(turns)
-            for position in turns[shift:] + turns[:shift]:
-                # ONNX Runtime's threads spin ~20 ms after a run: let them settle first, so
-                # that no call pays for the one before it (in this process or the node's).
-                time.sleep(SETTLE_S)
-                if position is None:
-                    node_runs[task].append(node.run([task])[task])
-                    continue
-                seconds, units[task][position] = timed(group[position])
-                times[task][position].append(seconds)
+            for number, turns in enumerate(passes[task]):
+                # In an order rotated each pass: whatever runs right after another use of the
+                # same weights (warm caches) changes turns.
+                shift = (round_ + number) % len(turns)
+                for position in turns[shift:] + turns[:shift]:
+                    # ONNX Runtime's threads spin ~20 ms after a run: let them settle first, so
+                    # that no call pays for the one before it (in this process or the node's).
+                    time.sleep(SETTLE_S)
+                    if position is None:
+                        node_runs[task].append(node.run([task])[task])
+                        continue
+                    seconds, units[task][position] = timed(group[position])
+                    times[task][position].append(seconds)
     node.finish()
     return {task: _summary(group, units[task], times[task], node_runs[task])
             for task, group in contenders.items()}
+
+
+def peers(group: list[Contender]) -> list[int]:
+    """The positions of the libraries a user would call instead of us (of every contender where
+    none has the weights)."""
+    return [i for i, c in enumerate(group) if c.peer] or list(range(len(group)))
 
 
 def _summary(group: list[Contender], units: list[float], times: list[list[float]],
@@ -181,8 +197,7 @@ def _summary(group: list[Contender], units: list[float], times: list[list[float]
         rows.append({"contender": contender.name, "latency_s": round(latency, 4),
                      "throughput": round(produced / latency, 3), "unit": contender.unit,
                      "peer": contender.peer})
-    peers = [i for i, c in enumerate(group) if c.peer] or list(range(len(group)))
-    best = max(peers, key=lambda i: rows[i]["throughput"])
+    best = max(peers(group), key=lambda i: rows[i]["throughput"])
     # The node produces what the reference does (the same audio, sentences), except an LLM,
     # whose driver reports the reply's tokens.
     node_units = [tokens if tokens is not None else units[best] for _, tokens in node_runs]
@@ -328,10 +343,33 @@ def tts_contenders(catalog: Catalog) -> list[Contender]:
 
 
 def embedding_contenders(catalog: Catalog) -> list[Contender]:
-    adapter = variant(catalog, MODELS["embedding"], "mlx")
+    import onnxruntime
+    from tokenizers import Tokenizer
+
     request = EmbeddingRequest(SENTENCES)
-    return [Contender("MLX (adapter)", lambda: (adapter.embed(request), len(SENTENCES))[1],
-                      "sentences/s")]
+    contenders = []
+    for label, backend in [("MLX", "mlx"), ("ONNX Runtime", "onnxruntime")]:
+        adapter = variant(catalog, MODELS["embedding"], backend)
+        contenders.append(Contender(f"{label} (adapter)", lambda a=adapter: (
+            a.embed(request), len(SENTENCES))[1], "sentences/s"))
+    # What an ONNX Runtime user writes for an exported sentence encoder: one session with its
+    # default threads, the tokenizer padding the whole list to its longest text, one run.
+    session = onnxruntime.InferenceSession(str(adapter.model_dir / "model.onnx"),
+                                           providers=["CPUExecutionProvider"])
+    tokenizer = Tokenizer.from_file(str(adapter.model_dir / "tokenizer.json"))
+    tokenizer.enable_truncation(adapter.max_length)
+    tokenizer.enable_padding()
+
+    def direct() -> float:
+        encodings = tokenizer.encode_batch(SENTENCES)
+        feed = {name: np.array([getattr(e, field) for e in encodings], np.int64)
+                for name, field in [("input_ids", "ids"), ("token_type_ids", "type_ids"),
+                                    ("attention_mask", "attention_mask")]}
+        return len(session.run(None, feed)[0])
+
+    contenders.append(Contender("ONNX Runtime (engine directly)", direct, "sentences/s",
+                                peer=True))
+    return contenders
 
 
 BUILDERS = {"speech_recognition": asr_contenders, "text_generation": llm_contenders,
@@ -341,6 +379,8 @@ BUILDERS = {"speech_recognition": asr_contenders, "text_generation": llm_contend
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--duels", type=int, default=3,
+                        help="extra passes per round over the peers and the node only")
     parser.add_argument("--json", type=Path, default=RESULTS / "backends.json")
     parser.add_argument("--png", type=Path, default=RESULTS / "backends.png")
     parser.add_argument("--tasks", nargs="*", choices=list(MODELS), default=list(MODELS))
@@ -351,14 +391,15 @@ def main() -> int:
         print(f"loading {task} ...", flush=True)
         contenders[task] = BUILDERS[task](catalog)
     print(f"measuring, {args.repeats} rounds ...", flush=True)
-    results = measure(contenders, args.repeats)
+    results = measure(contenders, args.repeats, args.duels)
     for task in args.tasks:
         default = select_adapter(catalog.get(MODELS[task]))
         results[task] |= {"model": MODELS[task], "not_measured": NOT_HERE[task],
                           "default": f"{default.adapter} ({default.backend}): {default.reason}"}
     print_tables(results)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"repeats": args.repeats, "tasks": results}, indent=1))
+    args.json.write_text(json.dumps({"repeats": args.repeats, "duels": args.duels,
+                                     "tasks": results}, indent=1))
     plot(results, args.png)
     print(f"\nwrote {args.json} and {args.png}")
     return 0
@@ -373,7 +414,7 @@ def print_tables(results: dict[str, dict]) -> None:
         node = result["node"]
         print(f"  {'default in an omni-node (dataflow)':38} {node['latency_s'] * 1000:8.1f} ms "
               f"{node['throughput']:9.2f}   {node['vs_fastest_peer']:.2f}x the throughput of "
-              f"{node['fastest_peer']} (middle half of the rounds "
+              f"{node['fastest_peer']} (middle half of the passes "
               f"{node['vs_fastest_middle_half'][0]:.2f}-{node['vs_fastest_middle_half'][1]:.2f}x), "
               f"latency {node['latency_vs_fastest_peer']:.2f}x")
         if result["not_measured"]:

@@ -30,8 +30,14 @@ def test_the_fastest_backend_per_platform_is_chosen(whisper, where, adapter):
 
 
 def test_a_model_with_one_adapter_keeps_it():
-    chosen = select_adapter(Catalog.load([]).get("minilm-l6"), where="cpu")
-    assert (chosen.adapter, chosen.backend) == ("mlx_bert", "mlx")
+    chosen = select_adapter(Catalog.load([]).get("piper-joe"), where="apple-silicon")
+    assert (chosen.adapter, chosen.backend) == ("piper", "onnxruntime")
+    assert "the only adapter listed" in chosen.reason
+
+
+@pytest.mark.parametrize("where, backend", [("apple-silicon", "mlx"), ("cpu", "onnxruntime")])
+def test_embeddings_run_on_onnx_runtime_on_a_cpu_and_on_mlx_on_a_mac(where, backend):
+    assert select_adapter(Catalog.load([]).get("minilm-l6"), where=where).backend == backend
 
 
 @pytest.mark.parametrize("where, adapter", [("apple-silicon", "mlx_lm"), ("cuda", "ct2_lm"),

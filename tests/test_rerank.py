@@ -1,5 +1,5 @@
-"""Reranking with real weights: an LLM (query likelihood, or yes/no judgement) on both LLM
-backends, MiniLM's embeddings; and one omni-node serving chat and reranking from one model."""
+"""Reranking with real weights: an LLM (query likelihood, or yes/no judgement) on every LLM
+backend, MiniLM's embeddings on both of its engines; and one omni-node serving chat and reranking from one model."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ QUERIES = [("What is the capital of France?", 1), ("When does the train leave?",
 
 @pytest.mark.parametrize("name, backend", [("smollm2-135m", "ctranslate2"),
                                            ("smollm2-135m", "mlx"), ("smollm2-135m", "llama.cpp"),
-                                           ("minilm-l6", None)])
+                                           ("minilm-l6", "mlx"), ("minilm-l6", "onnxruntime")])
 def test_rerankers_put_the_relevant_document_first(model, name, backend):
     reranker = model(name, backend)
     for query, best in QUERIES:

@@ -9,8 +9,6 @@ a CPU).
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +20,10 @@ from mlx.utils import tree_flatten
 from mofa_omni.adapters.base import ModelAdapter, ModelLoadError, Progress
 from mofa_omni.contract import (ContractError, EmbeddingRequest, Embeddings, RerankRequest,
                                 RerankResult, Task, Tensor)
+from mofa_omni.formats.bert import (DEFAULT_BATCH, copy_checkpoint, length_batches,
+                                    load_tokenizer, padded, read_config)
 from mofa_omni.stages import (QUERY_AND_DOCUMENTS, Stage, cosine_rank,
                               embed_query_and_documents)
-
-FILES = ("config.json", "model.safetensors", "tokenizer.json")
-_CONFIG_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                "max_position_embeddings", "vocab_size")
-DEFAULT_BATCH = 32
 
 
 class _Embeddings(nn.Module):
@@ -113,17 +108,6 @@ class BertEncoder(nn.Module):
                 .replace(".intermediate.dense.", ".intermediate."))
 
 
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-        missing = [key for key in _CONFIG_KEYS if not isinstance(config.get(key), int)]
-    except (OSError, ValueError) as error:
-        raise ModelLoadError(f"BERT config {path} is unreadable: {error}") from None
-    if missing:
-        raise ModelLoadError(f"BERT config {path} lacks {', '.join(missing)}")
-    return config
-
-
 class MlxBertAdapter(ModelAdapter):
     """A BERT sentence-embedding model in MLX: texts -> L2-normalised float32 vectors."""
 
@@ -139,20 +123,10 @@ class MlxBertAdapter(ModelAdapter):
         self.batch_size = int(spec.options.get("batch_size", DEFAULT_BATCH))
 
     def prepare(self, source_dir: Path, out_dir: Path, progress: Progress) -> None:
-        for name in FILES:
-            path = source_dir / name
-            if not path.is_file():
-                raise ModelLoadError(f"model {self.spec.name!r}: {name} is missing "
-                                     f"from {source_dir}")
-        _read_config(source_dir / "config.json")
-        for name in FILES:
-            shutil.copyfile(source_dir / name, out_dir / name)
-            progress(f"copy {name}", 1, 1)
+        copy_checkpoint(self.spec.name, source_dir, out_dir, progress)
 
     def _load(self, model_dir: Path) -> None:
-        from tokenizers import Tokenizer
-
-        config = _read_config(model_dir / "config.json")
+        config = read_config(model_dir / "config.json")
         model = BertEncoder(config)
         wanted = {name for name, _ in tree_flatten(model.parameters())}
         # Extra tensors (position_ids, a pooler head) are not part of the encoder: skip them.
@@ -165,15 +139,8 @@ class MlxBertAdapter(ModelAdapter):
                                  f"{', '.join(sorted(missing)[:5])}")
         model.load_weights(list(weights.items()))
         mx.eval(model.parameters())
-        tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-        # Truncate where tokenizer.json says (128 for MiniLM, its training length; the
-        # sentence-transformers config allows 256): the `max_length` option overrides it.
-        positions = config["max_position_embeddings"]
-        truncation = (tokenizer.truncation or {}).get("max_length") or positions
-        self.max_length = min(int(self.spec.options.get("max_length", truncation)), positions)
-        tokenizer.enable_truncation(self.max_length)
-        tokenizer.no_padding()  # padding is done per batch, to the batch's longest text
-        self._model, self._tokenizer = model, tokenizer
+        self._tokenizer, self.max_length = load_tokenizer(model_dir, config, self.spec.options)
+        self._model = model
 
     def _unload(self) -> None:
         self._model = None
@@ -201,10 +168,7 @@ class MlxBertAdapter(ModelAdapter):
         if self._model is None:
             raise ContractError(f"model {self.spec.name!r} is not loaded")
         encodings = self._tokenizer.encode_batch(texts)
-        # Texts of similar length share a batch, so little compute goes into padding.
-        order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
-        batches = [order[start:start + self.batch_size]
-                   for start in range(0, len(order), self.batch_size)]
+        order, batches = length_batches([len(e.ids) for e in encodings], self.batch_size)
         vectors = mx.concatenate([self._embed_batch([encodings[i] for i in batch])
                                   for batch in batches])
         if order != list(range(len(order))):
@@ -213,15 +177,9 @@ class MlxBertAdapter(ModelAdapter):
         return vectors
 
     def _embed_batch(self, encodings: list) -> mx.array:
-        width = max(len(e.ids) for e in encodings)
-        ids = np.zeros((len(encodings), width), np.int32)
-        types = np.zeros_like(ids)
-        mask = np.zeros_like(ids)
-        for row, e in enumerate(encodings):
-            n = len(e.ids)
-            ids[row, :n], types[row, :n], mask[row, :n] = e.ids, e.type_ids, 1
-        m = mx.array(mask)
-        hidden = self._model(mx.array(ids), mx.array(types), m)
+        ids, types, mask = padded(encodings)
+        m = mx.array(mask.astype(np.int32))
+        hidden = self._model(mx.array(ids.astype(np.int32)), mx.array(types.astype(np.int32)), m)
         weights = m[:, :, None].astype(mx.float32)
         pooled = (hidden * weights).sum(axis=1) / mx.maximum(weights.sum(axis=1), 1.0)
         pooled = pooled / mx.maximum(mx.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)

@@ -1,0 +1,78 @@
+"""A Hugging Face BERT sentence-embedding checkpoint (all-MiniLM-L6-v2 and kin), engine-neutral:
+its files, its config, its tokenizer, and how texts become padded batches.
+
+Every BERT adapter (MLX, ONNX Runtime) reads the same three files and feeds its encoder the same
+token ids, so that they embed alike; only the encoder differs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mofa_omni.adapters.base import ModelLoadError, Progress
+
+FILES = ("config.json", "model.safetensors", "tokenizer.json")
+CONFIG_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+               "max_position_embeddings", "vocab_size")
+DEFAULT_BATCH = 32
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The checkpoint's ``config.json``; ModelLoadError naming what is unreadable or missing."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        missing = [key for key in CONFIG_KEYS if not isinstance(config.get(key), int)]
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"BERT config {path} is unreadable: {error}") from None
+    if missing:
+        raise ModelLoadError(f"BERT config {path} lacks {', '.join(missing)}")
+    return config
+
+
+def copy_checkpoint(model: str, source_dir: Path, out_dir: Path, progress: Progress) -> None:
+    """Check that ``source_dir`` holds a BERT checkpoint and copy its files to ``out_dir``."""
+    for name in FILES:
+        if not (source_dir / name).is_file():
+            raise ModelLoadError(f"model {model!r}: {name} is missing from {source_dir}")
+    read_config(source_dir / "config.json")
+    for name in FILES:
+        shutil.copyfile(source_dir / name, out_dir / name)
+        progress(f"copy {name}", 1, 1)
+
+
+def load_tokenizer(model_dir: Path, config: dict[str, Any], options: dict[str, Any]):
+    """``(tokenizer, max_length)``: ``tokenizer.json`` truncating where it says (128 for MiniLM,
+    its training length; sentence-transformers allows 256), or at the ``max_length`` option,
+    never beyond the encoder's positions; no padding (batches are padded to their longest)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    positions = config["max_position_embeddings"]
+    truncation = (tokenizer.truncation or {}).get("max_length") or positions
+    max_length = min(int(options.get("max_length", truncation)), positions)
+    tokenizer.enable_truncation(max_length)
+    tokenizer.no_padding()
+    return tokenizer, max_length
+
+
+def length_batches(lengths: list[int], batch_size: int) -> tuple[list[int], list[list[int]]]:
+    """``(order, batches)``: text indices sorted by length, cut into batches, so that texts of
+    similar length share a batch and little compute goes into padding."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return order, [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def padded(encodings: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(ids, type_ids, attention_mask)`` as int64 (batch, longest) arrays, zero-padded."""
+    width = max(len(e.ids) for e in encodings)
+    ids = np.zeros((len(encodings), width), np.int64)
+    types, mask = np.zeros_like(ids), np.zeros_like(ids)
+    for row, e in enumerate(encodings):
+        n = len(e.ids)
+        ids[row, :n], types[row, :n], mask[row, :n] = e.ids, e.type_ids, 1
+    return ids, types, mask
