@@ -20,8 +20,8 @@ from mlx.utils import tree_flatten
 from mofa_omni.adapters.base import ModelAdapter, ModelLoadError, Progress
 from mofa_omni.contract import (ContractError, EmbeddingRequest, Embeddings, RerankRequest,
                                 RerankResult, Task, Tensor)
-from mofa_omni.formats.bert import (DEFAULT_BATCH, copy_checkpoint, length_batches,
-                                    load_tokenizer, padded, read_config)
+from mofa_omni.formats.bert import (DEFAULT_BATCH, FILES, check_checkpoint, copy_files,
+                                    length_batches, load_tokenizer, padded, read_config)
 from mofa_omni.stages import (QUERY_AND_DOCUMENTS, Stage, cosine_rank,
                               embed_query_and_documents)
 
@@ -123,7 +123,8 @@ class MlxBertAdapter(ModelAdapter):
         self.batch_size = int(spec.options.get("batch_size", DEFAULT_BATCH))
 
     def prepare(self, source_dir: Path, out_dir: Path, progress: Progress) -> None:
-        copy_checkpoint(self.spec.name, source_dir, out_dir, progress)
+        check_checkpoint(self.spec.name, source_dir)
+        copy_files(source_dir, out_dir, FILES, progress)
 
     def _load(self, model_dir: Path) -> None:
         config = read_config(model_dir / "config.json")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -22,8 +21,8 @@ import numpy as np
 from mofa_omni.adapters.base import ModelAdapter, ModelLoadError, Progress
 from mofa_omni.contract import (ContractError, EmbeddingRequest, Embeddings, RerankRequest,
                                 RerankResult, Task, Tensor)
-from mofa_omni.formats.bert import (DEFAULT_BATCH, FILES, length_batches, load_tokenizer, padded,
-                                    read_config)
+from mofa_omni.formats.bert import (DEFAULT_BATCH, check_checkpoint, copy_files, length_batches,
+                                    load_tokenizer, padded, read_config)
 from mofa_omni.onnx import cpu_session
 from mofa_omni.stages import QUERY_AND_DOCUMENTS, cosine_rank
 
@@ -52,15 +51,10 @@ class OrtBertAdapter(ModelAdapter):
         self.batch_size = int(spec.options.get("batch_size", DEFAULT_BATCH))
 
     def prepare(self, source_dir: Path, out_dir: Path, progress: Progress) -> None:
-        for name in FILES:
-            if not (source_dir / name).is_file():
-                raise ModelLoadError(f"model {self.spec.name!r}: {name} is missing from "
-                                     f"{source_dir}")
-        config = read_config(source_dir / "config.json")
+        config = check_checkpoint(self.spec.name, source_dir)
         weights = _read_weights(self.spec.name, source_dir / "model.safetensors")
         write_encoder_graph(config, weights, out_dir / GRAPH, progress)
-        for name in ("config.json", "tokenizer.json"):
-            shutil.copyfile(source_dir / name, out_dir / name)
+        copy_files(source_dir, out_dir, ("config.json", "tokenizer.json"), progress)
 
     def _load(self, model_dir: Path) -> None:
         config = read_config(model_dir / "config.json")

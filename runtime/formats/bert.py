@@ -34,13 +34,17 @@ def read_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def copy_checkpoint(model: str, source_dir: Path, out_dir: Path, progress: Progress) -> None:
-    """Check that ``source_dir`` holds a BERT checkpoint and copy its files to ``out_dir``."""
+def check_checkpoint(model: str, source_dir: Path) -> dict[str, Any]:
+    """The config of the BERT checkpoint in ``source_dir``, once its files are all there."""
     for name in FILES:
         if not (source_dir / name).is_file():
             raise ModelLoadError(f"model {model!r}: {name} is missing from {source_dir}")
-    read_config(source_dir / "config.json")
-    for name in FILES:
+    return read_config(source_dir / "config.json")
+
+
+def copy_files(source_dir: Path, out_dir: Path, names: tuple[str, ...],
+               progress: Progress) -> None:
+    for name in names:
         shutil.copyfile(source_dir / name, out_dir / name)
         progress(f"copy {name}", 1, 1)
 
