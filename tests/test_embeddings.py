@@ -64,6 +64,20 @@ def test_onnx_conversion_refuses_corrupt_weights(catalog: Catalog, store, tmp_pa
         OrtBertAdapter(catalog.get(MINILM)).prepare(tmp_path, tmp_path / "out", lambda *a: None)
 
 
+def test_onnx_conversion_names_a_tensor_the_checkpoint_lacks(catalog: Catalog, store, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    source = store.prepare(create_adapter(catalog.get(MINILM), "mlx"))
+    for name in ("config.json", "tokenizer.json"):
+        (tmp_path / name).write_bytes((source / name).read_bytes())
+    weights = load_file(str(source / "model.safetensors"))
+    del weights["encoder.layer.2.intermediate.dense.bias"]
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match="'minilm-l6': model.safetensors lacks "
+                                             "encoder.layer.2.intermediate.dense.bias"):
+        OrtBertAdapter(catalog.get(MINILM)).prepare(tmp_path, tmp_path / "out", lambda *a: None)
+
+
 @pytest.mark.slow
 def test_onnx_runtime_and_mlx_embed_alike(model):
     onnx, mlx = (_embed(model(MINILM, backend), SENTENCES) for backend in BACKENDS)

@@ -48,12 +48,16 @@ class OrtBertAdapter(ModelAdapter):
         self._session: Any = None
         self._tokenizer: Any = None
         self.max_length = 0
+        self.dimension = 0  # the vectors' length, once loaded
         self.batch_size = int(spec.options.get("batch_size", DEFAULT_BATCH))
 
     def prepare(self, source_dir: Path, out_dir: Path, progress: Progress) -> None:
         config = check_checkpoint(self.spec.name, source_dir)
         weights = _read_weights(self.spec.name, source_dir / "model.safetensors")
-        write_encoder_graph(config, weights, out_dir / GRAPH, progress)
+        try:
+            write_encoder_graph(config, weights, out_dir / GRAPH, progress)
+        except ModelLoadError as error:  # a tensor the encoder needs is not in the checkpoint
+            raise ModelLoadError(f"model {self.spec.name!r}: {error}") from None
         copy_files(source_dir, out_dir, ("config.json", "tokenizer.json"), progress)
 
     def _load(self, model_dir: Path) -> None:
