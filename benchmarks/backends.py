@@ -36,8 +36,9 @@ by the peer's in the same pass -- paired, so that the machine's drift between pa
 40 % here) cancels -- with the range of the middle half (goal >= 0.95); "latency" is the node's
 median latency over the peer's (goal <= 1.1).
 
-Peers a user would pick instead that cannot run here are named in the output (no ONNX MiniLM
-can be had offline; llama-cpp-python when the set-up could not build it). Prints a table per
+Peers a user would pick instead that cannot run here are named in the output
+(sentence-transformers and fastembed for MiniLM; llama-cpp-python when the set-up could not
+build it). Prints a table per
 task, writes benchmarks/results/backends.json (or --json FILE) and a bar chart per task in one
 PNG (benchmarks/results/backends.png or --png FILE). About 5 minutes (15 with --repeats 12).
 """
