@@ -38,9 +38,9 @@ median latency over the peer's (goal <= 1.1).
 
 Peers a user would pick instead that cannot run here are named in the output
 (sentence-transformers and fastembed for MiniLM; llama-cpp-python when the set-up could not
-build it). Prints a table per
-task, writes benchmarks/results/backends.json (or --json FILE) and a bar chart per task in one
-PNG (benchmarks/results/backends.png or --png FILE). About 5 minutes (15 with --repeats 12).
+build it). Prints a table per task, writes benchmarks/results/backends.json (or --json FILE)
+and a bar chart per task in one PNG (benchmarks/results/backends.png or --png FILE). About
+5 minutes (18 with --repeats 12).
 """
 
 from __future__ import annotations
