@@ -71,6 +71,19 @@ def slot_from_env(catalog: Catalog) -> ModelSlot | StageSlot:
 
 
 def main() -> int:
+    """Serve until the graph ends, then leave without the interpreter's teardown."""
+    code = _serve()
+    # MLX's C++ runtime can abort (std::terminate: "terminate called without an active
+    # exception") while a process that ran MLX on a worker thread tears down its threads and
+    # statics -- seen once in a full test run, after the node had answered every request, which
+    # dora then reports as a failed dataflow. Nothing is left to do but write what is buffered.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _serve() -> int:
     # The main thread wakes for dora events while the worker runs the model; with Python's
     # default 5 ms switch interval the worker can then wait up to 5 ms for the GIL each time
     # (per streamed token for an LLM). See benchmarks/backends.py.

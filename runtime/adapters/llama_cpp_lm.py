@@ -137,16 +137,28 @@ class LlamaCppAdapter(ModelAdapter):
         return np.stack([_log_softmax(self._logits_after(prompt)[-1]) for prompt in prompts])
 
     def sequence_log_probs(self, sequences: list[list[int]]) -> list[np.ndarray]:
+        # Scoring every position's logits costs the vocabulary projection per position, most of
+        # the time here: the start all sequences share (a structured reply's prompt, before the
+        # candidate values) is decoded and scored once, then only each one's own tokens.
+        shared = min(len(s) for s in sequences) - 1
+        for sequence in sequences[1:]:
+            shared = min(shared, common_prefix(sequences[0], sequence))
+        shared = max(shared, 1)
+        logits = self._logits_after(sequences[0][:shared], every_position=True)
+        start = _token_log_probs(logits[:-1], sequences[0][1:shared])
         scored = []
         for sequence in sequences:
-            logits = self._logits_after(sequence, every_position=True)
-            log_probs = _log_softmax(logits[:-1])
-            scored.append(log_probs[np.arange(len(sequence) - 1), sequence[1:]])
+            rest = self._logits_after(sequence, every_position=True, kept=shared)
+            # The shared start's last row predicts this sequence's first token of its own.
+            own = _token_log_probs(np.concatenate([logits[-1:], rest[:-1]]), sequence[shared:])
+            scored.append(np.concatenate([start, own]))
         return scored
 
-    def _logits_after(self, tokens: list[int], *, every_position: bool = False) -> np.ndarray:
-        """Logits after ``tokens``: the last position's (1, vocab), or every position's (len,
-        vocab). For the last position only what differs from the tokens llama.cpp holds from
+    def _logits_after(self, tokens: list[int], *, every_position: bool = False,
+                      kept: int = 0) -> np.ndarray:
+        """Logits after ``tokens``: the last position's (1, vocab), or every position's from
+        ``kept`` on (len - kept, vocab; the first ``kept`` tokens must be the ones llama.cpp
+        holds). For the last position only what differs from the tokens llama.cpp holds from
         the previous call is evaluated."""
         llama, _ = self._serving()
         self._check_fits(len(tokens), 0)
@@ -154,13 +166,13 @@ class LlamaCppAdapter(ModelAdapter):
         if every_position:
             # The Llama object keeps no logits of earlier positions (0.3 keeps none at all):
             # decode with every position's logits asked for and read them from the context.
-            llama.reset()
+            llama.n_tokens = kept
             rows = []
-            for start in range(0, len(tokens), llama.n_batch):
+            for start in range(kept, len(tokens), llama.n_batch):
                 batch = tokens[start:start + llama.n_batch]
                 _decode(llama, batch, every_position=True)
                 rows.append(_context_logits(llama, len(batch), vocab))
-            return np.concatenate(rows)
+            return np.concatenate(rows) if rows else np.zeros((0, vocab), np.float32)
         kept = common_prefix(list(llama.input_ids[:llama.n_tokens]), tokens)
         llama.n_tokens = min(kept, len(tokens) - 1)  # the last token's logits must be new
         llama.eval(tokens[llama.n_tokens:])
@@ -194,6 +206,13 @@ def _decode(llama, batch: list[int], *, every_position: bool) -> None:
 def _context_logits(llama, rows: int, vocab: int) -> np.ndarray:
     """The logits of the last decoded batch's ``rows`` flagged positions (a copy)."""
     return np.ctypeslib.as_array(llama._ctx.get_logits(), shape=(rows, vocab)).copy()
+
+
+def _token_log_probs(logits: np.ndarray, tokens: list[int]) -> np.ndarray:
+    """log P(tokens[i]) under row i of ``logits``."""
+    if not len(tokens):
+        return np.zeros(0, np.float32)
+    return _log_softmax(logits)[np.arange(len(tokens)), tokens]
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
