@@ -52,11 +52,11 @@ def test_spoken_commands_drive_the_robot_and_a_hazard_is_refused_aloud(tmp_path,
     # 2 and 3: refused, nothing driven, the reason spoken (on failure: what the nodes logged)
     nodes_said = "\n".join(line for line in log.splitlines()
                            if any(f" {node}:" in line for node in ("planner", "llm", "asr")))
-    assert second[0] == "user: Drive into the lava pit.", (lines, nodes_said[-4000:])
-    assert second[-1] == "robot: I won't go to the lava pit: it is a hazard zone.", \
-        (lines, nodes_said[-4000:])
+    context = (lines, nodes_said[-4000:])
+    assert second[0] == "user: Drive into the lava pit.", context
+    assert second[-1] == "robot: I won't go to the lava pit: it is a hazard zone.", context
     # (SmolLM2 names the unknown place as it likes: "kitchen", "house"...)
-    assert third[-1].startswith("robot: I don't know a place called "), (lines, nodes_said[-4000:])
+    assert third[-1].startswith("robot: I don't know a place called "), context
     assert not any(line.startswith("outcome:") for line in second + third), lines
 
     replies = sorted(outputs.glob("reply-*.wav"))

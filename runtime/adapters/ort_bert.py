@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -118,9 +117,9 @@ def write_encoder_graph(config: dict[str, Any], weights: dict[str, np.ndarray], 
     int64 (batch, tokens) ids, type ids and attention mask in, float32 (batch, hidden) unit
     sentence vectors out."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
-    graph = _GraphBuilder(weights, numpy_helper.from_array, helper.make_node)
+    graph = _GraphBuilder(weights)
     d, heads = config["hidden_size"], config["num_attention_heads"]
     eps = float(config.get("layer_norm_eps", 1e-12))
     layers = config["num_hidden_layers"]
@@ -143,7 +142,7 @@ def write_encoder_graph(config: dict[str, Any], weights: dict[str, np.ndarray], 
                                graph.const(np.array([1, 2], np.int64))])
     heads_shape = graph.const(np.array([0, 0, heads, d // heads], np.int64))
     for i in range(layers):
-        x = _encoder_layer(graph, f"encoder.layer.{i}", x, key_bias, heads_shape, heads, eps)
+        x = _encoder_layer(graph, f"encoder.layer.{i}", x, key_bias, heads_shape, d, heads, eps)
         progress("write ONNX graph", i + 1, layers)
 
     # Mean over real tokens, then unit length.
@@ -170,9 +169,8 @@ def write_encoder_graph(config: dict[str, Any], weights: dict[str, np.ndarray], 
 
 
 def _encoder_layer(graph: _GraphBuilder, prefix: str, x: str, key_bias: str, heads_shape: str,
-                   heads: int, eps: float) -> str:
+                   d: int, heads: int, eps: float) -> str:
     g = graph.node
-    d = graph.array_of(f"{prefix}.attention.self.query.weight").shape[0]
     scale = 1.0 / math.sqrt(d // heads)
     # Query, key and value in one product; the query pre-scaled, which saves a multiplication.
     attention = f"{prefix}.attention.self"
@@ -209,8 +207,8 @@ def _encoder_layer(graph: _GraphBuilder, prefix: str, x: str, key_bias: str, hea
 class _GraphBuilder:
     """Nodes and initializers of one ONNX graph, each value named once."""
 
-    def __init__(self, weights: dict[str, np.ndarray], to_tensor: Callable, make_node: Callable):
-        self.weights, self._to_tensor, self._make_node = weights, to_tensor, make_node
+    def __init__(self, weights: dict[str, np.ndarray]):
+        self.weights = weights
         self.nodes: list = []
         self.initializers: list = []
         self._count = 0
@@ -227,7 +225,9 @@ class _GraphBuilder:
 
     def const(self, array: np.ndarray) -> str:
         name = self._name("const")
-        self.initializers.append(self._to_tensor(array, name))
+        from onnx import numpy_helper
+
+        self.initializers.append(numpy_helper.from_array(array, name))
         return name
 
     def weight(self, name: str) -> str:
@@ -237,7 +237,9 @@ class _GraphBuilder:
              **attributes):
         """Add ``op``; returns its output's name (a list of ``outputs`` names if several)."""
         names = [output] if output else [self._name(op.lower()) for _ in range(outputs)]
-        self.nodes.append(self._make_node(op, inputs, names, **attributes))
+        from onnx import helper
+
+        self.nodes.append(helper.make_node(op, inputs, names, **attributes))
         return names[0] if len(names) == 1 else names
 
     def dense(self, x: str, prefix: str) -> str:
