@@ -23,7 +23,7 @@ warm-up, the contenders taking turns; the median latency and the throughput are 
                       ONNX graph written from the same safetensors); ONNX Runtime's session
                       called directly on that graph
 
-"node" is the task's default backend on this machine (mofa_omni.backends) served by an omni-node
+"node" is the task's default backend on this machine (mofa_omni.adapters.backends) served by an omni-node
 in a real dataflow (benchmarks/dataflows/backends.yml), timed by a driver node from sending the
 request to its last result, in the same rounds as the direct calls (each round, task by task:
 every contender once and the node once, then --duels more passes (default 3) over the peers and
@@ -60,22 +60,24 @@ from pathlib import Path
 
 import numpy as np
 
-from mofa_omni.platform import ensure_fast_blas
+from mofa_omni.models.compute import ensure_fast_blas
 
 ensure_fast_blas()
 
-from mofa_omni.adapters.base import create_adapter  # noqa: E402
-from mofa_omni.audio import read_wav, resample  # noqa: E402
-from mofa_omni.backends import select_adapter  # noqa: E402
-from mofa_omni.catalog import Catalog  # noqa: E402
-from mofa_omni.contract import (  # noqa: E402
+from mofa_omni.adapters.backends import (
+    create_adapter,  # noqa: E402
+    select_adapter,  # noqa: E402
+)
+from mofa_omni.contract.tasks import (  # noqa: E402
     ChatMessage,
     ChatRequest,
     EmbeddingRequest,
     SpeechRequest,
     TranscriptionRequest,
 )
-from mofa_omni.store import ModelStore  # noqa: E402
+from mofa_omni.media.audio import read_wav, resample  # noqa: E402
+from mofa_omni.models.catalog import Catalog  # noqa: E402
+from mofa_omni.models.store import ModelStore  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -231,8 +233,7 @@ def variant(catalog: Catalog, name: str, backend: str, **options):
 def asr_contenders(catalog: Catalog) -> list[Contender]:
     import ctranslate2
 
-    from mofa_omni import whisper_features
-    from mofa_omni.adapters import ct2_whisper
+    from mofa_omni.adapters import ct2_whisper, whisper_features
 
     audio, rate = read_wav(SAMPLE)
     request, seconds = TranscriptionRequest(audio, rate), len(audio) / rate
@@ -293,7 +294,7 @@ def llm_contenders(catalog: Catalog) -> list[Contender]:
     for label, name, backend, options in backends:
         adapter = variant(catalog, name, backend, **options)
         contenders.append(Contender(f"{label} (adapter)", through(adapter), "tok/s"))
-    from mofa_omni.adapters.mlx_lm import chat_prompt_tokens
+    from mofa_omni.adapters.chat import chat_prompt_tokens
 
     generator, tokenizer = adapter._generator, adapter._tokenizer  # the int8 one
     prompt = tokenizer.convert_ids_to_tokens(chat_prompt_tokens(tokenizer, request))

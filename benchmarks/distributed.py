@@ -6,7 +6,7 @@ and a turn's time.
 (Run it with the project's environment first on PATH: the nodes are its console scripts.)
 
 A coordinator and two daemons, machines A and B, on loopback ports of their own
-(mofa_omni.local_cluster: the processes a user starts on two machines). Two placements of
+(mofa_omni.cluster.local: the processes a user starts on two machines). Two placements of
 dataflows/voice.split.yml on that same cluster, alternated ``--runs`` times each (default 2):
 
   split   as written: VAD, whisper, dialogue and sink on A; LLM, splitter and TTS on B. The
@@ -15,7 +15,7 @@ dataflows/voice.split.yml on that same cluster, alternated ``--runs`` times each
   one     every node on A (the same file with each ``deploy: machine`` set to A): shared memory
 
 Each run plays the checkout's two sample questions (dataflows/samples) in real time; the nodes
-write a timing trace (MOFA_OMNI_TRACE, see mofa_omni.trace). A hop's latency is, for every
+write a timing trace (MOFA_OMNI_TRACE, see mofa_omni.node.trace). A hop's latency is, for every
 message a node received, its receive time minus the sender's send stamp (sent_ns), per edge of
 the graph (sender/output -> receiver/input): Arrow encoding, dora's transport and the wait in
 the receiver's queue. The edges that cross machines in the split placement are marked ``*``. A turn's time is measured as in benchmarks/voice_latency.py: from the end of the user's
@@ -40,8 +40,8 @@ from pathlib import Path
 
 import yaml
 
-from mofa_omni import trace
-from mofa_omni.local_cluster import LocalCluster
+from mofa_omni.cluster.local import LocalCluster
+from mofa_omni.node import trace
 
 sys.path.insert(0, str(Path(__file__).parent))
 from voice_latency import analyse  # noqa: E402

@@ -67,7 +67,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from mofa_omni.platform import ensure_fast_blas
+from mofa_omni.models.compute import ensure_fast_blas
 
 ensure_fast_blas()
 
@@ -76,15 +76,15 @@ import numpy as np  # noqa: E402
 import openai  # noqa: E402
 import psutil  # noqa: E402
 
-from mofa_omni.audio import read_wav, wav_bytes  # noqa: E402
-from mofa_omni.contract import (  # noqa: E402
+from mofa_omni.adapters.loading import open_model  # noqa: E402
+from mofa_omni.contract.tasks import (  # noqa: E402
     ChatMessage,
     ChatRequest,
     EmbeddingRequest,
     SpeechRequest,
     TranscriptionRequest,
 )
-from mofa_omni.loading import open_model  # noqa: E402
+from mofa_omni.media.audio import read_wav, wav_bytes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -334,7 +334,7 @@ def trace_segments(path: Path, runs: list[dict], node: str = "llm") -> dict:
     the node serving it up to its last result ("node"), of which its first result ("node
     first"), and last result -> the client's end ("out"); medians in ms. Requests are serial,
     so the one the node received within a call's window is that call's."""
-    from mofa_omni import trace
+    from mofa_omni.node import trace
 
     by_request: dict[str, list[dict]] = collections.defaultdict(list)
     for line in trace.read(path):

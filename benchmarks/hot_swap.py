@@ -45,7 +45,7 @@ from pathlib import Path
 
 import msgspec
 
-from mofa_omni.catalog import variant_entry
+from mofa_omni.models.catalog import variant_entry
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOWS = ROOT / "benchmarks" / "dataflows"
@@ -176,9 +176,9 @@ def summarize(method: str, record: dict, swap: dict) -> dict:
 
 def reference_load_seconds(catalog: Path) -> float:
     """The copy's load time with nothing around it (already converted by the runs)."""
-    from mofa_omni.catalog import Catalog
-    from mofa_omni.contract import Task
-    from mofa_omni.loading import open_model
+    from mofa_omni.adapters.loading import open_model
+    from mofa_omni.contract.tasks import Task
+    from mofa_omni.models.catalog import Catalog
 
     adapter = open_model("smollm2-135m-copy", task=Task.TEXT_GENERATION,
                          catalog=Catalog.load([catalog]))
@@ -210,7 +210,7 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", choices=METHODS, default=METHODS)
     args = parser.parse_args()
 
-    from mofa_omni.platform import ensure_fast_blas
+    from mofa_omni.models.compute import ensure_fast_blas
 
     ensure_fast_blas()
     scratch = Path(tempfile.mkdtemp(prefix="hot-swap-catalog-"))

@@ -17,7 +17,7 @@ the voice pipeline goes idle (the scheduler's ACTIVE_S is 3 s) and the embedder 
 both while it is idle and while it is busy. In all: 4 voice turns and 9 embedding requests.
 
 "What all models need" is the catalog's estimate (runtime/catalog.toml memory_mb) of each model
-asked for plus a process overhead each (mofa_omni.scheduling.DEFAULT_OVERHEAD, 200 MiB), about
+asked for plus a process overhead each (mofa_omni.scheduler.bookkeeping.DEFAULT_OVERHEAD, 200 MiB), about
 3.3 GiB here; BUDGET is --fraction of it (default 0.5), raised if needed so that the smallest rung
 of every node's size ladder (whisper-tiny.en, smollm2-135m-q4, piper-joe, minilm-l6) fits with the
 overheads: every request can then be served. The same workload runs twice in one invocation:
@@ -73,12 +73,12 @@ import numpy as np
 import psutil
 import yaml
 
-from mofa_omni.audio import read_wav, write_wav
-from mofa_omni.catalog import Catalog
-from mofa_omni.control import COMMAND_OUTPUT, MEMORY_OUTPUT, SCHEDULER_INPUT
-from mofa_omni.loading import open_model
-from mofa_omni.memory import format_bytes, parse_size
-from mofa_omni.scheduling import DEFAULT_OVERHEAD, replay
+from mofa_omni.adapters.loading import open_model
+from mofa_omni.media.audio import read_wav, write_wav
+from mofa_omni.models.catalog import Catalog
+from mofa_omni.models.memory import format_bytes, parse_size
+from mofa_omni.scheduler.bookkeeping import DEFAULT_OVERHEAD, replay
+from mofa_omni.scheduler.messages import COMMAND_OUTPUT, MEMORY_OUTPUT, SCHEDULER_INPUT
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

@@ -23,22 +23,22 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from mofa_omni.platform import ensure_fast_blas
+from mofa_omni.models.compute import ensure_fast_blas
 
 ensure_fast_blas()
 
 import numpy as np  # noqa: E402
 
-from mofa_omni.contract import (  # noqa: E402
+from mofa_omni.adapters.loading import open_model  # noqa: E402
+from mofa_omni.contract.tasks import (  # noqa: E402
     ChatMessage,
     ChatRequest,
     EmbeddingRequest,
     SpeechRequest,
     TranscriptionRequest,
 )
-from mofa_omni.catalog import Catalog  # noqa: E402
-from mofa_omni.loading import open_model  # noqa: E402
-from mofa_omni.memory import format_bytes, release_freed_memory, snapshot  # noqa: E402
+from mofa_omni.models.catalog import Catalog  # noqa: E402
+from mofa_omni.models.memory import format_bytes, release_freed_memory, snapshot  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 PROMPT = "What is the capital of France? Answer in one sentence."
@@ -94,7 +94,7 @@ def bench_llm(adapter, repeats: int) -> dict:
 def bench_asr(adapter, audio: np.ndarray, rate: int, repeats: int) -> dict:
     import mlx_whisper
 
-    from mofa_omni.audio import resample
+    from mofa_omni.media.audio import resample
 
     request = TranscriptionRequest(audio, rate)
     audio16 = resample(audio, rate, 16000)
@@ -182,9 +182,9 @@ def bench_model(name: str, repeats: int, speech: tuple[np.ndarray, int]) -> dict
 
 BLAS_PROBE = """
 import json, time
-from mofa_omni.platform import measure_blas
-from mofa_omni.loading import open_model
-from mofa_omni.contract import EmbeddingRequest
+from mofa_omni.models.compute import measure_blas
+from mofa_omni.adapters.loading import open_model
+from mofa_omni.contract.tasks import EmbeddingRequest
 report = measure_blas()
 model = open_model("minilm-l6")
 texts = [f"Sentence {i} about the weather and music." for i in range(64)]
@@ -202,7 +202,7 @@ def bench_blas() -> dict:
         env = {k: v for k, v in os.environ.items()
                if k not in ("LD_PRELOAD", "OPENBLAS_CORETYPE", "MOFA_OMNI_BLAS_REEXEC")}
         env["MOFA_OMNI_NO_OPENBLAS"] = disable
-        code = "from mofa_omni.platform import ensure_fast_blas; ensure_fast_blas()\n" + BLAS_PROBE
+        code = "from mofa_omni.models.compute import ensure_fast_blas; ensure_fast_blas()\n" + BLAS_PROBE
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                              text=True, check=True).stdout
         results[label] = json.loads(out.strip().splitlines()[-1])

@@ -11,7 +11,7 @@ audio (1-D samples). Every path sends them ping-pong -- the next message only on
 receiver's small ack came back, so nothing queues -- after a few warm-up messages that are not
 counted (300 messages per case up to 64 KiB, 200 at 1 MiB, 60 at 16 MiB, 20 at 64 MiB):
 
-  fused           a StagePipeline of two stages in this process (mofa_omni.stages): the producer
+  fused           a StagePipeline of two stages in this process (mofa_omni.contract.stages): the producer
                   returns a Tensor holding a pre-built MLX array, the consumer takes it; latency
                   is the Handoff's seconds (producer returned -> consumer started). Bytes copied
                   are 0 when the consumer sees the MLX array's memory at the producer's address
@@ -159,8 +159,9 @@ def measure_memcpy(case: Case) -> dict:
 def measure_fused(case: Case) -> dict:
     """Two stages in this process; the consumer notes where the array it got lives."""
     import mlx.core as mx
-    from mofa_omni.contract import Tensor
-    from mofa_omni.stages import Handoff, Stage, StagePipeline
+
+    from mofa_omni.contract.stages import Handoff, Stage, StagePipeline
+    from mofa_omni.contract.tasks import Tensor
 
     produced = mx.array(build_payload(case))
     mx.eval(produced)

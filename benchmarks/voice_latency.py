@@ -6,11 +6,11 @@
 Spoken questions are made with Piper (16 kHz WAVs in a temporary folder) and played in real time
 through dataflows/voice.yml with ``dora run`` (wav_source -> Silero VAD -> whisper -> dialogue ->
 SmolLM2 -> sentence splitter -> Piper -> wav_sink). The nodes write a timing trace
-(``MOFA_OMNI_TRACE``, see :mod:`mofa_omni.trace`): one line per message sent or received, with
+(``MOFA_OMNI_TRACE``, see :mod:`mofa_omni.node.trace`): one line per message sent or received, with
 its request id, seq, final flag, origin and send times. In the same run the *sequential
 baseline* serves the same questions with the same models in this one process, without streaming:
 whisper on the whole utterance, then the whole LLM reply (the same system prompt, max tokens and
-multi-turn history, through :class:`mofa_omni.dialogue.Dialogue`), then Piper on the whole reply.
+multi-turn history, through :class:`mofa_omni.voice.dialogue.Dialogue`), then Piper on the whole reply.
 The baseline's conversation is built from what the graph heard (whisper on the VAD's cut of the
 audio can differ by a word from whisper on the whole file, and the history then diverges), so
 both run the LLM and the TTS on the same prompts and replies; its ASR still transcribes, and is
@@ -78,18 +78,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from mofa_omni.platform import ensure_fast_blas
+from mofa_omni.models.compute import ensure_fast_blas
 
 ensure_fast_blas()
 
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
-from mofa_omni import trace  # noqa: E402
-from mofa_omni.audio import read_wav, resample, write_wav  # noqa: E402
-from mofa_omni.contract import SpeechRequest, Task, TranscriptionRequest  # noqa: E402
-from mofa_omni.dialogue import Ask, Dialogue  # noqa: E402
-from mofa_omni.loading import open_model  # noqa: E402
+from mofa_omni.adapters.loading import open_model  # noqa: E402
+from mofa_omni.contract.tasks import SpeechRequest, Task, TranscriptionRequest  # noqa: E402
+from mofa_omni.media.audio import read_wav, resample, write_wav  # noqa: E402
+from mofa_omni.node import trace  # noqa: E402
+from mofa_omni.voice.dialogue import Ask, Dialogue  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

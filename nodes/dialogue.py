@@ -32,12 +32,15 @@ import os
 import time
 
 import pyarrow as pa
-from mofa_omni import arrow, trace
-from mofa_omni.contract import ContractError, ErrorReport, TextChunk, Transcript
-from mofa_omni.dialogue import Action, Ask, Cancel, Dialogue, TranscriptLine, TurnDone
-from mofa_omni.host import MessageMeta, dora_node_id
-from mofa_omni.integrity import CheckedNode
-from mofa_omni.voice import voice_output
+
+from mofa_omni.contract import arrow
+from mofa_omni.contract.errors import ContractError
+from mofa_omni.contract.tasks import ErrorReport, TextChunk, Transcript
+from mofa_omni.node import trace
+from mofa_omni.node.host import MessageMeta, dora_node_id
+from mofa_omni.node.integrity import CheckedNode
+from mofa_omni.voice.dialogue import Action, Ask, Cancel, Dialogue, TranscriptLine, TurnDone
+from mofa_omni.voice.events import voice_output
 
 log = logging.getLogger("dialogue")
 

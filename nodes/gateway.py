@@ -39,14 +39,14 @@ import threading
 
 import uvicorn
 
-from mofa_omni.catalog import Catalog
-from mofa_omni.contract import ContractError
-from mofa_omni.control import Status, from_arrow
-from mofa_omni.gateway import Graph, Replies, Reply, Settings, build_app
-from mofa_omni.gateway_routes import Router, input_sources, routes_from
-from mofa_omni.host import dora_node_id
-from mofa_omni.integrity import CheckedNode
-from mofa_omni.openai_api import MAX_IMAGE_PIXELS
+from mofa_omni.contract.errors import ContractError
+from mofa_omni.gateway.app import Graph, Replies, Reply, Settings, build_app
+from mofa_omni.gateway.openai_bodies import MAX_IMAGE_PIXELS
+from mofa_omni.gateway.routes import Router, input_sources, routes_from
+from mofa_omni.models.catalog import Catalog
+from mofa_omni.node.host import dora_node_id
+from mofa_omni.node.integrity import CheckedNode
+from mofa_omni.scheduler.messages import Status, from_arrow
 
 log = logging.getLogger("gateway")
 

@@ -23,11 +23,14 @@ import threading
 import time
 
 import numpy as np
-from mofa_omni import arrow
-from mofa_omni.contract import AudioChunk, ContractError
-from mofa_omni.host import MessageMeta
-from mofa_omni.integrity import CheckedNode
-from mofa_omni.voice import env_float, env_str, load_sounddevice
+
+from mofa_omni.config import env_float, env_str
+from mofa_omni.contract import arrow
+from mofa_omni.contract.errors import ContractError
+from mofa_omni.contract.tasks import AudioChunk
+from mofa_omni.node.host import MessageMeta
+from mofa_omni.node.integrity import CheckedNode
+from mofa_omni.voice.events import load_sounddevice
 
 log = logging.getLogger("microphone")
 

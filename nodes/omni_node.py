@@ -7,10 +7,10 @@ Configuration (env in the dataflow YAML):
     STAGES             instead of one whole model: stages run in this process, in order, each
                        handing its output to the next as the same object (no copy), e.g.
                        "whisper-tiny.en:log_mel whisper-tiny.en:encode whisper-tiny.en:decode"
-                       (see mofa_omni.stages); the input is named after what the first stage
+                       (see mofa_omni.contract.stages); the input is named after what the first stage
                        takes (``request`` / the task, or ``tensor`` from stages in another node)
     BACKEND            run the model on this backend (mlx, ctranslate2, onnxruntime, ...)
-                       instead of the one chosen for this machine (see mofa_omni.backends)
+                       instead of the one chosen for this machine (see mofa_omni.adapters.backends)
     REQUEST_TIMEOUT_S  deadline of a request from its arrival (default 120)
 
 Inputs: ``request`` (the model's first task) or one named after each task it serves, and
@@ -37,21 +37,29 @@ import os
 import sys
 import threading
 
-from mofa_omni.platform import ensure_fast_blas
+from mofa_omni.models.compute import ensure_fast_blas
 
 ensure_fast_blas()
 
-from mofa_omni import arrow, trace  # noqa: E402
-from mofa_omni.admission import SchedulerLink  # noqa: E402
-from mofa_omni.catalog import Catalog  # noqa: E402
-from mofa_omni.contract import ContractError, ErrorReport, Task  # noqa: E402
-from mofa_omni.control import MEMORY_OUTPUT, SCHEDULER_INPUT, Command, from_arrow, to_arrow  # noqa: E402
-from mofa_omni.host import dora_node_id  # noqa: E402
-from mofa_omni.integrity import LOST_OUTPUT, CheckedNode, Gap, PayloadTooLarge  # noqa: E402
-from mofa_omni.residency import ModelSlot  # noqa: E402
-from mofa_omni.serving import CANCEL_INPUT, RequestWorker, cancelled_ids  # noqa: E402
-from mofa_omni.stage_host import StageSlot  # noqa: E402
-from mofa_omni.stages import parse_stages  # noqa: E402
+from mofa_omni.contract import arrow  # noqa: E402
+from mofa_omni.contract.errors import ContractError  # noqa: E402
+from mofa_omni.contract.stages import parse_stages  # noqa: E402
+from mofa_omni.contract.tasks import ErrorReport, Task
+from mofa_omni.models.catalog import Catalog  # noqa: E402
+from mofa_omni.node import trace  # noqa: E402
+from mofa_omni.node.admission import SchedulerLink  # noqa: E402
+from mofa_omni.node.host import dora_node_id  # noqa: E402
+from mofa_omni.node.integrity import LOST_OUTPUT, CheckedNode, Gap, PayloadTooLarge  # noqa: E402
+from mofa_omni.node.residency import ModelSlot  # noqa: E402
+from mofa_omni.node.serving import CANCEL_INPUT, RequestWorker, cancelled_ids  # noqa: E402
+from mofa_omni.node.stage_host import StageSlot  # noqa: E402
+from mofa_omni.scheduler.messages import (  # noqa: E402
+    MEMORY_OUTPUT,
+    SCHEDULER_INPUT,
+    Command,
+    from_arrow,
+    to_arrow,
+)
 
 log = logging.getLogger("omni-node")
 
@@ -148,7 +156,7 @@ def _serve() -> int:
             if event["id"] == SCHEDULER_INPUT and link:
                 log.warning("the scheduler stopped: this node now loads its model on its own")
                 link.detached = True
-                worker.command(Command(node_id, "load", spec.name, "the scheduler stopped"))
+                worker.command(Command(node_id, "load", slot.model, "the scheduler stopped"))
             elif link and not open_requests:
                 timeout = LINGER_S
         if event["type"] != "INPUT":

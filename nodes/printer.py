@@ -19,10 +19,11 @@ import sys
 import time
 from datetime import datetime
 
-from mofa_omni.contract import ContractError
-from mofa_omni.host import MessageMeta
-from mofa_omni.integrity import CheckedNode
-from mofa_omni.voice import MessageLog, env_str
+from mofa_omni.config import env_str
+from mofa_omni.contract.errors import ContractError
+from mofa_omni.node.host import MessageMeta
+from mofa_omni.node.integrity import CheckedNode
+from mofa_omni.voice.events import MessageLog
 
 
 def main() -> int:

@@ -31,17 +31,20 @@ import logging
 import time
 
 import pyarrow as pa
-from mofa_omni import arrow, robot_messages
-from mofa_omni.contract import ContractError, ErrorReport, Image, SpeechRequest, TextChunk, Transcript
-from mofa_omni.host import MessageMeta
-from mofa_omni.integrity import CheckedNode
-from mofa_omni.png import png_bytes
-from mofa_omni.robot_messages import Outcome, RobotState
-from mofa_omni.robot_planner import (AskLLM, Deadlines, LogLine, Planner, Say, SendDrive,
-                                     TurnDone)
-from mofa_omni.robot_vision import describe, sightings
-from mofa_omni.robot_world import DEFAULT_WORLD
-from mofa_omni.voice import env_float, voice_output
+
+from mofa_omni.config import env_float
+from mofa_omni.contract import arrow
+from mofa_omni.contract.errors import ContractError
+from mofa_omni.contract.tasks import ErrorReport, Image, SpeechRequest, TextChunk, Transcript
+from mofa_omni.media.png import png_bytes
+from mofa_omni.node.host import MessageMeta
+from mofa_omni.node.integrity import CheckedNode
+from mofa_omni.robot import messages as robot_messages
+from mofa_omni.robot.messages import Outcome, RobotState
+from mofa_omni.robot.planner import AskLLM, Deadlines, LogLine, Planner, Say, SendDrive, TurnDone
+from mofa_omni.robot.vision import describe, sightings
+from mofa_omni.robot.world import DEFAULT_WORLD
+from mofa_omni.voice.events import voice_output
 
 log = logging.getLogger("robot_planner")
 

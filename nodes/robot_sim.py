@@ -6,7 +6,7 @@ Configuration (env in the dataflow YAML):
 
 Inputs:
     tick      a dora timer (50 ms): each tick advances the world by 50 ms x SIM_SPEED
-    command   Drive messages (mofa_omni.robot_messages) from the planner
+    command   Drive messages (mofa_omni.robot.messages) from the planner
 Outputs:
     state     RobotState, every FRAME_EVERY ticks
     outcome   Outcome of each drive (done, blocked, stopped)
@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import logging
 
-from mofa_omni import arrow, robot_messages
-from mofa_omni.contract import ContractError, Image
-from mofa_omni.integrity import CheckedNode
-from mofa_omni.robot_messages import Drive
-from mofa_omni.robot_sim import Simulation
-from mofa_omni.robot_world import DEFAULT_WORLD
-from mofa_omni.voice import env_float
+from mofa_omni.config import env_float
+from mofa_omni.contract import arrow
+from mofa_omni.contract.errors import ContractError
+from mofa_omni.contract.tasks import Image
+from mofa_omni.node.integrity import CheckedNode
+from mofa_omni.robot import messages as robot_messages
+from mofa_omni.robot.messages import Drive
+from mofa_omni.robot.sim import Simulation
+from mofa_omni.robot.world import DEFAULT_WORLD
 
 log = logging.getLogger("robot_sim")
 TICK_S = 0.05

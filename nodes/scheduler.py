@@ -1,4 +1,4 @@
-"""scheduler: keeps the graph's models inside a memory budget (see runtime/scheduler.py).
+"""scheduler: keeps the graph's models inside a memory budget (see runtime/scheduler/policy.py).
 
 Configuration (env in the dataflow YAML):
     BUDGET          memory for the model processes: bytes ("1.5GiB", "800MB") or a fraction of
@@ -19,7 +19,7 @@ Configuration (env in the dataflow YAML):
     TICK_S          how often memory is read and waiting loads retried (default 0.5)
     STATUS_FILE     if set, the latest status is also written there as JSON (tests, benchmarks)
     JOURNAL         if set, every policy event and its decisions are appended there as JSON
-                    lines, which mofa_omni.scheduling.replay checks against the policy
+                    lines, which mofa_omni.scheduler.bookkeeping.replay checks against the policy
 
 Every model node it manages declares ``scheduler: <this node>/command`` as an input and
 ``memory`` as an output, which this node takes as an input (any input id). The pipelines
@@ -39,20 +39,26 @@ import logging
 import os
 import sys
 import time
-
 from pathlib import Path
 
 import msgspec
 import psutil
-from mofa_omni.contract import ContractError
-from mofa_omni.control import COMMAND_OUTPUT, STATUS_OUTPUT, SwapAsk, from_arrow, to_arrow
-from mofa_omni.graph import scheduled_graph
-from mofa_omni.host import dora_node_id
-from mofa_omni.integrity import CheckedNode
-from mofa_omni.memory import format_bytes, parse_size
-from mofa_omni.platform import LINUX_BUDGET_FRACTION, default_memory_budget
-from mofa_omni.scheduler import Cluster, SchedulerState
-from mofa_omni.scheduling import Scheduling
+
+from mofa_omni.contract.errors import ContractError
+from mofa_omni.models.compute import LINUX_BUDGET_FRACTION, default_memory_budget
+from mofa_omni.models.memory import format_bytes, parse_size
+from mofa_omni.node.host import dora_node_id
+from mofa_omni.node.integrity import CheckedNode
+from mofa_omni.scheduler.bookkeeping import Scheduling
+from mofa_omni.scheduler.graph import scheduled_graph
+from mofa_omni.scheduler.messages import (
+    COMMAND_OUTPUT,
+    STATUS_OUTPUT,
+    SwapAsk,
+    from_arrow,
+    to_arrow,
+)
+from mofa_omni.scheduler.policy import Cluster, SchedulerState
 
 log = logging.getLogger("scheduler")
 

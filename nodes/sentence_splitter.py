@@ -19,12 +19,14 @@ from __future__ import annotations
 import os
 import time
 
-from mofa_omni import arrow, trace
-from mofa_omni.contract import ContractError, SpeechRequest, TextChunk
-from mofa_omni.host import MessageMeta, dora_node_id
-from mofa_omni.integrity import CheckedNode
-from mofa_omni.serving import CANCEL_INPUT, cancelled_ids
-from mofa_omni.text import SentenceStream
+from mofa_omni.contract import arrow
+from mofa_omni.contract.errors import ContractError
+from mofa_omni.contract.tasks import SpeechRequest, TextChunk
+from mofa_omni.media.text import SentenceStream
+from mofa_omni.node import trace
+from mofa_omni.node.host import MessageMeta, dora_node_id
+from mofa_omni.node.integrity import CheckedNode
+from mofa_omni.node.serving import CANCEL_INPUT, cancelled_ids
 
 
 def main() -> None:

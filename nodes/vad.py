@@ -20,7 +20,7 @@ Outputs:
                      node's lifetime), origin_ns = when the speech ended (on the clock of the
                      audio chunks' origin_ns).
     speech_started   an event (a GenericResult of kind `audio.speech_started`, one row with
-                     `index` and `start_s`; read it with mofa_omni.voice.read_event), request_id
+                     `index` and `start_s`; read it with mofa_omni.voice.events.read_event), request_id
                      `utt-N` of the utterance it begins, origin_ns = when the speech began. Sent
                      once MIN_SPEECH_MS of speech was heard (for barge-in); exactly one
                      utterance with the same request_id follows.
@@ -37,13 +37,18 @@ import sys
 import time
 
 import numpy as np
-from mofa_omni import arrow, trace
-from mofa_omni.audio_stream import StreamResampler
-from mofa_omni.contract import AudioChunk, ContractError, ErrorReport, TranscriptionRequest
-from mofa_omni.host import MessageMeta, dora_node_id
-from mofa_omni.integrity import CheckedNode
-from mofa_omni.loading import open_model
-from mofa_omni.vad import (
+
+from mofa_omni.adapters.loading import open_model
+from mofa_omni.config import env_float, env_str
+from mofa_omni.contract import arrow
+from mofa_omni.contract.errors import ContractError
+from mofa_omni.contract.tasks import AudioChunk, ErrorReport, TranscriptionRequest
+from mofa_omni.media.audio_stream import StreamResampler
+from mofa_omni.node import trace
+from mofa_omni.node.host import MessageMeta, dora_node_id
+from mofa_omni.node.integrity import CheckedNode
+from mofa_omni.voice.events import SPEECH_STARTED, SeqTracker, event
+from mofa_omni.voice.vad import (
     FRAME_SAMPLES,
     VAD_RATE,
     SampleClock,
@@ -51,7 +56,6 @@ from mofa_omni.vad import (
     StreamingVad,
     VadConfig,
 )
-from mofa_omni.voice import SPEECH_STARTED, SeqTracker, env_float, env_str, event
 
 log = logging.getLogger("vad")
 

@@ -17,7 +17,7 @@ Inputs:
     cancel  optional, request ids (barge-in): the request's file is closed as it is (or its
             queued audio is not played), and its later chunks are ignored.
 Outputs:
-    done    event `audio.done` (a GenericResult, read it with mofa_omni.voice.read_event; fields
+    done    event `audio.done` (a GenericResult, read it with mofa_omni.voice.events.read_event; fields
             `path` and `seconds`) with the request's request_id and origin_ns, sent once its file
             is closed or its audio has been played. Connect it to wav_source's `ready` to take
             turns.
@@ -36,22 +36,17 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-from mofa_omni import arrow, trace
-from mofa_omni.audio_stream import PlaybackClock, WavWriterSet
-from mofa_omni.contract import AudioChunk, ContractError, TranscriptionRequest
-from mofa_omni.host import MessageMeta, dora_node_id
-from mofa_omni.integrity import CheckedNode
-from mofa_omni.serving import CANCEL_INPUT, cancelled_ids
-from mofa_omni.voice import (
-    DONE,
-    SeqTracker,
-    env_choice,
-    env_str,
-    event,
-    identify,
-    load_sounddevice,
-    voice_output,
-)
+
+from mofa_omni.config import env_choice, env_str
+from mofa_omni.contract import arrow
+from mofa_omni.contract.errors import ContractError
+from mofa_omni.contract.tasks import AudioChunk, TranscriptionRequest
+from mofa_omni.media.audio_stream import PlaybackClock, WavWriterSet
+from mofa_omni.node import trace
+from mofa_omni.node.host import MessageMeta, dora_node_id
+from mofa_omni.node.integrity import CheckedNode
+from mofa_omni.node.serving import CANCEL_INPUT, cancelled_ids
+from mofa_omni.voice.events import DONE, SeqTracker, event, identify, load_sounddevice, voice_output
 
 log = logging.getLogger("wav_sink")
 

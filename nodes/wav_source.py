@@ -39,12 +39,15 @@ import sys
 import time
 
 import numpy as np
-from mofa_omni import arrow
-from mofa_omni.audio_stream import load_turn, split_chunks, wav_turns
-from mofa_omni.contract import AudioChunk, ContractError, ErrorReport
-from mofa_omni.host import MessageMeta
-from mofa_omni.integrity import CheckedNode
-from mofa_omni.voice import env_choice, env_float, env_pace, voice_input
+
+from mofa_omni.config import env_choice, env_float, env_pace
+from mofa_omni.contract import arrow
+from mofa_omni.contract.errors import ContractError
+from mofa_omni.contract.tasks import AudioChunk, ErrorReport
+from mofa_omni.media.audio_stream import load_turn, split_chunks, wav_turns
+from mofa_omni.node.host import MessageMeta
+from mofa_omni.node.integrity import CheckedNode
+from mofa_omni.voice.events import voice_input
 
 log = logging.getLogger("wav_source")
 
@@ -52,7 +55,7 @@ log = logging.getLogger("wav_source")
 class Inbox:
     """The node's events while it waits: counts `ready` inputs, notices STOP."""
 
-    def __init__(self, node: Node):
+    def __init__(self, node: CheckedNode):
         self.node = node
         self.ready = 0
         self.stopped = False

@@ -22,28 +22,29 @@ import sys
 import time
 from pathlib import Path
 
-from mofa_omni.platform import ensure_fast_blas
+from mofa_omni.models.compute import ensure_fast_blas
 
 
 def _catalog():
-    from mofa_omni.catalog import Catalog
+    from mofa_omni.models.catalog import Catalog
 
     return Catalog.load()
 
 
 def _open(name: str | None, task, *, quiet: bool = False):
-    from mofa_omni.loading import open_model
-    from mofa_omni.store import no_progress, tqdm_progress
+    from mofa_omni.adapters.loading import open_model
+    from mofa_omni.models.store import no_progress, tqdm_progress
 
     return open_model(name, task=task, catalog=_catalog(),
                       progress=no_progress if quiet else tqdm_progress())
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from mofa_omni.adapters.base import AdapterError, adapter_class
-    from mofa_omni.backends import resolved
-    from mofa_omni.memory import format_bytes
-    from mofa_omni.store import ModelStore
+    from mofa_omni.adapters.backends import resolved
+    from mofa_omni.adapters.base import adapter_class
+    from mofa_omni.contract.errors import AdapterError
+    from mofa_omni.models.memory import format_bytes
+    from mofa_omni.models.store import ModelStore
 
     catalog, store = _catalog(), ModelStore()
     defaults = {name for name in catalog.defaults.values()}
@@ -80,9 +81,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from mofa_omni.loading import open_model
-    from mofa_omni.memory import format_bytes
-    from mofa_omni.store import ModelStore, tqdm_progress
+    from mofa_omni.adapters.loading import open_model
+    from mofa_omni.models.memory import format_bytes
+    from mofa_omni.models.store import ModelStore, tqdm_progress
 
     catalog, store = _catalog(), ModelStore()
     names = list(args.names) + (sorted(set(catalog.defaults.values())) if args.defaults else [])
@@ -99,7 +100,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from mofa_omni.contract import ChatMessage, ChatRequest, Task
+    from mofa_omni.contract.tasks import ChatMessage, ChatRequest, Task
 
     llm = _open(args.model, Task.TEXT_GENERATION, quiet=args.quiet)
     messages = [ChatMessage("system", args.system)] if args.system else []
@@ -120,8 +121,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
-    from mofa_omni.audio import read_wav
-    from mofa_omni.contract import Task, TranscriptionRequest
+    from mofa_omni.contract.tasks import Task, TranscriptionRequest
+    from mofa_omni.media.audio import read_wav
 
     audio, rate = read_wav(args.file)
     asr = _open(args.model, Task.SPEECH_RECOGNITION, quiet=args.quiet)
@@ -133,8 +134,8 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
 def cmd_say(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from mofa_omni.audio import write_wav
-    from mofa_omni.contract import SpeechRequest, Task
+    from mofa_omni.contract.tasks import SpeechRequest, Task
+    from mofa_omni.media.audio import write_wav
 
     tts = _open(args.model, Task.SPEECH_SYNTHESIS, quiet=args.quiet)
     chunks = list(tts.synthesize(SpeechRequest(args.text, speed=args.speed)))
@@ -146,7 +147,7 @@ def cmd_say(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from mofa_omni.contract import EmbeddingRequest, Task
+    from mofa_omni.contract.tasks import EmbeddingRequest, Task
 
     embedder = _open(args.model, Task.EMBEDDING, quiet=args.quiet)
     vectors = embedder.embed(EmbeddingRequest(list(args.texts))).vectors
@@ -170,12 +171,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     import mlx.core as mx
 
-    from mofa_omni.adapters.base import AdapterError
-    from mofa_omni.backends import compute_platform, select_adapter
-    from mofa_omni.contract import Task
-    from mofa_omni.memory import format_bytes, snapshot
-    from mofa_omni.platform import find_openblas, measure_blas, mlx_device
-    from mofa_omni.store import cache_root
+    from mofa_omni.adapters.backends import compute_platform, select_adapter
+    from mofa_omni.contract.errors import AdapterError
+    from mofa_omni.contract.tasks import Task
+    from mofa_omni.models.compute import find_openblas, measure_blas, mlx_device
+    from mofa_omni.models.memory import format_bytes, snapshot
+    from mofa_omni.models.store import cache_root
 
     report = measure_blas()
     memory = snapshot()
@@ -219,8 +220,8 @@ def _results_stream():
 def cmd_status(args: argparse.Namespace) -> int:
     import msgspec
 
-    from mofa_omni.graph_control import GraphUnreachable, fetch_status
-    from mofa_omni.status import render_status
+    from mofa_omni.scheduler.client import GraphUnreachable, fetch_status
+    from mofa_omni.scheduler.status import render_status
 
     results = _results_stream()
     try:
@@ -236,8 +237,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_swap(args: argparse.Namespace) -> int:
     import msgspec
 
-    from mofa_omni.graph_control import GraphUnreachable, swap
-    from mofa_omni.status import render_swap
+    from mofa_omni.scheduler.client import GraphUnreachable, swap
+    from mofa_omni.scheduler.status import render_swap
 
     _catalog().get(args.model)  # an unknown name fails here, with close matches
     results = _results_stream()
@@ -257,13 +258,13 @@ def cmd_recover(args: argparse.Namespace) -> int:
     import shutil
     import subprocess
 
-    from mofa_omni.recovery import CoordinatorGone, Recoverer, RecoveryFailed
+    from mofa_omni.cluster.recovery import CoordinatorGone, Recoverer, RecoveryFailed
 
     machines = None
     if args.descriptor:
         import yaml
 
-        from mofa_omni.graph import machine_of
+        from mofa_omni.scheduler.graph import machine_of
 
         machines = set(machine_of(yaml.safe_load(args.descriptor.read_text())).values())
         if not machines:
@@ -366,9 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from mofa_omni.adapters.base import ModelLoadError
-    from mofa_omni.contract import ContractError
-    from mofa_omni.store import FetchError
+    from mofa_omni.contract.errors import ContractError, ModelLoadError
+    from mofa_omni.models.store import FetchError
 
     try:
         return args.handler(args)

@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mofa_omni.adapters.base import ModelAdapter, create_adapter
-from mofa_omni.audio import resample
-from mofa_omni.catalog import Catalog
-from mofa_omni.contract import SpeechRequest
-from mofa_omni.loading import open_model
-from mofa_omni.store import ModelStore
+from mofa_omni.adapters.backends import create_adapter
+from mofa_omni.adapters.base import ModelAdapter
+from mofa_omni.adapters.loading import open_model
+from mofa_omni.contract.tasks import SpeechRequest
+from mofa_omni.media.audio import resample
+from mofa_omni.models.catalog import Catalog
+from mofa_omni.models.store import ModelStore
 
 THIRD_PARTY = Path(__file__).parent / "thirdparty" / "omni-textstats"
 

@@ -6,13 +6,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mofa_omni import arrow
-from mofa_omni.contract import (
+from mofa_omni.contract import arrow
+from mofa_omni.contract.errors import ContractError
+from mofa_omni.contract.tasks import (
     TASK_SPECS,
     AudioChunk,
     ChatMessage,
     ChatRequest,
-    ContractError,
     EmbeddingRequest,
     Embeddings,
     ErrorReport,

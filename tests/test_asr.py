@@ -15,16 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mofa_omni.adapters.base import ModelLoadError
+from mofa_omni.adapters.loading import open_model
 from mofa_omni.adapters.mlx_whisper import MlxWhisperAdapter
-from mofa_omni.audio import resample
-from mofa_omni.catalog import ModelSpec, PathSource
-from mofa_omni.contract import ContractError, Task, TranscriptionRequest
+from mofa_omni.contract.errors import ContractError, ModelLoadError
+from mofa_omni.contract.tasks import Task, TranscriptionRequest
 from mofa_omni.formats.ctranslate2 import convert_whisper, read_model_bin
-from mofa_omni.loading import open_model
-from mofa_omni.memory import format_bytes, snapshot
-from mofa_omni.store import no_progress
-from mofa_omni.text import normalize_words, word_error_rate
+from mofa_omni.media.audio import resample
+from mofa_omni.media.text import normalize_words, word_error_rate
+from mofa_omni.models.catalog import ModelSpec, PathSource
+from mofa_omni.models.memory import format_bytes, snapshot
+from mofa_omni.models.store import no_progress
 
 SENTENCE = "Please turn on the lights in the kitchen and play some quiet music."
 PARAGRAPH = (  # about 36 s when spoken: more than one 30 s whisper window
@@ -379,7 +379,7 @@ def test_numpy_features_equal_mlx_whispers():
     from mlx_whisper.audio import log_mel_spectrogram
     from mlx_whisper.audio import mel_filters as reference_filters
 
-    from mofa_omni.whisper_features import WINDOW_SAMPLES, log_mel, mel_filters
+    from mofa_omni.adapters.whisper_features import WINDOW_SAMPLES, log_mel, mel_filters
 
     for n_mels in (80, 128):
         np.testing.assert_allclose(mel_filters(n_mels), np.array(reference_filters(n_mels)),

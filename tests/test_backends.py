@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from mofa_omni import backends
-from mofa_omni.adapters.base import AdapterError, create_adapter
-from mofa_omni.backends import select_adapter
-from mofa_omni.catalog import Catalog
-from mofa_omni.store import ModelStore
+from mofa_omni.adapters import backends
+from mofa_omni.adapters.backends import create_adapter, select_adapter
+from mofa_omni.contract.errors import AdapterError
+from mofa_omni.models.catalog import Catalog
+from mofa_omni.models.store import ModelStore
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,14 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from mofa_omni.adapters.base import AdapterError, adapter_class, adapter_names
-from mofa_omni.catalog import Catalog, CatalogError, PathSource, PypiSource, variant_entry
+from mofa_omni.adapters.base import adapter_class, adapter_names
+from mofa_omni.adapters.loading import open_model
+from mofa_omni.contract.errors import AdapterError, ContractError
+from mofa_omni.contract.tasks import GenericRequest, Task
+from mofa_omni.models.catalog import Catalog, CatalogError, PathSource, PypiSource, variant_entry
+from mofa_omni.models.store import Manifest, ModelStore
 from tests.conftest import textstats_catalog
-from mofa_omni.contract import ContractError, GenericRequest, Task
-from mofa_omni.loading import open_model
-from mofa_omni.store import Manifest, ModelStore
+
 
 def test_builtin_catalog_has_defaults_ladders_and_sources(catalog: Catalog):
     for task in (Task.TEXT_GENERATION, Task.SPEECH_RECOGNITION, Task.SPEECH_SYNTHESIS,

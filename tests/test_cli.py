@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mofa_omni.text import word_error_rate
+from mofa_omni.media.text import word_error_rate
 
 OMNI = str(Path(sys.executable).with_name("omni"))
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mofa_omni.audio import read_wav, resample
+from mofa_omni.media.audio import read_wav, resample
 from tests.test_dataflow_models import run_dataflow
 
 AUDIO = Path(__file__).parent / "dataflows" / "audio.yml"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mofa_omni.text import word_error_rate
+from mofa_omni.media.text import word_error_rate
 
 CHAIN = Path(__file__).parent / "dataflows" / "chain.yml"
 

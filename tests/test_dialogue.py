@@ -1,6 +1,6 @@
 """The voice agent's conversation state machine (pure, no models)."""
 
-from mofa_omni.dialogue import Ask, Cancel, Dialogue, TranscriptLine, TurnDone
+from mofa_omni.voice.dialogue import Ask, Cancel, Dialogue, TranscriptLine, TurnDone
 
 
 def roles(request) -> list[tuple[str, str]]:

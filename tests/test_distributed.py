@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from mofa_omni.local_cluster import LocalCluster
+from mofa_omni.cluster.local import LocalCluster
 
 SPLIT = Path(__file__).parents[1] / "dataflows" / "voice.split.yml"
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mofa_omni.local_cluster import LocalCluster
+from mofa_omni.cluster.local import LocalCluster
 
 SPLIT = Path(__file__).parents[1] / "dataflows" / "robot.split.yml"
 pytestmark = pytest.mark.slow

@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mofa_omni.adapters.base import ModelLoadError, create_adapter
+from mofa_omni.adapters.backends import create_adapter
+from mofa_omni.adapters.loading import open_model
 from mofa_omni.adapters.mlx_bert import BertEncoder, MlxBertAdapter
 from mofa_omni.adapters.ort_bert import OrtBertAdapter
-from mofa_omni.catalog import Catalog
-from mofa_omni.contract import EmbeddingRequest
-from mofa_omni.loading import open_model
-from mofa_omni.memory import release_freed_memory, snapshot
+from mofa_omni.contract.errors import ModelLoadError
+from mofa_omni.contract.tasks import EmbeddingRequest
+from mofa_omni.models.catalog import Catalog
+from mofa_omni.models.memory import release_freed_memory, snapshot
 
 MINILM = "minilm-l6"
 MiB = 1 << 20

@@ -23,7 +23,7 @@ import numpy as np
 import openai
 import pytest
 
-from mofa_omni.text import word_error_rate
+from mofa_omni.media.text import word_error_rate
 from tests.dataflow_run import finish, start_dataflow
 
 ROOT = Path(__file__).parents[1]

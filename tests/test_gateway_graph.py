@@ -7,10 +7,10 @@ import asyncio
 
 import numpy as np
 
-from mofa_omni import arrow
-from mofa_omni.contract import EmbeddingRequest, Embeddings, Task
-from mofa_omni.gateway import Graph, Replies, Reply, Settings
-from mofa_omni.gateway_routes import Choice, Route, Router
+from mofa_omni.contract import arrow
+from mofa_omni.contract.tasks import EmbeddingRequest, Embeddings, Task
+from mofa_omni.gateway.app import Graph, Replies, Reply, Settings
+from mofa_omni.gateway.routes import Choice, Route, Router
 
 ROUTE = Route("embedder", "embed", "request", Task.EMBEDDING, "minilm-l6")
 

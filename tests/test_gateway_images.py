@@ -17,11 +17,11 @@ import openai
 import PIL.Image
 import pytest
 
-from mofa_omni.catalog import Catalog, PypiSource
-from mofa_omni.png import png_bytes
-from mofa_omni.store import ModelStore
-from mofa_omni.tiny_imagegen import write_tiny_flux2
-from mofa_omni.tiny_vlm import write_tiny_smolvlm
+from mofa_omni.media.png import png_bytes
+from mofa_omni.models.catalog import Catalog, PypiSource
+from mofa_omni.models.store import ModelStore
+from mofa_omni.testing.tiny_imagegen import write_tiny_flux2
+from mofa_omni.testing.tiny_vlm import write_tiny_smolvlm
 from tests.test_gateway import Server, serve
 
 GRAPH = Path(__file__).parent / "dataflows" / "gateway_images.yml"
@@ -178,10 +178,10 @@ def test_a_picture_bigger_than_the_gateways_pool_gets_a_413(catalog: Catalog):
     cannot carry, saying which setting to raise; nothing is left in flight."""
     from starlette.testclient import TestClient
 
-    from mofa_omni.contract import Task
-    from mofa_omni.gateway import Graph, Replies, Settings, build_app
-    from mofa_omni.gateway_routes import Route, Router
-    from mofa_omni.integrity import check_payload, payload_bytes
+    from mofa_omni.contract.tasks import Task
+    from mofa_omni.gateway.app import Graph, Replies, Settings, build_app
+    from mofa_omni.gateway.routes import Route, Router
+    from mofa_omni.node.integrity import check_payload, payload_bytes
 
     sent = []
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from mofa_omni import arrow
-from mofa_omni.contract import ErrorReport, GenericRequest, GenericResult
-from mofa_omni.host import ModelHost
-from mofa_omni.loading import open_model
-from mofa_omni.store import ModelStore
+from mofa_omni.adapters.loading import open_model
+from mofa_omni.contract import arrow
+from mofa_omni.contract.tasks import ErrorReport, GenericRequest, GenericResult
+from mofa_omni.models.store import ModelStore
+from mofa_omni.node.host import ModelHost
 from tests.conftest import textstats_catalog
 
 

@@ -1,4 +1,4 @@
-"""Image generation through mflux: a tiny random FLUX.2-klein (mofa_omni.tiny_imagegen) in the
+"""Image generation through mflux: a tiny random FLUX.2-klein (mofa_omni.testing.tiny_imagegen) in the
 real checkpoint's diffusers layout, loaded by mflux's own loader, served by the adapter and by
 an omni-node in a real dora dataflow.
 
@@ -15,15 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mofa_omni import arrow
-from mofa_omni.adapters.base import ModelAdapter, ModelLoadError
+from mofa_omni.adapters.base import ModelAdapter
+from mofa_omni.adapters.loading import open_model
 from mofa_omni.adapters.mflux_image import check_layout, model_config
-from mofa_omni.catalog import Catalog
-from mofa_omni.contract import ContractError, Image, ImageRequest, Task
-from mofa_omni.loading import open_model
-from mofa_omni.memory import snapshot
-from mofa_omni.store import ModelStore
-from mofa_omni.tiny_imagegen import write_tiny_flux2
+from mofa_omni.contract import arrow
+from mofa_omni.contract.errors import ContractError, ModelLoadError
+from mofa_omni.contract.tasks import Image, ImageRequest, Task
+from mofa_omni.models.catalog import Catalog
+from mofa_omni.models.memory import snapshot
+from mofa_omni.models.store import ModelStore
+from mofa_omni.testing.tiny_imagegen import write_tiny_flux2
 from tests.dataflow_run import finish, start_dataflow
 
 IMAGEGEN = Path(__file__).parent / "dataflows" / "imagegen.yml"

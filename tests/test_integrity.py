@@ -6,8 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mofa_omni.control import NodeReport
-from mofa_omni.integrity import (
+from mofa_omni.node.integrity import (
     DEFAULT_POOL_BYTES,
     STREAM_SEQ,
     CheckedNode,
@@ -16,9 +15,10 @@ from mofa_omni.integrity import (
     payload_bytes,
     pool_bytes,
 )
-from mofa_omni.scheduler import SchedulerState
-from mofa_omni.scheduling import Scheduling
-from mofa_omni.status import render_status
+from mofa_omni.scheduler.bookkeeping import Scheduling
+from mofa_omni.scheduler.messages import NodeReport
+from mofa_omni.scheduler.policy import SchedulerState
+from mofa_omni.scheduler.status import render_status
 
 MB = 1 << 20
 

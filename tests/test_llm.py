@@ -12,14 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mofa_omni.adapters.base import ModelLoadError, create_adapter
-from mofa_omni.adapters.mlx_lm import StopMatcher
-from mofa_omni.catalog import Catalog
-from mofa_omni.contract import ChatMessage, ChatRequest
+from mofa_omni.adapters.backends import create_adapter
+from mofa_omni.adapters.chat import StopMatcher
+from mofa_omni.adapters.loading import open_model
+from mofa_omni.contract.errors import ModelLoadError
+from mofa_omni.contract.tasks import ChatMessage, ChatRequest
 from mofa_omni.formats.gguf import convert_gguf
-from mofa_omni.loading import open_model
-from mofa_omni.memory import snapshot
-from mofa_omni.store import ModelStore
+from mofa_omni.models.catalog import Catalog
+from mofa_omni.models.memory import snapshot
+from mofa_omni.models.store import ModelStore
 
 CAPITAL = [ChatMessage("user", "What is the capital of France? Answer in one sentence.")]
 STORY = [ChatMessage("user", "Write a long story about a dragon.")]

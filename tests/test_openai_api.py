@@ -7,11 +7,9 @@ import base64
 import numpy as np
 import pytest
 
-from mofa_omni.audio import read_wav, wav_bytes
-from mofa_omni.catalog import Catalog
-from mofa_omni.contract import ChatMessage, ContractError, Task, TextChunk
-from mofa_omni.gateway_routes import Route, Router, input_sources, routes_from
-from mofa_omni.openai_api import (
+from mofa_omni.contract.errors import ContractError
+from mofa_omni.contract.tasks import ChatMessage, Task, TextChunk
+from mofa_omni.gateway.openai_bodies import (
     ApiError,
     ChatBody,
     Completion,
@@ -25,6 +23,9 @@ from mofa_omni.openai_api import (
     rerank_body,
     speech_bytes,
 )
+from mofa_omni.gateway.routes import Route, Router, input_sources, routes_from
+from mofa_omni.media.audio import read_wav, wav_bytes
+from mofa_omni.models.catalog import Catalog
 
 
 def test_chat_bodies_become_chat_requests():

@@ -12,19 +12,13 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from mofa_omni.catalog import Catalog
-from mofa_omni.contract import (
-    ChatMessage,
-    ChatRequest,
-    ContractError,
-    ImageRequest,
-    Task,
-    VisionRequest,
-)
-from mofa_omni.gateway_routes import Route, Router
-from mofa_omni.openai_api import ApiError, ChatBody, ImageBody, decode_body, images_body
-from mofa_omni.picture_input import decode_picture, picture_from_url
-from mofa_omni.png import png_bytes
+from mofa_omni.contract.errors import ContractError
+from mofa_omni.contract.tasks import ChatMessage, ChatRequest, ImageRequest, Task, VisionRequest
+from mofa_omni.gateway.openai_bodies import ApiError, ChatBody, ImageBody, decode_body, images_body
+from mofa_omni.gateway.pictures import decode_picture, picture_from_url
+from mofa_omni.gateway.routes import Route, Router
+from mofa_omni.media.png import png_bytes
+from mofa_omni.models.catalog import Catalog
 
 
 def gradient(height: int, width: int, channels: int = 3) -> np.ndarray:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from mofa_omni.local_cluster import LocalCluster
-from mofa_omni.recovery import Observation, RecoveryWatch, connected_daemons, dora_error
+from mofa_omni.cluster.local import LocalCluster
+from mofa_omni.cluster.recovery import Observation, RecoveryWatch, connected_daemons, dora_error
 
 NODES = Path(__file__).parent / "dataflows" / "recovery_nodes.py"
 A1 = "A-01a21ede-a280-74e2-884c-530b7969aeb0"
@@ -88,7 +88,7 @@ def _omni(*args: str, **kwargs) -> subprocess.Popen:
 
 
 def test_the_watcher_says_so_when_no_coordinator_answers():
-    from mofa_omni.local_cluster import free_port
+    from mofa_omni.cluster.local import free_port
 
     watcher = _omni("recover", "--dataflow", "voice", "--coordinator-port", str(free_port()))
     out, _ = watcher.communicate(timeout=30)

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mofa_omni.adapters.base import create_adapter
-from mofa_omni.contract import ContractError, RerankRequest
+from mofa_omni.adapters.backends import create_adapter
+from mofa_omni.contract.errors import ContractError
+from mofa_omni.contract.tasks import RerankRequest
 from tests.dataflow_run import finish, start_dataflow
 
 DOCUMENTS = ["Bananas are yellow and rich in potassium.",
@@ -82,4 +83,4 @@ def test_one_node_serves_chat_and_reranking_from_one_model(tmp_path: Path):
             assert max(range(4), key=scores.__getitem__) == best, (reranker, query, scores)
     nodes = {n["node"]: n for n in json.loads(status.read_text())["nodes"]}
     assert nodes["llm"]["model"] == "smollm2-135m" and nodes["llm"]["model_bytes"] > 0
-    assert "loaded smollm2-135m" in log and log.count("llm: mofa_omni.residency: loaded") == 1
+    assert "loaded smollm2-135m" in log and log.count("llm: mofa_omni.node.residency: loaded") == 1

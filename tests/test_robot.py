@@ -10,18 +10,25 @@ import math
 import numpy as np
 import pytest
 
-from mofa_omni.contract import ContractError
-from mofa_omni.png import png_bytes
-from mofa_omni.robot_actions import (ACTION_SCHEMA, Approved, Refused, RobotAction,
-                                     action_request, check, parse_action, report)
-from mofa_omni.robot_messages import Drive, Outcome, RobotState, from_arrow, to_arrow
-from mofa_omni.robot_planner import (AskLLM, Deadlines, LogLine, Planner, Say, SendDrive,
-                                     TurnDone)
-from mofa_omni.robot_sim import Simulation
-from mofa_omni.robot_vision import describe, sightings
-from mofa_omni.robot_world import DEFAULT_WORLD as WORLD
-from mofa_omni.robot_world import ROBOT_RADIUS
-from mofa_omni.structured import parse_schema
+from mofa_omni.contract.errors import ContractError
+from mofa_omni.contract.schema import parse_schema
+from mofa_omni.media.png import png_bytes
+from mofa_omni.robot.actions import (
+    ACTION_SCHEMA,
+    Approved,
+    Refused,
+    RobotAction,
+    action_request,
+    check,
+    parse_action,
+    report,
+)
+from mofa_omni.robot.messages import Drive, Outcome, RobotState, from_arrow, to_arrow
+from mofa_omni.robot.planner import AskLLM, Deadlines, LogLine, Planner, Say, SendDrive, TurnDone
+from mofa_omni.robot.sim import Simulation
+from mofa_omni.robot.vision import describe, sightings
+from mofa_omni.robot.world import DEFAULT_WORLD as WORLD
+from mofa_omni.robot.world import ROBOT_RADIUS
 
 START = RobotState(3.0, 2.0, 0.0)
 

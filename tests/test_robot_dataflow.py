@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from mofa_omni.audio import read_wav, write_wav
-from mofa_omni.contract import TranscriptionRequest
-from mofa_omni.robot_vision import sightings
-from mofa_omni.robot_world import DEFAULT_WORLD, ROBOT_RADIUS
-from mofa_omni.text import normalize_words, word_error_rate
+from mofa_omni.contract.tasks import TranscriptionRequest
+from mofa_omni.media.audio import read_wav, write_wav
+from mofa_omni.media.text import normalize_words, word_error_rate
+from mofa_omni.robot.vision import sightings
+from mofa_omni.robot.world import DEFAULT_WORLD, ROBOT_RADIUS
 from tests.test_dataflow_models import run_dataflow
 
 ROBOT = Path(__file__).parents[1] / "dataflows" / "robot.yml"

@@ -2,8 +2,9 @@
 
 import pytest
 
-from mofa_omni.scheduler import (
+from mofa_omni.scheduler.policy import (
     Activity,
+    Decline,
     Departed,
     Evict,
     Grant,
@@ -11,7 +12,6 @@ from mofa_omni.scheduler import (
     LoadFailed,
     LoadRequest,
     Measured,
-    Decline,
     Refuse,
     Replace,
     SchedulerState,

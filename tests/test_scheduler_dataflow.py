@@ -13,9 +13,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from mofa_omni.memory import parse_size
-from mofa_omni.scheduler import Grant, Switch
-from mofa_omni.scheduling import ACTIONS, replay
+from mofa_omni.models.memory import parse_size
+from mofa_omni.scheduler.bookkeeping import ACTIONS, replay
+from mofa_omni.scheduler.policy import Grant, Switch
 from tests.dataflow_run import finish, omni, start_dataflow
 
 DATAFLOWS = Path(__file__).parent / "dataflows"

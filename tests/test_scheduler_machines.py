@@ -1,6 +1,6 @@
 """The scheduler's policy on a graph spread over machines: one budget each (pure, no dora)."""
 
-from mofa_omni.scheduler import (
+from mofa_omni.scheduler.policy import (
     Activity,
     Cluster,
     Evict,
@@ -122,9 +122,9 @@ def test_a_lost_machine_is_forgotten_and_the_other_keeps_its_models():
 def test_the_bookkeeping_sizes_each_machine_from_its_own_nodes_and_loses_a_silent_one():
     import io
 
-    from mofa_omni.control import LoadAsk, NodeReport, Variant
-    from mofa_omni.scheduling import Scheduling, replay
-    from mofa_omni.status import render_status
+    from mofa_omni.scheduler.bookkeeping import Scheduling, replay
+    from mofa_omni.scheduler.messages import LoadAsk, NodeReport, Variant
+    from mofa_omni.scheduler.status import render_status
 
     journal = io.BytesIO()
     sized = []
@@ -180,7 +180,7 @@ def test_the_machines_come_from_the_dataflow_and_budgets_may_be_set_per_machine(
 
     import yaml
 
-    from mofa_omni.graph import scheduled_graph
+    from mofa_omni.scheduler.graph import scheduled_graph
     from mofa_omni_nodes.scheduler import for_machine, machine_memory
 
     split = Path(__file__).parents[1] / "dataflows" / "voice.split.yml"
@@ -208,8 +208,12 @@ def test_payloads_to_another_machine_are_held_to_the_network_limit(monkeypatch):
     import pytest
     import yaml
 
-    from mofa_omni.integrity import (NETWORK_PAYLOAD_BYTES, CheckedNode, PayloadTooLarge,
-                                     remote_readers)
+    from mofa_omni.node.integrity import (
+        NETWORK_PAYLOAD_BYTES,
+        CheckedNode,
+        PayloadTooLarge,
+        remote_readers,
+    )
 
     split = yaml.safe_load((Path(__file__).parents[1] / "dataflows" / "voice.split.yml")
                            .read_text())

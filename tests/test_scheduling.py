@@ -12,18 +12,27 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from mofa_omni import arrow
-from mofa_omni.admission import SchedulerLink
-from mofa_omni.contract import ContractError, ErrorReport
-from mofa_omni.control import Command, LoadAsk, NodeReport, Status, Variant, from_arrow, to_arrow
-from mofa_omni.graph import scheduled_graph
-from mofa_omni.memory import parse_size
-from mofa_omni.residency import ModelSlot
-from mofa_omni.scheduler import SchedulerState
-from mofa_omni.scheduling import Scheduling, replay
+from mofa_omni.contract import arrow
+from mofa_omni.contract.errors import ContractError
+from mofa_omni.contract.tasks import ErrorReport
+from mofa_omni.models.memory import parse_size
+from mofa_omni.models.store import ModelStore
+from mofa_omni.node.admission import SchedulerLink
+from mofa_omni.node.residency import ModelSlot
+from mofa_omni.node.serving import RequestWorker
+from mofa_omni.scheduler.bookkeeping import Scheduling, replay
+from mofa_omni.scheduler.graph import scheduled_graph
+from mofa_omni.scheduler.messages import (
+    Command,
+    LoadAsk,
+    NodeReport,
+    Status,
+    Variant,
+    from_arrow,
+    to_arrow,
+)
+from mofa_omni.scheduler.policy import SchedulerState
 from tests.wire import Wire, ask
-from mofa_omni.serving import RequestWorker
-from mofa_omni.store import ModelStore
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1 << 20

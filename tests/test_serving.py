@@ -9,13 +9,19 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from mofa_omni import arrow
-from mofa_omni.contract import ChatMessage, ChatRequest, ErrorReport, GenericRequest, TextChunk
-from mofa_omni.host import ModelHost, Outgoing
-from mofa_omni.loading import open_model
-from mofa_omni.residency import ModelSlot
-from mofa_omni.serving import RequestWorker, cancelled_ids
-from mofa_omni.store import ModelStore
+from mofa_omni.adapters.loading import open_model
+from mofa_omni.contract import arrow
+from mofa_omni.contract.tasks import (
+    ChatMessage,
+    ChatRequest,
+    ErrorReport,
+    GenericRequest,
+    TextChunk,
+)
+from mofa_omni.models.store import ModelStore
+from mofa_omni.node.host import ModelHost, Outgoing
+from mofa_omni.node.residency import ModelSlot
+from mofa_omni.node.serving import RequestWorker, cancelled_ids
 from tests.conftest import textstats_catalog
 
 

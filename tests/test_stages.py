@@ -9,19 +9,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mofa_omni import arrow
-from mofa_omni.adapters.base import AdapterError
-from mofa_omni.contract import (
-    ContractError,
-    EmbeddingRequest,
-    ErrorReport,
-    RerankRequest,
-    RerankResult,
-    Tensor,
-    TranscriptionRequest,
-)
-from mofa_omni.stage_host import TENSOR_INPUT, StageHost, StageSlot
-from mofa_omni.stages import (
+from mofa_omni.contract import arrow
+from mofa_omni.contract.errors import AdapterError, ContractError
+from mofa_omni.contract.stages import (
     QUERY_AND_DOCUMENTS,
     Handoff,
     Stage,
@@ -30,7 +20,16 @@ from mofa_omni.stages import (
     cosine_rank,
     parse_stages,
 )
-from mofa_omni.text import normalize_words
+from mofa_omni.contract.tasks import (
+    EmbeddingRequest,
+    ErrorReport,
+    RerankRequest,
+    RerankResult,
+    Tensor,
+    TranscriptionRequest,
+)
+from mofa_omni.media.text import normalize_words
+from mofa_omni.node.stage_host import TENSOR_INPUT, StageHost, StageSlot
 from tests.test_asr import read_wav
 
 SAMPLES = Path(__file__).parents[1] / "dataflows" / "samples"

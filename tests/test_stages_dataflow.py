@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mofa_omni.text import normalize_words
+from mofa_omni.media.text import normalize_words
 from tests.dataflow_run import finish, start_dataflow
 
 FLOWS = Path(__file__).parent / "dataflows"

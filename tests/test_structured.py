@@ -8,10 +8,12 @@ import json
 import msgspec
 import pytest
 
-from mofa_omni import arrow
-from mofa_omni.contract import ChatMessage, ChatRequest, ContractError, validate_request
-from mofa_omni.openai_api import ChatBody
-from mofa_omni.structured import Choice, Integer, Text, parse_schema
+from mofa_omni.adapters.structured import Choice, Integer, Text
+from mofa_omni.contract import arrow
+from mofa_omni.contract.errors import ContractError
+from mofa_omni.contract.schema import parse_schema
+from mofa_omni.contract.tasks import ChatMessage, ChatRequest, validate_request
+from mofa_omni.gateway.openai_bodies import ChatBody
 
 SCHEMA = {"type": "object",
           "properties": {"city": {"type": "string", "maxLength": 20},

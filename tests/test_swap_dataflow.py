@@ -14,8 +14,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from mofa_omni.control import Status, SwapOutcome
-from mofa_omni.catalog import variant_entry
+from mofa_omni.models.catalog import variant_entry
+from mofa_omni.scheduler.messages import Status, SwapOutcome
 from tests.dataflow_run import finish, omni, start_dataflow
 
 DATAFLOWS = Path(__file__).parent / "dataflows"

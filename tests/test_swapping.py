@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from mofa_omni.admission import SchedulerLink
-from mofa_omni.catalog import Catalog
-from mofa_omni.control import Command, LoadAsk, NodeReport, SwapAsk, SwapOutcome, Variant
-from mofa_omni.residency import ModelSlot
-from mofa_omni.scheduler import SchedulerState
-from mofa_omni.scheduling import Scheduling
-from mofa_omni.serving import RequestWorker
-from mofa_omni.store import ModelStore
-from mofa_omni.status import render_swap
-from mofa_omni.swapping import swap_warning
+from mofa_omni.models.catalog import Catalog
+from mofa_omni.models.store import ModelStore
+from mofa_omni.node.admission import SchedulerLink
+from mofa_omni.node.residency import ModelSlot
+from mofa_omni.node.serving import RequestWorker
+from mofa_omni.node.swapping import swap_warning
+from mofa_omni.scheduler.bookkeeping import Scheduling
+from mofa_omni.scheduler.messages import Command, LoadAsk, NodeReport, SwapAsk, SwapOutcome, Variant
+from mofa_omni.scheduler.policy import SchedulerState
+from mofa_omni.scheduler.status import render_swap
 from tests.wire import Wire, ask
 
 MB = 1 << 20

@@ -1,6 +1,6 @@
 """The incremental sentence splitter that feeds the TTS."""
 
-from mofa_omni.text import SentenceStream
+from mofa_omni.media.text import SentenceStream
 
 
 def feed_all(pieces: list[str], max_chars: int = 240) -> tuple[list[list[str]], list[str]]:

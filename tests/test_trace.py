@@ -1,4 +1,4 @@
-"""mofa_omni.trace: off without MOFA_OMNI_TRACE; several processes append whole lines."""
+"""mofa_omni.node.trace: off without MOFA_OMNI_TRACE; several processes append whole lines."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mofa_omni import trace
-from mofa_omni.host import MessageMeta
+from mofa_omni.node import trace
+from mofa_omni.node.host import MessageMeta
 
 
 def test_nothing_is_written_when_the_variable_is_unset(tmp_path: Path, monkeypatch):
@@ -38,7 +38,7 @@ def test_a_line_holds_the_message_metadata(tmp_path: Path, monkeypatch):
 
 WRITER = """
 import sys
-from mofa_omni import trace
+from mofa_omni.node import trace
 name = sys.argv[1]
 for i in range(int(sys.argv[2])):
     trace.record(name, "send", "result", {"request_id": f"{name}-{i}", "seq": i},

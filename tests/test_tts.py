@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mofa_omni.adapters.base import ModelLoadError
+from mofa_omni.adapters.loading import open_model
 from mofa_omni.adapters.piper import PiperAdapter
-from mofa_omni.catalog import Catalog
-from mofa_omni.contract import AudioChunk, ContractError, SpeechRequest, validate_audio
-from mofa_omni.loading import open_model
-from mofa_omni.memory import release_freed_memory, snapshot
-from mofa_omni.text import split_sentences
+from mofa_omni.contract.errors import ContractError, ModelLoadError
+from mofa_omni.contract.tasks import AudioChunk, SpeechRequest, validate_audio
+from mofa_omni.media.text import split_sentences
+from mofa_omni.models.catalog import Catalog
+from mofa_omni.models.memory import release_freed_memory, snapshot
 
 VOICE = "piper-joe"
 MiB = 1 << 20

@@ -11,11 +11,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mofa_omni import arrow
-from mofa_omni.audio import read_wav, resample
-from mofa_omni.contract import ContractError, ErrorReport, GenericRequest, GenericResult
-from mofa_omni.host import ModelHost
-from mofa_omni.vad import (
+from mofa_omni.contract import arrow
+from mofa_omni.contract.errors import ContractError
+from mofa_omni.contract.tasks import ErrorReport, GenericRequest, GenericResult
+from mofa_omni.media.audio import read_wav, resample
+from mofa_omni.node.host import ModelHost
+from mofa_omni.voice.vad import (
     FRAME_SAMPLES,
     SampleClock,
     Segmenter,

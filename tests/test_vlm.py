@@ -1,5 +1,5 @@
 """Vision-language through mlx-vlm: tiny random SmolVLM and Qwen2-VL checkpoints
-(mofa_omni.tiny_vlm) loaded by mlx-vlm's own loader, served by the adapter, and SmolVLM by an
+(mofa_omni.testing.tiny_vlm) loaded by mlx-vlm's own loader, served by the adapter, and SmolVLM by an
 omni-node in a real dora dataflow.
 
 Its weights are random, so its words are gibberish: these tests check the types, the
@@ -14,14 +14,15 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mofa_omni import arrow, memory
 from mofa_omni.adapters.base import ModelAdapter
-from mofa_omni.catalog import Catalog, PypiSource
-from mofa_omni.contract import (ChatMessage, ChatRequest, ContractError, TextChunk, Task,
-                                VisionRequest)
-from mofa_omni.loading import open_model
-from mofa_omni.store import ModelStore
-from mofa_omni.tiny_vlm import IMAGE_TOKEN, write_tiny_qwen2_vl, write_tiny_smolvlm
+from mofa_omni.adapters.loading import open_model
+from mofa_omni.contract import arrow
+from mofa_omni.contract.errors import ContractError
+from mofa_omni.contract.tasks import ChatMessage, ChatRequest, Task, TextChunk, VisionRequest
+from mofa_omni.models import memory
+from mofa_omni.models.catalog import Catalog, PypiSource
+from mofa_omni.models.store import ModelStore
+from mofa_omni.testing.tiny_vlm import IMAGE_TOKEN, write_tiny_qwen2_vl, write_tiny_smolvlm
 from tests.dataflow_run import finish, start_dataflow
 
 VLM = Path(__file__).parent / "dataflows" / "vlm.yml"

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mofa_omni.audio import read_wav, resample, write_wav
-from mofa_omni.contract import TranscriptionRequest
-from mofa_omni.text import normalize_words, word_error_rate
+from mofa_omni.contract.tasks import TranscriptionRequest
+from mofa_omni.media.audio import read_wav, resample, write_wav
+from mofa_omni.media.text import normalize_words, word_error_rate
 from tests.test_dataflow_models import run_dataflow
 
 VOICE = Path(__file__).parents[1] / "dataflows" / "voice.yml"

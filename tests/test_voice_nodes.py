@@ -13,33 +13,30 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mofa_omni import arrow
-from mofa_omni.audio import read_wav, resample
-from mofa_omni.audio_stream import (
-    StreamResampler,
-    WavWriterSet,
-    load_turn,
-    split_chunks,
-    wav_turns,
-)
-from mofa_omni.contract import (
+from mofa_omni.config import env_choice, env_float, env_pace
+from mofa_omni.contract import arrow
+from mofa_omni.contract.errors import ConfigError, ContractError
+from mofa_omni.contract.tasks import (
     AudioChunk,
-    ContractError,
     ErrorReport,
     GenericResult,
     TextChunk,
     Transcript,
     TranscriptionRequest,
 )
-from mofa_omni.voice import (
+from mofa_omni.media.audio import read_wav, resample
+from mofa_omni.media.audio_stream import (
+    StreamResampler,
+    WavWriterSet,
+    load_turn,
+    split_chunks,
+    wav_turns,
+)
+from mofa_omni.voice.events import (
     DONE,
     SPEECH_STARTED,
-    ConfigError,
     MessageLog,
     SeqTracker,
-    env_choice,
-    env_float,
-    env_pace,
     event,
     identify,
     read_event,
@@ -258,7 +255,7 @@ def test_wav_source_fails_fast_on_a_missing_input(tmp_path: Path, voice_input, m
 
 
 def test_playback_clock_plays_chunks_back_to_back_from_their_arrival():
-    from mofa_omni.audio_stream import PlaybackClock
+    from mofa_omni.media.audio_stream import PlaybackClock
 
     clock = PlaybackClock()
     assert clock.add("r", 2.0, now=10.0) == 12.0

@@ -7,9 +7,9 @@ import time
 
 import pyarrow as pa
 
-from mofa_omni import arrow
-from mofa_omni.contract import GenericRequest, GenericResult
-from mofa_omni.control import NodeReport
+from mofa_omni.contract import arrow
+from mofa_omni.contract.tasks import GenericRequest, GenericResult
+from mofa_omni.scheduler.messages import NodeReport
 
 
 class Wire:

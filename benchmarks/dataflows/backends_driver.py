@@ -12,9 +12,8 @@ from pathlib import Path
 
 from dora import Node
 
-from mofa_omni import arrow
-from mofa_omni.audio import read_wav
-from mofa_omni.contract import (
+from mofa_omni.contract import arrow
+from mofa_omni.contract.tasks import (
     ChatMessage,
     ChatRequest,
     EmbeddingRequest,
@@ -23,6 +22,7 @@ from mofa_omni.contract import (
     TextChunk,
     TranscriptionRequest,
 )
+from mofa_omni.media.audio import read_wav
 
 WORK = Path(os.environ["WORK"])
 STEPS = int(os.environ["STEPS"])

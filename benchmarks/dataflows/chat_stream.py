@@ -17,8 +17,8 @@ from pathlib import Path
 
 from dora import Node
 
-from mofa_omni import arrow
-from mofa_omni.contract import ChatMessage, ChatRequest, ErrorReport, TextChunk
+from mofa_omni.contract import arrow
+from mofa_omni.contract.tasks import ChatMessage, ChatRequest, ErrorReport, TextChunk
 
 WORK = Path(os.environ["WORK"])
 REQUESTS = int(os.environ.get("REQUESTS", "120"))

@@ -26,9 +26,10 @@ from pathlib import Path
 
 from dora import Node
 
-from mofa_omni import arrow
-from mofa_omni.contract import EmbeddingRequest, Embeddings, ErrorReport
-from mofa_omni.voice import DEFAULT_VOICE_OUTPUT, env_path
+from mofa_omni.config import env_path
+from mofa_omni.contract import arrow
+from mofa_omni.contract.tasks import EmbeddingRequest, Embeddings, ErrorReport
+from mofa_omni.voice.events import DEFAULT_VOICE_OUTPUT
 
 WORK = Path(os.environ["WORK"])
 TURNS = int(os.environ.get("TURNS", "4"))

@@ -2,7 +2,7 @@
 
 An adapter wraps one model family / library. It declares the tasks it can
 serve, the formats it reads, its backend, and implements the task protocols of
-:mod:`mofa_omni.contract` for the tasks it serves. Adapters are found through
+:mod:`mofa_omni.contract.tasks` for the tasks it serves. Adapters are found through
 the ``mofa_omni.adapters`` entry-point group, so a third-party package adds a
 model family without touching this repository.
 """
@@ -16,31 +16,21 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import ClassVar
 
-from mofa_omni.catalog import ModelSpec, unknown_name_message
-from mofa_omni.arrow import check_generic_schema
-from mofa_omni.contract import (
-    TASK_SPECS,
+from mofa_omni.contract.arrow import check_generic_schema
+from mofa_omni.contract.errors import (
+    AdapterError,
     ContractError,
-    GenericRequest,
-    GenericResult,
-    GenericSpec,
-    Task,
+    ModelLoadError,
+    ModelNotLoaded,
+    unknown_name_message,
 )
-from mofa_omni.memory import release_freed_memory
-from mofa_omni.stages import Stage
+from mofa_omni.contract.stages import Stage
+from mofa_omni.contract.tasks import TASK_SPECS, GenericRequest, GenericResult, GenericSpec, Task
+from mofa_omni.models.catalog import ModelSpec
+from mofa_omni.models.memory import release_freed_memory
+from mofa_omni.models.store import Progress
 
 ENTRY_POINT_GROUP = "mofa_omni.adapters"
-
-Progress = Callable[[str, int, int], None]  # (stage, done, total)
-
-
-class AdapterError(ContractError):
-    """An adapter that cannot be found or that cannot serve what was asked."""
-
-
-class ModelLoadError(RuntimeError):
-    """Weights that cannot be loaded (missing, corrupt, wrong format)."""
-
 
 class ModelAdapter(ABC):
     """One model of one family: converts its weights once, loads, serves, unloads.
@@ -118,13 +108,13 @@ class ModelAdapter(ABC):
         if task not in self.spec.tasks:
             raise AdapterError(f"model {self.spec.name!r} does not serve {task.value}")
         if not self.loaded:
-            raise AdapterError(f"model {self.spec.name!r} is not loaded")
+            raise ModelNotLoaded(f"model {self.spec.name!r} is not loaded")
         if task is Task.GENERIC:
             return self._run_generic_checked
         return getattr(self, TASK_SPECS[task].method)
 
     def stages(self) -> dict[str, Stage]:
-        """The steps this model can be split into, by name (see :mod:`mofa_omni.stages`);
+        """The steps this model can be split into, by name (see :mod:`mofa_omni.contract.stages`);
         they run on the loaded model."""
         return {}
 
@@ -161,11 +151,3 @@ def adapter_class(name: str) -> type[ModelAdapter]:
     if not (isinstance(cls, type) and issubclass(cls, ModelAdapter)):
         raise AdapterError(f"entry point {name!r} ({points[name].value}) is not a ModelAdapter")
     return cls
-
-
-def create_adapter(spec: ModelSpec, backend: str | None = None) -> ModelAdapter:
-    """The adapter serving ``spec`` on this machine (see :mod:`mofa_omni.backends`)."""
-    from mofa_omni.backends import resolved
-
-    spec = resolved(spec, backend)
-    return adapter_class(spec.adapter)(spec)

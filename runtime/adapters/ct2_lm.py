@@ -17,27 +17,25 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Generator, Iterator
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from mofa_omni.adapters.base import AdapterError, ModelAdapter, ModelLoadError, Progress
-from mofa_omni.adapters.mlx_lm import Piece, chat_prompt_tokens, stream_reply
-from mofa_omni.contract import (ChatRequest, RerankRequest, RerankResult, Task, TextChunk,
-                                validate_request)
-from mofa_omni.llm_rerank import relevance_scores, rerank_method
-from mofa_omni.structured import structured_reply
+from mofa_omni.adapters.chat import Piece, detokenized_pieces
+from mofa_omni.adapters.chat_lm import ChatLmAdapter
+from mofa_omni.contract.errors import ModelLoadError
+from mofa_omni.contract.tasks import ChatRequest
+from mofa_omni.models.store import Progress
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 MODEL_CONFIG = "model_config.json"  # the model's own config (CTranslate2 writes config.json)
 
 
-class Ct2LmAdapter(ModelAdapter):
+class Ct2LmAdapter(ChatLmAdapter):
     """Llama-architecture chat models (SmolLM2, Llama, Qwen2 without biases...) on CTranslate2."""
 
-    supported_tasks: ClassVar[frozenset[Task]] = frozenset({Task.TEXT_GENERATION, Task.RERANK})
     formats: ClassVar[frozenset[str]] = frozenset({"gguf"})
     backend: ClassVar[str] = "ctranslate2"
     requires: ClassVar[tuple[str, ...]] = ("ctranslate2", "mlx_lm")
@@ -45,7 +43,6 @@ class Ct2LmAdapter(ModelAdapter):
     def __init__(self, spec):
         super().__init__(spec)
         self._generator: Any = None
-        self._tokenizer: Any = None
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -85,50 +82,16 @@ class Ct2LmAdapter(ModelAdapter):
 
     # --- serving ---------------------------------------------------------------------
 
-    def generate(self, request: ChatRequest) -> Iterator[TextChunk]:
-        """Stream the reply to ``request``, as the MLX adapter does: greedy at temperature 0,
-        stops at EOS, ``max_tokens`` or a stop sequence (never emitted); closing the
-        generator stops the computation. With ``json_schema``: JSON satisfying it."""
-        validate_request(request)
-        if self._generator is None:
-            raise AdapterError(f"model {self.spec.name!r} is not loaded")
+    def pieces(self, request: ChatRequest, prompt: list[int]) -> Generator[Piece, None, None]:
         tokenizer = self._tokenizer
-        prompt = chat_prompt_tokens(tokenizer, request)
-        if request.json_schema:
-            return structured_reply(request, tokenizer, self, prompt)
-        eos = sorted(tokenizer.eos_token_ids)
         sampling: dict[str, Any] = {"sampling_topk": 1}
         if request.temperature > 0:
             sampling = {"sampling_topk": 0, "sampling_temperature": request.temperature,
                         "sampling_topp": request.top_p}
         steps = self._generator.generate_tokens(
             tokenizer.convert_ids_to_tokens(prompt), max_length=request.max_tokens,
-            end_token=tokenizer.convert_ids_to_tokens(eos), **sampling)
-        detokenizer = tokenizer.detokenizer
-        detokenizer.reset()
-
-        def pieces() -> Generator[Piece, None, None]:
-            ended = False
-            try:
-                for step in steps:
-                    if step.token_id in eos:
-                        ended = True
-                        break
-                    detokenizer.add_token(step.token_id)
-                    yield Piece(detokenizer.last_segment)
-            finally:
-                steps.close()
-            detokenizer.finalize()
-            yield Piece(detokenizer.last_segment, token=False, end=ended)
-
-        return stream_reply(pieces(), request.stop, len(prompt))
-
-    def rerank(self, request: RerankRequest) -> RerankResult:
-        """Score each document with the model (see :mod:`mofa_omni.llm_rerank`)."""
-        if self._generator is None:
-            raise AdapterError(f"model {self.spec.name!r} is not loaded")
-        return RerankResult(relevance_scores(request, self._tokenizer, self,
-                                             rerank_method(self.spec.options)))
+            end_token=tokenizer.convert_ids_to_tokens(sorted(tokenizer.eos_token_ids)), **sampling)
+        return detokenized_pieces((step.token_id for step in _closing(steps)), tokenizer)
 
     def next_log_probs(self, prompts: list[list[int]]) -> np.ndarray:
         log_probs = np.asarray(self._generator.forward_batch(prompts, return_log_probs=True))
@@ -138,6 +101,14 @@ class Ct2LmAdapter(ModelAdapter):
         scored = self._generator.score_batch(
             [self._tokenizer.convert_ids_to_tokens(s) for s in sequences])
         return [np.asarray(result.log_probs, np.float32) for result in scored]
+
+
+def _closing(steps):
+    """The engine's steps, closed when the reader stops early (stops CTranslate2's decoding)."""
+    try:
+        yield from steps
+    finally:
+        steps.close()
 
 
 def _decoder_spec(model_dir: Path, config: dict):

@@ -3,7 +3,7 @@
 The packaged ``model.bin`` files are CTranslate2 models already; CTranslate2
 also needs the token strings (``vocabulary.json``), which those packages leave
 out: ``prepare`` writes them from whisper's own tokenizer. Audio becomes the same
-log-mel spectrogram as mlx_whisper's (computed in NumPy, :mod:`mofa_omni.whisper_features`)
+log-mel spectrogram as mlx_whisper's (computed in NumPy, :mod:`mofa_omni.adapters.whisper_features`)
 and tokens become text with mlx_whisper's tokenizer, so both backends see the same input and
 decode the same way (greedy, no timestamps). Audio longer than 30 s is transcribed window by window.
 
@@ -20,14 +20,20 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from mofa_omni.adapters.base import AdapterError, ModelAdapter, ModelLoadError, Progress
-from mofa_omni.audio import resample
-from mofa_omni.contract import (ContractError, Segment, Task, Transcript, TranscriptionRequest,
-                                validate_request)
+from mofa_omni.adapters.base import ModelAdapter
+from mofa_omni.adapters.whisper_features import SAMPLE_RATE, WINDOW_SAMPLES, log_mel
+from mofa_omni.contract.errors import AdapterError, ContractError, ModelLoadError
+from mofa_omni.contract.tasks import (
+    Segment,
+    Task,
+    Transcript,
+    TranscriptionRequest,
+    validate_request,
+)
 from mofa_omni.formats.ctranslate2 import read_model_bin
 from mofa_omni.formats.tiktoken_bpe import hf_tokenizer
-from mofa_omni.store import link_or_copy
-from mofa_omni.whisper_features import SAMPLE_RATE, WINDOW_SAMPLES, log_mel
+from mofa_omni.media.audio import resample
+from mofa_omni.models.store import Progress, link_or_copy
 
 MAX_NEW_TOKENS = 224  # whisper's decoder context is 448: half for the text, as whisper does
 MULTILINGUAL_VOCAB = 51865

@@ -17,29 +17,28 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Generator, Iterator
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from mofa_omni.adapters.base import AdapterError, ModelAdapter, ModelLoadError, Progress
-from mofa_omni.adapters.mlx_lm import Piece, chat_prompt_tokens, stream_reply
-from mofa_omni.contract import (ChatRequest, ContractError, RerankRequest, RerankResult, Task,
-                                TextChunk, validate_request)
-from mofa_omni.llm_rerank import relevance_scores, rerank_method
-from mofa_omni.structured import common_prefix, structured_reply
+from mofa_omni.adapters.chat import Piece, detokenized_pieces
+from mofa_omni.adapters.chat_lm import ChatLmAdapter
+from mofa_omni.adapters.structured import common_prefix
+from mofa_omni.contract.errors import ContractError, ModelLoadError, ModelNotLoaded
+from mofa_omni.contract.tasks import ChatRequest
+from mofa_omni.models.store import Progress
 
 WEIGHTS = "model.gguf"
 MODEL_CONFIG = "model_config.json"
 DEFAULT_CONTEXT = 4096
 
 
-class LlamaCppAdapter(ModelAdapter):
+class LlamaCppAdapter(ChatLmAdapter):
     """GGUF models of the architectures whose tokenizer :mod:`mofa_omni.formats.gguf` reads
     (Llama-family such as SmolLM2, Gemma 3), run by whatever llama.cpp is installed."""
 
-    supported_tasks: ClassVar[frozenset[Task]] = frozenset({Task.TEXT_GENERATION, Task.RERANK})
     formats: ClassVar[frozenset[str]] = frozenset({"gguf"})
     backend: ClassVar[str] = "llama.cpp"
     requires: ClassVar[tuple[str, ...]] = ("llama_cpp", "mlx_lm")
@@ -47,7 +46,6 @@ class LlamaCppAdapter(ModelAdapter):
     def __init__(self, spec):
         super().__init__(spec)
         self._llama: Any = None
-        self._tokenizer: Any = None
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -89,47 +87,15 @@ class LlamaCppAdapter(ModelAdapter):
 
     # --- serving ---------------------------------------------------------------------
 
-    def generate(self, request: ChatRequest) -> Iterator[TextChunk]:
-        """Stream the reply to ``request`` as the other LLM adapters do: greedy at temperature
-        0, stops at EOS, ``max_tokens`` or a stop sequence (never emitted); closing the
-        generator stops the computation. With ``json_schema``: JSON satisfying it."""
-        validate_request(request)
-        llama, tokenizer = self._serving()
-        prompt = chat_prompt_tokens(tokenizer, request)
+    def check_prompt(self, prompt: list[int], request: ChatRequest) -> None:
         self._check_fits(len(prompt), request.max_tokens)
-        if request.json_schema:
-            return structured_reply(request, tokenizer, self, prompt)
-        eos = tokenizer.eos_token_ids
+
+    def pieces(self, request: ChatRequest, prompt: list[int]) -> Generator[Piece, None, None]:
+        llama, tokenizer = self._serving()
         sampling = {"temp": request.temperature, "top_k": 0 if request.temperature > 0 else 1,
                     "top_p": request.top_p, "min_p": 0.0, "repeat_penalty": 1.0}
-        detokenizer = tokenizer.detokenizer
-        detokenizer.reset()
-
-        def pieces() -> Generator[Piece, None, None]:
-            steps = llama.generate(prompt, **sampling)
-            ended, produced = False, 0
-            try:
-                for token in steps:
-                    if token in eos:
-                        ended = True
-                        break
-                    detokenizer.add_token(token)
-                    yield Piece(detokenizer.last_segment)
-                    produced += 1
-                    if produced >= request.max_tokens:
-                        break
-            finally:
-                steps.close()
-            detokenizer.finalize()
-            yield Piece(detokenizer.last_segment, token=False, end=ended)
-
-        return stream_reply(pieces(), request.stop, len(prompt))
-
-    def rerank(self, request: RerankRequest) -> RerankResult:
-        """Score each document with the model (see :mod:`mofa_omni.llm_rerank`)."""
-        _, tokenizer = self._serving()
-        return RerankResult(relevance_scores(request, tokenizer, self,
-                                             rerank_method(self.spec.options)))
+        return detokenized_pieces(llama.generate(prompt, **sampling), tokenizer,
+                                  limit=request.max_tokens)
 
     # --- token scores (structured output, reranking) ---------------------------------
 
@@ -180,7 +146,7 @@ class LlamaCppAdapter(ModelAdapter):
 
     def _serving(self) -> tuple[Any, Any]:
         if self._llama is None:
-            raise AdapterError(f"model {self.spec.name!r} is not loaded")
+            raise ModelNotLoaded(f"model {self.spec.name!r} is not loaded")
         return self._llama, self._tokenizer
 
     def _check_fits(self, prompt_tokens: int, max_tokens: int) -> None:

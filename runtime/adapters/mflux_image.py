@@ -19,9 +19,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from mofa_omni.adapters.base import AdapterError, ModelAdapter, ModelLoadError, Progress
-from mofa_omni.contract import ContractError, Image, ImageRequest, Task, validate_request
-from mofa_omni.store import link_or_copy
+from mofa_omni.adapters.base import ModelAdapter
+from mofa_omni.contract.errors import AdapterError, ContractError, ModelLoadError
+from mofa_omni.contract.tasks import Image, ImageRequest, Task, validate_request
+from mofa_omni.models.store import Progress, link_or_copy
 
 # mflux registry keys served by its FLUX.2-klein text-to-image pipeline.
 FAMILIES = ("flux2-klein-4b", "flux2-klein-9b", "flux2-klein-base-4b", "flux2-klein-base-9b")

@@ -17,13 +17,33 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mofa_omni.adapters.base import ModelAdapter, ModelLoadError, Progress
-from mofa_omni.contract import (ContractError, EmbeddingRequest, Embeddings, RerankRequest,
-                                RerankResult, Task, Tensor)
-from mofa_omni.formats.bert import (DEFAULT_BATCH, FILES, check_checkpoint, copy_files,
-                                    length_batches, load_tokenizer, padded, read_config)
-from mofa_omni.stages import (QUERY_AND_DOCUMENTS, Stage, cosine_rank,
-                              embed_query_and_documents)
+from mofa_omni.adapters.base import ModelAdapter
+from mofa_omni.contract.errors import ContractError, ModelLoadError
+from mofa_omni.contract.stages import (
+    QUERY_AND_DOCUMENTS,
+    Stage,
+    cosine_rank,
+    embed_query_and_documents,
+)
+from mofa_omni.contract.tasks import (
+    EmbeddingRequest,
+    Embeddings,
+    RerankRequest,
+    RerankResult,
+    Task,
+    Tensor,
+)
+from mofa_omni.formats.bert import (
+    DEFAULT_BATCH,
+    FILES,
+    check_checkpoint,
+    copy_files,
+    length_batches,
+    load_tokenizer,
+    padded,
+    read_config,
+)
+from mofa_omni.models.store import Progress
 
 
 class _Embeddings(nn.Module):

@@ -15,11 +15,18 @@ from typing import ClassVar
 
 import numpy as np
 
-from mofa_omni.adapters.base import AdapterError, ModelAdapter, Progress
-from mofa_omni.adapters.mlx_lm import Piece, stream_reply
-from mofa_omni.contract import (ChatMessage, ChatRequest, ContractError, Task, TextChunk,
-                                VisionRequest, validate_request)
-from mofa_omni.store import link_model_directory
+from mofa_omni.adapters.base import ModelAdapter
+from mofa_omni.adapters.chat import Piece, stream_reply
+from mofa_omni.contract.errors import AdapterError, ContractError
+from mofa_omni.contract.tasks import (
+    ChatMessage,
+    ChatRequest,
+    Task,
+    TextChunk,
+    VisionRequest,
+    validate_request,
+)
+from mofa_omni.models.store import Progress, link_model_directory
 
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 

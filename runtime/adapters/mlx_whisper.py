@@ -15,15 +15,22 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from mofa_omni.adapters.base import AdapterError, ModelAdapter, ModelLoadError, Progress
-from mofa_omni.audio import resample
-from mofa_omni.catalog import ModelSpec
-from mofa_omni.contract import (ContractError, Segment, Task, Tensor, Transcript,
-                                TranscriptionRequest, validate_request)
+from mofa_omni.adapters.base import ModelAdapter
+from mofa_omni.contract.errors import AdapterError, ContractError, ModelLoadError
+from mofa_omni.contract.stages import Stage
+from mofa_omni.contract.tasks import (
+    Segment,
+    Task,
+    Tensor,
+    Transcript,
+    TranscriptionRequest,
+    validate_request,
+)
 from mofa_omni.formats.ctranslate2 import convert_whisper
-from mofa_omni.platform import mlx_device
-from mofa_omni.stages import Stage
-from mofa_omni.store import link_or_copy
+from mofa_omni.media.audio import resample
+from mofa_omni.models.catalog import ModelSpec
+from mofa_omni.models.compute import mlx_device
+from mofa_omni.models.store import Progress, link_or_copy
 
 WHISPER_RATE = 16_000
 MLX_FILES = ("config.json", "weights.safetensors", "weights.npz", "alignment_heads.json")

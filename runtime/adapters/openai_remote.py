@@ -25,12 +25,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from mofa_omni.adapters.base import ModelAdapter, ModelLoadError, Progress
-from mofa_omni.audio import read_wav, wav_bytes
-from mofa_omni.contract import (
+from mofa_omni.adapters.base import ModelAdapter
+from mofa_omni.contract.errors import ContractError, ModelLoadError, ServerError
+from mofa_omni.contract.tasks import (
     AudioChunk,
     ChatRequest,
-    ContractError,
     EmbeddingRequest,
     Embeddings,
     SpeechRequest,
@@ -40,13 +39,14 @@ from mofa_omni.contract import (
     TranscriptionRequest,
     validate_request,
 )
-from mofa_omni.store import REMOTE_FILE
+from mofa_omni.media.audio import read_wav, wav_bytes
+from mofa_omni.models.store import REMOTE_FILE, Progress
 
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 120.0
 
 
-class RemoteError(RuntimeError):
+class RemoteError(ServerError):
     """The remote server answered with an error."""
 
 

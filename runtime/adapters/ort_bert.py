@@ -17,13 +17,28 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from mofa_omni.adapters.base import ModelAdapter, ModelLoadError, Progress
-from mofa_omni.contract import (ContractError, EmbeddingRequest, Embeddings, RerankRequest,
-                                RerankResult, Task, Tensor)
-from mofa_omni.formats.bert import (DEFAULT_BATCH, check_checkpoint, copy_files, length_batches,
-                                    load_tokenizer, padded, read_config)
-from mofa_omni.onnx import cpu_session
-from mofa_omni.stages import QUERY_AND_DOCUMENTS, cosine_rank
+from mofa_omni.adapters.base import ModelAdapter
+from mofa_omni.adapters.onnx_session import cpu_session
+from mofa_omni.contract.errors import ContractError, ModelLoadError
+from mofa_omni.contract.stages import QUERY_AND_DOCUMENTS, cosine_rank
+from mofa_omni.contract.tasks import (
+    EmbeddingRequest,
+    Embeddings,
+    RerankRequest,
+    RerankResult,
+    Task,
+    Tensor,
+)
+from mofa_omni.formats.bert import (
+    DEFAULT_BATCH,
+    check_checkpoint,
+    copy_files,
+    length_batches,
+    load_tokenizer,
+    padded,
+    read_config,
+)
+from mofa_omni.models.store import Progress
 
 GRAPH = "model.onnx"
 OPSET = 17  # LayerNormalization is an operator from 17 on

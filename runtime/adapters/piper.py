@@ -14,10 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from mofa_omni.adapters.base import ModelAdapter, ModelLoadError, Progress
-from mofa_omni.contract import AudioChunk, ContractError, SpeechRequest, Task
-from mofa_omni.onnx import cpu_session
-from mofa_omni.text import split_sentences
+
+from mofa_omni.adapters.base import ModelAdapter
+from mofa_omni.adapters.onnx_session import cpu_session
+from mofa_omni.contract.errors import ContractError, ModelLoadError
+from mofa_omni.contract.tasks import AudioChunk, SpeechRequest, Task
+from mofa_omni.media.text import split_sentences
+from mofa_omni.models.store import Progress
 
 MAX_THREADS = 2  # more intra-op threads buy little for one short sentence and starve the graph
 SPEED_RANGE = (0.25, 4.0)

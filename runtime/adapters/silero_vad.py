@@ -18,15 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from mofa_omni.adapters.base import ModelAdapter, ModelLoadError, Progress
-from mofa_omni.contract import (
-    ContractError,
-    GenericRequest,
-    GenericResult,
-    GenericSpec,
-    Task,
-)
-from mofa_omni.onnx import cpu_session
+
+from mofa_omni.adapters.base import ModelAdapter
+from mofa_omni.adapters.onnx_session import cpu_session
+from mofa_omni.contract.errors import ContractError, ModelLoadError
+from mofa_omni.contract.tasks import GenericRequest, GenericResult, GenericSpec, Task
+from mofa_omni.models.store import Progress
 
 SAMPLE_RATE = 16000
 FRAME_SAMPLES = 512

@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from mofa_omni.adapters.base import ModelLoadError, Progress
+from mofa_omni.contract.errors import ModelLoadError
+from mofa_omni.models.store import Progress
 
 FILES = ("config.json", "model.safetensors", "tokenizer.json")
 CONFIG_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",

@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from mofa_omni.adapters.base import ModelLoadError, Progress
+from mofa_omni.contract.errors import ModelLoadError
+from mofa_omni.models.store import Progress
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
 QUANTIZED = "quantized"

@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 from dora import Node
 
-from mofa_omni import arrow
-from mofa_omni.contract import (
+from mofa_omni.contract import arrow
+from mofa_omni.contract.tasks import (
     AudioChunk,
     ChatMessage,
     ChatRequest,

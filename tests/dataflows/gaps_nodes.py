@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from mofa_omni.integrity import CheckedNode
+from mofa_omni.node.integrity import CheckedNode
 
 
 def burst() -> None:

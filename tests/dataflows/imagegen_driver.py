@@ -11,10 +11,11 @@ import os
 import time
 from pathlib import Path
 
-from mofa_omni import arrow
-from mofa_omni.contract import ErrorReport, Image, ImageRequest
-from mofa_omni.integrity import CheckedNode
 from resending import Outbox
+
+from mofa_omni.contract import arrow
+from mofa_omni.contract.tasks import ErrorReport, Image, ImageRequest
+from mofa_omni.node.integrity import CheckedNode
 
 DEADLINE_S = 240
 WIDTH, HEIGHT = 96, 64  # 18 KiB of pixels: above dora's shared-memory threshold (4 KiB)

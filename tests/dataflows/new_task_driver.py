@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from mofa_omni import arrow
-from mofa_omni.contract import ErrorReport, GenericRequest, GenericResult
-from mofa_omni.integrity import CheckedNode
+from mofa_omni.contract import arrow
+from mofa_omni.contract.tasks import ErrorReport, GenericRequest, GenericResult
+from mofa_omni.node.integrity import CheckedNode
 
 
 def main() -> None:

@@ -8,11 +8,18 @@ import os
 import time
 from pathlib import Path
 
-from mofa_omni import arrow
-from mofa_omni.contract import (ChatMessage, ChatRequest, ErrorReport, RerankRequest, RerankResult,
-                                TextChunk)
-from mofa_omni.integrity import CheckedNode
 from resending import Outbox
+
+from mofa_omni.contract import arrow
+from mofa_omni.contract.tasks import (
+    ChatMessage,
+    ChatRequest,
+    ErrorReport,
+    RerankRequest,
+    RerankResult,
+    TextChunk,
+)
+from mofa_omni.node.integrity import CheckedNode
 
 DEADLINE_S = 180
 QUERIES = [("What is the capital of France?", 1), ("When does the train leave?", 2),

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from dora import Node
 
-from mofa_omni import arrow
-from mofa_omni.contract import ChatMessage, ChatRequest, ErrorReport, TextChunk
+from mofa_omni.contract import arrow
+from mofa_omni.contract.tasks import ChatMessage, ChatRequest, ErrorReport, TextChunk
 
 WORK = Path(os.environ["WORK"])
 DEADLINE_S = float(os.environ.get("DEADLINE_S", "300"))

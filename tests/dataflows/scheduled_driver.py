@@ -14,9 +14,8 @@ from pathlib import Path
 
 from dora import Node
 
-from mofa_omni import arrow
-from mofa_omni.audio import read_wav
-from mofa_omni.contract import (
+from mofa_omni.contract import arrow
+from mofa_omni.contract.tasks import (
     ChatMessage,
     ChatRequest,
     EmbeddingRequest,
@@ -26,6 +25,7 @@ from mofa_omni.contract import (
     Transcript,
     TranscriptionRequest,
 )
+from mofa_omni.media.audio import read_wav
 
 ROLE = os.environ["ROLE"]
 WORK = Path(os.environ["WORK"])

@@ -9,12 +9,17 @@ import wave
 from pathlib import Path
 
 import numpy as np
-
-from mofa_omni import arrow
-from mofa_omni.contract import (ErrorReport, RerankRequest, RerankResult, Transcript,
-                                TranscriptionRequest)
-from mofa_omni.integrity import CheckedNode
 from resending import Outbox
+
+from mofa_omni.contract import arrow
+from mofa_omni.contract.tasks import (
+    ErrorReport,
+    RerankRequest,
+    RerankResult,
+    Transcript,
+    TranscriptionRequest,
+)
+from mofa_omni.node.integrity import CheckedNode
 
 DEADLINE_S = float(os.environ.get("DEADLINE_S", "240"))
 RESEND_AFTER_S = 60  # dora drops a message now and then: one unanswered this long is sent again

@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 from dora import Node
 
-from mofa_omni import arrow
-from mofa_omni.audio import read_wav
-from mofa_omni.contract import (
+from mofa_omni.contract import arrow
+from mofa_omni.contract.tasks import (
     AudioChunk,
     EmbeddingRequest,
     Embeddings,
@@ -25,6 +24,7 @@ from mofa_omni.contract import (
     Transcript,
     TranscriptionRequest,
 )
+from mofa_omni.media.audio import read_wav
 
 WORK = Path(os.environ["WORK"])
 AFTER = int(os.environ.get("AFTER", "5"))

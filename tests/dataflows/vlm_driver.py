@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-
-from mofa_omni import arrow
-from mofa_omni.contract import ChatMessage, ChatRequest, ErrorReport, TextChunk, VisionRequest
-from mofa_omni.integrity import CheckedNode
 from resending import Outbox
+
+from mofa_omni.contract import arrow
+from mofa_omni.contract.tasks import ChatMessage, ChatRequest, ErrorReport, TextChunk, VisionRequest
+from mofa_omni.node.integrity import CheckedNode
 
 DEADLINE_S = 180
 MAX_TOKENS = 8

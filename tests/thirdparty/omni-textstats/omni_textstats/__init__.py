@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from mofa_omni.adapters.base import ModelAdapter, ModelLoadError
-from mofa_omni.contract import GenericRequest, GenericResult, GenericSpec, Task
+from mofa_omni.adapters.base import ModelAdapter
+from mofa_omni.contract.errors import ModelLoadError
+from mofa_omni.contract.tasks import GenericRequest, GenericResult, GenericSpec, Task
 
 TEXT_STATS = GenericSpec(
     name="text.stats",

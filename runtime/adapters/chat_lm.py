@@ -1,0 +1,94 @@
+"""One base class for every chat-LM backend: ``generate`` and ``rerank`` written once.
+
+:class:`ChatLmAdapter` owns, for MLX, CTranslate2 and llama.cpp alike, the chat
+template, request checks, structured output (:mod:`mofa_omni.adapters.structured`),
+reranking (:mod:`mofa_omni.adapters.llm_rerank`), stop sequences and the usage of
+the final chunk (:mod:`mofa_omni.adapters.chat`). A backend supplies only its
+engine's pieces of text (:meth:`~ChatLmAdapter.pieces`) and token
+log-probabilities (``next_log_probs`` / ``sequence_log_probs``).
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Generator, Iterator
+from typing import Any, ClassVar
+
+import numpy as np
+
+from mofa_omni.adapters.base import ModelAdapter
+from mofa_omni.adapters.chat import Piece, chat_prompt_tokens, stream_reply
+from mofa_omni.adapters.llm_rerank import relevance_scores, rerank_method
+from mofa_omni.adapters.structured import structured_reply
+from mofa_omni.contract.errors import ModelNotLoaded
+from mofa_omni.contract.tasks import (
+    ChatRequest,
+    RerankRequest,
+    RerankResult,
+    Task,
+    TextChunk,
+    validate_request,
+)
+
+
+class ChatLmAdapter(ModelAdapter):
+    """A chat LLM on some engine: text generation and reranking from one loaded model.
+
+    Subclasses load ``self._tokenizer`` (an mlx-lm ``TokenizerWrapper``) and their engine,
+    and implement :meth:`pieces`, :meth:`next_log_probs` and :meth:`sequence_log_probs`.
+    """
+
+    supported_tasks: ClassVar[frozenset[Task]] = frozenset({Task.TEXT_GENERATION, Task.RERANK})
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self._tokenizer: Any = None
+
+    # --- what a backend supplies -------------------------------------------------------
+
+    @abstractmethod
+    def pieces(self, request: ChatRequest, prompt: list[int]) -> Generator[Piece, None, None]:
+        """The reply's text as the engine produces it (sampling as ``request`` asks)."""
+
+    @abstractmethod
+    def next_log_probs(self, prompts: list[list[int]]) -> np.ndarray:
+        """Log-probabilities of the next token after each prompt: (len(prompts), vocab)."""
+
+    @abstractmethod
+    def sequence_log_probs(self, sequences: list[list[int]]) -> list[np.ndarray]:
+        """For each sequence, the log-probability of each of its tokens after the first."""
+
+    def check_prompt(self, prompt: list[int], request: ChatRequest) -> None:
+        """Refuse a prompt the engine cannot take (e.g. beyond its context); default: none."""
+
+    # --- what every backend shares --------------------------------------------------
+
+    def prompt_tokens(self, request: ChatRequest) -> list[int]:
+        return chat_prompt_tokens(self._require_tokenizer(), request)
+
+    def generate(self, request: ChatRequest) -> Iterator[TextChunk]:
+        """Stream the reply to ``request``; the last chunk is final and carries the usage.
+
+        Greedy at temperature 0. With ``json_schema``, the reply is JSON satisfying it
+        (:mod:`mofa_omni.adapters.structured`). Stops at EOS, at ``max_tokens``
+        (finish_reason "length") or at a stop sequence, which is never emitted. Closing the
+        generator stops the computation.
+        """
+        validate_request(request)
+        tokenizer = self._require_tokenizer()
+        prompt = self.prompt_tokens(request)
+        self.check_prompt(prompt, request)
+        if request.json_schema:
+            return structured_reply(request, tokenizer, self, prompt)
+        return stream_reply(self.pieces(request, prompt), request.stop, len(prompt))
+
+    def rerank(self, request: RerankRequest) -> RerankResult:
+        """Score each document with the model (see :mod:`mofa_omni.adapters.llm_rerank`)."""
+        tokenizer = self._require_tokenizer()
+        return RerankResult(relevance_scores(request, tokenizer, self,
+                                             rerank_method(self.spec.options)))
+
+    def _require_tokenizer(self):
+        if self._tokenizer is None:
+            raise ModelNotLoaded(f"model {self.spec.name!r} is not loaded")
+        return self._tokenizer

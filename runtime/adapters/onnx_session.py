@@ -1,0 +1,29 @@
+"""ONNX Runtime sessions on the CPU with a bounded number of threads (Piper, Silero VAD)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mofa_omni.contract.errors import ModelLoadError
+
+
+def cpu_session(model: Path, threads: int, *, model_name: str, memory_arena: bool = True):
+    """An ``onnxruntime.InferenceSession`` on the CPU using at most ``threads`` intra-op threads.
+
+    ONNX Runtime's default spins one thread per core, which starves the other nodes
+    of a graph for little gain on short inputs. Without ``memory_arena`` the memory of a run
+    is given back when it ends, instead of kept for the next (where a large batch would hold
+    hundreds of MiB that the scheduler then counts against the budget).
+    """
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ModelLoadError(f"model {model_name!r} needs ONNX Runtime: "
+                             "pip install onnxruntime") from None
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = max(1, min(threads, os.cpu_count() or 1))
+    options.inter_op_num_threads = 1
+    options.enable_cpu_mem_arena = memory_arena
+    return onnxruntime.InferenceSession(str(model), sess_options=options,
+                                        providers=["CPUExecutionProvider"])

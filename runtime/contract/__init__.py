@@ -1,0 +1,1 @@
+"""The model contract: tasks, their typed messages, error kinds, Arrow codecs, stages."""

@@ -1,0 +1,395 @@
+"""The model contract: tasks, their typed requests and results, and the task protocols.
+
+A model adapter serves one or more *tasks*. Each task has a request type, a
+result type and a protocol method; streaming tasks yield several results per
+request, the last one marked ``final``. ``Generic`` covers task kinds nobody
+has named yet: the adapter declares Arrow schemas for their input and output.
+
+Audio is float32 PCM (mono) with its sample rate; images are uint8 HWC.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from mofa_omni.contract.errors import ContractError, ErrorKind
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+
+class Task(str, enum.Enum):
+    TEXT_GENERATION = "text_generation"
+    SPEECH_RECOGNITION = "speech_recognition"
+    SPEECH_SYNTHESIS = "speech_synthesis"
+    EMBEDDING = "embedding"
+    RERANK = "rerank"
+    VISION_LANGUAGE = "vision_language"
+    IMAGE_GENERATION = "image_generation"
+    GENERIC = "generic"
+
+    @classmethod
+    def parse(cls, name: str) -> Task:
+        try:
+            return cls(name)
+        except ValueError:
+            known = ", ".join(t.value for t in cls)
+            raise ContractError(f"unknown task {name!r}; known tasks: {known}") from None
+
+
+# --- text generation -----------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    messages: list[ChatMessage]
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    # A JSON Schema (as JSON text) the reply must satisfy: structured output, see
+    # mofa_omni.adapters.structured for the supported subset. "" = free text.
+    json_schema: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TextChunk:
+    """One piece of a streamed text reply; the last one has ``final=True``."""
+
+    text: str
+    final: bool = False
+    finish_reason: str = ""  # "stop" | "length" | "cancelled" on the final chunk
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+# --- speech recognition --------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class TranscriptionRequest:
+    audio: np.ndarray  # float32, mono, shape (samples,)
+    sample_rate: int
+    language: str = ""  # "" = detect / model default
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    start: float
+    end: float
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Transcript:
+    text: str
+    language: str = ""
+    segments: list[Segment] = field(default_factory=list)
+
+
+# --- speech synthesis ----------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class SpeechRequest:
+    text: str
+    voice: str = ""
+    speed: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class AudioChunk:
+    """A piece of synthesized speech (one sentence); the last one has ``final=True``."""
+
+    audio: np.ndarray  # float32, mono
+    sample_rate: int
+    final: bool = False
+    text: str = ""  # the text this chunk speaks
+
+
+# --- embeddings and reranking --------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingRequest:
+    texts: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Embeddings:
+    vectors: np.ndarray  # float32, shape (len(texts), dim), L2-normalised
+
+
+@dataclass(frozen=True, slots=True)
+class RerankRequest:
+    query: str
+    documents: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class RerankResult:
+    scores: np.ndarray  # float32, one per document, higher is more relevant
+
+
+# --- vision ----------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class VisionRequest:
+    images: list[np.ndarray]  # each uint8, HWC, C in (1, 3, 4)
+    messages: list[ChatMessage]
+    max_tokens: int = 256
+    temperature: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRequest:
+    prompt: str
+    width: int = 512
+    height: int = 512
+    steps: int = 4
+    seed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Image:
+    pixels: np.ndarray  # uint8, HWC
+
+
+# --- stages ----------------------------------------------------------------------------
+
+TENSOR_DTYPES = ("float32", "float16", "int32", "int64", "uint8")
+
+
+@dataclass(frozen=True, slots=True)
+class Tensor:
+    """An intermediate array between two stages of a pipeline (e.g. whisper's audio features).
+
+    Inside one process ``array`` is the producing stage's own array (an ``mx.array``),
+    handed on as the same object; after crossing processes it is a read-only numpy view of
+    the shared-memory buffer. ``kind`` names what it holds, so that a stage fed the wrong
+    array says so; ``attrs`` carry the request's context (a duration, a language).
+    """
+
+    kind: str
+    array: Any
+    attrs: dict[str, str | int | float | bool] = field(default_factory=dict)
+
+
+def dtype_name(array: Any) -> str:
+    """``float32`` for a numpy or an MLX float32 array (MLX prints ``mlx.core.float32``)."""
+    return str(array.dtype).rsplit(".", 1)[-1]
+
+
+# --- generic ---------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class GenericSpec:
+    """A task kind declared by an adapter: its name and its Arrow schemas."""
+
+    name: str
+    input_schema: pa.Schema
+    output_schema: pa.Schema
+
+
+@dataclass(frozen=True, slots=True)
+class GenericRequest:
+    kind: str  # the GenericSpec name
+    batch: pa.RecordBatch
+
+
+@dataclass(frozen=True, slots=True)
+class GenericResult:
+    kind: str
+    batch: pa.RecordBatch
+
+
+# --- errors ----------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class ErrorReport:
+    """Sent on a node's ``error`` output when a request cannot be served."""
+
+    request_id: str
+    kind: ErrorKind
+    message: str
+    node: str = ""
+
+    def summary(self) -> str:
+        return f"{self.kind}: {self.message}"
+
+
+# --- task protocols ------------------------------------------------------------------
+
+@runtime_checkable
+class TextGeneration(Protocol):
+    def generate(self, request: ChatRequest) -> Iterator[TextChunk]: ...
+
+
+@runtime_checkable
+class SpeechRecognition(Protocol):
+    def transcribe(self, request: TranscriptionRequest) -> Transcript: ...
+
+
+@runtime_checkable
+class SpeechSynthesis(Protocol):
+    def synthesize(self, request: SpeechRequest) -> Iterator[AudioChunk]: ...
+
+
+@runtime_checkable
+class Embedding(Protocol):
+    def embed(self, request: EmbeddingRequest) -> Embeddings: ...
+
+
+@runtime_checkable
+class Rerank(Protocol):
+    def rerank(self, request: RerankRequest) -> RerankResult: ...
+
+
+@runtime_checkable
+class VisionLanguage(Protocol):
+    def generate_from_images(self, request: VisionRequest) -> Iterator[TextChunk]: ...
+
+
+@runtime_checkable
+class ImageGeneration(Protocol):
+    def generate_image(self, request: ImageRequest) -> Image: ...
+
+
+@runtime_checkable
+class Generic(Protocol):
+    def generic_specs(self) -> list[GenericSpec]: ...
+
+    def run_generic(self, request: GenericRequest) -> GenericResult: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    task: Task
+    protocol: type
+    method: str
+    request_type: type
+    result_type: type
+    streams: bool
+
+
+TASK_SPECS: dict[Task, TaskSpec] = {
+    spec.task: spec
+    for spec in (
+        TaskSpec(Task.TEXT_GENERATION, TextGeneration, "generate", ChatRequest, TextChunk, True),
+        TaskSpec(Task.SPEECH_RECOGNITION, SpeechRecognition, "transcribe",
+                 TranscriptionRequest, Transcript, False),
+        TaskSpec(Task.SPEECH_SYNTHESIS, SpeechSynthesis, "synthesize", SpeechRequest, AudioChunk, True),
+        TaskSpec(Task.EMBEDDING, Embedding, "embed", EmbeddingRequest, Embeddings, False),
+        TaskSpec(Task.RERANK, Rerank, "rerank", RerankRequest, RerankResult, False),
+        TaskSpec(Task.VISION_LANGUAGE, VisionLanguage, "generate_from_images",
+                 VisionRequest, TextChunk, True),
+        TaskSpec(Task.IMAGE_GENERATION, ImageGeneration, "generate_image", ImageRequest, Image, False),
+        TaskSpec(Task.GENERIC, Generic, "run_generic", GenericRequest, GenericResult, False),
+    )
+}
+
+
+def validate_audio(audio: np.ndarray, sample_rate: int, *, what: str = "audio") -> np.ndarray:
+    """Check PCM audio against the contract: mono float32, finite, non-empty, sane rate."""
+    if not isinstance(audio, np.ndarray):
+        raise ContractError(f"{what} must be a numpy array, got {type(audio).__name__}")
+    if audio.dtype != np.float32:
+        raise ContractError(f"{what} must be float32 PCM, got {audio.dtype}")
+    if audio.ndim != 1:
+        raise ContractError(f"{what} must be mono (1-D), got shape {audio.shape}")
+    if audio.size == 0:
+        raise ContractError(f"{what} is empty")
+    if not np.isfinite(audio).all():
+        raise ContractError(f"{what} contains NaN or infinite samples")
+    if not 1000 <= int(sample_rate) <= 384_000:
+        raise ContractError(f"{what} sample rate {sample_rate} Hz is out of range")
+    return audio
+
+
+def validate_image(pixels: np.ndarray, *, what: str = "image") -> np.ndarray:
+    if not isinstance(pixels, np.ndarray):
+        raise ContractError(f"{what} must be a numpy array, got {type(pixels).__name__}")
+    if pixels.dtype != np.uint8:
+        raise ContractError(f"{what} must be uint8, got {pixels.dtype}")
+    if pixels.ndim != 3:
+        raise ContractError(f"{what} must be HWC (3-D), got shape {pixels.shape}")
+    if pixels.shape[2] not in (1, 3, 4):
+        raise ContractError(f"{what} must have 1, 3 or 4 channels, got {pixels.shape[2]}")
+    if pixels.shape[0] == 0 or pixels.shape[1] == 0:
+        raise ContractError(f"{what} is empty ({pixels.shape})")
+    return pixels
+
+
+def _check_generation(messages: list[ChatMessage], max_tokens: int, temperature: float) -> None:
+    for i, message in enumerate(messages):
+        if message.role not in ("system", "user", "assistant"):
+            raise ContractError(f"message {i} has unknown role {message.role!r}")
+    if max_tokens <= 0:
+        raise ContractError(f"max_tokens must be positive, got {max_tokens}")
+    if temperature < 0:
+        raise ContractError(f"temperature must be >= 0, got {temperature}")
+
+
+def validate_request(request: object) -> None:
+    """Semantic checks shared by every transport (Arrow, CLI, HTTP)."""
+    match request:
+        case ChatRequest(messages=messages, max_tokens=max_tokens, temperature=temperature,
+                         top_p=top_p):
+            if not messages:
+                raise ContractError("chat request has no messages")
+            if not 0 < top_p <= 1:
+                raise ContractError(f"top_p must be in (0, 1], got {top_p}")
+            _check_generation(messages, max_tokens, temperature)
+            if request.json_schema:
+                from mofa_omni.contract.schema import parse_schema
+
+                parse_schema(request.json_schema)
+        case TranscriptionRequest(audio=audio, sample_rate=rate):
+            validate_audio(audio, rate)
+        case SpeechRequest(text=text, speed=speed):
+            if not text.strip():
+                raise ContractError("speech request has empty text")
+            if not 0.25 <= speed <= 4.0:
+                raise ContractError(f"speech speed {speed} is outside 0.25-4")
+        case EmbeddingRequest(texts=texts):
+            if not texts:
+                raise ContractError("embedding request has no texts")
+            if any(not t.strip() for t in texts):
+                raise ContractError("embedding request contains an empty text")
+        case RerankRequest(query=query, documents=documents):
+            if not query.strip():
+                raise ContractError("rerank request has an empty query")
+            if not documents:
+                raise ContractError("rerank request has no documents")
+        case VisionRequest(images=images, messages=messages):
+            if not images:
+                raise ContractError("vision request has no images")
+            for i, image in enumerate(images):
+                validate_image(image, what=f"image {i}")
+            if not messages:
+                raise ContractError("vision request has no messages")
+            _check_generation(messages, request.max_tokens, request.temperature)
+        case ImageRequest(prompt=prompt, width=width, height=height, steps=steps, seed=seed):
+            if not prompt.strip():
+                raise ContractError("image request has an empty prompt")
+            if not (8 <= width <= 4096 and 8 <= height <= 4096):
+                raise ContractError(f"image size {width}x{height} is out of range")
+            if steps < 1:
+                raise ContractError(f"image request steps must be at least 1, got {steps}")
+            if seed < 0:
+                raise ContractError(f"image request seed must not be negative, got {seed}")
+        case Tensor(kind=kind, array=array):
+            if not kind:
+                raise ContractError("tensor has no kind")
+            if dtype_name(array) not in TENSOR_DTYPES:
+                raise ContractError(f"tensor {kind!r} has dtype {array.dtype}; "
+                                    f"stages exchange {', '.join(TENSOR_DTYPES)}")
+        case _:
+            pass

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible gateway: dora bridge, HTTP app, routes, OpenAI bodies, pictures."""

@@ -1,0 +1,367 @@
+"""The OpenAI HTTP API's bodies, mapped onto the model contract, and its errors (no I/O here).
+
+Typed request bodies (msgspec) decode what a client sent, with a clear error for
+anything malformed; each turns into a contract request. The response builders
+produce what the official clients parse: chat completions (whole and streamed
+chunks), embeddings (floats or base64), transcriptions, model lists and error
+bodies (``{"error": {"message", "type", "param", "code"}}``). A chat whose messages hold
+pictures (``image_url`` parts, inline data URLs) becomes a vision request; an image
+generation body becomes an image request, answered as base64 PNG.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import msgspec
+import numpy as np
+
+from mofa_omni.contract.errors import ContractError
+from mofa_omni.contract.tasks import (
+    ChatMessage,
+    ChatRequest,
+    EmbeddingRequest,
+    ImageRequest,
+    RerankRequest,
+    SpeechRequest,
+    TextChunk,
+    Transcript,
+    VisionRequest,
+    validate_request,
+)
+from mofa_omni.gateway.pictures import picture_from_url
+from mofa_omni.media.audio import pcm16, read_wav, resample, wav_bytes
+from mofa_omni.media.png import png_bytes
+
+OPENAI_PCM_RATE = 24_000  # "pcm": raw 16-bit little-endian mono at 24 kHz, as OpenAI sends it
+MAX_IMAGE_PIXELS = 4096 * 4096  # a picture in a chat message larger than this is refused
+
+
+class ApiError(Exception):
+    """An error answered to the client: HTTP status, OpenAI error type, message."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = (status, message, kind,
+                                                                      param, code)
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
+                          "code": self.code}}
+
+
+# A model node's error kinds (ErrorReport.kind) as HTTP answers.
+NODE_ERRORS: dict[str, tuple[int, str]] = {
+    "bad_request": (400, "invalid_request_error"),
+    "too_large": (413, "invalid_request_error"),
+    "unavailable": (503, "service_unavailable"),
+    "timeout": (504, "timeout"),
+    "cancelled": (499, "cancelled"),
+    "internal": (500, "server_error"),
+}
+
+
+def node_error(kind: str, message: str) -> ApiError:
+    status, error_type = NODE_ERRORS.get(kind, (500, "server_error"))
+    return ApiError(status, message, error_type, code=kind)
+
+
+# --- request bodies ----------------------------------------------------------------------
+
+class _Message(msgspec.Struct):
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatBody(msgspec.Struct):
+    model: str
+    messages: list[_Message]
+    stream: bool = False
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream_options: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    @property
+    def has_images(self) -> bool:
+        """Whether a message holds a picture (the chat is then a vision request)."""
+        return any(isinstance(m.content, list) and
+                   any(isinstance(p, dict) and p.get("type") == "image_url" for p in m.content)
+                   for m in self.messages)
+
+    def to_request(self, max_image_pixels: int = MAX_IMAGE_PIXELS) -> ChatRequest | VisionRequest:
+        """A ChatRequest, or a VisionRequest when the messages hold pictures (each decoded,
+        at most ``max_image_pixels``; the pictures go to the model in the order sent)."""
+        if self.n != 1:
+            raise ContractError("n must be 1: one choice per request")
+        messages, images = [], []
+        for i, message in enumerate(self.messages):
+            text, pictures = _content_of(message.content, i, max_image_pixels)
+            messages.append(ChatMessage(message.role, text))
+            images += pictures
+        max_tokens = next((n for n in (self.max_completion_tokens, self.max_tokens)
+                           if n is not None), 256)
+        request: ChatRequest | VisionRequest
+        if images:
+            self._check_vision_options()
+            request = VisionRequest(images, messages, max_tokens, self.temperature)
+        else:
+            stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+            request = ChatRequest(messages, max_tokens, self.temperature, self.top_p, stop,
+                                  self._json_schema())
+        validate_request(request)
+        return request
+
+    def _check_vision_options(self) -> None:
+        """What a vision request cannot honour is refused rather than ignored."""
+        if self.stop:
+            raise ContractError("stop: stop sequences are not served for messages with images")
+        if self.top_p != 1.0:
+            raise ContractError(f"top_p: messages with images are sampled by temperature only "
+                                f"(top_p must be 1, got {self.top_p})")
+        if self._json_schema():
+            raise ContractError("response_format: structured output is not served for messages "
+                                "with images")
+
+    def _json_schema(self) -> str:
+        """OpenAI's structured outputs: ``{"type": "json_schema", "json_schema": {"schema": ...}}``."""
+        match self.response_format:
+            case None | {"type": "text"}:
+                return ""
+            case {"type": "json_schema", "json_schema": {"schema": dict() as schema}}:
+                return json.dumps(schema)
+            case _:
+                raise ContractError("response_format: only {\"type\": \"json_schema\", "
+                                    "\"json_schema\": {\"schema\": {...}}} and \"text\" are supported")
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+def _content_of(content: str | list[dict[str, Any]] | None, index: int,
+                max_image_pixels: int) -> tuple[str, list[np.ndarray]]:
+    """A message's text (a string, or its text parts joined) and its pictures."""
+    if content is None:
+        return "", []
+    if isinstance(content, str):
+        return content, []
+    texts, pictures = [], []
+    for j, part in enumerate(content):
+        where = f"messages[{index}].content[{j}]"
+        kind = part.get("type")
+        if kind == "text":
+            texts.append(str(part.get("text", "")))
+        elif kind == "image_url":
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(url, str):
+                raise ContractError(f"{where}: an image_url part needs image_url.url (a data URL)")
+            pictures.append(picture_from_url(url, f"{where} (image_url)", max_image_pixels))
+        else:
+            raise ContractError(f"{where}: content of type {kind!r} is not served; parts are "
+                                "'text' or 'image_url'")
+    return "".join(texts), pictures
+
+
+class EmbeddingBody(msgspec.Struct):
+    model: str
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] = "float"
+
+    def to_request(self) -> EmbeddingRequest:
+        request = EmbeddingRequest([self.input] if isinstance(self.input, str) else self.input)
+        validate_request(request)
+        return request
+
+
+class RerankBody(msgspec.Struct):
+    """Not OpenAI's: the rerank request of Cohere and Jina, which vLLM and others also serve."""
+
+    model: str
+    query: str
+    documents: list[str]
+    top_n: int | None = None
+    return_documents: bool = True
+
+    def to_request(self) -> RerankRequest:
+        if self.top_n is not None and self.top_n < 1:
+            raise ContractError(f"top_n must be at least 1, got {self.top_n}")
+        request = RerankRequest(self.query, self.documents)
+        validate_request(request)
+        return request
+
+
+class SpeechBody(msgspec.Struct):
+    model: str
+    input: str
+    voice: str = ""
+    response_format: str = "wav"
+    speed: float = 1.0
+
+    def to_request(self) -> SpeechRequest:
+        if self.response_format not in ("wav", "pcm"):
+            raise ContractError(f"response_format {self.response_format!r}: this server speaks "
+                                "wav or pcm")
+        request = SpeechRequest(self.input, self.voice, self.speed)
+        validate_request(request)
+        return request
+
+
+class ImageBody(msgspec.Struct):
+    """OpenAI's image generation body; ``seed`` and ``steps`` are this server's extensions
+    (a random seed when none is given, the model's default step count)."""
+
+    model: str
+    prompt: str
+    n: int = 1
+    size: str | None = None  # "WIDTHxHEIGHT", or "auto" / absent: the contract's default
+    response_format: str | None = None  # "b64_json" (the default here); "url" is not served
+    output_format: str | None = None  # gpt-image's: "png" only
+    seed: int | None = None
+    steps: int | None = None
+
+    def to_request(self) -> ImageRequest:
+        if self.n != 1:
+            raise ContractError(f"n must be 1: one image per request, got {self.n}")
+        if self.response_format not in (None, "b64_json"):
+            raise ContractError(f"response_format {self.response_format!r}: images are answered "
+                                "as b64_json (this server keeps no files to link to)")
+        if self.output_format not in (None, "png"):
+            raise ContractError(f"output_format {self.output_format!r}: images are PNG")
+        defaults = ImageRequest("")
+        width, height = _size(self.size, defaults)
+        request = ImageRequest(self.prompt, width, height,
+                               defaults.steps if self.steps is None else self.steps,
+                               secrets.randbelow(1 << 31) if self.seed is None else self.seed)
+        validate_request(request)
+        return request
+
+
+def _size(size: str | None, defaults: ImageRequest) -> tuple[int, int]:
+    if size in (None, "auto"):
+        return defaults.width, defaults.height
+    width, x, height = size.lower().partition("x")
+    if not (x and width.isdigit() and height.isdigit()):
+        raise ContractError(f"size {size!r}: expected WIDTHxHEIGHT in pixels (e.g. 512x512) or "
+                            "auto")
+    return int(width), int(height)
+
+
+def decode_body(raw: bytes, body_type: type[msgspec.Struct]) -> Any:
+    """The JSON body as ``body_type``; a 400 naming what is wrong otherwise."""
+    try:
+        return msgspec.json.decode(raw, type=body_type)
+    except msgspec.ValidationError as error:
+        raise ApiError(400, f"invalid request body: {error}") from None
+    except msgspec.DecodeError as error:
+        raise ApiError(400, f"the body is not JSON: {error}") from None
+
+
+def read_audio_upload(data: bytes, filename: str) -> tuple[np.ndarray, int]:
+    """An uploaded audio file (PCM WAV) as float32 mono and its sample rate."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        raise ContractError(f"file {filename!r}: only PCM WAV uploads are read here")
+    return read_wav(data, f"file {filename!r}")
+
+
+# --- responses ---------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """Who answers: the completion id, its model, and when it was created."""
+
+    id: str
+    model: str
+    created: int
+
+    @classmethod
+    def new(cls, request_id: str, model: str) -> Completion:
+        return cls(f"chatcmpl-{request_id}", model, int(time.time()))
+
+    def chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+
+    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model, "choices": [], "usage": usage}
+
+    def whole(self, text: str, finish_reason: str, usage: dict[str, int]) -> dict[str, Any]:
+        return {"id": self.id, "object": "chat.completion", "created": self.created,
+                "model": self.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": finish_reason, "logprobs": None}],
+                "usage": usage}
+
+
+def usage_of(chunk: TextChunk) -> dict[str, int]:
+    return {"prompt_tokens": chunk.prompt_tokens, "completion_tokens": chunk.completion_tokens,
+            "total_tokens": chunk.prompt_tokens + chunk.completion_tokens}
+
+
+def finish_reason_of(chunk: TextChunk) -> str:
+    return "length" if chunk.finish_reason == "length" else "stop"
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    """One server-sent event."""
+    payload = data if isinstance(data, str) else msgspec.json.encode(data).decode()
+    return f"data: {payload}\n\n".encode()
+
+
+def embeddings_body(vectors: np.ndarray, model: str, encoding: str) -> dict[str, Any]:
+    def encoded(row: np.ndarray) -> list[float] | str:
+        if encoding == "base64":
+            return base64.b64encode(row.astype("<f4").tobytes()).decode()
+        return row.tolist()
+
+    return {"object": "list", "model": model,
+            "data": [{"object": "embedding", "index": i, "embedding": encoded(row)}
+                     for i, row in enumerate(vectors)],
+            "usage": {"prompt_tokens": 0, "total_tokens": 0}}
+
+
+def rerank_body(body: RerankBody, scores: np.ndarray, model: str) -> dict[str, Any]:
+    """The documents' indices and scores, best first (the top_n best when asked)."""
+    order = sorted(range(len(scores)), key=lambda i: -float(scores[i]))[:body.top_n]
+    return {"model": model, "results": [
+        {"index": i, "relevance_score": float(scores[i]),
+         **({"document": {"text": body.documents[i]}} if body.return_documents else {})}
+        for i in order]}
+
+
+def images_body(pixels: np.ndarray, seed: int) -> dict[str, Any]:
+    """OpenAI's images response: the picture as base64 PNG (and the seed that drew it)."""
+    return {"created": int(time.time()),
+            "data": [{"b64_json": base64.b64encode(png_bytes(pixels)).decode(), "seed": seed}]}
+
+
+def transcription_body(transcript: Transcript, response_format: str,
+                       seconds: float) -> dict[str, Any] | str:
+    if response_format == "text":
+        return transcript.text
+    if response_format == "verbose_json":
+        return {"task": "transcribe", "language": transcript.language, "duration": seconds,
+                "text": transcript.text,
+                "segments": [{"id": i, "start": s.start, "end": s.end, "text": s.text}
+                             for i, s in enumerate(transcript.segments)]}
+    return {"text": transcript.text}
+
+
+def speech_bytes(audio: np.ndarray, sample_rate: int, response_format: str) -> tuple[bytes, str]:
+    """Spoken audio as a WAV file (the model's rate) or OpenAI's raw 24 kHz PCM; and its type."""
+    if response_format == "pcm":
+        return pcm16(resample(audio, sample_rate, OPENAI_PCM_RATE)), "audio/pcm"
+    return wav_bytes(audio, sample_rate), "audio/wav"

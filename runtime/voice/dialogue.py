@@ -1,0 +1,164 @@
+"""The conversation of a voice agent as a pure state machine: events in, actions out.
+
+It keeps the system prompt and the multi-turn history, turns each heard
+utterance into a chat request carrying the whole conversation, follows the
+reply until it has been spoken, and handles barge-in: when the user starts
+speaking while a reply is still being generated or spoken, the reply is
+cancelled (generation and pending speech), what was said of it stays in the
+history, and the transcript marks it as interrupted.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from mofa_omni.contract.tasks import ChatMessage, ChatRequest
+
+# What whisper writes for non-speech; such an utterance gets no reply.
+NON_SPEECH = re.compile(r"^[\s.,!?\-]*$|^\s*[\[(][^\])]*[\])]\s*$")
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    reply_id: str
+    request: ChatRequest
+    origin_ns: int  # when the user stopped speaking
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    reply_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class TurnDone:
+    """The reply to the last utterance is over (spoken, failed, or there was nothing to say)."""
+
+    turn_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class TranscriptLine:
+    role: str  # "user" | "assistant"
+    text: str
+    turn_id: str
+    interrupted: bool = False
+    error: str = ""
+
+    def render(self) -> str:
+        """One line of the transcript file (the text's own line breaks become spaces)."""
+        marks = " [interrupted]" if self.interrupted else ""
+        marks += f" [error: {self.error}]" if self.error else ""
+        text = " ".join(self.text.split())
+        return f"{self.role}: {text}{marks}"
+
+
+Action = Ask | Cancel | TurnDone | TranscriptLine
+
+
+@dataclass
+class _Reply:
+    reply_id: str
+    turn_id: str
+    started: float  # monotonic seconds, for the reply's deadline
+    text: str = ""
+    generated: bool = False  # the LLM's final chunk came
+
+
+@dataclass
+class Dialogue:
+    system_prompt: str = "You are a helpful voice assistant. Answer in one or two short sentences."
+    max_tokens: int = 96
+    max_history: int = 16  # messages kept besides the system prompt
+    history: list[ChatMessage] = field(default_factory=list)
+    active: _Reply | None = None
+    _replies: int = 0
+
+    def heard(self, turn_id: str, text: str, origin_ns: int, now: float = 0.0) -> list[Action]:
+        """A transcribed utterance: interrupt what is going on, then answer it."""
+        text = text.strip()
+        if NON_SPEECH.match(text):
+            return [TurnDone(turn_id)]  # silence or noise: no reply, nothing breaks
+        actions = self._interrupt()
+        self.history.append(ChatMessage("user", text))
+        self._replies += 1
+        self.active = _Reply(f"reply-{self._replies}", turn_id, now)
+        messages = [ChatMessage("system", self.system_prompt), *self.history[-self.max_history:]]
+        return [*actions, TranscriptLine("user", text, turn_id),
+                Ask(self.active.reply_id, ChatRequest(messages, self.max_tokens), origin_ns)]
+
+    def speech_started(self) -> list[Action]:
+        """The user began to speak (VAD): barge in on a reply that is still going."""
+        return self._interrupt()
+
+    def reply_text(self, reply_id: str, text: str, final: bool) -> list[Action]:
+        reply = self._current(reply_id)
+        if reply is None:
+            return []  # a cancelled reply's late chunks
+        reply.text += text
+        if not final:
+            return []
+        reply.generated = True
+        self.history.append(ChatMessage("assistant", reply.text.strip()))
+        if not reply.text.strip():  # nothing to speak: the turn is over now
+            return self.spoken(reply_id)
+        return []
+
+    def reply_failed(self, reply_id: str, message: str) -> list[Action]:
+        reply = self._current(reply_id)
+        if reply is None:
+            return []
+        self.active = None
+        if self.history and self.history[-1].role == "user":
+            self.history.pop()  # keep user/assistant alternating for the chat template
+        return [TranscriptLine("assistant", reply.text.strip(), reply.turn_id, error=message),
+                TurnDone(reply.turn_id)]
+
+    def spoken(self, reply_id: str) -> list[Action]:
+        """The sink finished the reply's audio."""
+        reply = self._current(reply_id)
+        if reply is None or not reply.generated:
+            return []
+        self.active = None
+        return [TranscriptLine("assistant", reply.text.strip(), reply.turn_id),
+                TurnDone(reply.turn_id)]
+
+    def speech_failed(self, reply_id: str, message: str) -> list[Action]:
+        """The TTS could not speak (part of) the reply: the turn ends, the text stays known."""
+        reply = self._current(reply_id)
+        if reply is None:
+            return []
+        self.active = None
+        actions: list[Action] = []
+        if not reply.generated:  # stop generating what cannot be spoken
+            actions.append(Cancel(reply_id))
+            self.history.append(ChatMessage("assistant", reply.text.strip()))
+        return [*actions, TranscriptLine("assistant", reply.text.strip(), reply.turn_id,
+                                         error=message), TurnDone(reply.turn_id)]
+
+    def expire(self, now: float, timeout_s: float) -> list[Action]:
+        """End a reply that is not over ``timeout_s`` after the question: a lost message must
+        not leave the conversation waiting for ever."""
+        reply = self.active
+        if reply is None or now - reply.started <= timeout_s:
+            return []
+        return [Cancel(reply.reply_id),
+                *self.reply_failed(reply.reply_id, f"timeout: no complete reply in {timeout_s:g} s")]
+
+    def _current(self, reply_id: str) -> _Reply | None:
+        return self.active if self.active and self.active.reply_id == reply_id else None
+
+    def _interrupt(self) -> list[Action]:
+        reply, self.active = self.active, None
+        if reply is None:
+            return []
+        said = reply.text.strip()
+        if reply.generated:
+            self.history[-1] = ChatMessage("assistant", said)  # the whole text, but not all heard
+        elif said:
+            self.history.append(ChatMessage("assistant", said))
+        else:
+            self.history.pop()  # nothing was said: drop the unanswered question
+        return [Cancel(reply.reply_id),
+                TranscriptLine("assistant", said, reply.turn_id, interrupted=True)]
