@@ -1,5 +1,5 @@
 # The two commands of the README: `make demo` and `make test` (both set up first).
-.PHONY: setup demo test bench
+.PHONY: setup demo test lint bench
 
 setup:
 	@bash scripts/setup.sh
@@ -10,6 +10,10 @@ demo: setup
 
 test: setup
 	.venv/bin/python -m pytest -q
+
+# ruff: pyflakes (undefined names, unused imports), import order, pycodestyle errors.
+lint: setup
+	.venv/bin/ruff check .
 
 bench: setup
 	.venv/bin/python benchmarks/models.py

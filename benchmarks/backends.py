@@ -45,7 +45,6 @@ and a bar chart per task in one PNG (benchmarks/results/backends.png or --png FI
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
 import json
@@ -59,15 +58,25 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from common import (
+    FLOWS,
+    SAMPLES,
+    DoraRun,
+    add_output_flags,
+    dora_env,
+    make_parser,
+    pyplot,
+    save_figure,
+    timed_result,
+    wait_for_file,
+    write_json,
+)
 
 from mofa_omni.models.compute import ensure_fast_blas
 
 ensure_fast_blas()
 
-from mofa_omni.adapters.backends import (
-    create_adapter,  # noqa: E402
-    select_adapter,  # noqa: E402
-)
+from mofa_omni.adapters.backends import create_adapter, select_adapter  # noqa: E402
 from mofa_omni.contract.tasks import (  # noqa: E402
     ChatMessage,
     ChatRequest,
@@ -79,9 +88,7 @@ from mofa_omni.media.audio import read_wav, resample  # noqa: E402
 from mofa_omni.models.catalog import Catalog  # noqa: E402
 from mofa_omni.models.store import ModelStore  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-SAMPLE = ROOT / "dataflows" / "samples" / "01-capital-of-france.wav"
+SAMPLE = SAMPLES / "01-capital-of-france.wav"
 PROMPT = "Write three short sentences about the sea."
 MAX_TOKENS = 48
 SPOKEN = "The capital of France is Paris. It is known for the Eiffel Tower."
@@ -108,47 +115,40 @@ class Contender:
     peer: bool = False  # a library a user would call instead of us (not one of our adapters)
 
 
-def timed(contender: Contender) -> tuple[float, float]:
-    started = time.perf_counter()
-    units = contender.run()
-    return time.perf_counter() - started, units
-
-
 class NodePath:
     """Each task's default backend in an omni-node of benchmarks/dataflows/backends.yml, timed
-    by its driver in rounds this process starts, between the direct calls."""
+    by its driver in rounds this process starts, between the direct calls. A context manager:
+    the graph is stopped on leaving, however the block ends."""
 
     def __init__(self, steps: int):
         self.work = Path(tempfile.mkdtemp(prefix="backends-"))
-        bin_dir = Path(sys.executable).parent
-        env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-               "WORK": str(self.work), "STEPS": str(steps),
-               "SAMPLE": str(SAMPLE), "PROMPT": PROMPT, "MAX_TOKENS": str(MAX_TOKENS),
-               "SPOKEN": SPOKEN, "SENTENCES": json.dumps(SENTENCES)}
-        self.process = subprocess.Popen(
-            [str(bin_dir / "dora"), "run", str(ROOT / "benchmarks" / "dataflows" / "backends.yml")],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
+        env = dora_env({"WORK": self.work, "STEPS": steps, "SAMPLE": SAMPLE, "PROMPT": PROMPT,
+                        "MAX_TOKENS": MAX_TOKENS, "SPOKEN": SPOKEN,
+                        "SENTENCES": json.dumps(SENTENCES)})
+        self.graph = DoraRun(FLOWS / "backends.yml", env, log=self.work / "dora.log")
         self.steps = 0
+
+    def __enter__(self) -> NodePath:
+        self.graph.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.graph.__exit__(*exc)
 
     def run(self, tasks: list[str], timeout: float = 600) -> dict[str, list]:
         """One request to each task's node, in turn: task -> [seconds, tokens or None]."""
         index, self.steps = self.steps, self.steps + 1
         (self.work / f"go-{index}").write_text(",".join(tasks))
-        done = self.work / f"done-{index}.json"
-        deadline = time.monotonic() + timeout
-        while not done.exists():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.process.kill()
-                raise RuntimeError(f"the dataflow stopped:\n{self.process.communicate()[0][-3000:]}")
-            time.sleep(0.02)
-        return json.loads(done.read_text())
+        return wait_for_file(self.work / f"done-{index}.json", lambda p: json.loads(p.read_text()),
+                             timeout=timeout, what="the driver's timings", every_s=0.02,
+                             graph=self.graph)
 
     def finish(self) -> None:
+        """Let the graph end by itself (its driver stops after the last step), for up to 60 s."""
         try:
-            self.process.communicate(timeout=60)
+            self.graph.wait(60)
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            pass
 
 
 def measure(contenders: dict[str, list[Contender]], repeats: int,
@@ -159,27 +159,28 @@ def measure(contenders: dict[str, list[Contender]], repeats: int,
     the goal compares gets more samples, each pass pairing the node with the peers beside it."""
     passes = {task: [[*range(len(group)), None]] + [[*peers(group), None]] * duels
               for task, group in contenders.items()}
-    node = NodePath(1 + repeats * sum(len(p) for p in passes.values()))
-    units = {task: [c.run() for c in group] for task, group in contenders.items()}  # warm-up
-    node.run(list(contenders))
-    times: dict[str, list[list[float]]] = {t: [[] for _ in g] for t, g in contenders.items()}
-    node_runs: dict[str, list[list]] = {task: [] for task in contenders}
-    for round_ in range(repeats):
-        for task, group in contenders.items():
-            for number, turns in enumerate(passes[task]):
-                # In an order rotated each pass: whatever runs right after another use of the
-                # same weights (warm caches) changes turns.
-                shift = (round_ + number) % len(turns)
-                for position in turns[shift:] + turns[:shift]:
-                    # ONNX Runtime's threads spin ~20 ms after a run: let them settle first, so
-                    # that no call pays for the one before it (in this process or the node's).
-                    time.sleep(SETTLE_S)
-                    if position is None:
-                        node_runs[task].append(node.run([task])[task])
-                        continue
-                    seconds, units[task][position] = timed(group[position])
-                    times[task][position].append(seconds)
-    node.finish()
+    with NodePath(1 + repeats * sum(len(p) for p in passes.values())) as node:
+        units = {task: [c.run() for c in group] for task, group in contenders.items()}  # warm-up
+        node.run(list(contenders))
+        times: dict[str, list[list[float]]] = {t: [[] for _ in g] for t, g in contenders.items()}
+        node_runs: dict[str, list[list]] = {task: [] for task in contenders}
+        for round_ in range(repeats):
+            for task, group in contenders.items():
+                for number, turns in enumerate(passes[task]):
+                    # In an order rotated each pass: whatever runs right after another use of
+                    # the same weights (warm caches) changes turns.
+                    shift = (round_ + number) % len(turns)
+                    for position in turns[shift:] + turns[:shift]:
+                        # ONNX Runtime's threads spin ~20 ms after a run: let them settle first,
+                        # so that no call pays for the one before it (in this process or the
+                        # node's).
+                        time.sleep(SETTLE_S)
+                        if position is None:
+                            node_runs[task].append(node.run([task])[task])
+                            continue
+                        seconds, units[task][position] = timed_result(group[position].run)
+                        times[task][position].append(seconds)
+        node.finish()
     return {task: _summary(group, units[task], times[task], node_runs[task])
             for task, group in contenders.items()}
 
@@ -379,12 +380,11 @@ BUILDERS = {"speech_recognition": asr_contenders, "text_generation": llm_contend
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--duels", type=int, default=3,
                         help="extra passes per round over the peers and the node only")
-    parser.add_argument("--json", type=Path, default=RESULTS / "backends.json")
-    parser.add_argument("--png", type=Path, default=RESULTS / "backends.png")
+    add_output_flags(parser, "backends.json", "backends.png")
     parser.add_argument("--tasks", nargs="*", choices=list(MODELS), default=list(MODELS))
     args = parser.parse_args()
     catalog = Catalog.load()
@@ -399,9 +399,7 @@ def main() -> int:
         results[task] |= {"model": MODELS[task], "not_measured": NOT_HERE[task],
                           "default": f"{default.adapter} ({default.backend}): {default.reason}"}
     print_tables(results)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"repeats": args.repeats, "duels": args.duels,
-                                     "tasks": results}, indent=1))
+    write_json(args.json, {"repeats": args.repeats, "duels": args.duels, "tasks": results})
     plot(results, args.png)
     print(f"\nwrote {args.json} and {args.png}")
     return 0
@@ -424,11 +422,7 @@ def print_tables(results: dict[str, dict]) -> None:
 
 
 def plot(results: dict[str, dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     figure, axes = plt.subplots(len(results), 1, figsize=(9, 2.6 * len(results)), squeeze=False)
     for axis, (task, result) in zip(axes[:, 0], results.items()):
         names = [r["contender"] for r in result["direct"]] + ["default in an omni-node"]
@@ -440,8 +434,7 @@ def plot(results: dict[str, dict], path: Path) -> None:
         axis.invert_yaxis()
         axis.tick_params(labelsize=8)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
+    save_figure(figure, path)
 
 
 if __name__ == "__main__":

@@ -30,9 +30,6 @@ Prints a table (medians; ratio split/one) and writes benchmarks/results/distribu
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
 import sys
 import tempfile
 import time
@@ -44,9 +41,9 @@ from mofa_omni.cluster.local import LocalCluster
 from mofa_omni.node import trace
 
 sys.path.insert(0, str(Path(__file__).parent))
+from common import ROOT, add_output_flags, make_parser, median, write_json  # noqa: E402
 from voice_latency import analyse  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 SPLIT = ROOT / "dataflows" / "voice.split.yml"
 # llm/result goes to both the splitter (beside the LLM on B) and the dialogue (on A).
 HOPS = [("vad/utterance", "asr"), ("asr/result", "dialogue"), ("dialogue/chat", "llm"),
@@ -119,19 +116,15 @@ def run_once(cluster: LocalCluster, dataflow: Path, folder: Path, timeout: float
             "hops": hop_latencies(records, dataflow)}
 
 
-def median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
 def summarise(runs: list[dict]) -> dict:
     hops: dict[str, list[float]] = {}
     for run in runs:
         for hop, values in run["hops"].items():
             hops.setdefault(hop, []).extend(values)
     turns = [t for run in runs for t in run["turns"]]
-    return {"hops_s": {hop: median(v) for hop, v in hops.items()},
+    return {"hops_s": {hop: median(v, empty=None) for hop, v in hops.items()},
             "hop_messages": {hop: len(v) for hop, v in hops.items()},
-            **{key: median([t[key] for t in turns]) for key, _ in STAGES},
+            **{key: median([t[key] for t in turns], empty=None) for key, _ in STAGES},
             "turns": len(turns)}
 
 
@@ -157,10 +150,9 @@ def print_table(result: dict, crossed: set[tuple[str, str]]) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--runs", type=int, default=2, help="runs of each placement")
-    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" /
-                        "distributed.json")
+    add_output_flags(parser, "distributed.json")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per run")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="omni-distributed-") as tmp:
@@ -180,8 +172,7 @@ def main() -> int:
         result["runs"] = args.runs
         result["transcripts"] = {name: [r["transcript"] for r in rs] for name, rs in runs.items()}
     print_table(result, crossing(SPLIT))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1))
+    write_json(args.json, result)
     print(f"figures: {args.json}")
     return 0
 

@@ -49,23 +49,34 @@ Prints tables, writes benchmarks/results/gateway.json (or --json FILE). About 3 
 
 from __future__ import annotations
 
-import argparse
 import collections
 import concurrent.futures
 import itertools
-import json
 import os
-import platform
-import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from common import (
+    ROOT,
+    SAMPLES,
+    DoraRun,
+    add_output_flags,
+    descendants,
+    dora_env,
+    free_port,
+    machine,
+    make_parser,
+    median,
+    percentile,
+    print_header,
+    timed,
+    timer,
+    write_json,
+)
 
 from mofa_omni.models.compute import ensure_fast_blas
 
@@ -86,10 +97,8 @@ from mofa_omni.contract.tasks import (  # noqa: E402
 )
 from mofa_omni.media.audio import read_wav, wav_bytes  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 SERVER = ROOT / "dataflows" / "server.yml"
-SAMPLE = ROOT / "dataflows" / "samples" / "01-capital-of-france.wav"
+SAMPLE = SAMPLES / "01-capital-of-france.wav"
 CHAT_MODEL, ASR_MODEL, TTS_MODEL, EMBED_MODEL = \
     "smollm2-135m", "whisper-tiny.en", "piper-joe", "minilm-l6"
 PROMPT = "Tell me a long story about a lighthouse keeper and the sea."
@@ -107,38 +116,38 @@ CHAT_GOAL, EMBED_GOAL_MS = 1.05, 10.0
 
 # --- the server --------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 class Server:
-    """dataflows/server.yml under `dora run`, its log in a file; stopped with SIGINT."""
+    """dataflows/server.yml under `dora run`, its log in a file, as a context manager: stopped
+    on leaving (SIGINT, 90 s, then killed), however the block ends; its log is then ``output``."""
 
     def __init__(self, port: int, trace: Path | None = None):
         self.port = port
         self.url = f"http://127.0.0.1:{port}/v1"
-        bin_dir = str(Path(sys.executable).parent)
-        env = {**os.environ, "PORT": str(port), "PATH": bin_dir + os.pathsep + os.environ["PATH"]}
-        if trace:
-            env["MOFA_OMNI_TRACE"] = str(trace)
+        env = dora_env({"PORT": port, **({"MOFA_OMNI_TRACE": trace} if trace else {})})
         fd, log = tempfile.mkstemp(prefix="gateway-bench-", suffix=".log")
-        self.log = Path(log)
-        self.process = subprocess.Popen([os.path.join(bin_dir, "dora"), "run", str(SERVER)],
-                                        env=env, stdout=fd, stderr=subprocess.STDOUT,
-                                        cwd=ROOT, start_new_session=True)
         os.close(fd)
+        self.graph = DoraRun(SERVER, env, log=Path(log), cwd=ROOT, grace_s=90)
         self.http = httpx.Client(timeout=10)
+        self.output = ""
+
+    def __enter__(self) -> Server:
+        self.graph.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.http.close()
+        self.graph.__exit__(*exc)
+        self.output = self.graph.log_text()
+        self.graph.log.unlink()
 
     def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
+        return self.graph.log_text()
 
     def wait_ready(self, timeout: float = LOAD_S) -> list[str]:
         """Wait until every model with a serving node is loaded; their names."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
+            if not self.graph.running:
                 raise RuntimeError(f"the graph stopped:\n{self.log_text()[-5000:]}")
             try:
                 data = self.http.get(f"{self.url}/models", timeout=2).json()["data"]
@@ -157,35 +166,12 @@ class Server:
     def client(self, timeout: float = 120) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url, api_key="unused", max_retries=0, timeout=timeout)
 
-    def stop(self) -> str:
-        """SIGINT to `dora run`, wait for it (then kill its whole group); the log."""
-        self.http.close()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(90)
-            except subprocess.TimeoutExpired:
-                print("the graph did not stop within 90 s: killing it", file=sys.stderr)
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        log = self.log_text()
-        self.log.unlink()
-        return log
-
 
 # --- statistics --------------------------------------------------------------------------------
 
-def median(values: list[float]) -> float:
-    return float(np.median(values)) if values else float("nan")
-
-
-def pct(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
-
-
 def summary_ms(seconds: list[float]) -> dict:
     ms = [s * 1000 for s in seconds]
-    return {"median_ms": round(median(ms), 2), "p90_ms": round(pct(ms, 90), 2),
+    return {"median_ms": round(median(ms), 2), "p90_ms": round(percentile(ms, 90), 2),
             "min_ms": round(min(ms), 2) if ms else None, "n": len(ms)}
 
 
@@ -198,8 +184,8 @@ class CpuMeter:
         self.roles: dict[str, list[psutil.Process]] = {"client (this process)": [psutil.Process()],
                                                         "gateway node": [], "model node": [],
                                                         "other nodes": [],
-                                                        "dora run": [psutil.Process(server.process.pid)]}
-        for process in self.roles["dora run"][0].children(recursive=True):
+                                                        "dora run": [psutil.Process(server.graph.pid)]}
+        for process in descendants(server.graph.pid):
             try:
                 command = " ".join(process.cmdline())
                 if "gateway.py" in command:
@@ -363,7 +349,7 @@ def trace_segments(path: Path, runs: list[dict], node: str = "llm") -> dict:
     out["requests"] = len(parts["node"])
     if gaps:
         out["token_gap_median_ms"], out["token_gap_p90_ms"] = round(median(gaps), 2), \
-            round(pct(gaps, 90), 2)
+            round(percentile(gaps, 90), 2)
     return out
 
 
@@ -376,18 +362,11 @@ def direct_token_gaps(adapter, count: int) -> dict:
         for _chunk in adapter.generate(request):
             times.append(time.perf_counter())
         gaps += [(b - a) * 1000 for a, b in itertools.pairwise(times[1:-1])]
-    return {"token_gap_median_ms": round(median(gaps), 2), "token_gap_p90_ms": round(pct(gaps, 90), 2)}
+    return {"token_gap_median_ms": round(median(gaps), 2),
+            "token_gap_p90_ms": round(percentile(gaps, 90), 2)}
 
 
 # --- embeddings, transcription, speech -------------------------------------------------------
-
-def timed(call: Callable[[], object]) -> Callable[[], float]:
-    def run() -> float:
-        started = time.perf_counter()
-        call()
-        return time.perf_counter() - started
-    return run
-
 
 def embed_direct(adapter) -> None:
     vectors = adapter.embed(EmbeddingRequest([SENTENCE])).vectors
@@ -476,7 +455,7 @@ def under_load(server: Server, clients: int, seconds: float,
     return {"clients": clients, "seconds": round(wall, 2), "answered": len(latencies),
             "errors": sum(errors.values()), "error_kinds": dict(errors),
             "requests_per_s": round(len(latencies) / answering, 2),
-            "median_ms": round(median(ms), 1), "p99_ms": round(pct(ms, 99), 1),
+            "median_ms": round(median(ms), 1), "p99_ms": round(percentile(ms, 99), 1),
             "gateway_non_200": non_200, "gateway_lost": lost,
             "in_flight_after": after.get("in_flight")}
 
@@ -495,10 +474,8 @@ def print_tables(result: dict) -> None:
     chat = result["chat"]
     print(f"\nchat: {CHAT_MODEL}, max_tokens {MAX_TOKENS}, {chat['rounds']} rounds "
           f"(same reply every way: {'yes' if chat['same_reply'] else 'NO'})")
-    header = (f"{'path':18} {'total':>9} {'p90':>9} {'first token':>11} {'tokens/s':>9} "
-              f"{'tokens':>7} {'vs direct':>9}")
-    print(header)
-    print("-" * len(header))
+    print_header(f"{'path':18} {'total':>9} {'p90':>9} {'first token':>11} {'tokens/s':>9} "
+                 f"{'tokens':>7} {'vs direct':>9}")
     for name in ("direct", "gateway whole", "gateway streamed"):
         row = chat[name]
         first = f"{row['first_token']['median_ms']:.1f} ms" if "first_token" in row else "-"
@@ -524,10 +501,8 @@ def print_tables(result: dict) -> None:
               f"{direct['token_gap_median_ms']:.2f}/{direct['token_gap_p90_ms']:.2f}")
 
     print("\nsingle requests (median / p90 ms; overhead = gateway - direct, medians)")
-    header = (f"{'endpoint':15} {'direct':>16} {'gateway':>16} {'overhead':>10} {'vs direct':>9}"
-              f" {'n':>4}")
-    print(header)
-    print("-" * len(header))
+    print_header(f"{'endpoint':15} {'direct':>16} {'gateway':>16} {'overhead':>10} {'vs direct':>9}"
+                 f" {'n':>4}")
     for name in ("embeddings", "transcription", "speech"):
         if name not in result:
             continue
@@ -543,10 +518,8 @@ def print_tables(result: dict) -> None:
     print_cpu(result["embeddings"]["cpu_ms_per_request"])
 
     print("\nunder concurrency (each client its own openai client, back to back)")
-    header = (f"{'endpoint':12} {'clients':>7} {'answered':>8} {'errors':>6} {'req/s':>8} "
-              f"{'median':>10} {'p99':>10} {'non-200':>8} {'lost':>5}")
-    print(header)
-    print("-" * len(header))
+    print_header(f"{'endpoint':12} {'clients':>7} {'answered':>8} {'errors':>6} {'req/s':>8} "
+                 f"{'median':>10} {'p99':>10} {'non-200':>8} {'lost':>5}")
     for row in result["concurrency"]:
         print(f"{row['endpoint']:12} {row['clients']:>7} {row['answered']:>8} {row['errors']:>6} "
               f"{row['requests_per_s']:>8.1f} {row['median_ms']:>7.1f} ms {row['p99_ms']:>7.1f} ms "
@@ -563,18 +536,15 @@ def print_tables(result: dict) -> None:
 
 def print_cpu(cpu_ms: dict[str, dict[str, float]]) -> None:
     roles = list(next(iter(cpu_ms.values())))
-    header = f"{'path':18}" + "".join(f" {role:>21}" for role in roles) + f" {'all':>7}"
-    print(header)
-    print("-" * len(header))
+    print_header(f"{'path':18}" + "".join(f" {role:>21}" for role in roles) + f" {'all':>7}")
     for name, used in cpu_ms.items():
         print(f"{name:18}" + "".join(f" {used[role]:>21.1f}" for role in roles) +
               f" {sum(used.values()):>7.1f}")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", type=Path, default=RESULTS / "gateway.json")
+    parser = make_parser(__doc__, full_help=True)
+    add_output_flags(parser, "gateway.json")
     parser.add_argument("--port", type=int, default=0, help="the gateway's port (default: free)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few rounds, short loads")
     parser.add_argument("--rounds", type=int, help="chat rounds (default 25; quick 3)")
@@ -591,11 +561,9 @@ def main() -> int:
     port = args.port or free_port()
     print(f"starting {SERVER.relative_to(ROOT)} on port {port} ...", flush=True)
     started = time.monotonic()
-    trace_file = Path(tempfile.mkdtemp(prefix="gateway-trace-")) / "trace.jsonl" \
-        if args.trace else None
-    server = Server(port, trace_file)
-    log = ""
-    try:
+    trace_dir = tempfile.TemporaryDirectory(prefix="gateway-trace-")  # removed however it ends
+    trace_file = Path(trace_dir.name) / "trace.jsonl" if args.trace else None
+    with trace_dir, Server(port, trace_file) as server:
         served = server.wait_ready()
         ready_s = time.monotonic() - started
         print(f"gateway ready in {ready_s:.1f} s, serving {', '.join(served)}; "
@@ -607,8 +575,7 @@ def main() -> int:
         client = server.client()
         floor = httpx.Client(timeout=10)
         stats_url = server.url.removesuffix("/v1") + "/stats"
-        result: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                    "python": platform.python_version()},
+        result: dict = {"machine": machine("cpus", "platform", "python"),
                         "quick": quick, "gateway_ready_s": round(ready_s, 1),
                         "direct_backends": backends}
 
@@ -625,9 +592,9 @@ def main() -> int:
                 "direct": direct_token_gaps(llm, max(chat_rounds // 2, 2))}
 
         print("embeddings, transcription, speech ...", flush=True)
-        pairs, cpu_ms = rounds({"direct": timed(lambda: embed_direct(embedder)),
-                                "gateway": timed(lambda: embed_gateway(client)),
-                                "floor": timed(lambda: floor.get(stats_url).raise_for_status())},
+        pairs, cpu_ms = rounds({"direct": timer(lambda: embed_direct(embedder)),
+                                "gateway": timer(lambda: embed_gateway(client)),
+                                "floor": timer(lambda: floor.get(stats_url).raise_for_status())},
                                embed_rounds, warmup=3, cpu=CpuMeter(server, "embedding"))
         result["http_floor"] = summary_ms(pairs.pop("floor"))
         cpu_ms.pop("floor")
@@ -635,22 +602,22 @@ def main() -> int:
                                 "cpu_ms_per_request": cpu_ms}
         wav = SAMPLE.read_bytes()
         heard = {}
-        pairs, _ = rounds({"direct": timed(lambda: heard.setdefault("direct", transcribe_direct(asr, wav))),
-                        "gateway": timed(lambda: heard.setdefault("gateway",
+        pairs, _ = rounds({"direct": timer(lambda: heard.setdefault("direct", transcribe_direct(asr, wav))),
+                        "gateway": timer(lambda: heard.setdefault("gateway",
                                                                   transcribe_gateway(client, wav)))},
                        media_rounds)
         result["transcription"] = {"sample": SAMPLE.name, "informational": True,
                                    "same_text": heard["direct"] == heard["gateway"],
                                    "text": heard["direct"], **pair_figures(pairs)}
-        pairs, _ = rounds({"direct": timed(lambda: speak_direct(tts)),
-                        "gateway": timed(lambda: speak_gateway(client))}, media_rounds)
+        pairs, _ = rounds({"direct": timer(lambda: speak_direct(tts)),
+                        "gateway": timer(lambda: speak_gateway(client))}, media_rounds)
         result["speech"] = {"text": SPOKEN, "informational": True, **pair_figures(pairs)}
         floor.close()
         client.close()
 
         # the direct adapters' serial rates, for the load table
         direct_chat = [timed(lambda: list(llm.generate(ChatRequest(
-            [ChatMessage("user", PROMPT)], max_tokens=LOAD_MAX_TOKENS))))() for _ in range(5)]
+            [ChatMessage("user", PROMPT)], max_tokens=LOAD_MAX_TOKENS)))) for _ in range(5)]
         result["direct_serial_rate"] = {
             "embeddings": round(1000 / result["embeddings"]["direct"]["median_ms"], 1),
             "chat": round(1 / median(direct_chat), 1)}
@@ -666,10 +633,7 @@ def main() -> int:
                       f"{row['errors']} errors", flush=True)
         result["concurrency"] = load
         result["gateway_stats"] = server.stats()
-    finally:
-        log = server.stop()
-        if trace_file:
-            shutil.rmtree(trace_file.parent, ignore_errors=True)
+    log = server.output
 
     whole = result["chat"]["gateway whole"]["vs_direct"]
     overhead = result["embeddings"]["overhead_ms"]
@@ -694,8 +658,7 @@ def main() -> int:
     if result["graph_log"]["tracebacks"]:
         print(f"\nthe graph's log has {result['graph_log']['tracebacks']} traceback(s):\n"
               f"{log[-3000:]}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1))
+    write_json(args.json, result)
     print(f"\nwrote {args.json}")
     return 0
 

@@ -31,11 +31,9 @@ Prints a table and writes benchmarks/results/hot_swap.json (or --json FILE). Abo
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,13 +41,20 @@ import tempfile
 import time
 from pathlib import Path
 
-import msgspec
+from common import (
+    BIN,
+    FLOWS,
+    ROOT,
+    DoraCoordinator,
+    add_output_flags,
+    make_parser,
+    print_header,
+    wait_for_file,
+    write_json,
+)
 
 from mofa_omni.models.catalog import variant_entry
 
-ROOT = Path(__file__).resolve().parents[1]
-FLOWS = ROOT / "benchmarks" / "dataflows"
-RESULTS = ROOT / "benchmarks" / "results"
 SETTLE_S = 30
 METHODS = ["omni swap, both fit", "omni swap, in place", "dora node restart", "dora node replace"]
 
@@ -59,23 +64,13 @@ def copy_entry(name: str, memory_mb: int) -> str:
     return variant_entry(name, "smollm2-135m", memory_mb=memory_mb)
 
 
-class Coordinator:
-    """`dora up` on a free port; `dora destroy` at the end."""
+class Coordinator(DoraCoordinator):
+    """`dora up` on a free port, the scratch catalog for every command; `dora destroy` on
+    leaving (a context manager)."""
 
-    def __init__(self, work: Path, catalog: Path):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        bin_dir = Path(sys.executable).parent
-        self.env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-                    "DORA_COORDINATOR_PORT": str(port), "MOFA_OMNI_CATALOG": str(catalog)}
-        self.work, self.catalog = work, catalog
-        self.dora, self.omni = str(bin_dir / "dora"), str(bin_dir / "omni")
-        self.run(self.dora, "up")
-
-    def run(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run(list(args), env=self.env, capture_output=True, text=True,
-                              timeout=timeout, cwd=ROOT)
+    def __init__(self, catalog: Path):
+        super().__init__({"MOFA_OMNI_CATALOG": catalog})
+        self.catalog = catalog
 
     def start(self, flow: Path, name: str, work: Path, requests: int, interval: float) -> None:
         settings = {"WORK": work, "REQUESTS": requests, "INTERVAL_S": interval,
@@ -84,18 +79,6 @@ class Coordinator:
         done = self.run(self.dora, "start", str(flow), "--name", name, "--detach", *env_args)
         if done.returncode:
             raise RuntimeError(f"dora start failed: {done.stderr[-2000:]}")
-
-    def destroy(self) -> None:
-        self.run(self.dora, "destroy", timeout=60)
-
-
-def wait_for(path: Path, predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and predicate(path.read_text()):
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"timed out waiting for {what}")
 
 
 def swap_with(method: str, dora: Coordinator, name: str, work: Path) -> dict:
@@ -136,12 +119,12 @@ def measure(method: str, dora: Coordinator, index: int, requests: int, interval:
     flow = FLOWS / ("hot_swap.yml" if method.startswith("omni") else "hot_swap_plain.yml")
     dora.start(flow, name, work, requests, interval)
     swap_after = max(requests // 4, 3)
-    wait_for(work / "progress", lambda text: text and int(text) >= swap_after, 300,
-             "the first replies")
+    wait_for_file(work / "progress", lambda p: int(p.read_text() or 0) >= swap_after,
+                  timeout=300, what="the first replies")
     swap = swap_with(method, dora, name, work)
-    wait_for(work / "swap.json", bool, requests * interval + SETTLE_S + 120, "the driver's report")
+    record = wait_for_file(work / "swap.json", lambda p: json.loads(p.read_text()),
+                           timeout=requests * interval + SETTLE_S + 120, what="the driver's report")
     dora.run(dora.dora, "stop", name, timeout=60)
-    record = json.loads((work / "swap.json").read_text())
     shutil.rmtree(work, ignore_errors=True)
     return summarize(method, record, swap)
 
@@ -191,8 +174,7 @@ def print_table(rows: list[dict], load_s: float) -> None:
     print(f"\nnew model's load time (smollm2-135m-copy, measured alone): {load_s:.2f} s\n")
     header = (f"{'method':22} {'answered':>8} {'lost':>5} {'failed':>6} {'order':>6} "
               f"{'median':>7} {'extra wait':>10} {'vs load':>7} {'paused':>7} {'command':>8}")
-    print(header)
-    print("-" * len(header))
+    print_header(header)
     for r in rows:
         paused = f"{r['node_paused_s']:.3f}" if r["node_paused_s"] is not None else "-"
         print(f"{r['method']:22} {r['answered']:>5}/{r['requests']:<2} {r['lost']:>5} "
@@ -203,8 +185,8 @@ def print_table(rows: list[dict], load_s: float) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", type=Path, default=RESULTS / "hot_swap.json")
+    parser = make_parser(__doc__)
+    add_output_flags(parser, "hot_swap.json")
     parser.add_argument("--requests", type=int, default=30)
     parser.add_argument("--interval", type=float, default=0.5)
     parser.add_argument("--only", nargs="*", choices=METHODS, default=METHODS)
@@ -216,21 +198,17 @@ def main() -> int:
     scratch = Path(tempfile.mkdtemp(prefix="hot-swap-catalog-"))
     catalog = scratch / "catalog.toml"
     catalog.write_text(copy_entry("smollm2-135m-copy", 660))
-    subprocess.run([str(Path(sys.executable).parent / "omni"), "pull", "smollm2-135m-copy"],
+    subprocess.run([str(BIN / "omni"), "pull", "smollm2-135m-copy"],
                    env={**os.environ, "MOFA_OMNI_CATALOG": str(catalog)}, check=True)
-    dora = Coordinator(scratch, catalog)
     rows = []
-    try:
+    with Coordinator(catalog) as dora:
         for index, method in enumerate(args.only):
             print(f"{method} ...", flush=True)
             rows.append(measure(method, dora, index, args.requests, args.interval))
-    finally:
-        dora.destroy()
     load_s = reference_load_seconds(catalog)
     print_table(rows, load_s)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(msgspec.json.format(msgspec.json.encode(
-        {"load_seconds": load_s, "interval_s": args.interval, "methods": rows}).decode()))
+    write_json(args.json, {"load_seconds": load_s, "interval_s": args.interval, "methods": rows},
+               indent=2, ensure_ascii=False)
     print(f"\nwrote {args.json}")
     shutil.rmtree(scratch, ignore_errors=True)
     return 0

@@ -54,14 +54,12 @@ than the nodes report it). The exit status is 1 when a request failed in either 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -72,6 +70,19 @@ import msgspec
 import numpy as np
 import psutil
 import yaml
+from common import (
+    FLOWS,
+    SAMPLES,
+    DoraRun,
+    add_output_flags,
+    descendants,
+    dora_env,
+    make_parser,
+    pyplot,
+    run_stamp,
+    save_figure,
+    write_json,
+)
 
 from mofa_omni.adapters.loading import open_model
 from mofa_omni.media.audio import read_wav, write_wav
@@ -80,10 +91,7 @@ from mofa_omni.models.memory import format_bytes, parse_size
 from mofa_omni.scheduler.bookkeeping import DEFAULT_OVERHEAD, replay
 from mofa_omni.scheduler.messages import COMMAND_OUTPUT, MEMORY_OUTPUT, SCHEDULER_INPUT
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-DATAFLOW = ROOT / "benchmarks" / "dataflows" / "memory_pressure.yml"
-SAMPLES = ROOT / "dataflows" / "samples"
+DATAFLOW = FLOWS / "memory_pressure.yml"
 SCHEDULER = "scheduler"
 MiB = 1 << 20
 VARIANTS = ("scheduler", "no scheduler")
@@ -155,8 +163,7 @@ def variant_dataflow(scheduled: bool, folder: Path) -> Path:
 
 class ProcessWatch(threading.Thread):
     """Samples the summed RSS of the model-node processes below ``root`` every ``every_s``;
-    rescans the process tree every ``rescan_s`` (new processes), remembering every process it
-    saw so that all of them can be ended afterwards."""
+    rescans the process tree every ``rescan_s`` (new processes)."""
 
     def __init__(self, root: int, every_s: float = 0.025, rescan_s: float = 0.5):
         super().__init__(daemon=True)
@@ -168,11 +175,7 @@ class ProcessWatch(threading.Thread):
         self._halt = threading.Event()
 
     def _rescan(self) -> None:
-        try:
-            children = psutil.Process(self.root).children(recursive=True)
-        except psutil.Error:
-            return
-        for child in children:
+        for child in descendants(self.root):
             if child.pid in self.seen:
                 continue
             self.seen[child.pid] = child
@@ -209,44 +212,23 @@ class ProcessWatch(threading.Thread):
         self._halt.set()
         self.join()
 
-    def end_all(self) -> list[int]:
-        """End every process seen below the root that still runs (TERM, then KILL)."""
-        self._rescan()
-        alive = [p for p in self.seen.values() if p.is_running()]
-        for process in alive:
-            try:
-                process.terminate()
-            except psutil.Error:
-                pass
-        _, still = psutil.wait_procs(alive, timeout=5)
-        for process in still:
-            try:
-                process.kill()
-            except psutil.Error:
-                pass
-        return [p.pid for p in alive]
-
 
 def run_variant(name: str, dataflow: Path, env: dict[str, str], work: Path,
                 timeout: float) -> dict:
     """``dora run`` one variant while sampling its model processes' memory; ends every process
     it started, whatever happens."""
-    bin_dir = str(Path(sys.executable).parent)
-    full_env = {**os.environ, **env, "PATH": bin_dir + os.pathsep + os.environ["PATH"]}
-    for key in ("LD_PRELOAD", "OPENBLAS_CORETYPE", "MOFA_OMNI_BLAS_REEXEC"):
-        full_env.pop(key, None)  # each node chooses its own BLAS set-up, as from a shell
     log_path = work / "dora.log"
     started = time.monotonic()
     stopping = None
     timed_out = False
-    with log_path.open("w") as log:
-        process = subprocess.Popen([os.path.join(bin_dir, "dora"), "run", str(dataflow)],
-                                   env=full_env, cwd=work, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-        watch = ProcessWatch(process.pid)
+    # each node chooses its own BLAS set-up, as from a shell; on leaving, whatever happened,
+    # `dora run` gets 5 s after its SIGINT, then every process it started is ended
+    with DoraRun(dataflow, dora_env(env, own_blas=True), cwd=work, log=log_path,
+                 grace_s=5) as graph:
+        watch = ProcessWatch(graph.pid)
         watch.start()
         try:
-            while process.poll() is None:
+            while graph.running:
                 now = time.monotonic()
                 if watch.dialogue_ended() and not (work / "voice-ended").exists():
                     (work / "voice-ended").touch()  # the embedding driver may finish now
@@ -254,22 +236,17 @@ def run_variant(name: str, dataflow: Path, env: dict[str, str], work: Path,
                     print(f"  {name}: still running after {timeout:g} s: stopping it",
                           file=sys.stderr)
                     timed_out, stopping = True, now
-                    process.send_signal(signal.SIGINT)  # as Ctrl-C: a Stop to every node
+                    graph.interrupt()  # as Ctrl-C: a Stop to every node
                 elif stopping is not None and now - stopping > 30:
                     break
                 time.sleep(0.2)
         finally:
             ended = time.monotonic()
-            try:
-                watch.stop()
-            finally:
-                leftovers = watch.end_all()
-                if process.poll() is None:
-                    process.kill()
-                process.wait()
-    if leftovers:
-        print(f"  {name}: ended {len(leftovers)} process(es) still running", file=sys.stderr)
-    return {"started": started, "wall_s": ended - started, "dora_status": process.returncode,
+            watch.stop()
+    if graph.leftovers:
+        print(f"  {name}: ended {len(graph.leftovers)} process(es) still running",
+              file=sys.stderr)
+    return {"started": started, "wall_s": ended - started, "dora_status": graph.returncode,
             "timed_out": timed_out, "samples": watch.samples, "log": log_path}
 
 
@@ -534,11 +511,7 @@ def _decision_line(number: int, d: dict) -> str:
 
 
 def plot(path: Path, results: dict[str, dict], plan: dict, models: dict[str, str]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     shown = [v for v in VARIANTS if v in results]
     fig, axes = plt.subplots(len(shown), 2, figsize=(14, 4.4 * len(shown) + 0.9), squeeze=False,
                              width_ratios=[3.4, 1.2], layout="constrained")
@@ -598,18 +571,14 @@ def plot(path: Path, results: dict[str, dict], plan: dict, models: dict[str, str
                  f"{format_bytes(plan['budget_bytes'])} budget ({plan['fraction']:.2f} of the "
                  f"{format_bytes(plan['need_bytes'])} the models ask for), with and without "
                  "the scheduler", fontsize=11)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # --- main --------------------------------------------------------------------------------------
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", type=Path, default=RESULTS / "memory_pressure.json")
-    parser.add_argument("--png", type=Path, default=RESULTS / "memory_pressure.png")
+    parser = make_parser(__doc__, full_help=True)
+    add_output_flags(parser, "memory_pressure.json", "memory_pressure.png")
     parser.add_argument("--fraction", type=float, default=0.5,
                         help="budget as a fraction of what all models need (default 0.5)")
     parser.add_argument("--budget", help="the budget itself (e.g. 1.6GiB), instead of --fraction")
@@ -693,15 +662,13 @@ def main() -> int:
     plot(args.png, results, plan, models)
     for r in results.values():
         r["series"] = r["series"][::10]  # every 250 ms in the JSON
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({
-        "machine": os.uname().nodename, "cpus": os.cpu_count(),
-        "date": time.strftime("%Y-%m-%d %H:%M"), "models": models,
+    write_json(args.json, {
+        **run_stamp(), "models": models,
         "budget": plan, "gap_s": args.gap, "turns": turns if results else [],
         "load_average_1min": load, "goals": goals,
         "table": [list(row) for row in table_rows(results, plan)],
         "variants": results,
-    }, indent=1, default=str))
+    }, default=str)
     print(f"\nwrote {args.json} and {args.png}")
     complete = all(r["requests"]["failed"] == 0 and r["requests"]["sent"] > 0
                    for r in results.values())

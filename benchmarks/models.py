@@ -1,19 +1,19 @@
 """Per-model figures: load time, memory, throughput, adapter overhead, and the BLAS speed-up.
 
-    python benchmarks/models.py [--models NAME...] [--repeats N] [--json FILE]
+    python benchmarks/models.py [--models NAME...] [--repeats N] [--json FILE] [--png FILE]
 
 For each model the same loaded weights are timed through the adapter and
 through the library directly (mlx-lm's stream_generate, mlx_whisper's
 transcribe, PiperVoice.synthesize, the MLX BERT forward pass), interleaved in
 the same run; the ratio adapter/direct is the adapter's overhead (goal <= 1.05).
 The BLAS section runs a matmul and MiniLM in child processes with OpenBLAS
-preloaded and with MLX's stock BLAS (goal >= 10x). Prints a table and writes
-benchmarks/results/models.json (or --json FILE).
+preloaded and with MLX's stock BLAS (goal >= 10x). Prints a table, writes
+benchmarks/results/models.json (or --json FILE) and a plot of each model's overhead ratio,
+benchmarks/results/models.png (or --png FILE).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -21,7 +21,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
+
+from common import (
+    add_output_flags,
+    make_parser,
+    pyplot,
+    run_stamp,
+    save_figure,
+    timed,
+    without_blas_setup,
+    write_json,
+)
 
 from mofa_omni.models.compute import ensure_fast_blas
 
@@ -40,7 +50,6 @@ from mofa_omni.contract.tasks import (  # noqa: E402
 from mofa_omni.models.catalog import Catalog  # noqa: E402
 from mofa_omni.models.memory import format_bytes, release_freed_memory, snapshot  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 PROMPT = "What is the capital of France? Answer in one sentence."
 SPOKEN = "The quick brown fox jumps over the lazy dog. What is the capital of France?"
 SENTENCES = [f"Sentence number {i} talks about {topic}." for i, topic in
@@ -57,12 +66,6 @@ def best_of_interleaved(adapter_run: Callable[[], float], direct_run: Callable[[
         for run, times in runs if i % 2 == 0 else reversed(runs):
             times.append(run())
     return statistics.median(adapter_times), statistics.median(direct_times)
-
-
-def timed(work: Callable[[], object]) -> float:
-    started = time.perf_counter()
-    work()
-    return time.perf_counter() - started
 
 
 def bench_llm(adapter, repeats: int) -> dict:
@@ -199,8 +202,7 @@ def bench_blas() -> dict:
     """MLX on OpenBLAS versus its stock BLAS, each in a fresh child process."""
     results = {}
     for label, disable in (("openblas", "0"), ("stock", "1")):
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("LD_PRELOAD", "OPENBLAS_CORETYPE", "MOFA_OMNI_BLAS_REEXEC")}
+        env = without_blas_setup(os.environ)
         env["MOFA_OMNI_NO_OPENBLAS"] = disable
         code = "from mofa_omni.models.compute import ensure_fast_blas; ensure_fast_blas()\n" + BLAS_PROBE
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
@@ -228,15 +230,27 @@ def print_table(rows: list[dict], blas: dict | None) -> None:
               f"{blas['stock']['sentences_per_s']:10.1f} {blas['minilm_ratio']:6.1f}x")
 
 
+def plot(rows: list[dict], path) -> None:
+    """Each model's adapter/direct time ratio, against the 1.05 goal."""
+    plt = pyplot()
+    figure, axes = plt.subplots(figsize=(7, 3.5))
+    axes.bar([r["model"] for r in rows], [r["overhead_ratio"] for r in rows], color="tab:blue")
+    axes.axhline(1.05, color="tab:red", linestyle="--", label="goal 1.05x")
+    axes.set_ylabel("adapter time / direct time")
+    axes.set_title("Adapter overhead per model (same loaded weights, interleaved)")
+    axes.legend()
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__, full_help=True)
     parser.add_argument("--models", nargs="+",
                         default=["smollm2-135m", "smollm2-135m-q4", "whisper-tiny.en",
                                  "piper-joe", "minilm-l6"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-blas", action="store_true", help="skip the BLAS comparison")
-    parser.add_argument("--json", type=Path, default=RESULTS / "models.json")
+    add_output_flags(parser, "models.json", "models.png")
     args = parser.parse_args()
 
     speech = spoken_question()
@@ -246,11 +260,9 @@ def main() -> int:
         rows.append(bench_model(name, args.repeats, speech))
     blas = None if args.no_blas else bench_blas()
     print_table(rows, blas)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"machine": os.uname().nodename, "cpus": os.cpu_count(),
-                                     "date": time.strftime("%Y-%m-%d %H:%M"),
-                                     "models": rows, "blas": blas}, indent=1))
-    print(f"\nwrote {args.json}")
+    write_json(args.json, {**run_stamp(), "models": rows, "blas": blas})
+    plot(rows, args.png)
+    print(f"\nwrote {args.json} and {args.png}")
     return 0
 
 

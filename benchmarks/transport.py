@@ -41,14 +41,9 @@ machine (--quick: 3 sizes, fewer messages, about 10 s).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import multiprocessing
-import os
-import platform
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,10 +52,21 @@ from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
+from common import (
+    FLOWS,
+    DoraRun,
+    add_output_flags,
+    dora_env,
+    machine,
+    make_parser,
+    median,
+    percentile,
+    print_header,
+    pyplot,
+    save_figure,
+    write_json,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-FLOWS = ROOT / "benchmarks" / "dataflows"
-RESULTS = ROOT / "benchmarks" / "results"
 SIZES = {"8B": 8, "1KiB": 1 << 10, "64KiB": 64 << 10, "1MiB": 1 << 20, "16MiB": 16 << 20,
          "64MiB": 64 << 20}
 QUICK_SIZES = ["8B", "1MiB", "16MiB"]
@@ -136,8 +142,7 @@ def address(array: np.ndarray) -> int:
 
 
 def summary(latencies_s: list[float], elapsed_s: float) -> dict:
-    return {"median_s": statistics.median(latencies_s),
-            "p99_s": float(np.percentile(latencies_s, 99)),
+    return {"median_s": median(latencies_s), "p99_s": percentile(latencies_s, 99),
             "messages_per_s": len(latencies_s) / elapsed_s, "messages": len(latencies_s)}
 
 
@@ -228,17 +233,12 @@ def measure_dora(flow: Path, cases: list[Case]) -> list[dict]:
     """Every case through one `dora run` of ``flow``; a case dora refused keeps its error."""
     with tempfile.TemporaryDirectory(prefix="transport-") as work:
         result = Path(work) / "result.json"
-        bin_dir = Path(sys.executable).parent
-        env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-               "TRANSPORT_RESULT": str(result),
-               "TRANSPORT_PLAN": json.dumps([{**asdict(case), "label": case.label}
-                                             for case in cases])}
-        done = subprocess.run([str(bin_dir / "dora"), "run", str(flow)], env=env, cwd=work,
-                              check=False, capture_output=True, text=True,
-                              timeout=DORA_TIMEOUT_S)
-        if done.returncode or not result.exists():
-            log = (done.stdout + done.stderr)[-3000:]
-            raise RuntimeError(f"`dora run {flow.name}` failed:\n{log}")
+        env = dora_env({"TRANSPORT_RESULT": result,
+                        "TRANSPORT_PLAN": json.dumps([{**asdict(case), "label": case.label}
+                                                      for case in cases])})
+        with DoraRun(flow, env, cwd=work, log=Path(work) / "dora.log") as graph:
+            if graph.wait(DORA_TIMEOUT_S) or not result.exists():
+                raise RuntimeError(f"`dora run {flow.name}` failed:\n{graph.log_text()[-3000:]}")
         records = json.loads(result.read_text())
     return [{"error": r["error"]} if "error" in r else
             summary([ns / 1e9 for ns in r["latencies_ns"]], r["elapsed_s"]) for r in records]
@@ -288,7 +288,8 @@ def short_error(error: str) -> str:
 def print_table(cases: list[Case], figures: dict[str, list[dict]]) -> None:
     header = (f"{'size':>6}  {'payload':14} {'shape':16} {'path':13} {'median':>10} {'p99':>10} "
               f"{'messages/s':>11}  note")
-    print("\n" + header + "\n" + "-" * len(header))
+    print()
+    print_header(header)
     for index, case in enumerate(cases):
         if index and case.size != cases[index - 1].size:
             print()
@@ -357,11 +358,7 @@ def print_goals(result: dict) -> None:
 
 def plot(cases: list[Case], figures: dict[str, list[dict]], path: Path) -> None:
     """Median latency against payload size, one panel per payload kind; failures marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     kinds = list(dict.fromkeys(case.kind for case in cases))
     fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.5), sharey=True,
                              squeeze=False)
@@ -390,23 +387,14 @@ def plot(cases: list[Case], figures: dict[str, list[dict]], path: Path) -> None:
     axes[0][0].legend(fontsize=8)
     fig.suptitle("Handing a payload on: fused, dora, pickle queue, memcpy")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-
-
-def machine() -> dict:
-    return {"platform": platform.platform(), "processor": platform.machine(),
-            "cpus": os.cpu_count(), "python": platform.python_version(),
-            "dora": version("dora-rs"), "numpy": np.__version__,
-            "pyarrow": version("pyarrow"), "mlx": version("mlx")}
+    save_figure(fig, path)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="3 sizes, fewer messages")
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES))
-    parser.add_argument("--json", type=Path, default=RESULTS / "transport.json")
-    parser.add_argument("--png", type=Path, default=RESULTS / "transport.png")
+    add_output_flags(parser, "transport.json", "transport.png")
     args = parser.parse_args()
 
     sizes = args.sizes or (QUICK_SIZES if args.quick else list(SIZES))
@@ -415,13 +403,13 @@ def main() -> int:
     print_table(cases, figures)
     result = goals(cases, figures)
     print_goals(result)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({
-        "machine": machine(),
+    write_json(args.json, {
+        "machine": machine(dora=version("dora-rs"), numpy=np.__version__,
+                           pyarrow=version("pyarrow"), mlx=version("mlx")),
         "cases": [{**asdict(case), "bytes": case.nbytes,
                    "paths": {path: figures[path][index] for path in PATHS}}
                   for index, case in enumerate(cases)],
-        "goals": result}, indent=2))
+        "goals": result}, indent=2)
     plot(cases, figures, args.png)
     print(f"\nwrote {args.json} and {args.png}")
     return 0

@@ -66,17 +66,25 @@ question, benchmarks/results/voice_turn.png (or --png FILE).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import (
+    ROOT,
+    DoraRun,
+    add_output_flags,
+    dora_env,
+    make_parser,
+    pyplot,
+    run_stamp,
+    save_figure,
+    write_json,
+)
 
 from mofa_omni.models.compute import ensure_fast_blas
 
@@ -91,8 +99,6 @@ from mofa_omni.media.audio import read_wav, resample, write_wav  # noqa: E402
 from mofa_omni.node import trace  # noqa: E402
 from mofa_omni.voice.dialogue import Ask, Dialogue  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 VOICE = ROOT / "dataflows" / "voice.yml"
 WARMUP = "Hello, can you hear me?"
 QUESTIONS = [
@@ -187,29 +193,24 @@ def run_graph(inputs: Path, outputs: Path, trace_file: Path, replies: int,
     DORA_FINISH_DRAIN_GRACE_SECS (120 s by default; do not shorten it: a few seconds also stop
     a live graph that is silent while whisper computes).
     """
-    bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "VOICE_INPUT": str(inputs), "VOICE_OUTPUT": str(outputs),
-           trace.TRACE_ENV: str(trace_file), "PATH": bin_dir + os.pathsep + os.environ["PATH"]}
-    for name in ("LD_PRELOAD", "OPENBLAS_CORETYPE", "MOFA_OMNI_BLAS_REEXEC"):
-        env.pop(name, None)  # each node chooses its own BLAS set-up, as it would from a shell
-    log_file = trace_file.with_suffix(".log")
-    with log_file.open("w") as log:
-        process = subprocess.Popen([os.path.join(bin_dir, "dora"), "run", str(VOICE)], env=env,
-                                   stdout=log, stderr=subprocess.STDOUT)
+    # each node chooses its own BLAS set-up, as it would from a shell
+    env = dora_env({"VOICE_INPUT": inputs, "VOICE_OUTPUT": outputs, trace.TRACE_ENV: trace_file},
+                   own_blas=True)
+    with DoraRun(VOICE, env, log=trace_file.with_suffix(".log")) as graph:
         deadline, all_heard, stopping = time.monotonic() + timeout, None, None
-        while process.poll() is None:
+        while graph.running:
             now = time.monotonic()
             if all_heard is None and _replies_heard(trace_file) >= replies:
                 all_heard = now
             if stopping is None and (now > deadline or (all_heard and now - all_heard > 15)):
                 print("stopping the graph (it did not end by itself)", file=sys.stderr)
-                process.send_signal(signal.SIGINT)
+                graph.interrupt()
                 stopping = now
             elif stopping is not None and now - stopping > 60:
-                process.terminate()
+                graph.process.terminate()
                 stopping = now
             time.sleep(1.0)  # reading the trace costs little; keep the CPU for the graph
-    return process.returncode, log_file.read_text(errors="replace")
+    return graph.returncode, graph.log_text()
 
 
 def _union_ns(intervals: list[tuple[int, int]], lo: int, hi: int) -> int:
@@ -393,11 +394,7 @@ def print_table(rows: list[dict], median: dict) -> None:
 
 
 def plot_turn(path: Path, turn: dict, baseline: dict, question: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     t = turn["timeline"]
     rows: list[tuple[str, list[tuple[float, float]], str]] = []
     if turn["speech_start_s"] is not None:
@@ -450,16 +447,12 @@ def plot_turn(path: Path, turn: dict, baseline: dict, question: str) -> None:
                  f" framework overhead {turn['overhead_pct']:.1f} %)", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", type=Path, default=RESULTS / "voice_latency.json")
-    parser.add_argument("--png", type=Path, default=RESULTS / "voice_turn.png")
+    parser = make_parser(__doc__, full_help=True)
+    add_output_flags(parser, "voice_latency.json", "voice_turn.png")
     parser.add_argument("--trace", type=Path, help="keep the graph's raw trace (JSON lines) here")
     parser.add_argument("--no-warmup", action="store_true",
                         help="count the first question too (no untimed warm-up turn)")
@@ -580,10 +573,8 @@ def main() -> int:
 
     pick = max(timed, key=lambda r: r["sentences"])  # the most pipelining to see
     plot_turn(args.png, pick, pick["baseline"], pick["question"])
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({
-        "machine": os.uname().nodename, "cpus": os.cpu_count(),
-        "date": time.strftime("%Y-%m-%d %H:%M"), "models": models,
+    write_json(args.json, {
+        **run_stamp(), "models": models,
         "system_prompt": system_prompt, "max_tokens": max_tokens,
         "warmup_question": None if args.no_warmup else WARMUP,
         "graph_wall_s": graph_wall, "dora_status": status,
@@ -592,7 +583,7 @@ def main() -> int:
         "turns": rows, "median": median,
         "goals": goals,
         "timeline_png": str(args.png), "timeline_turn": pick["question"],
-    }, indent=1))
+    })
     print("machine load (1-minute average): " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}"
                                                            for k, v in load.items()))
     print(f"\nwrote {args.json} and {args.png}")

@@ -28,11 +28,11 @@ Outputs:
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import pyarrow as pa
 
+from mofa_omni.config import env_float, env_int, env_str, exit_on_bad_settings
 from mofa_omni.contract import arrow
 from mofa_omni.contract.errors import ContractError
 from mofa_omni.contract.tasks import ErrorReport, TextChunk, Transcript
@@ -47,13 +47,14 @@ log = logging.getLogger("dialogue")
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    with exit_on_bad_settings("dialogue"):  # fail fast, before joining the graph
+        dialogue = Dialogue(max_tokens=env_int("MAX_TOKENS", 96, minimum=1))
+        reply_timeout = env_float("REPLY_TIMEOUT_S", 180)
+        if prompt := env_str("SYSTEM_PROMPT", ""):
+            dialogue.system_prompt = prompt
+        out_dir = voice_output()
     node = CheckedNode()
     node_id = dora_node_id("dialogue")
-    dialogue = Dialogue(max_tokens=int(os.environ.get("MAX_TOKENS", "96")))
-    reply_timeout = float(os.environ.get("REPLY_TIMEOUT_S", "180"))
-    if prompt := os.environ.get("SYSTEM_PROMPT"):
-        dialogue.system_prompt = prompt
-    out_dir = voice_output()
     out_dir.mkdir(parents=True, exist_ok=True)
     transcript = (out_dir / "transcript.txt").open("w", buffering=1)
 

@@ -28,21 +28,24 @@ Configuration (env):
     FALLBACK_AFTER_S    a local model with no first result by then is given up for the remote
                         one serving the same task, if the graph has one (default: only when
                         the local model cannot load or times out)
+A bad value stops the node at start with a line naming the variable (exit status 2).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
+from collections.abc import Mapping
 
 import uvicorn
 
-from mofa_omni.contract.errors import ContractError
-from mofa_omni.gateway.app import Graph, Replies, Reply, Settings, build_app
-from mofa_omni.gateway.openai_bodies import MAX_IMAGE_PIXELS
+from mofa_omni.config import env_float, env_int, env_str, exit_on_bad_settings
+from mofa_omni.contract.errors import ConfigError
+from mofa_omni.gateway.app import build_app
+from mofa_omni.gateway.bridge import Graph, Replies, Reply
 from mofa_omni.gateway.routes import Router, input_sources, routes_from
+from mofa_omni.gateway.settings import Settings
 from mofa_omni.models.catalog import Catalog
 from mofa_omni.node.host import dora_node_id
 from mofa_omni.node.integrity import CheckedNode
@@ -51,26 +54,40 @@ from mofa_omni.scheduler.messages import Status, from_arrow
 log = logging.getLogger("gateway")
 
 
-def settings_from_env() -> Settings:
-    env = os.environ.get
-    return Settings(deadline_s=float(env("DEADLINE_S", "150")),
-                    max_body_bytes=int(env("MAX_BODY_BYTES", str(25 << 20))),
-                    api_key=env("API_KEY", ""),
-                    fallback_after_s=float(env("FALLBACK_AFTER_S", "0")),
-                    max_image_pixels=int(env("MAX_IMAGE_PIXELS", str(MAX_IMAGE_PIXELS))))
+MAX_PORT = 65535
+
+
+def settings_from_env(env: Mapping[str, str] | None = None) -> Settings:
+    """The gateway's settings from ``env`` (default: the process environment); a bad value
+    raises :class:`ConfigError` naming the variable."""
+    default = Settings()
+    return Settings(
+        deadline_s=env_float("DEADLINE_S", default.deadline_s, env),
+        max_body_bytes=env_int("MAX_BODY_BYTES", default.max_body_bytes, env, minimum=1),
+        api_key=env_str("API_KEY", default.api_key, env),
+        fallback_after_s=env_float("FALLBACK_AFTER_S", default.fallback_after_s, env),
+        max_image_pixels=env_int("MAX_IMAGE_PIXELS", default.max_image_pixels, env, minimum=1))
+
+
+def address_from_env(env: Mapping[str, str] | None = None) -> tuple[str, int]:
+    """Where to listen: ``$HOST`` and ``$PORT`` (default 127.0.0.1:8000)."""
+    port = env_int("PORT", 8000, env)
+    if port > MAX_PORT:
+        raise ConfigError(f"PORT={port} must be at most {MAX_PORT}")
+    return env_str("HOST", "127.0.0.1", env), port
 
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    catalog = Catalog.load()
+    with exit_on_bad_settings("gateway"):
+        settings = settings_from_env()
+        host, port = address_from_env()
+        catalog = Catalog.load()
     node = CheckedNode()
     me = dora_node_id("gateway")
     descriptor = node.dataflow_descriptor()
-    try:
+    with exit_on_bad_settings("gateway"):  # the graph's routes: an unknown model or task
         router = Router(routes_from(descriptor, me, catalog), catalog)
-    except ContractError as error:
-        print(f"gateway: {error}", file=sys.stderr)
-        return 2
     for route in router.routes:
         log.info("%s -> %s (%s, %s%s)", route.output, route.node, route.task.value, route.model,
                  ", remote" if route.remote else "")
@@ -81,12 +98,12 @@ def main() -> int:
             return node.send_output(output, value, metadata)
 
     replies = Replies()
-    graph = Graph(router, replies, send, settings_from_env())
+    graph = Graph(router, replies, send, settings)
     loaded: dict[str, bool] = {}  # node -> holds its model (the scheduler says, or it answered)
     sources = input_sources(descriptor, me)  # input -> (node, output)
     server = uvicorn.Server(uvicorn.Config(
-        build_app(graph, catalog, lambda: dict(loaded), node.gaps.lost), host=os.environ.get("HOST", "127.0.0.1"),
-        port=int(os.environ.get("PORT", "8000")), log_level="warning", lifespan="on"))
+        build_app(graph, catalog, lambda: dict(loaded), node.gaps.lost), host=host, port=port,
+        log_level="warning", lifespan="on"))
     http = threading.Thread(target=server.run, name="http", daemon=True)
     http.start()
     for event in node:

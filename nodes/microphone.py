@@ -24,9 +24,8 @@ import time
 
 import numpy as np
 
-from mofa_omni.config import env_float, env_str
+from mofa_omni.config import env_float, env_int, env_str, exit_on_bad_settings
 from mofa_omni.contract import arrow
-from mofa_omni.contract.errors import ContractError
 from mofa_omni.contract.tasks import AudioChunk
 from mofa_omni.node.host import MessageMeta
 from mofa_omni.node.integrity import CheckedNode
@@ -37,19 +36,17 @@ log = logging.getLogger("microphone")
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    try:
+    with exit_on_bad_settings("microphone"):
         sd = load_sounddevice()
         device = env_str("DEVICE", "") or None
         if device is not None and device.isdigit():
             device = int(device)
         chunk_ms = env_float("CHUNK_MS", 100, minimum=1)
         request_id = env_str("REQUEST_ID", "mic")
-    except ContractError as error:
-        print(f"microphone: {error}", file=sys.stderr)
-        return 2
+        rate = env_int("RATE", 0)
     try:
         info = sd.query_devices(device, kind="input")
-        rate = int(env_float("RATE", 0)) or int(info["default_samplerate"])
+        rate = rate or int(info["default_samplerate"])
     except (ValueError, sd.PortAudioError) as error:
         print(f"microphone: no audio input device ({error})", file=sys.stderr)
         return 2

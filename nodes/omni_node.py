@@ -1,7 +1,8 @@
 """omni-node: runs one catalog model as a dora node.
 
 Configuration (env in the dataflow YAML):
-    MODEL              catalog name (default: the catalog's default model for TASK)
+    MODEL              catalog name, path or hf:ORG/REPO[:FILE] (detected and registered in the
+                       user catalog on first use; default: the catalog's default model for TASK)
     TASK               the task the ``request`` input carries (e.g. text_generation; default:
                        the model's first); without MODEL, the catalog's default model for it
     STAGES             instead of one whole model: stages run in this process, in order, each
@@ -41,10 +42,12 @@ from mofa_omni.models.compute import ensure_fast_blas
 
 ensure_fast_blas()
 
+from mofa_omni.config import env_float, env_str, exit_on_bad_settings  # noqa: E402
 from mofa_omni.contract import arrow  # noqa: E402
-from mofa_omni.contract.errors import ContractError  # noqa: E402
+from mofa_omni.contract.errors import ErrorKind  # noqa: E402
 from mofa_omni.contract.stages import parse_stages  # noqa: E402
-from mofa_omni.contract.tasks import ErrorReport, Task
+from mofa_omni.contract.tasks import ErrorReport, Task  # noqa: E402
+from mofa_omni.models.by_name import resolve_model_name  # noqa: E402
 from mofa_omni.models.catalog import Catalog  # noqa: E402
 from mofa_omni.node import trace  # noqa: E402
 from mofa_omni.node.admission import SchedulerLink  # noqa: E402
@@ -69,12 +72,16 @@ LINGER_S = 1.0  # after the last request input closed: inputs still in flight ar
 
 def slot_from_env(catalog: Catalog) -> ModelSlot | StageSlot:
     """The model (MODEL or TASK) or the stages (STAGES) this node serves."""
-    backend = os.environ.get("BACKEND") or None
-    if stages := os.environ.get("STAGES"):
+    backend = env_str("BACKEND", "") or None
+    if stages := env_str("STAGES", ""):
         return StageSlot(parse_stages(stages), catalog, dora_node_id("stages"), backend=backend)
-    model, task_name = os.environ.get("MODEL"), os.environ.get("TASK")
+    model, task_name = env_str("MODEL", ""), env_str("TASK", "")
     task = Task.parse(task_name) if task_name else None
-    spec = catalog.resolve(model, task) if task else catalog.get(model or "")
+    if model:  # a catalog name, or a path / hf: name registered on first use
+        spec = resolve_model_name(model, catalog)
+        spec = catalog.resolve(spec.name, task) if task else spec
+    else:
+        spec = catalog.resolve(None, task) if task else catalog.get("")
     return ModelSlot(spec, catalog, dora_node_id(spec.name), backend=backend, task=task)
 
 
@@ -97,11 +104,10 @@ def _serve() -> int:
     # (per streamed token for an LLM). See benchmarks/backends.py.
     sys.setswitchinterval(GIL_SWITCH_S)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    try:  # fail fast, before joining the graph
+    with exit_on_bad_settings("omni-node"):  # fail fast, before joining the graph
+        request_timeout = env_float("REQUEST_TIMEOUT_S", 120)
+        memory_report_s = env_float("MEMORY_REPORT_S", 1)
         slot = slot_from_env(Catalog.load())
-    except ContractError as error:
-        print(f"omni-node: {error}", file=sys.stderr)
-        return 2
     node_id = slot.host.node_id
 
     node = CheckedNode(node_id=node_id)
@@ -116,7 +122,7 @@ def _serve() -> int:
         try:
             send_output(out.output, out.value, out.meta.to_dora())
         except PayloadTooLarge as error:  # answer the request with why, instead of nothing
-            out = slot.host.reject(out.meta.to_dora(), "too_large", str(error))
+            out = slot.host.reject(out.meta.to_dora(), ErrorKind.TOO_LARGE, str(error))
             send_output(out.output, out.value, out.meta.to_dora())
         trace.record(node_id, "send", out.output, out.meta)
 
@@ -125,8 +131,9 @@ def _serve() -> int:
 
         def report_lost(gap: Gap) -> None:  # dora dropped requests: the requester resends them
             if gap.input in request_inputs:
-                notice = ErrorReport("", "lost", f"dora dropped {gap.last - gap.first + 1} "
-                                     f"message(s) on input {gap.input!r}", node_id)
+                dropped = gap.last - gap.first + 1
+                notice = ErrorReport("", ErrorKind.LOST, f"dora dropped {dropped} message(s) on "
+                                     f"input {gap.input!r}", node_id)
                 send_output(LOST_OUTPUT, arrow.encode(notice), {
                     "lost_input": gap.input, "lost_first": gap.first, "lost_last": gap.last})
 
@@ -141,8 +148,8 @@ def _serve() -> int:
         link = SchedulerLink(node_id, slot, lambda message: send_output(MEMORY_OUTPUT,
                                                                         to_arrow(message)),
                              queue_length=lambda: worker.queue_length(), lost=node.gaps.lost)
-        link.start_measuring(float(os.environ.get("MEMORY_REPORT_S", "1")))
-    worker = RequestWorker(slot, send, float(os.environ.get("REQUEST_TIMEOUT_S", "120")), link)
+        link.start_measuring(memory_report_s)
+    worker = RequestWorker(slot, send, request_timeout, link)
     open_requests = inputs - {SCHEDULER_INPUT, CANCEL_INPUT}
     timeout = None
     # dora may deliver STOP or INPUT_CLOSED before queued inputs: keep reading until the stream

@@ -19,7 +19,7 @@ import sys
 import time
 from datetime import datetime
 
-from mofa_omni.config import env_str
+from mofa_omni.config import env_str, exit_on_bad_settings
 from mofa_omni.contract.errors import ContractError
 from mofa_omni.node.host import MessageMeta
 from mofa_omni.node.integrity import CheckedNode
@@ -27,7 +27,8 @@ from mofa_omni.voice.events import MessageLog
 
 
 def main() -> int:
-    path = env_str("TRANSCRIPT", "")
+    with exit_on_bad_settings("printer"):
+        path = env_str("TRANSCRIPT", "")
     transcript = open(path, "a", encoding="utf-8") if path else None
     messages = MessageLog()
     node = CheckedNode()

@@ -2,6 +2,7 @@
 
 Configuration (env in the dataflow YAML):
     THINK_TIMEOUT_S  longest wait for the LLM's action (default 120)
+    REASK_AFTER_S    the LLM silent this long: ask it again, its reply was lost (default 20)
     DRIVE_TIMEOUT_S  longest drive in wall-clock seconds before the robot is stopped (default 60)
     VOICE_OUTPUT     folder for transcript.txt and the camera view after each turn
                      (turn-NNN.png); default $DEFAULT_OUTPUT of this checkout, else out/voice
@@ -32,7 +33,7 @@ import time
 
 import pyarrow as pa
 
-from mofa_omni.config import env_float
+from mofa_omni.config import env_float, exit_on_bad_settings
 from mofa_omni.contract import arrow
 from mofa_omni.contract.errors import ContractError
 from mofa_omni.contract.tasks import ErrorReport, Image, SpeechRequest, TextChunk, Transcript
@@ -51,10 +52,12 @@ log = logging.getLogger("robot_planner")
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    with exit_on_bad_settings("robot_planner"):  # fail fast, before joining the graph
+        deadlines = Deadlines(env_float("THINK_TIMEOUT_S", 120), env_float("DRIVE_TIMEOUT_S", 60),
+                              reask_s=env_float("REASK_AFTER_S", 20, minimum=1))
+        out_dir = voice_output()
     node = CheckedNode()
-    planner = Planner(DEFAULT_WORLD, Deadlines(env_float("THINK_TIMEOUT_S", 120),
-                                               env_float("DRIVE_TIMEOUT_S", 60)))
-    out_dir = voice_output()
+    planner = Planner(DEFAULT_WORLD, deadlines)
     out_dir.mkdir(parents=True, exist_ok=True)
     transcript = (out_dir / "transcript.txt").open("w", buffering=1)
     last_frame = None

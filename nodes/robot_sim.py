@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 
-from mofa_omni.config import env_float
+from mofa_omni.config import env_float, env_int, exit_on_bad_settings
 from mofa_omni.contract import arrow
 from mofa_omni.contract.errors import ContractError
 from mofa_omni.contract.tasks import Image
@@ -35,8 +35,9 @@ TICK_S = 0.05
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    speed = env_float("SIM_SPEED", 1.0)
-    frame_every = max(1, int(env_float("FRAME_EVERY", 2, minimum=1)))
+    with exit_on_bad_settings("robot_sim"):  # fail fast, before joining the graph
+        speed = env_float("SIM_SPEED", 1.0)
+        frame_every = env_int("FRAME_EVERY", 2, minimum=1)
     node = CheckedNode()
     sim = Simulation(DEFAULT_WORLD)
     ticks = 0

@@ -36,7 +36,6 @@ own machine's memory, so every machine is scheduled inside its own budget.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -44,7 +43,8 @@ from pathlib import Path
 import msgspec
 import psutil
 
-from mofa_omni.contract.errors import ContractError
+from mofa_omni.config import env_float, env_str, exit_on_bad_settings
+from mofa_omni.contract.errors import ConfigError, ContractError
 from mofa_omni.models.compute import LINUX_BUDGET_FRACTION, default_memory_budget
 from mofa_omni.models.memory import format_bytes, parse_size
 from mofa_omni.node.host import dora_node_id
@@ -80,12 +80,20 @@ def for_machine(setting: str, machine: str) -> str:
     return entries.get(machine, "").strip()
 
 
+def size_setting(name: str, value: str, total: int) -> int:
+    """:func:`parse_size` of setting ``name``'s ``value``; a bad one names the setting."""
+    try:
+        return parse_size(value, total)
+    except ConfigError as error:
+        raise ConfigError(f"{name}: {error}") from None
+
+
 def machine_memory(machine: str, total: int, here: bool) -> tuple[int, int]:
     """``machine``'s budget and minimum available memory from BUDGET and MIN_AVAILABLE; ``here``:
     it is this node's own machine (then Metal's working set can be asked for the default)."""
-    budget_setting = for_machine(os.environ.get("BUDGET", ""), machine)
+    budget_setting = for_machine(env_str("BUDGET", ""), machine)
     if budget_setting:
-        budget, why = parse_size(budget_setting, total), "BUDGET"
+        budget, why = size_setting("BUDGET", budget_setting, total), "BUDGET"
     elif here:
         budget, why = default_memory_budget()
     else:
@@ -93,37 +101,36 @@ def machine_memory(machine: str, total: int, here: bool) -> tuple[int, int]:
             f"{LINUX_BUDGET_FRACTION:.0%} of its physical memory"
     log.info("budget%s %s (%s); %s physical", f" of machine {machine}" if machine else "",
              format_bytes(budget), why, format_bytes(total))
-    minimum = for_machine(os.environ.get("MIN_AVAILABLE", ""), machine) or "0.1"
-    return budget, parse_size(minimum, total)
+    minimum = for_machine(env_str("MIN_AVAILABLE", ""), machine) or "0.1"
+    return budget, size_setting("MIN_AVAILABLE", minimum, total)
 
 
 def settings_from_env(total: int, machine: str = "") -> SchedulerState:
-    env = os.environ.get
     budget, min_available = machine_memory(machine, total, here=True)
     return SchedulerState(
         budget=budget,
         min_available=min_available,
-        step_up_margin=parse_size(env("STEP_UP_MARGIN", "512MiB"), total),
-        calm_seconds=float(env("CALM_S", "10")),
-        wait_seconds=float(env("WAIT_S", "60")),
-        active_seconds=float(env("ACTIVE_S", "30")),
+        step_up_margin=size_setting("STEP_UP_MARGIN", env_str("STEP_UP_MARGIN", "512MiB"), total),
+        calm_seconds=env_float("CALM_S", 10),
+        wait_seconds=env_float("WAIT_S", 60),
+        active_seconds=env_float("ACTIVE_S", 30),
     )
 
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     total = psutil.virtual_memory().total
-    tick_s = float(os.environ.get("TICK_S", "0.5"))
+    with exit_on_bad_settings("scheduler"):
+        tick_s = env_float("TICK_S", 0.5)
+        silent_after = env_float("MACHINE_SILENT_S", 10)
+        journal_path, status_file = env_str("JOURNAL", ""), env_str("STATUS_FILE", "")
     node = CheckedNode()
     graph = scheduled_graph(node.dataflow_descriptor(), dora_node_id("scheduler"))
     if not graph.model_nodes:
         log.warning("no model node takes this scheduler's commands: nothing to schedule")
-    try:
+    with exit_on_bad_settings("scheduler"):  # BUDGET and MIN_AVAILABLE may name the machines
         # Until another machine's first node tells its memory, it is sized like this one.
         states = {machine: settings_from_env(total, machine) for machine in graph.machines}
-    except ValueError as error:
-        print(f"scheduler: {error}", file=sys.stderr)
-        return 2
     for state in states.values():
         state.pipelines = list(graph.pipelines)
     log.info("pipelines: %s", "; ".join(" + ".join(sorted(p)) for p in graph.pipelines))
@@ -132,14 +139,13 @@ def main() -> int:
             f"{m} ({', '.join(n for n in graph.model_nodes if graph.machine_of[n] == m) or '-'})"
             for m in states), graph.home)
     started = time.monotonic()
-    journal = open(os.environ["JOURNAL"], "wb") if os.environ.get("JOURNAL") else None
+    journal = open(journal_path, "wb") if journal_path else None
     scheduling = Scheduling(
         Cluster(states, dict(graph.machine_of)), graph.model_nodes, started, journal=journal,
         home=graph.home, size_machine=lambda machine, size: machine_memory(machine, size, False),
-        silent_after=float(os.environ.get("MACHINE_SILENT_S", "10")))
+        silent_after=silent_after)
     open_inputs = set(graph.memory_inputs)
     last_tick = last_status = 0.0
-    status_file = os.environ.get("STATUS_FILE")
 
     def publish_status(now: float, available: int):
         status = scheduling.status(now, available, total, node.gaps.lost())

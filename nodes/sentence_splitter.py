@@ -16,9 +16,9 @@ Outputs:
 
 from __future__ import annotations
 
-import os
 import time
 
+from mofa_omni.config import env_float, env_int, env_str, exit_on_bad_settings
 from mofa_omni.contract import arrow
 from mofa_omni.contract.errors import ContractError
 from mofa_omni.contract.tasks import SpeechRequest, TextChunk
@@ -30,10 +30,11 @@ from mofa_omni.node.serving import CANCEL_INPUT, cancelled_ids
 
 
 def main() -> None:
+    with exit_on_bad_settings("sentence_splitter"):  # fail fast, before joining the graph
+        max_chars = env_int("MAX_CHARS", 240, minimum=1)
+        voice, speed = env_str("VOICE", ""), env_float("SPEED", 1.0)
     node = CheckedNode()
     node_id = dora_node_id("splitter")
-    max_chars = int(os.environ.get("MAX_CHARS", "240"))
-    voice, speed = os.environ.get("VOICE", ""), float(os.environ.get("SPEED", "1.0"))
     streams: dict[str, SentenceStream] = {}
     sent: dict[str, int] = {}
     cancelled: set[str] = set()

@@ -25,23 +25,22 @@ Outputs:
                      once MIN_SPEECH_MS of speech was heard (for barge-in); exactly one
                      utterance with the same request_id follows.
     error            ErrorReport for an input that is not a valid AudioChunk (kind bad_request),
-                     and for audio chunks missing from a stream's seq numbers (kind
-                     lost_messages; dora can drop messages under load). The node goes on.
+                     and for audio chunks missing from a stream's seq numbers (kind lost;
+                     dora can drop messages under load). The node goes on.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 
 import numpy as np
 
 from mofa_omni.adapters.loading import open_model
-from mofa_omni.config import env_float, env_str
+from mofa_omni.config import env_float, env_str, exit_on_bad_settings
 from mofa_omni.contract import arrow
-from mofa_omni.contract.errors import ContractError
+from mofa_omni.contract.errors import ConfigError, ContractError, ErrorKind
 from mofa_omni.contract.tasks import AudioChunk, ErrorReport, TranscriptionRequest
 from mofa_omni.media.audio_stream import StreamResampler
 from mofa_omni.node import trace
@@ -61,10 +60,10 @@ log = logging.getLogger("vad")
 
 
 def config_from_env() -> VadConfig:
-    threshold = env_float("THRESHOLD", 0.5)
+    threshold = env_float("THRESHOLD", 0.5, maximum=1)
     neg = env_str("NEG_THRESHOLD", "")
     return VadConfig(threshold=threshold,
-                     neg_threshold=env_float("NEG_THRESHOLD", 0.0) if neg else None,
+                     neg_threshold=env_float("NEG_THRESHOLD", 0.0, maximum=1) if neg else None,
                      min_speech_ms=env_float("MIN_SPEECH_MS", 250),
                      min_silence_ms=env_float("MIN_SILENCE_MS", 600),
                      speech_pad_ms=env_float("SPEECH_PAD_MS", 100),
@@ -91,18 +90,14 @@ def warm_up(adapter) -> None:
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    node_id = os.environ.get("DORA_NODE_ID", "vad")
+    node_id = env_str("DORA_NODE_ID", "vad")
     trace_id = dora_node_id("vad")
-    language = env_str("LANGUAGE", "")
-    try:
+    with exit_on_bad_settings("vad"):  # bad settings or an unknown model: fail fast
+        language = env_str("LANGUAGE", "")
         config = config_from_env()
         adapter = open_model(env_str("MODEL", "silero-vad"))
-    except ContractError as error:  # bad settings or an unknown model: fail fast
-        print(f"vad: {error}", file=sys.stderr)
-        return 2
-    if not hasattr(adapter, "speech_probabilities"):
-        print(f"vad: model {adapter.spec.name!r} gives no speech probabilities", file=sys.stderr)
-        return 2
+        if not hasattr(adapter, "speech_probabilities"):
+            raise ConfigError(f"model {adapter.spec.name!r} gives no speech probabilities")
     warm_up(adapter)
     vad = StreamingVad(adapter.speech_probabilities, config)
     clock = SampleClock(VAD_RATE)
@@ -130,7 +125,7 @@ def main() -> int:
             trace.record(trace_id, "send", "utterance", meta,
                          audio_s=round(len(item.audio) / item.sample_rate, 3))
 
-    def report_error(meta: MessageMeta, kind: str, message: str) -> None:
+    def report_error(meta: MessageMeta, kind: ErrorKind, message: str) -> None:
         log.error("%s: %s", meta.request_id, message)
         report = ErrorReport(meta.request_id, kind, message, node_id)
         node.send_output("error", arrow.encode(report), MessageMeta(
@@ -142,12 +137,12 @@ def main() -> int:
             continue
         meta = MessageMeta.from_dora(incoming.get("metadata"), "audio")
         if missing := gaps.observe(meta.request_id, meta.seq, meta.final):
-            report_error(meta, "lost_messages", f"{missing} audio chunks lost before seq "
+            report_error(meta, ErrorKind.LOST, f"{missing} audio chunks lost before seq "
                          f"{meta.seq} ({gaps.missing} in all)")
         try:
             chunk = read_chunk(incoming["value"])
         except ContractError as error:
-            report_error(meta, "bad_request", str(error))
+            report_error(meta, ErrorKind.BAD_REQUEST, str(error))
             continue
         if chunk.audio.size:
             clock.mark(round(vad.position), meta.origin_ns)

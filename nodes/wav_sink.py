@@ -37,9 +37,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from mofa_omni.config import env_choice, env_str
+from mofa_omni.config import env_choice, env_str, exit_on_bad_settings
 from mofa_omni.contract import arrow
-from mofa_omni.contract.errors import ContractError
+from mofa_omni.contract.errors import ConfigError, ContractError
 from mofa_omni.contract.tasks import AudioChunk, TranscriptionRequest
 from mofa_omni.media.audio_stream import PlaybackClock, WavWriterSet
 from mofa_omni.node import trace
@@ -108,18 +108,17 @@ class Speaker:
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    try:
+    with exit_on_bad_settings("wav_sink"):
         mode = env_choice("SINK", "file", ("file", "speaker"))
         realtime = env_choice("PLAYBACK", "instant", ("instant", "realtime")) == "realtime"
+        prefix = env_str("PREFIX", "reply")
+        out_dir = voice_output()
         if mode == "speaker":
             sd = load_sounddevice()
             try:
                 sd.query_devices(kind="output")
             except (ValueError, sd.PortAudioError) as error:
-                raise ContractError(f"no audio output device ({error}); use SINK=file") from None
-    except ContractError as error:
-        print(f"wav_sink: {error}", file=sys.stderr)
-        return 2
+                raise ConfigError(f"no audio output device ({error}); use SINK=file") from None
     node = CheckedNode()
     node_id = dora_node_id("sink")
 
@@ -130,7 +129,7 @@ def main() -> int:
         trace.record(node_id, "send", "done", out)
 
     speaker = Speaker(sd, done) if mode == "speaker" else None
-    files = WavWriterSet(voice_output(), env_str("PREFIX", "reply"))
+    files = WavWriterSet(out_dir, prefix)
     clock = PlaybackClock() if realtime else None
     due: list[tuple[float, MessageMeta, str, float]] = []  # `done`s waiting for the playback
     gaps = SeqTracker()

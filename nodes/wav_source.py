@@ -28,7 +28,7 @@ Outputs:
     audio   AudioChunk stream per turn: request_id `turn-N`, seq 0, 1, ...; the turn's last chunk
             (the end of its trailing silence) is final, in the chunk and in the metadata;
             origin_ns = when the chunk was sent.
-    error   ErrorReport (kind `bad_input`, request_id `turn-N`) for a file that cannot be read;
+    error   ErrorReport (kind `bad_request`, request_id `turn-N`) for a file that cannot be read;
             it is logged too, and the node goes on with the next file.
 """
 
@@ -40,9 +40,9 @@ import time
 
 import numpy as np
 
-from mofa_omni.config import env_choice, env_float, env_pace
+from mofa_omni.config import env_choice, env_float, env_int, env_pace, exit_on_bad_settings
 from mofa_omni.contract import arrow
-from mofa_omni.contract.errors import ContractError
+from mofa_omni.contract.errors import ContractError, ErrorKind
 from mofa_omni.contract.tasks import AudioChunk, ErrorReport
 from mofa_omni.media.audio_stream import load_turn, split_chunks, wav_turns
 from mofa_omni.node.host import MessageMeta
@@ -53,14 +53,14 @@ log = logging.getLogger("wav_source")
 
 
 class Inbox:
-    """The node's events while it waits: counts `ready` inputs, notices STOP."""
+    """The node's events while it waits: counts `ready` inputs, notices STOP; ``take_turns``:
+    wait for `ready` when it is connected (TURN_TAKING=wait)."""
 
-    def __init__(self, node: CheckedNode):
+    def __init__(self, node: CheckedNode, take_turns: bool = True):
         self.node = node
         self.ready = 0
         self.stopped = False
-        self.ready_connected = ("ready" in (node.node_config().get("inputs") or {})
-                                and env_choice("TURN_TAKING", "wait", ("wait", "free")) == "wait")
+        self.ready_connected = take_turns and "ready" in (node.node_config().get("inputs") or {})
 
     def wait(self, seconds: float, *, for_ready: bool = False) -> bool:
         """Handle events for up to ``seconds``; with ``for_ready``, return True as soon as a
@@ -86,22 +86,20 @@ class Inbox:
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    try:
+    with exit_on_bad_settings("wav_source"):  # fail fast, before joining the graph
         input_path = voice_input()
         turns = wav_turns(input_path)
-        rate = int(env_float("RATE", 16000))
+        rate = env_int("RATE", 16000)
         chunk_ms = env_float("CHUNK_MS", 100, minimum=1)
         speed = env_pace("PACE")
         trailing_s = env_float("TRAILING_SILENCE_S", 1.5)
         ready_timeout = env_float("READY_TIMEOUT_S", 120)
         linger = env_float("LINGER_S", 10)
-    except ContractError as error:  # fail fast, before joining the graph
-        print(f"wav_source: {error}", file=sys.stderr)
-        return 2
+        take_turns = env_choice("TURN_TAKING", "wait", ("wait", "free")) == "wait"
     if not turns:
         log.warning("no .wav files in %s", input_path)
     node = CheckedNode()
-    inbox = Inbox(node)
+    inbox = Inbox(node, take_turns)
     awaiting_reply = False  # a turn was sent whose `ready` has not come yet
     for number, path in enumerate(turns, start=1):
         request_id = f"turn-{number}"
@@ -115,7 +113,7 @@ def main() -> int:
             audio, file_rate = load_turn(path, rate or None)
         except ContractError as error:
             log.error("%s: %s", request_id, error)
-            report = ErrorReport(request_id, "bad_input", str(error), "wav_source")
+            report = ErrorReport(request_id, ErrorKind.BAD_REQUEST, str(error), "wav_source")
             node.send_output("error", arrow.encode(report), MessageMeta(
                 request_id, 0, True, time.time_ns(), time.time_ns()).to_dora())
             continue

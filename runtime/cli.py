@@ -1,7 +1,8 @@
 """`omni`: one-shot use of the catalog's models from the shell (like `ollama run`).
 
     omni models [--json]              the catalog, what is cached, sizes
-    omni pull NAME... | --defaults    fetch and convert once (progress bars), then cached
+    omni pull NAME... | --defaults    fetch and convert once (progress bars), then cached; a NAME
+                                      may be a path or hf:ORG/REPO[:FILE] (registered, --name)
     omni chat "PROMPT"                stream the LLM's reply
     omni transcribe FILE.wav          speech to text
     omni say "TEXT" -o FILE.wav       text to speech
@@ -33,10 +34,15 @@ def _catalog():
 
 def _open(name: str | None, task, *, quiet: bool = False):
     from mofa_omni.adapters.loading import open_model
-    from mofa_omni.models.store import no_progress, tqdm_progress
+    from mofa_omni.models.by_name import resolve_model_name
+    from mofa_omni.models.fetching import no_progress, tqdm_progress
+    from mofa_omni.models.store import ModelStore
 
-    return open_model(name, task=task, catalog=_catalog(),
-                      progress=no_progress if quiet else tqdm_progress())
+    catalog, store = _catalog(), ModelStore()
+    progress = no_progress if quiet else tqdm_progress()
+    if name:  # a path or hf: name is detected and registered on first use
+        name = resolve_model_name(name, catalog, store, progress=progress).name
+    return open_model(name, task=task, catalog=catalog, store=store, progress=progress)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -82,16 +88,27 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_pull(args: argparse.Namespace) -> int:
     from mofa_omni.adapters.loading import open_model
+    from mofa_omni.models.by_name import resolve_model_name
+    from mofa_omni.models.fetching import tqdm_progress
     from mofa_omni.models.memory import format_bytes
-    from mofa_omni.models.store import ModelStore, tqdm_progress
+    from mofa_omni.models.store import ModelStore
 
     catalog, store = _catalog(), ModelStore()
     names = list(args.names) + (sorted(set(catalog.defaults.values())) if args.defaults else [])
     if not names:
-        print("omni pull: name a model (see `omni models`) or pass --defaults", file=sys.stderr)
+        print("omni pull: name a model (see `omni models`), a path or hf:ORG/REPO, or pass "
+              "--defaults", file=sys.stderr)
         return 2
-    for name in names:
+    if args.name and len(names) != 1:
+        print("omni pull: --name names one model; pull the others separately", file=sys.stderr)
+        return 2
+    for text in names:
         started = time.perf_counter()
+        spec = resolve_model_name(text, catalog, store, name=args.name, force=args.force,
+                                  progress=tqdm_progress())
+        if spec.name != text:
+            print(f"{text}: registered as {spec.name!r} ({spec.description})")
+        name = spec.name
         adapter = open_model(name, catalog=catalog, store=store, progress=tqdm_progress(),
                              load=False)
         print(f"{name}: ready in {time.perf_counter() - started:.1f} s, "
@@ -237,10 +254,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_swap(args: argparse.Namespace) -> int:
     import msgspec
 
+    from mofa_omni.models.by_name import resolve_model_name
     from mofa_omni.scheduler.client import GraphUnreachable, swap
     from mofa_omni.scheduler.status import render_swap
 
-    _catalog().get(args.model)  # an unknown name fails here, with close matches
+    # An unknown name fails here, with close matches; a path or hf: name is registered first.
+    args.model = resolve_model_name(args.model, _catalog()).name
     results = _results_stream()
     try:
         outcome = swap(args.node, args.model, args.timeout, args.dataflow)
@@ -303,14 +322,19 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(handler=handler)
         if model:
-            sub.add_argument("--model", help="catalog name (default: the catalog's default)")
+            sub.add_argument("--model", help="catalog name, path or hf:ORG/REPO[:FILE] "
+                                             "(default: the catalog's default)")
             sub.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
         return sub
 
     sub = command("models", cmd_models, "list the catalog and what is cached", model=False)
     sub.add_argument("--json", action="store_true")
     sub = command("pull", cmd_pull, "fetch and convert models into the cache", model=False)
-    sub.add_argument("names", nargs="*")
+    sub.add_argument("names", nargs="*", help="catalog names, paths (a GGUF, a model "
+                                              "folder) or hf:ORG/REPO[:FILE]")
+    sub.add_argument("--name", help="the catalog name for a path or hf: model (default: from it)")
+    sub.add_argument("--force", action="store_true",
+                     help="replace a different catalog entry of that name")
     sub.add_argument("--defaults", action="store_true", help="every task's default model")
     sub = command("chat", cmd_chat, "stream an LLM reply to a prompt")
     sub.add_argument("prompt")
@@ -337,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("swap", cmd_swap, "serve another model on a running graph's node, while it "
                                     "keeps serving", model=False)
     sub.add_argument("node", help="the model node's id in the dataflow (e.g. llm)")
-    sub.add_argument("model", help="catalog name of the model to serve from now on")
+    sub.add_argument("model", help="the model to serve from now on: catalog name, path or "
+                                   "hf:ORG/REPO[:FILE]")
     sub.add_argument("--json", action="store_true")
     sub.add_argument("--timeout", type=float, default=600.0,
                      help="seconds to wait for the swap to end (fetching, converting, loading)")
@@ -368,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from mofa_omni.contract.errors import ContractError, ModelLoadError
-    from mofa_omni.models.store import FetchError
+    from mofa_omni.models.fetching import FetchError
 
     try:
         return args.handler(args)

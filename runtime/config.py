@@ -4,15 +4,40 @@ it accepts (:class:`~mofa_omni.contract.errors.ConfigError`), never a traceback.
 dora passes a node's settings as environment variables (``env:`` in the dataflow,
 ``--env`` on ``dora start``). Each reader takes ``env`` (default ``os.environ``) so
 that nodes' pure parts are tested without touching the process environment.
+
+A node reads its settings inside :func:`exit_on_bad_settings`, before it joins the graph:
+a bad one ends it with one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
-from mofa_omni.contract.errors import ConfigError
+from mofa_omni.contract.errors import ConfigError, ContractError
+
+
+@contextmanager
+def exit_on_bad_settings(node: str) -> Iterator[None]:
+    """Around a node's reading of its settings: a :class:`ConfigError` -- or any other
+    :class:`ContractError`, the caller's mistake (an unknown model, a voice input that does not
+    exist) -- ends the process with exit code 2 and one line on stderr naming the node, e.g.
+    ``vad: THRESHOLD='x' is not a number``, instead of a traceback::
+
+        def main() -> int:
+            with exit_on_bad_settings("vad"):
+                config = config_from_env()
+            node = CheckedNode()  # join the graph only with good settings
+    """
+    try:
+        yield
+    except ContractError as error:
+        print(f"{node}: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def env_str(name: str, default: str, env: Mapping[str, str] | None = None) -> str:
@@ -32,17 +57,21 @@ def env_path(name: str, default: Path, env: Mapping[str, str] | None = None) -> 
 
 
 def env_float(name: str, default: float, env: Mapping[str, str] | None = None, *,
-              minimum: float = 0.0) -> float:
-    """``$name`` as a number >= ``minimum`` (``default`` when unset or empty)."""
+              minimum: float = 0.0, maximum: float = math.inf) -> float:
+    """``$name`` as a number from ``minimum`` to ``maximum`` (``default`` when unset or empty)."""
     raw = env_str(name, "", env)
     if not raw:
         return default
     try:
         value = float(raw)
+        if math.isnan(value):
+            raise ValueError(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a number") from None
     if value < minimum:
         raise ConfigError(f"{name}={raw!r} must be at least {minimum:g}")
+    if value > maximum:
+        raise ConfigError(f"{name}={raw!r} must be at most {maximum:g}")
     return value
 
 

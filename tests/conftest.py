@@ -102,3 +102,16 @@ def stats_catalog(third_party: Path, tmp_path: Path) -> Catalog:
         '[models.stats-small]\nadapter = "textstats"\ntasks = ["generic"]\nformat = "json"\n'
         'memory_mb = 10\nsource = { path = "small.json" }\n')
     return Catalog.load([user])
+
+
+@pytest.fixture()
+def local_hub(monkeypatch: pytest.MonkeyPatch) -> Iterator:
+    """A Hugging Face Hub on 127.0.0.1 (tests/hub_server.py) set as ``$HF_ENDPOINT``, with
+    offline mode off; a test registers its repos with ``local_hub.add(repo, files)``."""
+    from tests.hub_server import LocalHub
+
+    hub = LocalHub()
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    yield hub
+    hub.close()

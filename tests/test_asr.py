@@ -23,8 +23,8 @@ from mofa_omni.formats.ctranslate2 import convert_whisper, read_model_bin
 from mofa_omni.media.audio import resample
 from mofa_omni.media.text import normalize_words, word_error_rate
 from mofa_omni.models.catalog import ModelSpec, PathSource
+from mofa_omni.models.fetching import no_progress
 from mofa_omni.models.memory import format_bytes, snapshot
-from mofa_omni.models.store import no_progress
 
 SENTENCE = "Please turn on the lights in the kitchen and play some quiet music."
 PARAGRAPH = (  # about 36 s when spoken: more than one 30 s whisper window

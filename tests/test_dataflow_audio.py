@@ -63,8 +63,8 @@ def test_wav_turns_become_utterances_through_silero_vad(tmp_path: Path, turns, r
     elapsed = time.monotonic() - started
     assert transcript.exists(), log[-5000:]
     lines = transcript.read_text().splitlines()
-    story = "\n".join(l for l in log.splitlines()
-                      if "stdout" in l and "diagnostic" not in l)  # what the nodes said
+    story = "\n".join(line for line in log.splitlines()
+                      if "stdout" in line and "diagnostic" not in line)  # what the nodes said
 
     # Exactly two utterances, each as long as its sentence (espeak's own silence trimmed,
     # the VAD's padding added), written in turn order.
@@ -78,16 +78,16 @@ def test_wav_turns_become_utterances_through_silero_vad(tmp_path: Path, turns, r
     assert 0.5 * short_s < lengths[0] < short_s + 0.3, (lengths, short_s, story)
     assert 0.7 * long_s < lengths[1] < long_s + 0.3, (lengths, long_s, story)
 
-    utterances = [l for l in lines if "[utterance]" in l]
-    assert [re.search(r"(utt-\d+)", l).group(1) for l in utterances] == ["utt-1", "utt-2"]
-    assert len([l for l in lines if "audio.speech_started" in l]) == 2
-    assert len([l for l in lines if "[done]" in l and "audio.done" in l]) == 2
+    utterances = [line for line in lines if "[utterance]" in line]
+    assert [re.search(r"(utt-\d+)", line).group(1) for line in utterances] == ["utt-1", "utt-2"]
+    assert len([line for line in lines if "audio.speech_started" in line]) == 2
+    assert len([line for line in lines if "[done]" in line and "audio.done" in line]) == 2
 
     # One error, for the unreadable file, and the turns after it still went through.
-    (error,) = [l for l in lines if "error (" in l]
-    assert "[source_error] turn-2: error (bad_input from wav_source)" in error
+    (error,) = [line for line in lines if "error (" in line]
+    assert "[source_error] turn-2: error (bad_request from wav_source)" in error
     assert "02-broken.wav" in error
-    assert not [l for l in lines if "[vad_error]" in l]
+    assert not [line for line in lines if "[vad_error]" in line]
 
     # The source left as soon as the last turn was done, not after LINGER_S (60 s).
     assert elapsed < 50, elapsed

@@ -9,8 +9,9 @@ import numpy as np
 
 from mofa_omni.contract import arrow
 from mofa_omni.contract.tasks import EmbeddingRequest, Embeddings, Task
-from mofa_omni.gateway.app import Graph, Replies, Reply, Settings
+from mofa_omni.gateway.bridge import Graph, Replies, Reply
 from mofa_omni.gateway.routes import Choice, Route, Router
+from mofa_omni.gateway.settings import Settings
 
 ROUTE = Route("embedder", "embed", "request", Task.EMBEDDING, "minilm-l6")
 

@@ -179,8 +179,10 @@ def test_a_picture_bigger_than_the_gateways_pool_gets_a_413(catalog: Catalog):
     from starlette.testclient import TestClient
 
     from mofa_omni.contract.tasks import Task
-    from mofa_omni.gateway.app import Graph, Replies, Settings, build_app
+    from mofa_omni.gateway.app import build_app
+    from mofa_omni.gateway.bridge import Graph, Replies
     from mofa_omni.gateway.routes import Route, Router
+    from mofa_omni.gateway.settings import Settings
     from mofa_omni.node.integrity import check_payload, payload_bytes
 
     sent = []

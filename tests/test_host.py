@@ -62,3 +62,11 @@ def test_a_failing_model_is_an_internal_error_not_a_crash(host: ModelHost, monke
     (out,) = host.handle("request", request(["x"]), {"request_id": "r9"})
     report = arrow.decode(out.value, ErrorReport)
     assert (report.kind, report.message) == ("internal", "RuntimeError: kernel fault")
+
+
+def test_a_model_that_is_not_loaded_is_the_servers_state_not_a_bad_request(host: ModelHost):
+    host.adapter.unload()
+    (out,) = host.handle("request", request(["the cat"]), {"request_id": "r1"})
+    report = arrow.decode(out.value, ErrorReport)
+    assert (out.output, report.kind) == ("error", "unavailable")
+    assert "is not loaded" in report.message

@@ -221,3 +221,19 @@ def test_unreadable_replies_and_llm_errors_end_in_a_sentence():
     p.heard("turn-2", "Go.", 3.0)
     assert "could not work out" in p.llm_failed("turn-2-action", "timeout: slow", 4.0)[-1].text
     assert p.heard("turn-3", " [BLANK_AUDIO] ", 5.0) == [TurnDone("turn-3")]
+
+
+def test_a_silent_llm_is_asked_again_and_its_late_answer_to_the_old_id_ignored():
+    # dora may drop the last message of a reply, which no later message would reveal
+    p = Planner(WORLD, Deadlines(think_s=60, reask_s=5))
+    p.robot_state(START)
+    first = p.heard("turn-1", "Go to the red ball.", 0.0)[-1]
+    reply = '{"action": "go_to", "target": "red ball", "amount": 0}'
+    assert p.reply_text("turn-1-action", reply[:10], False, 3.0) == []  # the rest is lost
+    assert p.expire(7.0) == []  # silent for 4 s only
+    again = p.expire(8.0)
+    assert again == [AskLLM("turn-1-action-1", first.request)]
+    assert p.reply_text("turn-1-action", reply[10:], True, 9.0) == []  # too late: ignored
+    actions = p.reply_text("turn-1-action-1", reply, True, 10.0)
+    assert isinstance(actions[-1], SendDrive) and actions[-1].drive.drive_id == "turn-1-drive"
+    assert actions[0] == LogLine("action", reply)

@@ -37,11 +37,15 @@ def test_spoken_commands_drive_the_robot_and_a_hazard_is_refused_aloud(tmp_path,
     log = run_dataflow(ROBOT, {"VOICE_INPUT": str(inputs), "VOICE_OUTPUT": str(outputs)})
     lines = (outputs / "transcript.txt").read_text().splitlines()
     first, second, third = turns_of(lines)
+    # on failure: the transcript and what the nodes logged
+    nodes_said = "\n".join(line for line in log.splitlines()
+                           if any(f" {node}:" in line for node in ("planner", "llm", "asr")))
+    context = (lines, nodes_said[-4000:])
 
     # 1: reached the red ball (the simulator's pose at the end of the drive), and said so
-    assert first[0] == "user: Go to the red ball.", lines
+    assert first[0] == "user: Go to the red ball.", context
     assert first[1] == 'action: {"action": "go_to", "target": "red ball", "amount": 0}' or \
-        first[1].startswith('action: {"action": "go_to", "target": "red ball"'), lines
+        first[1].startswith('action: {"action": "go_to", "target": "red ball"'), context
     x, y = map(float, re.fullmatch(r"outcome: done at x=(\S+), y=(\S+)", first[2]).groups())
     ball = DEFAULT_WORLD.find("red ball")
     assert ((x - ball.x) ** 2 + (y - ball.y) ** 2) ** 0.5 < ball.radius + ROBOT_RADIUS + 0.3, lines
@@ -49,10 +53,7 @@ def test_spoken_commands_drive_the_robot_and_a_hazard_is_refused_aloud(tmp_path,
     camera = read_png(outputs / "turn-001.png")
     assert sightings(camera, DEFAULT_WORLD)[0].name == "red ball"  # what it sees on arrival
 
-    # 2 and 3: refused, nothing driven, the reason spoken (on failure: what the nodes logged)
-    nodes_said = "\n".join(line for line in log.splitlines()
-                           if any(f" {node}:" in line for node in ("planner", "llm", "asr")))
-    context = (lines, nodes_said[-4000:])
+    # 2 and 3: refused, nothing driven, the reason spoken
     assert second[0] == "user: Drive into the lava pit.", context
     assert second[-1] == "robot: I won't go to the lava pit: it is a hazard zone.", context
     # (SmolLM2 names the unknown place as it likes: "kitchen", "house"...)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import statistics
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -178,6 +179,9 @@ def test_whisper_a_voice_and_an_embedding_model_swap_while_they_serve(tmp_path):
     spoken = {model: [a["seconds"] for a in answers["say"] if a["model"] == model]
               for model in models_in_order(answers["say"])}
     assert list(spoken) == ["piper-joe", "piper-joe-fast"]
-    assert max(spoken["piper-joe-fast"]) < 0.8 * min(spoken["piper-joe"])  # the new voice
+    # The new voice speaks 1.5x faster: its replies are ~0.75x as long (the sentence's own
+    # silences do not shrink). Piper samples each phoneme's length (VITS noise), so single
+    # replies vary by ~5% either way: compare the typical ones, not the extremes.
+    assert statistics.median(spoken["piper-joe-fast"]) < 0.85 * statistics.median(spoken["piper-joe"])
     assert models_in_order(answers["embed"]) == ["minilm-l6", "minilm-l6-short"]
     assert all(a["similarity"] > 0.3 for a in answers["embed"])

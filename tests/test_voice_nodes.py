@@ -175,9 +175,9 @@ def test_message_log_joins_streams_per_request():
     assert log.describe("speech", audio, "turn-1") is None
     last = arrow.encode(AudioChunk(np.zeros(16000, np.float32), 16000, True, "Two."))
     assert log.describe("speech", last, "turn-1") == "[speech] turn-1: audio 1.50 s: One. Two."
-    error = arrow.encode(ErrorReport("turn-3", "bad_input", "x.wav: not a PCM WAV file", "src"))
+    error = arrow.encode(ErrorReport("turn-3", "bad_request", "x.wav: not a PCM WAV file", "src"))
     assert log.describe("error", error, "turn-3") == \
-        "[error] turn-3: error (bad_input from src): x.wav: not a PCM WAV file"
+        "[error] turn-3: error (bad_request from src): x.wav: not a PCM WAV file"
     utterance = arrow.encode(TranscriptionRequest(np.zeros(24000, np.float32), 16000))
     assert log.describe("utterance", utterance, "utt-1") == \
         "[utterance] utt-1: utterance 1.50 s at 16000 Hz"

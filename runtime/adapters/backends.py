@@ -9,6 +9,8 @@ CPU backend is slow at small-batch decoding (measured: whisper tiny.en 3 s with 
 with CTranslate2 int8, 60-68 with llama.cpp on the GGUF as it is, which also evaluates
 only the new tokens of a conversation's next turn). A user pins one adapter in their
 catalog (``adapter = "mlx_whisper"``), or a node asks for a backend (``BACKEND``).
+Every adapter a model lists must accept its catalog options: :func:`resolved` and
+:func:`select_adapter` check them (:func:`mofa_omni.adapters.base.check_options`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from mofa_omni.adapters.base import ModelAdapter, adapter_class
+from mofa_omni.adapters.base import ModelAdapter, adapter_class, check_options
 from mofa_omni.contract.errors import AdapterError
 from mofa_omni.models.catalog import ModelSpec
 
@@ -67,7 +69,9 @@ def missing_requirement(adapter: str) -> str | None:
 
 def select_adapter(spec: ModelSpec, backend: str | None = None,
                    where: str | None = None) -> Selection:
-    """The adapter serving ``spec`` here; ``backend`` asks for one backend explicitly."""
+    """The adapter serving ``spec`` here; ``backend`` asks for one backend explicitly.
+    Options that an adapter of the model does not take are refused first (``check_options``)."""
+    check_options(spec)
     where = where or compute_platform()
     candidates = spec.adapters or (spec.adapter,)
     backends = {name: _backend_of(name) for name in candidates}
@@ -98,8 +102,10 @@ def select_adapter(spec: ModelSpec, backend: str | None = None,
 
 
 def resolved(spec: ModelSpec, backend: str | None = None) -> ModelSpec:
-    """``spec`` with ``adapter`` set to the one that serves it here."""
+    """``spec`` with ``adapter`` set to the one that serves it here, once every adapter it
+    lists accepts its options (``check_options``; ``omni models`` lists models through this)."""
     if len(spec.adapters) <= 1 and not backend:
+        check_options(spec)
         return spec
     return dataclasses.replace(spec, adapter=select_adapter(spec, backend).adapter)
 

@@ -4,7 +4,9 @@ An adapter wraps one model family / library. It declares the tasks it can
 serve, the formats it reads, its backend, and implements the task protocols of
 :mod:`mofa_omni.contract.tasks` for the tasks it serves. Adapters are found through
 the ``mofa_omni.adapters`` entry-point group, so a third-party package adds a
-model family without touching this repository.
+model family without touching this repository. The catalog options an adapter takes are a
+typed struct (``Options``, see :mod:`mofa_omni.adapters.options`), checked by
+:func:`check_options` wherever a catalog model is put to use.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import ClassVar
 
+from mofa_omni.adapters.options import AdapterOptions, decode_options
 from mofa_omni.contract.arrow import check_generic_schema
 from mofa_omni.contract.errors import (
     AdapterError,
@@ -27,17 +30,18 @@ from mofa_omni.contract.errors import (
 from mofa_omni.contract.stages import Stage
 from mofa_omni.contract.tasks import TASK_SPECS, GenericRequest, GenericResult, GenericSpec, Task
 from mofa_omni.models.catalog import ModelSpec
+from mofa_omni.models.fetching import Progress
 from mofa_omni.models.memory import release_freed_memory
-from mofa_omni.models.store import Progress
 
 ENTRY_POINT_GROUP = "mofa_omni.adapters"
 
 class ModelAdapter(ABC):
     """One model of one family: converts its weights once, loads, serves, unloads.
 
-    Subclasses set ``supported_tasks``, ``formats`` and ``backend`` and
-    implement ``prepare`` (format conversion into the cache), ``_load`` and
-    ``_unload``, plus the protocol method of each task they serve.
+    Subclasses set ``supported_tasks``, ``formats`` and ``backend`` (and ``Options``, the
+    struct of the catalog options they take: ``self.options`` holds the model's, typed) and
+    implement ``prepare`` (format conversion into the cache), ``_load`` and ``_unload``, plus
+    the protocol method of each task they serve.
     """
 
     supported_tasks: ClassVar[frozenset[Task]]
@@ -45,6 +49,9 @@ class ModelAdapter(ABC):
     backend: ClassVar[str]  # "mlx", "onnxruntime", "ctranslate2", "remote", ...
     requires: ClassVar[tuple[str, ...]] = ()  # modules it imports when loading: checked first
     artifact_version: ClassVar[int] = 1  # bump when ``prepare`` changes: cached builds are redone
+    # The catalog options it takes, with their defaults: none unless a subclass declares some.
+    Options: ClassVar[type[AdapterOptions]] = AdapterOptions
+    options: AdapterOptions  # the model's catalog options, decoded as ``Options``
 
     def __init__(self, spec: ModelSpec):
         unsupported = set(spec.tasks) - self.supported_tasks
@@ -55,6 +62,9 @@ class ModelAdapter(ABC):
             raise AdapterError(f"model {spec.name!r}: adapter {spec.adapter!r} reads "
                                f"{', '.join(sorted(self.formats))}, not {spec.format!r}")
         self.spec = spec
+        # Decoded once here: an unknown or mistyped option is refused now, never read as a default.
+        self.options = decode_options(self.Options, spec.options, model=spec.name,
+                                      adapter=spec.adapter)
         self.model_dir: Path | None = None
         self.load_seconds: float | None = None
 
@@ -108,10 +118,15 @@ class ModelAdapter(ABC):
         if task not in self.spec.tasks:
             raise AdapterError(f"model {self.spec.name!r} does not serve {task.value}")
         if not self.loaded:
-            raise ModelNotLoaded(f"model {self.spec.name!r} is not loaded")
+            raise self.not_loaded()
         if task is Task.GENERIC:
             return self._run_generic_checked
         return getattr(self, TASK_SPECS[task].method)
+
+    def not_loaded(self) -> ModelNotLoaded:
+        """The error for serving before :meth:`load` (or after :meth:`unload`): the server's
+        state, answered as ``unavailable``, not the caller's mistake."""
+        return ModelNotLoaded(f"model {self.spec.name!r} is not loaded")
 
     def stages(self) -> dict[str, Stage]:
         """The steps this model can be split into, by name (see :mod:`mofa_omni.contract.stages`);
@@ -151,3 +166,23 @@ def adapter_class(name: str) -> type[ModelAdapter]:
     if not (isinstance(cls, type) and issubclass(cls, ModelAdapter)):
         raise AdapterError(f"entry point {name!r} ({points[name].value}) is not a ModelAdapter")
     return cls
+
+
+def check_options(spec: ModelSpec) -> None:
+    """Refuse ``spec.options`` unless every adapter the model lists accepts them all: a
+    CatalogError naming the model, the option and the options accepted.
+
+    The catalog itself reads options as an untyped table (it cannot import the adapters, which
+    import it); they are checked here, where a model is put to use:
+    :func:`mofa_omni.adapters.backends.resolved` and ``select_adapter`` call this, so
+    ``create_adapter``, ``open_model`` (``omni pull``, ``omni chat``..., a node starting),
+    ``omni models`` and ``omni doctor`` report a misspelt option as soon as they meet the model.
+    An adapter that cannot be imported here (its optional engine is missing) is skipped: the
+    model stays usable through the others.
+    """
+    for name in spec.adapters or (spec.adapter,):
+        try:
+            cls = adapter_class(name)
+        except AdapterError:
+            continue  # not installed here (select_adapter says so if it was the one wanted)
+        decode_options(cls.Options, spec.options, model=spec.name, adapter=name)

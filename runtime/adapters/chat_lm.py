@@ -19,8 +19,8 @@ import numpy as np
 from mofa_omni.adapters.base import ModelAdapter
 from mofa_omni.adapters.chat import Piece, chat_prompt_tokens, stream_reply
 from mofa_omni.adapters.llm_rerank import relevance_scores, rerank_method
+from mofa_omni.adapters.options import AdapterOptions, ChatLmOptions
 from mofa_omni.adapters.structured import structured_reply
-from mofa_omni.contract.errors import ModelNotLoaded
 from mofa_omni.contract.tasks import (
     ChatRequest,
     RerankRequest,
@@ -36,9 +36,13 @@ class ChatLmAdapter(ModelAdapter):
 
     Subclasses load ``self._tokenizer`` (an mlx-lm ``TokenizerWrapper``) and their engine,
     and implement :meth:`pieces`, :meth:`next_log_probs` and :meth:`sequence_log_probs`.
+    All of them take the same catalog options (:class:`~mofa_omni.adapters.options.ChatLmOptions`):
+    one GGUF entry lists several of these adapters.
     """
 
     supported_tasks: ClassVar[frozenset[Task]] = frozenset({Task.TEXT_GENERATION, Task.RERANK})
+    Options: ClassVar[type[AdapterOptions]] = ChatLmOptions
+    options: ChatLmOptions
 
     def __init__(self, spec):
         super().__init__(spec)
@@ -86,9 +90,9 @@ class ChatLmAdapter(ModelAdapter):
         """Score each document with the model (see :mod:`mofa_omni.adapters.llm_rerank`)."""
         tokenizer = self._require_tokenizer()
         return RerankResult(relevance_scores(request, tokenizer, self,
-                                             rerank_method(self.spec.options)))
+                                             rerank_method(self.options.rerank)))
 
     def _require_tokenizer(self):
         if self._tokenizer is None:
-            raise ModelNotLoaded(f"model {self.spec.name!r} is not loaded")
+            raise self.not_loaded()
         return self._tokenizer

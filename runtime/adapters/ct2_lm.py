@@ -7,8 +7,8 @@ both backends build the same prompt and stream the same way. On this 2-core
 CPU SmolLM2-135M runs ~65 tok/s in int8 and ~30 tok/s in float32, against ~9
 tok/s for MLX float32.
 
-``options.compute_type``: ``int8`` (default), ``float32``, or ``int8_float16`` /
-``float16`` on CUDA.
+``options.compute_type`` (:class:`~mofa_omni.adapters.options.ChatLmOptions`): ``int8``
+(default), ``float32``, or ``int8_float16`` / ``float16`` on CUDA.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from mofa_omni.adapters.chat import Piece, detokenized_pieces
 from mofa_omni.adapters.chat_lm import ChatLmAdapter
 from mofa_omni.contract.errors import ModelLoadError
 from mofa_omni.contract.tasks import ChatRequest
-from mofa_omni.models.store import Progress
+from mofa_omni.models.fetching import Progress
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 MODEL_CONFIG = "model_config.json"  # the model's own config (CTranslate2 writes config.json)
@@ -49,12 +49,12 @@ class Ct2LmAdapter(ChatLmAdapter):
     def prepare(self, source_dir: Path, out_dir: Path, progress: Progress) -> None:
         from mofa_omni.formats.gguf import convert_gguf, find_gguf
 
-        gguf = find_gguf(source_dir, self.spec.name, self.spec.options.get("file"))
+        gguf = find_gguf(source_dir, self.spec.name, self.options.file)
         with tempfile.TemporaryDirectory(dir=out_dir.parent) as scratch:
             config = convert_gguf(gguf, Path(scratch), dtype="float32", progress=progress)
             progress("build CTranslate2 model", 0, 1)
             spec = _decoder_spec(Path(scratch), config)
-            spec.optimize(quantization=self.spec.options.get("compute_type", "int8"))
+            spec.optimize(quantization=self.options.compute_type)
             spec.save(str(out_dir))
             for name in TOKENIZER_FILES:
                 shutil.copy(Path(scratch) / name, out_dir / name)
@@ -69,7 +69,7 @@ class Ct2LmAdapter(ChatLmAdapter):
         try:
             self._generator = ctranslate2.Generator(
                 str(model_dir), device=device,
-                compute_type=self.spec.options.get("compute_type", "int8"),
+                compute_type=self.options.compute_type,
                 intra_threads=os.cpu_count() or 1)
         except (RuntimeError, ValueError) as error:
             raise ModelLoadError(f"model {self.spec.name!r}: CTranslate2 cannot load "

@@ -7,8 +7,9 @@ log-mel spectrogram as mlx_whisper's (computed in NumPy, :mod:`mofa_omni.adapter
 and tokens become text with mlx_whisper's tokenizer, so both backends see the same input and
 decode the same way (greedy, no timestamps). Audio longer than 30 s is transcribed window by window.
 
-``options.compute_type`` in the catalog: ``int8`` (default: fastest on a CPU,
-same transcripts here), ``float32``, or ``float16``/``int8_float16`` on CUDA.
+``options.compute_type`` in the catalog (:class:`~mofa_omni.adapters.options.WhisperOptions`):
+``int8`` (default: fastest on a CPU, same transcripts here), ``float32``, or
+``float16``/``int8_float16`` on CUDA.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from mofa_omni.adapters.base import ModelAdapter
+from mofa_omni.adapters.options import AdapterOptions, WhisperOptions
 from mofa_omni.adapters.whisper_features import SAMPLE_RATE, WINDOW_SAMPLES, log_mel
-from mofa_omni.contract.errors import AdapterError, ContractError, ModelLoadError
+from mofa_omni.contract.errors import ContractError, ModelLoadError
 from mofa_omni.contract.tasks import (
     Segment,
     Task,
@@ -33,7 +35,8 @@ from mofa_omni.contract.tasks import (
 from mofa_omni.formats.ctranslate2 import read_model_bin
 from mofa_omni.formats.tiktoken_bpe import hf_tokenizer
 from mofa_omni.media.audio import resample
-from mofa_omni.models.store import Progress, link_or_copy
+from mofa_omni.models.fetching import Progress
+from mofa_omni.models.store import link_or_copy
 
 MAX_NEW_TOKENS = 224  # whisper's decoder context is 448: half for the text, as whisper does
 MULTILINGUAL_VOCAB = 51865
@@ -47,6 +50,8 @@ class Ct2WhisperAdapter(ModelAdapter):
     backend: ClassVar[str] = "ctranslate2"
     requires: ClassVar[tuple[str, ...]] = ("ctranslate2", "mlx_whisper")
     artifact_version: ClassVar[int] = 2  # 2: tokenizer.json beside vocabulary.json
+    Options: ClassVar[type[AdapterOptions]] = WhisperOptions
+    options: WhisperOptions
 
     def __init__(self, spec):
         super().__init__(spec)
@@ -74,10 +79,9 @@ class Ct2WhisperAdapter(ModelAdapter):
         import ctranslate2
 
         device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
-        compute_type = self.spec.options.get("compute_type", "int8")
         try:
             self._model = ctranslate2.models.Whisper(
-                str(model_dir), device=device, compute_type=compute_type,
+                str(model_dir), device=device, compute_type=self.options.compute_type,
                 intra_threads=os.cpu_count() or 1)
         except (RuntimeError, ValueError) as error:
             raise ModelLoadError(f"model {self.spec.name!r}: CTranslate2 cannot load "
@@ -93,7 +97,7 @@ class Ct2WhisperAdapter(ModelAdapter):
     @property
     def english_only(self) -> bool:
         if self._model is None:
-            raise AdapterError(f"model {self.spec.name!r} is not loaded")
+            raise self.not_loaded()
         return not self._multilingual
 
     def transcribe(self, request: TranscriptionRequest) -> Transcript:
@@ -102,7 +106,7 @@ class Ct2WhisperAdapter(ModelAdapter):
 
         validate_request(request)
         if self._model is None:
-            raise AdapterError(f"model {self.spec.name!r} is not loaded")
+            raise self.not_loaded()
         audio = resample(request.audio, request.sample_rate, SAMPLE_RATE)
         windows = [audio[start:start + WINDOW_SAMPLES]
                    for start in range(0, len(audio), WINDOW_SAMPLES)]

@@ -8,8 +8,8 @@ backends up to the arithmetic of the weights' format. llama.cpp keeps the previo
 request's tokens: a prompt that starts like the last one (the next turn of a conversation)
 only evaluates what is new.
 
-``options``: ``context`` (tokens, default 4096: prompt + reply must fit), ``threads``
-(default: every core).
+Catalog options (:class:`~mofa_omni.adapters.options.ChatLmOptions`): ``context`` (tokens,
+default 4096: prompt + reply must fit), ``threads`` (default: every core), ``file``.
 """
 
 from __future__ import annotations
@@ -26,18 +26,18 @@ import numpy as np
 from mofa_omni.adapters.chat import Piece, detokenized_pieces
 from mofa_omni.adapters.chat_lm import ChatLmAdapter
 from mofa_omni.adapters.structured import common_prefix
-from mofa_omni.contract.errors import ContractError, ModelLoadError, ModelNotLoaded
+from mofa_omni.contract.errors import ContractError, ModelLoadError
 from mofa_omni.contract.tasks import ChatRequest
-from mofa_omni.models.store import Progress
+from mofa_omni.models.fetching import Progress
 
 WEIGHTS = "model.gguf"
 MODEL_CONFIG = "model_config.json"
-DEFAULT_CONTEXT = 4096
 
 
 class LlamaCppAdapter(ChatLmAdapter):
     """GGUF models of the architectures whose tokenizer :mod:`mofa_omni.formats.gguf` reads
-    (Llama-family such as SmolLM2, Gemma 3), run by whatever llama.cpp is installed."""
+    (Llama-family such as SmolLM2, Gemma 3, Qwen2, Qwen3, Qwen3-MoE), run by whatever
+    llama.cpp is installed."""
 
     formats: ClassVar[frozenset[str]] = frozenset({"gguf"})
     backend: ClassVar[str] = "llama.cpp"
@@ -52,7 +52,7 @@ class LlamaCppAdapter(ChatLmAdapter):
     def prepare(self, source_dir: Path, out_dir: Path, progress: Progress) -> None:
         from mofa_omni.formats.gguf import find_gguf, write_description
 
-        gguf = find_gguf(source_dir, self.spec.name, self.spec.options.get("file"))
+        gguf = find_gguf(source_dir, self.spec.name, self.options.file)
         progress("read GGUF metadata", 0, 1)
         write_description(gguf, out_dir, MODEL_CONFIG)  # checks the file is whole, too
         try:  # the same bytes, not a copy: the source stays in the cache
@@ -65,8 +65,7 @@ class LlamaCppAdapter(ChatLmAdapter):
         from llama_cpp import Llama
         from mlx_lm.utils import load_tokenizer
 
-        context = int(self.spec.options.get("context", DEFAULT_CONTEXT))
-        threads = int(self.spec.options.get("threads", os.cpu_count() or 1))
+        context, threads = self.options.context, self.options.threads or os.cpu_count() or 1
         weights = model_dir / WEIGHTS
         if not weights.is_file():
             raise ModelLoadError(f"model {self.spec.name!r}: {weights} is missing")
@@ -146,7 +145,7 @@ class LlamaCppAdapter(ChatLmAdapter):
 
     def _serving(self) -> tuple[Any, Any]:
         if self._llama is None:
-            raise ModelNotLoaded(f"model {self.spec.name!r} is not loaded")
+            raise self.not_loaded()
         return self._llama, self._tokenizer
 
     def _check_fits(self, prompt_tokens: int, max_tokens: int) -> None:

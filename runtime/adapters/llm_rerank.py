@@ -40,8 +40,8 @@ class TokenScorer(Protocol):
         """For each sequence, log P(token t | tokens before t) for t = 1 .. len - 1."""
 
 
-def rerank_method(options: dict) -> str:
-    method = options.get("rerank", "query_likelihood")
+def rerank_method(method: str) -> str:
+    """``method`` (the model's ``options.rerank``) once it is one of METHODS."""
     if method not in METHODS:
         raise ContractError(f"options.rerank {method!r}: one of {', '.join(METHODS)}")
     return method

@@ -6,7 +6,8 @@ from mofa_omni.adapters.backends import create_adapter
 from mofa_omni.adapters.base import ModelAdapter
 from mofa_omni.contract.tasks import Task
 from mofa_omni.models.catalog import Catalog, ModelSpec
-from mofa_omni.models.store import ModelStore, Progress, no_progress
+from mofa_omni.models.fetching import Progress, no_progress
+from mofa_omni.models.store import ModelStore
 
 
 def open_model(name: str | None = None, *, task: Task | None = None,

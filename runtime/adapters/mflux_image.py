@@ -15,17 +15,20 @@ from __future__ import annotations
 import inspect
 import json
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 import numpy as np
 
 from mofa_omni.adapters.base import ModelAdapter
-from mofa_omni.contract.errors import AdapterError, ContractError, ModelLoadError
+from mofa_omni.adapters.options import AdapterOptions, Positive
+from mofa_omni.contract.errors import ContractError, ModelLoadError, ServerError
 from mofa_omni.contract.tasks import Image, ImageRequest, Task, validate_request
-from mofa_omni.models.store import Progress, link_or_copy
+from mofa_omni.models.fetching import Progress
+from mofa_omni.models.store import link_or_copy
 
 # mflux registry keys served by its FLUX.2-klein text-to-image pipeline.
-FAMILIES = ("flux2-klein-4b", "flux2-klein-9b", "flux2-klein-base-4b", "flux2-klein-base-9b")
+Family = Literal["flux2-klein-4b", "flux2-klein-9b", "flux2-klein-base-4b", "flux2-klein-base-9b"]
+FAMILIES: tuple[str, ...] = get_args(Family)
 COMPONENTS = ("transformer", "text_encoder", "vae")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 # FLUX.2-klein conditions on the hidden states of these text-encoder layers (fixed in mflux).
@@ -96,27 +99,31 @@ def model_config(family: str, directory: Path):
     return ModelConfig(**fields)
 
 
+class MfluxOptions(AdapterOptions):
+    """The catalog options of a FLUX.2-klein model."""
+
+    family: Family = "flux2-klein-4b"  # the mflux registry key: pipeline and defaults
+    # 1.0 for the distilled klein models; the base models use classifier-free guidance, e.g. 4.0
+    guidance: float = 1.0
+    max_side: Positive = 2048  # the largest width / height a request may ask for
+    max_steps: Positive = 100
+
+
 class MfluxImageAdapter(ModelAdapter):
-    """Text to image with mflux's FLUX.2-klein pipeline. Options: ``family`` (an mflux registry
-    key, see FAMILIES), ``guidance`` (1.0 for the distilled klein models; the base models use
-    classifier-free guidance, e.g. 4.0), ``max_side`` (the largest width/height accepted) and
-    ``max_steps``."""
+    """Text to image with mflux's FLUX.2-klein pipeline. Options (:class:`MfluxOptions`):
+    ``family`` (an mflux registry key, see FAMILIES), ``guidance`` (1.0 for the distilled klein
+    models; the base models use classifier-free guidance, e.g. 4.0), ``max_side`` (the largest
+    width/height accepted) and ``max_steps``."""
 
     supported_tasks: ClassVar[frozenset[Task]] = frozenset({Task.IMAGE_GENERATION})
     formats: ClassVar[frozenset[str]] = frozenset({"diffusers"})
     backend: ClassVar[str] = "mlx"
     requires: ClassVar[tuple[str, ...]] = ("mflux",)
+    Options: ClassVar[type[AdapterOptions]] = MfluxOptions
+    options: MfluxOptions
 
     def __init__(self, spec):
         super().__init__(spec)
-        options = spec.options
-        self.family = str(options.get("family", FAMILIES[0]))
-        if self.family not in FAMILIES:
-            raise AdapterError(f"model {spec.name!r}: family {self.family!r} is not served by "
-                               f"mflux's FLUX.2-klein pipeline ({', '.join(FAMILIES)})")
-        self.guidance = float(options.get("guidance", 1.0))
-        self.max_side = int(options.get("max_side", 2048))
-        self.max_steps = int(options.get("max_steps", 100))
         self._pipeline = None
 
     # --- lifecycle -------------------------------------------------------------------
@@ -136,7 +143,7 @@ class MfluxImageAdapter(ModelAdapter):
         from mflux.models.flux2.variants.txt2img.flux2_klein import Flux2Klein
 
         check_layout(model_dir)
-        config = model_config(self.family, model_dir)
+        config = model_config(self.options.family, model_dir)
         pipeline = Flux2Klein(model_path=str(model_dir), model_config=config)
         # mflux leaves the weights lazy: read them now, so that the load costs what it costs
         # and the memory shows before the first request.
@@ -151,15 +158,15 @@ class MfluxImageAdapter(ModelAdapter):
     def check(self, request: ImageRequest) -> None:
         """Refuse what this model cannot draw, naming the limit."""
         validate_request(request)
-        width, height = request.width, request.height
+        width, height, limits = request.width, request.height, self.options
         if width % SIZE_MULTIPLE or height % SIZE_MULTIPLE:
             raise ContractError(f"image size {width}x{height}: width and height must be "
                                 f"multiples of {SIZE_MULTIPLE} for {self.spec.name}")
-        if not (SIZE_MULTIPLE <= min(width, height) and max(width, height) <= self.max_side):
+        if not (SIZE_MULTIPLE <= min(width, height) and max(width, height) <= limits.max_side):
             raise ContractError(f"image size {width}x{height} is outside {SIZE_MULTIPLE}-"
-                                f"{self.max_side} pixels a side for {self.spec.name}")
-        if not 1 <= request.steps <= self.max_steps:
-            raise ContractError(f"steps must be 1-{self.max_steps}, got {request.steps}")
+                                f"{limits.max_side} pixels a side for {self.spec.name}")
+        if not 1 <= request.steps <= limits.max_steps:
+            raise ContractError(f"steps must be 1-{limits.max_steps}, got {request.steps}")
         if not 0 <= request.seed <= MAX_SEED:
             raise ContractError(f"seed must be 0-{MAX_SEED}, got {request.seed}")
 
@@ -168,12 +175,12 @@ class MfluxImageAdapter(ModelAdapter):
         request (seed included) gives the same pixels."""
         self.check(request)
         if self._pipeline is None:
-            raise AdapterError(f"model {self.spec.name!r} is not loaded")
+            raise self.not_loaded()
         generated = self._pipeline.generate_image(
             seed=request.seed, prompt=request.prompt, num_inference_steps=request.steps,
-            height=request.height, width=request.width, guidance=self.guidance)
+            height=request.height, width=request.width, guidance=self.options.guidance)
         pixels = np.ascontiguousarray(np.asarray(generated.image.convert("RGB"), dtype=np.uint8))
         if pixels.shape != (request.height, request.width, 3):
-            raise RuntimeError(f"mflux returned an image of shape {pixels.shape} for "
+            raise ServerError(f"mflux returned an image of shape {pixels.shape} for "
                                f"{request.width}x{request.height}")
         return Image(pixels)

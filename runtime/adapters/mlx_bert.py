@@ -1,10 +1,11 @@
 """Sentence embeddings from BERT-family encoders (all-MiniLM-L6-v2 and kin) in MLX.
 
-The encoder is built from a Hugging Face ``config.json`` and loads the
-checkpoint's ``model.safetensors`` under its own names; texts are tokenized
-with ``tokenizer.json``, mean-pooled over real tokens and L2-normalised, as
-sentence-transformers does. Everything stays float32 (float16 is very slow on
-a CPU).
+The encoder is built from a Hugging Face ``config.json`` (BERT, or XLM-RoBERTa) and loads
+the checkpoint's ``model.safetensors`` under its own names; texts are tokenized with
+``tokenizer.json`` (after the prompt of their input type, if the model has one), and pooled and
+normalised as the checkpoint's sentence-transformers files say (mean and unit length without
+them), with :func:`mofa_omni.formats.sentence_transformers.pool`, as ort_bert does. Everything
+stays float32 (float16 is very slow on a CPU).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mofa_omni.adapters.base import ModelAdapter
-from mofa_omni.contract.errors import ContractError, ModelLoadError
+from mofa_omni.adapters.options import BertOptions
+from mofa_omni.contract.errors import ModelLoadError
 from mofa_omni.contract.stages import (
     QUERY_AND_DOCUMENTS,
     Stage,
@@ -34,16 +36,25 @@ from mofa_omni.contract.tasks import (
     Tensor,
 )
 from mofa_omni.formats.bert import (
-    DEFAULT_BATCH,
     FILES,
     check_checkpoint,
     copy_files,
+    encode,
+    encoder_name,
     length_batches,
     load_tokenizer,
     padded,
+    position_offset,
     read_config,
 )
-from mofa_omni.models.store import Progress
+from mofa_omni.formats.sentence_transformers import (
+    SentencePipeline,
+    configured_pipeline,
+    files_of,
+    pool,
+    read_pipeline,
+)
+from mofa_omni.models.fetching import Progress
 
 
 class _Embeddings(nn.Module):
@@ -54,9 +65,10 @@ class _Embeddings(nn.Module):
         self.position_embeddings = nn.Embedding(c["max_position_embeddings"], d)
         self.token_type_embeddings = nn.Embedding(c.get("type_vocab_size", 2), d)
         self.LayerNorm = nn.LayerNorm(d, eps=c.get("layer_norm_eps", 1e-12))
+        self.offset = position_offset(c)  # XLM-R's positions start after its padding index
 
     def __call__(self, ids: mx.array, types: mx.array) -> mx.array:
-        positions = mx.arange(ids.shape[1])
+        positions = mx.arange(ids.shape[1]) + self.offset
         return self.LayerNorm(self.word_embeddings(ids) + self.position_embeddings(positions)
                               + self.token_type_embeddings(types))
 
@@ -124,27 +136,34 @@ class BertEncoder(nn.Module):
     @staticmethod
     def hf_name(name: str) -> str:
         """The MLX parameter name of the HF checkpoint tensor ``name``."""
-        return (name.replace("encoder.layer.", "layers.").replace(".attention.self.", ".attention.")
+        return (encoder_name(name).replace("encoder.layer.", "layers.")
+                .replace(".attention.self.", ".attention.")
                 .replace(".intermediate.dense.", ".intermediate."))
 
 
 class MlxBertAdapter(ModelAdapter):
-    """A BERT sentence-embedding model in MLX: texts -> L2-normalised float32 vectors."""
+    """A BERT sentence-embedding model in MLX: texts -> float32 sentence vectors (unit length
+    unless its sentence-transformers files or options say otherwise)."""
 
     supported_tasks = frozenset({Task.EMBEDDING, Task.RERANK})
     formats = frozenset({"safetensors"})
     backend = "mlx"
+    Options = BertOptions  # max_length, batch_size, pooling, prompts; threads is ort_bert's
+    options: BertOptions
+    artifact_version = 2  # 2: the sentence-transformers files copied along
 
     def __init__(self, spec):
         super().__init__(spec)
         self._model: BertEncoder | None = None
         self._tokenizer = None
         self.max_length = 0
-        self.batch_size = int(spec.options.get("batch_size", DEFAULT_BATCH))
+        self.batch_size = self.options.batch_size
+        self.pipeline = SentencePipeline()
 
     def prepare(self, source_dir: Path, out_dir: Path, progress: Progress) -> None:
         check_checkpoint(self.spec.name, source_dir)
-        copy_files(source_dir, out_dir, FILES, progress)
+        read_pipeline(source_dir)  # refused now rather than at load: a module it cannot run
+        copy_files(source_dir, out_dir, [*FILES, *files_of(source_dir)], progress)
 
     def _load(self, model_dir: Path) -> None:
         config = read_config(model_dir / "config.json")
@@ -160,7 +179,9 @@ class MlxBertAdapter(ModelAdapter):
                                  f"{', '.join(sorted(missing)[:5])}")
         model.load_weights(list(weights.items()))
         mx.eval(model.parameters())
-        self._tokenizer, self.max_length = load_tokenizer(model_dir, config, self.spec.options)
+        self.pipeline = configured_pipeline(model_dir, self.options)
+        self._tokenizer, self.max_length = load_tokenizer(model_dir, config,
+                                                          self.options.max_length)
         self._model = model
 
     def _unload(self) -> None:
@@ -169,40 +190,48 @@ class MlxBertAdapter(ModelAdapter):
 
     @property
     def dimension(self) -> int:
-        """Length of the embedding vectors (the encoder's hidden size)."""
-        return self._model.embeddings.LayerNorm.weight.shape[0]
+        """Length of the embedding vectors (hidden size times the pooling modes)."""
+        return self._model.embeddings.LayerNorm.weight.shape[0] * len(self.pipeline.pooling)
 
     def embed(self, request: EmbeddingRequest) -> Embeddings:
-        """Embed ``request.texts``: float32 (n, hidden), unit rows, in the order given."""
-        return Embeddings(np.array(self._embed_texts(list(request.texts)), dtype=np.float32))
+        """Embed ``request.texts`` (after the prompt of ``request.input_type``, if the model has
+        one): float32 (n, dimension), in the order given."""
+        return Embeddings(np.array(self._embed_texts(list(request.texts), request.input_type),
+                                   dtype=np.float32))
 
     def rerank(self, request: RerankRequest) -> RerankResult:
-        """Score each document by its cosine similarity with the query."""
+        """Score each document by its cosine similarity with the query (embedded as a query,
+        the documents as documents)."""
         return cosine_rank(Tensor(QUERY_AND_DOCUMENTS,
-                                  self._embed_texts([request.query, *request.documents])))
+                                  self._query_and_documents([request.query, *request.documents])))
 
     def stages(self) -> dict[str, Stage]:
-        return {"embed_query_and_documents": embed_query_and_documents(self._embed_texts)}
+        return {"embed_query_and_documents": embed_query_and_documents(self._query_and_documents)}
 
-    def _embed_texts(self, texts: list[str]) -> mx.array:
-        """Unit vectors of ``texts`` as one MLX matrix, rows in the order given."""
+    def _query_and_documents(self, texts: list[str]) -> mx.array:
+        """Unit vectors of a query (``texts[0]``) and its documents, each with its prompt."""
+        return mx.concatenate([self._embed_texts(texts[:1], "query", normalize=True),
+                               self._embed_texts(texts[1:], "document", normalize=True)])
+
+    def _embed_texts(self, texts: list[str], input_type: str | None = None,
+                     normalize: bool | None = None) -> mx.array:
+        """Vectors of ``texts`` as one MLX matrix, rows in the order given; unit length if
+        ``normalize`` (unset: as the model's pipeline says)."""
         if self._model is None:
-            raise ContractError(f"model {self.spec.name!r} is not loaded")
-        encodings = self._tokenizer.encode_batch(texts)
+            raise self.not_loaded()
+        if not texts:
+            return mx.zeros((0, self.dimension), mx.float32)
+        encodings = encode(self._tokenizer, texts, self.pipeline.prefix(input_type))
         order, batches = length_batches([len(e.ids) for e in encodings], self.batch_size)
-        vectors = mx.concatenate([self._embed_batch([encodings[i] for i in batch])
+        unit = self.pipeline.normalize if normalize is None else normalize
+        vectors = np.concatenate([self._embed_batch([encodings[i] for i in batch], unit)
                                   for batch in batches])
-        if order != list(range(len(order))):
-            vectors = vectors[mx.array(np.argsort(order))]  # back to the order given
+        vectors = mx.array(vectors[np.argsort(order)])  # back to the order given
         mx.eval(vectors)
         return vectors
 
-    def _embed_batch(self, encodings: list) -> mx.array:
+    def _embed_batch(self, encodings: list, normalize: bool) -> np.ndarray:
         ids, types, mask = padded(encodings)
-        m = mx.array(mask.astype(np.int32))
-        hidden = self._model(mx.array(ids.astype(np.int32)), mx.array(types.astype(np.int32)), m)
-        weights = m[:, :, None].astype(mx.float32)
-        pooled = (hidden * weights).sum(axis=1) / mx.maximum(weights.sum(axis=1), 1.0)
-        pooled = pooled / mx.maximum(mx.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
-        return pooled
-
+        hidden = self._model(mx.array(ids.astype(np.int32)), mx.array(types.astype(np.int32)),
+                             mx.array(mask.astype(np.int32)))
+        return pool(np.asarray(hidden), mask, self.pipeline.pooling, normalize)

@@ -11,13 +11,15 @@ import numpy as np
 from mofa_omni.adapters.chat import Piece
 from mofa_omni.adapters.chat_lm import ChatLmAdapter
 from mofa_omni.contract.tasks import ChatRequest
-from mofa_omni.models.store import Progress, link_model_directory
+from mofa_omni.models.fetching import Progress
+from mofa_omni.models.store import link_model_directory
 
 
 class MlxLmAdapter(ChatLmAdapter):
     """Chat models served by mlx-lm. ``options.dtype`` picks how a GGUF is converted
     (``float32``, ``float16`` or ``quantized``; see :mod:`mofa_omni.formats.gguf`);
-    ``options.bits`` (e.g. 8) quantizes the converted weights with MLX when they load."""
+    ``options.bits`` (e.g. 8) quantizes the converted weights with MLX when they load, in groups
+    of ``options.group_size`` (:class:`~mofa_omni.adapters.options.ChatLmOptions`)."""
 
     formats: ClassVar[frozenset[str]] = frozenset({"gguf", "mlx"})
     backend: ClassVar[str] = "mlx"
@@ -35,21 +37,19 @@ class MlxLmAdapter(ChatLmAdapter):
             return
         from mofa_omni.formats.gguf import convert_gguf, find_gguf
 
-        gguf = find_gguf(source_dir, self.spec.name, self.spec.options.get("file"))
-        convert_gguf(gguf, out_dir, dtype=self.spec.options.get("dtype", "float32"),
-                     progress=progress)
+        gguf = find_gguf(source_dir, self.spec.name, self.options.file)
+        convert_gguf(gguf, out_dir, dtype=self.options.dtype, progress=progress)
 
     def _load(self, model_dir: Path) -> None:
         from mlx_lm.utils import load_model, load_tokenizer
 
         model, config = load_model(Path(model_dir))
-        if bits := self.spec.options.get("bits"):
+        if bits := self.options.bits:
             import mlx.core as mx
             import mlx.nn as nn
 
             # Quantized in memory at load (the converted float32 files stay as they are).
-            nn.quantize(model, group_size=int(self.spec.options.get("group_size", 64)),
-                        bits=int(bits))
+            nn.quantize(model, group_size=self.options.group_size, bits=bits)
             mx.eval(model.parameters())
         self._tokenizer = load_tokenizer(Path(model_dir), eos_token_ids=config.get("eos_token_id"))
         self._model = model

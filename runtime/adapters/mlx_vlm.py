@@ -17,7 +17,7 @@ import numpy as np
 
 from mofa_omni.adapters.base import ModelAdapter
 from mofa_omni.adapters.chat import Piece, stream_reply
-from mofa_omni.contract.errors import AdapterError, ContractError
+from mofa_omni.contract.errors import ContractError
 from mofa_omni.contract.tasks import (
     ChatMessage,
     ChatRequest,
@@ -26,7 +26,8 @@ from mofa_omni.contract.tasks import (
     VisionRequest,
     validate_request,
 )
-from mofa_omni.models.store import Progress, link_model_directory
+from mofa_omni.models.fetching import Progress
+from mofa_omni.models.store import link_model_directory
 
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
@@ -100,7 +101,7 @@ class MlxVlmAdapter(ModelAdapter):
         from mlx_vlm.prompt_utils import apply_chat_template
 
         if self._model is None:
-            raise AdapterError(f"model {self.spec.name!r} is not loaded")
+            raise self.not_loaded()
         prompt = apply_chat_template(self._processor, self._model.config,
                                      [{"role": m.role, "content": m.content} for m in messages],
                                      num_images=len(images))

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from mofa_omni.adapters.base import ModelAdapter
+from mofa_omni.adapters.options import AdapterOptions, WhisperOptions
 from mofa_omni.contract.errors import AdapterError, ContractError, ModelLoadError
 from mofa_omni.contract.stages import Stage
 from mofa_omni.contract.tasks import (
@@ -30,7 +31,8 @@ from mofa_omni.formats.ctranslate2 import convert_whisper
 from mofa_omni.media.audio import resample
 from mofa_omni.models.catalog import ModelSpec
 from mofa_omni.models.compute import mlx_device
-from mofa_omni.models.store import Progress, link_or_copy
+from mofa_omni.models.fetching import Progress
+from mofa_omni.models.store import link_or_copy
 
 WHISPER_RATE = 16_000
 MLX_FILES = ("config.json", "weights.safetensors", "weights.npz", "alignment_heads.json")
@@ -43,6 +45,8 @@ class MlxWhisperAdapter(ModelAdapter):
     formats: ClassVar[frozenset[str]] = frozenset({"ctranslate2", "mlx"})
     backend: ClassVar[str] = "mlx"
     requires: ClassVar[tuple[str, ...]] = ("mlx", "mlx_whisper")
+    # It reads none of them, but takes ct2_whisper's: one catalog entry lists both adapters.
+    Options: ClassVar[type[AdapterOptions]] = WhisperOptions
 
     def __init__(self, spec: ModelSpec):
         super().__init__(spec)
@@ -184,7 +188,7 @@ class MlxWhisperAdapter(ModelAdapter):
 
     def _loaded_model(self):
         if self._model is None:
-            raise AdapterError(f"model {self.spec.name!r} is not loaded")
+            raise self.not_loaded()
         return self._model
 
 

@@ -14,16 +14,23 @@ def cpu_session(model: Path, threads: int, *, model_name: str, memory_arena: boo
     ONNX Runtime's default spins one thread per core, which starves the other nodes
     of a graph for little gain on short inputs. Without ``memory_arena`` the memory of a run
     is given back when it ends, instead of kept for the next (where a large batch would hold
-    hundreds of MiB that the scheduler then counts against the budget).
+    hundreds of MiB that the scheduler then counts against the budget). A missing or
+    unloadable file is a ModelLoadError naming the model and the file.
     """
     try:
         import onnxruntime
     except ImportError:
         raise ModelLoadError(f"model {model_name!r} needs ONNX Runtime: "
                              "pip install onnxruntime") from None
+    if not model.is_file():
+        raise ModelLoadError(f"model {model_name!r}: {model} is missing")
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = max(1, min(threads, os.cpu_count() or 1))
     options.inter_op_num_threads = 1
     options.enable_cpu_mem_arena = memory_arena
-    return onnxruntime.InferenceSession(str(model), sess_options=options,
-                                        providers=["CPUExecutionProvider"])
+    try:
+        return onnxruntime.InferenceSession(str(model), sess_options=options,
+                                            providers=["CPUExecutionProvider"])
+    except (RuntimeError, ValueError) as error:  # onnxruntime's Fail / InvalidGraph / ...
+        raise ModelLoadError(f"model {model_name!r}: ONNX Runtime cannot load {model}: "
+                             f"{error}") from None

@@ -40,7 +40,8 @@ from mofa_omni.contract.tasks import (
     validate_request,
 )
 from mofa_omni.media.audio import read_wav, wav_bytes
-from mofa_omni.models.store import REMOTE_FILE, Progress
+from mofa_omni.models.fetching import Progress
+from mofa_omni.models.store import REMOTE_FILE
 
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 120.0

@@ -1,10 +1,11 @@
 """Sentence embeddings from BERT-family encoders (all-MiniLM-L6-v2 and kin) on ONNX Runtime.
 
-``prepare`` writes the checkpoint's encoder as an ONNX graph once (``model.onnx``: embeddings,
-the layers, mean pooling over real tokens and L2 normalisation, as sentence-transformers does),
-with the weights of ``model.safetensors`` as they are; no torch, no exporter: the graph is
-spelled out below with ``onnx.helper``. Texts are tokenized and batched exactly as by the MLX
-adapter (:mod:`mofa_omni.formats.bert`), so both embed alike. On a CPU ONNX Runtime runs this
+``prepare`` writes the checkpoint's encoder (BERT or XLM-RoBERTa) as an ONNX graph once
+(``model.onnx``: embeddings and the layers, token states out), with the weights of
+``model.safetensors`` as they are; no torch, no exporter: the graph is spelled out below with
+``onnx.helper``. Texts are tokenized, batched, pooled and normalised exactly as by the MLX
+adapter (:mod:`mofa_omni.formats.bert`, :mod:`mofa_omni.formats.sentence_transformers`), so
+both embed alike. On a CPU ONNX Runtime runs this
 encoder several times faster than MLX's CPU backend (``benchmarks/backends.py``).
 """
 
@@ -19,7 +20,8 @@ import numpy as np
 
 from mofa_omni.adapters.base import ModelAdapter
 from mofa_omni.adapters.onnx_session import cpu_session
-from mofa_omni.contract.errors import ContractError, ModelLoadError
+from mofa_omni.adapters.options import AdapterOptions, BertOptions
+from mofa_omni.contract.errors import ModelLoadError
 from mofa_omni.contract.stages import QUERY_AND_DOCUMENTS, cosine_rank
 from mofa_omni.contract.tasks import (
     EmbeddingRequest,
@@ -30,15 +32,24 @@ from mofa_omni.contract.tasks import (
     Tensor,
 )
 from mofa_omni.formats.bert import (
-    DEFAULT_BATCH,
     check_checkpoint,
     copy_files,
+    encode,
+    encoder_name,
     length_batches,
     load_tokenizer,
     padded,
+    position_offset,
     read_config,
 )
-from mofa_omni.models.store import Progress
+from mofa_omni.formats.sentence_transformers import (
+    SentencePipeline,
+    configured_pipeline,
+    files_of,
+    pool,
+    read_pipeline,
+)
+from mofa_omni.models.fetching import Progress
 
 GRAPH = "model.onnx"
 OPSET = 17  # LayerNormalization is an operator from 17 on
@@ -46,16 +57,21 @@ INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 
 
 class OrtBertAdapter(ModelAdapter):
-    """A BERT sentence-embedding model on ONNX Runtime: texts -> L2-normalised float32 vectors.
+    """A BERT sentence-embedding model on ONNX Runtime: texts -> float32 sentence vectors (unit
+    length unless its sentence-transformers files or options say otherwise).
 
-    Catalog options: ``max_length`` (tokens per text), ``batch_size`` (texts per run),
-    ``threads`` (ONNX Runtime's intra-op threads; default: every core).
+    Catalog options (:class:`~mofa_omni.adapters.options.BertOptions`): ``max_length`` (tokens
+    per text), ``batch_size`` (texts per run), ``threads`` (ONNX Runtime's intra-op threads;
+    default: every core), ``pooling``, ``normalize``, ``query_prefix``, ``document_prefix``.
     """
 
     supported_tasks: ClassVar[frozenset[Task]] = frozenset({Task.EMBEDDING, Task.RERANK})
     formats: ClassVar[frozenset[str]] = frozenset({"safetensors"})
     backend: ClassVar[str] = "onnxruntime"
     requires: ClassVar[tuple[str, ...]] = ("onnxruntime", "onnx", "safetensors", "tokenizers")
+    Options: ClassVar[type[AdapterOptions]] = BertOptions
+    options: BertOptions
+    artifact_version: ClassVar[int] = 2  # 2: token states out (pooled here), ST files copied
 
     def __init__(self, spec):
         super().__init__(spec)
@@ -63,58 +79,65 @@ class OrtBertAdapter(ModelAdapter):
         self._tokenizer: Any = None
         self.max_length = 0
         self.dimension = 0  # the vectors' length, once loaded
-        self.batch_size = int(spec.options.get("batch_size", DEFAULT_BATCH))
+        self.batch_size = self.options.batch_size
+        self.pipeline = SentencePipeline()
 
     def prepare(self, source_dir: Path, out_dir: Path, progress: Progress) -> None:
         config = check_checkpoint(self.spec.name, source_dir)
-        weights = _read_weights(self.spec.name, source_dir / "model.safetensors")
+        read_pipeline(source_dir)  # refused now rather than at load: a module it cannot run
+        weights = read_weights(self.spec.name, source_dir / "model.safetensors")
         try:
             write_encoder_graph(config, weights, out_dir / GRAPH, progress)
         except ModelLoadError as error:  # a tensor the encoder needs is not in the checkpoint
             raise ModelLoadError(f"model {self.spec.name!r}: {error}") from None
-        copy_files(source_dir, out_dir, ("config.json", "tokenizer.json"), progress)
+        copy_files(source_dir, out_dir, ["config.json", "tokenizer.json", *files_of(source_dir)],
+                   progress)
 
     def _load(self, model_dir: Path) -> None:
         config = read_config(model_dir / "config.json")
-        if not (model_dir / GRAPH).is_file():
-            raise ModelLoadError(f"model {self.spec.name!r}: {model_dir / GRAPH} is missing")
-        threads = int(self.spec.options.get("threads", os.cpu_count() or 1))
-        try:
-            # 32 texts of 256 tokens need ~300 MiB for attention scores: give it back after.
-            self._session = cpu_session(model_dir / GRAPH, threads, model_name=self.spec.name,
-                                        memory_arena=False)
-        except (RuntimeError, ValueError) as error:  # onnxruntime's Fail/InvalidGraph
-            raise ModelLoadError(f"model {self.spec.name!r}: ONNX Runtime cannot load "
-                                 f"{model_dir / GRAPH}: {error}") from None
-        self._tokenizer, self.max_length = load_tokenizer(model_dir, config, self.spec.options)
-        self.dimension = int(config["hidden_size"])
+        threads = self.options.threads or os.cpu_count() or 1
+        # 32 texts of 256 tokens need ~300 MiB for attention scores: give it back after.
+        self._session = cpu_session(model_dir / GRAPH, threads, model_name=self.spec.name,
+                                    memory_arena=False)
+        self._tokenizer, self.max_length = load_tokenizer(model_dir, config,
+                                                          self.options.max_length)
+        self.pipeline = configured_pipeline(model_dir, self.options)
+        self.dimension = int(config["hidden_size"]) * len(self.pipeline.pooling)
 
     def _unload(self) -> None:
         self._session = self._tokenizer = None
 
     def embed(self, request: EmbeddingRequest) -> Embeddings:
-        """Embed ``request.texts``: float32 (n, hidden), unit rows, in the order given."""
-        return Embeddings(self._embed_texts(list(request.texts)))
+        """Embed ``request.texts`` (after the prompt of ``request.input_type``, if the model has
+        one): float32 (n, dimension), in the order given."""
+        return Embeddings(self._embed_texts(list(request.texts), request.input_type))
 
     def rerank(self, request: RerankRequest) -> RerankResult:
-        """Score each document by its cosine similarity with the query."""
-        return cosine_rank(Tensor(QUERY_AND_DOCUMENTS,
-                                  self._embed_texts([request.query, *request.documents])))
+        """Score each document by its cosine similarity with the query (embedded as a query,
+        the documents as documents)."""
+        vectors = np.concatenate([self._embed_texts([request.query], "query", normalize=True),
+                                  self._embed_texts(list(request.documents), "document",
+                                                    normalize=True)])
+        return cosine_rank(Tensor(QUERY_AND_DOCUMENTS, vectors))
 
-    def _embed_texts(self, texts: list[str]) -> np.ndarray:
+    def _embed_texts(self, texts: list[str], input_type: str | None = None,
+                     normalize: bool | None = None) -> np.ndarray:
         if self._session is None:
-            raise ContractError(f"model {self.spec.name!r} is not loaded")
-        encodings = self._tokenizer.encode_batch(texts)
+            raise self.not_loaded()
+        encodings = encode(self._tokenizer, texts, self.pipeline.prefix(input_type))
         _, batches = length_batches([len(e.ids) for e in encodings], self.batch_size)
+        unit = self.pipeline.normalize if normalize is None else normalize
         vectors = np.empty((len(texts), self.dimension), np.float32)
         for batch in batches:
             arrays = padded([encodings[i] for i in batch])
-            (vectors[batch],) = self._session.run(None, dict(zip(INPUTS, arrays)))
+            (states,) = self._session.run(None, dict(zip(INPUTS, arrays)))
+            vectors[batch] = pool(states, arrays[2], self.pipeline.pooling, unit)
         return vectors
 
 
-def _read_weights(model: str, path: Path) -> dict[str, np.ndarray]:
-    """The checkpoint's tensors as float32, under BERT's names without a ``bert.`` prefix."""
+def read_weights(model: str, path: Path) -> dict[str, np.ndarray]:
+    """The checkpoint's tensors as float32, under BERT's names without a ``bert.``/``roberta.``
+    prefix."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
@@ -123,25 +146,55 @@ def _read_weights(model: str, path: Path) -> dict[str, np.ndarray]:
     except (OSError, SafetensorError) as error:
         raise ModelLoadError(f"model {model!r}: {path} is not readable safetensors: "
                              f"{error}") from None
-    return {name.removeprefix("bert."): value.astype(np.float32) for name, value in tensors.items()}
+    return {encoder_name(name): value.astype(np.float32) for name, value in tensors.items()}
 
 
 def write_encoder_graph(config: dict[str, Any], weights: dict[str, np.ndarray], path: Path,
                         progress: Progress) -> None:
     """Write the encoder of ``config`` with ``weights`` (HF BERT names) as an ONNX graph:
-    int64 (batch, tokens) ids, type ids and attention mask in, float32 (batch, hidden) unit
-    sentence vectors out."""
+    int64 (batch, tokens) ids, type ids and attention mask in, float32 (batch, tokens, hidden)
+    token states out (``token_states``)."""
+    graph = GraphBuilder(weights)
+    states = encoder_states(graph, config, progress)
+    graph.node("Identity", [states], output="token_states")
+    save_graph(graph, path, "bert_token_states", ("token_states", ["batch", "tokens",
+                                                                   config["hidden_size"]]))
+
+
+def save_graph(graph: GraphBuilder, path: Path, name: str,
+               output: tuple[str, list[str | int]]) -> None:
+    """Check and save ``graph``, the encoder's inputs in and one float32 ``output`` (its name
+    and dimensions) out."""
     import onnx
     from onnx import TensorProto, helper
 
-    graph = _GraphBuilder(weights)
+    dims = ["batch", "tokens"]
+    model = helper.make_model(
+        helper.make_graph(
+            graph.nodes, name,
+            [helper.make_tensor_value_info(input_name, TensorProto.INT64, dims)
+             for input_name in INPUTS],
+            [helper.make_tensor_value_info(output[0], TensorProto.FLOAT, output[1])],
+            graph.initializers),
+        opset_imports=[helper.make_opsetid("", OPSET)], producer_name="mofa-omni")
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def encoder_states(graph: GraphBuilder, config: dict[str, Any], progress: Progress) -> str:
+    """Add the encoder of ``config`` to ``graph``, from its inputs (:data:`INPUTS`) to the
+    last layer's token states; returns their name."""
+    from onnx import TensorProto
+
     d, heads = config["hidden_size"], config["num_attention_heads"]
     eps = float(config.get("layer_norm_eps", 1e-12))
     layers = config["num_hidden_layers"]
     g = graph.node
 
     seq = g("Gather", [g("Shape", ["input_ids"]), graph.const(np.array(1, np.int64))])
-    positions = g("Range", [graph.const(np.array(0, np.int64)), seq,
+    offset = position_offset(config)  # XLM-R's positions start after its padding index
+    positions = g("Range", [graph.const(np.array(offset, np.int64)),
+                            g("Add", [seq, graph.const(np.array(offset, np.int64))]),
                             graph.const(np.array(1, np.int64))])
     summed = g("Add", [g("Add", [g("Gather", [graph.weight("embeddings.word_embeddings.weight"),
                                               "input_ids"]),
@@ -160,30 +213,10 @@ def write_encoder_graph(config: dict[str, Any], weights: dict[str, np.ndarray], 
         x = _encoder_layer(graph, f"encoder.layer.{i}", x, key_bias, heads_shape, d, heads, eps)
         progress("write ONNX graph", i + 1, layers)
 
-    # Mean over real tokens, then unit length.
-    token_weights = g("Unsqueeze", [mask, graph.const(np.array([2], np.int64))])
-    tokens_axis = graph.const(np.array([1], np.int64))
-    total = g("ReduceSum", [g("Mul", [x, token_weights]), tokens_axis], keepdims=0)
-    count = g("Max", [g("ReduceSum", [token_weights, tokens_axis], keepdims=0),
-                      graph.const(np.array(1, np.float32))])
-    mean = g("Div", [total, count])
-    norm = g("Max", [g("ReduceL2", [mean], axes=[1], keepdims=1),
-                     graph.const(np.array(1e-12, np.float32))])
-    g("Div", [mean, norm], output="embeddings")
-
-    dims = ["batch", "tokens"]
-    model = helper.make_model(
-        helper.make_graph(
-            graph.nodes, "bert_sentence_embeddings",
-            [helper.make_tensor_value_info(name, TensorProto.INT64, dims) for name in INPUTS],
-            [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, ["batch", d])],
-            graph.initializers),
-        opset_imports=[helper.make_opsetid("", OPSET)], producer_name="mofa-omni")
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
+    return x
 
 
-def _encoder_layer(graph: _GraphBuilder, prefix: str, x: str, key_bias: str, heads_shape: str,
+def _encoder_layer(graph: GraphBuilder, prefix: str, x: str, key_bias: str, heads_shape: str,
                    d: int, heads: int, eps: float) -> str:
     g = graph.node
     scale = 1.0 / math.sqrt(d // heads)
@@ -219,7 +252,7 @@ def _encoder_layer(graph: _GraphBuilder, prefix: str, x: str, key_bias: str, hea
                             f"{prefix}.output.LayerNorm", eps)
 
 
-class _GraphBuilder:
+class GraphBuilder:
     """Nodes and initializers of one ONNX graph, each value named once."""
 
     def __init__(self, weights: dict[str, np.ndarray]):

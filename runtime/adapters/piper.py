@@ -11,16 +11,18 @@ import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 import numpy as np
 
 from mofa_omni.adapters.base import ModelAdapter
 from mofa_omni.adapters.onnx_session import cpu_session
+from mofa_omni.adapters.options import AdapterOptions
 from mofa_omni.contract.errors import ContractError, ModelLoadError
 from mofa_omni.contract.tasks import AudioChunk, SpeechRequest, Task
 from mofa_omni.media.text import split_sentences
-from mofa_omni.models.store import Progress
+from mofa_omni.models.fetching import Progress
 
 MAX_THREADS = 2  # more intra-op threads buy little for one short sentence and starve the graph
 SPEED_RANGE = (0.25, 4.0)
@@ -52,16 +54,15 @@ def _read_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def _noise_option(model: str, options: dict[str, Any], key: str) -> float | None:
-    """Catalog option ``key`` as a float in NOISE_RANGE, or None (the voice's own) if unset."""
-    if key not in options:
-        return None
-    value = options[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not NOISE_RANGE[0] <= value <= NOISE_RANGE[1]:
-        raise ContractError(f"model {model!r}: option {key} = {value!r} is not a number in "
-                            f"{NOISE_RANGE}")
-    return float(value)
+Noise = Annotated[float, msgspec.Meta(ge=NOISE_RANGE[0], le=NOISE_RANGE[1])]
+
+
+class PiperOptions(AdapterOptions):
+    """A Piper voice's catalog options."""
+
+    speed: Annotated[float, msgspec.Meta(ge=SPEED_RANGE[0], le=SPEED_RANGE[1])] = 1.0
+    noise_scale: Noise | None = None  # unset: the voice's config
+    noise_w_scale: Noise | None = None
 
 
 class PiperAdapter(ModelAdapter):
@@ -76,16 +77,12 @@ class PiperAdapter(ModelAdapter):
     supported_tasks = frozenset({Task.SPEECH_SYNTHESIS})
     formats = frozenset({"onnx"})
     backend = "onnxruntime"
+    Options = PiperOptions
+    options: PiperOptions
 
     def __init__(self, spec):
         super().__init__(spec)
         self._voice = None  # piper.PiperVoice while loaded
-        self.speed = float(spec.options.get("speed", 1.0))
-        if not SPEED_RANGE[0] <= self.speed <= SPEED_RANGE[1]:
-            raise ContractError(f"model {spec.name!r}: option speed {self.speed} is outside "
-                                f"{SPEED_RANGE}")
-        self.noise = {key: _noise_option(spec.name, spec.options, key)
-                      for key in ("noise_scale", "noise_w_scale")}
 
     def prepare(self, source_dir: Path, out_dir: Path, progress: Progress) -> None:
         model, config = _find_voice(source_dir)
@@ -114,7 +111,7 @@ class PiperAdapter(ModelAdapter):
     def sample_rate(self) -> int:
         """The voice's output rate in Hz (loaded voices only)."""
         if self._voice is None:
-            raise ContractError(f"model {self.spec.name!r} is not loaded")
+            raise self.not_loaded()
         return int(self._voice.config.sample_rate)
 
     def synthesize(self, request: SpeechRequest) -> Iterator[AudioChunk]:
@@ -127,9 +124,10 @@ class PiperAdapter(ModelAdapter):
             raise ContractError(f"speed {request.speed} is outside {SPEED_RANGE}")
         from piper.config import SynthesisConfig
 
-        voice = self._voice
+        voice, options = self._voice, self.options
         syn_config = SynthesisConfig(
-            length_scale=voice.config.length_scale / (request.speed * self.speed), **self.noise)
+            length_scale=voice.config.length_scale / (request.speed * options.speed),
+            noise_scale=options.noise_scale, noise_w_scale=options.noise_w_scale)
         sentences = [s for s in split_sentences(request.text) if _SPEAKABLE.search(s)]
         if not sentences:  # only punctuation: nothing to say, but the request still gets its reply
             yield AudioChunk(np.zeros(rate // 100, np.float32), rate, final=True, text=request.text)

@@ -23,7 +23,7 @@ from mofa_omni.adapters.base import ModelAdapter
 from mofa_omni.adapters.onnx_session import cpu_session
 from mofa_omni.contract.errors import ContractError, ModelLoadError
 from mofa_omni.contract.tasks import GenericRequest, GenericResult, GenericSpec, Task
-from mofa_omni.models.store import Progress
+from mofa_omni.models.fetching import Progress
 
 SAMPLE_RATE = 16000
 FRAME_SAMPLES = 512
@@ -89,7 +89,7 @@ class SileroVadAdapter(ModelAdapter):
         ``stream`` when given), so a live stream can be fed a few frames at a time.
         """
         if self._session is None:
-            raise ContractError(f"model {self.spec.name!r} is not loaded")
+            raise self.not_loaded()
         frames = np.asarray(frames_16k, np.float32)
         if frames.ndim == 1 and frames.size % FRAME_SAMPLES == 0:
             frames = frames.reshape(-1, FRAME_SAMPLES)

@@ -84,6 +84,12 @@ class _Row:
     def scalar(self, name: str) -> Any:
         return self.column(name)[0].as_py()
 
+    def optional(self, name: str, default: Any) -> Any:
+        """A field added after messages without it were sent: ``default`` when it is absent."""
+        if self.array.type.get_field_index(name) < 0:
+            return default
+        return self.scalar(name)
+
     def numbers(self, name: str) -> np.ndarray:
         """A list<number> field as a zero-copy numpy view."""
         values = self.column(name).flatten()
@@ -163,7 +169,7 @@ _CODECS: dict[type, _Codec] = {
     ErrorReport: _Codec(
         pa.struct([("request_id", pa.string()), ("kind", pa.string()), ("message", pa.string()),
                    ("node", pa.string())]),
-        lambda m: [_one(m.request_id, pa.string()), _one(m.kind, pa.string()),
+        lambda m: [_one(m.request_id, pa.string()), _one(str(m.kind), pa.string()),
                    _one(m.message, pa.string()), _one(m.node, pa.string())],
         lambda r: ErrorReport(r.scalar("request_id"), r.scalar("kind"), r.scalar("message"),
                               r.scalar("node")),
@@ -219,10 +225,11 @@ _CODECS: dict[type, _Codec] = {
         lambda r: AudioChunk(r.numbers("audio"), r.scalar("sample_rate"), r.scalar("final"),
                              r.scalar("text")),
     ),
-    EmbeddingRequest: _Codec(
-        pa.struct([("texts", pa.list_(pa.string()))]),
-        lambda m: [_one(list(m.texts), pa.list_(pa.string()))],
-        lambda r: EmbeddingRequest(r.scalar("texts")),
+    EmbeddingRequest: _Codec(  # input_type "" is None; messages from before it had none
+        pa.struct([("texts", pa.list_(pa.string())), ("input_type", pa.string())]),
+        lambda m: [_one(list(m.texts), pa.list_(pa.string())),
+                   _one(m.input_type or "", pa.string())],
+        lambda r: EmbeddingRequest(r.scalar("texts"), r.optional("input_type", "") or None),
     ),
     Embeddings: _Codec(
         pa.struct([("vectors", pa.list_(pa.float32())), ("dim", pa.int32())]),

@@ -23,7 +23,7 @@ import enum
 from typing import ClassVar
 
 
-class ErrorKind(str, enum.Enum):
+class ErrorKind(enum.StrEnum):
     """What went wrong with a request, as a node reports it (``ErrorReport.kind``)."""
 
     BAD_REQUEST = "bad_request"  # the request breaks the contract (the caller's mistake)

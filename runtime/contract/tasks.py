@@ -117,14 +117,22 @@ class AudioChunk:
 
 # --- embeddings and reranking --------------------------------------------------------
 
+INPUT_TYPES = ("query", "document")  # what an embedding request's texts are, for prompted models
+
+
 @dataclass(frozen=True, slots=True)
 class EmbeddingRequest:
     texts: list[str]
+    # "query" or "document": models with prompts (E5's "query: ", "passage: ") put the matching
+    # one before each text; None: the model's default prompt, if any.
+    input_type: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Embeddings:
-    vectors: np.ndarray  # float32, shape (len(texts), dim), L2-normalised
+    # float32, shape (len(texts), dim); unit length when the model normalizes (its
+    # sentence-transformers Normalize module, or the catalog option), as most do
+    vectors: np.ndarray
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,9 +225,12 @@ class ErrorReport:
     """Sent on a node's ``error`` output when a request cannot be served."""
 
     request_id: str
-    kind: ErrorKind
+    kind: ErrorKind  # a string naming a kind is accepted and checked
     message: str
     node: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", ErrorKind.parse(self.kind))
 
     def summary(self) -> str:
         return f"{self.kind}: {self.message}"
@@ -358,11 +369,14 @@ def validate_request(request: object) -> None:
                 raise ContractError("speech request has empty text")
             if not 0.25 <= speed <= 4.0:
                 raise ContractError(f"speech speed {speed} is outside 0.25-4")
-        case EmbeddingRequest(texts=texts):
+        case EmbeddingRequest(texts=texts, input_type=input_type):
             if not texts:
                 raise ContractError("embedding request has no texts")
             if any(not t.strip() for t in texts):
                 raise ContractError("embedding request contains an empty text")
+            if input_type is not None and input_type not in INPUT_TYPES:
+                raise ContractError(f"input_type {input_type!r} is not one of "
+                                    f"{', '.join(INPUT_TYPES)}")
         case RerankRequest(query=query, documents=documents):
             if not query.strip():
                 raise ContractError("rerank request has an empty query")

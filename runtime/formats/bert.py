@@ -1,6 +1,11 @@
 """A Hugging Face BERT sentence-embedding checkpoint (all-MiniLM-L6-v2 and kin), engine-neutral:
 its files, its config, its tokenizer, and how texts become padded batches.
 
+XLM-RoBERTa and RoBERTa checkpoints (``model_type`` "xlm-roberta", "roberta") are the same
+encoder but for two things: positions count from ``pad_token_id + 1`` (:func:`position_offset`),
+and their one token type is always 0 (their tokenizer says so). How token states become a
+sentence vector is :mod:`mofa_omni.formats.sentence_transformers`.
+
 Every BERT adapter (MLX, ONNX Runtime) reads the same three files and feeds its encoder the same
 token ids, so that they embed alike; only the encoder differs.
 """
@@ -15,12 +20,15 @@ from typing import Any
 import numpy as np
 
 from mofa_omni.contract.errors import ModelLoadError
-from mofa_omni.models.store import Progress
+from mofa_omni.models.fetching import Progress
 
 FILES = ("config.json", "model.safetensors", "tokenizer.json")
+# Model types whose position ids start after the padding index (fairseq's convention).
+OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "camembert"})
+# Prefixes of the encoder's tensors in a *Model / *ForSequenceClassification checkpoint.
+ENCODER_PREFIXES = ("bert.", "roberta.")
 CONFIG_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                "max_position_embeddings", "vocab_size")
-DEFAULT_BATCH = 32
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -35,6 +43,21 @@ def read_config(path: Path) -> dict[str, Any]:
     return config
 
 
+def position_offset(config: dict[str, Any]) -> int:
+    """Where position ids start: ``pad_token_id + 1`` for (XLM-)RoBERTa, else 0."""
+    if config.get("model_type") in OFFSET_POSITIONS:
+        return int(config.get("pad_token_id", 1)) + 1
+    return 0
+
+
+def encoder_name(name: str) -> str:
+    """A checkpoint tensor's name without a ``bert.``/``roberta.`` prefix."""
+    for prefix in ENCODER_PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
 def check_checkpoint(model: str, source_dir: Path) -> dict[str, Any]:
     """The config of the BERT checkpoint in ``source_dir``, once its files are all there."""
     for name in FILES:
@@ -43,26 +66,33 @@ def check_checkpoint(model: str, source_dir: Path) -> dict[str, Any]:
     return read_config(source_dir / "config.json")
 
 
-def copy_files(source_dir: Path, out_dir: Path, names: tuple[str, ...],
+def copy_files(source_dir: Path, out_dir: Path, names: tuple[str, ...] | list[str],
                progress: Progress) -> None:
     for name in names:
+        (out_dir / name).parent.mkdir(parents=True, exist_ok=True)  # 1_Pooling/config.json
         shutil.copyfile(source_dir / name, out_dir / name)
         progress(f"copy {name}", 1, 1)
 
 
-def load_tokenizer(model_dir: Path, config: dict[str, Any], options: dict[str, Any]):
+def load_tokenizer(model_dir: Path, config: dict[str, Any], max_length: int | None = None):
     """``(tokenizer, max_length)``: ``tokenizer.json`` truncating where it says (128 for MiniLM,
-    its training length; sentence-transformers allows 256), or at the ``max_length`` option,
-    never beyond the encoder's positions; no padding (batches are padded to their longest)."""
+    its training length; sentence-transformers allows 256), or at ``max_length`` (the model's
+    ``max_length`` option), never beyond the encoder's positions; no padding (batches are padded
+    to their longest)."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    positions = config["max_position_embeddings"]
+    positions = config["max_position_embeddings"] - position_offset(config)
     truncation = (tokenizer.truncation or {}).get("max_length") or positions
-    max_length = min(int(options.get("max_length", truncation)), positions)
+    max_length = min(max_length or truncation, positions)
     tokenizer.enable_truncation(max_length)
     tokenizer.no_padding()
     return tokenizer, max_length
+
+
+def encode(tokenizer, texts: list[str], prefix: str = "") -> list:
+    """The encodings of ``texts``, each after ``prefix`` (a prompt such as E5's "query: ")."""
+    return tokenizer.encode_batch([prefix + text for text in texts] if prefix else texts)
 
 
 def length_batches(lengths: list[int], batch_size: int) -> tuple[list[int], list[list[int]]]:

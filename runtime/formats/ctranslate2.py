@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from mofa_omni.contract.errors import ModelLoadError
-from mofa_omni.models.store import Progress
+from mofa_omni.models.fetching import Progress
 
 BINARY_VERSION = 6
 # CTranslate2's DataType enum; int8 weights come with a float32 ``weight_scale`` per output row.

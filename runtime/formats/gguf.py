@@ -13,7 +13,8 @@ Two ways to carry the weights over, chosen by ``dtype``:
 
 The tokenizer is rebuilt from the GGUF metadata with transformers' GGUF
 tokenizer builder (no torch), and the chat template is copied from it.
-Supported architectures: ``llama`` and ``gemma3`` (see ``ARCHITECTURES``).
+Supported architectures: ``llama``, ``gemma3``, ``qwen2``, ``qwen3`` and ``qwen3moe`` (see
+``ARCHITECTURES``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from mofa_omni.contract.errors import ModelLoadError
-from mofa_omni.models.store import Progress
+from mofa_omni.models.fetching import Progress
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
 QUANTIZED = "quantized"
@@ -138,6 +139,32 @@ def _gemma3_config(meta: Metadata) -> dict:
     return config
 
 
+def _qwen2_config(meta: Metadata) -> dict:
+    # llama.cpp rotates the halves of a Qwen head, as Hugging Face does: no permuted rows here
+    return {
+        "model_type": "qwen2",
+        **_common_config(meta),
+        "rope_theta": float(meta.arch_key("rope.freq_base", 1_000_000.0)),
+        "tie_word_embeddings": not meta.has_tensor("output.weight"),
+    }
+
+
+def _qwen3_config(meta: Metadata) -> dict:
+    return {**_qwen2_config(meta), "model_type": "qwen3"}
+
+
+def _qwen3_moe_config(meta: Metadata) -> dict:
+    config = {**_qwen3_config(meta), "model_type": "qwen3_moe"}
+    config.update({  # every layer a mixture (llama.cpp's qwen3moe has no dense layers)
+        "num_experts": int(meta.arch_key("expert_count")),
+        "num_experts_per_tok": int(meta.arch_key("expert_used_count")),
+        "moe_intermediate_size": int(meta.arch_key("expert_feed_forward_length")),
+        "decoder_sparse_step": 1, "mlp_only_layers": [],
+        "norm_topk_prob": True,  # llama.cpp renormalises the chosen experts' weights
+    })
+    return config
+
+
 @dataclass(frozen=True, slots=True)
 class Architecture:
     config: Callable[[Metadata], dict]
@@ -145,15 +172,24 @@ class Architecture:
     norm_shift: float = 0.0  # llama.cpp stores these RMSNorm weights as w + shift
 
 
+_LLAMA_LAYER = {**_ATTENTION_MLP, "attn_norm": "input_layernorm",
+                "ffn_norm": "post_attention_layernorm"}
+_QK_NORMS = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+_EXPERTS = {  # the router, and the experts stacked (expert, out, in) as mlx-lm's SwitchGLU
+    "ffn_gate_inp": "mlp.gate", "ffn_gate_exps": "mlp.switch_mlp.gate_proj",
+    "ffn_up_exps": "mlp.switch_mlp.up_proj", "ffn_down_exps": "mlp.switch_mlp.down_proj"}
+
 ARCHITECTURES: dict[str, Architecture] = {
-    "llama": Architecture(_llama_config, {
-        **_ATTENTION_MLP, "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}),
+    "llama": Architecture(_llama_config, _LLAMA_LAYER),
     "gemma3": Architecture(_gemma3_config, {
         **_ATTENTION_MLP,
         "attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
         "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
         "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
     }, norm_shift=1.0),  # Gemma's RMSNorm multiplies by (1 + w); mlx-lm adds the 1 itself
+    "qwen2": Architecture(_qwen2_config, _LLAMA_LAYER),
+    "qwen3": Architecture(_qwen3_config, {**_LLAMA_LAYER, **_QK_NORMS}),
+    "qwen3moe": Architecture(_qwen3_moe_config, {**_LLAMA_LAYER, **_QK_NORMS, **_EXPERTS}),
 }
 
 _BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")

@@ -1,1 +1,1 @@
-"""The OpenAI-compatible gateway: dora bridge, HTTP app, routes, OpenAI bodies, pictures."""
+"""The OpenAI-compatible gateway: HTTP app, dora bridge, settings, routes, OpenAI bodies, pictures."""

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import msgspec
 import numpy as np
 
-from mofa_omni.contract.errors import ContractError
+from mofa_omni.contract.errors import ContractError, ErrorKind, OmniError
 from mofa_omni.contract.tasks import (
     ChatMessage,
     ChatRequest,
@@ -42,34 +42,49 @@ OPENAI_PCM_RATE = 24_000  # "pcm": raw 16-bit little-endian mono at 24 kHz, as O
 MAX_IMAGE_PIXELS = 4096 * 4096  # a picture in a chat message larger than this is refused
 
 
-class ApiError(Exception):
-    """An error answered to the client: HTTP status, OpenAI error type, message."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param, self.code = (status, message, kind,
-                                                                      param, code)
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
-                          "code": self.code}}
-
-
-# A model node's error kinds (ErrorReport.kind) as HTTP answers.
-NODE_ERRORS: dict[str, tuple[int, str]] = {
-    "bad_request": (400, "invalid_request_error"),
-    "too_large": (413, "invalid_request_error"),
-    "unavailable": (503, "service_unavailable"),
-    "timeout": (504, "timeout"),
-    "cancelled": (499, "cancelled"),
-    "internal": (500, "server_error"),
+# Each kind of error as the client is answered: the HTTP status and OpenAI's error type.
+HTTP_ERRORS: dict[ErrorKind, tuple[int, str]] = {
+    ErrorKind.BAD_REQUEST: (400, "invalid_request_error"),
+    ErrorKind.TOO_LARGE: (413, "invalid_request_error"),
+    ErrorKind.UNAVAILABLE: (503, "service_unavailable"),
+    ErrorKind.TIMEOUT: (504, "timeout"),
+    ErrorKind.CANCELLED: (499, "cancelled"),
+    ErrorKind.LOST: (500, "server_error"),
+    ErrorKind.INTERNAL: (500, "server_error"),
 }
 
 
-def node_error(kind: str, message: str) -> ApiError:
-    status, error_type = NODE_ERRORS.get(kind, (500, "server_error"))
-    return ApiError(status, message, error_type, code=kind)
+class ApiError(OmniError):
+    """An error answered to the client: its kind, HTTP status, OpenAI error type and message.
+
+    The status and the type follow from ``kind`` (:data:`HTTP_ERRORS`) unless given: an
+    unknown model is a ``bad_request`` answered 404, a missing API key one answered 401.
+    """
+
+    def __init__(self, kind: ErrorKind, message: str, *, status: int | None = None,
+                 error_type: str | None = None, param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        kind_status, kind_type = HTTP_ERRORS[kind]
+        self.kind = kind  # this error's own, where OmniError's subclasses have one per class
+        self.status = status or kind_status
+        self.error_type = error_type or kind_type
+        self.message, self.param, self.code = message, param, code
+
+    def body(self) -> dict[str, Any]:
+        """The OpenAI error body: ``{"error": {"message", "type", "param", "code"}}``."""
+        return {"error": {"message": self.message, "type": self.error_type, "param": self.param,
+                          "code": self.code}}
+
+
+def node_error(kind: ErrorKind | str, message: str) -> ApiError:
+    """A model node's error (``ErrorReport.kind``) as answered to the client, the kind as its
+    code; a kind this gateway does not know is answered as ``internal``."""
+    try:
+        known = ErrorKind(kind)
+    except ValueError:
+        known = ErrorKind.INTERNAL
+    return ApiError(known, message, code=str(kind))
 
 
 # --- request bodies ----------------------------------------------------------------------
@@ -174,13 +189,21 @@ def _content_of(content: str | list[dict[str, Any]] | None, index: int,
     return "".join(texts), pictures
 
 
+_COHERE_INPUT_TYPES = {"search_query": "query", "search_document": "document"}
+
+
 class EmbeddingBody(msgspec.Struct):
     model: str
     input: str | list[str]
     encoding_format: Literal["float", "base64"] = "float"
+    # Not OpenAI's: Voyage's "query"/"document" (Cohere's "search_query"/"search_document"
+    # too), for models that prompt each kind (E5's "query: "/"passage: ", BGE's instruction).
+    input_type: str | None = None
 
     def to_request(self) -> EmbeddingRequest:
-        request = EmbeddingRequest([self.input] if isinstance(self.input, str) else self.input)
+        input_type = _COHERE_INPUT_TYPES.get(self.input_type or "", self.input_type)
+        request = EmbeddingRequest([self.input] if isinstance(self.input, str) else self.input,
+                                   input_type)
         validate_request(request)
         return request
 
@@ -263,9 +286,9 @@ def decode_body(raw: bytes, body_type: type[msgspec.Struct]) -> Any:
     try:
         return msgspec.json.decode(raw, type=body_type)
     except msgspec.ValidationError as error:
-        raise ApiError(400, f"invalid request body: {error}") from None
+        raise ApiError(ErrorKind.BAD_REQUEST, f"invalid request body: {error}") from None
     except msgspec.DecodeError as error:
-        raise ApiError(400, f"the body is not JSON: {error}") from None
+        raise ApiError(ErrorKind.BAD_REQUEST, f"the body is not JSON: {error}") from None
 
 
 def read_audio_upload(data: bytes, filename: str) -> tuple[np.ndarray, int]:

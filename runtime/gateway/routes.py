@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from mofa_omni.adapters.backends import select_adapter
-from mofa_omni.contract.errors import ContractError
+from mofa_omni.contract.errors import ContractError, ErrorKind
 from mofa_omni.contract.tasks import Task
 from mofa_omni.gateway.openai_bodies import ApiError
 from mofa_omni.models.catalog import Catalog, CatalogError
@@ -100,14 +100,16 @@ class Router:
         if exact:
             return Choice(exact)
         if model not in self.catalog.models:
-            raise ApiError(404, f"the model {model!r} does not exist (GET /v1/models lists them)",
-                           code="model_not_found", param="model")
+            raise ApiError(ErrorKind.BAD_REQUEST,
+                           f"the model {model!r} does not exist (GET /v1/models lists them)",
+                           status=404, code="model_not_found", param="model")
         if remote:  # a catalog model this graph has no node for: the remote server answers
             return Choice(remote)
         served = sorted({r.model for r in for_task})
-        raise ApiError(404, f"no node of this graph serves {model!r} for {task.value}"
-                            + (f"; it serves {', '.join(served)}" if served else ""),
-                       code="model_not_served", param="model")
+        raise ApiError(ErrorKind.BAD_REQUEST,
+                       f"no node of this graph serves {model!r} for {task.value}"
+                       + (f"; it serves {', '.join(served)}" if served else ""),
+                       status=404, code="model_not_served", param="model")
 
     def choose_for_images(self, model: str) -> Choice:
         """The node serving ``model`` for a chat holding pictures (vision_language); a 400
@@ -115,10 +117,11 @@ class Router:
         spec = self.catalog.models.get(model)
         if spec is not None and Task.VISION_LANGUAGE not in spec.tasks:
             readers = sorted({r.model for r in self.routes if r.task is Task.VISION_LANGUAGE})
-            raise ApiError(400, f"the messages hold images, and {model!r} does not read images "
-                                f"(it serves {', '.join(t.value for t in spec.tasks)}); "
-                                + (f"models of this graph that do: {', '.join(readers)}"
-                                   if readers else "no model of this graph does"),
+            raise ApiError(ErrorKind.BAD_REQUEST,
+                           f"the messages hold images, and {model!r} does not read images "
+                           f"(it serves {', '.join(t.value for t in spec.tasks)}); "
+                           + (f"models of this graph that do: {', '.join(readers)}"
+                              if readers else "no model of this graph does"),
                            code="model_not_multimodal", param="model")
         return self.choose(model, Task.VISION_LANGUAGE)
 

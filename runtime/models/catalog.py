@@ -3,7 +3,9 @@
 The built-in catalog is ``catalog.toml`` beside this module. Users add or
 override models in their own TOML files of the same layout, found at
 ``~/.config/mofa-omni/catalog.toml`` and at the paths in ``$MOFA_OMNI_CATALOG``
-(separated by ``os.pathsep``), without editing code.
+(separated by ``os.pathsep``), without editing code. An entry's ``options`` are the typed
+options of the adapters it lists (:mod:`mofa_omni.adapters.options`), checked where the model
+is put to use: an option none of them takes is an error, never ignored.
 """
 
 from __future__ import annotations
@@ -73,6 +75,9 @@ class ModelSpec:
     source: Source
     memory_mb: int
     description: str = ""
+    # The entry's ``options`` table as written: its keys and types are those of the adapters'
+    # ``Options`` structs, checked against every adapter listed where the model is put to use
+    # (mofa_omni.adapters.base.check_options: this module cannot import the adapters).
     options: dict[str, Any] = field(default_factory=dict)
     licence: str = ""
     adapters: tuple[str, ...] = ()  # every adapter that can serve it; mofa_omni.adapters.backends chooses
@@ -113,6 +118,10 @@ def _parse_model(name: str, raw: dict[str, Any], base: Path) -> ModelSpec:
     adapters = (raw["adapter"],) if isinstance(raw["adapter"], str) else tuple(raw["adapter"])
     if not adapters:
         raise CatalogError(f"model {name!r}: adapter must name at least one adapter")
+    options = raw.get("options", {})
+    if not isinstance(options, dict):
+        raise CatalogError(f"model {name!r}: options must be a table (options = {{ key = value "
+                           f"}}), got {options!r}")
     return ModelSpec(
         name=name,
         adapter=adapters[0],
@@ -122,7 +131,7 @@ def _parse_model(name: str, raw: dict[str, Any], base: Path) -> ModelSpec:
         source=_parse_source(name, raw["source"], base),
         memory_mb=int(raw.get("memory_mb", 0)),
         description=raw.get("description", ""),
-        options=dict(raw.get("options", {})),
+        options=dict(options),
         licence=raw.get("licence", ""),
     )
 
@@ -139,20 +148,25 @@ class Catalog:
     defaults: dict[Task, str]
     ladders: dict[str, list[str]]
     sources: list[Path] = field(default_factory=list)  # the files merged, in order
+    # The files asked for, present or not: a user catalog written after the load (a model
+    # registered by path with `omni pull ./dir`) is read by the next reload.
+    wanted: list[Path] = field(default_factory=list)
 
     @classmethod
     def load(cls, paths: list[Path] | None = None) -> Catalog:
         """The built-in catalog merged with the user's files (later files win)."""
         catalog = cls({}, {}, {})
-        for path in [BUILTIN_CATALOG, *(user_catalog_paths() if paths is None else paths)]:
+        catalog.wanted = [BUILTIN_CATALOG, *(user_catalog_paths() if paths is None else paths)]
+        for path in catalog.wanted:
             if path.is_file():
                 catalog.merge(path)
         return catalog
 
     def reload(self) -> Catalog:
-        """The same files read again: a running graph sees models added since it started."""
-        catalog = Catalog({}, {}, {})
-        for path in self.sources:
+        """The same files read again (and those asked for that exist now): a running graph
+        sees models added since it started."""
+        catalog = Catalog({}, {}, {}, wanted=list(self.wanted))
+        for path in dict.fromkeys([*self.wanted, *self.sources]):  # merged ones kept, in order
             if path.is_file():
                 catalog.merge(path)
         return catalog
@@ -215,3 +229,102 @@ def variant_entry(name: str, of: str, **changes) -> str:
         return json.dumps(item)
 
     return f"[models.{name}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in entry.items())
+
+
+def _toml_value(item: Any) -> str:
+    """A TOML value: JSON strings, numbers and lists are TOML too; tables written inline."""
+    if isinstance(item, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in item.items()) + " }"
+    if isinstance(item, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in item) + "]"
+    return json.dumps(item)
+
+
+def source_table(source: Source) -> dict[str, Any]:
+    """``source`` as a catalog entry's ``source`` table."""
+    match source:
+        case PypiSource(packages=packages, files=files, joined=joined):
+            table: dict[str, Any] = {"pypi": list(packages), "files": list(files)}
+            return table | ({"joined": {k: list(v) for k, v in joined.items()}} if joined else {})
+        case HubSource(repo=repo, files=files, revision=revision):
+            return {"hf": repo, "files": list(files), "revision": revision}
+        case PathSource(path=path):
+            return {"path": str(path)}
+        case RemoteSource(url=url, model=model, api_key_env=key):
+            return {"url": url, "model": model} | ({"api_key_env": key} if key else {})
+    raise CatalogError(f"unknown source {source!r}")
+
+
+def entry_of(spec: ModelSpec) -> dict[str, Any]:
+    """``spec`` as the table a catalog file holds for it (what :func:`_parse_model` reads)."""
+    entry: dict[str, Any] = {
+        "description": spec.description,
+        "adapter": list(spec.adapters or (spec.adapter,)),
+        "tasks": [task.value for task in spec.tasks],
+        "format": spec.format,
+        "memory_mb": spec.memory_mb,
+    }
+    if spec.options:
+        entry["options"] = dict(spec.options)
+    if spec.licence:
+        entry["licence"] = spec.licence
+    return entry | {"source": source_table(spec.source)}
+
+
+def entry_toml(spec: ModelSpec) -> str:
+    """``spec`` as a catalog file's ``[models.NAME]`` section."""
+    lines = [f"[models.{json.dumps(spec.name)}]"]
+    lines += [f"{key} = {_toml_value(value)}" for key, value in entry_of(spec).items()]
+    return "\n".join(lines) + "\n"
+
+
+def user_catalog_path() -> Path:
+    """The user catalog that new entries go to: the first path in ``$MOFA_OMNI_CATALOG``, else
+    ``~/.config/mofa-omni/catalog.toml``."""
+    listed = [p for p in os.environ.get("MOFA_OMNI_CATALOG", "").split(os.pathsep) if p]
+    return Path(listed[0]) if listed else user_catalog_paths()[0]
+
+
+def write_user_entry(spec: ModelSpec, catalog: Catalog | None = None, *, force: bool = False,
+                     path: Path | None = None) -> Path:
+    """Add ``spec`` to the user catalog (``path``, default :func:`user_catalog_path`), keeping
+    the entries there; returns the file. A model of that name in ``catalog`` (default: the one
+    loaded now) that differs is an error unless ``force``; the same entry again changes nothing.
+    Forced over an entry of the same file, the file is rewritten (its comments are lost)."""
+    path = path or user_catalog_path()
+    catalog = catalog or Catalog.load()
+    existing = catalog.models.get(spec.name)
+    if existing is not None and entry_of(existing) == entry_of(spec):
+        return path
+    if existing is not None and not force:
+        raise CatalogError(f"a different model {spec.name!r} is already in the catalog "
+                           f"({existing.description or existing.format}): choose another name "
+                           f"(--name) or replace it (--force)")
+    text = path.read_text() if path.is_file() else ""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise CatalogError(f"catalog {path}: {error}") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if spec.name in raw.get("models", {}):
+        raw["models"][spec.name] = entry_of(spec)
+        text = _toml_document(raw)
+    else:
+        text = text + ("\n" if text and not text.endswith("\n\n") else "") + entry_toml(spec)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    partial.replace(path)  # a reader never sees half a file
+    return path
+
+
+def _toml_document(raw: dict[str, Any]) -> str:
+    """A whole catalog file from its parsed tables (``defaults``, ``ladders``, ``models``)."""
+    parts = []
+    for table in ("defaults", "ladders"):
+        if raw.get(table):
+            parts.append(f"[{table}]\n" + "".join(f"{json.dumps(k)} = {_toml_value(v)}\n"
+                                                  for k, v in raw[table].items()))
+    for name, entry in raw.get("models", {}).items():
+        parts.append(f"[models.{json.dumps(name)}]\n" + "".join(
+            f"{k} = {_toml_value(v)}\n" for k, v in entry.items()))
+    return "\n".join(parts)

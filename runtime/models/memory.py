@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import psutil
 
+from mofa_omni.contract.errors import ConfigError
+
 
 @dataclass(frozen=True, slots=True)
 class MemorySnapshot:
@@ -94,7 +96,8 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "m
 
 def parse_size(text: str, total: int | None = None) -> int:
     """Bytes from ``"1.5GiB"``, ``"800MB"``, ``"123456"``, or a fraction of ``total`` (``"0.5"``,
-    ``"50%"``) — the way a budget is written in a dataflow's env."""
+    ``"50%"``) — the way a budget is written in a dataflow's env. A bad one is a ConfigError
+    (a ``ValueError`` too)."""
     cleaned = text.strip().lower().replace(" ", "")
     try:
         if cleaned.endswith("%"):
@@ -108,12 +111,12 @@ def parse_size(text: str, total: int | None = None) -> int:
                 return int(value * _UNITS[unit])
             fraction = value
     except ValueError:
-        raise ValueError(f"not a memory size: {text!r} (write e.g. 1.5GiB, 800MB, 0.5 or 50%)") \
+        raise ConfigError(f"not a memory size: {text!r} (write e.g. 1.5GiB, 800MB, 0.5 or 50%)") \
             from None
     if total is None:
-        raise ValueError(f"{text!r} is a fraction, but of what total is not known")
+        raise ConfigError(f"{text!r} is a fraction, but of what total is not known")
     if not 0 < fraction <= 1:
-        raise ValueError(f"not a fraction between 0 and 1: {text!r}")
+        raise ConfigError(f"not a fraction between 0 and 1: {text!r}")
     return int(fraction * total)
 
 

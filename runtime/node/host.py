@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from mofa_omni.adapters.base import ModelAdapter
 from mofa_omni.contract import arrow
-from mofa_omni.contract.errors import ContractError
+from mofa_omni.contract.errors import ContractError, ErrorKind, OmniError
 from mofa_omni.contract.tasks import TASK_SPECS, ErrorReport, Task
 
 log = logging.getLogger("mofa_omni.node.host")
@@ -73,7 +73,7 @@ class Outgoing:
     meta: MessageMeta
 
 
-StopCheck = Callable[[], str | None]  # "cancelled" / "timeout" when a request must stop
+StopCheck = Callable[[], ErrorKind | None]  # CANCELLED / TIMEOUT when a request must stop
 
 
 def _never() -> str | None:
@@ -127,7 +127,7 @@ class RequestHost(ABC):
                 yield self._error(incoming, reason, f"request {reason} before it started")
                 return
             if self.unavailable:
-                yield self._error(incoming, "unavailable", self.unavailable)
+                yield self._error(incoming, ErrorKind.UNAVAILABLE, self.unavailable)
                 return
             route = self.route(input_id)
             request = arrow.decode(value, route.request_type)
@@ -141,11 +141,14 @@ class RequestHost(ABC):
                     yield self._error(incoming, reason, f"request {reason} while it ran")
                     return
                 yield self._result(result, incoming, result.final)
-        except ContractError as error:
-            yield self._error(incoming, "bad_request", str(error))
+        except ContractError as error:  # the caller's mistake: no traceback in the log
+            yield self._error(incoming, error.kind, str(error))
+        except OmniError as error:  # the server's state (not loaded, cannot load, ...)
+            log.warning("request %s: %s: %s", incoming.request_id, type(error).__name__, error)
+            yield self._error(incoming, error.kind, str(error))
         except Exception as error:  # the model failed on this request: report, keep serving
             log.exception("request %s failed", incoming.request_id)
-            yield self._error(incoming, "internal", f"{type(error).__name__}: {error}")
+            yield self._error(incoming, ErrorKind.INTERNAL, f"{type(error).__name__}: {error}")
         finally:
             if hasattr(results, "close"):
                 results.close()  # a stopped generator stops the model's work at once
@@ -159,12 +162,13 @@ class RequestHost(ABC):
         meta = MessageMeta(rid, seq, final, incoming.origin_ns, time.time_ns(), self.served_name)
         return Outgoing(RESULT_OUTPUT, arrow.encode(result), meta)
 
-    def reject(self, metadata: dict[str, Any] | None, kind: str, message: str) -> Outgoing:
+    def reject(self, metadata: dict[str, Any] | None, kind: ErrorKind, message: str
+               ) -> Outgoing:
         """The error that answers a request this host will not serve (e.g. no memory for it)."""
         return self._error(MessageMeta.from_dora(metadata, f"{self.node_id}-{next(self._ids)}"),
                            kind, message)
 
-    def _error(self, incoming: MessageMeta, kind: str, message: str) -> Outgoing:
+    def _error(self, incoming: MessageMeta, kind: ErrorKind, message: str) -> Outgoing:
         log.error("request %s: %s", incoming.request_id, message)
         self._next_seq.pop(incoming.request_id, None)
         report = ErrorReport(incoming.request_id, kind, message, self.node_id)

@@ -11,8 +11,9 @@ from mofa_omni.adapters.base import ModelAdapter
 from mofa_omni.contract.errors import ModelLoadError
 from mofa_omni.contract.tasks import Task
 from mofa_omni.models.catalog import Catalog, CatalogError, ModelSpec
+from mofa_omni.models.fetching import FetchError
 from mofa_omni.models.memory import peak_resident_bytes, reset_peak_resident, resident_bytes
-from mofa_omni.models.store import FetchError, ModelStore
+from mofa_omni.models.store import ModelStore
 from mofa_omni.node.host import ModelHost
 
 log = logging.getLogger("mofa_omni.node.residency")

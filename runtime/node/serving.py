@@ -25,6 +25,7 @@ from typing import Any
 import msgspec
 import pyarrow as pa
 
+from mofa_omni.contract.errors import ErrorKind
 from mofa_omni.models.compute import prepare_compute_thread
 from mofa_omni.node import trace
 from mofa_omni.node.admission import SchedulerLink
@@ -166,11 +167,11 @@ class RequestWorker:
     def _serve(self, job: _Job) -> None:
         request_id = str(job.metadata.get("request_id", ""))
 
-        def should_stop() -> str | None:
+        def should_stop() -> ErrorKind | None:
             if request_id and self.is_cancelled(request_id):
-                return "cancelled"
+                return ErrorKind.CANCELLED
             if time.monotonic() > job.deadline:
-                return "timeout"
+                return ErrorKind.TIMEOUT
             return None
 
         self._set_state("busy", "busy")
@@ -204,12 +205,12 @@ class RequestWorker:
                                 time.monotonic() - self.link.asked_at, self.slot.wanted.name)
                     self.link.ask()
                     continue
-                self._reject(job, "timeout", "waited for memory to load "
+                self._reject(job, ErrorKind.TIMEOUT, "waited for memory to load "
                                              f"{self.slot.wanted.name} until the deadline")
                 return False
             if command.action == "refuse":
                 self.link.state = "evicted"
-                self._reject(job, "unavailable", f"the scheduler refused "
+                self._reject(job, ErrorKind.UNAVAILABLE, f"the scheduler refused "
                                                  f"{self.slot.wanted.name}: {command.reason}")
                 return False
             self._apply(command)
@@ -365,5 +366,5 @@ class RequestWorker:
             self.link.state = state
             self.link.report(event, outcome, detail=self.host.unavailable)
 
-    def _reject(self, job: _Job, kind: str, message: str) -> None:
+    def _reject(self, job: _Job, kind: ErrorKind, message: str) -> None:
         self.send(self.host.reject(job.metadata, kind, message))

@@ -20,7 +20,8 @@ from mofa_omni.contract.errors import ContractError, ModelLoadError
 from mofa_omni.contract.stages import Handoff, StagePipeline, StageRef, builtin_stage
 from mofa_omni.contract.tasks import TASK_SPECS, Tensor
 from mofa_omni.models.catalog import Catalog
-from mofa_omni.models.store import FetchError, ModelStore
+from mofa_omni.models.fetching import FetchError
+from mofa_omni.models.store import ModelStore
 from mofa_omni.node.host import PRIMARY_INPUT, RequestHost, Route
 
 log = logging.getLogger("mofa_omni.node.stage_host")

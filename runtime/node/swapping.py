@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from mofa_omni.contract.errors import ContractError, ModelLoadError
 from mofa_omni.contract.tasks import Task
 from mofa_omni.models.catalog import ModelSpec
-from mofa_omni.models.store import FetchError
+from mofa_omni.models.fetching import FetchError
 from mofa_omni.node.residency import LoadOutcome, PreparedModel
 from mofa_omni.scheduler.messages import Command, SwapOutcome
 

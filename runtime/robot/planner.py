@@ -7,11 +7,16 @@ simulator and, when it ends, the outcome is spoken; a refused one is not execute
 its reason is spoken. The turn is over once the sentence has been spoken. Commands
 heard meanwhile wait their turn — except "stop", which stops a drive at once (the
 drive's turn then says where it stopped). Every phase has a deadline, so a lost message or a
-stuck drive ends in an explicit sentence rather than a silent robot.
+stuck drive ends in an explicit sentence rather than a silent robot. dora can drop a message
+silently (DESIGN.md), the last of a reply too, which no later message would reveal: an LLM
+that has said nothing for ``reask_s`` is asked again under a new request id (the action is
+chosen deterministically, so the answer is the same), and the late answer to the old id is
+ignored.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import deque
 from dataclasses import dataclass, field
@@ -22,7 +27,9 @@ from mofa_omni.contract.tasks import ChatRequest
 from mofa_omni.robot.actions import Approved, action_request, check, parse_action, report
 from mofa_omni.robot.messages import Drive, Outcome, RobotState
 from mofa_omni.robot.world import World
-from mofa_omni.voice.dialogue import NON_SPEECH
+from mofa_omni.voice.dialogue import NON_SPEECH, TurnDone  # a turn ends as in the voice agent
+
+log = logging.getLogger("mofa_omni.robot.planner")
 
 # Said while the robot drives, these stop it at once, without waiting for the LLM.
 _EMERGENCY_STOP = re.compile(r"^\W*(stop|halt|freeze|wait)( now| there| it)?\W*$", re.IGNORECASE)
@@ -46,11 +53,6 @@ class Say:
 
 
 @dataclass(frozen=True, slots=True)
-class TurnDone:
-    turn_id: str
-
-
-@dataclass(frozen=True, slots=True)
 class LogLine:
     speaker: str  # "user", "action", "outcome", "refused", "robot" (what it says)
     text: str
@@ -67,6 +69,7 @@ class Deadlines:
     think_s: float = 120.0  # the LLM's action
     drive_s: float = 60.0  # a drive, in wall-clock seconds
     speak_s: float = 120.0  # a sentence spoken
+    reask_s: float = 20.0  # the LLM silent this long while thinking: ask again (a lost reply)
 
 
 @dataclass
@@ -77,6 +80,9 @@ class _Turn:
     since: float
     reply: str = ""
     description: str = ""
+    request: ChatRequest | None = None  # what the LLM was asked (asked again if it goes silent)
+    attempt: int = 0  # how many times it was asked again
+    heard_at: float = 0.0  # the LLM's last message for this turn (or when it was asked)
 
 
 @dataclass
@@ -101,13 +107,14 @@ class Planner:
         if self.turn is not None or not self.waiting:
             return []
         turn_id, command = self.waiting.popleft()
-        self.turn = _Turn(turn_id, command, "thinking", now)
-        return [LogLine("user", command),
-                AskLLM(self._llm_id, action_request(command, self.state, self.seen, self.world))]
+        request = action_request(command, self.state, self.seen, self.world)
+        self.turn = _Turn(turn_id, command, "thinking", now, request=request, heard_at=now)
+        return [LogLine("user", command), AskLLM(self._llm_id, request)]
 
     @property
     def _llm_id(self) -> str:
-        return f"{self.turn.turn_id}-action"
+        attempt = self.turn.attempt
+        return f"{self.turn.turn_id}-action" + (f"-{attempt}" if attempt else "")
 
     @property
     def _drive_id(self) -> str:
@@ -122,6 +129,7 @@ class Planner:
         if turn is None or turn.phase != "thinking" or request_id != self._llm_id:
             return []
         turn.reply += text
+        turn.heard_at = now
         if not final:
             return []
         try:
@@ -173,6 +181,8 @@ class Planner:
         limit = {"thinking": self.deadlines.think_s, "driving": self.deadlines.drive_s,
                  "speaking": self.deadlines.speak_s}[turn.phase]
         if now - turn.since < limit:
+            if turn.phase == "thinking" and now - turn.heard_at >= self.deadlines.reask_s:
+                return self._ask_again(now)
             return []
         if turn.phase == "thinking":
             return self._say([LogLine("refused", "timeout: no action from the LLM")],
@@ -182,6 +192,16 @@ class Planner:
             return [stop, *self._say([], f"I could not {turn.description} in time, so I stopped.",
                                      now)]
         return self.spoken(self._say_id, now)
+
+    def _ask_again(self, now: float) -> list[Action]:
+        """The LLM has been silent for ``reask_s``: its reply (or the request) was likely
+        dropped. Ask again under a new id; what came of the old one is dropped."""
+        turn = self.turn
+        log.warning("no reply to %s for %.0f s: asking the LLM again", self._llm_id,
+                    now - turn.heard_at)
+        turn.attempt += 1
+        turn.reply, turn.heard_at = "", now
+        return [AskLLM(self._llm_id, turn.request)]
 
     def _say(self, before: list[Action], text: str, now: float) -> list[Action]:
         self.turn.phase, self.turn.since = "speaking", now

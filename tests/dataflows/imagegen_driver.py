@@ -1,29 +1,23 @@
 """Drives tests/dataflows/imagegen.yml: two drawings with one seed, two bad requests, then —
 once both were answered with errors — a drawing with another seed; writes what came back
 (shapes, a digest of the pixels, whether they were read in place) to $REPORT. A request dora
-dropped is sent once more (see resending.py)."""
+dropped is sent once more (see driving.py)."""
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import time
-from pathlib import Path
 
-from resending import Outbox
+from driving import Driver, record
 
-from mofa_omni.contract import arrow
-from mofa_omni.contract.tasks import ErrorReport, Image, ImageRequest
-from mofa_omni.node.integrity import CheckedNode
+from mofa_omni.contract.tasks import Image, ImageRequest
 
 DEADLINE_S = 240
 WIDTH, HEIGHT = 96, 64  # 18 KiB of pixels: above dora's shared-memory threshold (4 KiB)
 
 
 def main() -> None:
-    node = CheckedNode()
-    report: dict = {"images": {}, "errors": {}, "order": []}
+    driver = Driver(deadline_s=DEADLINE_S, resend_after_s=60)
+    report: dict = {"images": {}, "errors": {}}
     first = {
         "apple": ImageRequest("a red apple on a table", WIDTH, HEIGHT, steps=2, seed=3),
         "apple-again": ImageRequest("a red apple on a table", WIDTH, HEIGHT, steps=2, seed=3),
@@ -33,55 +27,38 @@ def main() -> None:
     after_errors = {"apple-seed-4": ImageRequest("a red apple on a table", WIDTH, HEIGHT,
                                                  steps=2, seed=4)}
 
-    outbox = Outbox(node, after_s=60)
-
     def send(requests: dict[str, ImageRequest]) -> None:
         for request_id, request in requests.items():
-            outbox.send("draw", request_id, arrow.encode(request))
+            driver.send("draw", request_id, request)
 
-    started, sent = time.monotonic(), False
-    for event in node:
-        if event["type"] != "INPUT":
-            continue
-        if time.monotonic() - started > DEADLINE_S:
-            report["timeout"] = True
-            break
-        kind, value, meta = event["id"], event["value"], event.get("metadata") or {}
-        rid = str(meta.get("request_id", ""))
-        if kind == "tick" and not sent:
-            sent = True
+    for event in driver.inputs():
+        if event.id == "tick" and not driver.sent:
             send(first)
-        elif kind == "tick":
-            outbox.resend_stale()
-        elif kind == "image_lost":
-            outbox.resend_lost(meta, {"image_generation": "draw"})
-        elif kind == "image":
-            outbox.answered(rid)
-            pixels = arrow.decode(value, Image).pixels
-            arrow_pixels = value.field("pixels").flatten()
-            report["images"][rid] = {
+        elif event.id == "image_lost":
+            driver.resend_lost(event.metadata, {"image_generation": "draw"})
+        elif event.id == "image":
+            driver.answered(event.request_id)
+            pixels = event.decode(Image).pixels
+            arrow_pixels = event.value.field("pixels").flatten()
+            report["images"][event.request_id] = {
                 "shape": list(pixels.shape), "dtype": str(pixels.dtype),
                 "sha256": hashlib.sha256(pixels.tobytes()).hexdigest(),
-                "mean": float(pixels.mean()), "model": meta.get("model", ""),
+                "mean": float(pixels.mean()), "model": event.metadata.get("model", ""),
                 # decoded in place: the numpy array is the Arrow buffer dora handed over
                 "in_place": pixels.ctypes.data == arrow_pixels.buffers()[1].address
                 and not pixels.flags.owndata,
             }
-            if rid not in report["order"]:
-                report["order"].append(rid)
-        elif kind == "image_error":
-            error = arrow.decode(value, ErrorReport)
-            outbox.answered(error.request_id)
-            report["errors"][error.request_id] = {"kind": error.kind, "message": error.message,
-                                                  "node": error.node}
-            if error.request_id not in report["order"]:
-                report["order"].append(error.request_id)
-            if len(report["errors"]) == 2 and not outbox.sent("apple-seed-4"):
+        elif event.id == "image_error":
+            error = event.error()
+            driver.answered(error.request_id)
+            report["errors"][error.request_id] = record(error)
+            if len(report["errors"]) == 2 and "apple-seed-4" not in driver.sent:
                 send(after_errors)
-        if len(report["order"]) == len(first) + len(after_errors):
+        if len(driver.answers) == len(first) + len(after_errors):
             break
-    report["resent"], report["lost_on_inputs"] = outbox.resent, node.gaps.lost()
-    Path(os.environ["REPORT"]).write_text(json.dumps(report, indent=1))
+    report["order"] = driver.answers
+    report["resent"], report["lost_on_inputs"] = driver.resent, driver.node.gaps.lost()
+    driver.write(report)
 
 
 if __name__ == "__main__":

@@ -2,40 +2,31 @@
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import pyarrow as pa
+from driving import Driver
 
-from mofa_omni.contract import arrow
-from mofa_omni.contract.tasks import ErrorReport, GenericRequest, GenericResult
-from mofa_omni.node.integrity import CheckedNode
+from mofa_omni.contract.tasks import GenericRequest, GenericResult
 
 
 def main() -> None:
-    node = CheckedNode()
+    driver = Driver()
     report: dict = {"results": {}, "errors": {}}
-    sent = False
-    for event in node:
-        if event["type"] != "INPUT":
-            continue
-        rid = str((event.get("metadata") or {}).get("request_id", ""))
-        if event["id"] == "tick" and not sent:
-            sent = True
+    for event in driver.inputs():
+        if event.id == "tick" and not driver.sent:
             for request_id, kind, texts in [("two", "text.stats", ["the cat and the dog", "a b"]),
                                             ("odd", "text.sentiment", ["good"])]:
                 batch = pa.RecordBatch.from_pydict({"text": texts})
-                node.send_output("ask", arrow.encode(GenericRequest(kind, batch)),
-                                 {"request_id": request_id})
-        elif event["id"] == "stats":
-            result = arrow.decode(event["value"], GenericResult)
-            report["results"][rid] = {"kind": result.kind, **result.batch.to_pydict()}
-        elif event["id"] == "stats_error":
-            report["errors"][rid] = arrow.decode(event["value"], ErrorReport).message
-        if len(report["results"]) + len(report["errors"]) == 2:
+                driver.send("ask", request_id, GenericRequest(kind, batch))
+        elif event.id == "stats":
+            result = event.decode(GenericResult)
+            report["results"][event.request_id] = {"kind": result.kind, **result.batch.to_pydict()}
+            driver.answered(event.request_id)
+        elif event.id == "stats_error":
+            report["errors"][event.request_id] = event.error().message
+            driver.answered(event.request_id)
+        if driver.all_answered():
             break
-    Path(os.environ["REPORT"]).write_text(json.dumps(report))
+    driver.write(report)
 
 
 if __name__ == "__main__":

@@ -1,25 +1,17 @@
 """Drives tests/dataflows/omni_model.yml and writes what came back to $REPORT as JSON (a request
-dora dropped is sent once more: see resending.py)."""
+dora dropped is sent once more: see driving.py)."""
 
 from __future__ import annotations
 
-import json
-import os
-import time
-from pathlib import Path
+from driving import Driver, record
 
-from resending import Outbox
-
-from mofa_omni.contract import arrow
 from mofa_omni.contract.tasks import (
     ChatMessage,
     ChatRequest,
-    ErrorReport,
     RerankRequest,
     RerankResult,
     TextChunk,
 )
-from mofa_omni.node.integrity import CheckedNode
 
 DEADLINE_S = 180
 QUERIES = [("What is the capital of France?", 1), ("When does the train leave?", 2),
@@ -31,45 +23,31 @@ DOCUMENTS = ["Bananas are yellow and rich in potassium.",
 
 
 def main() -> None:
-    node = CheckedNode()
+    driver = Driver(deadline_s=DEADLINE_S, resend_after_s=60)
     report: dict = {"llm": {}, "minilm": {}, "chat": "", "errors": [], "queries": QUERIES}
-    started, sent = time.monotonic(), False
-    outbox = Outbox(node, after_s=60)
-    for event in node:
-        if event["type"] != "INPUT":
-            continue
-        if time.monotonic() - started > DEADLINE_S:
-            report["timeout"] = True
-            break
-        kind, value, meta = event["id"], event["value"], event.get("metadata") or {}
-        rid = str(meta.get("request_id", ""))
-        if kind == "tick" and not sent:
-            sent = True
-            outbox.send("chat", "chat", arrow.encode(ChatRequest(
+    for event in driver.inputs():
+        if event.id == "tick" and not driver.sent:
+            driver.send("chat", "chat", ChatRequest(
                 [ChatMessage("user", "What is the capital of France? Answer in one sentence.")],
-                max_tokens=16)))
+                max_tokens=16))
             for query, _ in QUERIES:
-                request = arrow.encode(RerankRequest(query, DOCUMENTS))
-                outbox.send("rank", query, request)
-                outbox.send("rank_minilm", f"minilm: {query}", request)
-        elif kind == "tick":
-            outbox.resend_stale()
-        elif kind in ("llm", "minilm") and rid == "chat":
-            chunk = arrow.decode(value, TextChunk)
+                driver.send("rank", query, RerankRequest(query, DOCUMENTS))
+                driver.send("rank_minilm", f"minilm: {query}", RerankRequest(query, DOCUMENTS))
+        elif event.id in ("llm", "minilm") and event.request_id == "chat":
+            chunk = event.decode(TextChunk)
             report["chat"] += chunk.text
             if chunk.final:
-                outbox.answered(rid)
-        elif kind in ("llm", "minilm"):
-            outbox.answered(rid)
-            scores = arrow.decode(value, RerankResult).scores.tolist()
-            report[kind][rid.removeprefix("minilm: ")] = scores
-        elif kind.endswith("_error"):
-            error = arrow.decode(value, ErrorReport)
-            report["errors"].append(f"{error.request_id}: {error.kind}: {error.message}")
+                driver.answered(event.request_id)
+        elif event.id in ("llm", "minilm"):
+            driver.answered(event.request_id)
+            scores = event.decode(RerankResult).scores.tolist()
+            report[event.id][event.request_id.removeprefix("minilm: ")] = scores
+        elif event.is_error:
+            report["errors"].append(record(event.error()))
         if len(report["llm"]) == len(report["minilm"]) == len(QUERIES) and "Paris" in report["chat"]:
             break
-    report["resent"] = outbox.resent
-    Path(os.environ["REPORT"]).write_text(json.dumps(report, indent=1))
+    report["resent"] = driver.resent
+    driver.write(report)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,13 @@ import os
 from pathlib import Path
 
 import numpy as np
-from dora import Node
+from driving import Driver
 
 from mofa_omni.contract import arrow
 from mofa_omni.contract.tasks import (
     AudioChunk,
     EmbeddingRequest,
     Embeddings,
-    ErrorReport,
     SpeechRequest,
     Transcript,
     TranscriptionRequest,
@@ -34,7 +33,7 @@ KINDS = {"hear": "transcript", "say": "speech", "embed": "vectors"}
 
 
 def main() -> None:
-    node = Node()
+    driver = Driver(checked=False)
     audio, rate = read_wav(SAMPLE)
     requests = {
         "hear": arrow.encode(TranscriptionRequest(audio, rate)),
@@ -45,40 +44,36 @@ def main() -> None:
     total = None  # requests of each kind, once the test said the swaps are done
     answers: dict[str, list[dict]] = {kind: [] for kind in KINDS}
     speech_seconds: dict[str, float] = {}
-    for event in node:
-        if event["type"] != "INPUT":
-            continue
-        input_id, meta = event["id"], event.get("metadata") or {}
-        if input_id == "tick":
+    for event in driver.inputs():
+        if event.id == "tick":
             if total is None and (WORK / "swapped").exists():
                 total = max(sent.values()) + AFTER
             for kind in KINDS:
                 if total is None or sent[kind] < total:
-                    node.send_output(kind, requests[kind], {"request_id": f"{kind}-{sent[kind]:02d}"})
+                    driver.send(kind, f"{kind}-{sent[kind]:02d}", requests[kind])
                     sent[kind] += 1
             continue
-        kind = next((k for k, output in KINDS.items() if input_id == output), None)
-        answer = {"id": meta.get("request_id"), "model": meta.get("model", "")}
-        if input_id.endswith("_error"):
-            error = arrow.decode(event["value"], ErrorReport)
-            kind = {"asr": "hear", "tts": "say", "embedder": "embed"}[input_id.removesuffix("_error")]
-            answers[kind].append(answer | {"id": error.request_id,
-                                           "error": f"{error.kind}: {error.message}"})
+        kind = next((k for k, output in KINDS.items() if event.id == output), None)
+        answer = {"id": event.request_id, "model": event.metadata.get("model", "")}
+        if event.is_error:
+            error = event.error()
+            kind = {"asr": "hear", "tts": "say", "embedder": "embed"}[event.id.removesuffix("_error")]
+            answers[kind].append(answer | {"id": error.request_id, "error": error.summary()})
         elif kind == "hear":
-            answers[kind].append(answer | {"text": arrow.decode(event["value"], Transcript).text})
+            answers[kind].append(answer | {"text": event.decode(Transcript).text})
         elif kind == "say":
-            chunk = arrow.decode(event["value"], AudioChunk)
+            chunk = event.decode(AudioChunk)
             speech_seconds[answer["id"]] = speech_seconds.get(answer["id"], 0.0) + \
                 len(chunk.audio) / chunk.sample_rate
             if chunk.final:
                 answers[kind].append(answer | {"seconds": speech_seconds.pop(answer["id"])})
         elif kind == "embed":
-            vectors = arrow.decode(event["value"], Embeddings).vectors
+            vectors = event.decode(Embeddings).vectors
             answers[kind].append(answer | {"similarity": float(np.dot(vectors[0], vectors[1]))})
         (WORK / "progress").write_text(json.dumps({k: len(v) for k, v in answers.items()}))
         if total is not None and all(len(v) == total for v in answers.values()):
             break
-    (WORK / "tasks.json").write_text(json.dumps(answers))
+    driver.write(answers, WORK / "tasks.json")
 
 
 if __name__ == "__main__":

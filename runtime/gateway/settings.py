@@ -1,0 +1,18 @@
+"""The gateway's settings: how long a request may take, how large it may be, who may ask."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mofa_omni.gateway.openai_bodies import MAX_IMAGE_PIXELS
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What the dora bridge (deadline, fallback) and the HTTP app (limits, key) hold to."""
+
+    deadline_s: float = 150.0  # a request with no complete answer by then gets a 504
+    max_body_bytes: int = 25 << 20  # larger bodies get a 413 (OpenAI's own audio limit)
+    api_key: str = ""  # when set, requests must carry `Authorization: Bearer <key>`
+    fallback_after_s: float = 0.0  # > 0: no first result from a local model by then -> remote
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # a larger picture in a chat message gets a 400

@@ -1,0 +1,309 @@
+"""What a model is, read from its own files: a proposed catalog entry for a local file or folder.
+
+:func:`detect` looks at a GGUF file (or a folder holding one), a Hugging Face / MLX checkpoint
+folder (``config.json``), a sentence-transformers folder, a CTranslate2 Whisper folder, a
+diffusers FLUX.2 folder or a Piper voice, and proposes a :class:`~mofa_omni.models.catalog.ModelSpec`
+for it: the adapters that can serve it (``mofa_omni.adapters.backends`` still picks one per
+machine), its tasks, format, options and a memory estimate from the size of its weights (the
+scheduler replaces the estimate with what loading really costs). Nothing is loaded: only
+metadata (GGUF headers, JSON files) and file sizes are read. A folder whose weights are
+PyTorch pickles only is reported with ``torch_weights`` set: :mod:`mofa_omni.models.by_name`
+converts them to safetensors once before registering it.
+
+Anything that fits no engine raises :class:`~mofa_omni.contract.errors.ContractError` saying
+what was found and which engines serve what.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mofa_omni.contract.errors import ContractError
+from mofa_omni.contract.tasks import Task
+from mofa_omni.models.catalog import ModelSpec, PathSource, Source
+
+CHAT_LM_ADAPTERS = ("mlx_lm", "llama_cpp", "ct2_lm")
+# CTranslate2's decoder spec is built for Llama-layout weights only (adapters/ct2_lm.py).
+CT2_LM_ARCHITECTURES = frozenset({"llama"})
+BERT_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta"})  # formats/bert.py reads these
+TORCH_WEIGHTS = ("pytorch_model.bin", "*.pt", "*.pth")
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".npz", ".onnx", ".pt", ".pth")
+# What each engine serves, for the error when nothing fits.
+ENGINES = (
+    ("GGUF (llama, gemma3)", "mlx_lm / llama_cpp / ct2_lm", "text_generation, rerank"),
+    ("MLX / HF LLM folder (config.json)", "mlx_lm", "text_generation, rerank"),
+    ("MLX VLM folder (vision_config)", "mlx_vlm", "vision_language, text_generation"),
+    ("BERT / XLM-R (sentence-transformers)", "mlx_bert / ort_bert", "embedding, rerank"),
+    ("*ForSequenceClassification, 1 label", "ort_cross_encoder", "rerank"),
+    ("Whisper (MLX weights or CTranslate2)", "mlx_whisper / ct2_whisper", "speech_recognition"),
+    ("diffusers FLUX.2 (model_index.json)", "mflux_image", "image_generation"),
+    ("Piper voice (.onnx + .onnx.json)", "piper", "speech_synthesis"),
+)
+# Memory estimate: weights on disk x factor + MB of libraries, by kind (rough; calibrated on the
+# packaged models' measured figures: a Q4 GGUF grows ~6x dequantized to float32 for MLX).
+_MEMORY = {"gguf": (6.0, 100), "mlx_lm": (1.3, 200), "vlm": (1.3, 300), "embedding": (1.2, 40),
+           "cross_encoder": (1.2, 40), "whisper": (2.0, 300), "image": (1.2, 500),
+           "piper": (1.5, 80)}
+
+
+@dataclass(frozen=True)
+class Detected:
+    """What :func:`detect` found: ``kind`` (gguf, mlx_lm, vlm, embedding, cross_encoder, whisper,
+    image, piper), the ``architecture`` its files name, the proposed ``spec``, ``notes`` for the
+    user, ``detected`` facts the adapters may not use yet (e.g. a sentence-transformers pooling
+    mode) and ``torch_weights``: PyTorch files that must become safetensors before it serves."""
+
+    kind: str
+    architecture: str
+    spec: ModelSpec
+    notes: tuple[str, ...] = ()
+    detected: dict[str, Any] = field(default_factory=dict)
+    torch_weights: tuple[Path, ...] = ()
+
+
+def safe_name(text: str) -> str:
+    """A catalog name from a file or folder name: lower case, ``[a-z0-9._-]``, no suffix."""
+    stem = Path(text.rstrip("/")).name
+    for suffix in (".gguf", ".onnx"):
+        stem = stem.removesuffix(suffix)
+    name = re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-.")
+    if not name:
+        raise ContractError(f"cannot derive a model name from {text!r}: pass --name")
+    return name
+
+
+def engines_table() -> str:
+    """The formats each engine serves, one line each (for errors)."""
+    return "\n".join(f"  {what:40} -> {adapters:26} {tasks}" for what, adapters, tasks in ENGINES)
+
+
+def detect(path: Path, name: str | None = None, source: Source | None = None) -> Detected:
+    """Propose a catalog entry for the model at ``path`` (a file or a folder), named ``name``
+    (default: from the path) with ``source`` (default: the path itself). ContractError when the
+    files fit no engine, naming what was found."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ContractError(f"{path} does not exist")
+    name = name or safe_name(str(path))
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return _gguf(path, name, source or PathSource(path.resolve()))
+        if path.suffix == ".onnx" and path.with_name(path.name + ".json").is_file():
+            return _piper(path.parent, name, source or PathSource(path.parent.resolve()))
+        raise _nothing_fits(path, f"a file {path.name}")
+    source = source or PathSource(path.resolve())
+    ggufs = sorted(path.glob("*.gguf"))
+    if ggufs:
+        if len(ggufs) > 1:
+            raise ContractError(f"{path} holds several GGUF files ({', '.join(p.name for p in ggufs)}):"
+                                f" name the one to serve (the file itself)")
+        return _gguf(ggufs[0], name, source)
+    if (path / "model_index.json").is_file():
+        return _diffusers(path, name, source)
+    if (path / "config.json").is_file():
+        return _config_folder(path, name, source)
+    voices = sorted(path.glob("*.onnx"))
+    if len(voices) == 1 and voices[0].with_name(voices[0].name + ".json").is_file():
+        return _piper(path, name, source)
+    raise _nothing_fits(path, "no config.json, model_index.json, GGUF or Piper voice")
+
+
+# --- kinds ---------------------------------------------------------------------------------
+
+def _gguf(file: Path, name: str, source: Source) -> Detected:
+    from mofa_omni.formats.gguf import ARCHITECTURES
+
+    arch = _gguf_architecture(file)
+    if arch not in ARCHITECTURES:
+        raise ContractError(f"{file.name}: GGUF architecture {arch!r} is served by no engine here;"
+                            f" the GGUF readers know {', '.join(sorted(ARCHITECTURES))}")
+    adapters = tuple(a for a in CHAT_LM_ADAPTERS if a != "ct2_lm" or arch in CT2_LM_ARCHITECTURES)
+    spec = _spec(name, adapters, (Task.TEXT_GENERATION, Task.RERANK), "gguf", source,
+                 _memory("gguf", [file]), f"{file.name} (GGUF, {arch})")
+    return Detected("gguf", arch, spec, (f"served by {', '.join(adapters)}",))
+
+
+def _gguf_architecture(file: Path) -> str:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(file)  # reads the header and tensor index; data stays mapped
+        field_ = reader.fields.get("general.architecture")
+        if field_ is None:
+            raise ContractError(f"{file.name}: GGUF without general.architecture")
+        return bytes(field_.parts[field_.data[0]]).decode()
+    except ContractError:
+        raise
+    except Exception as error:  # the reader fails with ValueError/IndexError/struct.error
+        raise ContractError(f"{file.name} is not a readable GGUF file: "
+                            f"{type(error).__name__}: {error}") from None
+
+
+def _config_folder(path: Path, name: str, source: Source) -> Detected:
+    config = _read_json(path / "config.json")
+    model_type = str(config.get("model_type", ""))
+    architectures = [str(a) for a in config.get("architectures") or []]
+    arch = architectures[0] if architectures else model_type
+    if (path / "model.bin").is_file() and ("alignment_heads" in config or "suppress_ids" in config):
+        spec = _spec(name, ("mlx_whisper", "ct2_whisper"), (Task.SPEECH_RECOGNITION,),
+                     "ctranslate2", source, _memory("whisper", [path / "model.bin"]),
+                     "Whisper (CTranslate2)")
+        return Detected("whisper", "whisper (ctranslate2)", spec)
+    torch = _torch_files(path)
+    weights = _weights(path) or torch
+    if not weights:
+        raise _nothing_fits(path, f"config.json ({arch or 'no model_type'}) but no weights")
+    if model_type == "whisper" or "n_audio_ctx" in config:
+        if not any((path / f).is_file() for f in ("weights.safetensors", "weights.npz")):
+            raise ContractError(f"{path}: a Transformers Whisper checkpoint; the whisper adapters "
+                                f"read MLX weights (weights.safetensors, mlx_whisper's convert) or "
+                                f"a CTranslate2 folder (ct2-transformers-converter)")
+        spec = _spec(name, ("mlx_whisper",), (Task.SPEECH_RECOGNITION,), "mlx", source,
+                     _memory("whisper", weights), "Whisper (MLX)")
+        return Detected("whisper", "whisper", spec)
+    convert = tuple(torch) if not _weights(path) else ()
+    notes = (("PyTorch weights: converted to safetensors once, when registered",) if convert
+             else ())
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        return _cross_encoder(path, name, source, config, arch, weights, convert, notes)
+    if model_type in BERT_MODEL_TYPES:
+        detected = _sentence_pipeline(path)
+        spec = _spec(name, ("mlx_bert", "ort_bert"), (Task.EMBEDDING, Task.RERANK), "safetensors",
+                     source, _memory("embedding", weights),
+                     f"{arch} sentence embeddings; detected {_describe(detected)}")
+        return Detected("embedding", arch, spec, notes, detected, convert)
+    if "vision_config" in config and _has_module("mlx_vlm", model_type):
+        spec = _spec(name, ("mlx_vlm",), (Task.VISION_LANGUAGE, Task.TEXT_GENERATION), "mlx",
+                     source, _memory("vlm", weights), f"{arch} vision-language (mlx-vlm)")
+        return Detected("vlm", arch, spec, notes, torch_weights=convert)
+    if _has_module("mlx_lm", model_type):
+        spec = _spec(name, ("mlx_lm",), (Task.TEXT_GENERATION, Task.RERANK), "mlx", source,
+                     _memory("mlx_lm", weights), f"{arch} (mlx-lm)")
+        return Detected("mlx_lm", arch, spec, notes, torch_weights=convert)
+    raise _nothing_fits(path, f"config.json: architecture {arch or '?'}, "
+                              f"model_type {model_type or '?'}")
+
+
+def _cross_encoder(path: Path, name: str, source: Source, config: dict, arch: str,
+                   weights: list[Path], convert: tuple[Path, ...], notes: tuple[str, ...]
+                   ) -> Detected:
+    labels = config.get("num_labels") or len(config.get("id2label") or {}) or 1
+    if labels != 1:
+        raise ContractError(f"{path}: {arch} with {labels} labels is a classifier, not a "
+                            f"cross-encoder (one relevance logit); no adapter serves it")
+    from mofa_omni.adapters.base import adapter_names
+
+    adapters = tuple(a for a in adapter_names() if a.endswith("cross_encoder"))
+    if not adapters:
+        raise ContractError(f"{path}: found a cross-encoder ({arch}); no adapter serves it yet")
+    spec = _spec(name, adapters, (Task.RERANK,), "safetensors", source,
+                 _memory("cross_encoder", weights), f"{arch} cross-encoder reranker")
+    return Detected("cross_encoder", arch, spec, notes, torch_weights=convert)
+
+
+def _diffusers(path: Path, name: str, source: Source) -> Detected:
+    index = _read_json(path / "model_index.json")
+    pipeline = str(index.get("_class_name", ""))
+    if not pipeline.startswith("Flux2"):
+        raise _nothing_fits(path, f"a diffusers pipeline {pipeline or '?'} (mflux_image serves "
+                                  f"FLUX.2-klein)")
+    weights = sorted(path.rglob("*.safetensors"))
+    spec = _spec(name, ("mflux_image",), (Task.IMAGE_GENERATION,), "diffusers", source,
+                 _memory("image", weights), f"{pipeline} (diffusers, mflux)")
+    notes = ("family flux2-klein-4b assumed (options.family picks another mflux pipeline; a "
+             "base model wants guidance ~4.0)",)
+    return Detected("image", pipeline, spec, notes)
+
+
+def _piper(path: Path, name: str, source: Source) -> Detected:
+    voices = sorted(path.glob("*.onnx"))
+    if len(voices) != 1:
+        raise ContractError(f"{path}: expected one Piper voice (.onnx), found "
+                            f"{', '.join(v.name for v in voices) or 'none'}")
+    config = _read_json(voices[0].with_name(voices[0].name + ".json"))
+    if "audio" not in config or "phoneme_id_map" not in config:
+        raise _nothing_fits(path, f"{voices[0].name} with a .onnx.json that is no Piper config")
+    spec = _spec(name, ("piper",), (Task.SPEECH_SYNTHESIS,), "onnx", source,
+                 _memory("piper", voices), f"Piper voice {voices[0].stem}")
+    return Detected("piper", "piper", spec)
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+def _spec(name: str, adapters: tuple[str, ...], tasks: tuple[Task, ...], format_: str,
+          source: Source, memory_mb: int, description: str) -> ModelSpec:
+    return ModelSpec(name=name, adapter=adapters[0], adapters=adapters, tasks=tasks,
+                     format=format_, source=source, memory_mb=memory_mb,
+                     description=f"{description} (detected from its files)")
+
+
+def _memory(kind: str, files: list[Path]) -> int:
+    factor, overhead = _MEMORY[kind]
+    size = sum(f.stat().st_size for f in files if f.is_file())
+    return int(size * factor / (1 << 20)) + overhead
+
+
+def _weights(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir()
+                  if p.suffix in (".safetensors", ".npz") and p.is_file())
+
+
+def _torch_files(path: Path) -> list[Path]:
+    return sorted({p for pattern in TORCH_WEIGHTS for p in path.glob(pattern) if p.is_file()})
+
+
+def _has_module(package: str, model_type: str) -> bool:
+    """Whether ``package`` (mlx_lm / mlx_vlm) has a model class for ``model_type``."""
+    if not model_type or importlib.util.find_spec(package) is None:
+        return False
+    remap = importlib.import_module(f"{package}.utils").__dict__.get("MODEL_REMAPPING", {})
+    module = remap.get(model_type, model_type).replace("-", "_")
+    try:
+        return importlib.util.find_spec(f"{package}.models.{module}") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _sentence_pipeline(path: Path) -> dict[str, Any]:
+    """Pooling, normalization and prompts as the sentence-transformers files say (defaults
+    without them: mean pooling, unit vectors)."""
+    from mofa_omni.contract.errors import ModelLoadError
+    from mofa_omni.formats.sentence_transformers import read_pipeline
+
+    try:
+        pipeline = read_pipeline(path)
+    except ModelLoadError as error:
+        raise ContractError(str(error)) from None
+    prompts = {str(k): v for k, v in pipeline.prefixes.items() if v}
+    return {"pooling": "+".join(pipeline.pooling), "normalize": pipeline.normalize,
+            "prompts": prompts, "sentence_transformers": (path / "modules.json").is_file()}
+
+
+def _describe(detected: dict[str, Any]) -> str:
+    text = f"pooling {detected['pooling']}, normalize {str(detected['normalize']).lower()}"
+    if detected["prompts"]:
+        text += ", prompts " + ", ".join(f"{k}={v!r}" for k, v in detected["prompts"].items())
+    return text
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ContractError(f"{path} is unreadable: {error}") from None
+    if not isinstance(value, dict):
+        raise ContractError(f"{path} is not a JSON object")
+    return value
+
+
+def _nothing_fits(path: Path, found: str) -> ContractError:
+    files = sorted(p.name for p in path.iterdir())[:12] if path.is_dir() else [path.name]
+    return ContractError(f"{path}: no engine here serves this model. Found: {found}; files: "
+                         f"{', '.join(files) or 'none'}.\nWhat the engines serve:\n"
+                         f"{engines_table()}")

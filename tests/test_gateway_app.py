@@ -1,0 +1,145 @@
+"""The gateway's HTTP app and settings without dora: a fake graph answers in place of the model
+nodes, and each endpoint's errors come back as OpenAI error bodies with the right status."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from starlette.testclient import TestClient
+
+from mofa_omni.contract import arrow
+from mofa_omni.contract.errors import ConfigError, ErrorKind, OmniError
+from mofa_omni.contract.tasks import Embeddings, ErrorReport, Task
+from mofa_omni.gateway.app import build_app
+from mofa_omni.gateway.bridge import Graph, Replies, Reply
+from mofa_omni.gateway.openai_bodies import HTTP_ERRORS, ApiError
+from mofa_omni.gateway.routes import Route, Router
+from mofa_omni.gateway.settings import Settings
+from mofa_omni_nodes.gateway import address_from_env, settings_from_env
+
+ROUTE = Route("embedder", "embed", "request", Task.EMBEDDING, "minilm-l6")
+
+
+def serving(catalog, reply, **settings) -> tuple[TestClient, list[str]]:
+    """The app over a graph whose one node answers each request with ``reply(request_id)``
+    (None: never answers)."""
+    replies, sent = Replies(), []
+
+    def send(output, value, metadata) -> int:
+        sent.append(metadata["request_id"])
+        answer = reply(metadata["request_id"])
+        if answer is not None:
+            replies.deliver(metadata["request_id"], answer)
+        return len(sent)
+
+    graph = Graph(Router([ROUTE], catalog), replies, send, Settings(**settings))
+    return TestClient(build_app(graph, catalog, lambda: {"embedder": True}, dict)), sent
+
+
+def vectors(request_id: str) -> Reply:
+    return Reply("result", arrow.encode(Embeddings(np.ones((1, 3), np.float32))),
+                 {"request_id": request_id})
+
+
+def node_error(kind: str):
+    def reply(request_id: str) -> Reply:
+        return Reply("error", arrow.encode(ErrorReport(request_id, kind, "no memory")),
+                     {"request_id": request_id})
+    return reply
+
+
+def test_an_answered_request_and_the_stats(catalog):
+    client, sent = serving(catalog, vectors)
+    with client:
+        response = client.post("/v1/embeddings", json={"model": "minilm-l6", "input": "hi",
+                                                       "encoding_format": "float"})
+        assert response.status_code == 200, response.text
+        assert response.json()["data"][0]["embedding"] == [1.0, 1.0, 1.0]
+        models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+        assert models["minilm-l6"]["served_by"] == ["embedder"] and models["minilm-l6"]["loaded"]
+        stats = client.get("/stats").json()
+    assert sent == ["gw-1"]
+    assert stats["responses"] == {"200": 2} and stats["in_flight"] == 0
+
+
+@pytest.mark.parametrize("kind, status, error_type", [
+    ("unavailable", 503, "service_unavailable"),
+    ("bad_request", 400, "invalid_request_error"),
+    ("timeout", 504, "timeout"),
+    ("internal", 500, "server_error"),
+])
+def test_a_nodes_error_gets_its_status(catalog, kind, status, error_type):
+    client, _ = serving(catalog, node_error(kind))
+    with client:
+        response = client.post("/v1/embeddings", json={"model": "minilm-l6", "input": "hi"})
+    assert response.status_code == status
+    assert response.json() == {"error": {"message": "embedder: no memory", "type": error_type,
+                                         "param": None, "code": kind}}
+
+
+def test_the_apps_own_refusals(catalog):
+    client, sent = serving(catalog, vectors, api_key="sesame", max_body_bytes=100)
+    key = {"Authorization": "Bearer sesame"}
+    with client:
+        refused = client.post("/v1/embeddings", json={"model": "minilm-l6", "input": "hi"})
+        assert refused.status_code == 401
+        assert refused.json()["error"]["type"] == "authentication_error"
+        assert refused.json()["error"]["code"] == "invalid_api_key"
+        large = client.post("/v1/embeddings", headers=key,
+                            json={"model": "minilm-l6", "input": "x" * 200})
+        assert large.status_code == 413 and large.json()["error"]["code"] == "request_too_large"
+        broken = client.post("/v1/embeddings", headers=key, content=b"{nope")
+        assert broken.status_code == 400 and "not JSON" in broken.json()["error"]["message"]
+        unknown = client.post("/v1/embeddings", headers=key, json={"model": "gpt-4o", "input": "a"})
+        assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+        empty = client.post("/v1/embeddings", headers=key, json={"model": "minilm-l6", "input": ""})
+        assert empty.status_code == 400 and empty.json()["error"]["type"] == "invalid_request_error"
+        stats = client.get("/stats", headers=key).json()
+    assert sent == [] and stats["responses"] == {"400": 2, "401": 1, "404": 1, "413": 1}
+
+
+def test_no_answer_within_the_deadline_is_a_504(catalog):
+    client, sent = serving(catalog, lambda request_id: None, deadline_s=0.2)
+    with client:
+        response = client.post("/v1/embeddings", json={"model": "minilm-l6", "input": "hi"})
+        assert client.get("/stats").json()["in_flight"] == 0
+    assert response.status_code == 504 and sent == ["gw-1"]
+    assert response.json()["error"] == {"message": "embedder did not answer within 0.2 s",
+                                         "type": "timeout", "param": None, "code": "timeout"}
+
+
+def test_api_errors_carry_their_kind():
+    assert set(HTTP_ERRORS) == set(ErrorKind)
+    error = ApiError(ErrorKind.BAD_REQUEST, "no such model", status=404)
+    assert isinstance(error, OmniError) and error.kind is ErrorKind.BAD_REQUEST
+    assert (error.status, error.error_type) == (404, "invalid_request_error")
+    assert ApiError(ErrorKind.UNAVAILABLE, "x").status == 503
+
+
+def test_settings_come_from_the_environment():
+    assert settings_from_env({}) == Settings()
+    assert settings_from_env({"DEADLINE_S": "6", "API_KEY": "sesame", "MAX_BODY_BYTES": "1024",
+                              "FALLBACK_AFTER_S": "2.5", "MAX_IMAGE_PIXELS": "4096"}) == \
+        Settings(6.0, 1024, "sesame", 2.5, 4096)
+    assert address_from_env({}) == ("127.0.0.1", 8000)
+    assert address_from_env({"HOST": "0.0.0.0", "PORT": "9000"}) == ("0.0.0.0", 9000)
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"DEADLINE_S": "soon"}, "DEADLINE_S='soon' is not a number"),
+    ({"FALLBACK_AFTER_S": "-1"}, "FALLBACK_AFTER_S='-1' must be at least 0"),
+    ({"MAX_BODY_BYTES": "25M"}, "MAX_BODY_BYTES='25M' is not a whole number"),
+    ({"MAX_IMAGE_PIXELS": "0"}, "MAX_IMAGE_PIXELS='0' must be at least 1"),
+])
+def test_a_bad_setting_names_its_variable(env, message):
+    with pytest.raises(ConfigError, match=message):
+        settings_from_env(env)
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"PORT": "http"}, "PORT='http' is not a whole number"),
+    ({"PORT": "70000"}, "PORT=70000 must be at most 65535"),
+])
+def test_a_bad_address_names_its_variable(env, message):
+    with pytest.raises(ConfigError, match=message):
+        address_from_env(env)

