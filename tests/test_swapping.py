@@ -224,3 +224,32 @@ def test_omni_swap_says_what_happened_and_what_still_serves():
                          detail="broken-llm: not a GGUF file")
     assert render_swap(failed) == ("llm: swap to broken-llm failed: broken-llm: not a GGUF file\n"
                                    "llm still serves smollm2-135m")
+
+
+def test_omni_commands_on_one_machine_take_turns_on_the_graphs_control_node(monkeypatch,
+                                                                            tmp_path):
+    """dora keeps one event channel per dynamic node id: two `omni` commands connected at once
+    would take each other's events, so the second waits for the first's turn to end."""
+    from mofa_omni.scheduler import client
+
+    monkeypatch.setattr(client.tempfile, "gettempdir", lambda: str(tmp_path))
+    holding, release = threading.Event(), threading.Event()
+
+    def first_command():
+        with client.taking_turns("flow", timeout_s=5):
+            holding.set()
+            release.wait(10)
+
+    first = threading.Thread(target=first_command)
+    first.start()
+    assert holding.wait(5)
+    with pytest.raises(client.GraphUnreachable, match="another omni command held"):
+        with client.taking_turns("flow", timeout_s=0.3):
+            pass
+    with client.taking_turns("other-flow", timeout_s=0.3):
+        pass  # another graph's control node is not this one's
+    waited = time.monotonic()
+    threading.Timer(0.5, release.set).start()
+    with client.taking_turns("flow", timeout_s=5):
+        assert time.monotonic() - waited >= 0.4
+    first.join()

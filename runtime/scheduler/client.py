@@ -6,15 +6,28 @@ Each command connects as that node, asks or listens, and leaves; dora lets it
 connect again later. dora cannot tell which graph's ``omni-control`` is meant
 when several running graphs declare it: a graph meant to run beside others names
 its control node ``omni-control-NAME`` and commands are given ``--dataflow NAME``.
+
+Only one process at a time can be a dynamic node: dora keeps one event channel per
+node id, so a second connection takes the first one's events, and the first to
+leave removes the channel of the one still waiting. Commands on one machine
+therefore take turns, through a lock file held while connected.
 """
 
 from __future__ import annotations
 
+import fcntl
+import gc
 import json
 import shutil
 import subprocess
+import sys
+import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
 
 from mofa_omni.contract.errors import ServerError
 from mofa_omni.scheduler.messages import (
@@ -31,6 +44,58 @@ from mofa_omni.scheduler.messages import (
 
 class GraphUnreachable(ServerError):
     """No running dataflow with a scheduler could be reached."""
+
+
+Answer = TypeVar("Answer")
+TURN_WAIT_S = 900.0  # as long as the longest swap: a command waits for the one before it
+
+
+def lock_path(dataflow: str | None) -> Path:
+    """The lock file through which commands on this machine take turns on a graph."""
+    return Path(tempfile.gettempdir()) / f"mofa-omni-{CONTROL_NODE}-{dataflow or 'default'}.lock"
+
+
+@contextmanager
+def taking_turns(dataflow: str | None, timeout_s: float) -> Iterator[None]:
+    """Hold this machine's turn on the graph's control node; wait up to ``timeout_s`` for it
+    while another command holds it."""
+    deadline = time.monotonic() + timeout_s
+    with lock_path(dataflow).open("a") as lock:
+        told = False
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise GraphUnreachable(
+                        f"another omni command held the graph's control node for "
+                        f"{timeout_s:g} s (lock {lock.name})") from None
+                if not told:
+                    print("waiting for another omni command on this graph to finish",
+                          file=sys.stderr)
+                    told = True
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def over_control_node(dataflow: str | None, talk: Callable[..., Answer]) -> Answer:
+    """``talk(node)`` over the graph's control node, connected in this machine's turn. The node
+    is gone before the turn passes on: a node still alive then would, on leaving, remove the
+    next command's event channel."""
+    with taking_turns(dataflow, TURN_WAIT_S):
+        node = connect(dataflow)
+        try:
+            return talk(node)
+        except BaseException as error:
+            error.__traceback__ = None  # its frames hold the node: let them go with it
+            raise
+        finally:
+            del node
+            gc.collect()
 
 
 def running_dataflows() -> list[dict]:
@@ -101,29 +166,32 @@ def _messages(node, timeout_s: float):
 
 def fetch_status(timeout_s: float = 5.0, dataflow: str | None = None) -> Status:
     """The scheduler's latest status."""
-    node = connect(dataflow)
-    for message in _messages(node, timeout_s):
-        if isinstance(message, Status):
-            return message
-    raise GraphUnreachable(f"the graph sent no status within {timeout_s:g} s "
-                           f"(does {CONTROL_NODE!r} take the scheduler's status as input?)")
+    def talk(node) -> Status:
+        for message in _messages(node, timeout_s):
+            if isinstance(message, Status):
+                return message
+        raise GraphUnreachable(f"the graph sent no status within {timeout_s:g} s (does "
+                               f"{CONTROL_NODE!r} take the scheduler's status as input?)")
+    return over_control_node(dataflow, talk)
 
 
 def swap(node_id: str, model: str, timeout_s: float = 600.0,
          dataflow: str | None = None) -> SwapOutcome:
     """Ask the graph to serve ``model`` on ``node_id``; the outcome once the node has swapped
     (or failed to). Raises :class:`GraphUnreachable` if no outcome comes within ``timeout_s``."""
-    node = connect(dataflow)
     ask = SwapAsk(uuid.uuid4().hex[:12], node_id, model)
-    node.send_output(CONTROL_OUTPUT, to_arrow(ask))
-    seen_status = False
-    for message in _messages(node, timeout_s):
-        if isinstance(message, SwapOutcome) and message.swap_id == ask.swap_id:
-            return message
-        seen_status |= isinstance(message, Status)
-    if not seen_status:
-        raise GraphUnreachable(f"the graph sent nothing within {timeout_s:g} s (does "
-                               f"{CONTROL_NODE!r} take the scheduler's status as input?)")
-    raise GraphUnreachable(f"the swap of {node_id} to {model} did not end within "
-                           f"{timeout_s:g} s (does the scheduler take {CONTROL_NODE}/"
-                           f"{CONTROL_OUTPUT} as an input?)")
+
+    def talk(node) -> SwapOutcome:
+        node.send_output(CONTROL_OUTPUT, to_arrow(ask))
+        seen_status = False
+        for message in _messages(node, timeout_s):
+            if isinstance(message, SwapOutcome) and message.swap_id == ask.swap_id:
+                return message
+            seen_status |= isinstance(message, Status)
+        if not seen_status:
+            raise GraphUnreachable(f"the graph sent nothing within {timeout_s:g} s (does "
+                                   f"{CONTROL_NODE!r} take the scheduler's status as input?)")
+        raise GraphUnreachable(f"the swap of {node_id} to {model} did not end within "
+                               f"{timeout_s:g} s (does the scheduler take {CONTROL_NODE}/"
+                               f"{CONTROL_OUTPUT} as an input?)")
+    return over_control_node(dataflow, talk)
