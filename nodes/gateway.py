@@ -17,7 +17,8 @@ input (``request`` or a task's name; the node's MODEL/TASK says what it serves),
 output feeds the nodes' ``cancel`` inputs, and the nodes' ``result`` and ``error`` outputs come
 back on inputs of any name. An input from ``<scheduler>/status`` tells which models are loaded;
 inputs from the nodes' ``lost`` outputs let the gateway send again the requests dora dropped
-on their way (the nodes see the gaps in the requests' stream numbers).
+on their way (the nodes see the gaps in the requests' stream numbers); the status also says
+what each node received and answered, which finds a lost last request or a reply's lost end.
 
 Configuration (env):
     HOST, PORT          where to listen (default 127.0.0.1:8000; loopback unless told otherwise)
@@ -114,6 +115,8 @@ def main() -> int:
             status = from_arrow(event["value"])
             if isinstance(status, Status):
                 loaded.update({n.node: n.state in ("ready", "busy") for n in status.nodes})
+                if replies.loop is not None:  # requests, or replies' ends, dora dropped
+                    replies.loop.call_soon_threadsafe(graph.check_delivery, status.nodes)
         elif kind in ("result", "error"):
             metadata = event.get("metadata") or {}
             if kind == "result":

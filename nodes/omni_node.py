@@ -37,6 +37,7 @@ import logging
 import os
 import sys
 import threading
+import time
 
 from mofa_omni.models.compute import ensure_fast_blas
 
@@ -60,6 +61,7 @@ from mofa_omni.scheduler.messages import (  # noqa: E402
     MEMORY_OUTPUT,
     SCHEDULER_INPUT,
     Command,
+    Delivery,
     from_arrow,
     to_arrow,
 )
@@ -147,7 +149,9 @@ def _serve() -> int:
     if SCHEDULER_INPUT in inputs:
         link = SchedulerLink(node_id, slot, lambda message: send_output(MEMORY_OUTPUT,
                                                                         to_arrow(message)),
-                             queue_length=lambda: worker.queue_length(), lost=node.gaps.lost)
+                             queue_length=lambda: worker.queue_length(), lost=node.gaps.lost,
+                             delivery=lambda: Delivery(time.time_ns(), node.gaps.received(),
+                                                       worker.answered()))
         link.start_measuring(memory_report_s)
     worker = RequestWorker(slot, send, request_timeout, link)
     open_requests = inputs - {SCHEDULER_INPUT, CANCEL_INPUT}

@@ -293,3 +293,39 @@ def test_a_second_gateway_falls_back_to_the_first(server, tmp_path: Path):
     finally:
         log = second.stop()
     assert "could not answer" in log and "asking llm-remote" in log
+
+
+# --- the third graph: requests and replies' ends dora dropped --------------------------------
+
+def test_what_dora_dropped_is_asked_again_or_ends_in_an_explicit_error():
+    """tests/dataflows/gateway_lossy.yml: the first request and the end of the first reply are
+    dropped on purpose; the client still gets the whole reply, within seconds. The end of a
+    streamed reply is dropped: the client gets an error event saying so, not a 150 s wait."""
+    lossy = serve(ROOT / "tests" / "dataflows" / "gateway_lossy.yml", ["smollm2-135m"])
+    try:
+        client = lossy.client()
+        started = time.monotonic()
+        reply = client.chat.completions.create(model="smollm2-135m", max_tokens=24,
+                                               messages=CAPITAL)
+        recovered_s = time.monotonic() - started
+        assert "Paris" in reply.choices[0].message.content and recovered_s < 30
+        print(f"a lost request, then its reply's lost end: answered in {recovered_s:.1f} s")
+        again = client.chat.completions.create(model="smollm2-135m", max_tokens=24,
+                                               messages=CAPITAL)
+        assert again.choices[0].message.content == reply.choices[0].message.content
+        streamed = []
+        with pytest.raises(openai.APIError, match="the end of the reply to gw-3 was lost"):
+            for chunk in client.chat.completions.create(model="smollm2-135m", max_tokens=24,
+                                                        messages=CAPITAL, stream=True):
+                streamed.append(chunk.choices[0].delta.content or "" if chunk.choices else "")
+        assert "Paris" in "".join(streamed)
+        assert client.chat.completions.create(model="smollm2-135m", max_tokens=24,
+                                              messages=CAPITAL).choices[0].message.content \
+            == reply.choices[0].message.content
+        stats = lossy.stats()
+        assert stats["in_flight"] == 0, stats
+    finally:
+        log = lossy.stop()
+    assert "message 0 on 'chat' dropped, as DROP_MESSAGES asks" in log
+    assert "llm: gw-1 was lost in the dataflow: asking again" in log
+    assert "llm: the end of the reply to gw-1-again1 was lost in the dataflow: asking again" in log

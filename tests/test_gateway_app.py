@@ -3,18 +3,30 @@ nodes, and each endpoint's errors come back as OpenAI error bodies with the righ
 
 from __future__ import annotations
 
+import json
+import time
+
 import numpy as np
+import pyarrow as pa
 import pytest
 from starlette.testclient import TestClient
 
 from mofa_omni.contract import arrow
 from mofa_omni.contract.errors import ConfigError, ErrorKind, OmniError
-from mofa_omni.contract.tasks import Embeddings, ErrorReport, Task
+from mofa_omni.contract.tasks import (
+    ChatMessage,
+    ChatRequest,
+    Embeddings,
+    ErrorReport,
+    Task,
+    TextChunk,
+)
 from mofa_omni.gateway.app import build_app
-from mofa_omni.gateway.bridge import Graph, Replies, Reply
+from mofa_omni.gateway.bridge import ARRIVAL_NS, TAIL_GRACE_NS, Graph, Replies, Reply, _Sent
 from mofa_omni.gateway.openai_bodies import HTTP_ERRORS, ApiError
 from mofa_omni.gateway.routes import Route, Router
 from mofa_omni.gateway.settings import Settings
+from mofa_omni.scheduler.messages import Delivery, NodeStatus
 from mofa_omni_nodes.gateway import address_from_env, settings_from_env
 
 ROUTE = Route("embedder", "embed", "request", Task.EMBEDDING, "minilm-l6")
@@ -143,3 +155,106 @@ def test_a_bad_setting_names_its_variable(env, message):
 def test_a_bad_address_names_its_variable(env, message):
     with pytest.raises(ConfigError, match=message):
         address_from_env(env)
+
+
+# --- requests and replies' ends dora dropped, found through the nodes' reports --------------
+
+CHAT = Route("llm", "chat", "request", Task.TEXT_GENERATION, "smollm2-135m")
+
+
+def reported(delivery: Delivery) -> list[NodeStatus]:
+    return [NodeStatus("llm", "smollm2-135m", "smollm2-135m", "ready", 0, 0, 0, [],
+                       delivery=delivery)]
+
+
+def lossy_chat(catalog, answers: dict[str, list[TextChunk] | None]):
+    """A graph whose LLM node answers each request id with ``answers[id]`` (None: the request
+    never arrives; a reply without a final chunk: its end was lost), then reports what it
+    received and answered; the report comes again after the bridge's grace, as the
+    scheduler's status does every second."""
+    replies, sent = Replies(), []
+    received = 0
+
+    def send(output, value, metadata) -> int:
+        nonlocal received
+        request_id, seq = metadata["request_id"], len(sent)
+        sent.append(request_id)
+        chunks = answers[request_id]
+        if chunks is not None:
+            received = seq + 1
+            for chunk in chunks:
+                replies.deliver(request_id, Reply("result", arrow.encode(chunk),
+                                                  {"request_id": request_id,
+                                                   "final": chunk.final}))
+        later = time.time_ns() + 3 * ARRIVAL_NS
+        delivery = Delivery(later, {"request": received}, [request_id] if chunks else [])
+        for grace in (0, TAIL_GRACE_NS):  # the end not come by the second report: lost
+            replies.loop.call_soon(graph.check_delivery, reported(delivery), later + grace)
+        return seq
+
+    graph = Graph(Router([CHAT], catalog), replies, send, Settings(deadline_s=10))
+    return TestClient(build_app(graph, catalog, lambda: {"llm": True}, dict)), sent, graph
+
+
+def chunk(text: str, final: bool = False) -> TextChunk:
+    return TextChunk(text, final=final, finish_reason="stop" if final else "")
+
+
+ASK = {"model": "smollm2-135m", "messages": [{"role": "user", "content": "Hi"}]}
+
+
+def test_a_lost_request_and_a_lost_reply_end_are_asked_again_for_a_whole_reply(catalog):
+    client, sent, graph = lossy_chat(catalog, {
+        "gw-1": None,  # dropped on its way to the node
+        "gw-1-again1": [chunk("Hel")],  # answered, but the end of the reply was dropped
+        "gw-1-again2": [chunk("Hel"), chunk("lo", final=True)]})
+    with client:
+        response = client.post("/v1/chat/completions", json=ASK)
+        stats = client.get("/stats").json()
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == "Hello"  # not "HelHello"
+    assert sent == ["gw-1", "gw-1-again1", "gw-1-again2"]
+    assert stats["in_flight"] == 0 and graph._awaiting == {}
+
+
+def test_a_streamed_reply_whose_end_was_lost_ends_in_an_explicit_error(catalog):
+    client, sent, _ = lossy_chat(catalog, {"gw-1": [chunk("Hel")]})
+    with client:
+        response = client.post("/v1/chat/completions", json={**ASK, "stream": True})
+    events = [line.removeprefix("data: ") for line in response.text.splitlines() if line]
+    assert '"Hel"' in events[1] and events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "lost" and "the end of the reply to gw-1 was lost" in error["message"]
+    assert sent == ["gw-1"]  # part of it reached the client: not asked again
+
+
+def test_a_request_lost_every_time_gets_an_error_not_a_wait(catalog):
+    client, sent, _ = lossy_chat(catalog, dict.fromkeys(["gw-1", "gw-1-again1", "gw-1-again2"]))
+    with client:
+        started = time.monotonic()
+        response = client.post("/v1/chat/completions", json=ASK)
+    assert time.monotonic() - started < 5  # well within the 10 s deadline
+    assert response.status_code == 500 and response.json()["error"]["code"] == "lost"
+    assert "gw-1 was lost in the dataflow 3 times" in response.json()["error"]["message"]
+    assert len(sent) == 3
+
+
+def test_a_request_the_report_has_not_yet_seen_is_not_taken_for_lost(catalog):
+    replies = Replies()
+    graph = Graph(Router([CHAT], catalog), replies, lambda *_: 0, Settings())
+    answer = graph.ask(graph.router.choose("smollm2-135m", Task.TEXT_GENERATION), ChatRequest(
+        [ChatMessage("user", "Hi")]), TextChunk)
+    lost = []
+    answer.lost = lambda request_id, what: lost.append(what)
+    graph.send_request(_Sent(answer, CHAT, pa.array(["x"]), {"request_id": "gw-1"}))
+    sent_ns = graph._awaiting[("chat", 0)].sent_ns
+    graph.check_delivery(reported(Delivery(sent_ns, {"request": 0})), sent_ns)  # too early
+    graph.check_delivery(reported(Delivery(sent_ns + ARRIVAL_NS, {"request": 1})))  # arrived
+    assert lost == [] and ("chat", 0) in graph._awaiting
+    graph.check_delivery(reported(Delivery(sent_ns + ARRIVAL_NS, {}, ["gw-1"])), sent_ns)
+    graph.check_delivery(reported(Delivery(sent_ns + ARRIVAL_NS, {}, ["gw-1"])),
+                         sent_ns + TAIL_GRACE_NS // 2)  # the end may still be on its way
+    assert lost == []
+    graph.check_delivery(reported(Delivery(sent_ns + ARRIVAL_NS, {}, ["gw-1"])),
+                         sent_ns + TAIL_GRACE_NS)
+    assert lost == ["the end of the reply to {request_id}"] and graph._awaiting == {}

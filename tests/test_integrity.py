@@ -6,6 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from mofa_omni.contract.errors import ConfigError
+from mofa_omni.node.faults import parse_drops
 from mofa_omni.node.integrity import (
     DEFAULT_POOL_BYTES,
     STREAM_SEQ,
@@ -73,6 +75,28 @@ def test_a_checked_node_logs_and_counts_what_dora_dropped(caplog):
     assert [event["type"] for event in node] == ["INPUT"] * 3 + ["STOP"]
     assert node.gaps.lost() == {"audio": 3}
     assert "vad: 3 message(s) lost on input 'audio' before stream_seq 5" in caplog.text
+
+
+def test_messages_dropped_on_purpose_keep_their_numbers_and_receivers_see_the_gap(monkeypatch):
+    monkeypatch.setenv("DROP_MESSAGES", "a:1, result:final:1")
+    inner = RecordingNode()
+    node = CheckedNode(inner, "n")
+    for output, final in [("a", True), ("a", True), ("a", True), ("result", False),
+                          ("result", True), ("result", False), ("result", True),
+                          ("result", True)]:
+        node.send_output(output, pa.array([1]), {"final": final})
+    sent = [(output, meta[STREAM_SEQ]) for output, meta in inner.sent]
+    # a's second message; the second *final* message on result (its 4th): gone, numbers kept
+    assert sent == [("a", 0), ("a", 2), ("result", 0), ("result", 1), ("result", 2),
+                    ("result", 4)]
+    gaps = GapDetector()
+    assert [gaps.check(output, {STREAM_SEQ: seq}) for output, seq in sent] == [0, 1, 0, 0, 0, 1]
+
+
+@pytest.mark.parametrize("value", ["a", "a:x", "a:last:1", ":1", "a:final:", "a:1:2"])
+def test_a_malformed_drop_rule_is_named(value):
+    with pytest.raises(ConfigError, match="neither OUTPUT:N nor OUTPUT:final:N"):
+        parse_drops(value)
 
 
 def test_a_payload_bigger_than_the_pool_is_refused_with_the_fix():

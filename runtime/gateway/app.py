@@ -174,13 +174,13 @@ async def chat_completions(request: Request, server: ServerState) -> Response:
         chat_request = body.to_request()
         choice = graph.router.choose(body.model, Task.TEXT_GENERATION)
     answer = graph.ask(choice, chat_request, TextChunk)
-    results = aiter(answer)
     if not body.stream:
-        chunks = [chunk async for chunk in results]
+        chunks = await answer.whole()
         completion = Completion.new(answer.request_id, answer.model)
         return JSONResponse(completion.whole("".join(c.text for c in chunks),
                                              finish_reason_of(chunks[-1]),
                                              usage_of(chunks[-1])))
+    results = aiter(answer)
     first = await anext(results)  # errors before the first chunk keep their HTTP status
     completion = Completion.new(answer.request_id, answer.model)
     return StreamingResponse(_chat_events(completion, first, results, answer,
@@ -244,11 +244,11 @@ async def speech(request: Request, server: ServerState) -> Response:
     body = decode_body(await _body_of(request, server.settings.max_body_bytes), SpeechBody)
     message = body.to_request()
     choice = server.graph.router.choose(body.model, Task.SPEECH_SYNTHESIS)
-    pieces, rate = [], 0
-    async for chunk in server.graph.ask(choice, message, AudioChunk):
-        pieces.append(chunk.audio.copy())
-        rate = chunk.sample_rate
-    content, media_type = speech_bytes(np.concatenate(pieces), rate, body.response_format)
+    chunks = await server.graph.ask(choice, message, AudioChunk).whole()
+    if not chunks:
+        raise ApiError(ErrorKind.INTERNAL, "the model node answered nothing")
+    audio = np.concatenate([chunk.audio for chunk in chunks])
+    content, media_type = speech_bytes(audio, chunks[-1].sample_rate, body.response_format)
     return Response(content, media_type=media_type)
 
 
@@ -295,7 +295,7 @@ ENDPOINTS: tuple[tuple[str, str, Endpoint], ...] = (  # path, method, endpoint
 
 async def _single(answer: Answer) -> Any:
     """The one result of a task that does not stream."""
-    results = [result async for result in answer]
+    results = await answer.whole()
     if not results:
         raise ApiError(ErrorKind.INTERNAL, "the model node answered nothing")
     return results[-1]

@@ -7,6 +7,15 @@ the asyncio task waiting for them; :class:`Graph` sends requests into the datafl
 falling back to a remote model when the local one cannot answer, and raising
 :class:`~mofa_omni.gateway.openai_bodies.ApiError` for a node's error or past the
 request's deadline (504), including when the reply never comes.
+
+dora drops messages without a word. A request it dropped is found by the model node
+when a later one comes (a gap in the stream numbers, reported on its ``lost``
+output); the last request sent, or the last message of a reply, is found through
+the scheduler's status instead: each node reports which stream number it expects
+next on each input and which requests it answered in full (:class:`Delivery`). A
+request the node never received is asked again; a reply whose end never came is
+asked again whole where nothing of it reached the client yet (every reply the
+client gets at once), and ends in an explicit error where part of it was streamed.
 """
 
 from __future__ import annotations
@@ -17,8 +26,8 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -29,12 +38,19 @@ from mofa_omni.contract.tasks import ErrorReport
 from mofa_omni.gateway.openai_bodies import ApiError, node_error
 from mofa_omni.gateway.routes import Choice, Route, Router
 from mofa_omni.gateway.settings import Settings
+from mofa_omni.scheduler.messages import NodeStatus
 
 log = logging.getLogger("mofa_omni.gateway.bridge")
 
 # A local model that cannot answer with these: the remote one serving the task is asked.
 FALLBACK_KINDS = frozenset({ErrorKind.UNAVAILABLE, ErrorKind.TIMEOUT})
-RESENDS = 2  # times a request dora dropped is sent again
+RESENDS = 2  # times a request dora dropped (or the end of its reply) is sent again
+# A node's report this long after a request was sent shows whether it arrived: dora delivers in
+# milliseconds, the node's main thread may lag behind a busy CPU.
+ARRIVAL_NS = 2_000_000_000
+# A reply the node says it ended but whose last message has not come this long after: lost.
+# (The reply comes straight from the node, the report through the scheduler: slower.)
+TAIL_GRACE_NS = 2_000_000_000
 
 Send = Callable[[str, pa.Array, dict[str, Any]], int]  # returns the message's stream_seq
 
@@ -90,18 +106,25 @@ class Replies:
 @dataclass(slots=True)
 class _Sent:
     answer: Answer
-    output: str
+    route: Route
     value: pa.Array
     metadata: dict[str, Any]
     resends: int = 0
+    sent_ns: int = 0  # when it was last sent (time.time_ns)
+    ended_seen_ns: int = 0  # when a report first said the node had answered it in full
+    request_id: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.request_id = str(self.metadata["request_id"])
 
 
 class Graph:
     """Sends requests into the dataflow; each :class:`Answer` yields one request's results.
 
     Requests dora dropped on their way to a model node (which says so on its ``lost``
-    output, naming the stream numbers) are sent again, up to RESENDS times. Runs on the
-    event loop's thread.
+    output, naming the stream numbers) are sent again, up to RESENDS times; those found
+    lost through the nodes' reports (:meth:`check_delivery`) are asked again by their
+    answers. Runs on the event loop's thread.
     """
 
     def __init__(self, router: Router, replies: Replies, send: Send, settings: Settings):
@@ -115,13 +138,35 @@ class Graph:
         return Answer(self, choice, message, result_type, f"gw-{next(self._ids)}")
 
     def send_request(self, sent: _Sent) -> tuple[str, int]:
-        key = (sent.output, self.send(sent.output, sent.value, sent.metadata))
+        sent.sent_ns = time.time_ns()
+        key = (sent.route.output, self.send(sent.route.output, sent.value, sent.metadata))
         self._awaiting[key] = sent
         return key
 
     def answered(self, key: tuple[str, int] | None) -> None:
         if key is not None:
             self._awaiting.pop(key, None)
+
+    def check_delivery(self, nodes: Iterable[NodeStatus], now_ns: int | None = None) -> None:
+        """Compare what the nodes report they received and answered (the scheduler's status)
+        with the requests still waiting: the answer of one that never arrived, or whose
+        reply's end never came, is told so and asks again."""
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        reported = {status.node: status.delivery for status in nodes}
+        for key, sent in list(self._awaiting.items()):
+            delivery = reported.get(sent.route.node)
+            if delivery is None:
+                continue
+            if sent.request_id in delivery.answered:
+                if not sent.ended_seen_ns:
+                    sent.ended_seen_ns = now_ns
+                elif now_ns - sent.ended_seen_ns >= TAIL_GRACE_NS:
+                    del self._awaiting[key]
+                    sent.answer.lost(sent.request_id, "the end of the reply to {request_id}")
+            elif delivery.at_ns >= sent.sent_ns + ARRIVAL_NS and \
+                    delivery.received.get(sent.route.input, 0) <= key[1]:
+                del self._awaiting[key]  # a report made well after it was sent has not seen it
+                sent.answer.lost(sent.request_id, "{request_id}")
 
     def resend_lost(self, node: str, input_id: str, first: int, last: int) -> None:
         """``node`` never got messages ``first`` .. ``last`` of its input ``input_id``."""
@@ -144,7 +189,8 @@ class Answer:
     The fallback route answers when the primary cannot (an ``unavailable`` or
     ``timeout`` error, or no first result within ``fallback_after_s``). Raises
     :class:`ApiError` for a node's error or past the deadline. :meth:`cancel` stops the
-    generation on the node (a client that went away).
+    generation on the node (a client that went away). :meth:`whole` gathers every result
+    for a client that gets them at once.
     """
 
     def __init__(self, graph: Graph, choice: Choice, message: Any, result_type: type,
@@ -155,9 +201,27 @@ class Answer:
         self.deadline = time.monotonic() + graph.settings.deadline_s
         self._in_flight: tuple[Route, str] | None = None  # (route, request id) not finished
         self.sent_as: tuple[str, int] | None = None  # (output, stream_seq) of the request
+        self._whole = False  # the results go to the client at once: a lost end is asked again
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._results()
+
+    async def whole(self) -> list[Any]:
+        """Every result, for a client that gets them at once: a reply whose end dora dropped
+        is asked for again, whole."""
+        self._whole = True
+        results: list[Any] = []
+        async for result in self._results():
+            if result is _ASKED_AGAIN:
+                results.clear()
+            else:
+                results.append(result)
+        return results
+
+    def lost(self, request_id: str, what: str) -> None:
+        """``what`` (``"{request_id}"``, or the end of its reply) was lost in the dataflow."""
+        self.graph.replies.deliver(request_id, Reply("lost", pa.array([what]),
+                                                     {"request_id": request_id}))
 
     async def _results(self) -> AsyncIterator[Any]:
         choice, settings = self.choice, self.graph.settings
@@ -175,16 +239,46 @@ class Answer:
 
     async def _from(self, route: Route, request_id: str,
                     first_within: float | None) -> AsyncIterator[Any]:
+        asked_as = request_id
+        for again in range(RESENDS + 1):
+            if again:
+                asked_as = f"{request_id}-again{again}"
+                if self._whole:
+                    yield _ASKED_AGAIN
+            lost = None
+            async for result in self._asked(route, asked_as, first_within):
+                if isinstance(result, _Lost):
+                    lost = result
+                else:
+                    yield result
+            if lost is None:
+                return
+            if lost.results and not self._whole:
+                raise node_error(ErrorKind.LOST, f"{route.node}: {lost.what} was lost in the "
+                                                 f"dataflow after part of the reply was "
+                                                 f"streamed; asking again is safe")
+            log.warning("%s: %s was lost in the dataflow: asking again", route.node, lost.what)
+        raise node_error(ErrorKind.LOST, f"{route.node}: {request_id} was lost in the dataflow "
+                                         f"{RESENDS + 1} times")
+
+    async def _asked(self, route: Route, request_id: str,
+                     first_within: float | None) -> AsyncIterator[Any]:
+        """The results of one sending of the request; a :class:`_Lost` last when the request
+        or its reply's end was lost on the way."""
         graph = self.graph
         queue = graph.replies.open(request_id)
         try:
-            self.sent_as = graph.send_request(_Sent(self, route.output, arrow.encode(self.message),
+            self.sent_as = graph.send_request(_Sent(self, route, arrow.encode(self.message),
                                                     {"request_id": request_id,
                                                      "origin_ns": time.time_ns()}))
             self._in_flight = (route, request_id)  # sent: a refused one has nothing to cancel
-            first = True
+            first, results = True, 0
             while True:
                 reply = await self._next(queue, route, first_within if first else None)
+                if reply.kind == "lost":
+                    what = str(reply.value[0].as_py()).format(request_id=request_id)
+                    yield _Lost(what, results)
+                    return
                 if reply.kind == "error":
                     self._in_flight = None
                     error = arrow.decode(reply.value, ErrorReport)
@@ -198,6 +292,7 @@ class Answer:
                 first = False
                 if reply.metadata.get("final", True):
                     self._in_flight = None
+                results += 1
                 yield arrow.decode(reply.value, self.result_type)
                 if self._in_flight is None:
                     return
@@ -234,3 +329,12 @@ class Answer:
 
 class _FallBack(Exception):
     """The primary route cannot answer: the fallback should."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Lost:
+    what: str  # what was lost: the request (its id), or the end of its reply
+    results: int  # results of this sending already passed on
+
+
+_ASKED_AGAIN = object()  # to :meth:`Answer.whole`: the results so far are dropped, asked again

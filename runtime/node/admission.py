@@ -11,6 +11,7 @@ from mofa_omni.models.memory import resident_bytes, snapshot
 from mofa_omni.node.residency import LoadOutcome, ModelSlot
 from mofa_omni.scheduler.messages import (
     ControlMessage,
+    Delivery,
     LoadAsk,
     NodeReport,
     NodeState,
@@ -25,15 +26,18 @@ class SchedulerLink:
     """Sends a node's :class:`LoadAsk` and :class:`NodeReport` messages through ``publish``.
 
     ``state`` is what ``omni status`` shows for the node. ``queue_length`` tells
-    how many requests wait, and ``lost`` how many messages went missing on each input
-    (see :mod:`mofa_omni.node.integrity`), for the reports.
+    how many requests wait, ``lost`` how many messages went missing on each input
+    (see :mod:`mofa_omni.node.integrity`), and ``delivery`` what arrived and was answered,
+    for the reports.
     """
 
     def __init__(self, node_id: str, slot: ModelSlot, publish: Callable[[ControlMessage], None],
                  queue_length: Callable[[], int] = lambda: 0,
-                 lost: Callable[[], dict[str, int]] = dict):
+                 lost: Callable[[], dict[str, int]] = dict,
+                 delivery: Callable[[], Delivery] = Delivery):
         self.node_id, self.slot, self.publish, self.queue_length = node_id, slot, publish, queue_length
         self.lost = lost  # messages dora dropped before they reached this node, by input
+        self.delivery = delivery
         self.state: NodeState = "starting"
         self.asked_at = 0.0  # when it last asked for memory (time.monotonic)
         self.detached = False  # the scheduler is gone: the node manages its model on its own
@@ -63,7 +67,7 @@ class SchedulerLink:
             load_seconds=outcome.seconds if outcome else 0.0,
             mlx_active=memory.mlx_active_bytes, mlx_peak=memory.mlx_peak_bytes, detail=detail,
             swap=swap, lost=self.lost(), available=memory.system_available_bytes,
-            total=memory.system_total_bytes))
+            total=memory.system_total_bytes, delivery=self.delivery()))
 
     def start_measuring(self, interval_s: float) -> None:
         """Report resident memory every ``interval_s`` from a background thread."""

@@ -27,8 +27,10 @@ from typing import Any
 
 import pyarrow as pa
 
+from mofa_omni.config import env_str, exit_on_bad_settings
 from mofa_omni.contract.errors import ContractError, ErrorKind
 from mofa_omni.models.memory import format_bytes, parse_size
+from mofa_omni.node.faults import DROP_MESSAGES, Dropper, parse_drops
 from mofa_omni.node.host import dora_node_id
 
 log = logging.getLogger("mofa_omni.node.integrity")
@@ -89,6 +91,10 @@ class GapDetector:
             count.restarts += 1
         count.expected = seq + 1
         return missing
+
+    def received(self) -> dict[str, int]:
+        """The next stream_seq expected on each numbered input."""
+        return {name: count.expected for name, count in sorted(self.inputs.items())}
 
     def lost(self) -> dict[str, int]:
         """Messages lost so far, by input (only inputs that lost some)."""
@@ -171,7 +177,8 @@ class Gap:
 class CheckedNode:
     """A dora node whose outputs are numbered and checked against its pool, and whose inputs
     are checked for gaps (logged when seen, counted in :attr:`gaps`, and passed to
-    ``on_gap`` — a model node tells its requester, which sends the lost requests again)."""
+    ``on_gap`` — a model node tells its requester, which sends the lost requests again).
+    ``DROP_MESSAGES`` (:mod:`mofa_omni.node.faults`) makes it drop messages on purpose."""
 
     def __init__(self, node: Any = None, node_id: str = ""):
         if node is None:
@@ -188,6 +195,8 @@ class CheckedNode:
         self.numbering = OutputNumbering()
         self.gaps = GapDetector()
         self._sending = threading.Lock()  # numbers follow the order of sending, across threads
+        with exit_on_bad_settings(self.node_id):
+            self.dropper = Dropper(parse_drops(env_str(DROP_MESSAGES, "")))
         self.on_gap: Callable[[Gap], None] | None = None
 
     def send_output(self, output: str, value: pa.Array,
@@ -199,7 +208,11 @@ class CheckedNode:
             check_network_payload(output, size, self.network_limit, self.remote[output])
         with self._sending:
             seq = self.numbering.peek(output)
-            self.node.send_output(output, value, {**(metadata or {}), STREAM_SEQ: seq})
+            if self.dropper.drops(output, metadata):
+                log.warning("%s: message %d on %r dropped, as %s asks", self.node_id, seq,
+                            output, DROP_MESSAGES)
+            else:
+                self.node.send_output(output, value, {**(metadata or {}), STREAM_SEQ: seq})
             self.numbering.advance(output)
         return seq
 

@@ -39,6 +39,7 @@ log = logging.getLogger("mofa_omni.node.serving")
 CANCEL_INPUT = "cancel"
 ASK_AGAIN_S = 5.0  # no answer to a load request this long: ask again (dora may drop a message)
 _REMEMBERED_CANCELS = 1024  # a cancelled id also drops requests of that id still to come
+ANSWERED_KEPT = 64  # request ids whose reply ended, newest last, for the node's reports
 
 
 @dataclass
@@ -84,6 +85,7 @@ class RequestWorker:
         self._lock = threading.Lock()
         self._drained = threading.Event()
         self._queued = 0
+        self._answered: collections.deque[str] = collections.deque(maxlen=ANSWERED_KEPT)
         self._thread = threading.Thread(target=self._run, name="request-worker", daemon=True)
         self._thread.start()
 
@@ -113,6 +115,16 @@ class RequestWorker:
             self._cancelled[request_id] = None
             while len(self._cancelled) > _REMEMBERED_CANCELS:
                 self._cancelled.popitem(last=False)
+
+    def answered(self) -> list[str]:
+        """The latest request ids whose reply (or error) went out in full, newest last."""
+        with self._lock:
+            return list(self._answered)
+
+    def _ended(self, request_id: str) -> None:
+        if request_id:
+            with self._lock:
+                self._answered.append(request_id)
 
     def is_cancelled(self, request_id: str) -> bool:
         with self._lock:
@@ -181,6 +193,7 @@ class RequestWorker:
                 self.send(out)
         except Exception:  # sending failed (dora gone?): log, keep the thread alive
             log.exception("could not send the reply to %s", request_id or job.input_id)
+        self._ended(request_id)
         if self.queue_length() == 0:
             self._set_state("ready", "idle")
 
@@ -368,3 +381,4 @@ class RequestWorker:
 
     def _reject(self, job: _Job, kind: ErrorKind, message: str) -> None:
         self.send(self.host.reject(job.metadata, kind, message))
+        self._ended(str(job.metadata.get("request_id", "")))

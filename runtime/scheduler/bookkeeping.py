@@ -32,6 +32,7 @@ from mofa_omni.scheduler.messages import (
     Command,
     ControlMessage,
     DecisionRecord,
+    Delivery,
     LoadAsk,
     MachineStatus,
     NodeReport,
@@ -89,6 +90,7 @@ class _NodeView:
     model_bytes: int = 0
     queue: int = 0
     lost: dict[str, int] = field(default_factory=dict)
+    delivery: Delivery = Delivery()
 
 
 def journal_entry(event, decisions: list[Decision]) -> dict:
@@ -284,7 +286,7 @@ class Scheduling:
     def _event_of(self, report: NodeReport, now: float):
         view = self._view(report.node)
         view.state, view.rss, view.queue = report.state, report.rss, report.queue
-        view.lost = report.lost
+        view.lost, view.delivery = report.lost, report.delivery
         view.model = report.model or view.model
         self.peak_measured = max(self.peak_measured, self.measured())
         match report.event:
@@ -354,7 +356,7 @@ class Scheduling:
         pipelines = [sorted(group) for group in self.state.pipelines]
         nodes = [NodeStatus(node, view.model, view.wanted, view.state, view.rss, view.model_bytes,
                             view.queue, [i for i, group in enumerate(pipelines) if node in group],
-                            view.lost, self.cluster.machine(node))
+                            view.lost, self.cluster.machine(node), view.delivery)
                  for node, view in sorted(self.nodes.items())]
         machines = []
         if set(self.cluster.machines) != {""}:

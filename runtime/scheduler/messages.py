@@ -73,6 +73,20 @@ class SwapOutcome(msgspec.Struct, frozen=True, tag="swap_outcome"):
     warning: str = ""
 
 
+class Delivery(msgspec.Struct, frozen=True):
+    """What reached a model node and what it answered, when it reported: proof for the sender
+    of a request that the request arrived, and that the reply's last message went out.
+
+    dora drops messages without a word (see :mod:`mofa_omni.node.integrity`); a gap in a
+    numbered stream shows only when a later message comes. A request that was the last
+    one sent, or the last message of a reply, is found lost only this way.
+    """
+
+    at_ns: int = 0  # when the node reported (time.time_ns)
+    received: dict[str, int] = {}  # by input: the next stream_seq expected on it
+    answered: list[str] = []  # the request ids whose last message went out, newest last
+
+
 class NodeReport(msgspec.Struct, frozen=True, tag="report"):
     """What a model node did and measured. ``event`` says why it reports now."""
 
@@ -94,6 +108,7 @@ class NodeReport(msgspec.Struct, frozen=True, tag="report"):
     lost: dict[str, int] = {}  # messages missing from each input's numbered stream, so far
     available: int = 0  # the node's machine: available memory (the scheduler may run elsewhere)
     total: int = 0  # the node's machine: physical memory (0: not measured)
+    delivery: Delivery = Delivery()
 
 
 class Command(msgspec.Struct, frozen=True, tag="command"):
@@ -118,6 +133,7 @@ class NodeStatus(msgspec.Struct, frozen=True):
     pipelines: list[int]
     lost: dict[str, int] = {}  # by input: messages dora dropped on the way to this node
     machine: str = ""  # the machine it runs on (dora's deploy: machine; "" on one machine)
+    delivery: Delivery = Delivery()  # as of its latest report
 
 
 class MachineStatus(msgspec.Struct, frozen=True):
