@@ -16,9 +16,10 @@ made from dataflows/samples, the 2nd and 4th after --gap seconds of silence (def
 the voice pipeline goes idle (the scheduler's ACTIVE_S is 3 s) and the embedder competes with it
 both while it is idle and while it is busy. In all: 4 voice turns and 9 embedding requests.
 
-"What all models need" is the catalog's estimate (runtime/catalog.toml memory_mb) of each model
-asked for plus a process overhead each (mofa_omni.scheduler.bookkeeping.DEFAULT_OVERHEAD, 200 MiB), about
-3.3 GiB here; BUDGET is --fraction of it (default 0.5), raised if needed so that the smallest rung
+"What all models need" is each model's estimate on the backend serving it here, as the scheduler
+plans (the catalog's figure for that backend, runtime/models/catalog.toml memory_mb, or the
+adapter's estimate from the prepared files: mofa_omni.models.footprint) plus a process overhead
+each (mofa_omni.scheduler.bookkeeping.DEFAULT_OVERHEAD, 200 MiB); BUDGET is --fraction of it (default 0.5), raised if needed so that the smallest rung
 of every node's size ladder (whisper-tiny.en, smollm2-135m-q4, piper-joe, minilm-l6) fits with the
 overheads: every request can then be served. The same workload runs twice in one invocation:
 
@@ -88,6 +89,8 @@ from mofa_omni.adapters.loading import open_model
 from mofa_omni.media.audio import read_wav, write_wav
 from mofa_omni.models.catalog import Catalog
 from mofa_omni.models.memory import format_bytes, parse_size
+from mofa_omni.models.store import ModelStore
+from mofa_omni.node.residency import estimated_bytes
 from mofa_omni.scheduler.bookkeeping import DEFAULT_OVERHEAD, replay
 from mofa_omni.scheduler.messages import COMMAND_OUTPUT, MEMORY_OUTPUT, SCHEDULER_INPUT
 
@@ -107,15 +110,19 @@ def model_nodes(descriptor: dict) -> dict[str, str]:
 
 def budget_plan(catalog: Catalog, models: dict[str, str], fraction: float,
                 budget: int | None) -> dict:
-    """What all models need (catalog estimates + a process overhead each), the least that
-    serves every request (every node at its smallest rung), and the budget."""
-    need = {node: catalog.get(model).memory_bytes + DEFAULT_OVERHEAD
-            for node, model in models.items()}
+    """What all models need (each one's estimate on the backend serving it here, as the
+    scheduler plans, + a process overhead each), the least that serves every request (every
+    node at its smallest rung), and the budget."""
+    store = ModelStore()
+
+    def size(model: str) -> int:
+        return estimated_bytes(catalog.get(model), store)
+
+    need = {node: size(model) + DEFAULT_OVERHEAD for node, model in models.items()}
     smallest = {}
     for node, model in models.items():
-        ladder = [model, *catalog.smaller_than(model)]
-        name = min(ladder, key=lambda m: catalog.get(m).memory_bytes)
-        smallest[node] = (name, catalog.get(name).memory_bytes + DEFAULT_OVERHEAD)
+        name = min([model, *catalog.smaller_than(model)], key=size)
+        smallest[node] = (name, size(name) + DEFAULT_OVERHEAD)
     floor = sum(size for _, size in smallest.values())
     chosen = budget if budget is not None else max(int(fraction * sum(need.values())), floor)
     return {"need_bytes": sum(need.values()), "need_per_node": need,

@@ -51,6 +51,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     from mofa_omni.contract.errors import AdapterError
     from mofa_omni.models.memory import format_bytes
     from mofa_omni.models.store import ModelStore
+    from mofa_omni.node.residency import estimated_bytes
 
     catalog, store = _catalog(), ModelStore()
     defaults = {name for name in catalog.defaults.values()}
@@ -64,7 +65,8 @@ def cmd_models(args: argparse.Namespace) -> int:
             backend, ready = "(adapter not installed)", False
         rows.append({
             "name": spec.name, "tasks": [t.value for t in spec.tasks], "adapter": spec.adapter,
-            "backend": backend, "format": spec.format, "memory_estimate_bytes": spec.memory_bytes,
+            "backend": backend, "format": spec.format,
+            "memory_estimate_bytes": estimated_bytes(spec, store),
             "cached": ready, "size_on_disk_bytes": store.size_on_disk(spec) if ready else 0,
             "default": spec.name in defaults, "offline": spec.fetchable_offline,
             "ladder": catalog.ladder_of(spec.name), "description": spec.description,
@@ -113,6 +115,39 @@ def cmd_pull(args: argparse.Namespace) -> int:
                              load=False)
         print(f"{name}: ready in {time.perf_counter() - started:.1f} s, "
               f"{format_bytes(store.size_on_disk(adapter.spec))} at {store.model_dir(adapter.spec)}")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from mofa_omni.models.cleanup import plan_remove
+    from mofa_omni.models.store import ModelStore
+
+    return _clean(plan_remove(args.name, _catalog(), ModelStore()), args.dry_run,
+                  f"{args.name} is not in the cache")
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from mofa_omni.models.cleanup import plan_prune
+    from mofa_omni.models.store import ModelStore
+
+    return _clean(plan_prune(_catalog(), ModelStore()), args.dry_run, "nothing to prune")
+
+
+def _clean(removals, dry_run: bool, nothing: str) -> int:
+    """List what goes and why (and what each frees), then remove it unless ``dry_run``."""
+    from mofa_omni.models.cleanup import apply
+    from mofa_omni.models.memory import format_bytes
+
+    if not removals:
+        print(nothing)
+        return 0
+    for removal in removals:
+        print(f"{format_bytes(removal.freed):>10}  {removal.path}  ({removal.why})")
+    total = sum(removal.freed for removal in removals)
+    if dry_run:
+        print(f"would free {format_bytes(total)} (--dry-run: nothing removed)")
+    else:
+        print(f"freed {format_bytes(apply(removals))}")
     return 0
 
 
@@ -336,6 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--force", action="store_true",
                      help="replace a different catalog entry of that name")
     sub.add_argument("--defaults", action="store_true", help="every task's default model")
+    sub = command("rm", cmd_rm, "remove a model's builds (and a source only it reads) from "
+                                "the cache; its catalog entry stays", model=False)
+    sub.add_argument("name", help="the catalog name")
+    sub.add_argument("--dry-run", action="store_true", help="list what would go, remove nothing")
+    sub = command("prune", cmd_prune, "remove from the cache what no catalog model names or "
+                  "reads, what was cut off part-way, and content no model links", model=False)
+    sub.add_argument("--dry-run", action="store_true", help="list what would go, remove nothing")
     sub = command("chat", cmd_chat, "stream an LLM reply to a prompt")
     sub.add_argument("prompt")
     sub.add_argument("--system", default="", help="system prompt")

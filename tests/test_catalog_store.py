@@ -69,6 +69,19 @@ source = { path = "/elsewhere/model.gguf" }
     ('[models.x]\nadapter="a"\ntasks=["embedding"]\nformat="f"\nsource={ftp="p"}\n',
      "source must have one of"),
     ("[models.x\n", "catalog"),
+    # names and files that would lead out of the model cache
+    ('[models."../../etc"]\nadapter="a"\ntasks=["embedding"]\nformat="f"\nsource={path="p"}\n',
+     "model '../../etc': use letters"),
+    ('[models."/abs"]\nadapter="a"\ntasks=["embedding"]\nformat="f"\nsource={path="p"}\n',
+     "model '/abs': use letters"),
+    ('[models.".hidden"]\nadapter="a"\ntasks=["embedding"]\nformat="f"\nsource={path="p"}\n',
+     "model '.hidden': use letters"),
+    ('[models.x]\nadapter="a"\ntasks=["embedding"]\nformat="f"\n'
+     'source={pypi="p==1", joined={"../x.bin"=["a", "b"]}}\n', "joined file '../x.bin'"),
+    ('[models.x]\nadapter="a"\ntasks=["embedding"]\nformat="f"\n'
+     'source={hf="o/r", files=["../../secret"]}\n', "must be a path inside its source"),
+    ('[models.x]\nadapter="a"\ntasks=["embedding"]\nformat="f"\n'
+     'source={hf="o/r", files=["/etc/passwd"]}\n', "must be a path inside its source"),
 ])
 def test_malformed_user_catalogs_are_reported(tmp_path: Path, entry: str, error: str):
     path = tmp_path / "catalog.toml"
@@ -127,6 +140,30 @@ def test_store_converts_once_verifies_and_rebuilds_damaged_artifacts(
     assert json.loads((built / "stopwords.json").read_text()) == ["the"]
 
 
+def test_prepared_files_are_stored_once_per_content_and_damage_does_not_spread(
+        third_party: Path, tmp_path: Path, caplog):
+    store = ModelStore(tmp_path / "cache")
+    catalog = textstats_catalog(tmp_path, ["the", "a"])
+    (tmp_path / "copy.toml").write_text(  # another name for the same weights
+        (tmp_path / "catalog.toml").read_text().replace("textstats-en", "textstats-copy"))
+    catalog.merge(tmp_path / "copy.toml")
+    first = open_model("textstats-en", catalog=catalog, store=store, load=False)
+    second = open_model("textstats-copy", catalog=catalog, store=store, load=False)
+    one, other = (store.model_dir(a.spec) / "stopwords.json" for a in (first, second))
+    assert one.samefile(other) and one.stat().st_nlink == 3  # two models and the blob
+    record = Manifest.read(store.model_dir(first.spec)).files["stopwords.json"]
+    assert (store.root / "blobs" / record.sha256[:2] / record.sha256).samefile(one)
+
+    one.write_text('["thX", "a"]')  # damaged in place: the other name shares the bytes
+    store.prepare(first)  # rebuilt, and the damaged blob replaced
+    assert caplog.text.count("does not match its checksum") == 1
+    assert json.loads(other.read_text()) == ["thX", "a"]  # still the damaged inode...
+    store.prepare(second)  # ...which its own check finds: rebuilt from the good blob
+    assert caplog.text.count("does not match its checksum") == 2
+    assert json.loads(one.read_text()) == json.loads(other.read_text()) == ["the", "a"]
+    assert one.samefile(other)
+
+
 def test_a_model_pointed_at_other_weights_is_built_again(third_party: Path, tmp_path: Path):
     store = ModelStore(tmp_path / "cache")
     (tmp_path / "a").mkdir()
@@ -159,3 +196,12 @@ def test_a_variant_entry_is_the_packaged_model_under_another_name(tmp_path):
     assert (roomy.adapter, roomy.options) == (gemma.adapter, gemma.options)
     with pytest.raises(CatalogError, match="did you mean gemma-3-270m"):
         variant_entry("x", "gemma-3-27m")
+
+
+def test_a_name_given_for_a_path_cannot_lead_out_of_the_cache(tmp_path: Path, catalog: Catalog):
+    from mofa_omni.models.by_name import resolve_model_name
+
+    with pytest.raises(ContractError, match="--name '../escape': use letters"):
+        resolve_model_name(str(tmp_path), catalog, ModelStore(tmp_path / "cache"),
+                           name="../escape")
+    assert not (tmp_path / "cache").exists()  # refused before anything was fetched

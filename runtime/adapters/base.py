@@ -31,6 +31,7 @@ from mofa_omni.contract.stages import Stage
 from mofa_omni.contract.tasks import TASK_SPECS, GenericRequest, GenericResult, GenericSpec, Task
 from mofa_omni.models.catalog import ModelSpec
 from mofa_omni.models.fetching import Progress
+from mofa_omni.models.footprint import weight_bytes
 from mofa_omni.models.memory import release_freed_memory
 
 ENTRY_POINT_GROUP = "mofa_omni.adapters"
@@ -49,6 +50,9 @@ class ModelAdapter(ABC):
     backend: ClassVar[str]  # "mlx", "onnxruntime", "ctranslate2", "remote", ...
     requires: ClassVar[tuple[str, ...]] = ()  # modules it imports when loading: checked first
     artifact_version: ClassVar[int] = 1  # bump when ``prepare`` changes: cached builds are redone
+    # Resident memory a load adds besides the weights: the engine's libraries and buffers, as
+    # measured in a fresh process (see mofa_omni.models.footprint).
+    runtime_bytes: ClassVar[int] = 0
     # The catalog options it takes, with their defaults: none unless a subclass declares some.
     Options: ClassVar[type[AdapterOptions]] = AdapterOptions
     options: AdapterOptions  # the model's catalog options, decoded as ``Options``
@@ -73,6 +77,12 @@ class ModelAdapter(ABC):
     @abstractmethod
     def prepare(self, source_dir: Path, out_dir: Path, progress: Progress) -> None:
         """Convert the fetched source files in ``source_dir`` into ``out_dir`` (run once, cached)."""
+
+    def estimate_bytes(self, model_dir: Path) -> int:
+        """The resident memory loading the prepared model in ``model_dir`` will add, before it
+        loads (:mod:`mofa_omni.models.footprint`): by default its weights plus
+        ``runtime_bytes``."""
+        return weight_bytes(model_dir) + self.runtime_bytes
 
     @abstractmethod
     def _load(self, model_dir: Path) -> None: ...

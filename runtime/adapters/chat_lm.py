@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Generator, Iterator
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -29,6 +30,7 @@ from mofa_omni.contract.tasks import (
     TextChunk,
     validate_request,
 )
+from mofa_omni.models.footprint import LlmShape, kv_cache_bytes, tokenizer_bytes, weight_bytes
 
 
 class ChatLmAdapter(ModelAdapter):
@@ -43,10 +45,25 @@ class ChatLmAdapter(ModelAdapter):
     supported_tasks: ClassVar[frozenset[Task]] = frozenset({Task.TEXT_GENERATION, Task.RERANK})
     Options: ClassVar[type[AdapterOptions]] = ChatLmOptions
     options: ChatLmOptions
+    # The engine's buffers that grow with the vocabulary (logits), per entry, beside
+    # ``runtime_bytes``; measured like it.
+    runtime_bytes_per_token: ClassVar[int] = 0
 
     def __init__(self, spec):
         super().__init__(spec)
         self._tokenizer: Any = None
+
+    def kv_cache_tokens(self) -> int:
+        """Positions whose KV cache the engine reserves when it loads (0: it grows with use)."""
+        return 0
+
+    def estimate_bytes(self, model_dir: Path) -> int:
+        """Weights, the KV cache reserved at load, the tokenizer and the engine's buffers."""
+        shape = LlmShape.of_directory(model_dir)
+        reserved = kv_cache_bytes(shape, self.kv_cache_tokens()) if shape else 0
+        per_token = shape.vocab * self.runtime_bytes_per_token if shape else 0
+        return (weight_bytes(model_dir) + reserved + tokenizer_bytes(shape) + per_token
+                + self.runtime_bytes)
 
     # --- what a backend supplies -------------------------------------------------------
 

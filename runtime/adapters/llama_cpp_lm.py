@@ -41,11 +41,17 @@ class LlamaCppAdapter(ChatLmAdapter):
 
     formats: ClassVar[frozenset[str]] = frozenset({"gguf"})
     backend: ClassVar[str] = "llama.cpp"
+    # Fitted to SmolLM2-135M and Gemma 3 270M loaded and answering (vocabularies of 49k and
+    # 262k): what grows beyond weights, KV cache and tokenizer is logits, by the vocabulary.
+    runtime_bytes_per_token: ClassVar[int] = 2520
     requires: ClassVar[tuple[str, ...]] = ("llama_cpp", "mlx_lm")
 
     def __init__(self, spec):
         super().__init__(spec)
         self._llama: Any = None
+
+    def kv_cache_tokens(self) -> int:
+        return self.options.context  # llama.cpp reserves the whole context's KV cache (float16)
 
     # --- lifecycle -------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ class MlxLmAdapter(ChatLmAdapter):
 
     formats: ClassVar[frozenset[str]] = frozenset({"gguf", "mlx"})
     backend: ClassVar[str] = "mlx"
+    runtime_bytes_per_token: ClassVar[int] = 2400  # fitted like llama.cpp's (MLX's CPU backend)
 
     def __init__(self, spec):
         super().__init__(spec)

@@ -68,6 +68,7 @@ class OrtBertAdapter(ModelAdapter):
     supported_tasks: ClassVar[frozenset[Task]] = frozenset({Task.EMBEDDING, Task.RERANK})
     formats: ClassVar[frozenset[str]] = frozenset({"safetensors"})
     backend: ClassVar[str] = "onnxruntime"
+    runtime_bytes: ClassVar[int] = 73 << 20  # measured on MiniLM-L6 embedding 16 sentences
     requires: ClassVar[tuple[str, ...]] = ("onnxruntime", "onnx", "safetensors", "tokenizers")
     Options: ClassVar[type[AdapterOptions]] = BertOptions
     options: BertOptions

@@ -58,6 +58,7 @@ class OrtCrossEncoderAdapter(ModelAdapter):
     supported_tasks: ClassVar[frozenset[Task]] = frozenset({Task.RERANK})
     formats: ClassVar[frozenset[str]] = frozenset({"safetensors"})
     backend: ClassVar[str] = "onnxruntime"
+    runtime_bytes: ClassVar[int] = 73 << 20  # as ort_bert's: the same engine and tokenizer
     requires: ClassVar[tuple[str, ...]] = ("onnxruntime", "onnx", "safetensors", "tokenizers")
     Options: ClassVar[type[AdapterOptions]] = CrossEncoderOptions
     options: CrossEncoderOptions

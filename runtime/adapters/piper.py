@@ -77,6 +77,7 @@ class PiperAdapter(ModelAdapter):
     supported_tasks = frozenset({Task.SPEECH_SYNTHESIS})
     formats = frozenset({"onnx"})
     backend = "onnxruntime"
+    runtime_bytes = 104 << 20  # measured on the joe voice (medium) speaking a sentence
     Options = PiperOptions
     options: PiperOptions
 

@@ -22,7 +22,14 @@ import re
 from pathlib import Path
 
 from mofa_omni.contract.errors import ContractError
-from mofa_omni.models.catalog import Catalog, HubSource, ModelSpec, PathSource, write_user_entry
+from mofa_omni.models.catalog import (
+    Catalog,
+    HubSource,
+    ModelSpec,
+    PathSource,
+    check_cache_name,
+    write_user_entry,
+)
 from mofa_omni.models.detect import Detected, detect, safe_name
 from mofa_omni.models.fetching import Progress, no_progress
 from mofa_omni.models.store import ModelStore, link_or_copy
@@ -62,6 +69,8 @@ def resolve_model_name(text: str, catalog: Catalog, store: ModelStore | None = N
     raise CatalogError listing close matches."""
     if name is None and text in catalog.models:
         return catalog.models[text]
+    if name is not None:
+        check_cache_name("--name", name)  # before anything is fetched under it
     store = store or ModelStore()
     if text.startswith(HUB_PREFIX):
         source = parse_hub_name(text)

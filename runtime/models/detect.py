@@ -44,20 +44,24 @@ ENGINES = (
     ("Whisper (MLX weights or CTranslate2)", "mlx_whisper / ct2_whisper", "speech_recognition"),
     ("diffusers FLUX.2 (model_index.json)", "mflux_image", "image_generation"),
     ("Piper voice (.onnx + .onnx.json)", "piper", "speech_synthesis"),
+    ("Moonshine (encoder/decoder .ort/.onnx + tokenizer.bin)", "ort_moonshine",
+     "speech_recognition"),
 )
 # Memory estimate: weights on disk x factor + MB of libraries, by kind (rough; calibrated on the
 # packaged models' measured figures: a Q4 GGUF grows ~6x dequantized to float32 for MLX).
 _MEMORY = {"gguf": (6.0, 100), "mlx_lm": (1.3, 200), "vlm": (1.3, 300), "embedding": (1.2, 40),
            "cross_encoder": (1.2, 40), "whisper": (2.0, 300), "image": (1.2, 500),
-           "piper": (1.5, 80)}
+           "piper": (1.5, 80),
+           "moonshine": (8.0, 80)}  # int8 .ort files run in float32 (base: 60 MB -> 556 MiB)
 
 
 @dataclass(frozen=True)
 class Detected:
     """What :func:`detect` found: ``kind`` (gguf, mlx_lm, vlm, embedding, cross_encoder, whisper,
-    image, piper), the ``architecture`` its files name, the proposed ``spec``, ``notes`` for the
-    user, ``detected`` facts the adapters may not use yet (e.g. a sentence-transformers pooling
-    mode) and ``torch_weights``: PyTorch files that must become safetensors before it serves."""
+    image, piper, moonshine), the ``architecture`` its files name, the proposed ``spec``,
+    ``notes`` for the user, ``detected`` facts the adapters may not use yet (e.g. a
+    sentence-transformers pooling mode) and ``torch_weights``: PyTorch files that must become
+    safetensors before it serves."""
 
     kind: str
     architecture: str
@@ -104,6 +108,8 @@ def detect(path: Path, name: str | None = None, source: Source | None = None) ->
             raise ContractError(f"{path} holds several GGUF files ({', '.join(p.name for p in ggufs)}):"
                                 f" name the one to serve (the file itself)")
         return _gguf(ggufs[0], name, source)
+    if (path / "tokenizer.bin").is_file() and any(path.glob("decoder_model_merged.*")):
+        return _moonshine(path, name, source)
     if (path / "model_index.json").is_file():
         return _diffusers(path, name, source)
     if (path / "config.json").is_file():
@@ -232,6 +238,16 @@ def _piper(path: Path, name: str, source: Source) -> Detected:
     spec = _spec(name, ("piper",), (Task.SPEECH_SYNTHESIS,), "onnx", source,
                  _memory("piper", voices), f"Piper voice {voices[0].stem}")
     return Detected("piper", "piper", spec)
+
+
+def _moonshine(path: Path, name: str, source: Source) -> Detected:
+    graphs = [p for p in path.iterdir()
+              if p.stem in ("encoder_model", "decoder_model_merged") and p.suffix in (".ort", ".onnx")]
+    if {p.stem for p in graphs} != {"encoder_model", "decoder_model_merged"}:
+        raise _nothing_fits(path, "tokenizer.bin and decoder_model_merged without encoder_model")
+    spec = _spec(name, ("ort_moonshine",), (Task.SPEECH_RECOGNITION,), "onnx", source,
+                 _memory("moonshine", graphs), "Moonshine speech recognition")
+    return Detected("moonshine", "moonshine", spec)
 
 
 # --- helpers -------------------------------------------------------------------------------

@@ -5,7 +5,12 @@ Layout under the cache root (``$MOFA_OMNI_CACHE``, else the XDG cache dir)::
     sources/<model>/   the files as fetched (wheel contents, hub files, links to local files)
     models/<model>/    the adapter's prepared artifacts
     downloads/<source>/ hub files cut off part-way, resumed by the next fetch
+    blobs/<sha256>     each prepared file once per content: models/ holds hard links to them
     <dir>.manifest.json beside each directory
+
+Prepared files are stored once per content: a variant of a model (another name, other
+options, the same weights) or a second conversion that comes out the same takes no
+second copy on disk.
 
 A manifest (sizes and SHA-256 of every file, and the adapter's artifact
 version) is written last, so a half-built directory is never mistaken for a
@@ -170,6 +175,34 @@ class Manifest:
         return problems
 
 
+def share_identical_files(directory: Path, manifest: Manifest, blobs: Path) -> Manifest:
+    """Keep each file of ``directory`` (described by ``manifest``) once per content under
+    ``blobs``: a file whose content is there already becomes a hard link to it, its copy's
+    space given back; any other is added there. Returns the manifest with the files' times as
+    linked. A blob is hashed before it is shared (one damaged since would spread); where hard
+    links cannot be made (another file system) the copy stays."""
+    files = {}
+    for name, record in manifest.files.items():
+        path = directory / name
+        blob = blobs / record.sha256[:2] / record.sha256
+        try:
+            if blob.is_file() and blob.stat().st_size == record.size \
+                    and sha256_of(blob) == record.sha256:
+                if not os.path.samefile(blob, path):
+                    linking = path.with_name(f".{path.name}.linking")
+                    os.link(blob, linking)
+                    os.replace(linking, path)
+            else:
+                blob.parent.mkdir(parents=True, exist_ok=True)
+                adding = blob.with_name(f".{blob.name}.{os.getpid()}.adding")
+                os.link(path, adding)
+                os.replace(adding, blob)  # also replaces a damaged blob
+        except OSError as error:
+            log.info("%s kept as a copy (%s)", path, error)
+        files[name] = FileRecord(record.size, record.sha256, path.stat().st_mtime_ns)
+    return Manifest(files, manifest.artifact_version, manifest.source)
+
+
 class ModelStore:
     """Fetches, converts, caches and verifies the weights of catalog models."""
 
@@ -246,7 +279,9 @@ class ModelStore:
             except Exception as error:
                 raise ModelLoadError(f"model {spec.name!r}: converting {spec.format} weights "
                                      f"failed: {type(error).__name__}: {error}") from error
-            manifest = Manifest.of_directory(staging, adapter.artifact_version, source_key(spec))
+            manifest = share_identical_files(
+                staging, Manifest.of_directory(staging, adapter.artifact_version, source_key(spec)),
+                self.root / "blobs")
             _manifest_path(target).unlink(missing_ok=True)
             if target.exists():
                 shutil.rmtree(target)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mofa_omni.adapters.backends import create_adapter
 from mofa_omni.adapters.base import ModelAdapter
-from mofa_omni.contract.errors import ModelLoadError
+from mofa_omni.contract.errors import ModelLoadError, OmniError
 from mofa_omni.contract.tasks import Task
 from mofa_omni.models.catalog import Catalog, CatalogError, ModelSpec
 from mofa_omni.models.fetching import FetchError
@@ -25,6 +25,23 @@ class LoadOutcome:
     seconds: float
     bytes: int  # resident growth once loaded
     peak: int  # peak resident growth while fetching, converting and loading
+
+
+def estimated_bytes(spec: ModelSpec, store: ModelStore, backend: str | None = None) -> int:
+    """The memory ``spec`` will take on the adapter serving it here: the catalog's figure for
+    that backend where it gives one, else that adapter's estimate from the prepared files
+    (:mod:`mofa_omni.models.footprint`) once they are in the cache, else the largest figure
+    the catalog gives (0: unknown until measured)."""
+    try:
+        adapter = create_adapter(spec, backend)
+    except OmniError:  # no adapter can serve it here: it will not load either
+        return spec.memory_bytes
+    figure = spec.memory_bytes_on(adapter.backend)
+    if figure is not None:
+        return figure
+    if store.is_ready(adapter.spec, type(adapter)):
+        return adapter.estimate_bytes(store.model_dir(adapter.spec))
+    return spec.memory_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +77,8 @@ class ModelSlot:
     def ladder(self) -> list[tuple[str, int]]:
         """The wanted model and its smaller variants, with their estimated memory."""
         names = [self.wanted.name, *self.catalog.smaller_than(self.wanted.name)]
-        return [(name, self.catalog.get(name).memory_bytes) for name in names]
+        return [(name, estimated_bytes(self.catalog.get(name), self.store, self.backend))
+                for name in names]
 
     def load(self, name: str | None = None) -> LoadOutcome | None:
         """Load ``name`` (default: the wanted model) in place of what is loaded; None if it
