@@ -92,6 +92,10 @@ def main() -> None:
         act(dialogue.expire(time.monotonic(), reply_timeout))
         if event["type"] == "INPUT_CLOSED" and event["id"] == "transcript":
             heard_all = True
+        elif event["type"] in ("NODE_RESTARTED", "NODE_FAILED"):  # see dora's restart_policy
+            log.error("%s crashed%s", event["id"],
+                      "" if event["type"] == "NODE_FAILED" else ": dora restarts it")
+            act(dialogue.node_crashed(event["id"]))
         elif event["type"] == "INPUT" and event["id"] in handlers:
             meta = MessageMeta.from_dora(event.get("metadata"), event["id"])
             if event["id"] in ("transcript", "reply", "spoken"):

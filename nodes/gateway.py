@@ -107,7 +107,13 @@ def main() -> int:
         log_level="warning", lifespan="on"))
     http = threading.Thread(target=server.run, name="http", daemon=True)
     http.start()
+    model_nodes = {route.node for route in router.routes}
     for event in node:
+        if event["type"] in ("NODE_RESTARTED", "NODE_FAILED") and event["id"] in model_nodes \
+                and replies.loop is not None:  # a model node crashed: dora restarts it, or not
+            replies.loop.call_soon_threadsafe(
+                lambda crashed=event["id"], for_good=event["type"] == "NODE_FAILED":
+                graph.node_crashed(crashed, for_good=for_good))
         if event["type"] != "INPUT":
             continue
         source_node, kind = sources.get(event["id"], ("", ""))

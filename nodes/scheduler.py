@@ -160,7 +160,11 @@ def main() -> int:
             break
         now = time.monotonic()
         commands = []
-        if event["type"] == "INPUT_CLOSED" and event["id"] in open_inputs:
+        if event["type"] in ("NODE_RESTARTED", "NODE_FAILED") and \
+                event["id"] in graph.model_nodes:  # dora's restart_policy at work
+            commands += scheduling.node_crashed(event["id"], now,
+                                                for_good=event["type"] == "NODE_FAILED")
+        elif event["type"] == "INPUT_CLOSED" and event["id"] in open_inputs:
             open_inputs.discard(event["id"])
             commands += scheduling.node_left(graph.memory_inputs[event["id"]], now)
         elif event["type"] == "INPUT" and event["id"] in graph.memory_inputs:

@@ -103,3 +103,16 @@ def test_a_reply_that_never_completes_times_out():
     cancel, line, done = dialogue.expire(now=161.0, timeout_s=60)
     assert cancel == Cancel("reply-1") and done == TurnDone("turn-1")
     assert "timeout" in line.error and dialogue.active is None
+
+
+def test_a_crash_on_the_replys_path_ends_the_turn_at_once_with_the_reason():
+    dialogue = Dialogue()
+    assert dialogue.node_crashed("llm") == []  # no reply in flight: nothing to end
+    dialogue.heard("turn-1", "Hello?", 0, now=100.0)
+    dialogue.reply_text("reply-1", "Hel", final=False)
+    cancel, line, done = dialogue.node_crashed("llm")
+    assert cancel == Cancel("reply-1") and done == TurnDone("turn-1")
+    assert line.error == "llm crashed" and line.text == "Hel" and dialogue.active is None
+    assert [m.role for m in dialogue.history] == []  # the unanswered question dropped
+    ask = dialogue.heard("turn-2", "Are you there?", 0, now=110.0)[-1]
+    assert [m.role for m in ask.request.messages] == ["system", "user"]

@@ -8,8 +8,10 @@ a model that cannot load and a node whose replies never come back.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import io
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -21,10 +23,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import openai
+import psutil
 import pytest
 
 from mofa_omni.media.text import word_error_rate
-from tests.dataflow_run import finish, start_dataflow
+from tests.dataflow_run import finish, omni, start_dataflow
 
 ROOT = Path(__file__).parents[1]
 SENTENCE = "Please turn on the lights in the kitchen."
@@ -250,6 +253,59 @@ def test_eight_clients_at_once_lose_nothing(server):
     assert [p for problems in results for p in problems] == []
     stats = server.stats()
     assert stats["in_flight"] == 0 and stats["lost"] == {}
+
+
+def node_process(server: Server, node_id: str) -> psutil.Process:
+    """The process of ``node_id`` in the server's dataflow (dora says so in its environment)."""
+    for process in psutil.Process(server.process.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            config = process.environ().get("DORA_NODE_CONFIG", "")
+            if re.search(rf"^node_id:\s*{re.escape(node_id)}\s*$", config, re.MULTILINE):
+                return process
+    pytest.fail(f"no process of node {node_id!r}")
+
+
+def test_a_crashed_llm_comes_back_and_nobody_waits_for_it(server):
+    """kill -9 of the LLM node (an out-of-memory kill, a segfault in the engine): dora restarts
+    it (server.yml's restart_policy); the stream in flight ends in an error at once, a request
+    during the restart gets a 503 with Retry-After at once, embeddings go on, chat comes back."""
+    client = server.client()
+    llm = node_process(server, "llm")
+    stream = client.chat.completions.create(model="smollm2-135m", max_tokens=200, stream=True,
+                                            messages=[{"role": "user",
+                                                       "content": "Tell me a long story."}])
+    next(iter(stream))  # the generation is under way
+    llm.kill()
+    killed = time.monotonic()
+    with pytest.raises(openai.APIError, match=r"llm crashed"):
+        for _ in stream:
+            pass
+    assert time.monotonic() - killed < 5
+    started = time.monotonic()
+    response = httpx.post(f"{server.url}/chat/completions", timeout=30, json={
+        "model": "smollm2-135m", "messages": CAPITAL, "max_tokens": 8})
+    assert time.monotonic() - started < 2
+    assert response.status_code == 503 and response.headers["retry-after"] == "5", response.text
+    assert "llm restarting after a crash" in response.json()["error"]["message"]
+    vector = client.embeddings.create(model="minilm-l6", input="still answered").data[0]
+    assert len(vector.embedding) == 384
+
+    deadline = time.monotonic() + 30
+    while True:  # back within 30 s: the same answer as before the crash
+        try:
+            reply = client.chat.completions.create(model="smollm2-135m", max_tokens=24,
+                                                   messages=CAPITAL)
+            break
+        except openai.InternalServerError as error:  # 503 while it restarts and loads
+            assert error.status_code == 503 and time.monotonic() < deadline, error
+            time.sleep(0.5)
+    assert "Paris" in reply.choices[0].message.content
+    assert node_process(server, "llm").pid != llm.pid
+    shown = omni("status", "--json")
+    assert shown.returncode == 0, shown.stderr
+    (status,) = [n for n in json.loads(shown.stdout)["nodes"] if n["node"] == "llm"]
+    assert status["restarts"] == 1 and status["state"] in ("ready", "busy"), status
+    assert server.stats()["in_flight"] == 0
 
 
 # --- the second graph: remote fallback, 503, 504 ---------------------------------------------

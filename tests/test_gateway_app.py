@@ -258,3 +258,42 @@ def test_a_request_the_report_has_not_yet_seen_is_not_taken_for_lost(catalog):
     graph.check_delivery(reported(Delivery(sent_ns + ARRIVAL_NS, {}, ["gw-1"])),
                          sent_ns + TAIL_GRACE_NS)
     assert lost == ["the end of the reply to {request_id}"] and graph._awaiting == {}
+
+
+def test_a_crashed_node_refuses_new_requests_at_once_until_it_answers_again(catalog):
+    replies, sent = Replies(), []
+    answered = {"gw-1": False}
+
+    def send(output, value, metadata) -> int:
+        request_id = metadata["request_id"]
+        sent.append(request_id)
+        if request_id == "gw-1":  # in flight when the node crashes: asked again once it is back
+            replies.loop.call_soon(graph.node_crashed, "llm")
+        else:
+            answered[request_id] = True
+            for chunk_ in (chunk("Hel"), chunk("lo", final=True)):
+                replies.deliver(request_id, Reply("result", arrow.encode(chunk_),
+                                                  {"request_id": request_id,
+                                                   "final": chunk_.final}))
+        return len(sent) - 1
+
+    graph = Graph(Router([CHAT], catalog), replies, send, Settings(deadline_s=10))
+    with TestClient(build_app(graph, catalog, lambda: {"llm": True}, dict)) as client:
+        whole = client.post("/v1/chat/completions", json=ASK)
+        assert whole.status_code == 200 and whole.json()["choices"][0]["message"]["content"] \
+            == "Hello"  # accepted before the crash: asked again, not refused
+        assert graph.down == {}  # it answered: back
+        graph.node_crashed("llm")
+        refused = client.post("/v1/chat/completions", json=ASK)  # down: refused, not sent
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
+        assert refused.json()["error"]["message"] == "llm restarting after a crash"
+        graph.node_is_back("llm")
+        assert client.post("/v1/chat/completions", json=ASK).status_code == 200
+        graph.node_crashed("llm", for_good=True)
+        given_up = client.post("/v1/chat/completions", json=ASK)
+        graph.node_is_back("llm")  # a node dora gave up on stays down
+        still = client.post("/v1/chat/completions", json=ASK)
+    assert sent == ["gw-1", "gw-1-again1", "gw-3"]
+    for response in (given_up, still):
+        assert response.status_code == 503 and "retry-after" not in response.headers
+        assert "given up after its restarts" in response.json()["error"]["message"]

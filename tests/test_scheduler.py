@@ -2,6 +2,8 @@
 
 import pytest
 
+from mofa_omni.scheduler.bookkeeping import Scheduling
+from mofa_omni.scheduler.messages import LoadAsk, NodeReport, Variant
 from mofa_omni.scheduler.policy import (
     Activity,
     Decline,
@@ -24,6 +26,7 @@ from mofa_omni.scheduler.policy import (
     Wait,
     decide,
 )
+from mofa_omni.scheduler.status import render_status
 
 GB = 1 << 30
 MB = 1 << 20
@@ -373,3 +376,23 @@ def test_asking_again_after_a_lost_answer_is_harmless():
     assert decide(state, LoadRequest("tts", (("piper", GB // 4),), 12.0)) == [Grant("tts", "piper")]
     assert decide(state, LoadRequest("tts", (("piper", GB // 4),), 17.0)) == [Grant("tts", "piper")]
     assert state.used_bytes() == GB // 4
+
+
+def test_a_crashed_node_frees_what_it_held_and_omni_status_counts_its_restarts():
+    mb = 1 << 20
+    scheduling = Scheduling(SchedulerState(budget=1000 * mb), ("llm",), started=0.0)
+    scheduling.on_message(LoadAsk("llm", [Variant("smollm2", 400 * mb)], 100 * mb), 1)
+    scheduling.on_message(NodeReport("llm", "loaded", "ready", "smollm2", 500 * mb,
+                                     model_bytes=400 * mb, peak_bytes=400 * mb), 2)
+    assert scheduling.status(3, 0, 0).used > 0
+    scheduling.node_crashed("llm", 4, for_good=False)  # dora restarts its process
+    status = scheduling.status(5, 0, 0)
+    (llm,) = status.nodes
+    assert (llm.state, llm.restarts, llm.rss) == ("restarting", 1, 0) and status.used == 0
+    assert "restarted 1x after crashes" in render_status(status)
+    scheduling.on_message(LoadAsk("llm", [Variant("smollm2", 400 * mb)], 100 * mb), 6)
+    assert scheduling.status(7, 0, 0).nodes[0].state == "waiting"  # asking again
+    scheduling.node_crashed("llm", 8, for_good=True)  # dora gave up on it
+    scheduling.node_left("llm", 9)  # its input closes
+    (llm,) = scheduling.status(10, 0, 0).nodes
+    assert (llm.state, llm.restarts) == ("crashed", 1)

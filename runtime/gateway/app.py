@@ -124,7 +124,7 @@ def _checked(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
 
 
 def _error_response(error: ApiError) -> JSONResponse:
-    return JSONResponse(error.body(), error.status)
+    return JSONResponse(error.body(), error.status, headers=error.headers())
 
 
 def _check_api_key(request: Request, api_key: str) -> None:

@@ -16,6 +16,12 @@ next on each input and which requests it answered in full (:class:`Delivery`). A
 request the node never received is asked again; a reply whose end never came is
 asked again whole where nothing of it reached the client yet (every reply the
 client gets at once), and ends in an explicit error where part of it was streamed.
+
+A model node that crashes is restarted by dora where the dataflow says so
+(``restart_policy``), which tells the gateway (``NODE_RESTARTED``; ``NODE_FAILED`` once
+it gives up): the requests in flight there are asked again (or end in an error, as
+above), and until the node answers again a new request for it gets a 503 with
+``Retry-After`` at once — or goes to the task's remote fallback — instead of waiting.
 """
 
 from __future__ import annotations
@@ -51,6 +57,16 @@ ARRIVAL_NS = 2_000_000_000
 # A reply the node says it ended but whose last message has not come this long after: lost.
 # (The reply comes straight from the node, the report through the scheduler: slower.)
 TAIL_GRACE_NS = 2_000_000_000
+RETRY_AFTER_S = 5  # what a client is told to wait for a node restarting after a crash
+
+
+@dataclass(frozen=True, slots=True)
+class Down:
+    """Why a model node cannot take requests now, and since when (time.time_ns)."""
+
+    reason: str
+    since_ns: int
+    for_good: bool = False  # dora gave up restarting it
 
 Send = Callable[[str, pa.Array, dict[str, Any]], int]  # returns the message's stream_seq
 
@@ -132,6 +148,7 @@ class Graph:
         self._ids = itertools.count(1)
         self._awaiting: dict[tuple[str, int], _Sent] = {}  # (output, stream_seq) -> request
         self.resent = 0
+        self.down: dict[str, Down] = {}  # model nodes that crashed, until they answer again
 
     def ask(self, choice: Choice, message: Any, result_type: type) -> Answer:
         """A new request of ``message`` to ``choice``; iterating the answer sends it."""
@@ -147,11 +164,35 @@ class Graph:
         if key is not None:
             self._awaiting.pop(key, None)
 
+    def node_crashed(self, node: str, *, for_good: bool = False) -> None:
+        """dora restarted ``node`` after a crash (or, ``for_good``, gave up on it): what was in
+        flight there is lost; new requests are refused until it answers again."""
+        reason = ("crashed and was given up after its restarts (see omni status; restart the "
+                  "graph)" if for_good else "restarting after a crash")
+        log.error("%s %s", node, reason)
+        self.down[node] = Down(reason, time.time_ns(), for_good)
+        for key, sent in list(self._awaiting.items()):
+            if sent.route.node == node:
+                del self._awaiting[key]
+                sent.answer.lost(sent.request_id, f"the reply to {{request_id}} ({node} crashed)")
+
+    def node_is_back(self, node: str) -> None:
+        """``node`` answered (or reported ready) after a restart."""
+        down = self.down.get(node)
+        if down is not None and not down.for_good:
+            del self.down[node]
+            log.info("%s is back after its restart", node)
+
     def check_delivery(self, nodes: Iterable[NodeStatus], now_ns: int | None = None) -> None:
         """Compare what the nodes report they received and answered (the scheduler's status)
         with the requests still waiting: the answer of one that never arrived, or whose
         reply's end never came, is told so and asks again."""
         now_ns = time.time_ns() if now_ns is None else now_ns
+        nodes = list(nodes)
+        for status in nodes:  # a restarted node that reports ready again is back
+            down = self.down.get(status.node)
+            if down and status.state in ("ready", "busy") and status.delivery.at_ns > down.since_ns:
+                self.node_is_back(status.node)
         reported = {status.node: status.delivery for status in nodes}
         for key, sent in list(self._awaiting.items()):
             delivery = reported.get(sent.route.node)
@@ -241,6 +282,7 @@ class Answer:
                     first_within: float | None) -> AsyncIterator[Any]:
         asked_as = request_id
         for again in range(RESENDS + 1):
+            self._check_up(route, accepted=again > 0)
             if again:
                 asked_as = f"{request_id}-again{again}"
                 if self._whole:
@@ -261,6 +303,17 @@ class Answer:
         raise node_error(ErrorKind.LOST, f"{route.node}: {request_id} was lost in the dataflow "
                                          f"{RESENDS + 1} times")
 
+    def _check_up(self, route: Route, *, accepted: bool) -> None:
+        """Refuse at once a request for a node that is down: a new one while it restarts (one
+        accepted before waits for it: it is asked again), any once dora gave up on it."""
+        down = self.graph.down.get(route.node)
+        if down is None or (accepted and not down.for_good):
+            return
+        if route is self.choice.primary and self.choice.fallback:
+            raise _FallBack(f"{route.node} {down.reason}")
+        raise ApiError(ErrorKind.UNAVAILABLE, f"{route.node} {down.reason}", code="unavailable",
+                       retry_after_s=None if down.for_good else RETRY_AFTER_S)
+
     async def _asked(self, route: Route, request_id: str,
                      first_within: float | None) -> AsyncIterator[Any]:
         """The results of one sending of the request; a :class:`_Lost` last when the request
@@ -279,6 +332,8 @@ class Answer:
                     what = str(reply.value[0].as_py()).format(request_id=request_id)
                     yield _Lost(what, results)
                     return
+                if route.node in graph.down:  # it answers: back after its restart
+                    graph.node_is_back(route.node)
                 if reply.kind == "error":
                     self._in_flight = None
                     error = arrow.decode(reply.value, ErrorReport)

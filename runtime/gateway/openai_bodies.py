@@ -63,13 +63,17 @@ class ApiError(OmniError):
 
     def __init__(self, kind: ErrorKind, message: str, *, status: int | None = None,
                  error_type: str | None = None, param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, retry_after_s: int | None = None):
         super().__init__(message)
         kind_status, kind_type = HTTP_ERRORS[kind]
         self.kind = kind  # this error's own, where OmniError's subclasses have one per class
         self.status = status or kind_status
         self.error_type = error_type or kind_type
         self.message, self.param, self.code = message, param, code
+        self.retry_after_s = retry_after_s  # answered as the Retry-After header
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)} if self.retry_after_s else {}
 
     def body(self) -> dict[str, Any]:
         """The OpenAI error body: ``{"error": {"message", "type", "param", "code"}}``."""

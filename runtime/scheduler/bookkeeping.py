@@ -91,6 +91,7 @@ class _NodeView:
     queue: int = 0
     lost: dict[str, int] = field(default_factory=dict)
     delivery: Delivery = Delivery()
+    restarts: int = 0
 
 
 def journal_entry(event, decisions: list[Decision]) -> dict:
@@ -245,8 +246,25 @@ class Scheduling:
         if ask := self._swaps.pop(node, None):
             self._finish(SwapOutcome(ask.swap_id, node, False, self._view(node).model, ask.model,
                                      detail=f"{node} stopped during the swap"))
-        self._view(node).state, self._view(node).rss = "stopped", 0
+        view = self._view(node)
+        view.rss = 0
+        if view.state != "crashed":  # a node dora gave up on stays shown as such
+            view.state = "stopped"
         return self._apply(Departed(node, now), now)
+
+    def node_crashed(self, node: str, now: float, *, for_good: bool) -> list[Command]:
+        """dora restarted ``node``'s process after a crash (``for_good``: gave up restarting
+        it): what it held went with the process; a restarted node asks again for memory."""
+        commands = self.node_left(node, now)
+        view = self._view(node)
+        if for_good:
+            view.state = "crashed"
+            log.error("%s crashed and was given up after %d restart(s)", node, view.restarts)
+        else:
+            view.restarts += 1
+            view.state = "restarting"
+            log.warning("%s crashed: restart %d", node, view.restarts)
+        return commands
 
     def on_tick(self, now: float, available: int | None) -> list[Command]:
         """Time passes: ``available`` is the scheduler's own machine's available memory; other
@@ -356,7 +374,8 @@ class Scheduling:
         pipelines = [sorted(group) for group in self.state.pipelines]
         nodes = [NodeStatus(node, view.model, view.wanted, view.state, view.rss, view.model_bytes,
                             view.queue, [i for i, group in enumerate(pipelines) if node in group],
-                            view.lost, self.cluster.machine(node), view.delivery)
+                            view.lost, self.cluster.machine(node), view.delivery,
+                            view.restarts)
                  for node, view in sorted(self.nodes.items())]
         machines = []
         if set(self.cluster.machines) != {""}:

@@ -134,6 +134,7 @@ class NodeStatus(msgspec.Struct, frozen=True):
     lost: dict[str, int] = {}  # by input: messages dora dropped on the way to this node
     machine: str = ""  # the machine it runs on (dora's deploy: machine; "" on one machine)
     delivery: Delivery = Delivery()  # as of its latest report
+    restarts: int = 0  # times dora restarted it after a crash
 
 
 class MachineStatus(msgspec.Struct, frozen=True):

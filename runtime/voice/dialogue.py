@@ -137,6 +137,14 @@ class Dialogue:
         return [*actions, TranscriptLine("assistant", reply.text.strip(), reply.turn_id,
                                          error=message), TurnDone(reply.turn_id)]
 
+    def node_crashed(self, node: str) -> list[Action]:
+        """A node of the reply's path crashed (dora restarts it, or not): the reply in flight
+        will not come; the turn ends now with the reason, not at the reply's deadline."""
+        reply = self.active
+        if reply is None:
+            return []
+        return [Cancel(reply.reply_id), *self.reply_failed(reply.reply_id, f"{node} crashed")]
+
     def expire(self, now: float, timeout_s: float) -> list[Action]:
         """End a reply that is not over ``timeout_s`` after the question: a lost message must
         not leave the conversation waiting for ever."""
