@@ -79,6 +79,8 @@ class _Row:
                 f"{self.what}: field {name!r} must be {expected}, got {column.type}")
         if column.null_count:
             raise ContractError(f"{self.what}: field {name!r} is null")
+        if _nulls_inside(column):
+            raise ContractError(f"{self.what}: field {name!r} contains nulls")
         return column
 
     def scalar(self, name: str) -> Any:
@@ -96,6 +98,17 @@ class _Row:
         if values.null_count:
             raise ContractError(f"{self.what}: field {name!r} contains nulls")
         return values.to_numpy(zero_copy_only=True)
+
+
+def _nulls_inside(column: pa.Array) -> bool:
+    """Whether a list or struct column holds a null anywhere below its top level."""
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        values = column.flatten()
+        return bool(values.null_count) or _nulls_inside(values)
+    if pa.types.is_struct(column.type):
+        return any(column.field(i).null_count or _nulls_inside(column.field(i))
+                   for i in range(column.type.num_fields))
+    return False
 
 
 def _compatible(actual: pa.DataType, expected: pa.DataType) -> bool:

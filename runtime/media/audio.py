@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 import wave
 from math import gcd
 from pathlib import Path
@@ -23,8 +24,11 @@ def read_wav(path: str | Path | bytes, name: str = "") -> tuple[np.ndarray, int]
         with wave.open(source, "rb") as wav:
             width, channels, rate = wav.getsampwidth(), wav.getnchannels(), wav.getframerate()
             frames = wav.readframes(wav.getnframes())
-    except (wave.Error, EOFError) as error:
-        raise ContractError(f"{path}: not a PCM WAV file ({error})") from None
+    except (wave.Error, EOFError, RuntimeError, ValueError, struct.error) as error:
+        # the standard library's reader raises RuntimeError, ValueError or struct.error for
+        # some malformed chunk sizes (found by tests/test_fuzz.py)
+        raise ContractError(f"{path}: not a PCM WAV file ({error or type(error).__name__})") \
+            from None
     except OSError as error:
         raise ContractError(f"{path}: cannot be read ({error.strerror or error})") from None
     if width not in _SAMPLE_TYPES:
