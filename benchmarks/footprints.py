@@ -6,7 +6,7 @@ serving one request really take.
 Each model runs on every backend of its catalog entry that this machine has, each in a fresh
 process (the engine's libraries are part of what a model node pays): the model is prepared
 (fetched and converted beforehand, outside the measurement), loaded, and asked one typical
-request of its task. Columns: the catalog's figure for that backend (memory_mb; "-" where it
+request of its task (an LLM a 96-token reply, ASR the checkout's longest spoken sample). Columns: the catalog's figure for that backend (memory_mb; "-" where it
 gives none), the adapter's estimate from the prepared files (mofa_omni.models.footprint), the
 resident growth once loaded and the peak growth through the request, and estimate / peak.
 Goal: every estimate within 0.75-1.25x of the measured peak. Prints a table, writes
@@ -21,6 +21,7 @@ import subprocess
 import sys
 
 from common import (
+    SAMPLES,
     add_output_flags,
     make_parser,
     print_header,
@@ -60,11 +61,15 @@ adapter.load(model_dir)
 loaded = resident_bytes() - before
 task = adapter.tasks[0]
 if task == Task.TEXT_GENERATION:
-    list(adapter.generate(ChatRequest([ChatMessage("user", "What is the capital of France?")],
-                                      max_tokens=32)))
-elif task == Task.SPEECH_RECOGNITION:
-    tone = np.sin(np.linspace(0, 2000, 16000 * 5)).astype(np.float32) * 0.1
-    adapter.transcribe(TranscriptionRequest(tone, 16000))
+    list(adapter.generate(ChatRequest([ChatMessage("user", "What is the capital of France? "
+                                                   "Tell me about its history.")],
+                                      max_tokens=96)))  # a voice agent's reply
+elif task == Task.SPEECH_RECOGNITION:  # the checkout's longest spoken sample
+    from pathlib import Path
+    from mofa_omni.media.audio import read_wav, resample
+    wav = max(Path(sys.argv[3]).glob("*.wav"), key=lambda p: p.stat().st_size)
+    audio, rate = read_wav(wav)
+    adapter.transcribe(TranscriptionRequest(resample(audio, rate, 16000), 16000))
 elif task == Task.SPEECH_SYNTHESIS:
     list(adapter.synthesize(SpeechRequest("The weather is fine today, and the sea is calm.")))
 elif task == Task.EMBEDDING:
@@ -91,7 +96,8 @@ def backends_of(name: str, catalog: Catalog) -> list[str]:
 
 
 def measure(name: str, backend: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", PROBE, name, backend], capture_output=True,
+    done = subprocess.run([sys.executable, "-c", PROBE, name, backend, str(SAMPLES)],
+                          capture_output=True,
                           text=True, timeout=600, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{name} on {backend}: {done.stderr[-2000:]}")

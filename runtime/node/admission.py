@@ -21,6 +21,12 @@ from mofa_omni.scheduler.messages import (
 
 log = logging.getLogger("mofa_omni.node.admission")
 
+# What a model process in a graph comes to hold besides its model and libraries once it serves:
+# dora's shared-memory buffers of the inputs it reads, the requests being decoded. Measured on
+# tests/dataflows/scheduled.yml: 25-105 MiB per node. Counted with the process's memory until
+# the node's first report after loading replaces it with what it really holds.
+SERVING_HEADROOM = 96 << 20
+
 
 class SchedulerLink:
     """Sends a node's :class:`LoadAsk` and :class:`NodeReport` messages through ``publish``.
@@ -52,7 +58,7 @@ class SchedulerLink:
         self.state, self.asked_at = "waiting", time.monotonic()
         ladder = [Variant(model, size) for model, size in self.slot.ladder()]
         memory = snapshot()
-        self.publish(LoadAsk(self.node_id, ladder, overhead=resident_bytes(),
+        self.publish(LoadAsk(self.node_id, ladder, overhead=resident_bytes() + SERVING_HEADROOM,
                              available=memory.system_available_bytes,
                              total=memory.system_total_bytes))
 
