@@ -1,6 +1,6 @@
-"""Vision-language through mlx-vlm: tiny random SmolVLM and Qwen2-VL checkpoints
-(mofa_omni.testing.tiny_vlm) loaded by mlx-vlm's own loader, served by the adapter, and SmolVLM by an
-omni-node in a real dora dataflow.
+"""Vision-language through mlx-vlm: tiny random SmolVLM, Qwen2-VL, Qwen2.5-VL and Gemma 3
+checkpoints (mofa_omni.testing.tiny_vlm) loaded by mlx-vlm's own loader, served by the adapter,
+and SmolVLM and Gemma 3 by omni-nodes in a real dora dataflow.
 
 Its weights are random, so its words are gibberish: these tests check the types, the
 streaming, the limits, the errors — not what it says."""
@@ -21,13 +21,25 @@ from mofa_omni.contract.errors import ContractError
 from mofa_omni.contract.tasks import ChatMessage, ChatRequest, Task, TextChunk, VisionRequest
 from mofa_omni.models import memory
 from mofa_omni.models.catalog import Catalog, PypiSource
+from mofa_omni.models.detect import detect
 from mofa_omni.models.store import ModelStore
-from mofa_omni.testing.tiny_vlm import IMAGE_TOKEN, write_tiny_qwen2_vl, write_tiny_smolvlm
+from mofa_omni.testing.tiny_vlm import (
+    GEMMA3_IMAGE_TOKENS,
+    IMAGE_TOKEN,
+    write_tiny_gemma3,
+    write_tiny_qwen2_5_vl,
+    write_tiny_qwen2_vl,
+    write_tiny_smolvlm,
+)
 from tests.dataflow_run import finish, start_dataflow
 
 VLM = Path(__file__).parent / "dataflows" / "vlm.yml"
 QUESTION = [ChatMessage("user", "What is in this picture?")]
-MODELS = {"tiny-smolvlm": write_tiny_smolvlm, "tiny-qwen2-vl": write_tiny_qwen2_vl}
+# One checkpoint per mlx-vlm family (its model_type after the name).
+MODELS = {"tiny-smolvlm": write_tiny_smolvlm, "tiny-qwen2-vl": write_tiny_qwen2_vl,
+          "tiny-qwen2-5-vl": write_tiny_qwen2_5_vl, "tiny-gemma3": write_tiny_gemma3}
+MODEL_TYPES = {"tiny-smolvlm": "smolvlm", "tiny-qwen2-vl": "qwen2_vl",
+               "tiny-qwen2-5-vl": "qwen2_5_vl", "tiny-gemma3": "gemma3"}
 
 
 def picture(height: int = 48, width: int = 64, channels: int = 3) -> np.ndarray:
@@ -80,6 +92,71 @@ def test_the_generated_checkpoints_are_in_mlx_vlms_format(tiny: dict[str, Path])
     config = json.loads((qwen / "config.json").read_text())
     assert config["model_type"] == "qwen2_vl"
     assert config["rope_scaling"]["type"] == "mrope"
+
+    qwen25, gemma = tiny["root"] / "tiny-qwen2-5-vl", tiny["root"] / "tiny-gemma3"
+    assert common <= {p.name for p in qwen25.iterdir()}
+    config = json.loads((qwen25 / "config.json").read_text())
+    assert config["model_type"] == config["vision_config"]["model_type"] == "qwen2_5_vl"
+    assert config["rope_scaling"]["type"] == "mrope"
+    # Windowed attention in one vision block, full attention in the other.
+    assert config["vision_config"]["fullatt_block_indexes"] == [1]
+    assert config["vision_config"]["depth"] == 2
+    processor = json.loads((qwen25 / "preprocessor_config.json").read_text())
+    assert processor["processor_class"] == "Qwen2_5_VLProcessor"
+
+    assert common | {"processor_config.json"} <= {p.name for p in gemma.iterdir()}
+    config = json.loads((gemma / "config.json").read_text())
+    assert config["model_type"] == "gemma3" and config["text_config"]["model_type"] == "gemma3_text"
+    assert config["vision_config"]["model_type"] == "siglip_vision_model"
+    tokens = {t["content"]: t["id"]
+              for t in json.loads((gemma / "tokenizer.json").read_text())["added_tokens"]}
+    assert config["image_token_index"] == tokens[GEMMA3_IMAGE_TOKENS[2]]
+    assert config["eos_token_id"] == [tokens["<eos>"], tokens["<end_of_turn>"]]
+    # Tied to the token embedding, as in Gemma's own checkpoints: no lm_head saved.
+    index = json.loads((gemma / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "language_model.model.embed_tokens.weight" in index
+    assert not any("lm_head" in name for name in index)
+    # The processor expands each picture into as many soft tokens as the projector pools to.
+    soft = json.loads((gemma / "processor_config.json").read_text())["image_seq_length"]
+    assert soft == config["mm_tokens_per_image"] == config["text_config"]["mm_tokens_per_image"]
+    vision = config["vision_config"]
+    assert (vision["image_size"] // vision["patch_size"]) ** 2 % soft == 0
+    for checkpoint in tiny["root"].glob("tiny-*"):  # "tiny" in size, too
+        assert sum(f.stat().st_size for f in checkpoint.iterdir()) < 40 << 20
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_each_family_is_detected_as_a_vision_language_model(tiny: dict[str, Path], name: str):
+    """What `omni pull ./folder` sees in each checkpoint: mlx-vlm's model, from config.json."""
+    found = detect(tiny["root"] / name)
+    assert (found.kind, found.spec.adapters, found.spec.format) == ("vlm", ("mlx_vlm",), "mlx")
+    assert found.spec.tasks == (Task.VISION_LANGUAGE, Task.TEXT_GENERATION)
+    config = json.loads((tiny["root"] / name / "config.json").read_text())
+    assert config["model_type"] == MODEL_TYPES[name]
+    assert found.architecture == config["architectures"][0]
+
+
+def test_the_picture_becomes_as_many_tokens_as_the_model_has_features(tiny: dict[str, Path],
+                                                                      vlm: ModelAdapter):
+    """The processor's run of image tokens and the vision side's features match in number
+    (mlx-vlm would fail to place them otherwise), counted on the prompt the adapter builds:
+    a picture's tokens grow with its pixels where the family keeps the resolution (Qwen),
+    are fixed where it resizes to one square (Gemma 3)."""
+    def prompt_tokens(pixels: np.ndarray) -> int:
+        return list(vlm.generate_from_images(VisionRequest([pixels], QUESTION, 1)))[-1] \
+            .prompt_tokens
+
+    small, large = prompt_tokens(picture(28, 28)), prompt_tokens(picture(112, 112))
+    words = list(vlm.generate(ChatRequest(QUESTION, max_tokens=1)))[-1].prompt_tokens
+    assert large >= small > words + 2
+    config = json.loads((tiny["root"] / vlm.spec.name / "config.json").read_text())
+    if config["model_type"] == "gemma3":
+        assert small == large
+        # <start_of_image>, the soft tokens, <end_of_image>, and the blank lines around them.
+        assert small - words >= config["mm_tokens_per_image"] + 2
+    elif config["model_type"] in ("qwen2_vl", "qwen2_5_vl"):
+        # 28 x 28 pixels: 2 x 2 patches, one merged token; 112 x 112: 8 x 8, sixteen.
+        assert large - small == 16 - 1
 
 
 def test_loading_holds_the_weights_and_unloading_gives_them_back(tiny: dict[str, Path],
@@ -211,7 +288,8 @@ def test_a_vision_language_model_serves_pictures_in_a_dataflow(tiny: dict[str, P
                                                                tmp_path: Path):
     """An omni-node with the tiny model: pictures in, streamed text out; malformed pictures
     answered on `error` naming the request, and the node goes on serving (an RGBA picture
-    and a plain chat after them)."""
+    and a plain chat after them). A second omni-node in the same graph serves another family
+    (Gemma 3): a picture and a chat."""
     report_path = tmp_path / "report.json"
     finish(start_dataflow(VLM, {"REPORT": str(report_path),
                                 "MOFA_OMNI_CATALOG": str(tiny["catalog"]),
@@ -219,13 +297,18 @@ def test_a_vision_language_model_serves_pictures_in_a_dataflow(tiny: dict[str, P
     report = json.loads(report_path.read_text())
     assert not report.get("timeout"), report
     # The RGBA picture and the chat were sent once both errors had come back.
-    assert set(report["order"][-2:]) == {"rgba", "chat"}, report
-    assert set(report["finals"]) == {"photo", "rgba", "chat"}, report
-    for rid in ("photo", "rgba", "chat"):
+    first_node = [rid for rid in report["order"] if not rid.startswith("gemma-")]
+    assert set(first_node[-2:]) == {"rgba", "chat"}, report
+    assert set(report["finals"]) == {"photo", "rgba", "chat", "gemma-photo", "gemma-chat"}, \
+        report
+    for rid, model in (("photo", "tiny-smolvlm"), ("rgba", "tiny-smolvlm"),
+                       ("chat", "tiny-smolvlm"), ("gemma-photo", "tiny-gemma3"),
+                       ("gemma-chat", "tiny-gemma3")):
         final = report["finals"][rid]
-        assert final["model"] == "tiny-smolvlm" and final["completion_tokens"] <= 8
+        assert final["model"] == model and final["completion_tokens"] <= 8, report
         assert report["chunks"][rid] > 2 and report["texts"][rid].strip(), report
-    assert report["finals"]["photo"]["prompt_tokens"] > report["finals"]["chat"]["prompt_tokens"]
+    for photo, chat in (("photo", "chat"), ("gemma-photo", "gemma-chat")):
+        assert report["finals"][photo]["prompt_tokens"] > report["finals"][chat]["prompt_tokens"]
     errors = report["errors"]
     assert set(errors) == {"two-channels", "short-pixels"}
     assert all(e["kind"] == "bad_request" and e["node"] == "vlm" for e in errors.values())

@@ -1,15 +1,24 @@
 """Tiny vision-language checkpoints with random weights, written in mlx-vlm's own format.
 
 No real vision-language weights can be fetched offline, so the tests serve models of real
-architectures that mlx-vlm supports at a toy size: SmolVLM (a SigLIP vision tower, a
-pixel-shuffle connector, a Llama language model; images cut into tiles) and Qwen2-VL (a ViT
-with 2-D rotary positions, patches merged 2 x 2, a Qwen2 language model with multimodal
-rotary positions; images at their own resolution). Each is written by mlx-vlm's own
-``save_weights`` and ``save_config`` and carries the files a checkpoint from the Hub carries
-(config.json, model.safetensors + index, tokenizer.json, tokenizer_config.json,
-preprocessor_config.json, and the processor's files), so loading it takes the same code path as
-a real one. The tokenizer is SmolLM2's (the one SmolVLM is built on), rebuilt from its GGUF,
-plus the image tokens each processor expects. What they write is gibberish, by construction.
+architectures that mlx-vlm supports at a toy size:
+
+- SmolVLM (Idefics3; ``smolvlm``): a SigLIP vision tower, a pixel-shuffle connector, a Llama
+  language model; images cut into tiles.
+- Qwen2-VL (``qwen2_vl``): a ViT with 2-D rotary positions, patches merged 2 x 2, a Qwen2
+  language model with multimodal rotary positions; images at their own resolution.
+- Qwen2.5-VL (``qwen2_5_vl``): Qwen2-VL's layout with a windowed-attention ViT (RMSNorm,
+  gated MLP) and full attention in chosen blocks.
+- Gemma 3 (``gemma3``): a SigLIP tower at a fixed square resolution, its patches average-pooled
+  into a fixed number of soft tokens, a Gemma 3 language model (sliding-window and global
+  layers, q/k norms).
+
+Each is written by mlx-vlm's own ``save_weights`` and ``save_config`` and carries the files a
+checkpoint from the Hub carries (config.json, model.safetensors + index, tokenizer.json,
+tokenizer_config.json, preprocessor_config.json, and the processor's files), so loading it
+takes the same code path as a real one. The tokenizer is SmolLM2's (the one SmolVLM is built
+on), rebuilt from its GGUF, plus the image and turn tokens each processor and chat template
+expects. What they write is gibberish, by construction.
 """
 
 from __future__ import annotations
@@ -51,6 +60,22 @@ QWEN2_VL_CHAT_TEMPLATE = (
 )
 
 
+# Gemma 3's: turns between <start_of_turn>/<end_of_turn>, the assistant called "model", each
+# image a <start_of_image> that the processor expands into <image_soft_token>s.
+GEMMA3_IMAGE_TOKENS = ("<start_of_image>", "<end_of_image>", "<image_soft_token>")
+GEMMA3_TURN_TOKENS = ("<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>")
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}"
+    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}"
+    "{{ '<start_of_image>' }}{% elif part['type'] == 'text' %}{{ part['text'] | trim }}"
+    "{% endif %}{% endfor %}{% endif %}{{ '<end_of_turn>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+
+
 def _tokenizer(out_dir: Path, gguf: Path, extra: list[str]) -> tuple[Any, dict]:
     """SmolLM2's tokenizer from ``gguf`` plus the special tokens ``extra``, saved in
     ``out_dir``; returns it and its tokenizer_config (written by the caller)."""
@@ -62,9 +87,11 @@ def _tokenizer(out_dir: Path, gguf: Path, extra: list[str]) -> tuple[Any, dict]:
     return tokenizer, config
 
 
-def _write_model(out_dir: Path, config: dict, seed: int) -> None:
+def _write_model(out_dir: Path, config: dict, seed: int, *, tied: str = "") -> None:
     """Build the mlx-vlm model ``config`` describes with random weights (mlx-vlm's own
-    initialisation, seeded) and save it as mlx-vlm saves converted checkpoints."""
+    initialisation, seeded) and save it as mlx-vlm saves converted checkpoints. ``tied``: the
+    module (``language_model.lm_head``) a checkpoint of the family leaves out because its
+    output projection is the token embedding (mlx-vlm ties them again when it loads)."""
     import mlx.core as mx
     from mlx_vlm.utils import get_model_and_args, save_config, save_weights, update_module_configs
 
@@ -73,7 +100,14 @@ def _write_model(out_dir: Path, config: dict, seed: int) -> None:
     model_config = update_module_configs(module.ModelConfig.from_dict(config), module, config,
                                          ["text", "vision"])
     mx.random.seed(seed)
-    save_weights(out_dir, module.Model(model_config))
+    model = module.Model(model_config)
+    if tied:
+        parent, _, name = tied.rpartition(".")
+        owner = model
+        for part in parent.split(".") if parent else ():
+            owner = owner[part]
+        del owner[name]  # an mlx Module is a dict of its children
+    save_weights(out_dir, model)
     save_config(saved, out_dir / "config.json")
 
 
@@ -154,6 +188,39 @@ def write_tiny_qwen2_vl(out_dir: Path, tokenizer_gguf: Path, *, seed: int = 0,
     28), cut into 14-pixel patches, merged 2 x 2 into language tokens. ``tokenizer_gguf`` and
     ``seed`` as for :func:`write_tiny_smolvlm`.
     """
+    return _write_qwen_vl(
+        out_dir, tokenizer_gguf, seed=seed, max_pixels=max_pixels, text_hidden=text_hidden,
+        text_layers=text_layers, model_type="qwen2_vl",
+        architecture="Qwen2VLForConditionalGeneration", processor="Qwen2VLProcessor",
+        vision={"depth": 1, "embed_dim": vision_hidden, "hidden_size": text_hidden,
+                "num_heads": max(1, vision_hidden // 16), "mlp_ratio": 2})
+
+
+def write_tiny_qwen2_5_vl(out_dir: Path, tokenizer_gguf: Path, *, seed: int = 0,
+                          max_pixels: int = 112 * 112, text_hidden: int = 64,
+                          text_layers: int = 2, vision_hidden: int = 32) -> Path:
+    """Write a random-weight Qwen2.5-VL into ``out_dir`` and return it.
+
+    Qwen2-VL's image handling (see :func:`write_tiny_qwen2_vl`); the vision tower has two
+    blocks, the first attending within 56-pixel windows (2 x 2 merged tokens), the second over
+    the whole image, as Qwen2.5-VL alternates them. ``tokenizer_gguf`` and ``seed`` as for
+    :func:`write_tiny_smolvlm`.
+    """
+    return _write_qwen_vl(
+        out_dir, tokenizer_gguf, seed=seed, max_pixels=max_pixels, text_hidden=text_hidden,
+        text_layers=text_layers, model_type="qwen2_5_vl",
+        architecture="Qwen2_5_VLForConditionalGeneration", processor="Qwen2_5_VLProcessor",
+        vision={"depth": 2, "hidden_size": vision_hidden, "intermediate_size": 2 * vision_hidden,
+                "out_hidden_size": text_hidden, "num_heads": max(1, vision_hidden // 16),
+                "window_size": 56, "fullatt_block_indexes": [1], "tokens_per_second": 2})
+
+
+def _write_qwen_vl(out_dir: Path, tokenizer_gguf: Path, *, seed: int, max_pixels: int,
+                   text_hidden: int, text_layers: int, model_type: str, architecture: str,
+                   processor: str, vision: dict) -> Path:
+    """The Qwen-VL layout both generations share: ChatML, <|image_pad|> runs, the language
+    model's settings at the config's top level, multimodal rotary positions; ``vision`` is the
+    generation's own vision tower settings."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer, tokenizer_config = _tokenizer(out_dir, tokenizer_gguf, list(QWEN_IMAGE_TOKENS))
@@ -165,9 +232,9 @@ def write_tiny_qwen2_vl(out_dir: Path, tokenizer_gguf: Path, *, seed: int = 0,
     half_head = text_hidden // heads // 2  # rotary pairs, split over time, height and width
     sections = [half_head - 2 * (half_head // 3), half_head // 3, half_head // 3]
     token = tokenizer.token_to_id
-    _write_model(out_dir, {  # Qwen2-VL keeps the language model's settings at the top level
-        "architectures": ["Qwen2VLForConditionalGeneration"],
-        "model_type": "qwen2_vl",
+    _write_model(out_dir, {  # Qwen-VL keeps the language model's settings at the top level
+        "architectures": [architecture],
+        "model_type": model_type,
         "hidden_size": text_hidden, "intermediate_size": 2 * text_hidden,
         "num_hidden_layers": text_layers, "num_attention_heads": heads,
         "num_key_value_heads": max(1, heads // 2), "rms_norm_eps": 1e-6,
@@ -176,19 +243,85 @@ def write_tiny_qwen2_vl(out_dir: Path, tokenizer_gguf: Path, *, seed: int = 0,
         "tie_word_embeddings": False,
         "image_token_id": token("<|image_pad|>"), "video_token_id": token("<|video_pad|>"),
         "vision_start_token_id": token("<|vision_start|>"),
+        "vision_end_token_id": token("<|vision_end|>"),
         "eos_token_id": [token(tokenizer_config["eos_token"])],
         "vision_config": {
-            "model_type": "qwen2_vl", "depth": 1, "embed_dim": vision_hidden,
-            "hidden_size": text_hidden, "num_heads": max(1, vision_hidden // 16),
-            "mlp_ratio": 2, "in_channels": 3, "patch_size": 14, "spatial_patch_size": 14,
-            "spatial_merge_size": 2, "temporal_patch_size": 2,
+            "model_type": model_type, "in_channels": 3, "patch_size": 14,
+            "spatial_patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+            **vision,
         },
     }, seed)
     _write_json(out_dir / "preprocessor_config.json", {
-        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor",
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": processor,
         "min_pixels": 28 * 28, "max_pixels": max_pixels, "patch_size": 14,
         "temporal_patch_size": 2, "merge_size": 2,
         "image_mean": [0.48145466, 0.4578275, 0.40821073],
         "image_std": [0.26862954, 0.26130258, 0.27577711],
+    })
+    return out_dir
+
+
+def write_tiny_gemma3(out_dir: Path, tokenizer_gguf: Path, *, seed: int = 0,
+                      image_size: int = 32, patch: int = 8, soft_tokens: int = 4,
+                      text_hidden: int = 64, text_layers: int = 2, vision_hidden: int = 32,
+                      vision_layers: int = 1) -> Path:
+    """Write a random-weight Gemma 3 (the multimodal one) into ``out_dir`` and return it.
+
+    Images are resized to ``image_size`` square (no pan-and-scan), cut into ``patch``-pixel
+    patches, average-pooled into ``soft_tokens`` language tokens between <start_of_image> and
+    <end_of_image>. Of the language model's layers, every second one attends globally, the
+    others within a sliding window (Gemma 3 has five local layers to one global); its output
+    projection is the token embedding, not saved twice.
+    ``tokenizer_gguf`` and ``seed`` as for :func:`write_tiny_smolvlm`.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer, tokenizer_config = _tokenizer(
+        out_dir, tokenizer_gguf, [*GEMMA3_TURN_TOKENS, *GEMMA3_IMAGE_TOKENS])
+    boi, eoi, image = GEMMA3_IMAGE_TOKENS
+    tokenizer_config.update(
+        bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", add_bos_token=False,
+        chat_template=GEMMA3_CHAT_TEMPLATE,
+        extra_special_tokens={"boi_token": boi, "eoi_token": eoi, "image_token": image})
+    _write_json(out_dir / "tokenizer_config.json", tokenizer_config)
+
+    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    token = tokenizer.token_to_id
+    heads, head_dim = max(1, text_hidden // 16), 16
+    _write_model(out_dir, {
+        "architectures": ["Gemma3ForConditionalGeneration"],
+        "model_type": "gemma3",
+        "image_token_index": token(image), "boi_token_index": token(boi),
+        "eoi_token_index": token(eoi), "pad_token_id": token("<pad>"),
+        "mm_tokens_per_image": soft_tokens,
+        "vocab_size": vocab,
+        "eos_token_id": [token("<eos>"), token("<end_of_turn>")],
+        "text_config": {
+            "model_type": "gemma3_text", "hidden_size": text_hidden,
+            "intermediate_size": 2 * text_hidden, "num_attention_heads": heads,
+            "num_key_value_heads": max(1, heads // 2), "head_dim": head_dim,
+            "query_pre_attn_scalar": head_dim, "num_hidden_layers": text_layers,
+            "rms_norm_eps": 1e-6, "vocab_size": vocab, "sliding_window": 512,
+            "sliding_window_pattern": 2, "rope_local_base_freq": 10000.0,
+            "rope_global_base_freq": 1000000.0, "max_position_embeddings": 4096,
+            "mm_tokens_per_image": soft_tokens,
+        },
+        "vision_config": {
+            "model_type": "siglip_vision_model", "hidden_size": vision_hidden,
+            "intermediate_size": 2 * vision_hidden,
+            "num_attention_heads": max(1, vision_hidden // 16),
+            "num_hidden_layers": vision_layers, "patch_size": patch, "image_size": image_size,
+            "num_channels": 3, "layer_norm_eps": 1e-6, "vision_use_head": False,
+        },
+    }, seed, tied="language_model.lm_head")  # Gemma ties its output projection to the embedding
+    _write_json(out_dir / "processor_config.json", {
+        "processor_class": "Gemma3Processor", "image_seq_length": soft_tokens})
+    _write_json(out_dir / "preprocessor_config.json", {
+        "image_processor_type": "Gemma3ImageProcessor", "processor_class": "Gemma3Processor",
+        "do_convert_rgb": None, "do_resize": True,
+        "size": {"height": image_size, "width": image_size}, "resample": 2,
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+        "do_pan_and_scan": None, "image_seq_length": soft_tokens,
     })
     return out_dir
