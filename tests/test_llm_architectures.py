@@ -3,8 +3,9 @@
 from a user catalog through ``open_model``, checked against mlx-lm's own model and generation
 on the same files, and three of them (a mixture of experts among them) served by omni-nodes in
 one real dora dataflow. The same weights written as GGUF (mofa_omni.testing.tiny_gguf, by the
-``gguf`` package's writer) are served by llama.cpp and by mlx-lm after conversion, and compute
-what the mlx-lm folder computes.
+``gguf`` package's writer) are served by llama.cpp, by mlx-lm after conversion and, for the
+architectures CTranslate2's decoder maps, by CTranslate2 (its spec written from the converted
+weights), and compute what the mlx-lm folder computes.
 
 Their weights are random, so their words are gibberish: these tests check that what the
 adapter serves is exactly what the engine computes, not what it says."""
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 
 from mofa_omni.adapters.base import ModelAdapter
+from mofa_omni.adapters.ct2_lm import ARCHITECTURES as CT2_LM_ARCHITECTURES
 from mofa_omni.adapters.loading import open_model
 from mofa_omni.contract.errors import ModelLoadError
 from mofa_omni.contract.tasks import ChatMessage, ChatRequest, TextChunk
@@ -36,6 +38,22 @@ from tests.dataflow_run import finish, start_dataflow
 DATAFLOW = Path(__file__).parent / "dataflows" / "llm_architectures.yml"
 HELLO = [ChatMessage("user", "Hello! Who are you?")]
 MAX_TOKENS = 5
+# The GGUF engines: llama.cpp runs the file, mlx-lm and CTranslate2 its conversion.
+GGUF_ADAPTERS = ("llama_cpp", "mlx_lm", "ct2_lm")
+# The tiny architectures whose GGUF CTranslate2 serves (mlx-lm's model_type of the conversion:
+# a Mistral's GGUF is a Llama's).
+CT2_ARCHITECTURES = tuple(a for a in GGUF_ARCHITECTURES
+                          if {"mistral": "llama"}.get(a, a) in CT2_LM_ARCHITECTURES)
+GGUF_ENGINES = [(architecture, adapter) for architecture in GGUF_ARCHITECTURES
+                for adapter in GGUF_ADAPTERS
+                if adapter != "ct2_lm" or architecture in CT2_ARCHITECTURES]
+# Largest difference of log-probabilities from mlx-lm's on the folder. mlx-lm on the conversion
+# computes the same float32 arithmetic; CTranslate2 (float32) its own kernels. llama.cpp keeps
+# its KV cache in float16 and looks GELU up in a float16 table: Gemma, whose embeddings are
+# scaled by sqrt(hidden) and whose MLP is a GELU, rounds the most (7.4e-3 measured; 5e-4 with a
+# float32 cache and that table emulated in MLX).
+TOLERANCE = {"mlx_lm": 1e-5, "ct2_lm": 1e-4, "llama_cpp": 5e-3}
+LLAMA_CPP_GELU_TOLERANCE = 1e-2
 
 
 def model_name(architecture: str) -> str:
@@ -61,13 +79,15 @@ def tiny(tmp_path_factory, catalog: Catalog, store: ModelStore) -> dict[str, Pat
         entries.append(f'[models.{model_name(architecture)}]\nadapter = "mlx_lm"\n'
                        'tasks = ["text_generation"]\nformat = "mlx"\n'
                        f'memory_mb = 60\nsource = {{ path = "{checkpoint}" }}\n')
-    for architecture in GGUF_ARCHITECTURES:  # the same weights as GGUF, for both engines
+    for architecture in GGUF_ARCHITECTURES:  # the same weights as GGUF, for every engine
         folder = root / "gguf" / architecture
         write_tiny_gguf(root / architecture, folder / "model.gguf", gguf)
-        for adapter in ("llama_cpp", "mlx_lm"):
+        for adapter in GGUF_ADAPTERS:  # CTranslate2 in float32, to compare; the others refuse
             entries.append(f'[models.{gguf_model_name(architecture, adapter)}]\n'
                            f'adapter = "{adapter}"\ntasks = ["text_generation"]\n'
-                           f'format = "gguf"\nmemory_mb = 60\nsource = {{ path = "{folder}" }}\n')
+                           f'format = "gguf"\nmemory_mb = 60\nsource = {{ path = "{folder}" }}\n'
+                           + ('options = { compute_type = "float32" }\n'
+                              if adapter == "ct2_lm" else ""))
     user = root / "catalog.toml"
     user.write_text("\n".join(entries))
     return {"root": root, "catalog": user, "cache": root / "cache"}
@@ -110,6 +130,10 @@ def test_the_checkpoints_are_mlx_lm_folders_of_their_architecture(tiny: dict[str
         assert any("switch_mlp" in w for w in weights) == (architecture in MIXTURES_OF_EXPERTS)
     assert {"llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3_text"} <= set(LLM_ARCHITECTURES)
     assert MIXTURES_OF_EXPERTS & set(LLM_ARCHITECTURES)
+    # ... and as GGUF files: the same dense architectures, Gemma 2 and 3, three mixtures
+    assert {"llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2"} <= set(GGUF_ARCHITECTURES)
+    assert len(MIXTURES_OF_EXPERTS & set(GGUF_ARCHITECTURES)) >= 2
+    assert {"llama", "mistral", "qwen2", "qwen3", "phi3"} <= set(CT2_ARCHITECTURES)
 
 
 def test_the_reply_is_mlx_lms_own_greedy_generation(served):
@@ -188,20 +212,22 @@ def test_three_architectures_answer_in_one_dataflow(tiny: dict[str, Path], tmp_p
         assert report["texts"][node] == generate(engine, tokenizer, prompt, max_tokens=5)
 
 
-@pytest.mark.parametrize("adapter", ["llama_cpp", "mlx_lm"])
-@pytest.mark.parametrize("architecture", list(GGUF_ARCHITECTURES))
-def test_the_same_weights_as_gguf_compute_the_same_on_both_engines(tiny: dict[str, Path],
+@pytest.mark.parametrize("architecture, adapter", GGUF_ENGINES)
+def test_the_same_weights_as_gguf_compute_the_same_on_every_engine(tiny: dict[str, Path],
                                                                    architecture: str,
                                                                    adapter: str):
-    """llama.cpp runs the GGUF as it is; mlx-lm runs it converted (mofa_omni.formats.gguf).
-    Both compute the logits of the mlx-lm folder the GGUF was written from: mlx-lm exactly,
-    llama.cpp up to its own float rounding."""
+    """llama.cpp runs the GGUF as it is; mlx-lm runs it converted (mofa_omni.formats.gguf), and
+    so does CTranslate2 (its decoder spec written from the conversion). All compute the logits
+    of the mlx-lm folder the GGUF was written from: mlx-lm exactly, CTranslate2 and llama.cpp up
+    to their own float rounding."""
     import mlx.core as mx
     from mlx_lm.generate import generate
     from mlx_lm.utils import load
 
     if adapter == "llama_cpp":
         pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    if adapter == "ct2_lm":
+        pytest.importorskip("ctranslate2", reason="ctranslate2 is not installed")
     loaded = open_tiny(tiny, gguf_model_name(architecture, adapter))
     try:
         assert loaded.spec.adapter == adapter
@@ -209,12 +235,25 @@ def test_the_same_weights_as_gguf_compute_the_same_on_both_engines(tiny: dict[st
         prompt = loaded.prompt_tokens(ChatRequest(HELLO))
         logits = engine(mx.array([prompt]))[0, -1]
         expected = np.array(logits - mx.logsumexp(logits), np.float32)
-        tolerance = 1e-5 if adapter == "mlx_lm" else 5e-3
+        tolerance = TOLERANCE[adapter]
+        if adapter == "llama_cpp" and architecture.startswith("gemma"):
+            tolerance = LLAMA_CPP_GELU_TOLERANCE
         np.testing.assert_allclose(loaded.next_log_probs([prompt])[0], expected, atol=tolerance)
         text, chunks = reply(loaded, ChatRequest(HELLO, max_tokens=MAX_TOKENS))
         assert chunks[-1].prompt_tokens == len(prompt) and text.strip()
         assert chunks[-1].completion_tokens == MAX_TOKENS  # random weights: no EOS this soon
-        if adapter == "mlx_lm":  # the same float32 arithmetic: the same greedy tokens
+        if adapter != "llama_cpp":  # float32 all through: the same greedy tokens
             assert text == generate(engine, tokenizer, prompt, max_tokens=MAX_TOKENS)
     finally:
         loaded.unload()
+
+
+def test_ctranslate2_refuses_the_architectures_its_decoder_does_not_map(tiny: dict[str, Path]):
+    """Gemma 2 (soft-capping) and a mixture of experts: CTranslate2's decoder has neither, and
+    the adapter says so, naming what it serves, rather than computing something else."""
+    pytest.importorskip("ctranslate2", reason="ctranslate2 is not installed")
+    refused = [a for a in GGUF_ARCHITECTURES if a not in CT2_ARCHITECTURES]
+    assert {"gemma2", "mixtral"} <= set(refused)
+    for architecture in ("gemma2", "mixtral"):
+        with pytest.raises(ModelLoadError, match=f"CTranslate2 serves .*not '{architecture}'"):
+            open_tiny(tiny, gguf_model_name(architecture, "ct2_lm"))

@@ -1,4 +1,5 @@
-"""Text generation on CTranslate2, from the catalog's GGUF weights (Llama-family models).
+"""Text generation on CTranslate2, from the catalog's GGUF weights (Llama, Mistral, Qwen2,
+Qwen3 and Phi-3 models: :data:`ARCHITECTURES`).
 
 ``prepare`` dequantizes the GGUF (the same reader the MLX path uses), maps the
 weights onto a CTranslate2 decoder spec and saves it quantized — no torch
@@ -34,7 +35,8 @@ MODEL_CONFIG = "model_config.json"  # the model's own config (CTranslate2 writes
 
 
 class Ct2LmAdapter(ChatLmAdapter):
-    """Llama-architecture chat models (SmolLM2, Llama, Qwen2 without biases...) on CTranslate2."""
+    """Chat models of :data:`ARCHITECTURES` (SmolLM2, Llama, Mistral, Qwen2/3, Phi-3)
+    on CTranslate2."""
 
     formats: ClassVar[frozenset[str]] = frozenset({"gguf"})
     backend: ClassVar[str] = "ctranslate2"
@@ -112,24 +114,44 @@ def _closing(steps):
         steps.close()
 
 
+# The mlx-lm architectures (``model_type`` of the GGUF converted to MLX) whose weights map onto
+# CTranslate2's TransformerDecoderSpec as its own Transformers converters map them. Not here:
+# Gemma 2 (CTranslate2 has no attention or final-logit soft-capping), Gemma 3 (CTranslate2 4.8
+# computes it exactly only within its sliding window: ``forward_batch`` refuses a longer prompt
+# and generation drifts from Hugging Face's past it) and the mixtures of experts (CTranslate2 has
+# no mixture-of-experts decoder).
+ARCHITECTURES = frozenset({"llama", "qwen2", "qwen3", "phi3"})
+
+
 def _decoder_spec(model_dir: Path, config: dict):
-    """A CTranslate2 decoder spec with the weights of an mlx-lm Llama-family model directory."""
-    from ctranslate2.specs import common_spec, transformer_spec
+    """A CTranslate2 decoder spec with the weights of an mlx-lm model directory of one of
+    :data:`ARCHITECTURES`, laid out as CTranslate2's own converter for it lays them out."""
+    from ctranslate2.specs import attention_spec, common_spec, transformer_spec
     from safetensors.numpy import load_file
 
-    if config.get("model_type") != "llama" or config.get("attention_bias"):
-        raise ModelLoadError(f"CTranslate2 serves Llama-architecture models here, not "
-                             f"{config.get('model_type')!r}")
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURES or config.get("mlp_bias"):
+        raise ModelLoadError(f"CTranslate2 serves {', '.join(sorted(ARCHITECTURES))} models here, "
+                             f"not {model_type!r}")
     weights = load_file(str(model_dir / "model.safetensors"))
     heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    rotary = round(head_dim * config.get("partial_rotary_factor", 1.0))  # Phi-3 may rotate part
+    scaling: dict[str, Any] = {}
+    if rope_scaling := config.get("rope_scaling"):
+        if rope_scaling.get("type", rope_scaling.get("rope_type")) != "linear":
+            raise ModelLoadError(f"CTranslate2: RoPE scaling {rope_scaling} is not supported here")
+        scaling = {"rotary_scaling_type": attention_spec.RotaryScalingType.Linear,
+                   "rotary_scaling_factor": float(rope_scaling["factor"])}
     spec = transformer_spec.TransformerDecoderModelSpec.from_config(
         config["num_hidden_layers"], heads, activation=common_spec.Activation.SWISH,
-        pre_norm=True, ffn_glu=True, rms_norm=True, rotary_dim=0,
-        # GGUF keeps Q/K rows in the order of llama.cpp's interleaved ("traditional") rotary.
+        pre_norm=True, ffn_glu=True, rms_norm=True,
+        rotary_dim=0 if rotary == head_dim else rotary,  # 0: every dimension
+        # GGUF keeps a Llama's Q/K rows in the order of llama.cpp's interleaved rotary
         rotary_interleave=bool(config.get("rope_traditional", False)),
-        rotary_base=config.get("rope_theta", 10000.0),
-        num_heads_kv=config.get("num_key_value_heads", heads),
-        head_dim=config.get("head_dim", config["hidden_size"] // heads))
+        rotary_base=config.get("rope_theta", 10000.0), **scaling,
+        num_heads_kv=config.get("num_key_value_heads", heads), head_dim=head_dim,
+        qk_norm=any(name.endswith("self_attn.q_norm.weight") for name in weights))
     decoder = spec.decoder
     decoder.scale_embeddings = False  # Llama does not scale embeddings by sqrt(d_model)
 
@@ -144,20 +166,35 @@ def _decoder_spec(model_dir: Path, config: dict):
         prefix = f"model.layers.{index}."
         attention, ffn = layer.self_attention, layer.ffn
         attention.layer_norm.gamma = weight(prefix + "input_layernorm.weight")
-        attention.linear[0].weight = np.concatenate(
-            [weight(prefix + f"self_attn.{p}_proj.weight") for p in "qkv"])
-        attention.linear[1].weight = weight(prefix + "self_attn.o_proj.weight")
         ffn.layer_norm.gamma = weight(prefix + "post_attention_layernorm.weight")
-        ffn.linear_0.weight = weight(prefix + "mlp.gate_proj.weight")
-        ffn.linear_0_noact.weight = weight(prefix + "mlp.up_proj.weight")
+        if prefix + "self_attn.q_norm.weight" in weights:  # Qwen3's per-head Q/K norms
+            attention.q_norm.gamma = weight(prefix + "self_attn.q_norm.weight")
+            attention.k_norm.gamma = weight(prefix + "self_attn.k_norm.weight")
+        if prefix + "self_attn.qkv_proj.weight" in weights:  # Phi-3's fused projection
+            attention.linear[0].weight = weight(prefix + "self_attn.qkv_proj.weight")
+        else:
+            attention.linear[0].weight = np.concatenate(
+                [weight(prefix + f"self_attn.{p}_proj.weight") for p in "qkv"])
+        if prefix + "self_attn.q_proj.bias" in weights:  # Qwen2's Q/K/V biases
+            attention.linear[0].bias = np.concatenate(
+                [weight(prefix + f"self_attn.{p}_proj.bias") for p in "qkv"])
+        attention.linear[1].weight = weight(prefix + "self_attn.o_proj.weight")
+        if prefix + "mlp.gate_up_proj.weight" in weights:  # Phi-3's, gate rows first
+            ffn.linear_0.weight, ffn.linear_0_noact.weight = np.split(
+                weight(prefix + "mlp.gate_up_proj.weight"), 2)
+        else:
+            ffn.linear_0.weight = weight(prefix + "mlp.gate_proj.weight")
+            ffn.linear_0_noact.weight = weight(prefix + "mlp.up_proj.weight")
         ffn.linear_1.weight = weight(prefix + "mlp.down_proj.weight")
     tokenizer = json.loads((model_dir / "tokenizer.json").read_text())
     vocabulary = _vocabulary(tokenizer, config["vocab_size"])
     spec.register_vocabulary(vocabulary)
-    spec.config.bos_token = vocabulary[config.get("bos_token_id", 1)]
+    bos = config.get("bos_token_id")
+    spec.config.bos_token = vocabulary[1 if bos is None else bos]
     eos = config.get("eos_token_id", 2)
     spec.config.eos_token = vocabulary[eos[0] if isinstance(eos, list) else eos]
     spec.config.unk_token = vocabulary[0]
+    spec.config.layer_norm_epsilon = config["rms_norm_eps"]
     spec.validate()
     return spec
 

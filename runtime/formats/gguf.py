@@ -13,8 +13,9 @@ Two ways to carry the weights over, chosen by ``dtype``:
 
 The tokenizer is rebuilt from the GGUF metadata with transformers' GGUF
 tokenizer builder (no torch), and the chat template is copied from it.
-Supported architectures: ``llama``, ``gemma3``, ``qwen2``, ``qwen3`` and ``qwen3moe`` (see
-``ARCHITECTURES``).
+Supported architectures (see ``ARCHITECTURES``): ``llama`` (Mistral's and, with experts,
+Mixtral's too), ``phi3``, ``gemma2``, ``gemma3``, ``qwen2``, ``qwen3``, ``qwen2moe`` and
+``qwen3moe``.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def _common_config(meta: Metadata) -> dict:
 
 
 def _llama_config(meta: Metadata) -> dict:
-    return {
+    config = {
         "model_type": "llama",
         **_common_config(meta),
         "rope_theta": float(meta.arch_key("rope.freq_base", 10000.0)),
@@ -122,21 +123,74 @@ def _llama_config(meta: Metadata) -> dict:
         "attention_bias": meta.has_tensor("blk.0.attn_q.bias"),
         "mlp_bias": meta.has_tensor("blk.0.ffn_up.bias"),
     }
+    if int(meta.arch_key("expert_count", 0)):  # llama.cpp's Mixtral: a Llama with experts
+        config.update({
+            "model_type": "mixtral",
+            "num_local_experts": int(meta.arch_key("expert_count")),
+            "num_experts_per_tok": int(meta.arch_key("expert_used_count")),
+        })
+    return config
+
+
+def _phi3_config(meta: Metadata) -> dict:
+    config = _common_config(meta)
+    if meta.has_tensor("rope_factors_long.weight"):
+        raise ModelLoadError("GGUF phi3 with LongRoPE factors (rope_factors_long) is not supported")
+    rotary = int(meta.arch_key("rope.dimension_count", config["head_dim"]))
+    return {
+        "model_type": "phi3",
+        **config,
+        "rope_theta": float(meta.arch_key("rope.freq_base", 10000.0)),
+        "partial_rotary_factor": rotary / config["head_dim"],
+        "original_max_position_embeddings": config["max_position_embeddings"],
+        "tie_word_embeddings": not meta.has_tensor("output.weight"),
+    }
+
+
+def _gemma_query_scalar(config: dict) -> int:
+    # llama.cpp scales queries by 1/sqrt(head_dim), but by 1/sqrt(hidden/heads) for the 27B
+    # models (Gemma 2's 46 layers, Gemma 3's 62), rather than storing the scalar in the file.
+    big = config["num_hidden_layers"] == {"gemma2": 46, "gemma3_text": 62}[config["model_type"]]
+    return config["hidden_size"] // config["num_attention_heads"] if big else config["head_dim"]
+
+
+def _gemma2_config(meta: Metadata) -> dict:
+    # mlx-lm's Gemma 2 attends globally in every layer: the same as llama.cpp's alternating
+    # sliding window (attention.sliding_window, 4096 in Gemma 2) as long as the context is shorter.
+    config = {"model_type": "gemma2", **_common_config(meta)}
+    config.update({
+        "rope_theta": float(meta.arch_key("rope.freq_base", 10000.0)),
+        "attn_logit_softcapping": float(meta.arch_key("attn_logit_softcapping", 50.0)),
+        "final_logit_softcapping": float(meta.arch_key("final_logit_softcapping", 30.0)),
+        "query_pre_attn_scalar": _gemma_query_scalar(config),
+    })
+    return config
 
 
 def _gemma3_config(meta: Metadata) -> dict:
     config = {"model_type": "gemma3_text", **_common_config(meta)}
-    # Values llama.cpp hard-codes for gemma3 rather than storing them in the file.
-    big = config["num_hidden_layers"] == 62  # the 27B model scales attention by hidden/heads
+    # Values llama.cpp hard-codes for gemma3 unless the file says otherwise.
     config.update({
         "rope_theta": float(meta.arch_key("rope.freq_base", 1_000_000.0)),
         "rope_local_base_freq": 10_000.0,
         "sliding_window": int(meta.arch_key("attention.sliding_window", 512)),
-        "sliding_window_pattern": 6,
-        "query_pre_attn_scalar": (config["hidden_size"] // config["num_attention_heads"]
-                                  if big else config["head_dim"]),
+        "sliding_window_pattern": _sliding_window_period(meta, 6),
+        "query_pre_attn_scalar": _gemma_query_scalar(config),
     })
     return config
+
+
+def _sliding_window_period(meta: Metadata, default: int) -> int:
+    """Every how many layers one attends globally: ``attention.sliding_window_pattern`` is that
+    period, or one flag per layer (true: sliding window), which mlx-lm can only take periodic."""
+    pattern = meta.arch_key("attention.sliding_window_pattern", default)
+    if isinstance(pattern, int):
+        return pattern
+    flags = [bool(flag) for flag in pattern]
+    period = flags.index(False) + 1 if False in flags else len(flags) + 1
+    if flags != [(i + 1) % period != 0 for i in range(len(flags))]:
+        raise ModelLoadError(f"GGUF sliding-window layers {flags} are not every {period}th global")
+    return period
 
 
 def _qwen2_config(meta: Metadata) -> dict:
@@ -151,6 +205,18 @@ def _qwen2_config(meta: Metadata) -> dict:
 
 def _qwen3_config(meta: Metadata) -> dict:
     return {**_qwen2_config(meta), "model_type": "qwen3"}
+
+
+def _qwen2_moe_config(meta: Metadata) -> dict:
+    config = {**_qwen2_config(meta), "model_type": "qwen2_moe"}
+    config.update({  # every layer a mixture beside a shared expert; the chosen weights as routed
+        "num_experts": int(meta.arch_key("expert_count")),
+        "num_experts_per_tok": int(meta.arch_key("expert_used_count")),
+        "moe_intermediate_size": int(meta.arch_key("expert_feed_forward_length")),
+        "shared_expert_intermediate_size": int(
+            meta.arch_key("expert_shared_feed_forward_length")),
+    })
+    return config
 
 
 def _qwen3_moe_config(meta: Metadata) -> dict:
@@ -179,16 +245,28 @@ _EXPERTS = {  # the router, and the experts stacked (expert, out, in) as mlx-lm'
     "ffn_gate_inp": "mlp.gate", "ffn_gate_exps": "mlp.switch_mlp.gate_proj",
     "ffn_up_exps": "mlp.switch_mlp.up_proj", "ffn_down_exps": "mlp.switch_mlp.down_proj"}
 
+_MIXTRAL_EXPERTS = {  # llama.cpp's Mixtral: the same tensors, mlx-lm's Mixtral's module names
+    part: "block_sparse_moe." + module.removeprefix("mlp.") for part, module in _EXPERTS.items()}
+_SHARED_EXPERT = {
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj", "ffn_gate_inp_shexp": "mlp.shared_expert_gate"}
+_GEMMA_LAYER = {
+    **_ATTENTION_MLP,
+    "attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
+}
+
 ARCHITECTURES: dict[str, Architecture] = {
-    "llama": Architecture(_llama_config, _LLAMA_LAYER),
-    "gemma3": Architecture(_gemma3_config, {
-        **_ATTENTION_MLP,
-        "attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
-        "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
-        "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
-    }, norm_shift=1.0),  # Gemma's RMSNorm multiplies by (1 + w); mlx-lm adds the 1 itself
+    "llama": Architecture(_llama_config, {**_LLAMA_LAYER, **_MIXTRAL_EXPERTS}),
+    # Phi-3 fuses Q/K/V into attn_qkv, and gate/up into ffn_up (gate rows first): as mlx-lm does
+    "phi3": Architecture(_phi3_config, {
+        **_LLAMA_LAYER, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}),
+    # Gemma's RMSNorm multiplies by (1 + w): llama.cpp stores w + 1, mlx-lm adds the 1 itself
+    "gemma2": Architecture(_gemma2_config, _GEMMA_LAYER, norm_shift=1.0),
+    "gemma3": Architecture(_gemma3_config, {**_GEMMA_LAYER, **_QK_NORMS}, norm_shift=1.0),
     "qwen2": Architecture(_qwen2_config, _LLAMA_LAYER),
     "qwen3": Architecture(_qwen3_config, {**_LLAMA_LAYER, **_QK_NORMS}),
+    "qwen2moe": Architecture(_qwen2_moe_config, {**_LLAMA_LAYER, **_EXPERTS, **_SHARED_EXPERT}),
     "qwen3moe": Architecture(_qwen3_moe_config, {**_LLAMA_LAYER, **_QK_NORMS, **_EXPERTS}),
 }
 
@@ -206,6 +284,14 @@ def mlx_name(gguf_name: str, arch: Architecture) -> str:
         if base in _GLOBAL_NAMES and kind in ("weight", "bias"):
             return f"{_GLOBAL_NAMES[base]}.{kind}"
     raise ModelLoadError(f"GGUF tensor {gguf_name!r} has no counterpart in mlx-lm's model")
+
+
+def _mlx_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape mlx-lm's module has: a GGUF may keep the one-output shared-expert gate as a
+    vector where mlx-lm has a (1, hidden) Linear."""
+    if name.endswith("shared_expert_gate.weight") and len(shape) == 1:
+        return (1, *shape)
+    return shape
 
 
 # --- reading and checking --------------------------------------------------------------
@@ -280,7 +366,7 @@ def _float_entries(reader, arch: Architecture, dtype: type) -> list[_Entry]:
     entries = []
     for tensor in reader.tensors:
         name = mlx_name(tensor.name, arch)
-        shape = tuple(int(n) for n in reversed(tensor.shape))
+        shape = _mlx_shape(name, tuple(int(n) for n in reversed(tensor.shape)))
         shift = arch.norm_shift if tensor.name.endswith("norm.weight") else 0.0
         entries.append(_Entry(name, np.dtype(dtype), shape, producer(tensor, shift),
                               int(tensor.n_bytes)))
@@ -325,6 +411,7 @@ def _quantized_entries(path: Path, reader, arch: Architecture) -> tuple[list[_En
             _check_finite(tensor.name, values)
             if arch.norm_shift and tensor.name.endswith("norm.weight"):
                 values = values - np.float32(arch.norm_shift)
+            values = values.reshape(_mlx_shape(name, values.shape))
             entries.append(_Entry(name, values.dtype, values.shape, constant(values),
                                   int(tensor.n_bytes)))
     del weights

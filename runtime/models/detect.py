@@ -46,19 +46,21 @@ ENGINES = (
     ("Piper voice (.onnx + .onnx.json)", "piper", "speech_synthesis"),
     ("Moonshine (encoder/decoder .ort/.onnx + tokenizer.bin)", "ort_moonshine",
      "speech_recognition"),
+    ("Kokoro (one .onnx + vocab.json + voice .npz)", "kokoro", "speech_synthesis"),
 )
 # Memory estimate: weights on disk x factor + MB of libraries, by kind (rough; calibrated on the
 # packaged models' measured figures: a Q4 GGUF grows ~6x dequantized to float32 for MLX).
 _MEMORY = {"gguf": (6.0, 100), "mlx_lm": (1.3, 200), "vlm": (1.3, 300), "embedding": (1.2, 40),
            "cross_encoder": (1.2, 40), "whisper": (2.0, 300), "image": (1.2, 500),
            "piper": (1.5, 80),
-           "moonshine": (8.0, 80)}  # int8 .ort files run in float32 (base: 60 MB -> 556 MiB)
+           "moonshine": (8.0, 80),  # int8 .ort files run in float32 (base: 60 MB -> 556 MiB)
+           "kokoro": (1.5, 160)}  # int8 v1.0: 90 MB of files, 300 MiB peak on a long sentence
 
 
 @dataclass(frozen=True)
 class Detected:
     """What :func:`detect` found: ``kind`` (gguf, mlx_lm, vlm, embedding, cross_encoder, whisper,
-    image, piper, moonshine), the ``architecture`` its files name, the proposed ``spec``,
+    image, piper, moonshine, kokoro), the ``architecture`` its files name, the proposed ``spec``,
     ``notes`` for the user, ``detected`` facts the adapters may not use yet (e.g. a
     sentence-transformers pooling mode) and ``torch_weights``: PyTorch files that must become
     safetensors before it serves."""
@@ -117,7 +119,9 @@ def detect(path: Path, name: str | None = None, source: Source | None = None) ->
     voices = sorted(path.glob("*.onnx"))
     if len(voices) == 1 and voices[0].with_name(voices[0].name + ".json").is_file():
         return _piper(path, name, source)
-    raise _nothing_fits(path, "no config.json, model_index.json, GGUF or Piper voice")
+    if len(voices) == 1 and (path / "vocab.json").is_file() and any(path.glob("*.npz")):
+        return _kokoro(path, voices[0], name, source)
+    raise _nothing_fits(path, "no config.json, model_index.json, GGUF, Piper voice or Kokoro model")
 
 
 # --- kinds ---------------------------------------------------------------------------------
@@ -248,6 +252,15 @@ def _moonshine(path: Path, name: str, source: Source) -> Detected:
     spec = _spec(name, ("ort_moonshine",), (Task.SPEECH_RECOGNITION,), "onnx", source,
                  _memory("moonshine", graphs), "Moonshine speech recognition")
     return Detected("moonshine", "moonshine", spec)
+
+
+def _kokoro(path: Path, graph: Path, name: str, source: Source) -> Detected:
+    if "vocab" not in _read_json(path / "vocab.json"):
+        raise _nothing_fits(path, f"{graph.name} with a vocab.json that is no Kokoro vocabulary")
+    files = [graph, *path.glob("*.npz")]
+    spec = _spec(name, ("kokoro",), (Task.SPEECH_SYNTHESIS,), "onnx", source,
+                 _memory("kokoro", files), f"Kokoro speech synthesis {graph.stem}")
+    return Detected("kokoro", "kokoro", spec)
 
 
 # --- helpers -------------------------------------------------------------------------------
