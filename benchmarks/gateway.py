@@ -23,6 +23,11 @@ apart: OpenBLAS, under MLX, spins a core for ~130 ms after each call), after a w
   transcription   whisper-tiny.en on dataflows/samples/01-capital-of-france.wav (the WAV bytes
                   decoded in both paths), 5 rounds -- informational
   speech          piper-joe, one sentence, as WAV bytes both ways, 5 rounds -- informational
+  tool calls      smollm2-135m asked "What is 123 times 457?" with a multiply tool: a required
+                  call against prose from the same prompt ("auto", where SmolLM2 answers on its
+                  own), through the gateway and direct, 10 rounds; time to a complete call vs
+                  the prose answer, and ms per token of each.
+                  Goal: constrained call per token / prose per token <= 1.2 (direct).
   http floor      `GET /stats` with a kept-alive httpx client: the loopback HTTP round trip
                   without any model, for reading the overheads above -- informational
 
@@ -52,6 +57,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import itertools
+import json
 import os
 import sys
 import tempfile
@@ -93,6 +99,7 @@ from mofa_omni.contract.tasks import (  # noqa: E402
     ChatRequest,
     EmbeddingRequest,
     SpeechRequest,
+    Tool,
     TranscriptionRequest,
 )
 from mofa_omni.media.audio import read_wav, wav_bytes  # noqa: E402
@@ -111,7 +118,12 @@ SPOKEN = "The capital of France is Paris."
 SETTLE_S = 0.2
 LOAD_TIMEOUT_S = 30  # a request under load with no answer by then is an error
 LOAD_S = 240  # the models' first load (conversion included) may take this long
-CHAT_GOAL, EMBED_GOAL_MS = 1.05, 10.0
+CHAT_GOAL, EMBED_GOAL_MS, TOOL_TOKEN_GOAL = 1.05, 10.0, 1.2
+TOOL_QUESTION = "What is 123 times 457?"
+MULTIPLY_TOOL = {"type": "function", "function": {
+    "name": "multiply", "description": "Multiply two numbers",
+    "parameters": {"type": "object", "required": ["a", "b"],
+                   "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}}
 
 
 # --- the server --------------------------------------------------------------------------------
@@ -366,6 +378,52 @@ def direct_token_gaps(adapter, count: int) -> dict:
             "token_gap_p90_ms": round(percentile(gaps, 90), 2)}
 
 
+# --- tool calls --------------------------------------------------------------------------------
+
+def tool_gateway(client: openai.OpenAI, choice: str) -> Callable[[], dict]:
+    def run() -> dict:
+        started = time.perf_counter()
+        reply = client.chat.completions.create(
+            model=CHAT_MODEL, messages=[{"role": "user", "content": TOOL_QUESTION}],
+            tools=[MULTIPLY_TOOL], tool_choice=choice, max_tokens=MAX_TOKENS, temperature=0)
+        message = reply.choices[0].message
+        return {"total_s": time.perf_counter() - started, "tokens": reply.usage.completion_tokens,
+                "calls": [(c.function.name, c.function.arguments) for c in message.tool_calls or []]}
+    return run
+
+
+def tool_direct(adapter, choice: str) -> Callable[[], dict]:
+    tool = MULTIPLY_TOOL["function"]
+    request = ChatRequest([ChatMessage("user", TOOL_QUESTION)], max_tokens=MAX_TOKENS,
+                          tools=[Tool(tool["name"], tool["description"],
+                                      json.dumps(tool["parameters"]))], tool_choice=choice)
+
+    def run() -> dict:
+        started = time.perf_counter()
+        chunks = list(adapter.generate(request))
+        return {"total_s": time.perf_counter() - started, "tokens": chunks[-1].completion_tokens,
+                "calls": [(c.name, c.arguments) for chunk in chunks for c in chunk.tool_calls]}
+    return run
+
+
+def tool_figures(samples: dict[str, list[dict]]) -> dict:
+    """Per path: median time and tokens, ms per token; a call against prose from the same
+    prompt (the tools shown, the model answering on its own under "auto")."""
+    out: dict = {}
+    for name, runs in samples.items():
+        total = median([r["total_s"] for r in runs])
+        tokens = median([r["tokens"] for r in runs])
+        out[name] = {"median_ms": round(total * 1000, 1), "tokens": tokens,
+                     "ms_per_token": round(total * 1000 / max(tokens, 1), 2),
+                     "calls": runs[-1]["calls"]}
+    for where in ("gateway", "direct"):
+        call, prose = out[f"call ({where})"], out[f"prose ({where})"]
+        out[f"call vs prose ({where})"] = round(call["median_ms"] / prose["median_ms"], 3)
+        out[f"per token, call vs prose ({where})"] = round(
+            call["ms_per_token"] / prose["ms_per_token"], 3)
+    return out
+
+
 # --- embeddings, transcription, speech -------------------------------------------------------
 
 def embed_direct(adapter) -> None:
@@ -500,6 +558,18 @@ def print_tables(result: dict) -> None:
               f"{chat['direct']['first_token']['median_ms']:.1f}, token gap median/p90 "
               f"{direct['token_gap_median_ms']:.2f}/{direct['token_gap_p90_ms']:.2f}")
 
+    tools = result["tool_calls"]
+    print(f"\ntool calls: {CHAT_MODEL}, {tools['question']!r}, one multiply tool, "
+          f"{tools['rounds']} rounds; prose = the same prompt answered under \"auto\"")
+    print_header(f"{'path':16} {'median':>10} {'tokens':>7} {'ms/token':>9}  calls")
+    for name in ("call (gateway)", "prose (gateway)", "call (direct)", "prose (direct)"):
+        row = tools[name]
+        print(f"{name:16} {row['median_ms']:>7.1f} ms {row['tokens']:>7} "
+              f"{row['ms_per_token']:>9.2f}  {row['calls'] or '-'}")
+    for where in ("gateway", "direct"):
+        print(f"  {where}: a complete call / prose {tools[f'call vs prose ({where})']:.3f}x, "
+              f"per token {tools[f'per token, call vs prose ({where})']:.3f}x")
+
     print("\nsingle requests (median / p90 ms; overhead = gateway - direct, medians)")
     print_header(f"{'endpoint':15} {'direct':>16} {'gateway':>16} {'overhead':>10} {'vs direct':>9}"
                  f" {'n':>4}")
@@ -555,6 +625,7 @@ def main() -> int:
     quick = args.quick
     chat_rounds = args.rounds or (3 if quick else 25)
     embed_rounds, media_rounds = (10, 1) if quick else (60, 5)
+    tool_rounds = 2 if quick else 10
     levels = [1, 4] if quick else [1, 4, 8]
     embed_s, chat_s = (2.0, 2.0) if quick else (8.0, 10.0)
 
@@ -590,6 +661,14 @@ def main() -> int:
                 "gateway whole": trace_segments(trace_file, samples["gateway whole"]),
                 "gateway streamed": trace_segments(trace_file, samples["gateway streamed"]),
                 "direct": direct_token_gaps(llm, max(chat_rounds // 2, 2))}
+
+        print("tool calls ...", flush=True)
+        samples, _ = rounds({"call (gateway)": tool_gateway(client, "required"),
+                             "prose (gateway)": tool_gateway(client, "auto"),
+                             "call (direct)": tool_direct(llm, "required"),
+                             "prose (direct)": tool_direct(llm, "auto")}, tool_rounds)
+        result["tool_calls"] = {"rounds": tool_rounds, "question": TOOL_QUESTION,
+                                **tool_figures(samples)}
 
         print("embeddings, transcription, speech ...", flush=True)
         pairs, cpu_ms = rounds({"direct": timer(lambda: embed_direct(embedder)),
@@ -638,7 +717,11 @@ def main() -> int:
     whole = result["chat"]["gateway whole"]["vs_direct"]
     overhead = result["embeddings"]["overhead_ms"]
     errors = sum(row["errors"] for row in result["concurrency"])
+    tools = result["tool_calls"]
+    per_token = tools["per token, call vs prose (direct)"]
     result["goals"] = [
+        {"what": "constrained tool call per token / prose per token, direct", "value": per_token,
+         "goal": f"<= {TOOL_TOKEN_GOAL}", "met": per_token <= TOOL_TOKEN_GOAL},
         {"what": "chat through the gateway (whole) / direct, median total", "value": whole,
          "goal": f"<= {CHAT_GOAL}", "met": whole <= CHAT_GOAL},
         {"what": "embeddings overhead per request, median", "value": f"{overhead} ms",

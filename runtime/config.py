@@ -56,6 +56,18 @@ def env_path(name: str, default: Path, env: Mapping[str, str] | None = None) -> 
     return path if path.is_absolute() else Path(environ.get("PWD") or os.getcwd()) / path
 
 
+CHECKOUT = Path(__file__).resolve().parents[1]  # this project's folder, when run from one
+
+
+def data_path(path: Path | str) -> Path:
+    """A data file a dataflow names: absolute as given; relative, from where dora was started,
+    else from this checkout (so ``dataflows/documents`` works from either)."""
+    path = Path(path)
+    if path.is_absolute() or path.exists():
+        return path
+    return CHECKOUT / path if (CHECKOUT / path).exists() else path
+
+
 def env_float(name: str, default: float, env: Mapping[str, str] | None = None, *,
               minimum: float = 0.0, maximum: float = math.inf) -> float:
     """``$name`` as a number from ``minimum`` to ``maximum`` (``default`` when unset or empty)."""

@@ -183,6 +183,213 @@ def test_rerank_puts_the_answering_document_first(server):
     assert response["results"][0]["relevance_score"] > response["results"][1]["relevance_score"]
 
 
+# --- tool calls: the official client, LangChain, the OpenAI Agents SDK --------------------
+
+MULTIPLY = {"type": "function", "function": {
+    "name": "multiply", "description": "Multiply two numbers",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["a", "b"],
+                   "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "required": ["city"],
+                   "properties": {"city": {"type": "string"}}}}}
+# SmolLM2-135M alone answers 6018: an answer with 56211 used the tool's result.
+PRODUCT_QUESTION = [{"role": "user", "content": "What is 123 times 457?"}]
+
+
+def test_a_tool_loop_through_the_openai_client(server):
+    client = server.client()
+    ask = {"model": "smollm2-135m", "messages": PRODUCT_QUESTION, "tools": [WEATHER, MULTIPLY],
+           "tool_choice": "required", "max_tokens": 48}
+    whole = client.chat.completions.create(**ask)
+    choice = whole.choices[0]
+    assert choice.finish_reason == "tool_calls" and not choice.message.content
+    calls = [(c.function.name, json.loads(c.function.arguments))
+             for c in choice.message.tool_calls]
+    assert calls == [("multiply", {"a": 123, "b": 457})]
+    # streamed: the same call, in OpenAI's deltas (id and name, then the arguments)
+    streamed: dict[int, dict] = {}
+    finish = None
+    for chunk in client.chat.completions.create(**ask, stream=True):
+        for part in chunk.choices[0].delta.tool_calls or []:
+            call = streamed.setdefault(part.index, {"name": "", "arguments": "", "id": ""})
+            call["id"] += part.id or ""
+            call["name"] += part.function.name or ""
+            call["arguments"] += part.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls"
+    assert [(c["name"], json.loads(c["arguments"])) for c in streamed.values()] == calls
+    assert streamed[0]["id"].startswith("call_")
+    # the tool's result goes back; the answer uses it
+    call = choice.message.tool_calls[0]
+    answer = client.chat.completions.create(
+        model="smollm2-135m", tools=[WEATHER, MULTIPLY], max_tokens=48,
+        messages=[*PRODUCT_QUESTION, choice.message.model_dump(exclude_none=True),
+                  {"role": "tool", "tool_call_id": call.id, "content": "56211"}])
+    assert "56211" in answer.choices[0].message.content
+    assert answer.choices[0].finish_reason == "stop"
+    # "none" never calls; a named function is the one called
+    prose = client.chat.completions.create(**{**ask, "tool_choice": "none"})
+    assert prose.choices[0].message.content and not prose.choices[0].message.tool_calls
+    named = client.chat.completions.create(
+        **{**ask, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}})
+    assert [c.function.name for c in named.choices[0].message.tool_calls] == ["get_weather"]
+
+
+@pytest.mark.parametrize("change, complaint", [
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]},
+     r"tools\[0\] \(f\) parameters: the top level must be"),
+    ({"tool_choice": {"type": "function", "function": {"name": "divide"}}},
+     "names the function 'divide', which is not among the tools"),
+    ({"messages": [*PRODUCT_QUESTION, {"role": "tool", "tool_call_id": "call_x", "content": "1"}]},
+     "tool_call_id 'call_x', which no earlier assistant message called"),
+    ({"messages": [*PRODUCT_QUESTION, {"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "multiply", "arguments": "{a:"}}]}]},
+     r"messages\[1\].tool_calls \(multiply\): the arguments are not JSON"),
+    ({"logprobs": True}, "logprobs: log-probabilities are not returned"),
+    ({"prediction": {"type": "content", "content": "x"}}, "unknown field `prediction`"),
+])
+def test_bad_tool_requests_are_400s_naming_the_problem(server, change, complaint):
+    body = {"model": "smollm2-135m", "messages": PRODUCT_QUESTION, "tools": [MULTIPLY], **change}
+    response = httpx.post(f"{server.url}/chat/completions", json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    assert re.search(complaint, response.json()["error"]["message"]), response.text
+
+
+def _multiply(a: int, b: int) -> int:
+    """Multiply two numbers."""
+    return a * b
+
+
+def test_langchain_binds_tools_and_runs_the_loop(server):
+    from langchain_core.messages import HumanMessage
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    multiply = tool(_multiply)
+    llm = ChatOpenAI(base_url=server.url, api_key="unused", model="smollm2-135m",
+                     temperature=0, max_tokens=48, max_retries=0)
+    question = HumanMessage("What is 123 times 457?")
+    called = llm.bind_tools([multiply], tool_choice="required").invoke([question])
+    assert [(c["name"], c["args"]) for c in called.tool_calls] == \
+        [("_multiply", {"a": 123, "b": 457})]
+    result = multiply.invoke(called.tool_calls[0])  # a ToolMessage answering the call's id
+    answer = llm.bind_tools([multiply]).invoke([question, called, result])
+    assert "56211" in answer.content and not answer.tool_calls
+
+
+def test_pydantic_ai_runs_a_tool_loop(server):
+    from pydantic_ai import Agent
+    from pydantic_ai.capabilities import AbstractCapability
+    from pydantic_ai.models.openai import OpenAIChatModel
+    from pydantic_ai.providers.openai import OpenAIProvider
+
+    class CallFirst(AbstractCapability):
+        """A tool call forced on the run's first step only (pydantic-ai's per-step settings)."""
+
+        def get_model_settings(self):
+            return lambda ctx: {"tool_choice": "required"} if ctx.run_step <= 1 else {}
+
+    calls = []
+
+    def multiply(a: int, b: int) -> int:
+        """Multiply two numbers."""
+        calls.append((a, b))
+        return a * b
+
+    model = OpenAIChatModel("smollm2-135m", provider=OpenAIProvider(
+        base_url=server.url, api_key="unused"))
+    agent = Agent(model, tools=[multiply], capabilities=[CallFirst()],
+                  model_settings={"temperature": 0, "max_tokens": 48})
+    result = agent.run_sync("What is 123 times 457?")
+    assert calls == [(123, 457)] and "56211" in result.output
+
+
+MULTIPLY_RESPONSES = {"type": "function", **MULTIPLY["function"]}  # the Responses API's shape
+
+
+def test_the_responses_api_whole_and_streamed(server):
+    client = server.client()
+    ask = {"model": "smollm2-135m", "input": "What is 123 times 457?", "tools": [MULTIPLY_RESPONSES],
+           "tool_choice": "required", "max_output_tokens": 48}
+    whole = client.responses.create(**ask)
+    assert whole.status == "completed"
+    [call] = [item for item in whole.output if item.type == "function_call"]
+    assert (call.name, json.loads(call.arguments)) == ("multiply", {"a": 123, "b": 457})
+    events = list(client.responses.create(**ask, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[-1] == "response.completed" and "response.function_call_arguments.done" in kinds
+    streamed = [i for i in events[-1].response.output if i.type == "function_call"]
+    assert [(c.name, c.arguments) for c in streamed] == [(call.name, call.arguments)]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    # the call's output sent back as an input item: the answer uses it, as a message
+    answer = client.responses.create(
+        model="smollm2-135m", tools=[MULTIPLY_RESPONSES], max_output_tokens=48,
+        input=[{"role": "user", "content": "What is 123 times 457?"},
+               {"type": "function_call", "call_id": call.call_id, "name": call.name,
+                "arguments": call.arguments},
+               {"type": "function_call_output", "call_id": call.call_id, "output": "56211"}])
+    assert "56211" in answer.output_text and answer.output[0].type == "message"
+    text_events = list(client.responses.create(model="smollm2-135m", input=CAPITAL,
+                                               max_output_tokens=16, stream=True))
+    deltas = "".join(e.delta for e in text_events if e.type == "response.output_text.delta")
+    assert deltas and deltas == text_events[-1].response.output_text
+    with pytest.raises(openai.BadRequestError, match="previous_response_id: this server keeps"):
+        client.responses.create(model="smollm2-135m", input="hi", previous_response_id="resp_1")
+    with pytest.raises(openai.BadRequestError, match="tools of type 'web_search'"):
+        client.responses.create(model="smollm2-135m", input="hi", tools=[{"type": "web_search"}])
+
+
+def _calculator(server: Server, model_class: str):
+    """An OpenAI Agents SDK agent with a multiply tool on ``model_class`` (its Responses or its
+    chat-completions model) over the gateway, and the list its tool calls go to."""
+    import agents
+
+    agents.set_tracing_disabled(True)
+    calls = []
+
+    @agents.function_tool
+    def multiply(a: int, b: int) -> int:
+        """Multiply two numbers."""
+        calls.append((a, b))
+        return a * b
+
+    model = getattr(agents, model_class)(model="smollm2-135m", openai_client=openai.AsyncOpenAI(
+        base_url=server.url, api_key="unused", max_retries=0, timeout=120))
+    agent = agents.Agent(name="calculator", tools=[multiply], model=model,
+                         model_settings=agents.ModelSettings(tool_choice="required",
+                                                             temperature=0, max_tokens=48))
+    return agent, calls
+
+
+def test_the_openai_agents_sdk_chat_completions_model_runs_a_tool_loop(server):
+    from agents import Runner
+
+    agent, calls = _calculator(server, "OpenAIChatCompletionsModel")
+    result = Runner.run_sync(agent, "What is 123 times 457?", max_turns=4)
+    assert calls == [(123, 457)] and "56211" in result.final_output
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_the_agents_sdk_default_responses_model_runs_a_tool_loop(server, streamed):
+    import asyncio
+
+    from agents import Runner
+
+    agent, calls = _calculator(server, "OpenAIResponsesModel")
+    if streamed:
+        async def run() -> str:
+            result = Runner.run_streamed(agent, "What is 123 times 457?", max_turns=4)
+            async for _ in result.stream_events():
+                pass
+            return result.final_output
+        output = asyncio.run(run())
+    else:
+        output = Runner.run_sync(agent, "What is 123 times 457?", max_turns=4).final_output
+    assert calls == [(123, 457)] and "56211" in output
+
+
 # --- errors --------------------------------------------------------------------------------
 
 def test_bad_requests_get_openai_errors_with_the_right_status(server):

@@ -43,7 +43,20 @@ def test_chat_bodies_become_chat_requests():
 @pytest.mark.parametrize("raw, message", [
     (b'{"model": "m"}', "Object missing required field `messages`"),
     (b'{"model": "m", "messages": []}', "chat request has no messages"),
-    (b'{"model": "m", "messages": [{"role": "robot", "content": "x"}]}', "unknown role"),
+    (b'{"model": "m", "messages": [{"role": "robot", "content": "x"}]}',
+     r"Invalid enum value 'robot' - at `\$.messages\[0\].role`"),
+    # Nothing a client sends is dropped without a word: an unknown field is named ...
+    (b'{"model": "m", "reasoning_effort": "low", "messages": [{"role": "user", "content": "x"}]}',
+     "unknown field `reasoning_effort`"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "x", "weight": 1}]}',
+     r"unknown field `weight` - at `\$.messages\[0\]`"),
+    # ... and so is a known one this server cannot honour
+    (b'{"model": "m", "logprobs": true, "messages": [{"role": "user", "content": "x"}]}',
+     "logprobs: log-probabilities are not returned"),
+    (b'{"model": "m", "presence_penalty": 0.5, "messages": [{"role": "user", "content": "x"}]}',
+     "presence_penalty: penalties are not applied"),
+    (b'{"model": "m", "seed": 3, "temperature": 0.7, "messages": [{"role": "user", "content": "x"}]}',
+     "seed: sampling here is not seeded"),
     (b'{"model": "m", "n": 2, "messages": [{"role": "user", "content": "x"}]}', "n must be 1"),
     (b'{"model": "m", "max_tokens": 0, "messages": [{"role": "user", "content": "x"}]}',
      "max_tokens must be positive"),

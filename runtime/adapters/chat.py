@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Generator, Iterable, Iterator
 from typing import NamedTuple
 
+from mofa_omni.adapters.tool_format import knows_tools, template_messages
 from mofa_omni.contract.tasks import ChatRequest, TextChunk
 
 
@@ -21,14 +22,16 @@ class StopMatcher:
         self.stops = [stop for stop in stops if stop]
         self.pending = ""
         self.stopped = False
+        self.seen = ""  # the stop sequence that ended the stream
 
     def feed(self, text: str) -> tuple[str, bool]:
         if self.stopped:
             return "", True
         self.pending += text
-        hits = [i for i in (self.pending.find(stop) for stop in self.stops) if i >= 0]
+        hits = [(i, stop) for stop in self.stops if (i := self.pending.find(stop)) >= 0]
         if hits:
-            emit, self.pending, self.stopped = self.pending[:min(hits)], "", True
+            at, self.seen = min(hits)
+            emit, self.pending, self.stopped = self.pending[:at], "", True
             return emit, True
         held = max((self._overlap(stop) for stop in self.stops), default=0)
         cut = len(self.pending) - held
@@ -85,11 +88,15 @@ def stream_reply(pieces: Generator[Piece, None, None], stops: list[str],
 def chat_prompt_tokens(tokenizer, request: ChatRequest) -> list[int]:
     """The request's messages as token ids, through the model's chat template if it has one.
 
-    A base model without a template continues the plain text of its messages.
+    Tools, tool calls and tool results are written as :mod:`mofa_omni.adapters.tool_format`
+    says. A base model without a template continues the plain text of its messages.
     """
-    messages = [{"role": m.role, "content": m.content} for m in request.messages]
+    native = knows_tools(tokenizer.chat_template)
+    messages, tools = template_messages(request, native)
     if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        extra = {"tools": tools} if tools else {}
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                             **extra)
     else:
         text = "\n\n".join(m["content"] for m in messages)
     bos = tokenizer.bos_token

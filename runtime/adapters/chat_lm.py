@@ -22,6 +22,7 @@ from mofa_omni.adapters.chat import Piece, chat_prompt_tokens, stream_reply
 from mofa_omni.adapters.llm_rerank import relevance_scores, rerank_method
 from mofa_omni.adapters.options import AdapterOptions, ChatLmOptions
 from mofa_omni.adapters.structured import structured_reply
+from mofa_omni.adapters.tool_calls import tool_reply
 from mofa_omni.contract.tasks import (
     ChatRequest,
     RerankRequest,
@@ -79,6 +80,14 @@ class ChatLmAdapter(ModelAdapter):
     def sequence_log_probs(self, sequences: list[list[int]]) -> list[np.ndarray]:
         """For each sequence, the log-probability of each of its tokens after the first."""
 
+    def continuation_log_probs(self, prefix: list[int],
+                               continuations: list[list[int]]) -> list[np.ndarray]:
+        """Log-probabilities of each continuation's own tokens after ``prefix`` (a structured
+        reply's or a tool call's choices). By default every whole sequence is scored; an
+        engine that keeps the prefix's state scores only what follows it."""
+        scored = self.sequence_log_probs([prefix + list(c) for c in continuations])
+        return [log_probs[len(prefix) - 1:] for log_probs in scored]
+
     def check_prompt(self, prompt: list[int], request: ChatRequest) -> None:
         """Refuse a prompt the engine cannot take (e.g. beyond its context); default: none."""
 
@@ -91,7 +100,8 @@ class ChatLmAdapter(ModelAdapter):
         """Stream the reply to ``request``; the last chunk is final and carries the usage.
 
         Greedy at temperature 0. With ``json_schema``, the reply is JSON satisfying it
-        (:mod:`mofa_omni.adapters.structured`). Stops at EOS, at ``max_tokens``
+        (:mod:`mofa_omni.adapters.structured`); with tools, it may be or end in tool calls
+        (:mod:`mofa_omni.adapters.tool_calls`). Stops at EOS, at ``max_tokens``
         (finish_reason "length") or at a stop sequence, which is never emitted. Closing the
         generator stops the computation.
         """
@@ -101,6 +111,9 @@ class ChatLmAdapter(ModelAdapter):
         self.check_prompt(prompt, request)
         if request.json_schema:
             return structured_reply(request, tokenizer, self, prompt)
+        if request.tools:
+            return tool_reply(request, tokenizer, self, prompt,
+                              lambda: self.pieces(request, prompt))
         return stream_reply(self.pieces(request, prompt), request.stop, len(prompt))
 
     def rerank(self, request: RerankRequest) -> RerankResult:

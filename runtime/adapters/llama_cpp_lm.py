@@ -125,6 +125,18 @@ class LlamaCppAdapter(ChatLmAdapter):
             scored.append(np.concatenate([start, own]))
         return scored
 
+    def continuation_log_probs(self, prefix: list[int],
+                               continuations: list[list[int]]) -> list[np.ndarray]:
+        # The prefix (a prompt and the reply so far) is mostly what llama.cpp holds from the
+        # previous call: only its new tokens are decoded, then each continuation on top of it.
+        last = self._logits_after(prefix)
+        scored = []
+        for continuation in continuations:
+            rest = self._logits_after(prefix + list(continuation), every_position=True,
+                                      kept=len(prefix))
+            scored.append(_token_log_probs(np.concatenate([last, rest[:-1]]), list(continuation)))
+        return scored
+
     def _logits_after(self, tokens: list[int], *, every_position: bool = False,
                       kept: int = 0) -> np.ndarray:
         """Logits after ``tokens``: the last position's (1, vocab), or every position's from

@@ -39,6 +39,11 @@ class TokenScorer(Protocol):
     def sequence_log_probs(self, sequences: list[list[int]]) -> list[np.ndarray]:
         """For each sequence, log P(token t | tokens before t) for t = 1 .. len - 1."""
 
+    def continuation_log_probs(self, prefix: list[int],
+                               continuations: list[list[int]]) -> list[np.ndarray]:
+        """For each continuation, log P of each of its tokens after ``prefix`` and the
+        continuation's tokens before it."""
+
 
 def rerank_method(method: str) -> str:
     """``method`` (the model's ``options.rerank``) once it is one of METHODS."""

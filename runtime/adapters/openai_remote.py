@@ -26,15 +26,18 @@ from typing import Any, ClassVar
 import numpy as np
 
 from mofa_omni.adapters.base import ModelAdapter
+from mofa_omni.adapters.tool_format import function_schema
 from mofa_omni.contract.errors import ContractError, ModelLoadError, ServerError
 from mofa_omni.contract.tasks import (
     AudioChunk,
+    ChatMessage,
     ChatRequest,
     EmbeddingRequest,
     Embeddings,
     SpeechRequest,
     Task,
     TextChunk,
+    ToolCall,
     Transcript,
     TranscriptionRequest,
     validate_request,
@@ -45,6 +48,35 @@ from mofa_omni.models.store import REMOTE_FILE
 
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 120.0
+
+
+def chat_body(request: ChatRequest, model: str) -> dict[str, Any]:
+    """The request as an OpenAI chat completions body (streamed, with its usage)."""
+    body: dict[str, Any] = {
+        "model": model, "stream": True, "stream_options": {"include_usage": True},
+        "messages": [_message(m) for m in request.messages],
+        "max_tokens": request.max_tokens, "temperature": request.temperature,
+        "top_p": request.top_p, "stop": request.stop or None}
+    if request.json_schema:
+        body["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": "reply", "schema": json.loads(request.json_schema)}}
+    if request.tools:
+        body["tools"] = [function_schema(tool) for tool in request.tools]
+        body["tool_choice"] = ({"type": "function", "function": {"name": request.tool_name}}
+                               if request.tool_name else request.tool_choice)
+        body["parallel_tool_calls"] = request.parallel_tool_calls
+    return body
+
+
+def _message(message: ChatMessage) -> dict[str, Any]:
+    entry: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        entry["tool_calls"] = [{"id": c.id, "type": "function",
+                                "function": {"name": c.name, "arguments": c.arguments}}
+                               for c in message.tool_calls]
+    if message.role == "tool":
+        entry["tool_call_id"] = message.tool_call_id
+    return entry
 
 
 class RemoteError(ServerError):
@@ -100,12 +132,13 @@ class OpenAiRemoteAdapter(ModelAdapter):
     # --- tasks -----------------------------------------------------------------------
 
     def generate(self, request: ChatRequest) -> Iterator[TextChunk]:
+        """The remote server's streamed reply: structured output and tools are forwarded as
+        OpenAI's ``response_format`` and ``tools``; streamed tool calls are put back together
+        and given as whole calls at the end."""
         validate_request(request)
-        body = {"model": self._model, "stream": True, "stream_options": {"include_usage": True},
-                "messages": [{"role": m.role, "content": m.content} for m in request.messages],
-                "max_tokens": request.max_tokens, "temperature": request.temperature,
-                "top_p": request.top_p, "stop": request.stop or None}
+        body = chat_body(request, self._model)
         finish, usage = "stop", {}
+        calls: dict[int, dict[str, str]] = {}
         with self._client.stream("POST", "chat/completions", json=body) as response:
             self._raise_for(response)
             for line in response.iter_lines():
@@ -118,10 +151,20 @@ class OpenAiRemoteAdapter(ModelAdapter):
                 usage = event.get("usage") or usage
                 for choice in event.get("choices", []):
                     finish = choice.get("finish_reason") or finish
-                    if text := (choice.get("delta") or {}).get("content"):
+                    delta = choice.get("delta") or {}
+                    if text := delta.get("content"):
                         yield TextChunk(text)
+                    for part in delta.get("tool_calls") or []:
+                        call = calls.setdefault(part.get("index", 0),
+                                                {"id": "", "name": "", "arguments": ""})
+                        function = part.get("function") or {}
+                        call["id"] = part.get("id") or call["id"]
+                        call["name"] = function.get("name") or call["name"]
+                        call["arguments"] += function.get("arguments") or ""
         yield TextChunk("", True, finish, usage.get("prompt_tokens", 0),
-                        usage.get("completion_tokens", 0))
+                        usage.get("completion_tokens", 0),
+                        [ToolCall(c["id"], c["name"], c["arguments"])
+                         for _, c in sorted(calls.items())])
 
     def embed(self, request: EmbeddingRequest) -> Embeddings:
         response = self._client.post("embeddings", json={"model": self._model,

@@ -36,6 +36,9 @@ from mofa_omni.contract.tasks import (
     SpeechRequest,
     Tensor,
     TextChunk,
+    Tool,
+    ToolCall,
+    ToolResult,
     Transcript,
     TranscriptionRequest,
     VisionRequest,
@@ -47,6 +50,13 @@ from mofa_omni.contract.tasks import (
 T = TypeVar("T")
 
 _MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+_TOOL_CALL = pa.struct([("id", pa.string()), ("name", pa.string()), ("arguments", pa.string())])
+_TOOL = pa.struct([("name", pa.string()), ("description", pa.string()),
+                   ("parameters", pa.string())])
+# A chat request's messages also carry tool calls (an assistant's) and the call a tool
+# message answers.
+_CHAT_MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string()),
+                           ("tool_calls", pa.list_(_TOOL_CALL)), ("tool_call_id", pa.string())])
 _SEGMENT = pa.struct([("start", pa.float32()), ("end", pa.float32()), ("text", pa.string())])
 _IMAGE_FIELDS = [
     ("pixels", pa.list_(pa.uint8())),
@@ -159,7 +169,22 @@ def _messages(messages: list[ChatMessage]) -> pa.Array:
 
 
 def _read_messages(row: _Row) -> list[ChatMessage]:
-    return [ChatMessage(m["role"], m["content"]) for m in row.scalar("messages")]
+    return [ChatMessage(m["role"], m["content"], _read_calls(m.get("tool_calls") or []),
+                        m.get("tool_call_id") or "")
+            for m in row.scalar("messages")]
+
+
+def _chat_messages(messages: list[ChatMessage]) -> pa.Array:
+    return _one([{"role": m.role, "content": m.content, "tool_calls": _calls(m.tool_calls),
+                  "tool_call_id": m.tool_call_id} for m in messages], pa.list_(_CHAT_MESSAGE))
+
+
+def _calls(calls: list[ToolCall]) -> list[dict[str, str]]:
+    return [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in calls]
+
+
+def _read_calls(calls: list[dict[str, str]]) -> list[ToolCall]:
+    return [ToolCall(c["id"], c["name"], c["arguments"]) for c in calls]
 
 
 def _image_from(pixels: np.ndarray, height: int, width: int, channels: int, what: str) -> np.ndarray:
@@ -188,23 +213,47 @@ _CODECS: dict[type, _Codec] = {
                               r.scalar("node")),
     ),
     ChatRequest: _Codec(
-        pa.struct([("messages", pa.list_(_MESSAGE)), ("max_tokens", pa.int32()),
+        pa.struct([("messages", pa.list_(_CHAT_MESSAGE)), ("max_tokens", pa.int32()),
                    ("temperature", pa.float32()), ("top_p", pa.float32()),
-                   ("stop", pa.list_(pa.string())), ("json_schema", pa.string())]),
-        lambda m: [_messages(m.messages), _one(m.max_tokens, pa.int32()),
+                   ("stop", pa.list_(pa.string())), ("json_schema", pa.string()),
+                   ("tools", pa.list_(_TOOL)), ("tool_choice", pa.string()),
+                   ("tool_name", pa.string()), ("parallel_tool_calls", pa.bool_())]),
+        lambda m: [_chat_messages(m.messages), _one(m.max_tokens, pa.int32()),
                    _one(m.temperature, pa.float32()), _one(m.top_p, pa.float32()),
-                   _one(list(m.stop), pa.list_(pa.string())), _one(m.json_schema, pa.string())],
+                   _one(list(m.stop), pa.list_(pa.string())), _one(m.json_schema, pa.string()),
+                   _one([{"name": t.name, "description": t.description,
+                          "parameters": t.parameters} for t in m.tools], pa.list_(_TOOL)),
+                   _one(m.tool_choice, pa.string()), _one(m.tool_name, pa.string()),
+                   _one(m.parallel_tool_calls, pa.bool_())],
         lambda r: ChatRequest(_read_messages(r), r.scalar("max_tokens"), r.scalar("temperature"),
-                              r.scalar("top_p"), r.scalar("stop"), r.scalar("json_schema")),
+                              r.scalar("top_p"), r.scalar("stop"), r.scalar("json_schema"),
+                              [Tool(t["name"], t["description"], t["parameters"])
+                               for t in r.scalar("tools")],
+                              r.scalar("tool_choice"), r.scalar("tool_name"),
+                              r.scalar("parallel_tool_calls")),
     ),
     TextChunk: _Codec(
         pa.struct([("text", pa.string()), ("final", pa.bool_()), ("finish_reason", pa.string()),
-                   ("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32())]),
+                   ("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32()),
+                   ("tool_calls", pa.list_(_TOOL_CALL))]),
         lambda m: [_one(m.text, pa.string()), _one(m.final, pa.bool_()),
                    _one(m.finish_reason, pa.string()), _one(m.prompt_tokens, pa.int32()),
-                   _one(m.completion_tokens, pa.int32())],
+                   _one(m.completion_tokens, pa.int32()),
+                   _one(_calls(m.tool_calls), pa.list_(_TOOL_CALL))],
         lambda r: TextChunk(r.scalar("text"), r.scalar("final"), r.scalar("finish_reason"),
-                            r.scalar("prompt_tokens"), r.scalar("completion_tokens")),
+                            r.scalar("prompt_tokens"), r.scalar("completion_tokens"),
+                            _read_calls(r.scalar("tool_calls"))),
+    ),
+    ToolCall: _Codec(
+        _TOOL_CALL,
+        lambda m: [_one(m.id, pa.string()), _one(m.name, pa.string()),
+                   _one(m.arguments, pa.string())],
+        lambda r: ToolCall(r.scalar("id"), r.scalar("name"), r.scalar("arguments")),
+    ),
+    ToolResult: _Codec(
+        pa.struct([("call_id", pa.string()), ("content", pa.string())]),
+        lambda m: [_one(m.call_id, pa.string()), _one(m.content, pa.string())],
+        lambda r: ToolResult(r.scalar("call_id"), r.scalar("content")),
     ),
     TranscriptionRequest: _Codec(
         pa.struct([("audio", pa.list_(pa.float32())), ("sample_rate", pa.int32()),

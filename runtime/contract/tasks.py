@@ -11,6 +11,7 @@ Audio is float32 PCM (mono) with its sample rate; images are uint8 HWC.
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -45,9 +46,40 @@ class Task(str, enum.Enum):
 # --- text generation -----------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
-class ChatMessage:
-    role: str  # "system" | "user" | "assistant"
+class ToolCall:
+    """A call of one of the request's tools: its id, the tool's name, its arguments as JSON."""
+
+    id: str
+    name: str
+    arguments: str  # a JSON object, valid for the tool's parameters schema
+
+
+@dataclass(frozen=True, slots=True)
+class Tool:
+    """A function the model may call: its name, what it does, and its parameters' JSON Schema."""
+
+    name: str
+    description: str = ""
+    parameters: str = '{"type": "object", "properties": {}}'  # JSON Schema text
+
+
+@dataclass(frozen=True, slots=True)
+class ToolResult:
+    """What a tool node answers to a :class:`ToolCall` (an agent's tools are graph nodes)."""
+
+    call_id: str
     content: str
+
+
+TOOL_CHOICES = ("auto", "none", "required")
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: str  # "system" | "user" | "assistant" | "tool"
+    content: str
+    tool_calls: list[ToolCall] = field(default_factory=list)  # an assistant's calls
+    tool_call_id: str = ""  # a "tool" message: the call it answers
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +92,13 @@ class ChatRequest:
     # A JSON Schema (as JSON text) the reply must satisfy: structured output, see
     # mofa_omni.adapters.structured for the supported subset. "" = free text.
     json_schema: str = ""
+    # Tools the model may call (mofa_omni.adapters.tool_calls): "auto" lets the model choose
+    # between answering and calling, "none" never calls, "required" always calls;
+    # ``tool_name`` forces a call of that tool (with "required").
+    tools: list[Tool] = field(default_factory=list)
+    tool_choice: str = "auto"
+    tool_name: str = ""
+    parallel_tool_calls: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,9 +107,10 @@ class TextChunk:
 
     text: str
     final: bool = False
-    finish_reason: str = ""  # "stop" | "length" | "cancelled" on the final chunk
+    finish_reason: str = ""  # "stop" | "length" | "tool_calls" | "cancelled" on the final chunk
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    tool_calls: list[ToolCall] = field(default_factory=list)  # calls completed in this chunk
 
 
 # --- speech recognition --------------------------------------------------------------
@@ -340,12 +380,58 @@ def validate_image(pixels: np.ndarray, *, what: str = "image") -> np.ndarray:
 
 def _check_generation(messages: list[ChatMessage], max_tokens: int, temperature: float) -> None:
     for i, message in enumerate(messages):
-        if message.role not in ("system", "user", "assistant"):
+        if message.role not in ("system", "user", "assistant", "tool"):
             raise ContractError(f"message {i} has unknown role {message.role!r}")
     if max_tokens <= 0:
         raise ContractError(f"max_tokens must be positive, got {max_tokens}")
     if temperature < 0:
         raise ContractError(f"temperature must be >= 0, got {temperature}")
+
+
+def _check_tools(request: ChatRequest) -> None:
+    """Tools with valid names and schemas, a choice among them, and a conversation whose tool
+    results each answer a call made before them."""
+    from mofa_omni.contract.schema import parse_schema
+
+    names = [tool.name for tool in request.tools]
+    for i, tool in enumerate(request.tools):
+        if not tool.name or not all(c.isalnum() or c in "_-" for c in tool.name) \
+                or len(tool.name) > 64:
+            raise ContractError(f"tools[{i}]: the name {tool.name!r} must be 1-64 letters, digits, "
+                                "_ or -")
+        parse_schema(tool.parameters, f"tools[{i}] ({tool.name}) parameters", tool=True)
+    if len(set(names)) != len(names):
+        raise ContractError(f"tools: a name is given twice ({', '.join(names)})")
+    if request.tool_choice not in TOOL_CHOICES:
+        raise ContractError(f"tool_choice {request.tool_choice!r} is not one of "
+                            f"{', '.join(TOOL_CHOICES)}")
+    if request.tool_choice == "required" and not request.tools:
+        raise ContractError("tool_choice 'required' needs tools")
+    if request.tool_name and request.tool_name not in names:
+        raise ContractError(f"tool_choice names the function {request.tool_name!r}, which is not "
+                            f"among the tools ({', '.join(names) or 'none given'})")
+    if request.tools and request.json_schema:
+        raise ContractError("tools and a json_schema response format cannot be combined")
+    called: set[str] = set()
+    for i, message in enumerate(request.messages):
+        if message.tool_calls and message.role != "assistant":
+            raise ContractError(f"messages[{i}]: only an assistant message carries tool_calls")
+        for call in message.tool_calls:
+            _check_arguments(call, f"messages[{i}].tool_calls ({call.name})")
+            called.add(call.id)
+        if message.role == "tool" and message.tool_call_id not in called:
+            raise ContractError(f"messages[{i}]: a tool message answers tool_call_id "
+                                f"{message.tool_call_id!r}, which no earlier assistant message "
+                                "called")
+
+
+def _check_arguments(call: ToolCall, where: str) -> None:
+    try:
+        arguments = json.loads(call.arguments)
+    except json.JSONDecodeError as error:
+        raise ContractError(f"{where}: the arguments are not JSON: {error}") from None
+    if not isinstance(arguments, dict):
+        raise ContractError(f"{where}: the arguments must be a JSON object")
 
 
 def validate_request(request: object) -> None:
@@ -362,6 +448,7 @@ def validate_request(request: object) -> None:
                 from mofa_omni.contract.schema import parse_schema
 
                 parse_schema(request.json_schema)
+            _check_tools(request)
         case TranscriptionRequest(audio=audio, sample_rate=rate):
             validate_audio(audio, rate)
         case SpeechRequest(text=text, speed=speed):

@@ -57,6 +57,7 @@ from mofa_omni.gateway.openai_bodies import (
     transcription_body,
     usage_of,
 )
+from mofa_omni.gateway.responses import ResponseBuilder, ResponsesBody
 from mofa_omni.gateway.settings import Settings
 from mofa_omni.models.catalog import Catalog
 from mofa_omni.node.integrity import PayloadTooLarge
@@ -179,12 +180,33 @@ async def chat_completions(request: Request, server: ServerState) -> Response:
         completion = Completion.new(answer.request_id, answer.model)
         return JSONResponse(completion.whole("".join(c.text for c in chunks),
                                              finish_reason_of(chunks[-1]),
-                                             usage_of(chunks[-1])))
+                                             usage_of(chunks[-1]),
+                                             [call for c in chunks for call in c.tool_calls]))
     results = aiter(answer)
     first = await anext(results)  # errors before the first chunk keep their HTTP status
     completion = Completion.new(answer.request_id, answer.model)
     return StreamingResponse(_chat_events(completion, first, results, answer,
                                           body.include_usage),
+                             media_type="text/event-stream")
+
+
+async def responses(request: Request, server: ServerState) -> Response:
+    """POST /v1/responses: OpenAI's Responses API over the same text-generation node, whole or
+    as a stream of its semantic events (:mod:`mofa_omni.gateway.responses`)."""
+    body = decode_body(await _body_of(request, server.settings.max_body_bytes), ResponsesBody)
+    chat_request = body.to_request()
+    choice = server.graph.router.choose(body.model, Task.TEXT_GENERATION)
+    answer = server.graph.ask(choice, chat_request, TextChunk)
+    if not body.stream:
+        chunks = await answer.whole()
+        built = ResponseBuilder(answer.request_id, answer.model, body)
+        for chunk in chunks:
+            built.add(chunk)
+        return JSONResponse(built.response(chunks[-1]))
+    results = aiter(answer)
+    first = await anext(results)  # errors before the first chunk keep their HTTP status
+    built = ResponseBuilder(answer.request_id, answer.model, body)
+    return StreamingResponse(_response_events(built, first, results, answer),
                              media_type="text/event-stream")
 
 
@@ -281,6 +303,7 @@ async def stats(request: Request, server: ServerState) -> Response:
 
 ENDPOINTS: tuple[tuple[str, str, Endpoint], ...] = (  # path, method, endpoint
     ("/v1/chat/completions", "POST", chat_completions),
+    ("/v1/responses", "POST", responses),
     ("/v1/embeddings", "POST", embeddings),
     ("/v1/rerank", "POST", rerank),
     ("/v1/images/generations", "POST", image_generations),
@@ -301,15 +324,39 @@ async def _single(answer: Answer) -> Any:
     return results[-1]
 
 
+async def _response_events(built: ResponseBuilder, first: TextChunk,
+                           rest: AsyncIterator[TextChunk], answer: Answer) -> AsyncIterator[bytes]:
+    """The Responses API's events for the chunks; an error mid-stream ends it with an error
+    event."""
+    for event in built.opening():
+        yield event
+    chunk = first
+    try:
+        while True:
+            for event in built.stream(chunk):
+                yield event
+            if chunk.final:
+                break
+            chunk = await anext(rest)
+    except ApiError as error:
+        yield built.failure(error)
+    finally:
+        answer.cancel()  # the client went away mid-stream: stop the generation
+
+
 async def _chat_events(completion: Completion, first: TextChunk, rest: AsyncIterator[TextChunk],
                        answer: Answer, include_usage: bool) -> AsyncIterator[bytes]:
     """The chunks as server-sent events; an error mid-stream ends it with an error event."""
     yield sse(completion.chunk({"role": "assistant", "content": ""}))
-    chunk = first
+    chunk, calls = first, 0
     try:
         while True:
             if chunk.text:
                 yield sse(completion.chunk({"content": chunk.text}))
+            for call in chunk.tool_calls:
+                for event in completion.call_chunks(call, calls):
+                    yield sse(event)
+                calls += 1
             if chunk.final:
                 yield sse(completion.chunk({}, finish_reason_of(chunk)))
                 if include_usage:

@@ -30,6 +30,8 @@ from mofa_omni.contract.tasks import (
     RerankRequest,
     SpeechRequest,
     TextChunk,
+    Tool,
+    ToolCall,
     Transcript,
     VisionRequest,
     validate_request,
@@ -93,12 +95,52 @@ def node_error(kind: ErrorKind | str, message: str) -> ApiError:
 
 # --- request bodies ----------------------------------------------------------------------
 
-class _Message(msgspec.Struct):
-    role: str
+class _Function(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class _ToolCallBody(msgspec.Struct, forbid_unknown_fields=True):
+    id: str
+    function: _Function
+    type: Literal["function"] = "function"
+
+
+class _FunctionDefinition(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # honoured either way: every call fits its schema
+
+
+class _ToolBody(msgspec.Struct, forbid_unknown_fields=True):
+    type: Literal["function"]
+    function: _FunctionDefinition
+
+
+class _Message(msgspec.Struct, forbid_unknown_fields=True):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    name: str | None = None  # accepted and not used: the participant's name
+    tool_calls: list[_ToolCallBody] | None = None
+    tool_call_id: str | None = None
+    # What a client sends back when it echoes an assistant message whole: empty only.
+    refusal: None = None
+    annotations: list[Any] | None = None
+    audio: None = None
+    function_call: None = None
 
 
-class ChatBody(msgspec.Struct):
+def _refused(field: str, why: str) -> ApiError:
+    return ApiError(ErrorKind.BAD_REQUEST, f"{field}: {why}", param=field,
+                    code="unsupported_parameter")
+
+
+# Sent by some clients and accepted without effect, on purpose (README, "OpenAI API").
+IGNORED_CHAT_FIELDS = ("user", "metadata", "name")
+
+
+class ChatBody(msgspec.Struct, forbid_unknown_fields=True):
     model: str
     messages: list[_Message]
     stream: bool = False
@@ -110,6 +152,19 @@ class ChatBody(msgspec.Struct):
     n: int = 1
     stream_options: dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
+    tools: list[_ToolBody] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    # Refused unless they ask for nothing (checked in ``to_request``).
+    seed: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    store: bool | None = None
+    # Accepted and not used (IGNORED_CHAT_FIELDS).
+    user: str | None = None
+    metadata: dict[str, str] | None = None
 
     @property
     def has_images(self) -> bool:
@@ -123,11 +178,14 @@ class ChatBody(msgspec.Struct):
         at most ``max_image_pixels``; the pictures go to the model in the order sent)."""
         if self.n != 1:
             raise ContractError("n must be 1: one choice per request")
+        self._check_unserved()
         messages, images = [], []
         for i, message in enumerate(self.messages):
             text, pictures = _content_of(message.content, i, max_image_pixels)
-            messages.append(ChatMessage(message.role, text))
-            images += pictures
+            calls = [ToolCall(c.id, c.function.name, c.function.arguments)
+                     for c in message.tool_calls or []]
+            role = "system" if message.role == "developer" else message.role
+            messages.append(ChatMessage(role, text, calls, message.tool_call_id or ""))
         max_tokens = next((n for n in (self.max_completion_tokens, self.max_tokens)
                            if n is not None), 256)
         request: ChatRequest | VisionRequest
@@ -136,10 +194,45 @@ class ChatBody(msgspec.Struct):
             request = VisionRequest(images, messages, max_tokens, self.temperature)
         else:
             stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+            choice, name = self._tool_choice()
             request = ChatRequest(messages, max_tokens, self.temperature, self.top_p, stop,
-                                  self._json_schema())
+                                  self._json_schema(), self._tools(), choice, name,
+                                  self.parallel_tool_calls is not False)
         validate_request(request)
         return request
+
+    def _check_unserved(self) -> None:
+        """Fields this server cannot honour are refused by name unless they ask for nothing."""
+        if self.logprobs or self.top_logprobs:
+            raise _refused("logprobs", "log-probabilities are not returned by this server")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise _refused(name, "penalties are not applied here (send 0 or leave it out)")
+        if self.seed is not None and self.temperature > 0:
+            raise _refused("seed", "sampling here is not seeded; at temperature 0 (greedy) "
+                                   "every reply is already reproducible")
+        if self.store:
+            raise _refused("store", "this server keeps no completions")
+
+    def _tools(self) -> list[Tool]:
+        return [Tool(t.function.name, t.function.description,
+                     json.dumps(t.function.parameters if t.function.parameters is not None
+                                else {"type": "object", "properties": {}}))
+                for t in self.tools or []]
+
+    def _tool_choice(self) -> tuple[str, str]:
+        """``tool_choice`` as the contract's choice and forced tool name."""
+        match self.tool_choice:
+            case None:
+                return "auto", ""
+            case "auto" | "none" | "required" as choice:
+                return choice, ""
+            case {"type": "function", "function": {"name": str() as name}}:
+                return "required", name
+            case _:
+                raise ContractError("tool_choice: one of \"auto\", \"none\", \"required\" or "
+                                    "{\"type\": \"function\", \"function\": {\"name\": ...}}, "
+                                    f"got {json.dumps(self.tool_choice)}")
 
     def _check_vision_options(self) -> None:
         """What a vision request cannot honour is refused rather than ignored."""
@@ -151,6 +244,8 @@ class ChatBody(msgspec.Struct):
         if self._json_schema():
             raise ContractError("response_format: structured output is not served for messages "
                                 "with images")
+        if self.tools or any(m.tool_calls or m.role == "tool" for m in self.messages):
+            raise ContractError("tools: tool calling is not served for messages with images")
 
     def _json_schema(self) -> str:
         """OpenAI's structured outputs: ``{"type": "json_schema", "json_schema": {"schema": ...}}``."""
@@ -325,12 +420,26 @@ class Completion:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                 "model": self.model, "choices": [], "usage": usage}
 
-    def whole(self, text: str, finish_reason: str, usage: dict[str, int]) -> dict[str, Any]:
+    def whole(self, text: str, finish_reason: str, usage: dict[str, int],
+              calls: list[ToolCall] = ()) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": text or (None if calls else "")}
+        if calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function",
+                                      "function": {"name": c.name, "arguments": c.arguments}}
+                                     for c in calls]
         return {"id": self.id, "object": "chat.completion", "created": self.created,
                 "model": self.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                "choices": [{"index": 0, "message": message,
                              "finish_reason": finish_reason, "logprobs": None}],
                 "usage": usage}
+
+    def call_chunks(self, call: ToolCall, index: int) -> list[dict[str, Any]]:
+        """A tool call streamed as OpenAI streams one: its id and name with empty arguments,
+        then the arguments."""
+        return [self.chunk({"tool_calls": [{"index": index, "id": call.id, "type": "function",
+                                            "function": {"name": call.name, "arguments": ""}}]}),
+                self.chunk({"tool_calls": [{"index": index,
+                                            "function": {"arguments": call.arguments}}]})]
 
 
 def usage_of(chunk: TextChunk) -> dict[str, int]:
@@ -339,7 +448,7 @@ def usage_of(chunk: TextChunk) -> dict[str, int]:
 
 
 def finish_reason_of(chunk: TextChunk) -> str:
-    return "length" if chunk.finish_reason == "length" else "stop"
+    return chunk.finish_reason if chunk.finish_reason in ("length", "tool_calls") else "stop"
 
 
 def sse(data: dict[str, Any] | str) -> bytes:
