@@ -18,6 +18,7 @@ from __future__ import annotations
 import sys
 import time
 from datetime import datetime
+from pathlib import Path
 
 from mofa_omni.config import env_str, exit_on_bad_settings
 from mofa_omni.contract.errors import ContractError
@@ -29,6 +30,8 @@ from mofa_omni.voice.events import MessageLog
 def main() -> int:
     with exit_on_bad_settings("printer"):
         path = env_str("TRANSCRIPT", "")
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     transcript = open(path, "a", encoding="utf-8") if path else None
     messages = MessageLog()
     node = CheckedNode()

@@ -546,6 +546,18 @@ def test_a_second_gateway_falls_back_to_the_first(server, tmp_path: Path):
             model="gemma-3-270m", max_tokens=24, stream=True,  # not in this graph: remote
             messages=CAPITAL) if c.choices)
         assert streamed == reply.choices[0].message.content
+        # tools and structured output are forwarded to the remote server, not dropped
+        called = client.chat.completions.create(
+            model="broken-llm", max_tokens=48, messages=PRODUCT_QUESTION, tools=[MULTIPLY],
+            tool_choice="required")
+        assert called.choices[0].finish_reason == "tool_calls"
+        assert [(c.function.name, json.loads(c.function.arguments))
+                for c in called.choices[0].message.tool_calls] == [("multiply", {"a": 123, "b": 457})]
+        shaped = client.chat.completions.create(
+            model="broken-llm", max_tokens=24, messages=CAPITAL,
+            response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": {
+                "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}}}})
+        assert json.loads(shaped.choices[0].message.content) == {"city": "Paris"}
         with pytest.raises(openai.InternalServerError) as unavailable:
             client.audio.speech.create(model="broken-voice", voice="", input="Hello there.")
         assert unavailable.value.status_code == 503

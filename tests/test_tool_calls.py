@@ -303,3 +303,59 @@ def test_a_streamed_response_opens_and_closes_each_item():
     done = events[-1]["response"]
     assert [item["type"] for item in done["output"]] == ["message", "function_call"]
     assert done["output"][1]["call_id"] == "call_1" and events[8]["output_index"] == 1
+
+
+# A Hermes-style template written for this test (the models here have none that knows tools).
+HERMES_TEMPLATE = """
+{%- if tools %}<|im_start|>system
+{% if messages[0].role == 'system' %}{{ messages[0].content }}
+{% endif %}# Tools
+<tools>
+{%- for tool in tools %}
+{{ tool | tojson }}
+{%- endfor %}
+</tools>
+Call one as <tool_call>{"name": ..., "arguments": ...}</tool_call><|im_end|>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == 'system' and tools %}
+{%- elif message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant
+{%- for call in message.tool_calls %}
+<tool_call>
+{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}
+</tool_call>
+{%- endfor %}<|im_end|>
+{% elif message.role == 'tool' %}<|im_start|>user
+<tool_response>
+{{ message.content }}
+</tool_response><|im_end|>
+{% else %}<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+
+@pytest.mark.slow
+def test_a_template_that_knows_tools_renders_them_and_the_calls_still_fit(model):
+    from mofa_omni.adapters.chat import chat_prompt_tokens
+
+    llm = model("smollm2-135m", "llama.cpp")
+    hf = llm._tokenizer._tokenizer
+    saved = hf.chat_template
+    hf.chat_template = HERMES_TEMPLATE
+    try:
+        request = ChatRequest(conversation(ChatMessage("assistant", "", [CALL]),
+                                           ChatMessage("tool", "56211", tool_call_id="call_1")),
+                              tools=[MULTIPLY])
+        text = hf.decode(chat_prompt_tokens(llm._tokenizer, request))
+        assert '{"type": "function", "function": {"name": "multiply"' in text
+        assert '<tool_call>\n{"name": "multiply", "arguments": {"a": 123, "b": 457}}' in text
+        assert "<tool_response>\n56211\n</tool_response>" in text
+        assert "Answer my question" not in text  # not the fallback
+        _, calls, finish = ask(llm, conversation(), tool_choice="required")
+        assert finish == "tool_calls" and calls[0].name == "multiply"
+        assert set(json.loads(calls[0].arguments)) == {"a", "b"}
+    finally:
+        hf.chat_template = saved

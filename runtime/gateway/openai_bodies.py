@@ -182,6 +182,7 @@ class ChatBody(msgspec.Struct, forbid_unknown_fields=True):
         messages, images = [], []
         for i, message in enumerate(self.messages):
             text, pictures = _content_of(message.content, i, max_image_pixels)
+            images += pictures
             calls = [ToolCall(c.id, c.function.name, c.function.arguments)
                      for c in message.tool_calls or []]
             role = "system" if message.role == "developer" else message.role
