@@ -68,7 +68,7 @@ class _Reply:
 
 @dataclass
 class Dialogue:
-    system_prompt: str = "You are a helpful voice assistant. Answer in one or two short sentences."
+    system_prompt: str = "You are a helpful voice assistant. Answer in one short sentence."
     max_tokens: int = 96
     max_history: int = 16  # messages kept besides the system prompt
     history: list[ChatMessage] = field(default_factory=list)
