@@ -127,3 +127,18 @@ def test_requests_sharing_an_id_form_one_numbered_stream(stats_host: ModelHost):
     assert metas == [(0, False), (1, False), (2, True)]
     (again,) = stats_host.handle("request", stats_request("next"), {"request_id": "reply-1"})
     assert (again.meta.seq, again.meta.final) == (0, True)  # a finished stream starts over
+
+
+def test_every_request_answered_recently_is_reported_whatever_the_rate(stats_slot: ModelSlot,
+                                                                       monkeypatch):
+    import mofa_omni.node.serving as serving
+
+    sent = Collector()
+    worker = RequestWorker(stats_slot, sent)
+    for i in range(200):  # more than a report used to hold (the last 64)
+        worker.submit("request", stats_request("the cat"), {"request_id": f"r{i}"})
+    worker.drain()
+    assert worker.answered() == [f"r{i}" for i in range(200)]
+    monkeypatch.setattr(serving, "ANSWERED_WINDOW_S", 0.0)
+    time.sleep(0.01)
+    assert worker.answered() == []  # older than the window: no longer reported

@@ -39,7 +39,12 @@ log = logging.getLogger("mofa_omni.node.serving")
 CANCEL_INPUT = "cancel"
 ASK_AGAIN_S = 5.0  # no answer to a load request this long: ask again (dora may drop a message)
 _REMEMBERED_CANCELS = 1024  # a cancelled id also drops requests of that id still to come
-ANSWERED_KEPT = 64  # request ids whose reply ended, newest last, for the node's reports
+# The request ids whose reply ended this recently go in each of the node's reports (every
+# MEMORY_REPORT_S), so that a gateway sees each in several, at any request rate: a reply whose
+# end dora dropped is then found (mofa_omni.gateway.bridge, TAIL_GRACE_NS). A count would
+# not do: at 200 requests/s the last 64 ids cover a third of a second.
+ANSWERED_WINDOW_S = 5.0
+ANSWERED_MAX = 16384  # at most this many ids kept
 
 
 @dataclass
@@ -85,7 +90,8 @@ class RequestWorker:
         self._lock = threading.Lock()
         self._drained = threading.Event()
         self._queued = 0
-        self._answered: collections.deque[str] = collections.deque(maxlen=ANSWERED_KEPT)
+        self._answered: collections.deque[tuple[float, str]] = collections.deque(
+            maxlen=ANSWERED_MAX)
         self._thread = threading.Thread(target=self._run, name="request-worker", daemon=True)
         self._thread.start()
 
@@ -117,14 +123,18 @@ class RequestWorker:
                 self._cancelled.popitem(last=False)
 
     def answered(self) -> list[str]:
-        """The latest request ids whose reply (or error) went out in full, newest last."""
+        """The request ids whose reply (or error) went out in full within the last
+        ANSWERED_WINDOW_S, newest last."""
+        since = time.monotonic() - ANSWERED_WINDOW_S
         with self._lock:
-            return list(self._answered)
+            while self._answered and self._answered[0][0] < since:
+                self._answered.popleft()
+            return [request_id for _, request_id in self._answered]
 
     def _ended(self, request_id: str) -> None:
         if request_id:
             with self._lock:
-                self._answered.append(request_id)
+                self._answered.append((time.monotonic(), request_id))
 
     def is_cancelled(self, request_id: str) -> bool:
         with self._lock:
