@@ -38,7 +38,7 @@ from mofa_omni.agent.loop import Agent, AgentSettings, Answer, AskLLM, CallTool,
 from mofa_omni.agent.tools import parse_tools
 from mofa_omni.config import env_choice, env_float, env_int, env_str, exit_on_bad_settings
 from mofa_omni.contract import arrow
-from mofa_omni.contract.errors import ContractError, ErrorKind
+from mofa_omni.contract.errors import ContractError
 from mofa_omni.contract.tasks import (
     ErrorReport,
     RerankResult,
@@ -46,6 +46,7 @@ from mofa_omni.contract.tasks import (
     ToolResult,
     Transcript,
 )
+from mofa_omni.node.dispatch import dispatch
 from mofa_omni.node.host import MessageMeta
 from mofa_omni.node.integrity import CheckedNode
 
@@ -97,12 +98,11 @@ def main() -> None:
                 case CancelLLM(request_id):
                     node.send_output("llm_cancel", pa.array([request_id]),
                                      MessageMeta(request_id, 0, True, now, now).to_dora())
-                case Answer(question_id, text, error, steps):
+                case Answer(question_id, text, error, steps, kind):
                     meta = MessageMeta(question_id, 0, True, now, now).to_dora()
                     if error:
                         log.warning("%s: %s (after %d steps)", question_id, error, steps)
-                        report = ErrorReport(question_id, ErrorKind.TIMEOUT if "within" in error
-                                             else ErrorKind.INTERNAL, error, "agent")
+                        report = ErrorReport(question_id, kind, error, "agent")
                         node.send_output("error", arrow.encode(report), meta)
                     else:
                         log.info("%s: %s (%d steps)", question_id, text, steps)
@@ -132,20 +132,8 @@ def main() -> None:
         for suffix in ("result", "error"):
             handlers[f"{output}_{suffix}"] = \
                 lambda meta, value, now, name=f"{output}_{suffix}": on_tool(name, meta, value, now)
-    asked_all = False
-    while (event := node.next(timeout=0.5)) is not None:
-        now = time.monotonic()
-        act(agent.expire(now))
-        if event["type"] == "INPUT_CLOSED" and event["id"] == "question":
-            asked_all = True
-        elif event["type"] == "INPUT" and event["id"] in handlers:
-            meta = MessageMeta.from_dora(event.get("metadata"), event["id"])
-            try:
-                act(handlers[event["id"]](meta, event["value"], now))
-            except ContractError as error:
-                log.error("%s %s: %s", event["id"], meta.request_id, error)
-        if asked_all and not agent.busy:
-            break
+    dispatch(node, handlers, act, expire=agent.expire, last_input="question",
+             busy=lambda: agent.busy, log=log)
 
 
 if __name__ == "__main__":

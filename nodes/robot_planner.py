@@ -29,15 +29,14 @@ The node ends once `transcript` is closed and the last turn is over.
 from __future__ import annotations
 
 import logging
-import time
 
 import pyarrow as pa
 
 from mofa_omni.config import env_float, exit_on_bad_settings
 from mofa_omni.contract import arrow
-from mofa_omni.contract.errors import ContractError
 from mofa_omni.contract.tasks import ErrorReport, Image, SpeechRequest, TextChunk, Transcript
 from mofa_omni.media.png import png_bytes
+from mofa_omni.node.dispatch import dispatch
 from mofa_omni.node.host import MessageMeta
 from mofa_omni.node.integrity import CheckedNode
 from mofa_omni.robot import messages as robot_messages
@@ -112,20 +111,9 @@ def main() -> None:
         "spoken": lambda meta, value, now: planner.spoken(meta.request_id, now),
         "tts_error": lambda meta, value, now: planner.spoken(meta.request_id, now),
     }
-    heard_all = False
-    while (event := node.next(timeout=1.0)) is not None:
-        now = time.monotonic()
-        act(planner.expire(now))
-        if event["type"] == "INPUT_CLOSED" and event["id"] == "transcript":
-            heard_all = True
-        elif event["type"] == "INPUT" and event["id"] in handlers:
-            meta = MessageMeta.from_dora(event.get("metadata"), event["id"])
-            try:
-                act(handlers[event["id"]](meta, event["value"], now))
-            except ContractError as error:
-                log.error("%s %s: %s", event["id"], meta.request_id, error)
-        if heard_all and planner.turn is None and not planner.waiting:
-            break  # closes the graph's cycles: every node downstream finishes too
+    dispatch(node, handlers, act, expire=planner.expire, last_input="transcript",
+             busy=lambda: planner.turn is not None or bool(planner.waiting), log=log,
+             tick_s=1.0)
     transcript.close()
 
 

@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from mofa_omni.agent.tools import ToolSpec
-from mofa_omni.contract.errors import ContractError
+from mofa_omni.contract.errors import ContractError, ErrorKind
 from mofa_omni.contract.tasks import (
     ChatMessage,
     ChatRequest,
@@ -51,6 +51,7 @@ class Answer:
     text: str
     error: str = ""  # the turn ended without an answer: why
     steps: int = 0  # LLM requests the turn took
+    kind: ErrorKind = field(default=ErrorKind.INTERNAL, compare=False)  # of ``error``
 
 
 Action = AskLLM | CallTool | CancelLLM | Answer
@@ -156,7 +157,8 @@ class Agent:
         if turn is None:
             return []
         actions: list[Action] = [CancelLLM(turn.llm_request)] if turn.llm_request else []
-        return actions + self._end(Answer(turn.question_id, "", "interrupted", turn.step), now)
+        return actions + self._end(Answer(turn.question_id, "", "interrupted", turn.step,
+                                          ErrorKind.CANCELLED), now)
 
     def expire(self, now: float) -> list[Action]:
         """Deadlines: a tool past its own becomes a tool error; a turn past its own ends."""
@@ -167,7 +169,7 @@ class Agent:
             actions: list[Action] = [CancelLLM(turn.llm_request)] if turn.llm_request else []
             return actions + self._end(Answer(
                 turn.question_id, "", f"no answer within {self.settings.turn_deadline_s:g} s",
-                turn.step), now)
+                turn.step, ErrorKind.TIMEOUT), now)
         late = [request_id for request_id, p in turn.pending.items() if now >= p.deadline]
         actions = []
         for request_id in late:

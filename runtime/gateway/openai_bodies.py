@@ -131,7 +131,8 @@ class _Message(msgspec.Struct, forbid_unknown_fields=True):
     function_call: None = None
 
 
-def _refused(field: str, why: str) -> ApiError:
+def refused(field: str, why: str) -> ApiError:
+    """A 400 for a field this server cannot honour, naming it."""
     return ApiError(ErrorKind.BAD_REQUEST, f"{field}: {why}", param=field,
                     code="unsupported_parameter")
 
@@ -205,15 +206,15 @@ class ChatBody(msgspec.Struct, forbid_unknown_fields=True):
     def _check_unserved(self) -> None:
         """Fields this server cannot honour are refused by name unless they ask for nothing."""
         if self.logprobs or self.top_logprobs:
-            raise _refused("logprobs", "log-probabilities are not returned by this server")
+            raise refused("logprobs", "log-probabilities are not returned by this server")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
-                raise _refused(name, "penalties are not applied here (send 0 or leave it out)")
+                raise refused(name, "penalties are not applied here (send 0 or leave it out)")
         if self.seed is not None and self.temperature > 0:
-            raise _refused("seed", "sampling here is not seeded; at temperature 0 (greedy) "
+            raise refused("seed", "sampling here is not seeded; at temperature 0 (greedy) "
                                    "every reply is already reproducible")
         if self.store:
-            raise _refused("store", "this server keeps no completions")
+            raise refused("store", "this server keeps no completions")
 
     def _tools(self) -> list[Tool]:
         return [Tool(t.function.name, t.function.description,

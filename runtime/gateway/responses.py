@@ -22,7 +22,7 @@ from typing import Any
 
 import msgspec
 
-from mofa_omni.contract.errors import ContractError, ErrorKind
+from mofa_omni.contract.errors import ContractError
 from mofa_omni.contract.tasks import (
     ChatMessage,
     ChatRequest,
@@ -31,7 +31,7 @@ from mofa_omni.contract.tasks import (
     ToolCall,
     validate_request,
 )
-from mofa_omni.gateway.openai_bodies import ApiError
+from mofa_omni.gateway.openai_bodies import ApiError, refused
 
 DEFAULT_MAX_OUTPUT_TOKENS = 256
 
@@ -79,20 +79,20 @@ class ResponsesBody(msgspec.Struct, forbid_unknown_fields=True):
         return request
 
     def _check_unserved(self) -> None:
-        refused = {"store": self.store, "previous_response_id": self.previous_response_id,
+        stateful = {"store": self.store, "previous_response_id": self.previous_response_id,
                    "conversation": self.conversation, "background": self.background}
-        for name, value in refused.items():
+        for name, value in stateful.items():
             if value:
-                raise _refused(name, "this server keeps no responses: send the whole "
+                raise refused(name, "this server keeps no responses: send the whole "
                                      "conversation as input")
         if self.reasoning:
-            raise _refused("reasoning", "the models here do not reason apart from their answer")
+            raise refused("reasoning", "the models here do not reason apart from their answer")
         if self.top_logprobs:
-            raise _refused("top_logprobs", "log-probabilities are not returned by this server")
+            raise refused("top_logprobs", "log-probabilities are not returned by this server")
         if self.include:
-            raise _refused("include", f"nothing more can be included ({', '.join(self.include)})")
+            raise refused("include", f"nothing more can be included ({', '.join(self.include)})")
         if self.truncation not in (None, "disabled"):
-            raise _refused("truncation", "a conversation longer than the model's context is "
+            raise refused("truncation", "a conversation longer than the model's context is "
                                          "refused, not truncated")
 
     def _json_schema(self) -> str:
@@ -104,11 +104,6 @@ class ResponsesBody(msgspec.Struct, forbid_unknown_fields=True):
             case other:
                 raise ContractError(f"text.format {json.dumps(other)}: \"text\" or "
                                     "\"json_schema\" with a schema")
-
-
-def _refused(name: str, why: str) -> ApiError:
-    return ApiError(ErrorKind.BAD_REQUEST, f"{name}: {why}", param=name,
-                    code="unsupported_parameter")
 
 
 def _tool(index: int, tool: dict[str, Any]) -> Tool:
