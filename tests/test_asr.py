@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import gc
 import importlib
+import json
 import shutil
 import struct
 import subprocess
+import sys
 import time
 import wave
 import weakref
@@ -15,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mofa_omni.adapters.ct2_whisper import Ct2WhisperAdapter
 from mofa_omni.adapters.loading import open_model
 from mofa_omni.adapters.mlx_whisper import MlxWhisperAdapter
 from mofa_omni.contract.errors import ContractError, ModelLoadError
@@ -392,3 +395,46 @@ def test_numpy_features_equal_mlx_whispers():
     assert features.shape == (80, 3000) and features.dtype == np.float32
     np.testing.assert_allclose(features, reference, atol=1e-4)
     assert log_mel(np.zeros(40 * 16000, np.float32)).shape == (80, 3000)  # cut to one window
+
+
+@pytest.mark.slow
+def test_ctranslate2_whisper_prepares_and_serves_without_mlx_whisper(catalog, store, speech,
+                                                                      tmp_path, monkeypatch):
+    # A plain install has no mlx-whisper: the CTranslate2 path reads the package's tokenizer.json.
+    for module in ("mlx_whisper", "mlx_whisper.tokenizer", "mlx_whisper.audio"):
+        monkeypatch.setitem(sys.modules, module, None)  # any import of it now fails
+    spec = catalog.resolve("whisper-tiny.en", Task.SPEECH_RECOGNITION)
+    adapter = Ct2WhisperAdapter(spec)
+    adapter.prepare(store.fetch(spec), tmp_path, lambda *args: None)
+    vocabulary = json.loads((tmp_path / "vocabulary.json").read_text())
+    assert len(vocabulary) == 51864 and len(set(vocabulary)) == len(vocabulary)
+    assert vocabulary[50363:50365] == ["<|0.00|>", "<|0.02|>"] and vocabulary[-1] == "<|30.00|>"
+    adapter.load(tmp_path)
+    try:
+        transcript = adapter.transcribe(TranscriptionRequest(audio=speech[0],
+                                                             sample_rate=speech[1]))
+        assert transcript.language == "en" and "kitchen" in transcript.text.lower()
+        with pytest.raises(ContractError, match=r"unknown language 'english'.*, de, "):
+            adapter.transcribe(TranscriptionRequest(audio=speech[0], sample_rate=speech[1],
+                                                    language="english"))
+    finally:
+        adapter.unload()
+
+
+def test_whisper_tokens_name_the_prompt_and_the_languages(tmp_path):
+    from mofa_omni.adapters.whisper_tokens import WhisperTokens
+    from mofa_omni.formats.tiktoken_bpe import hf_tokenizer
+
+    ranks = {bytes([b]): b for b in range(256)}
+    specials = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|de|>", "<|translate|>",
+                "<|transcribe|>", "<|startofprev|>", "<|nocaptions|>", "<|notimestamps|>"]
+    hf_tokenizer(ranks, {text: 256 + i for i, text in enumerate(specials)}).save(
+        str(tmp_path / "tokenizer.json"))
+    tokens = WhisperTokens.from_file(tmp_path / "tokenizer.json")
+    assert tokens.languages == {"en": 258, "de": 259}
+    assert tokens.prompt(None) == [257, 264] and tokens.prompt("de") == [257, 259, 261, 264]
+    assert tokens.text([*b"Hi there", 256, 264]) == "Hi there"
+    assert tokens.token_strings(267)[265:] == ["<|0.00|>", "<|0.02|>"]
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(ModelLoadError):
+        WhisperTokens.from_file(tmp_path / "other.json")

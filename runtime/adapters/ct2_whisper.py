@@ -1,11 +1,13 @@
 """Whisper speech recognition on CTranslate2, from the catalog's faster-whisper weights as they are.
 
 The packaged ``model.bin`` files are CTranslate2 models already; CTranslate2
-also needs the token strings (``vocabulary.json``), which those packages leave
-out: ``prepare`` writes them from whisper's own tokenizer. Audio becomes the same
-log-mel spectrogram as mlx_whisper's (computed in NumPy, :mod:`mofa_omni.adapters.whisper_features`)
-and tokens become text with mlx_whisper's tokenizer, so both backends see the same input and
-decode the same way (greedy, no timestamps). Audio longer than 30 s is transcribed window by window.
+also needs one string per token (``vocabulary.json``): ``prepare`` writes them from the
+``tokenizer.json`` the packages ship (:mod:`mofa_omni.adapters.whisper_tokens`), or, for a
+source without one, from whisper's own tiktoken ranks where mlx-whisper is installed. Audio
+becomes the same log-mel spectrogram as mlx_whisper's (computed in NumPy,
+:mod:`mofa_omni.adapters.whisper_features`), so both backends see the same input and decode the
+same way (greedy, no timestamps). Nothing here imports mlx-whisper at serving time: a plain
+install transcribes. Audio longer than 30 s is transcribed window by window.
 
 ``options.compute_type`` in the catalog (:class:`~mofa_omni.adapters.options.WhisperOptions`):
 ``int8`` (default: fastest on a CPU, same transcripts here), ``float32``, or
@@ -24,6 +26,7 @@ import numpy as np
 from mofa_omni.adapters.base import ModelAdapter
 from mofa_omni.adapters.options import AdapterOptions, WhisperOptions
 from mofa_omni.adapters.whisper_features import SAMPLE_RATE, WINDOW_SAMPLES, log_mel
+from mofa_omni.adapters.whisper_tokens import WhisperTokens
 from mofa_omni.contract.errors import ContractError, ModelLoadError
 from mofa_omni.contract.tasks import (
     Segment,
@@ -49,15 +52,16 @@ class Ct2WhisperAdapter(ModelAdapter):
     formats: ClassVar[frozenset[str]] = frozenset({"ctranslate2"})
     backend: ClassVar[str] = "ctranslate2"
     runtime_bytes: ClassVar[int] = 288 << 20  # measured on tiny.en and base transcribing
-    requires: ClassVar[tuple[str, ...]] = ("ctranslate2", "mlx_whisper")
-    artifact_version: ClassVar[int] = 2  # 2: tokenizer.json beside vocabulary.json
+    requires: ClassVar[tuple[str, ...]] = ("ctranslate2", "tokenizers")
+    # 2: tokenizer.json beside vocabulary.json; 3: both from the package's tokenizer.json
+    artifact_version: ClassVar[int] = 3
     Options: ClassVar[type[AdapterOptions]] = WhisperOptions
     options: WhisperOptions
 
     def __init__(self, spec):
         super().__init__(spec)
         self._model: Any = None
-        self._tokenizer: Any = None
+        self._tokens: WhisperTokens | None = None
         self._multilingual = False
 
     # --- lifecycle -------------------------------------------------------------------
@@ -69,11 +73,12 @@ class Ct2WhisperAdapter(ModelAdapter):
             link_or_copy(source_dir / name, out_dir / name)
         vocab_size = _vocabulary_size(source_dir / "model.bin")
         progress("write vocabulary", 0, 1)
-        tokenizer = _tokenizer(vocab_size >= MULTILINGUAL_VOCAB)
-        (out_dir / "vocabulary.json").write_text(json.dumps(_token_strings(tokenizer, vocab_size)))
-        # faster-whisper (and the like) read the same directory with this, not the hub's copy
-        hf_tokenizer(tokenizer.encoding._mergeable_ranks,
-                     tokenizer.encoding._special_tokens).save(str(out_dir / "tokenizer.json"))
+        if (source_dir / "tokenizer.json").is_file():
+            link_or_copy(source_dir / "tokenizer.json", out_dir / "tokenizer.json")
+        else:
+            _write_tokenizer_from_tiktoken(self.spec.name, vocab_size, out_dir / "tokenizer.json")
+        tokens = WhisperTokens.from_file(out_dir / "tokenizer.json")
+        (out_dir / "vocabulary.json").write_text(json.dumps(tokens.token_strings(vocab_size)))
         progress("write vocabulary", 1, 1)
 
     def _load(self, model_dir: Path) -> None:
@@ -88,10 +93,10 @@ class Ct2WhisperAdapter(ModelAdapter):
             raise ModelLoadError(f"model {self.spec.name!r}: CTranslate2 cannot load "
                                  f"{model_dir}: {error}") from error
         self._multilingual = self._model.is_multilingual
-        self._tokenizer = _tokenizer(self._multilingual)
+        self._tokens = WhisperTokens.from_file(model_dir / "tokenizer.json")
 
     def _unload(self) -> None:
-        self._model = self._tokenizer = None
+        self._model = self._tokens = None
 
     # --- serving ---------------------------------------------------------------------
 
@@ -106,22 +111,21 @@ class Ct2WhisperAdapter(ModelAdapter):
         import ctranslate2
 
         validate_request(request)
-        if self._model is None:
+        tokens = self._tokens
+        if self._model is None or tokens is None:
             raise self.not_loaded()
         audio = resample(request.audio, request.sample_rate, SAMPLE_RATE)
         windows = [audio[start:start + WINDOW_SAMPLES]
                    for start in range(0, len(audio), WINDOW_SAMPLES)]
         features = ctranslate2.StorageView.from_array(
             np.stack([log_mel(w, self._model.n_mels) for w in windows]))
-        language = self._language(request.language.strip().lower(), features)
-        tokenizer = self._tokenizer_for(language)
-        prompt = list(tokenizer.sot_sequence_including_notimestamps)
+        language = self._language(request.language.strip().lower(), features, tokens)
+        prompt = tokens.prompt(language if self._multilingual else None)
         results = self._model.generate(features, [prompt] * len(windows), beam_size=1,
                                        max_length=MAX_NEW_TOKENS, suppress_blank=True)
         segments = []
         for index, result in enumerate(results):
-            text = tokenizer.decode([t for t in result.sequences_ids[0]
-                                     if t < tokenizer.eot]).strip()
+            text = tokens.text(result.sequences_ids[0]).strip()
             if text:
                 start = index * WINDOW_SAMPLES / SAMPLE_RATE
                 end = min(len(audio), (index + 1) * WINDOW_SAMPLES) / SAMPLE_RATE
@@ -129,13 +133,12 @@ class Ct2WhisperAdapter(ModelAdapter):
         return Transcript(text=" ".join(s.text for s in segments), language=language,
                           segments=segments)
 
-    def _language(self, asked: str, features) -> str:
-        from mlx_whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
-
+    def _language(self, asked: str, features, tokens: WhisperTokens) -> str:
         if asked:
-            code = TO_LANGUAGE_CODE.get(asked, asked)
-            if code not in LANGUAGES:
-                raise ContractError(f"unknown language {asked!r} for whisper")
+            code = asked
+            if code not in tokens.languages:
+                raise ContractError(f"unknown language {asked!r} for whisper: expected one of "
+                                    f"its ISO 639 codes ({', '.join(sorted(tokens.languages))})")
             if not self._multilingual and code != "en":
                 raise ContractError(f"model {self.spec.name!r} is English-only; "
                                     f"cannot transcribe {code!r}")
@@ -144,11 +147,6 @@ class Ct2WhisperAdapter(ModelAdapter):
             return "en"
         (ranked, *_) = self._model.detect_language(features)  # from the first window
         return ranked[0][0].strip("<|>")
-
-    def _tokenizer_for(self, language: str):
-        if not self._multilingual:
-            return self._tokenizer
-        return _tokenizer(True, language)
 
 
 def _vocabulary_size(model_bin: Path) -> int:
@@ -160,17 +158,13 @@ def _vocabulary_size(model_bin: Path) -> int:
     return int(embedding.shape[0])
 
 
-def _tokenizer(multilingual: bool, language: str | None = None):
-    from mlx_whisper.tokenizer import get_tokenizer
-
-    return get_tokenizer(multilingual=multilingual, language=language if multilingual else None,
-                         task="transcribe")
-
-
-def _token_strings(tokenizer, size: int) -> list[str]:
-    """One unique string per token id, as CTranslate2's vocabulary wants (ids are what it uses)."""
-    encoding = tokenizer.encoding
-    special = {rank: text for text, rank in encoding._special_tokens.items()}
-    return [special[i] if i in special else encoding.decode_single_token_bytes(i).decode("latin-1")
-            for i in range(size)]
-
+def _write_tokenizer_from_tiktoken(name: str, vocab_size: int, path: Path) -> None:
+    """For a source without ``tokenizer.json``: whisper's own tiktoken ranks, from mlx-whisper."""
+    try:
+        from mlx_whisper.tokenizer import get_tokenizer
+    except ImportError as error:
+        raise ModelLoadError(
+            f"model {name!r}: its files have no tokenizer.json, and whisper's own tokenizer "
+            "(mlx-whisper) is not installed: `omni install mlx-whisper` adds it") from error
+    encoding = get_tokenizer(multilingual=vocab_size >= MULTILINGUAL_VOCAB).encoding
+    hf_tokenizer(encoding._mergeable_ranks, encoding._special_tokens).save(str(path))
