@@ -11,6 +11,12 @@
     omni status [--json]              a running graph's models, memory and scheduler decisions
     omni swap NODE MODEL              serve MODEL on a running graph's NODE, losing no request
     omni recover --dataflow NAME      restart a multi-machine graph when a lost machine is back
+    omni serve [--models A,B] [--port N]   the OpenAI-compatible server (Ctrl-C stops it)
+    omni voice [--input WAV|DIR] [-o DIR]  the voice agent (default: the microphone)
+    omni robot [--input WAV|DIR] [-o DIR]  the voice-commanded robot
+    omni init NAME                    a starter project: a dataflow of the packaged nodes
+    omni ps                           the graphs these commands are running
+    omni install ENGINE...            llama-cpp (built here), mlx-whisper, mlx-vlm, mflux
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+from mofa_omni.launch.commands import add_commands
 from mofa_omni.models.compute import ensure_fast_blas
 
 
@@ -347,6 +354,13 @@ def cmd_recover(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_install(args: argparse.Namespace) -> int:
+    from mofa_omni.adapters.installs import install
+
+    install(args.engines)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omni", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -425,6 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="give up when the coordinator has not answered for this long")
     sub.add_argument("--attempts", type=int, default=3,
                      help="give up after this many failed restarts in a row")
+    sub = command("install", cmd_install, "install an engine pip cannot install as a plain "
+                  "requirement: llama-cpp (built from source), mlx-whisper, mlx-vlm, mflux",
+                  model=False)
+    sub.add_argument("engines", nargs="+", metavar="ENGINE")
+    add_commands(command)
     return parser
 
 

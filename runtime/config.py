@@ -57,15 +57,34 @@ def env_path(name: str, default: Path, env: Mapping[str, str] | None = None) -> 
 
 
 CHECKOUT = Path(__file__).resolve().parents[1]  # this project's folder, when run from one
+# The dataflows, their samples and documents: dataflows/ of a checkout; installed, the wheel
+# carries them as mofa_omni/dataflows.
+PACKAGE = Path(__file__).resolve().parent
+SHIPPED_DATAFLOWS = next((folder for folder in (CHECKOUT / "dataflows", PACKAGE / "dataflows")
+                          if folder.is_dir()), PACKAGE / "dataflows")
 
 
 def data_path(path: Path | str) -> Path:
     """A data file a dataflow names: absolute as given; relative, from where dora was started,
-    else from this checkout (so ``dataflows/documents`` works from either)."""
+    else from this checkout, else from the installed package (so ``dataflows/documents`` works
+    from anywhere)."""
     path = Path(path)
     if path.is_absolute() or path.exists():
         return path
-    return CHECKOUT / path if (CHECKOUT / path).exists() else path
+    if (CHECKOUT / path).exists():
+        return CHECKOUT / path
+    if path.parts[:1] == ("dataflows",) and (SHIPPED_DATAFLOWS.joinpath(*path.parts[1:])).exists():
+        return SHIPPED_DATAFLOWS.joinpath(*path.parts[1:])
+    return path
+
+
+def output_path(path: Path | str) -> Path:
+    """Where a dataflow writes what it makes by default: under this checkout when run from one
+    (``out/voice`` beside the README), else under the folder dora was started in."""
+    path = Path(path)
+    if path.is_absolute() or not (CHECKOUT / "pyproject.toml").is_file():
+        return path.absolute()
+    return CHECKOUT / path
 
 
 def env_float(name: str, default: float, env: Mapping[str, str] | None = None, *,

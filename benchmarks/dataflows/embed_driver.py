@@ -26,10 +26,9 @@ from pathlib import Path
 
 from dora import Node
 
-from mofa_omni.config import env_path
 from mofa_omni.contract import arrow
 from mofa_omni.contract.tasks import EmbeddingRequest, Embeddings, ErrorReport
-from mofa_omni.voice.events import DEFAULT_VOICE_OUTPUT
+from mofa_omni.voice.events import voice_output
 
 WORK = Path(os.environ["WORK"])
 TURNS = int(os.environ.get("TURNS", "4"))
@@ -56,7 +55,7 @@ def transcript_lines(path: Path) -> tuple[list[str], list[str]]:
 
 def main() -> None:
     node = Node()
-    transcript = env_path("VOICE_OUTPUT", DEFAULT_VOICE_OUTPUT) / "transcript.txt"
+    transcript = voice_output() / "transcript.txt"
     started = time.monotonic()
     requests: dict[str, dict] = {}
     due: list[tuple[float, str, str, list[str]]] = []  # (when, request id, phase, texts)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mofa_omni.adapters.base import ModelAdapter, adapter_class, check_options
+from mofa_omni.adapters.installs import hint_for
 from mofa_omni.contract.errors import AdapterError
 from mofa_omni.models.catalog import ModelSpec
 
@@ -30,11 +31,6 @@ PREFERENCE = {
     "apple-silicon": ("mlx", "llama.cpp", "onnxruntime", "ctranslate2", "python"),
     "cuda": ("ctranslate2", "llama.cpp", "mlx", "onnxruntime", "python"),
     "cpu": ("llama.cpp", "ctranslate2", "onnxruntime", "mlx", "python"),
-}
-# How to get a module an optional backend needs, said when that backend is skipped.
-INSTALL_HINTS = {
-    "llama_cpp": "scripts/setup.sh builds it on Linux (LLAMA_CPP=0 skips it), or "
-                 "pip install llama-cpp-python",
 }
 
 
@@ -62,7 +58,7 @@ def missing_requirement(adapter: str) -> str | None:
         return str(error)
     for module in getattr(cls, "requires", ()):
         if importlib.util.find_spec(module) is None:
-            hint = INSTALL_HINTS.get(module)
+            hint = hint_for(module)
             return f"{module} is not installed" + (f" ({hint})" if hint else "")
     return None
 

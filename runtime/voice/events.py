@@ -18,7 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from mofa_omni.config import env_path, env_str
+from mofa_omni.config import data_path, env_path, env_str, output_path
 from mofa_omni.contract import arrow
 from mofa_omni.contract.errors import ConfigError
 from mofa_omni.contract.tasks import (
@@ -34,23 +34,18 @@ SPEECH_STARTED = "audio.speech_started"  # the VAD heard speech begin (barge-in)
 DONE = "audio.done"  # a sink finished a request (e.g. wrote or played a reply)
 
 
-REPOSITORY = Path(__file__).resolve().parents[2]
-DEFAULT_VOICE_INPUT = REPOSITORY / "dataflows" / "samples"
-DEFAULT_VOICE_OUTPUT = REPOSITORY / "out" / "voice"
-
-
 def voice_input(env: Mapping[str, str] | None = None) -> Path:
-    """The turns' WAVs: $VOICE_INPUT, else $DEFAULT_INPUT (a dataflow's own samples, relative to
-    this checkout), else dataflows/samples."""
-    default = env_str("DEFAULT_INPUT", "", env)
-    return env_path("VOICE_INPUT", REPOSITORY / default if default else DEFAULT_VOICE_INPUT, env)
+    """The turns' WAVs: $VOICE_INPUT, else $DEFAULT_INPUT (a dataflow's own samples), else
+    dataflows/samples (found as :func:`mofa_omni.config.data_path` finds data)."""
+    default = env_str("DEFAULT_INPUT", "", env) or "dataflows/samples"
+    return env_path("VOICE_INPUT", data_path(default), env)
 
 
 def voice_output(env: Mapping[str, str] | None = None) -> Path:
-    """Where replies go: $VOICE_OUTPUT, else $DEFAULT_OUTPUT (relative to this checkout), else
-    out/voice."""
-    default = env_str("DEFAULT_OUTPUT", "", env)
-    return env_path("VOICE_OUTPUT", REPOSITORY / default if default else DEFAULT_VOICE_OUTPUT, env)
+    """Where replies go: $VOICE_OUTPUT, else $DEFAULT_OUTPUT, else out/voice (under this checkout
+    when run from one, else under the folder dora was started in)."""
+    default = env_str("DEFAULT_OUTPUT", "", env) or "out/voice"
+    return env_path("VOICE_OUTPUT", output_path(default), env)
 
 
 SOUNDDEVICE_HELP = ("install it with `pip install sounddevice`; on Linux it also needs PortAudio "

@@ -1,0 +1,204 @@
+"""The graphs as commands: `omni serve`, `omni voice`, `omni robot`, `omni init`, `omni ps`.
+
+Each runs a shipped dataflow (or, for `serve --models`, the server graph of those models)
+under `dora run`, after pulling its models with progress bars, so that a bad name, a busy port
+or a missing file is said before anything starts and nothing is left running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import time
+from pathlib import Path
+
+from mofa_omni.contract.errors import ConfigError
+from mofa_omni.contract.tasks import Task
+from mofa_omni.launch import dataflows
+from mofa_omni.launch.runs import GraphRun, RunRecord, running
+from mofa_omni.launch.server import server_graph
+from mofa_omni.launch.starter import write_starter
+
+SERVER_TASKS = (Task.TEXT_GENERATION, Task.SPEECH_RECOGNITION, Task.SPEECH_SYNTHESIS,
+                Task.EMBEDDING)
+READY_TIMEOUT_S = 600.0  # the first start converts models and loads them all
+
+
+def _model_names(text: str | None) -> list[str]:
+    return [name.strip() for name in (text or "").split(",") if name.strip()]
+
+
+def _pulled(names: list[str]):
+    """The specs of ``names`` (catalog names, paths, hf:), fetched and converted (progress)."""
+    from mofa_omni.adapters.loading import open_model
+    from mofa_omni.models.by_name import resolve_model_name
+    from mofa_omni.models.catalog import Catalog
+    from mofa_omni.models.fetching import tqdm_progress
+    from mofa_omni.models.store import ModelStore
+
+    catalog, store = Catalog.load(), ModelStore()
+    specs = []
+    for name in names:
+        spec = resolve_model_name(name, catalog, store, progress=tqdm_progress())
+        open_model(spec.name, catalog=catalog, store=store, progress=tqdm_progress(), load=False)
+        specs.append(spec)
+    return catalog, specs
+
+
+def check_port_free(host: str, port: int) -> None:
+    """ConfigError if ``host:port`` cannot be listened on (another server has it)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the gateway binds
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror} (another "
+                              "server has it? choose another with --port)") from None
+
+
+def _wait_until_serving(run: GraphRun, url: str, api_key: str) -> bool:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if run.wait(0.5) is not None:
+            return False
+        try:
+            if httpx.get(f"{url}/models", headers=headers, timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+    return False
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    names = _model_names(args.models)
+    catalog, specs = _pulled(names or [_default(task) for task in SERVER_TASKS])
+    check_port_free(args.host, args.port)
+    descriptor = server_graph(specs, defaults=catalog.defaults)
+    url = f"http://{args.host}:{args.port}/v1"
+    api_key = args.api_key or os.environ.get("OMNI_API_KEY", "")
+    env = {"PORT": str(args.port), "HOST": args.host, "API_KEY": api_key}
+    models = dataflows.served_models(descriptor, catalog.defaults)
+    with GraphRun("server", descriptor, env=env, models=models, url=url,
+                  header="omni serve: an OpenAI-compatible server") as run:
+        if _wait_until_serving(run, url, api_key):
+            served = ", ".join(spec.name for spec in specs)
+            print(f"omni serve: {url} serves {served} (Ctrl-C stops)", flush=True)
+        return run.wait() or 0
+
+
+def _default(task: Task) -> str:
+    from mofa_omni.models.catalog import Catalog
+
+    return Catalog.load().defaults[task]
+
+
+def _voice_like(graph: str, args: argparse.Namespace) -> int:
+    descriptor = dataflows.load(dataflows.shipped(graph))
+    catalog, specs = _pulled(_model_names(args.models))
+    descriptor = dataflows.with_models(descriptor, specs)
+    env = {}
+    if args.input is not None:
+        if not args.input.exists():
+            raise ConfigError(f"--input {args.input}: no such file or folder")
+        env["VOICE_INPUT"] = str(args.input.resolve())
+    elif graph == "voice":  # the microphone, and replies on the speaker
+        descriptor = microphone_graph(descriptor)
+    output = (args.output or Path("out") / graph).resolve()
+    env["VOICE_OUTPUT"] = str(output)
+    models = dataflows.served_models(descriptor, catalog.defaults)
+    _pulled([model for model in models.values() if model])  # fetched before the graph starts
+    with GraphRun(graph, descriptor, env=env, models=models, output=str(output),
+                  header=f"omni {graph}") as run:
+        code = run.wait() or 0
+    transcript = output / "transcript.txt"
+    if transcript.is_file():
+        print(f"== {transcript}\n{transcript.read_text(encoding='utf-8')}", end="")
+    return code
+
+
+def microphone_graph(descriptor: dataflows.Descriptor) -> dataflows.Descriptor:
+    """The voice graph listening to the microphone and speaking on the speaker."""
+    changed = dataflows.with_env(descriptor, "sink", SINK="speaker")
+    source = dataflows.node(changed, "source")
+    source.clear()
+    source.update({"id": "source", "path": "omni-microphone", "outputs": ["audio"]})
+    return changed
+
+
+def cmd_voice(args: argparse.Namespace) -> int:
+    return _voice_like("voice", args)
+
+
+def cmd_robot(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("pymunk") is None:  # its simulator node would die at start
+        raise ConfigError("the robot's simulator needs pymunk, in the `robot` extra: "
+                          "pip install 'mofa-omni[robot]'")
+    return _voice_like("robot", args)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    folder = write_starter(Path(args.name))
+    print(f"omni init: wrote {folder}/ (dataflow.yml, catalog.toml, samples/, README.md)\n"
+          f"  cd {args.name} && dora run dataflow.yml")
+    return 0
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    records = running()
+    if args.json:
+        import msgspec
+
+        print(msgspec.json.encode(records).decode())
+        return 0
+    if not records:
+        print("no graph started by omni is running")
+        return 0
+    print(f"{'GRAPH':8} {'PID':>8} {'UP':>8}  {'WHERE':32} MODELS")
+    for record in records:
+        print(_row(record))
+    return 0
+
+
+def _row(record: RunRecord) -> str:
+    up = time.time() - record.started
+    where = record.url or record.output
+    models = ", ".join(f"{node}={model}" for node, model in record.models.items())
+    return f"{record.graph:8} {record.pid:>8} {up:>7.0f}s  {where:32} {models}"
+
+
+def add_commands(command) -> None:
+    """Register the commands with the CLI's ``command(name, handler, help)`` helper."""
+    sub = command("serve", cmd_serve, "run the OpenAI-compatible server on models of your "
+                  "choice (Ctrl-C stops it)", model=False)
+    sub.add_argument("--models", help="comma-separated catalog names, paths or hf:ORG/REPO "
+                                      "(default: the default chat, speech recognition, speech "
+                                      "and embedding models)")
+    sub.add_argument("--port", type=int, default=8000)
+    sub.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on (default: loopback only; 0.0.0.0: all)")
+    sub.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: "
+                                       "$OMNI_API_KEY, else none)")
+    for graph, handler, text in (
+            ("voice", cmd_voice, "run the voice agent on WAV turns, or the microphone"),
+            ("robot", cmd_robot, "run the voice-commanded robot on WAV commands")):
+        sub = command(graph, handler, text, model=False)
+        sub.add_argument("--input", "-i", type=Path,
+                         help="a WAV file or a folder of them, taken as turns in name order"
+                              + (" (default: the microphone)" if graph == "voice" else
+                                 " (default: the shipped commands)"))
+        sub.add_argument("--output", "-o", type=Path,
+                         help=f"folder for the replies and transcript.txt (default: out/{graph})")
+        sub.add_argument("--models", help="comma-separated models, each served by the node of "
+                                          "its task (default: the dataflow's)")
+    sub = command("init", cmd_init, "write a starter project: a dataflow of the packaged nodes, "
+                  "a catalog stub and a README", model=False)
+    sub.add_argument("name", help="the folder to create")
+    sub = command("ps", cmd_ps, "the graphs omni serve / voice / robot are running", model=False)
+    sub.add_argument("--json", action="store_true")
+
