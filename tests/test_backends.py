@@ -87,7 +87,7 @@ def test_without_llama_cpp_the_llm_falls_back_to_ctranslate2_and_says_how_to_get
                         lambda name, *a: None if name == "llama_cpp" else real(name, *a))
     chosen = select_adapter(Catalog.load([]).get("smollm2-135m"), where="cpu")
     assert (chosen.adapter, chosen.backend) == ("ct2_lm", "ctranslate2")
-    assert "llama.cpp skipped: llama_cpp is not installed (scripts/setup.sh builds it" in chosen.reason
+    assert "llama.cpp skipped: llama_cpp is not installed (`omni install llama-cpp` adds it" in chosen.reason
 
 
 def test_each_adapter_converts_into_its_own_folder(whisper, tmp_path: Path):
@@ -100,3 +100,21 @@ def test_each_adapter_converts_into_its_own_folder(whisper, tmp_path: Path):
 
 def test_this_machine_is_classified():
     assert backends.compute_platform() in backends.PREFERENCE
+
+
+def test_omni_install_builds_llama_cpp_for_the_cpu_and_others_without_their_metadata():
+    from mofa_omni.adapters.installs import ENGINES, install, llama_cpp_cmake_args, pip_steps
+    from mofa_omni.contract.errors import ConfigError
+
+    avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma f16c\n"
+    assert "-DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" in llama_cpp_cmake_args(avx2, "x86_64")
+    for cpu, machine in ((avx2.replace(" f16c", ""), "x86_64"), (avx2, "aarch64")):
+        args = llama_cpp_cmake_args(cpu, machine)
+        assert "-DGGML_NATIVE=OFF" in args and "AVX2" not in args
+    steps = pip_steps(ENGINES["mlx-whisper"], "python")
+    assert steps[0][-3:] == ["numba", "tiktoken", "more-itertools"]
+    assert steps[1][-2:] == ["--no-deps", "mlx-whisper==0.4.3"]
+    assert pip_steps(ENGINES["llama-cpp"], "python") == [
+        ["python", "-m", "pip", "install", "--quiet", "llama-cpp-python==0.3.36"]]
+    with pytest.raises(ConfigError, match="unknown engine torch: `omni install` knows llama-cpp"):
+        install(["torch"])

@@ -40,11 +40,14 @@ class Installed:
 
     def omni(self, *args: str, cwd: Path | None = None, timeout: float = 300,
              ) -> subprocess.CompletedProcess:
-        return subprocess.run([str(self.bin / "omni"), *args], cwd=cwd or self.home,
-                              env=self.env, capture_output=True, text=True, timeout=timeout)
+        cwd = cwd or self.home
+        return subprocess.run([str(self.bin / "omni"), *args], cwd=cwd,
+                              env={**self.env, "PWD": str(cwd)},  # as a shell in cwd has it
+                              capture_output=True, text=True, timeout=timeout)
 
     def start(self, *args: str) -> subprocess.Popen:
-        return subprocess.Popen([str(self.bin / "omni"), *args], cwd=self.home, env=self.env,
+        return subprocess.Popen([str(self.bin / "omni"), *args], cwd=self.home,
+                                env={**self.env, "PWD": str(self.home)},
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def processes(self) -> list[psutil.Process]:
@@ -142,9 +145,10 @@ def test_voice_answers_a_wav_and_init_writes_a_graph_dora_runs(installed):
 
     assert installed.omni("init", "demo").returncode == 0
     demo = installed.home / "demo"
-    run = subprocess.run(["dora", "run", "dataflow.yml"], cwd=demo, env=installed.env,
+    run = subprocess.run(["dora", "run", "dataflow.yml"], cwd=demo,
+                         env={**installed.env, "PWD": str(demo)},
                          capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.returncode == 0, _errors(run.stdout + run.stderr)
     turns = (demo / "replies" / "transcript.txt").read_text()
     assert "Paris" in turns and "Rome" in turns
     assert installed.processes() == []
@@ -160,6 +164,13 @@ def test_bad_commands_say_why_and_leave_nothing_running(installed):
     assert robot.returncode != 0 and "mofa-omni[robot]" in robot.stderr
     assert installed.processes() == []
     assert not list((installed.home / "runs").glob("*/run.json"))
+
+
+def _errors(log: str) -> str:
+    """The lines of a dora log that say what went wrong (not its backtraces)."""
+    lines = [line for line in log.splitlines()
+             if any(word in line for word in ("ERROR", "Error", "error:", "failed", "Caused"))]
+    return "\n".join(lines[-40:])
 
 
 def _free_port() -> int:

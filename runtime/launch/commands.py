@@ -82,12 +82,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("OMNI_API_KEY", "")
     env = {"PORT": str(args.port), "HOST": args.host, "API_KEY": api_key}
     models = dataflows.served_models(descriptor, catalog.defaults)
-    with GraphRun("server", descriptor, env=env, models=models, url=url,
-                  header="omni serve: an OpenAI-compatible server") as run:
-        if _wait_until_serving(run, url, api_key):
-            served = ", ".join(spec.name for spec in specs)
-            print(f"omni serve: {url} serves {served} (Ctrl-C stops)", flush=True)
-        return run.wait() or 0
+    try:
+        with GraphRun("server", descriptor, env=env, models=models, url=url,
+                      header="omni serve: an OpenAI-compatible server") as run:
+            if _wait_until_serving(run, url, api_key):
+                served = ", ".join(spec.name for spec in specs)
+                print(f"omni serve: {url} serves {served} (Ctrl-C stops)", flush=True)
+            return run.wait() or 0
+    except KeyboardInterrupt:  # how a server is meant to end: the graph was stopped cleanly
+        print("omni serve: stopped", flush=True)
+        return 0
 
 
 def _default(task: Task) -> str:

@@ -88,7 +88,8 @@ class GraphRun:
         dataflow = self.folder / "dataflow.yml"
         dataflow.write_text(dump(self.descriptor, self.header), encoding="utf-8")
         bin_dir = str(Path(sys.executable).parent)  # this install's node programs and dora
-        env = {**os.environ, **self.env,
+        # PWD: nodes read relative paths from where the user is (dora starts them elsewhere)
+        env = {**os.environ, **self.env, "PWD": os.getcwd(),
                "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
         dora = shutil.which("dora", path=env["PATH"]) or "dora"
         # Its own process group: Ctrl-C reaches `omni`, which stops dora once, gracefully.
