@@ -20,6 +20,7 @@ from mofa_omni.contract.tasks import (
     GenericResult,
     Image,
     ImageRequest,
+    OmniRequest,
     RerankRequest,
     RerankResult,
     Segment,
@@ -27,7 +28,6 @@ from mofa_omni.contract.tasks import (
     TextChunk,
     Transcript,
     TranscriptionRequest,
-    VisionRequest,
 )
 
 AUDIO = np.sin(np.linspace(0, 100, 16000, dtype=np.float32))
@@ -76,8 +76,9 @@ def test_audio_chunk_embeddings_rerank_and_images_round_trip():
 
     image = arrow.decode(arrow.encode(Image(PIXELS)), Image)
     np.testing.assert_array_equal(image.pixels, PIXELS)
-    vision = VisionRequest([PIXELS, PIXELS[:2]], [ChatMessage("user", "What is this?")], 16, 0.0)
-    decoded = arrow.decode(arrow.encode(vision), VisionRequest)
+    vision = OmniRequest([ChatMessage("user", "What is this?")], [PIXELS, PIXELS[:2]],
+                         max_tokens=16, temperature=0.0)
+    decoded = arrow.decode(arrow.encode(vision), OmniRequest)
     assert [i.shape for i in decoded.images] == [(4, 5, 3), (2, 5, 3)]
     np.testing.assert_array_equal(decoded.images[1], PIXELS[:2])
     assert decoded.messages == vision.messages

@@ -1,14 +1,17 @@
-"""Pictures through the OpenAI-compatible gateway in a real dataflow, driven by the official
-`openai` client: chats holding pictures answered by a vision-language model (the tiny SmolVLM),
-images drawn by an image generator (the tiny FLUX.2-klein) and sent back as PNG.
+"""Pictures and sound through the OpenAI-compatible gateway in a real dataflow, driven by the
+official `openai` client: chats holding pictures answered by a vision-language model (the tiny
+SmolVLM), images drawn by an image generator (the tiny FLUX.2-klein) and sent back as PNG, and
+chats holding sound (input_audio) answered in text and speech by an omni model (the tiny
+Qwen3-Omni).
 
-Both models have random weights: these tests check what the server does with pictures (routes,
-shapes, streaming, statuses and messages), not what is said or drawn."""
+The models have random weights: these tests check what the server does with pictures and
+sound (routes, shapes, streaming, statuses and messages), not what is said, drawn or spoken."""
 
 from __future__ import annotations
 
 import base64
 import io
+import re
 from pathlib import Path
 
 import httpx
@@ -17,10 +20,12 @@ import openai
 import PIL.Image
 import pytest
 
+from mofa_omni.media.audio import read_wav, wav_bytes
 from mofa_omni.media.png import png_bytes
 from mofa_omni.models.catalog import Catalog, PypiSource
 from mofa_omni.models.store import ModelStore
 from mofa_omni.testing.tiny_imagegen import write_tiny_flux2
+from mofa_omni.testing.tiny_omni import write_tiny_qwen3_omni
 from mofa_omni.testing.tiny_vlm import write_tiny_smolvlm
 from tests.test_gateway import Server, serve
 
@@ -60,6 +65,7 @@ def server(tmp_path_factory, catalog: Catalog, store: ModelStore) -> Server:
     root = tmp_path_factory.mktemp("gateway_images")
     vlm = write_tiny_smolvlm(root / "tiny-smolvlm", gguf)
     flux = write_tiny_flux2(root / "tiny-flux2")
+    omni = write_tiny_qwen3_omni(root / "tiny-qwen3-omni", gguf)
     user = root / "catalog.toml"
     user.write_text(
         '[models.tiny-smolvlm]\nadapter = "mlx_vlm"\n'
@@ -68,7 +74,10 @@ def server(tmp_path_factory, catalog: Catalog, store: ModelStore) -> Server:
         '[models.tiny-flux2]\nadapter = "mflux_image"\ntasks = ["image_generation"]\n'
         'format = "diffusers"\nmemory_mb = 400\n'
         'options = { family = "flux2-klein-4b", max_side = 256, max_steps = 8 }\n'
-        f'source = {{ path = "{flux}" }}\n')
+        f'source = {{ path = "{flux}" }}\n\n'
+        '[models.tiny-qwen3-omni]\nadapter = "mlx_omni"\n'
+        'tasks = ["omni", "vision_language", "text_generation"]\nformat = "mlx"\n'
+        f'memory_mb = 200\nsource = {{ path = "{omni}" }}\n')
     running = serve(GRAPH, [], MOFA_OMNI_CATALOG=str(user), MOFA_OMNI_CACHE=str(root / "cache"),
                     MAX_IMAGE_PIXELS=str(MAX_IMAGE_PIXELS))
     yield running
@@ -204,3 +213,75 @@ def test_a_picture_bigger_than_the_gateways_pool_gets_a_413(catalog: Catalog):
     assert "does not fit this node's 64.0 KiB shared-memory pool; raise " \
            "`shared_memory_pool_size`" in response.json()["error"]["message"]
     assert sent == [] and graph.replies.in_flight == 0
+
+
+def tone_wav(seconds: float = 1.0, rate: int = 22050) -> str:
+    t = np.arange(int(seconds * rate), dtype=np.float32) / rate
+    return base64.b64encode(wav_bytes(0.3 * np.sin(2 * np.pi * 440 * t), rate)).decode()
+
+
+def hearing(wav_b64: str, fmt: str = "wav") -> list[dict]:
+    return [{"role": "user", "content": [
+        {"type": "text", "text": "What did you hear?"},
+        {"type": "input_audio", "input_audio": {"data": wav_b64, "format": fmt}}]}]
+
+
+def test_a_chat_holding_sound_is_answered_in_text_and_speech_by_the_omni_model(server: Server):
+    client = server.client()
+    heard = client.chat.completions.create(model="tiny-qwen3-omni", max_tokens=4,
+                                           messages=hearing(tone_wav()))
+    assert heard.choices[0].message.content and heard.choices[0].message.audio is None
+    streamed = list(client.chat.completions.create(model="tiny-qwen3-omni", max_tokens=4,
+                                                   messages=hearing(tone_wav()), stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == \
+        heard.choices[0].message.content  # temperature 0: the same words
+    spoken = client.chat.completions.create(
+        model="tiny-qwen3-omni", max_tokens=4, modalities=["text", "audio"],
+        audio={"voice": "chelsie", "format": "wav"}, messages=hearing(tone_wav(2.0)))
+    message = spoken.choices[0].message
+    assert message.content is None and message.audio.transcript
+    audio, rate = read_wav(base64.b64decode(message.audio.data))
+    assert rate == 24000 and audio.size > 0 and message.audio.id.startswith("audio_")
+    assert spoken.usage.prompt_tokens > heard.usage.prompt_tokens  # two seconds of sound
+    pcm = client.chat.completions.create(
+        model="tiny-qwen3-omni", max_tokens=4, modalities=["text", "audio"],
+        audio={"voice": "ethan", "format": "pcm16"}, messages=hearing(tone_wav()))
+    assert len(base64.b64decode(pcm.choices[0].message.audio.data)) % 2 == 0
+    with_picture = client.chat.completions.create(
+        model="tiny-qwen3-omni", max_tokens=4,
+        messages=[{"role": "user", "content": [
+            *hearing(tone_wav())[0]["content"],
+            {"type": "image_url", "image_url": {"url": data_url(picture(48, 64))}}]}])
+    assert with_picture.usage.prompt_tokens > heard.usage.prompt_tokens  # the picture's tokens
+    models = {m.id: m.model_dump() for m in client.models.list()}
+    assert models["tiny-qwen3-omni"]["served_by"] == ["omni"]
+
+
+@pytest.mark.parametrize("model, extra, status, message", [
+    ("tiny-qwen3-omni", {"messages": hearing(tone_wav(), "mp3")}, 400,
+     r"format 'mp3' is not served: send \"wav\""),
+    ("tiny-qwen3-omni", {"messages": hearing(base64.b64encode(b"RIFFnope").decode())}, 400,
+     r"\(input_audio\): not a PCM WAV file"),
+    ("tiny-qwen3-omni", {"messages": hearing("%%%")}, 400, r"data is not base64"),
+    ("tiny-qwen3-omni", {"messages": hearing(tone_wav()), "modalities": ["text", "audio"],
+                         "audio": {"voice": "nobody", "format": "wav"}}, 400,
+     r"no voice 'nobody'"),
+    ("tiny-qwen3-omni", {"messages": hearing(tone_wav()), "modalities": ["text", "audio"],
+                         "audio": {"voice": "ethan", "format": "mp3"}}, 400,
+     r"spoken replies come as wav or pcm16"),
+    ("tiny-qwen3-omni", {"messages": hearing(tone_wav()), "modalities": ["audio"]}, 400,
+     r"a reply always has text"),
+    ("tiny-smolvlm", {"messages": hearing(tone_wav())}, 400,
+     r"'tiny-smolvlm' neither hears nor speaks.*omni models of this graph: tiny-qwen3-omni"),
+])
+def test_bad_sound_is_refused_by_name_and_the_omni_node_serves_on(server: Server, model, extra,
+                                                                   status, message):
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        response = http.post("/chat/completions",
+                             json={"model": model, "max_tokens": 4, **extra})
+    assert response.status_code == status, response.text
+    assert re.search(message, response.json()["error"]["message"]), response.json()
+    client = server.client()
+    again = client.chat.completions.create(model="tiny-qwen3-omni", max_tokens=2,
+                                           messages=hearing(tone_wav()))
+    assert again.choices[0].message.content is not None

@@ -13,7 +13,7 @@ import PIL.Image
 import pytest
 
 from mofa_omni.contract.errors import ContractError
-from mofa_omni.contract.tasks import ChatMessage, ChatRequest, ImageRequest, Task, VisionRequest
+from mofa_omni.contract.tasks import ChatMessage, ChatRequest, ImageRequest, OmniRequest, Task
 from mofa_omni.gateway.openai_bodies import ApiError, ChatBody, ImageBody, decode_body, images_body
 from mofa_omni.gateway.pictures import decode_picture, picture_from_url
 from mofa_omni.gateway.routes import Route, Router
@@ -111,7 +111,7 @@ def test_a_chat_with_pictures_becomes_a_vision_request():
                             max_completion_tokens=7, temperature=0.5, stream=True), ChatBody)
     assert body.has_images
     request = body.to_request()
-    assert isinstance(request, VisionRequest)
+    assert isinstance(request, OmniRequest)
     assert request.messages == [ChatMessage("system", "Answer briefly."),
                                 ChatMessage("user", "What differs between these?")]
     assert [p.shape for p in request.images] == [(12, 16, 3), (9, 5, 4)]
@@ -130,7 +130,9 @@ def test_a_chat_with_pictures_becomes_a_vision_request():
      r"messages\[1\].content\[0\] \(image_url\): not a PNG or JPEG"),
     ([image_part(data_url(png_bytes(gradient(300, 300))))], {}, "over this server's limit"),
     ([{"type": "input_audio", "input_audio": {}}], {},
-     r"messages\[1\].content\[0\]: content of type 'input_audio' is not served"),
+     r"messages\[1\].content\[0\] \(input_audio\): needs input_audio.data \(base64\)"),
+    ([{"type": "input_video", "input_video": {}}], {},
+     r"messages\[1\].content\[0\]: content of type 'input_video' is not served"),
     ([image_part(data_url(png_bytes(gradient(4, 4))))], {"stop": "END"}, "stop sequences"),
     ([image_part(data_url(png_bytes(gradient(4, 4))))], {"top_p": 0.5}, "top_p must be 1"),
     ([image_part(data_url(png_bytes(gradient(4, 4))))],

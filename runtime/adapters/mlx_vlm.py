@@ -21,9 +21,9 @@ from mofa_omni.contract.errors import ContractError
 from mofa_omni.contract.tasks import (
     ChatMessage,
     ChatRequest,
+    OmniRequest,
     Task,
     TextChunk,
-    VisionRequest,
     validate_request,
 )
 from mofa_omni.models.fetching import Progress
@@ -75,12 +75,19 @@ class MlxVlmAdapter(ModelAdapter):
 
     # --- serving ---------------------------------------------------------------------
 
-    def generate_from_images(self, request: VisionRequest) -> Iterator[TextChunk]:
+    def generate_from_images(self, request: OmniRequest) -> Iterator[TextChunk]:
         """Stream the answer about ``request.images``; the last chunk is final and carries the
         usage. Greedy at temperature 0; stops at EOS or ``max_tokens`` (finish_reason
         "length"). The images go with the last user message; each is uint8 HWC with 1, 3 or 4
-        channels. Closing the generator stops the computation."""
+        channels. Closing the generator stops the computation. Sound and speech are an omni
+        request's (``omni``): refused here by name."""
         validate_request(request)
+        if not request.images:
+            raise ContractError("vision request has no images")
+        if request.audio or request.speak:
+            raise ContractError(f"a vision_language request holds pictures and text: "
+                                f"{'sound' if request.audio else 'a spoken reply'} is for an "
+                                f"omni model (task omni)")
         images = [to_rgb(pixels) for pixels in request.images]
         return self._stream(request.messages, images, max_tokens=request.max_tokens,
                             temperature=request.temperature)
@@ -96,15 +103,18 @@ class MlxVlmAdapter(ModelAdapter):
                             stop=request.stop)
 
     def _stream(self, messages: list[ChatMessage], images: list, *, stop: list[str] = (),
-                **sampling) -> Iterator[TextChunk]:
+                audio: list[np.ndarray] = (), **sampling) -> Iterator[TextChunk]:
         from mlx_vlm.generate import stream_generate
         from mlx_vlm.prompt_utils import apply_chat_template
 
         if self._model is None:
             raise self.not_loaded()
+        media = {"num_audios": len(audio)} if audio else {}
         prompt = apply_chat_template(self._processor, self._model.config,
                                      [{"role": m.role, "content": m.content} for m in messages],
-                                     num_images=len(images))
+                                     num_images=len(images), **media)
+        if audio:  # 16 kHz mono float32: mlx-vlm resamples files only, not arrays
+            sampling["audio"] = list(audio)
         responses = stream_generate(self._model, self._processor, prompt, image=images or None,
                                     **sampling)
         prompt_tokens = [0]

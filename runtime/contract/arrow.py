@@ -30,6 +30,7 @@ from mofa_omni.contract.tasks import (
     GenericResult,
     Image,
     ImageRequest,
+    OmniRequest,
     RerankRequest,
     RerankResult,
     Segment,
@@ -41,7 +42,6 @@ from mofa_omni.contract.tasks import (
     ToolResult,
     Transcript,
     TranscriptionRequest,
-    VisionRequest,
     dtype_name,
     validate_image,
     validate_request,
@@ -308,14 +308,21 @@ _CODECS: dict[type, _Codec] = {
         lambda m: [_numbers(m.scores, pa.float32())],
         lambda r: RerankResult(r.numbers("scores")),
     ),
-    VisionRequest: _Codec(
-        pa.struct([("images", pa.list_(pa.struct(_IMAGE_FIELDS))),
-                   ("messages", pa.list_(_MESSAGE)), ("max_tokens", pa.int32()),
-                   ("temperature", pa.float32())]),
-        lambda m: [_images(m.images), _messages(m.messages), _one(m.max_tokens, pa.int32()),
-                   _one(m.temperature, pa.float32())],
-        lambda r: VisionRequest(_read_images(r), _read_messages(r), r.scalar("max_tokens"),
-                                r.scalar("temperature")),
+    OmniRequest: _Codec(  # the clips travel as one float32 list and their lengths
+        pa.struct([("messages", pa.list_(_MESSAGE)), ("images", pa.list_(pa.struct(_IMAGE_FIELDS))),
+                   ("audio", pa.list_(pa.float32())), ("audio_lengths", pa.list_(pa.int64())),
+                   ("sample_rate", pa.int32()), ("max_tokens", pa.int32()),
+                   ("temperature", pa.float32()), ("speak", pa.bool_()), ("voice", pa.string())]),
+        lambda m: [_messages(m.messages), _images(m.images),
+                   _numbers(np.concatenate(m.audio) if m.audio else np.zeros(0, np.float32),
+                            pa.float32()),
+                   _one([int(clip.size) for clip in m.audio], pa.list_(pa.int64())),
+                   _one(m.sample_rate, pa.int32()), _one(m.max_tokens, pa.int32()),
+                   _one(m.temperature, pa.float32()), _one(m.speak, pa.bool_()),
+                   _one(m.voice, pa.string())],
+        lambda r: OmniRequest(_read_messages(r), _read_images(r), _read_clips(r),
+                              r.scalar("sample_rate"), r.scalar("max_tokens"),
+                              r.scalar("temperature"), r.scalar("speak"), r.scalar("voice")),
     ),
     Tensor: _Codec(
         pa.struct([("kind", pa.string()), ("dtype", pa.string()), ("shape", pa.list_(pa.int64())),
@@ -358,6 +365,15 @@ def _images(images: list[np.ndarray]) -> pa.Array:
         structs.append(pa.StructArray.from_arrays(columns, fields=list(pa.struct(_IMAGE_FIELDS))))
     values = pa.concat_arrays(structs) if structs else pa.array([], pa.struct(_IMAGE_FIELDS))
     return pa.ListArray.from_arrays(pa.array([0, len(values)], pa.int32()), values)
+
+
+def _read_clips(row: _Row) -> list[np.ndarray]:
+    """Audio clips sent as one list of samples and the clips' lengths."""
+    samples, lengths = row.numbers("audio"), row.scalar("audio_lengths")
+    if any(n <= 0 for n in lengths) or sum(lengths) != samples.size:
+        raise ContractError(f"{row.what}: audio clips of {lengths} samples do not fill the "
+                            f"{samples.size} sent")
+    return np.split(samples, np.cumsum(lengths)[:-1]) if lengths else []
 
 
 def _read_images(row: _Row) -> list[np.ndarray]:
@@ -439,3 +455,14 @@ def decode(array: pa.Array, message_type: type[T]) -> T:
     except ContractError as error:
         raise ContractError(f"{message_type.__name__}: {error}") from None
     return message
+
+
+def decode_one_of(array: pa.Array, message_types: tuple[type, ...]) -> Any:
+    """Decode a message that may be any of ``message_types`` (an omni reply's TextChunks and
+    AudioChunks on one output), told apart by its Arrow schema."""
+    for message_type in message_types:
+        codec = _CODECS.get(message_type)
+        if codec is not None and array.type == codec.schema:
+            return decode(array, message_type)
+    names = ", ".join(t.__name__ for t in message_types)
+    raise ContractError(f"a message of schema {array.type} is none of {names}")

@@ -32,6 +32,7 @@ class Task(str, enum.Enum):
     RERANK = "rerank"
     VISION_LANGUAGE = "vision_language"
     IMAGE_GENERATION = "image_generation"
+    OMNI = "omni"  # any of text, pictures and sound in; text, and speech if asked, out
     GENERIC = "generic"
 
     @classmethod
@@ -188,12 +189,27 @@ class RerankResult:
 
 # --- vision ----------------------------------------------------------------------------
 
+OMNI_MAX_AUDIO_S = 600.0  # sound in one omni request, all clips together
+
+
 @dataclass(frozen=True, slots=True)
-class VisionRequest:
-    images: list[np.ndarray]  # each uint8, HWC, C in (1, 3, 4)
+class OmniRequest:
+    """A conversation whose last user turn may hold pictures and sounds, answered in text and,
+    when ``speak`` is set, in speech too (in the model's own voice ``voice``): the one
+    multimodal request, for a vision-language model (pictures and text: ``vision_language``)
+    as for an omni model (any of them, and speech out: ``omni``).
+
+    The reply streams as TextChunks (the text, the last one final with its usage) and, when
+    speaking, AudioChunks after them (the last one final)."""
+
     messages: list[ChatMessage]
+    images: list[np.ndarray] = field(default_factory=list)  # each uint8, HWC
+    audio: list[np.ndarray] = field(default_factory=list)  # each float32 mono at sample_rate
+    sample_rate: int = 16000
     max_tokens: int = 256
     temperature: float = 0.0
+    speak: bool = False
+    voice: str = ""  # "" = the model's first voice
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,12 +321,17 @@ class Rerank(Protocol):
 
 @runtime_checkable
 class VisionLanguage(Protocol):
-    def generate_from_images(self, request: VisionRequest) -> Iterator[TextChunk]: ...
+    def generate_from_images(self, request: OmniRequest) -> Iterator[TextChunk]: ...
 
 
 @runtime_checkable
 class ImageGeneration(Protocol):
     def generate_image(self, request: ImageRequest) -> Image: ...
+
+
+@runtime_checkable
+class Omni(Protocol):
+    def generate_omni(self, request: OmniRequest) -> Iterator[TextChunk | AudioChunk]: ...
 
 
 @runtime_checkable
@@ -340,11 +361,21 @@ TASK_SPECS: dict[Task, TaskSpec] = {
         TaskSpec(Task.EMBEDDING, Embedding, "embed", EmbeddingRequest, Embeddings, False),
         TaskSpec(Task.RERANK, Rerank, "rerank", RerankRequest, RerankResult, False),
         TaskSpec(Task.VISION_LANGUAGE, VisionLanguage, "generate_from_images",
-                 VisionRequest, TextChunk, True),
+                 OmniRequest, TextChunk, True),
         TaskSpec(Task.IMAGE_GENERATION, ImageGeneration, "generate_image", ImageRequest, Image, False),
+        # TextChunks, then AudioChunks when speaking: a receiver tells them by their schema
+        TaskSpec(Task.OMNI, Omni, "generate_omni", OmniRequest, TextChunk, True),
         TaskSpec(Task.GENERIC, Generic, "run_generic", GenericRequest, GenericResult, False),
     )
 }
+
+
+def ends_reply(request: object, result: object) -> bool:
+    """Whether ``result`` is the last of its streamed reply: its own ``final``, except that a
+    spoken omni reply goes on after its final text with its speech, to the final AudioChunk."""
+    if isinstance(request, OmniRequest) and request.speak:
+        return isinstance(result, AudioChunk) and result.final
+    return bool(getattr(result, "final", False))
 
 
 def validate_audio(audio: np.ndarray, sample_rate: int, *, what: str = "audio") -> np.ndarray:
@@ -469,13 +500,17 @@ def validate_request(request: object) -> None:
                 raise ContractError("rerank request has an empty query")
             if not documents:
                 raise ContractError("rerank request has no documents")
-        case VisionRequest(images=images, messages=messages):
-            if not images:
-                raise ContractError("vision request has no images")
+        case OmniRequest(messages=messages, images=images, audio=audio, sample_rate=rate):
+            if not messages:
+                raise ContractError("omni request has no messages")
             for i, image in enumerate(images):
                 validate_image(image, what=f"image {i}")
-            if not messages:
-                raise ContractError("vision request has no messages")
+            for i, clip in enumerate(audio):
+                validate_audio(clip, rate, what=f"audio {i}")
+            seconds = sum(clip.size for clip in audio) / rate if audio else 0.0
+            if seconds > OMNI_MAX_AUDIO_S:
+                raise ContractError(f"omni request holds {seconds:.0f} s of audio; at most "
+                                    f"{OMNI_MAX_AUDIO_S:.0f} s")
             _check_generation(messages, request.max_tokens, request.temperature)
         case ImageRequest(prompt=prompt, width=width, height=height, steps=steps, seed=seed):
             if not prompt.strip():

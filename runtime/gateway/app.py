@@ -53,6 +53,7 @@ from mofa_omni.gateway.openai_bodies import (
     read_audio_upload,
     rerank_body,
     speech_bytes,
+    spoken_audio,
     sse,
     transcription_body,
     usage_of,
@@ -168,20 +169,30 @@ async def chat_completions(request: Request, server: ServerState) -> Response:
     pictures goes to the node serving vision_language."""
     graph, settings = server.graph, server.settings
     body = decode_body(await _body_of(request, settings.max_body_bytes), ChatBody)
-    if body.has_images:  # a vision request: its pictures are decoded off the event loop
+    if body.has_sound:  # an omni request: sounds and pictures decoded off the event loop
+        choice = graph.router.choose_for_sound(body.model)
+        chat_request = await run_in_threadpool(body.to_request, settings.max_image_pixels)
+    elif body.has_images:  # a vision request: its pictures are decoded off the event loop
         choice = graph.router.choose_for_images(body.model)
         chat_request = await run_in_threadpool(body.to_request, settings.max_image_pixels)
     else:
         chat_request = body.to_request()
         choice = graph.router.choose(body.model, Task.TEXT_GENERATION)
-    answer = graph.ask(choice, chat_request, TextChunk)
+    answer = graph.ask(choice, chat_request, (TextChunk, AudioChunk))
     if not body.stream:
-        chunks = await answer.whole()
+        results = await answer.whole()
+        chunks = [r for r in results if isinstance(r, TextChunk)]
+        text = "".join(c.text for c in chunks)
+        spoken = None
+        if getattr(chat_request, "speak", False):
+            sounds = [r for r in results if isinstance(r, AudioChunk)]
+            spoken = await run_in_threadpool(spoken_audio, answer.request_id, sounds, text,
+                                             body.spoken_format)
         completion = Completion.new(answer.request_id, answer.model)
-        return JSONResponse(completion.whole("".join(c.text for c in chunks),
-                                             finish_reason_of(chunks[-1]),
+        return JSONResponse(completion.whole(text, finish_reason_of(chunks[-1]),
                                              usage_of(chunks[-1]),
-                                             [call for c in chunks for call in c.tool_calls]))
+                                             [call for c in chunks for call in c.tool_calls],
+                                             spoken))
     results = aiter(answer)
     first = await anext(results)  # errors before the first chunk keep their HTTP status
     completion = Completion.new(answer.request_id, answer.model)

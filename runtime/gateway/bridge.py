@@ -150,7 +150,7 @@ class Graph:
         self.resent = 0
         self.down: dict[str, Down] = {}  # model nodes that crashed, until they answer again
 
-    def ask(self, choice: Choice, message: Any, result_type: type) -> Answer:
+    def ask(self, choice: Choice, message: Any, result_type: type | tuple[type, ...]) -> Answer:
         """A new request of ``message`` to ``choice``; iterating the answer sends it."""
         return Answer(self, choice, message, result_type, f"gw-{next(self._ids)}")
 
@@ -234,9 +234,11 @@ class Answer:
     for a client that gets them at once.
     """
 
-    def __init__(self, graph: Graph, choice: Choice, message: Any, result_type: type,
-                 request_id: str):
-        self.graph, self.choice, self.message, self.result_type = graph, choice, message, result_type
+    def __init__(self, graph: Graph, choice: Choice, message: Any,
+                 result_type: type | tuple[type, ...], request_id: str):
+        self.graph, self.choice, self.message = graph, choice, message
+        # one type, or several told apart by their schema (an omni reply: text, then speech)
+        self.result_types = result_type if isinstance(result_type, tuple) else (result_type,)
         self.request_id = request_id
         self.model = choice.primary.model  # the model that answers, once it has
         self.deadline = time.monotonic() + graph.settings.deadline_s
@@ -348,7 +350,9 @@ class Answer:
                 if reply.metadata.get("final", True):
                     self._in_flight = None
                 results += 1
-                yield arrow.decode(reply.value, self.result_type)
+                yield (arrow.decode(reply.value, self.result_types[0])
+                       if len(self.result_types) == 1
+                       else arrow.decode_one_of(reply.value, self.result_types))
                 if self._in_flight is None:
                     return
         finally:

@@ -12,6 +12,7 @@ generation body becomes an image request, answered as base64 PNG.
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import secrets
 import time
@@ -23,17 +24,19 @@ import numpy as np
 
 from mofa_omni.contract.errors import ContractError, ErrorKind, OmniError
 from mofa_omni.contract.tasks import (
+    AudioChunk,
     ChatMessage,
     ChatRequest,
     EmbeddingRequest,
     ImageRequest,
+    OmniRequest,
     RerankRequest,
     SpeechRequest,
     TextChunk,
     Tool,
     ToolCall,
     Transcript,
-    VisionRequest,
+    validate_audio,
     validate_request,
 )
 from mofa_omni.gateway.pictures import picture_from_url
@@ -141,6 +144,17 @@ def refused(field: str, why: str) -> ApiError:
 IGNORED_CHAT_FIELDS = ("user", "metadata", "name")
 
 
+SPOKEN_FORMATS = ("wav", "pcm16")  # a spoken reply's audio.format (pcm16: 24 kHz, as OpenAI)
+HEARING_RATE = 16_000  # sounds sent to an omni model are resampled to this once, here
+
+
+class _AudioOut(msgspec.Struct, forbid_unknown_fields=True):
+    """``audio`` of a chat that asks for a spoken reply (modalities ["text", "audio"])."""
+
+    voice: str = ""  # the model's own voice names ("" = its first)
+    format: str = "wav"
+
+
 class ChatBody(msgspec.Struct, forbid_unknown_fields=True):
     model: str
     messages: list[_Message]
@@ -156,6 +170,9 @@ class ChatBody(msgspec.Struct, forbid_unknown_fields=True):
     tools: list[_ToolBody] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    # Sound: input_audio parts in, and a spoken reply out (an omni model answers).
+    modalities: list[str] | None = None
+    audio: _AudioOut | None = None
     # Refused unless they ask for nothing (checked in ``to_request``).
     seed: int | None = None
     logprobs: bool | None = None
@@ -174,26 +191,42 @@ class ChatBody(msgspec.Struct, forbid_unknown_fields=True):
                    any(isinstance(p, dict) and p.get("type") == "image_url" for p in m.content)
                    for m in self.messages)
 
-    def to_request(self, max_image_pixels: int = MAX_IMAGE_PIXELS) -> ChatRequest | VisionRequest:
-        """A ChatRequest, or a VisionRequest when the messages hold pictures (each decoded,
-        at most ``max_image_pixels``; the pictures go to the model in the order sent)."""
+    @property
+    def has_sound(self) -> bool:
+        """Whether a message holds sound or the reply is to be spoken (an omni request)."""
+        return "audio" in (self.modalities or ()) or any(
+            isinstance(m.content, list) and
+            any(isinstance(p, dict) and p.get("type") == "input_audio" for p in m.content)
+            for m in self.messages)
+
+    @property
+    def spoken_format(self) -> str:
+        return self.audio.format if self.audio else "wav"
+
+    def to_request(self, max_image_pixels: int = MAX_IMAGE_PIXELS) -> ChatRequest | OmniRequest:
+        """A ChatRequest; an OmniRequest when the messages hold pictures (each decoded, at most
+        ``max_image_pixels``; they go to the model in the order sent) or sound (WAV), or the
+        reply is to be spoken."""
         if self.n != 1:
             raise ContractError("n must be 1: one choice per request")
         self._check_unserved()
-        messages, images = [], []
+        messages, images, sounds = [], [], []
         for i, message in enumerate(self.messages):
-            text, pictures = _content_of(message.content, i, max_image_pixels)
+            text, pictures, heard = _content_of(message.content, i, max_image_pixels)
             images += pictures
+            sounds += heard
             calls = [ToolCall(c.id, c.function.name, c.function.arguments)
                      for c in message.tool_calls or []]
             role = "system" if message.role == "developer" else message.role
             messages.append(ChatMessage(role, text, calls, message.tool_call_id or ""))
         max_tokens = next((n for n in (self.max_completion_tokens, self.max_tokens)
                            if n is not None), 256)
-        request: ChatRequest | VisionRequest
-        if images:
-            self._check_vision_options()
-            request = VisionRequest(images, messages, max_tokens, self.temperature)
+        request: ChatRequest | OmniRequest
+        if images or sounds or self.has_sound:
+            self._check_vision_options("sound" if sounds or self.has_sound else "images")
+            request = OmniRequest(messages, images, sounds, HEARING_RATE, max_tokens,
+                                  self.temperature, speak=self._speaks(),
+                                  voice=self.audio.voice if self.audio else "")
         else:
             stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
             choice, name = self._tool_choice()
@@ -236,18 +269,37 @@ class ChatBody(msgspec.Struct, forbid_unknown_fields=True):
                                     "{\"type\": \"function\", \"function\": {\"name\": ...}}, "
                                     f"got {json.dumps(self.tool_choice)}")
 
-    def _check_vision_options(self) -> None:
-        """What a vision request cannot honour is refused rather than ignored."""
+    def _check_vision_options(self, media: str = "images") -> None:
+        """What a vision (or omni) request cannot honour is refused rather than ignored."""
         if self.stop:
-            raise ContractError("stop: stop sequences are not served for messages with images")
+            raise ContractError(f"stop: stop sequences are not served for messages with {media}")
         if self.top_p != 1.0:
-            raise ContractError(f"top_p: messages with images are sampled by temperature only "
+            raise ContractError(f"top_p: messages with {media} are sampled by temperature only "
                                 f"(top_p must be 1, got {self.top_p})")
         if self._json_schema():
             raise ContractError("response_format: structured output is not served for messages "
-                                "with images")
+                                f"with {media}")
         if self.tools or any(m.tool_calls or m.role == "tool" for m in self.messages):
-            raise ContractError("tools: tool calling is not served for messages with images")
+            raise ContractError(f"tools: tool calling is not served for messages with {media}")
+
+    def _speaks(self) -> bool:
+        """Whether the reply is spoken: modalities ["text", "audio"], with ``audio`` options."""
+        modalities = self.modalities or ["text"]
+        if unknown := sorted(set(modalities) - {"text", "audio"}):
+            raise ContractError(f"modalities: {', '.join(unknown)} is not served (text, audio)")
+        if "text" not in modalities:
+            raise ContractError('modalities: a reply always has text: ["text"] or '
+                                '["text", "audio"]')
+        speaks = "audio" in modalities
+        if self.audio and not speaks:
+            raise ContractError('audio: a spoken reply needs modalities ["text", "audio"]')
+        if speaks and self.spoken_format not in SPOKEN_FORMATS:
+            raise refused("audio", f"spoken replies come as {' or '.join(SPOKEN_FORMATS)}, "
+                                   f"not {self.spoken_format!r}")
+        if speaks and self.stream:
+            raise refused("stream", "a spoken reply is returned whole here (stream false); a "
+                                    "streamed reply is text only")
+        return speaks
 
     def _json_schema(self) -> str:
         """OpenAI's structured outputs: ``{"type": "json_schema", "json_schema": {"schema": ...}}``."""
@@ -266,13 +318,14 @@ class ChatBody(msgspec.Struct, forbid_unknown_fields=True):
 
 
 def _content_of(content: str | list[dict[str, Any]] | None, index: int,
-                max_image_pixels: int) -> tuple[str, list[np.ndarray]]:
-    """A message's text (a string, or its text parts joined) and its pictures."""
+                max_image_pixels: int) -> tuple[str, list[np.ndarray], list[np.ndarray]]:
+    """A message's text (a string, or its text parts joined), its pictures and its sounds
+    (each resampled to 16 kHz)."""
     if content is None:
-        return "", []
+        return "", [], []
     if isinstance(content, str):
-        return content, []
-    texts, pictures = [], []
+        return content, [], []
+    texts, pictures, sounds = [], [], []
     for j, part in enumerate(content):
         where = f"messages[{index}].content[{j}]"
         kind = part.get("type")
@@ -284,10 +337,28 @@ def _content_of(content: str | list[dict[str, Any]] | None, index: int,
             if not isinstance(url, str):
                 raise ContractError(f"{where}: an image_url part needs image_url.url (a data URL)")
             pictures.append(picture_from_url(url, f"{where} (image_url)", max_image_pixels))
+        elif kind == "input_audio":
+            sounds.append(_sound_of(part.get("input_audio"), f"{where} (input_audio)"))
         else:
             raise ContractError(f"{where}: content of type {kind!r} is not served; parts are "
-                                "'text' or 'image_url'")
-    return "".join(texts), pictures
+                                "'text', 'image_url' or 'input_audio'")
+    return "".join(texts), pictures, sounds
+
+
+def _sound_of(part: Any, where: str) -> np.ndarray:
+    """An input_audio part ({"data": base64, "format": "wav"}) as float32 mono at 16 kHz."""
+    if not isinstance(part, dict) or not isinstance(part.get("data"), str):
+        raise ContractError(f"{where}: needs input_audio.data (base64) and input_audio.format")
+    if part.get("format") != "wav":
+        raise ContractError(f"{where}: format {part.get('format')!r} is not served: send "
+                            "\"wav\" (PCM)")
+    try:
+        data = base64.b64decode(part["data"], validate=True)
+    except binascii.Error as error:
+        raise ContractError(f"{where}: data is not base64 ({error})") from None
+    audio, rate = read_wav(data, where)
+    validate_audio(audio, rate, what=where)
+    return resample(audio, rate, HEARING_RATE)
 
 
 _COHERE_INPUT_TYPES = {"search_query": "query", "search_document": "document"}
@@ -423,8 +494,11 @@ class Completion:
                 "model": self.model, "choices": [], "usage": usage}
 
     def whole(self, text: str, finish_reason: str, usage: dict[str, int],
-              calls: list[ToolCall] = ()) -> dict[str, Any]:
+              calls: list[ToolCall] = (), spoken: dict[str, Any] | None = None
+              ) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": text or (None if calls else "")}
+        if spoken is not None:  # as OpenAI answers: the words are the audio's transcript
+            message = {"role": "assistant", "content": None, "audio": spoken}
         if calls:
             message["tool_calls"] = [{"id": c.id, "type": "function",
                                       "function": {"name": c.name, "arguments": c.arguments}}
@@ -442,6 +516,20 @@ class Completion:
                                             "function": {"name": call.name, "arguments": ""}}]}),
                 self.chunk({"tool_calls": [{"index": index,
                                             "function": {"arguments": call.arguments}}]})]
+
+
+def spoken_audio(request_id: str, chunks: list[AudioChunk], transcript: str,
+                 audio_format: str) -> dict[str, Any]:
+    """A spoken reply as OpenAI's ``message.audio``: base64 WAV at the model's rate, or
+    pcm16 (16-bit little-endian at 24 kHz, OpenAI's rate)."""
+    rate = chunks[0].sample_rate if chunks else 24000
+    audio = np.concatenate([c.audio for c in chunks]) if chunks else np.zeros(0, np.float32)
+    if audio_format == "pcm16":
+        data = pcm16(resample(audio, rate, 24000) if audio.size and rate != 24000 else audio)
+    else:
+        data = wav_bytes(audio, rate)
+    return {"id": f"audio_{request_id}", "data": base64.b64encode(data).decode("ascii"),
+            "expires_at": int(time.time()) + 3600, "transcript": transcript}
 
 
 def usage_of(chunk: TextChunk) -> dict[str, int]:

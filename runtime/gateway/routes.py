@@ -125,6 +125,21 @@ class Router:
                            code="model_not_multimodal", param="model")
         return self.choose(model, Task.VISION_LANGUAGE)
 
+    def choose_for_sound(self, model: str) -> Choice:
+        """The node serving ``model`` for a chat holding sound or asking for speech (omni);
+        a 400 when the catalog says ``model`` does not hear or speak, naming those that do."""
+        spec = self.catalog.models.get(model)
+        if spec is not None and Task.OMNI not in spec.tasks:
+            omni = sorted({r.model for r in self.routes if r.task is Task.OMNI})
+            raise ApiError(ErrorKind.BAD_REQUEST,
+                           f"the messages hold audio or ask for a spoken reply, and {model!r} "
+                           f"neither hears nor speaks (it serves "
+                           f"{', '.join(t.value for t in spec.tasks)}); "
+                           + (f"omni models of this graph: {', '.join(omni)}"
+                              if omni else "no model of this graph does"),
+                           code="model_not_omni", param="model")
+        return self.choose(model, Task.OMNI)
+
     def served(self) -> dict[str, list[str]]:
         """The nodes serving each model."""
         nodes: dict[str, list[str]] = {}

@@ -39,6 +39,8 @@ ENGINES = (
     ("GGUF (llama, gemma3)", "mlx_lm / llama_cpp / ct2_lm", "text_generation, rerank"),
     ("MLX / HF LLM folder (config.json)", "mlx_lm", "text_generation, rerank"),
     ("MLX VLM folder (vision_config)", "mlx_vlm", "vision_language, text_generation"),
+    ("MLX omni folder (audio_config: Qwen3-Omni)", "mlx_omni",
+     "omni, vision_language, text_generation"),
     ("BERT / XLM-R (sentence-transformers)", "mlx_bert / ort_bert", "embedding, rerank"),
     ("*ForSequenceClassification, 1 label", "ort_cross_encoder", "rerank"),
     ("Whisper (MLX weights or CTranslate2)", "mlx_whisper / ct2_whisper", "speech_recognition"),
@@ -59,7 +61,7 @@ _MEMORY = {"gguf": (6.0, 100), "mlx_lm": (1.3, 200), "vlm": (1.3, 300), "embeddi
 
 @dataclass(frozen=True)
 class Detected:
-    """What :func:`detect` found: ``kind`` (gguf, mlx_lm, vlm, embedding, cross_encoder, whisper,
+    """What :func:`detect` found: ``kind`` (gguf, mlx_lm, vlm, omni, embedding, cross_encoder, whisper,
     image, piper, moonshine, kokoro), the ``architecture`` its files name, the proposed ``spec``,
     ``notes`` for the user, ``detected`` facts the adapters may not use yet (e.g. a
     sentence-transformers pooling mode) and ``torch_weights``: PyTorch files that must become
@@ -188,6 +190,12 @@ def _config_folder(path: Path, name: str, source: Source) -> Detected:
                      source, _memory("embedding", weights),
                      f"{arch} sentence embeddings; detected {_describe(detected)}")
         return Detected("embedding", arch, spec, notes, detected, convert)
+    if _hears(config) and _has_module("mlx_vlm", model_type):
+        spec = _spec(name, ("mlx_omni",), (Task.OMNI, Task.VISION_LANGUAGE,
+                                           Task.TEXT_GENERATION), "mlx",
+                     source, _memory("vlm", weights), f"{arch} omni: sound, pictures and text "
+                                                      "in, text and speech out (mlx-vlm)")
+        return Detected("omni", arch, spec, notes, torch_weights=convert)
     if "vision_config" in config and _has_module("mlx_vlm", model_type):
         spec = _spec(name, ("mlx_vlm",), (Task.VISION_LANGUAGE, Task.TEXT_GENERATION), "mlx",
                      source, _memory("vlm", weights), f"{arch} vision-language (mlx-vlm)")
@@ -281,6 +289,11 @@ def _memory(kind: str, files: list[Path]) -> int:
 def _weights(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir()
                   if p.suffix in (".safetensors", ".npz") and p.is_file())
+
+
+def _hears(config: dict) -> bool:
+    """An omni checkpoint: an audio encoder, at the top or in its thinker (Qwen3-Omni)."""
+    return "audio_config" in config or "audio_config" in (config.get("thinker_config") or {})
 
 
 def _torch_files(path: Path) -> list[Path]:

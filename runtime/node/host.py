@@ -27,7 +27,7 @@ import pyarrow as pa
 from mofa_omni.adapters.base import ModelAdapter
 from mofa_omni.contract import arrow
 from mofa_omni.contract.errors import ContractError, ErrorKind, OmniError
-from mofa_omni.contract.tasks import TASK_SPECS, ErrorReport, Task
+from mofa_omni.contract.tasks import TASK_SPECS, ErrorReport, Task, ends_reply
 
 log = logging.getLogger("mofa_omni.node.host")
 
@@ -140,7 +140,7 @@ class RequestHost(ABC):
                 if reason := should_stop():
                     yield self._error(incoming, reason, f"request {reason} while it ran")
                     return
-                yield self._result(result, incoming, result.final)
+                yield self._result(result, incoming, ends_reply(request, result))
         except ContractError as error:  # the caller's mistake: no traceback in the log
             yield self._error(incoming, error.kind, str(error))
         except OmniError as error:  # the server's state (not loaded, cannot load, ...)

@@ -87,18 +87,22 @@ def _tokenizer(out_dir: Path, gguf: Path, extra: list[str]) -> tuple[Any, dict]:
     return tokenizer, config
 
 
-def _write_model(out_dir: Path, config: dict, seed: int, *, tied: str = "") -> None:
+def _write_model(out_dir: Path, config: dict, seed: int, *, tied: str = "",
+                 nested: bool = False) -> None:
     """Build the mlx-vlm model ``config`` describes with random weights (mlx-vlm's own
     initialisation, seeded) and save it as mlx-vlm saves converted checkpoints. ``tied``: the
     module (``language_model.lm_head``) a checkpoint of the family leaves out because its
-    output projection is the token embedding (mlx-vlm ties them again when it loads)."""
+    output projection is the token embedding (mlx-vlm ties them again when it loads).
+    ``nested``: the family's ModelConfig builds its parts' configs itself (Qwen3-Omni's
+    thinker / talker / code2wav) instead of from top-level text and vision configs."""
     import mlx.core as mx
     from mlx_vlm.utils import get_model_and_args, save_config, save_weights, update_module_configs
 
     saved = json.loads(json.dumps(config))  # ModelConfig.from_dict may fill in the dict it reads
     module, _ = get_model_and_args(config)
-    model_config = update_module_configs(module.ModelConfig.from_dict(config), module, config,
-                                         ["text", "vision"])
+    model_config = module.ModelConfig.from_dict(config)
+    if not nested:
+        model_config = update_module_configs(model_config, module, config, ["text", "vision"])
     mx.random.seed(seed)
     model = module.Model(model_config)
     if tied:

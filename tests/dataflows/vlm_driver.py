@@ -11,7 +11,7 @@ import pyarrow as pa
 from driving import Driver, record
 
 from mofa_omni.contract import arrow
-from mofa_omni.contract.tasks import ChatMessage, ChatRequest, TextChunk, VisionRequest
+from mofa_omni.contract.tasks import ChatMessage, ChatRequest, OmniRequest, TextChunk
 
 DEADLINE_S = 180
 MAX_TOKENS = 8
@@ -27,9 +27,9 @@ def picture(height: int, width: int) -> np.ndarray:
 
 
 def malformed(height: int, width: int, channels: int, pixels: int) -> pa.Array:
-    """A VisionRequest whose one image claims ``height x width x channels`` but carries
+    """A OmniRequest whose one image claims ``height x width x channels`` but carries
     ``pixels`` bytes: the Arrow layout is right, the picture is not."""
-    good = arrow.encode(VisionRequest([picture(2, 2)], QUESTION, MAX_TOKENS))
+    good = arrow.encode(OmniRequest(QUESTION, [picture(2, 2)], max_tokens=MAX_TOKENS))
     row = good.to_pylist()[0]
     row["images"] = [{"pixels": [7] * pixels, "height": height, "width": width,
                       "channels": channels}]
@@ -40,18 +40,19 @@ def main() -> None:
     driver = Driver(deadline_s=DEADLINE_S, resend_after_s=30)
     report: dict = {"texts": {}, "finals": {}, "chunks": {}, "errors": {}}
     first = {
-        "photo": ("look", VisionRequest([picture(48, 64)], QUESTION, MAX_TOKENS)),
+        "photo": ("look", OmniRequest(QUESTION, [picture(48, 64)], max_tokens=MAX_TOKENS)),
         "two-channels": ("look", malformed(4, 4, 2, 32)),
         "short-pixels": ("look", malformed(10, 4, 3, 48)),
     }
     after_errors = {
-        "rgba": ("look", VisionRequest(
-            [np.dstack([picture(40, 30), np.full((40, 30, 1), 255, np.uint8)])],
-            QUESTION, MAX_TOKENS)),
+        "rgba": ("look", OmniRequest(
+            QUESTION, [np.dstack([picture(40, 30), np.full((40, 30, 1), 255, np.uint8)])],
+            max_tokens=MAX_TOKENS)),
         "chat": ("chat", ChatRequest([ChatMessage("user", "Hello!")], max_tokens=MAX_TOKENS)),
     }
     second = {  # to the node of the second family, answered whenever it is ready
-        "gemma-photo": ("gemma_look", VisionRequest([picture(48, 64)], QUESTION, MAX_TOKENS)),
+        "gemma-photo": ("gemma_look", OmniRequest(QUESTION, [picture(48, 64)],
+                                                  max_tokens=MAX_TOKENS)),
         "gemma-chat": ("gemma_chat", ChatRequest([ChatMessage("user", "Hello!")],
                                                  max_tokens=MAX_TOKENS)),
     }

