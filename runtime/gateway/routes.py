@@ -114,31 +114,30 @@ class Router:
     def choose_for_images(self, model: str) -> Choice:
         """The node serving ``model`` for a chat holding pictures (vision_language); a 400
         when the catalog says ``model`` does not read pictures, naming those here that do."""
-        spec = self.catalog.models.get(model)
-        if spec is not None and Task.VISION_LANGUAGE not in spec.tasks:
-            readers = sorted({r.model for r in self.routes if r.task is Task.VISION_LANGUAGE})
-            raise ApiError(ErrorKind.BAD_REQUEST,
-                           f"the messages hold images, and {model!r} does not read images "
-                           f"(it serves {', '.join(t.value for t in spec.tasks)}); "
-                           + (f"models of this graph that do: {', '.join(readers)}"
-                              if readers else "no model of this graph does"),
-                           code="model_not_multimodal", param="model")
-        return self.choose(model, Task.VISION_LANGUAGE)
+        return self._choose_for_media(model, Task.VISION_LANGUAGE,
+                                      f"the messages hold images, and {model!r} does not read "
+                                      "images", "models of this graph that do",
+                                      "model_not_multimodal")
 
     def choose_for_sound(self, model: str) -> Choice:
         """The node serving ``model`` for a chat holding sound or asking for speech (omni);
         a 400 when the catalog says ``model`` does not hear or speak, naming those that do."""
+        return self._choose_for_media(model, Task.OMNI,
+                                      "the messages hold audio or ask for a spoken reply, and "
+                                      f"{model!r} neither hears nor speaks",
+                                      "omni models of this graph", "model_not_omni")
+
+    def _choose_for_media(self, model: str, task: Task, problem: str, others: str,
+                          code: str) -> Choice:
         spec = self.catalog.models.get(model)
-        if spec is not None and Task.OMNI not in spec.tasks:
-            omni = sorted({r.model for r in self.routes if r.task is Task.OMNI})
+        if spec is not None and task not in spec.tasks:
+            serving = sorted({r.model for r in self.routes if r.task is task})
             raise ApiError(ErrorKind.BAD_REQUEST,
-                           f"the messages hold audio or ask for a spoken reply, and {model!r} "
-                           f"neither hears nor speaks (it serves "
-                           f"{', '.join(t.value for t in spec.tasks)}); "
-                           + (f"omni models of this graph: {', '.join(omni)}"
-                              if omni else "no model of this graph does"),
-                           code="model_not_omni", param="model")
-        return self.choose(model, Task.OMNI)
+                           f"{problem} (it serves {', '.join(t.value for t in spec.tasks)}); "
+                           + (f"{others}: {', '.join(serving)}" if serving
+                              else "no model of this graph does"),
+                           code=code, param="model")
+        return self.choose(model, task)
 
     def served(self) -> dict[str, list[str]]:
         """The nodes serving each model."""
