@@ -6,21 +6,26 @@ Configuration (env in the dataflow YAML):
     REPLY_TIMEOUT_S a reply not spoken this long after the question is cancelled and reported
                     as a timeout, so a lost message never stalls the conversation (default 180)
     VOICE_OUTPUT    folder where transcript.txt is written (default: out/voice of this checkout)
+    VOICE           an omni model's voice (default: its first)
 
 Inputs:
     transcript      Transcript of an utterance (an ASR node's `result`)
+    utterance       or the utterance itself (a VAD's `utterance`), for an omni model that
+                    hears: it is asked as an OmniRequest to answer aloud (dataflows/voice.omni.yml)
     asr_error       ErrorReport of the ASR: that utterance gets no reply
     speech_started  the VAD heard the user begin to speak: barge in on a running reply
-    reply           TextChunk stream of the LLM
+    reply           TextChunk stream of the LLM (an omni model's AudioChunks there are the
+                    sink's: skipped)
     llm_error       ErrorReport of the LLM
     tts_error       ErrorReport of the TTS
     spoken          the sink's `done`: a reply's audio is complete
 
-The node ends once `transcript` is closed (no more turns) and the last reply is over.
+The node ends once `transcript` (or `utterance`) is closed (no more turns) and the last reply
+is over.
 
 Outputs:
-    chat        ChatRequest with the whole conversation, request_id `reply-N`, origin_ns = when
-                the user stopped speaking
+    chat        ChatRequest (OmniRequest for an utterance) with the whole conversation,
+                request_id `reply-N`, origin_ns = when the user stopped speaking
     cancel      request ids to stop (connect it to the LLM, splitter, TTS and sink `cancel`)
     turn_done   the reply to a turn is over (connect it to wav_source's `ready` to take turns)
 """
@@ -35,7 +40,13 @@ import pyarrow as pa
 from mofa_omni.config import env_float, env_int, env_str, exit_on_bad_settings
 from mofa_omni.contract import arrow
 from mofa_omni.contract.errors import ContractError
-from mofa_omni.contract.tasks import ErrorReport, TextChunk, Transcript
+from mofa_omni.contract.tasks import (
+    AudioChunk,
+    ErrorReport,
+    TextChunk,
+    Transcript,
+    TranscriptionRequest,
+)
 from mofa_omni.node import trace
 from mofa_omni.node.host import MessageMeta, dora_node_id
 from mofa_omni.node.integrity import CheckedNode
@@ -48,7 +59,8 @@ log = logging.getLogger("dialogue")
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     with exit_on_bad_settings("dialogue"):  # fail fast, before joining the graph
-        dialogue = Dialogue(max_tokens=env_int("MAX_TOKENS", 96, minimum=1))
+        dialogue = Dialogue(max_tokens=env_int("MAX_TOKENS", 96, minimum=1),
+                            voice=env_str("VOICE", ""))
         reply_timeout = env_float("REPLY_TIMEOUT_S", 180)
         if prompt := env_str("SYSTEM_PROMPT", ""):
             dialogue.system_prompt = prompt
@@ -73,14 +85,25 @@ def main() -> None:
                     log.info("%s", line.render())
                     transcript.write(line.render() + "\n")
 
+    def heard_sound(meta: MessageMeta, utterance: TranscriptionRequest) -> list[Action]:
+        return dialogue.heard_sound(meta.request_id, utterance.audio, utterance.sample_rate,
+                                    meta.origin_ns, time.monotonic())
+
+    def reply(meta: MessageMeta, chunk: TextChunk | AudioChunk) -> list[Action]:
+        if isinstance(chunk, AudioChunk):  # an omni model speaking: the sink's to play
+            return []
+        return dialogue.reply_text(meta.request_id, chunk.text, chunk.final)
+
     handlers = {
         "transcript": lambda meta, value: dialogue.heard(
             meta.request_id, arrow.decode(value, Transcript).text, meta.origin_ns,
             time.monotonic()),
+        "utterance": lambda meta, value: heard_sound(meta, arrow.decode(value,
+                                                                       TranscriptionRequest)),
         "asr_error": lambda meta, value: [TurnDone(meta.request_id)],
         "speech_started": lambda meta, value: dialogue.speech_started(),
-        "reply": lambda meta, value: dialogue.reply_text(
-            meta.request_id, arrow.decode(value, TextChunk).text, meta.final),
+        "reply": lambda meta, value: reply(meta, arrow.decode_one_of(value,
+                                                                     (TextChunk, AudioChunk))),
         "llm_error": lambda meta, value: dialogue.reply_failed(
             meta.request_id, arrow.decode(value, ErrorReport).summary()),
         "tts_error": lambda meta, value: dialogue.speech_failed(
@@ -90,7 +113,7 @@ def main() -> None:
     heard_all = False  # the ASR's stream ended: no more turns will come
     while (event := node.next(timeout=1.0)) is not None:
         act(dialogue.expire(time.monotonic(), reply_timeout))
-        if event["type"] == "INPUT_CLOSED" and event["id"] == "transcript":
+        if event["type"] == "INPUT_CLOSED" and event["id"] in ("transcript", "utterance"):
             heard_all = True
         elif event["type"] in ("NODE_RESTARTED", "NODE_FAILED"):  # see dora's restart_policy
             log.error("%s crashed%s", event["id"],
@@ -98,7 +121,7 @@ def main() -> None:
             act(dialogue.node_crashed(event["id"]))
         elif event["type"] == "INPUT" and event["id"] in handlers:
             meta = MessageMeta.from_dora(event.get("metadata"), event["id"])
-            if event["id"] in ("transcript", "reply", "spoken"):
+            if event["id"] in ("transcript", "utterance", "reply", "spoken"):
                 trace.record(node_id, "recv", event["id"], event.get("metadata"))
             try:
                 act(handlers[event["id"]](meta, event["value"]))

@@ -11,7 +11,8 @@ Configuration (env in the dataflow YAML):
                   the order the requests begin
 
 Inputs:
-    audio   AudioChunk streams with request_id metadata (e.g. a TTS node's `result`); a request's
+    audio   AudioChunk streams with request_id metadata (a TTS node's `result`, or an omni
+            node's, whose TextChunks are skipped); a request's
             final chunk closes its file. A TranscriptionRequest (e.g. a VAD `utterance`) counts as
             one whole, final chunk.
     cancel  optional, request ids (barge-in): the request's file is closed as it is (or its
@@ -40,7 +41,7 @@ import numpy as np
 from mofa_omni.config import env_choice, env_str, exit_on_bad_settings
 from mofa_omni.contract import arrow
 from mofa_omni.contract.errors import ConfigError, ContractError
-from mofa_omni.contract.tasks import AudioChunk, TranscriptionRequest
+from mofa_omni.contract.tasks import AudioChunk, TextChunk, TranscriptionRequest
 from mofa_omni.media.audio_stream import PlaybackClock, WavWriterSet
 from mofa_omni.node import trace
 from mofa_omni.node.host import MessageMeta, dora_node_id
@@ -154,6 +155,8 @@ def main() -> int:
         if missing := gaps.observe(meta.request_id, meta.seq, meta.final):
             log.warning("%s: %d audio chunks lost before seq %d", meta.request_id, missing,
                         meta.seq)
+        if identify(incoming["value"]) is TextChunk:  # an omni reply's words: not for us
+            continue
         try:
             audio, rate, chunk_final = read_audio(incoming["value"])
         except ContractError as error:

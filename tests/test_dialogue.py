@@ -116,3 +116,30 @@ def test_a_crash_on_the_replys_path_ends_the_turn_at_once_with_the_reason():
     assert [m.role for m in dialogue.history] == []  # the unanswered question dropped
     ask = dialogue.heard("turn-2", "Are you there?", 0, now=110.0)[-1]
     assert [m.role for m in ask.request.messages] == ["system", "user"]
+
+
+def test_an_omni_model_hears_each_utterance_in_the_turn_it_was_said_in():
+    import numpy as np
+
+    from mofa_omni.contract.tasks import validate_request
+
+    dialogue = Dialogue(system_prompt="S", voice="ethan", max_tokens=12)
+    first = np.full(8000, 0.1, np.float32)  # 1 s at 8 kHz: kept at 16 kHz
+    user_line, ask = dialogue.heard_sound("utt-1", first, 8000, 5)
+    assert user_line == TranscriptLine("user", "[spoken, 1.0 s]", "utt-1")
+    request = ask.request
+    assert roles(request) == [("system", "S"), ("user", "")]
+    assert request.audio_turns == [1] and [c.size for c in request.audio] == [16000]
+    assert (request.speak, request.voice, request.max_tokens, request.sample_rate) == \
+        (True, "ethan", 12, 16000)
+    assert dialogue.reply_text("reply-1", "Hello!", True) == []
+    assert dialogue.spoken("reply-1")[-1] == TurnDone("utt-1")
+    *_, ask = dialogue.heard_sound("utt-2", np.full(16000, 0.2, np.float32), 16000, 6)
+    assert roles(ask.request) == [("system", "S"), ("user", ""), ("assistant", "Hello!"),
+                                  ("user", "")]
+    assert ask.request.audio_turns == [1, 3]
+    validate_request(ask.request)
+    # barge-in: the unanswered spoken question leaves the history, as a written one does
+    cancel, line = dialogue.speech_started()
+    assert cancel == Cancel("reply-2") and line.interrupted
+    assert [m.role for m in dialogue.history] == ["user", "assistant"]

@@ -114,3 +114,18 @@ def test_the_starter_project_runs_the_packaged_nodes(tmp_path):
     assert {"README.md", "catalog.toml"} <= {p.name for p in folder.iterdir()}
     with pytest.raises(ConfigError, match="not empty"):
         write_starter(folder)
+
+
+def test_the_omni_voice_graph_takes_an_omni_model(catalog, tmp_path):
+    from mofa_omni.models.catalog import Catalog
+
+    voice = dataflows.load(dataflows.shipped("voice.omni"))
+    assert dataflows.model_nodes(voice) == {"omni": Task.OMNI}
+    user = tmp_path / "catalog.toml"
+    user.write_text('[models.my-omni]\nadapter = "mlx_omni"\n'
+                    'tasks = ["omni", "vision_language", "text_generation"]\nformat = "mlx"\n'
+                    f'memory_mb = 200\nsource = {{ path = "{tmp_path}" }}\n')
+    changed = dataflows.with_models(voice, [Catalog.load([user]).get("my-omni")])
+    assert dataflows.node(changed, "omni")["env"]["MODEL"] == "my-omni"
+    with pytest.raises(ConfigError, match="smollm2-135m.*no place in this graph"):
+        dataflows.with_models(voice, [catalog.get("smollm2-135m")])

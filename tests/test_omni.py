@@ -25,6 +25,7 @@ from mofa_omni.contract.tasks import (
     TextChunk,
     validate_request,
 )
+from mofa_omni.launch import dataflows
 from mofa_omni.models.catalog import Catalog, PypiSource
 from mofa_omni.models.store import ModelStore
 from mofa_omni.testing.tiny_omni import write_tiny_qwen3_omni
@@ -34,6 +35,7 @@ pytestmark = pytest.mark.slow
 
 QUESTION = [ChatMessage("user", "What did you hear?")]
 SOUND = Path(__file__).parent / "dataflows" / "omni_sound.yml"
+VOICE_OMNI = Path(__file__).parents[1] / "dataflows" / "voice.omni.yml"
 
 
 def tone(seconds: float = 1.0, rate: int = 16000, hz: float = 440.0) -> np.ndarray:
@@ -105,6 +107,23 @@ def test_picture_sound_and_text_in_text_and_speech_out(omni):
     assert np.isfinite(np.concatenate([c.audio for c in sounds])).all()
     text_only, _ = reply(omni, OmniRequest(QUESTION, audio=[tone()], max_tokens=4))
     assert text_only[-1].prompt_tokens < texts[-1].prompt_tokens  # the picture's tokens
+
+
+def test_earlier_sounds_stay_in_the_turns_they_were_said_in(omni):
+    conversation = [ChatMessage("user", ""), ChatMessage("assistant", "Hello."),
+                    ChatMessage("user", "")]
+    both = OmniRequest(conversation, audio=[tone(1.0), tone(1.0)], audio_turns=[0, 2],
+                       max_tokens=2)
+    texts, _ = reply(omni, both)
+    last_only, _ = reply(omni, OmniRequest(conversation, audio=[tone(1.0)], max_tokens=2))
+    assert texts[-1].prompt_tokens == last_only[-1].prompt_tokens + 13 + 2  # pads + markers
+    prompt = omni._prompt(both)
+    first_turn, rest = prompt.split("Hello.")
+    assert "<|audio_start|>" in first_turn and "<|audio_start|>" in rest
+    with pytest.raises(ContractError, match="message 1 is not a user turn"):
+        validate_request(OmniRequest(conversation, audio=[tone()], audio_turns=[1]))
+    with pytest.raises(ContractError, match="names 1 messages for 2 audio clips"):
+        validate_request(OmniRequest(conversation, audio=[tone(), tone()], audio_turns=[0]))
 
 
 def test_closing_the_stream_mid_speech_stops_it(omni):
@@ -186,3 +205,30 @@ def test_an_omni_node_answers_sound_with_text_and_speech_and_stops_on_barge_in(t
     assert not barged["audio_final"]  # stopped mid-speech
     assert report["bad_voice"]["ended"] == "error: bad_request"
     assert "no voice 'nobody'" in report["bad_voice"]["error"]
+
+
+def test_the_voice_agent_on_one_omni_model_answers_spoken_turns_aloud(tiny, tmp_path):
+    """dataflows/voice.omni.yml as shipped, its `qwen3-omni` the tiny model (a user catalog
+    entry of that name): two spoken questions -> VAD -> dialogue -> one omni node -> WAV replies
+    at 24 kHz and a transcript; no ASR, LLM or TTS node in the graph."""
+    import wave
+
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text(tiny["catalog"].read_text().replace("[models.tiny-qwen3-omni]",
+                                                           "[models.qwen3-omni]"))
+    out = tmp_path / "voice"
+    finish(start_dataflow(VOICE_OMNI, {"MOFA_OMNI_CATALOG": str(catalog),
+                                       "MOFA_OMNI_CACHE": str(tiny["cache"]),
+                                       "VOICE_OUTPUT": str(out), "MAX_TOKENS": "6"}), 300)
+    lines = (out / "transcript.txt").read_text().splitlines()
+    users = [line for line in lines if line.startswith("user: ")]
+    answers = [line for line in lines if line.startswith("assistant: ")]
+    assert len(users) == 2 and all(line.startswith("user: [spoken, ") for line in users)
+    assert len(answers) == 2 and not any("[error" in line for line in answers)
+    for name in ("reply-001.wav", "reply-002.wav"):
+        with wave.open(str(out / name)) as reply:
+            assert reply.getframerate() == 24000 and reply.getnframes() > 0
+    nodes = {node["path"] for node in dataflows.load(VOICE_OMNI)["nodes"]}
+    assert "omni-node" in nodes and not {"omni-sentence-splitter"} & nodes
+    assert [n for n in dataflows.load(VOICE_OMNI)["nodes"] if n["path"] == "omni-node"] \
+        [0]["env"]["TASK"] == "omni"

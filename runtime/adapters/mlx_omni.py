@@ -63,10 +63,28 @@ class MlxOmniAdapter(MlxVlmAdapter):
             raise self.not_loaded()
         images = [to_rgb(pixels) for pixels in request.images]
         audio = [resample(clip, request.sample_rate, HEARING_RATE) for clip in request.audio]
+        prompt = self._prompt(request)
         if not request.speak:
-            return self._stream(request.messages, images, audio=audio,
+            return self._stream(request.messages, images, audio=audio, prompt=prompt,
                                 max_tokens=request.max_tokens, temperature=request.temperature)
-        return self._spoken(request, images, audio, self._speaker(request.voice))
+        return self._spoken(request, images, audio, self._speaker(request.voice), prompt)
+
+    def _prompt(self, request: OmniRequest) -> str:
+        """The conversation through the model's chat template, each sound in the turn it was
+        said in (``audio_turns``; else the last user turn), the pictures in the last one."""
+        from mlx_vlm.prompt_utils import apply_chat_template, get_chat_template
+
+        messages = apply_chat_template(self._processor, self._model.config,
+                                       [{"role": m.role, "content": m.content}
+                                        for m in request.messages],
+                                       num_images=len(request.images), return_messages=True)
+        last_user = max(i for i, m in enumerate(request.messages) if m.role == "user") \
+            if any(m.role == "user" for m in request.messages) else len(messages) - 1
+        for turn in request.audio_turns or [last_user] * len(request.audio):
+            content = messages[turn]["content"]
+            parts = content if isinstance(content, list) else [{"type": "text", "text": content}]
+            messages[turn]["content"] = [{"type": "audio"}, *parts]
+        return get_chat_template(self._processor, messages, True, enable_thinking=True)
 
     def _speaker(self, voice: str) -> str:
         voices = self.voices()
@@ -81,15 +99,10 @@ class MlxOmniAdapter(MlxVlmAdapter):
         return voice.lower()
 
     def _spoken(self, request: OmniRequest, images: list, audio: list[np.ndarray],
-                speaker: str) -> Iterator[TextChunk | AudioChunk]:
-        from mlx_vlm.prompt_utils import apply_chat_template
+                speaker: str, prompt: str) -> Iterator[TextChunk | AudioChunk]:
         from mlx_vlm.utils import prepare_inputs
 
         processor, model = self._processor, self._model
-        prompt = apply_chat_template(processor, model.config,
-                                     [{"role": m.role, "content": m.content}
-                                      for m in request.messages],
-                                     num_images=len(images), num_audios=len(audio))
         inputs = prepare_inputs(processor, images=images or None, audio=audio or None,
                                 prompts=prompt)
         end_of_turn = model.config.eos_token_id

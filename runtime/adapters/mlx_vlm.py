@@ -103,16 +103,19 @@ class MlxVlmAdapter(ModelAdapter):
                             stop=request.stop)
 
     def _stream(self, messages: list[ChatMessage], images: list, *, stop: list[str] = (),
-                audio: list[np.ndarray] = (), **sampling) -> Iterator[TextChunk]:
+                audio: list[np.ndarray] = (), prompt: str | None = None,
+                **sampling) -> Iterator[TextChunk]:
         from mlx_vlm.generate import stream_generate
         from mlx_vlm.prompt_utils import apply_chat_template
 
         if self._model is None:
             raise self.not_loaded()
-        media = {"num_audios": len(audio)} if audio else {}
-        prompt = apply_chat_template(self._processor, self._model.config,
-                                     [{"role": m.role, "content": m.content} for m in messages],
-                                     num_images=len(images), **media)
+        if prompt is None:  # the pictures (and sounds) go with the last user message
+            media = {"num_audios": len(audio)} if audio else {}
+            prompt = apply_chat_template(self._processor, self._model.config,
+                                         [{"role": m.role, "content": m.content}
+                                          for m in messages],
+                                         num_images=len(images), **media)
         if audio:  # 16 kHz mono float32: mlx-vlm resamples files only, not arrays
             sampling["audio"] = list(audio)
         responses = stream_generate(self._model, self._processor, prompt, image=images or None,

@@ -210,6 +210,9 @@ class OmniRequest:
     temperature: float = 0.0
     speak: bool = False
     voice: str = ""  # "" = the model's first voice
+    # The message each clip was said in (a voice conversation's earlier turns); empty: every
+    # clip belongs to the last user message.
+    audio_turns: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -507,6 +510,14 @@ def validate_request(request: object) -> None:
                 validate_image(image, what=f"image {i}")
             for i, clip in enumerate(audio):
                 validate_audio(clip, rate, what=f"audio {i}")
+            if request.audio_turns:
+                if len(request.audio_turns) != len(audio):
+                    raise ContractError(f"audio_turns names {len(request.audio_turns)} messages "
+                                        f"for {len(audio)} audio clips")
+                for turn in request.audio_turns:
+                    if not 0 <= turn < len(messages) or messages[turn].role != "user":
+                        raise ContractError(f"audio_turns: message {turn} is not a user turn "
+                                            f"of the {len(messages)} messages")
             seconds = sum(clip.size for clip in audio) / rate if audio else 0.0
             if seconds > OMNI_MAX_AUDIO_S:
                 raise ContractError(f"omni request holds {seconds:.0f} s of audio; at most "

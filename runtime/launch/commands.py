@@ -101,7 +101,8 @@ def _default(task: Task) -> str:
 
 
 def _voice_like(graph: str, args: argparse.Namespace) -> int:
-    descriptor = dataflows.load(dataflows.shipped(graph))
+    shipped = "voice.omni" if getattr(args, "omni", False) else graph
+    descriptor = dataflows.load(dataflows.shipped(shipped))
     catalog, specs = _pulled(_model_names(args.models))
     descriptor = dataflows.with_models(descriptor, specs)
     env = {}
@@ -200,6 +201,10 @@ def add_commands(command) -> None:
                          help=f"folder for the replies and transcript.txt (default: out/{graph})")
         sub.add_argument("--models", help="comma-separated models, each served by the node of "
                                           "its task (default: the dataflow's)")
+        if graph == "voice":
+            sub.add_argument("--omni", action="store_true",
+                             help="one omni model hears and answers aloud (voice.omni.yml: no "
+                                  "ASR, LLM or TTS node); name it with --models")
     sub = command("init", cmd_init, "write a starter project: a dataflow of the packaged nodes, "
                   "a catalog stub and a README", model=False)
     sub.add_argument("name", help="the folder to create")

@@ -6,6 +6,10 @@ reply until it has been spoken, and handles barge-in: when the user starts
 speaking while a reply is still being generated or spoken, the reply is
 cancelled (generation and pending speech), what was said of it stays in the
 history, and the transcript marks it as interrupted.
+
+With an omni model (dataflows/voice.omni.yml) no one transcribes: each utterance goes to the
+model as sound (:meth:`Dialogue.heard_sound`), the earlier ones with the turns they were said
+in, and the model answers in text and speech at once.
 """
 
 from __future__ import annotations
@@ -13,16 +17,29 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from mofa_omni.contract.tasks import ChatMessage, ChatRequest
+import numpy as np
+
+from mofa_omni.contract.tasks import ChatMessage, ChatRequest, OmniRequest
+from mofa_omni.media.audio import resample
 
 # What whisper writes for non-speech; such an utterance gets no reply.
 NON_SPEECH = re.compile(r"^[\s.,!?\-]*$|^\s*[\[(][^\])]*[\])]\s*$")
 
 
+HEARING_RATE = 16_000  # the rate utterances are kept at for an omni model
+
+
+@dataclass(frozen=True, slots=True)
+class HeardMessage(ChatMessage):
+    """A user turn an omni model heard: its sound (16 kHz), its words unknown."""
+
+    audio: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+
+
 @dataclass(frozen=True, slots=True)
 class Ask:
     reply_id: str
-    request: ChatRequest
+    request: ChatRequest | OmniRequest
     origin_ns: int  # when the user stopped speaking
 
 
@@ -71,6 +88,7 @@ class Dialogue:
     system_prompt: str = "You are a helpful voice assistant. Answer in one short sentence."
     max_tokens: int = 96
     max_history: int = 16  # messages kept besides the system prompt
+    voice: str = ""  # an omni model's voice ("" = its first)
     history: list[ChatMessage] = field(default_factory=list)
     active: _Reply | None = None
     _replies: int = 0
@@ -87,6 +105,25 @@ class Dialogue:
         messages = [ChatMessage("system", self.system_prompt), *self.history[-self.max_history:]]
         return [*actions, TranscriptLine("user", text, turn_id),
                 Ask(self.active.reply_id, ChatRequest(messages, self.max_tokens), origin_ns)]
+
+    def heard_sound(self, turn_id: str, audio: np.ndarray, sample_rate: int, origin_ns: int,
+                    now: float = 0.0) -> list[Action]:
+        """An utterance for an omni model: interrupt what is going on, then ask the model to
+        answer the conversation aloud, every kept utterance in the turn it was said in."""
+        actions = self._interrupt()
+        heard = HeardMessage("user", "", audio=resample(audio, sample_rate, HEARING_RATE))
+        self.history.append(heard)
+        self._replies += 1
+        self.active = _Reply(f"reply-{self._replies}", turn_id, now)
+        window = [ChatMessage("system", self.system_prompt), *self.history[-self.max_history:]]
+        turns = [i for i, m in enumerate(window) if isinstance(m, HeardMessage)]
+        request = OmniRequest([ChatMessage(m.role, m.content) for m in window],
+                              audio=[window[i].audio for i in turns], sample_rate=HEARING_RATE,
+                              max_tokens=self.max_tokens, speak=True, voice=self.voice,
+                              audio_turns=turns)
+        said = f"[spoken, {heard.audio.size / HEARING_RATE:.1f} s]"
+        return [*actions, TranscriptLine("user", said, turn_id),
+                Ask(self.active.reply_id, request, origin_ns)]
 
     def speech_started(self) -> list[Action]:
         """The user began to speak (VAD): barge in on a reply that is still going."""
