@@ -6,8 +6,10 @@ For each model the same loaded weights are timed through the adapter and
 through the library directly (mlx-lm's stream_generate, mlx_whisper's
 transcribe, PiperVoice.synthesize, the MLX BERT forward pass), interleaved in
 the same run; the ratio adapter/direct is the adapter's overhead (goal <= 1.05).
-The BLAS section runs a matmul and MiniLM in child processes with OpenBLAS
-preloaded and with MLX's stock BLAS (goal >= 10x). Prints a table, writes
+A generated row follows (``--no-generated`` skips it): a tiny random-weight Qwen3-Omni, the
+spoken question in, text out through the adapter against mlx-vlm directly, and a spoken
+reply's seconds of speech per second. The BLAS section runs a matmul and MiniLM in child
+processes with OpenBLAS preloaded and with MLX's stock BLAS (goal >= 10x). Prints a table, writes
 benchmarks/results/models.json (or --json FILE) and a plot of each model's overhead ratio,
 benchmarks/results/models.png (or --png FILE).
 """
@@ -143,7 +145,8 @@ def bench_embedding(adapter, repeats: int) -> dict:
     def direct() -> float:
         started = time.perf_counter()
         for start in range(0, len(encodings), adapter.batch_size):
-            adapter._embed_batch(encodings[start:start + adapter.batch_size])
+            adapter._embed_batch(encodings[start:start + adapter.batch_size],
+                                 adapter.pipeline.normalize)
         return time.perf_counter() - started
 
     adapter.embed(request)
@@ -183,6 +186,70 @@ def bench_model(name: str, repeats: int, speech: tuple[np.ndarray, int]) -> dict
     return row
 
 
+def bench_generated_omni(repeats: int, speech: tuple[np.ndarray, int]) -> dict:
+    """A tiny random-weight Qwen3-Omni (mofa_omni.testing.tiny_omni: no omni weights can be had
+    offline), written to a temporary folder: the spoken question in, text out through the
+    adapter against mlx-vlm's stream_generate on the same prompt; then a spoken reply, timed
+    for its seconds of speech per second. Marked as generated: its speed is the architecture's
+    at a toy size, not a real model's."""
+    import tempfile
+    from pathlib import Path
+
+    from mlx_vlm.generate import stream_generate
+
+    from mofa_omni.contract.tasks import OmniRequest
+    from mofa_omni.media.audio import resample
+    from mofa_omni.models.store import ModelStore
+    from mofa_omni.testing.tiny_omni import write_tiny_qwen3_omni
+
+    catalog = Catalog.load([])
+    smollm2 = catalog.get("smollm2-135m")
+    gguf = ModelStore().fetch(smollm2) / Path(smollm2.source.files[0]).name
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        write_tiny_qwen3_omni(root / "tiny-qwen3-omni", gguf)
+        (root / "catalog.toml").write_text(
+            '[models.tiny-qwen3-omni]\nadapter = "mlx_omni"\ntasks = ["omni"]\n'
+            f'format = "mlx"\nmemory_mb = 200\nsource = {{ path = "{root / "tiny-qwen3-omni"}" }}\n')
+        release_freed_memory()
+        before = snapshot()
+        adapter = open_model("tiny-qwen3-omni", catalog=Catalog.load([root / "catalog.toml"]),
+                             store=ModelStore(root / "cache"))
+        after = snapshot()
+        audio = resample(*speech, 16000)
+        request = OmniRequest([ChatMessage("user", "Answer the question.")], audio=[audio],
+                              max_tokens=32)
+        prompt = adapter._prompt(request)
+        tokens = {"adapter": 0}
+
+        def through_adapter() -> float:
+            started = time.perf_counter()
+            for chunk in adapter.generate_omni(request):
+                if chunk.final:
+                    tokens["adapter"] = chunk.completion_tokens
+            return time.perf_counter() - started
+
+        def direct() -> float:
+            return timed(lambda: [r for r in stream_generate(
+                adapter._model, adapter._processor, prompt, audio=[audio], max_tokens=32,
+                temperature=0.0)])
+
+        through_adapter()  # warm-up
+        a, d = best_of_interleaved(through_adapter, direct, repeats)
+        spoken = OmniRequest(request.messages, audio=[audio], max_tokens=8, speak=True)
+        started = time.perf_counter()
+        chunks = [c for c in adapter.generate_omni(spoken) if hasattr(c, "sample_rate")]
+        speaking_s = time.perf_counter() - started
+        seconds = sum(c.audio.size for c in chunks) / chunks[0].sample_rate
+        adapter.unload()
+    return {"model": "tiny-qwen3-omni (generated)", "task": "omni", "backend": "mlx",
+            "load_s": adapter.load_seconds, "rss_bytes": after.rss_bytes - before.rss_bytes,
+            "mlx_bytes": after.mlx_active_bytes - before.mlx_active_bytes,
+            "throughput": tokens["adapter"] / a, "unit": "tok/s (prompt+decode)",
+            "adapter_s": a, "direct_s": d, "overhead_ratio": a / d,
+            "speech_per_s": seconds / speaking_s, "generated": True}
+
+
 BLAS_PROBE = """
 import json, time
 from mofa_omni.models.compute import measure_blas
@@ -215,13 +282,17 @@ def bench_blas() -> dict:
 
 
 def print_table(rows: list[dict], blas: dict | None) -> None:
-    print(f"\n{'model':18} {'backend':12} {'load':>7} {'RSS':>10} {'MLX':>10} "
+    width = max(18, *(len(r["model"]) for r in rows))
+    print(f"\n{'model':{width}} {'backend':12} {'load':>7} {'RSS':>10} {'MLX':>10} "
           f"{'throughput':>12}  {'overhead':>8}")
     for r in rows:
         unit = {"tok/s (prompt+decode)": "tok/s", "sentences/s": "sent/s"}.get(r["unit"], "RTF")
-        print(f"{r['model']:18} {r['backend']:12} {r['load_s']:6.2f}s "
+        print(f"{r['model']:{width}} {r['backend']:12} {r['load_s']:6.2f}s "
               f"{format_bytes(r['rss_bytes']):>10} {format_bytes(r['mlx_bytes']):>10} "
               f"{r['throughput']:7.2f} {unit:6}  {r['overhead_ratio']:7.3f}x")
+        if "speech_per_s" in r:
+            print(f"{'':{width}} spoken reply: {r['speech_per_s']:.1f} s of speech per second "
+                  "(generated weights: the architecture at a toy size)")
     if blas:
         print(f"\nMLX BLAS        {'OpenBLAS':>10} {'stock':>10} {'ratio':>7}")
         print(f"matmul GFLOP/s  {blas['openblas']['gflops']:10.1f} {blas['stock']['gflops']:10.1f} "
@@ -250,6 +321,8 @@ def main() -> int:
                                  "piper-joe", "minilm-l6"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-blas", action="store_true", help="skip the BLAS comparison")
+    parser.add_argument("--no-generated", action="store_true",
+                        help="skip the generated-weight rows (a tiny Qwen3-Omni)")
     add_output_flags(parser, "models.json", "models.png")
     args = parser.parse_args()
 
@@ -258,6 +331,9 @@ def main() -> int:
     for name in args.models:
         print(f"measuring {name} ...", file=sys.stderr, flush=True)
         rows.append(bench_model(name, args.repeats, speech))
+    if not args.no_generated:
+        print("measuring a generated tiny Qwen3-Omni ...", file=sys.stderr, flush=True)
+        rows.append(bench_generated_omni(args.repeats, speech))
     blas = None if args.no_blas else bench_blas()
     print_table(rows, blas)
     write_json(args.json, {**run_stamp(), "models": rows, "blas": blas})

@@ -247,6 +247,19 @@ def test_a_chat_holding_sound_is_answered_in_text_and_speech_by_the_omni_model(s
         model="tiny-qwen3-omni", max_tokens=4, modalities=["text", "audio"],
         audio={"voice": "ethan", "format": "pcm16"}, messages=hearing(tone_wav()))
     assert len(base64.b64decode(pcm.choices[0].message.audio.data)) % 2 == 0
+    streamed = list(client.chat.completions.create(
+        model="tiny-qwen3-omni", max_tokens=4, modalities=["text", "audio"],
+        audio={"voice": "ethan", "format": "pcm16"}, messages=hearing(tone_wav()), stream=True,
+        stream_options={"include_usage": True}))
+    deltas = [c.choices[0].delta.audio for c in streamed
+              if c.choices and c.choices[0].delta.audio]
+    words = "".join(d.transcript or "" for d in deltas)
+    sound = b"".join(base64.b64decode(d.data) for d in deltas if d.data)
+    assert words == pcm.choices[0].message.audio.transcript  # temperature 0: the same words
+    assert len([d for d in deltas if d.data]) > 1 and len(sound) % 2 == 0
+    assert len({d.id for d in deltas}) == 1  # one audio, in pieces
+    assert [c.choices[0].finish_reason for c in streamed if c.choices][-1] in ("stop", "length")
+    assert streamed[-1].usage.prompt_tokens == pcm.usage.prompt_tokens
     with_picture = client.chat.completions.create(
         model="tiny-qwen3-omni", max_tokens=4,
         messages=[{"role": "user", "content": [
@@ -271,6 +284,9 @@ def test_a_chat_holding_sound_is_answered_in_text_and_speech_by_the_omni_model(s
      r"spoken replies come as wav or pcm16"),
     ("tiny-qwen3-omni", {"messages": hearing(tone_wav()), "modalities": ["audio"]}, 400,
      r"a reply always has text"),
+    ("tiny-qwen3-omni", {"messages": hearing(tone_wav()), "modalities": ["text", "audio"],
+                         "audio": {"voice": "ethan", "format": "wav"}, "stream": True}, 400,
+     r"a streamed spoken reply comes as pcm16"),
     ("tiny-smolvlm", {"messages": hearing(tone_wav())}, 400,
      r"'tiny-smolvlm' neither hears nor speaks.*omni models of this graph: tiny-qwen3-omni"),
 ])

@@ -129,3 +129,25 @@ def test_the_omni_voice_graph_takes_an_omni_model(catalog, tmp_path):
     assert dataflows.node(changed, "omni")["env"]["MODEL"] == "my-omni"
     with pytest.raises(ConfigError, match="smollm2-135m.*no place in this graph"):
         dataflows.with_models(voice, [catalog.get("smollm2-135m")])
+
+
+def test_a_server_of_an_omni_model_routes_sound_pictures_and_chat_to_it(catalog, tmp_path):
+    from mofa_omni.gateway.routes import routes_from
+    from mofa_omni.models.catalog import Catalog
+
+    user = tmp_path / "catalog.toml"
+    user.write_text('[models.my-omni]\nadapter = "mlx_omni"\n'
+                    'tasks = ["omni", "vision_language", "text_generation"]\nformat = "mlx"\n'
+                    f'memory_mb = 200\nsource = {{ path = "{tmp_path}" }}\n')
+    both = Catalog.load([user])
+    graph = server_graph([both.get("my-omni"), both.get("minilm-l6")], defaults=both.defaults)
+    omni = dataflows.node(graph, "omni")
+    assert {name: spec["source"] for name, spec in omni["inputs"].items() if
+            isinstance(spec, dict)} == {"omni": "gateway/hear", "vision_language": "gateway/look",
+                                        "text_generation": "gateway/chat"}
+    routes = {(r.node, r.task) for r in routes_from(graph, "gateway", both)
+              if r.model == "my-omni"}
+    assert routes == {("omni", Task.OMNI), ("omni", Task.VISION_LANGUAGE),
+                      ("omni", Task.TEXT_GENERATION)}
+    assert dataflows.node(graph, "gateway")["outputs"] == \
+        ["hear", "look", "chat", "embed", "rank", "cancel"]

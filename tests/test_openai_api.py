@@ -61,7 +61,9 @@ def test_chat_bodies_become_chat_requests():
     (b'{"model": "m", "max_tokens": 0, "messages": [{"role": "user", "content": "x"}]}',
      "max_tokens must be positive"),
     (b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}',
-     r"messages\[0\].content\[0\]: content of type 'input_audio' is not served"),
+     r"messages\[0\].content\[0\] \(input_audio\): needs input_audio.data \(base64\)"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "input_video"}]}]}',
+     r"messages\[0\].content\[0\]: content of type 'input_video' is not served"),
     (b'{"model": 3, "messages": []}', "Expected `str`, got `int`"),
     (b"{nope", "the body is not JSON"),
 ])

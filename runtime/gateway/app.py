@@ -54,6 +54,7 @@ from mofa_omni.gateway.openai_bodies import (
     rerank_body,
     speech_bytes,
     spoken_audio,
+    spoken_pcm16,
     sse,
     transcription_body,
     usage_of,
@@ -196,8 +197,8 @@ async def chat_completions(request: Request, server: ServerState) -> Response:
     results = aiter(answer)
     first = await anext(results)  # errors before the first chunk keep their HTTP status
     completion = Completion.new(answer.request_id, answer.model)
-    return StreamingResponse(_chat_events(completion, first, results, answer,
-                                          body.include_usage),
+    events = _spoken_events if getattr(chat_request, "speak", False) else _chat_events
+    return StreamingResponse(events(completion, first, results, answer, body.include_usage),
                              media_type="text/event-stream")
 
 
@@ -353,6 +354,40 @@ async def _response_events(built: ResponseBuilder, first: TextChunk,
         yield built.failure(error)
     finally:
         answer.cancel()  # the client went away mid-stream: stop the generation
+
+
+async def _spoken_events(completion: Completion, first: TextChunk | AudioChunk,
+                         rest: AsyncIterator[TextChunk | AudioChunk], answer: Answer,
+                         include_usage: bool) -> AsyncIterator[bytes]:
+    """A spoken reply streamed as OpenAI streams one: the words as ``delta.audio.transcript``,
+    the sound as ``delta.audio.data`` (base64 pcm16 at 24 kHz), then the finish and usage."""
+    audio_id = f"audio_{answer.request_id}"
+    yield sse(completion.chunk({"role": "assistant", "content": None}))
+    ended: TextChunk | None = None
+    try:
+        result = first
+        while True:
+            if isinstance(result, TextChunk):
+                if result.text:
+                    yield sse(completion.chunk({"audio": {"id": audio_id,
+                                                          "transcript": result.text}}))
+                ended = result if result.final else ended
+            elif result.audio.size:
+                data = await run_in_threadpool(spoken_pcm16, result)
+                yield sse(completion.chunk({"audio": {"id": audio_id, "data": data}}))
+            try:
+                result = await anext(rest)
+            except StopAsyncIteration:
+                break
+        if ended is not None:
+            yield sse(completion.chunk({}, finish_reason_of(ended)))
+            if include_usage:
+                yield sse(completion.usage_chunk(usage_of(ended)))
+    except ApiError as error:
+        yield sse(error.body())
+    finally:
+        answer.cancel()  # the client went away mid-stream: stop the speech
+    yield sse("[DONE]")
 
 
 async def _chat_events(completion: Completion, first: TextChunk, rest: AsyncIterator[TextChunk],

@@ -296,9 +296,9 @@ class ChatBody(msgspec.Struct, forbid_unknown_fields=True):
         if speaks and self.spoken_format not in SPOKEN_FORMATS:
             raise refused("audio", f"spoken replies come as {' or '.join(SPOKEN_FORMATS)}, "
                                    f"not {self.spoken_format!r}")
-        if speaks and self.stream:
-            raise refused("stream", "a spoken reply is returned whole here (stream false); a "
-                                    "streamed reply is text only")
+        if speaks and self.stream and self.spoken_format != "pcm16":
+            raise refused("audio", "a streamed spoken reply comes as pcm16 (as OpenAI streams "
+                                   f"one), not {self.spoken_format!r}")
         return speaks
 
     def _json_schema(self) -> str:
@@ -518,14 +518,27 @@ class Completion:
                                             "function": {"arguments": call.arguments}}]})]
 
 
+SPOKEN_PCM_RATE = 24_000  # OpenAI's pcm16
+
+
+def _at_pcm_rate(audio: np.ndarray, rate: int) -> np.ndarray:
+    return resample(audio, rate, SPOKEN_PCM_RATE) if audio.size and rate != SPOKEN_PCM_RATE \
+        else audio
+
+
+def spoken_pcm16(chunk: AudioChunk) -> str:
+    """One chunk of a streamed spoken reply: base64 pcm16 at 24 kHz."""
+    return base64.b64encode(pcm16(_at_pcm_rate(chunk.audio, chunk.sample_rate))).decode("ascii")
+
+
 def spoken_audio(request_id: str, chunks: list[AudioChunk], transcript: str,
                  audio_format: str) -> dict[str, Any]:
     """A spoken reply as OpenAI's ``message.audio``: base64 WAV at the model's rate, or
     pcm16 (16-bit little-endian at 24 kHz, OpenAI's rate)."""
-    rate = chunks[0].sample_rate if chunks else 24000
+    rate = chunks[0].sample_rate if chunks else SPOKEN_PCM_RATE
     audio = np.concatenate([c.audio for c in chunks]) if chunks else np.zeros(0, np.float32)
     if audio_format == "pcm16":
-        data = pcm16(resample(audio, rate, 24000) if audio.size and rate != 24000 else audio)
+        data = pcm16(_at_pcm_rate(audio, rate))
     else:
         data = wav_bytes(audio, rate)
     return {"id": f"audio_{request_id}", "data": base64.b64encode(data).decode("ascii"),

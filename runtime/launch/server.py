@@ -32,6 +32,9 @@ class Role:
     input: str  # the node's input it arrives on
     reply_queue: int = REPLY_QUEUE
     pool_bytes: int = 0  # the node's shared-memory pool, when its replies are large
+    # Further tasks the same weights serve on this node, each on an input named after it
+    # (MiniLM reranks by cosine; an omni model also reads pictures and chats).
+    also: tuple[Task, ...] = ()
 
 
 ROLES = {
@@ -39,10 +42,12 @@ ROLES = {
     Task.SPEECH_RECOGNITION: Role("asr", "transcribe", "speech_recognition"),
     Task.SPEECH_SYNTHESIS: Role("tts", "speak", "request", reply_queue=1024,
                                 pool_bytes=32 << 20),
-    Task.EMBEDDING: Role("embedder", "embed", "request"),
+    Task.EMBEDDING: Role("embedder", "embed", "request", also=(Task.RERANK,)),
     Task.RERANK: Role("reranker", "rank", "request"),
     Task.VISION_LANGUAGE: Role("vlm", "look", "vision_language"),
     Task.IMAGE_GENERATION: Role("images", "draw", "image_generation", pool_bytes=64 << 20),
+    Task.OMNI: Role("omni", "hear", "omni", reply_queue=1024, pool_bytes=32 << 20,
+                    also=(Task.VISION_LANGUAGE, Task.TEXT_GENERATION)),
 }
 
 
@@ -71,9 +76,10 @@ def server_graph(specs: list[ModelSpec], *, defaults: dict[Task, str]) -> Descri
         while node_id in used:
             node_id, number = f"{role.node}-{number}", number + 1
         used.add(node_id)
-        inputs = {role.input: {"source": f"gateway/{role.output}", "queue_size": 256}}
-        if task is Task.EMBEDDING and Task.RERANK in spec.tasks:  # e.g. MiniLM: cosine rerank
-            inputs["rerank"] = {"source": "gateway/rank", "queue_size": 256}
+        served = [(role.input, role.output)] + [(also.value, ROLES[also].output)
+                                                for also in role.also if also in spec.tasks]
+        inputs = {name: {"source": f"gateway/{output}", "queue_size": 256}
+                  for name, output in served}
         inputs |= {"cancel": "gateway/cancel", "scheduler": "scheduler/command"}
         env = {"TASK": task.value}
         if defaults.get(task) != spec.name:
@@ -83,8 +89,7 @@ def server_graph(specs: list[ModelSpec], *, defaults: dict[Task, str]) -> Descri
             entry["shared_memory_pool_size"] = role.pool_bytes
         entry |= {"inputs": inputs, "outputs": ["result", "error", "lost", "memory"]}
         model_nodes.append(entry)
-        outputs += [out for out in (role.output, *(("rank",) if "rerank" in inputs else ()))
-                    if out not in outputs]
+        outputs += [output for _, output in served if output not in outputs]
         gateway_inputs |= {
             node_id: {"source": f"{node_id}/result", "queue_size": role.reply_queue},
             f"{node_id}_error": {"source": f"{node_id}/error", "queue_size": 256},
