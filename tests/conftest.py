@@ -24,6 +24,28 @@ from mofa_omni.models.store import ModelStore
 THIRD_PARTY = Path(__file__).parent / "thirdparty" / "omni-textstats"
 
 
+def _cache_entries(root: Path) -> set[Path]:
+    """The cache's top-level builds, sources and downloads, and every blob."""
+    entries = {p for folder in ("models", "sources", "downloads")
+               if (root / folder).is_dir() for p in (root / folder).iterdir()}
+    blobs = root / "blobs"
+    return entries | ({p for p in blobs.rglob("*") if p.is_file()} if blobs.is_dir() else set())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def the_user_cache_is_left_as_found() -> Iterator[None]:
+    """Tests build models under throwaway names (a broken GGUF, a quantized or shortened copy,
+    a stopword list) in the user's cache like any model. At the end of the session, what this
+    session added there that no catalog names or reads goes, as `omni prune` would remove it;
+    what was there before is never touched."""
+    from mofa_omni.models.cleanup import apply, plan_prune
+
+    store = ModelStore()
+    before = _cache_entries(store.root)
+    yield
+    apply(r for r in plan_prune(Catalog.load(), store) if r.path not in before)
+
+
 @pytest.fixture(scope="session")
 def catalog() -> Catalog:
     return Catalog.load([])  # the built-in catalog only: user files must not change test results
