@@ -54,9 +54,12 @@ log = logging.getLogger("wav_sink")
 Done = Callable[[MessageMeta, str, float], None]
 
 
-def read_audio(value) -> tuple[np.ndarray, int, bool]:
-    """(audio, rate, final) of an AudioChunk, or of a TranscriptionRequest (one final chunk)."""
+def read_audio(value) -> tuple[np.ndarray, int, bool] | None:
+    """(audio, rate, final) of an AudioChunk, or of a TranscriptionRequest (one final chunk);
+    None for a TextChunk (an omni reply's words, which are not for the sink)."""
     kind = identify(value)
+    if kind is TextChunk:
+        return None
     if kind is AudioChunk:
         chunk = arrow.decode(value, AudioChunk)
         return chunk.audio, chunk.sample_rate, chunk.final
@@ -155,13 +158,14 @@ def main() -> int:
         if missing := gaps.observe(meta.request_id, meta.seq, meta.final):
             log.warning("%s: %d audio chunks lost before seq %d", meta.request_id, missing,
                         meta.seq)
-        if identify(incoming["value"]) is TextChunk:  # an omni reply's words: not for us
-            continue
         try:
-            audio, rate, chunk_final = read_audio(incoming["value"])
+            read = read_audio(incoming["value"])
         except ContractError as error:
             log.error("%s: %s", meta.request_id, error)
             continue
+        if read is None:  # an omni reply's words: not for us
+            continue
+        audio, rate, chunk_final = read
         trace.record(node_id, "recv", "audio", incoming.get("metadata"),
                      audio_s=round(len(audio) / rate, 4))
         # A reply spoken sentence by sentence is one stream: the metadata says where it ends.

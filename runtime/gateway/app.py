@@ -179,13 +179,14 @@ async def chat_completions(request: Request, server: ServerState) -> Response:
     else:
         chat_request = body.to_request()
         choice = graph.router.choose(body.model, Task.TEXT_GENERATION)
-    answer = graph.ask(choice, chat_request, (TextChunk, AudioChunk))
+    speaks = getattr(chat_request, "speak", False)  # only a spoken reply holds AudioChunks
+    answer = graph.ask(choice, chat_request, (TextChunk, AudioChunk) if speaks else TextChunk)
     if not body.stream:
         results = await answer.whole()
         chunks = [r for r in results if isinstance(r, TextChunk)]
         text = "".join(c.text for c in chunks)
         spoken = None
-        if getattr(chat_request, "speak", False):
+        if speaks:
             sounds = [r for r in results if isinstance(r, AudioChunk)]
             spoken = await run_in_threadpool(spoken_audio, answer.request_id, sounds, text,
                                              body.spoken_format)
@@ -197,7 +198,7 @@ async def chat_completions(request: Request, server: ServerState) -> Response:
     results = aiter(answer)
     first = await anext(results)  # errors before the first chunk keep their HTTP status
     completion = Completion.new(answer.request_id, answer.model)
-    events = _spoken_events if getattr(chat_request, "speak", False) else _chat_events
+    events = _spoken_events if speaks else _chat_events
     return StreamingResponse(events(completion, first, results, answer, body.include_usage),
                              media_type="text/event-stream")
 

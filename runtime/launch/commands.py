@@ -74,8 +74,13 @@ def _wait_until_serving(run: GraphRun, url: str, api_key: str) -> bool:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from mofa_omni.models.catalog import Catalog
+
     names = _model_names(args.models)
-    catalog, specs = _pulled(names or [_default(task) for task in SERVER_TASKS])
+    if not names:
+        defaults = Catalog.load().defaults
+        names = [defaults[task] for task in SERVER_TASKS]
+    catalog, specs = _pulled(names)
     check_port_free(args.host, args.port)
     descriptor = server_graph(specs, defaults=catalog.defaults)
     url = f"http://{args.host}:{args.port}/v1"
@@ -94,12 +99,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
 
 
-def _default(task: Task) -> str:
-    from mofa_omni.models.catalog import Catalog
-
-    return Catalog.load().defaults[task]
-
-
 def _voice_like(graph: str, args: argparse.Namespace) -> int:
     shipped = "voice.omni" if getattr(args, "omni", False) else graph
     descriptor = dataflows.load(dataflows.shipped(shipped))
@@ -115,7 +114,8 @@ def _voice_like(graph: str, args: argparse.Namespace) -> int:
     output = (args.output or Path("out") / graph).resolve()
     env["VOICE_OUTPUT"] = str(output)
     models = dataflows.served_models(descriptor, catalog.defaults)
-    _pulled([model for model in models.values() if model])  # fetched before the graph starts
+    named = {spec.name for spec in specs}  # the others are fetched before the graph starts
+    _pulled([model for model in models.values() if model and model not in named])
     with GraphRun(graph, descriptor, env=env, models=models, output=str(output),
                   header=f"omni {graph}") as run:
         code = run.wait() or 0
