@@ -32,11 +32,11 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
   "$VENV/bin/python" -m pip install --quiet -e '.[all,dev]'
   # The engines pip cannot install as plain requirements (runtime/adapters/installs.py says
-  # why): mlx-whisper, mlx-vlm and mflux without the torch/CUDA their metadata declares, and
+  # why): mlx-whisper, mlx-vlm and mlx-gen (mflux) without the torch/CUDA their metadata declares, and
   # llama.cpp, the fastest LLM engine on a Linux CPU (1.5x CTranslate2 int8 decoding here),
   # built once from source. LLAMA_CPP=0 skips it; a failed build only warns: CTranslate2 then
   # serves the LLM (`omni doctor` says which engine runs and why).
-  "$VENV/bin/omni" install mlx-whisper mlx-vlm mflux
+  "$VENV/bin/omni" install mlx-whisper mlx-vlm mlx-gen
   if [ "$(uname -s)" = Linux ] && [ "${LLAMA_CPP:-1}" != 0 ]; then
     "$VENV/bin/omni" install llama-cpp \
       || echo "setup: WARNING: llama.cpp could not be built; CTranslate2 serves the LLM"

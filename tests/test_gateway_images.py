@@ -103,7 +103,7 @@ def test_images_are_generated_as_png_of_the_asked_size(server: Server):
                                    extra_body={"seed": 3, "steps": 2})
     assert again.data[0].b64_json == drawn.data[0].b64_json  # the same seed draws the same
     tall = client.images.generate(model="tiny-flux2", prompt="a tower", size="32x80",
-                                  extra_body={"steps": 1})
+                                  extra_body={"steps": 2})
     assert decoded_png(tall.data[0].b64_json)[1].shape == (80, 32, 3)
     assert tall.data[0].model_extra["seed"] >= 0  # drawn at random, and said
 
@@ -176,7 +176,7 @@ def test_bad_image_requests_get_the_right_status_and_the_node_keeps_serving(serv
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.images.generate(model="dall-e-3", prompt="x")
     drawn = client.images.generate(model="tiny-flux2", prompt="x", size="16x16",
-                                   extra_body={"steps": 1})
+                                   extra_body={"steps": 2})
     assert decoded_png(drawn.data[0].b64_json)[1].shape == (16, 16, 3)
     stats = httpx.get(server.url.removesuffix("/v1") + "/stats", timeout=10).json()
     assert stats["in_flight"] == 0 and stats["lost"] == {}

@@ -3,9 +3,9 @@
 - llama.cpp (``llama-cpp-python``) has no binary wheel on PyPI: it is built from source once,
   for the CPU features every x86-64 machine with AVX2 has (not ``-march=native``: it picks up
   instructions some virtual machines advertise but fault on); pip keeps the wheel.
-- mlx-whisper, mlx-vlm and mflux declare requirements their inference never imports (torch,
-  the CUDA build of MLX, opencv, datasets, a web server): each is installed without its
-  dependencies, after what its code does import.
+- mlx-whisper, mlx-vlm and mlx-gen (it ships ``mflux``) declare requirements their inference
+  never imports (torch, the CUDA build of MLX, opencv, datasets, a web server): each is
+  installed without its dependencies, after what its code does import.
 
 scripts/setup.sh installs them through this module, so the versions live here only.
 """
@@ -34,6 +34,7 @@ class Engine:
     no_deps: bool = True  # the package itself without its declared requirements
     built: bool = False  # compiled from source (minutes)
     why: str = ""
+    replaces: tuple[str, ...] = ()  # distributions it supersedes: removed first (same modules)
 
 
 ENGINES = {engine.name: engine for engine in (
@@ -46,9 +47,13 @@ ENGINES = {engine.name: engine for engine in (
     Engine("mlx-vlm", "mlx_vlm", "mlx-vlm==0.7.10",
            why="vision-language models on MLX; its metadata pulls 64 packages (opencv, "
                "datasets, mlx-audio, a web server) that inference never imports"),
-    Engine("mflux", "mflux", "mflux==0.24.0", needs=("piexif>=1.1", "toml>=0.10"),
-           why="image generation (FLUX.2) on MLX; its metadata requires torch and the CUDA "
-               "build of MLX, which its pipeline does not use"),
+    Engine("mlx-gen", "mflux", "mlx-gen==0.38.0",
+           # Pillow 13 cannot be imported by mflux on Python 3.11 (PIL._typing needs
+           # numbers._IntegralLike, which only newer Pythons have)
+           needs=("piexif>=1.1", "toml>=0.10", "Pillow>=12.1.1,<13"), replaces=("mflux",),
+           why="image (FLUX.2) and video (Wan 2.2) generation on MLX, as the `mflux` package; "
+               "its metadata requires torch, opencv and the CUDA build of MLX, which its "
+               "pipelines do not use (Wan's prompt encoder runs here on MLX instead of torch)"),
 )}
 
 
@@ -78,7 +83,9 @@ def llama_cpp_cmake_args(cpuinfo: str | None = None, machine: str | None = None)
 def pip_steps(engine: Engine, python: str = sys.executable) -> list[list[str]]:
     """The pip commands installing ``engine`` into ``python``'s environment."""
     pip = [python, "-m", "pip", "install", "--quiet"]
-    steps = [pip + list(engine.needs)] if engine.needs else []
+    steps = [[python, "-m", "pip", "uninstall", "--yes", "--quiet", *engine.replaces]] \
+        if engine.replaces else []
+    steps += [pip + list(engine.needs)] if engine.needs else []
     return steps + [pip + (["--no-deps"] if engine.no_deps else []) + [engine.package]]
 
 

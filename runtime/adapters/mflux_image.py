@@ -35,6 +35,7 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 TEXT_LAYERS = (9, 18, 27)
 SIZE_MULTIPLE = 16  # VAE downscale 8 x transformer patch 2
 MAX_SEED = 2**63 - 1
+MIN_STEPS = 2  # mlx-gen's flow-matching scheduler needs two steps
 
 
 def constructor_arguments(cls: type, config: dict[str, Any]) -> dict[str, Any]:
@@ -165,8 +166,9 @@ class MfluxImageAdapter(ModelAdapter):
         if not (SIZE_MULTIPLE <= min(width, height) and max(width, height) <= limits.max_side):
             raise ContractError(f"image size {width}x{height} is outside {SIZE_MULTIPLE}-"
                                 f"{limits.max_side} pixels a side for {self.spec.name}")
-        if not 1 <= request.steps <= limits.max_steps:
-            raise ContractError(f"steps must be 1-{limits.max_steps}, got {request.steps}")
+        if not MIN_STEPS <= request.steps <= limits.max_steps:
+            raise ContractError(f"steps must be {MIN_STEPS}-{limits.max_steps}, "
+                                f"got {request.steps}")
         if not 0 <= request.seed <= MAX_SEED:
             raise ContractError(f"seed must be 0-{MAX_SEED}, got {request.seed}")
 

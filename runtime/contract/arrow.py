@@ -42,6 +42,9 @@ from mofa_omni.contract.tasks import (
     ToolResult,
     Transcript,
     TranscriptionRequest,
+    VideoChunk,
+    VideoProgress,
+    VideoRequest,
     dtype_name,
     validate_image,
     validate_request,
@@ -350,7 +353,56 @@ _CODECS: dict[type, _Codec] = {
         lambda r: Image(_image_from(r.numbers("pixels"), r.scalar("height"), r.scalar("width"),
                                     r.scalar("channels"), r.what)),
     ),
+    VideoRequest: _Codec(
+        pa.struct([("prompt", pa.string()), ("frames", pa.int32()), ("fps", pa.int32()),
+                   ("width", pa.int32()), ("height", pa.int32()), ("steps", pa.int32()),
+                   ("seed", pa.int64()), ("images", pa.list_(pa.struct(_IMAGE_FIELDS)))]),
+        lambda m: [_one(m.prompt, pa.string()), _one(m.frames, pa.int32()),
+                   _one(m.fps, pa.int32()), _one(m.width, pa.int32()), _one(m.height, pa.int32()),
+                   _one(m.steps, pa.int32()), _one(m.seed, pa.int64()),
+                   _images([] if m.image is None else [m.image])],
+        lambda r: VideoRequest(r.scalar("prompt"), r.scalar("frames"), r.scalar("fps"),
+                               r.scalar("width"), r.scalar("height"), r.scalar("steps"),
+                               r.scalar("seed"), _first_frame(r)),
+    ),
+    VideoProgress: _Codec(
+        pa.struct([("phase", pa.string()), ("step", pa.int32()), ("steps", pa.int32())]),
+        lambda m: [_one(m.phase, pa.string()), _one(m.step, pa.int32()),
+                   _one(m.steps, pa.int32())],
+        lambda r: VideoProgress(r.scalar("phase"), r.scalar("step"), r.scalar("steps")),
+    ),
+    VideoChunk: _Codec(
+        pa.struct([("frames", pa.list_(pa.uint8())), ("shape", pa.list_(pa.int32())),
+                   ("index", pa.int32()), ("first_frame", pa.int32()),
+                   ("total_frames", pa.int32()), ("fps", pa.int32()), ("final", pa.bool_())]),
+        lambda m: [_raw_bytes(_checked_frames(m)), _one(list(m.frames.shape), pa.list_(pa.int32())),
+                   _one(m.index, pa.int32()), _one(m.first_frame, pa.int32()),
+                   _one(m.total_frames, pa.int32()), _one(m.fps, pa.int32()),
+                   _one(m.final, pa.bool_())],
+        lambda r: VideoChunk(_frames_from(r), r.scalar("index"), r.scalar("first_frame"),
+                             r.scalar("total_frames"), r.scalar("fps"), r.scalar("final")),
+    ),
 }
+
+
+def _checked_frames(chunk: VideoChunk) -> np.ndarray:
+    validate_request(chunk)
+    return chunk.frames
+
+
+def _frames_from(row: _Row) -> np.ndarray:
+    """A chunk's frames as a (T, H, W, 3) view of the message's buffer (no copy)."""
+    pixels, shape = row.numbers("frames"), tuple(row.scalar("shape"))
+    if len(shape) != 4 or min(shape) <= 0 or pixels.size != int(np.prod(shape)):
+        raise ContractError(f"{row.what}: {pixels.size} bytes do not fill frames of shape {shape}")
+    return pixels.reshape(shape)
+
+
+def _first_frame(row: _Row) -> np.ndarray | None:
+    images = _read_images(row)
+    if len(images) > 1:
+        raise ContractError(f"{row.what}: {len(images)} first frames given; at most one")
+    return images[0] if images else None
 
 
 def _matrix(flat: np.ndarray, dim: int, what: str) -> np.ndarray:

@@ -32,6 +32,7 @@ class Task(str, enum.Enum):
     RERANK = "rerank"
     VISION_LANGUAGE = "vision_language"
     IMAGE_GENERATION = "image_generation"
+    VIDEO_GENERATION = "video_generation"
     OMNI = "omni"  # any of text, pictures and sound in; text, and speech if asked, out
     GENERIC = "generic"
 
@@ -229,6 +230,55 @@ class Image:
     pixels: np.ndarray  # uint8, HWC
 
 
+# --- video generation ----------------------------------------------------------------
+
+VIDEO_PHASES = ("denoise", "decode")
+
+
+@dataclass(frozen=True, slots=True)
+class VideoRequest:
+    """A clip to generate from a prompt, starting from ``image`` when one is given (image to
+    video; it is then the first frame, resized to the clip's size)."""
+
+    prompt: str
+    frames: int = 17
+    fps: int = 16
+    width: int = 832
+    height: int = 480
+    steps: int = 20
+    seed: int = 0
+    image: np.ndarray | None = None  # uint8 HWC
+
+
+@dataclass(frozen=True, slots=True)
+class VideoProgress:
+    """How far a clip has come: denoising step ``step`` of ``steps``, or decoding frames."""
+
+    phase: str  # one of VIDEO_PHASES
+    step: int
+    steps: int
+
+
+@dataclass(frozen=True, slots=True)
+class VideoChunk:
+    """Consecutive frames of a generated clip. A clip travels as several chunks (a few seconds
+    at 480p are beyond one shared-memory message), numbered from 0 so that a receiver sees a
+    lost one; the last has ``final=True``."""
+
+    frames: np.ndarray  # uint8, (T, H, W, 3)
+    index: int  # the chunk's number in its clip
+    first_frame: int  # the clip's frame number of frames[0]
+    total_frames: int  # the clip's length
+    fps: int
+    final: bool = False
+
+
+def frames_per_chunk(height: int, width: int, chunk_bytes: int) -> int:
+    """How many frames of ``height`` x ``width`` RGB fit in a chunk of ``chunk_bytes`` (at
+    least one: a frame larger than a chunk travels alone, if the pool can hold it)."""
+    return max(1, chunk_bytes // (height * width * 3))
+
+
 # --- stages ----------------------------------------------------------------------------
 
 TENSOR_DTYPES = ("float32", "float16", "int32", "int64", "uint8")
@@ -333,6 +383,11 @@ class ImageGeneration(Protocol):
 
 
 @runtime_checkable
+class VideoGeneration(Protocol):
+    def generate_video(self, request: VideoRequest) -> Iterator[VideoProgress | VideoChunk]: ...
+
+
+@runtime_checkable
 class Omni(Protocol):
     def generate_omni(self, request: OmniRequest) -> Iterator[TextChunk | AudioChunk]: ...
 
@@ -366,6 +421,9 @@ TASK_SPECS: dict[Task, TaskSpec] = {
         TaskSpec(Task.VISION_LANGUAGE, VisionLanguage, "generate_from_images",
                  OmniRequest, TextChunk, True),
         TaskSpec(Task.IMAGE_GENERATION, ImageGeneration, "generate_image", ImageRequest, Image, False),
+        # VideoProgress while it runs, then the VideoChunks (a receiver tells them by schema)
+        TaskSpec(Task.VIDEO_GENERATION, VideoGeneration, "generate_video", VideoRequest,
+                 VideoChunk, True),
         # TextChunks, then AudioChunks when speaking: a receiver tells them by their schema
         TaskSpec(Task.OMNI, Omni, "generate_omni", OmniRequest, TextChunk, True),
         TaskSpec(Task.GENERIC, Generic, "run_generic", GenericRequest, GenericResult, False),
@@ -468,6 +526,31 @@ def _check_arguments(call: ToolCall, where: str) -> None:
         raise ContractError(f"{where}: the arguments must be a JSON object")
 
 
+VIDEO_MAX_SIDE = 4096
+VIDEO_MAX_FRAMES = 1024
+VIDEO_MAX_FPS = 240
+
+
+def _check_video(request: VideoRequest) -> None:
+    """A video request's own sense (a model's sizes and limits are the adapter's to check)."""
+    if not request.prompt.strip():
+        raise ContractError("video request has an empty prompt")
+    if not 1 <= request.frames <= VIDEO_MAX_FRAMES:
+        raise ContractError(f"video request frames must be 1-{VIDEO_MAX_FRAMES}, "
+                            f"got {request.frames}")
+    if not 1 <= request.fps <= VIDEO_MAX_FPS:
+        raise ContractError(f"video request fps must be 1-{VIDEO_MAX_FPS}, got {request.fps}")
+    if not (16 <= request.width <= VIDEO_MAX_SIDE and 16 <= request.height <= VIDEO_MAX_SIDE):
+        raise ContractError(f"video size {request.width}x{request.height} is outside "
+                            f"16-{VIDEO_MAX_SIDE} pixels a side")
+    if request.steps < 1:
+        raise ContractError(f"video request steps must be at least 1, got {request.steps}")
+    if request.seed < 0:
+        raise ContractError(f"video request seed must not be negative, got {request.seed}")
+    if request.image is not None:
+        validate_image(request.image, what="the first frame")
+
+
 def validate_request(request: object) -> None:
     """Semantic checks shared by every transport (Arrow, CLI, HTTP)."""
     match request:
@@ -532,6 +615,22 @@ def validate_request(request: object) -> None:
                 raise ContractError(f"image request steps must be at least 1, got {steps}")
             if seed < 0:
                 raise ContractError(f"image request seed must not be negative, got {seed}")
+        case VideoRequest():
+            _check_video(request)
+        case VideoChunk(frames=frames, index=index, first_frame=first, total_frames=total):
+            if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[3] != 3 \
+                    or 0 in frames.shape:
+                raise ContractError(f"video chunk {index}: frames must be uint8 (T, H, W, 3), "
+                                    f"got {frames.dtype} {frames.shape}")
+            if index < 0 or first < 0 or first + len(frames) > total:
+                raise ContractError(f"video chunk {index}: frames {first}-{first + len(frames)} "
+                                    f"do not lie within the clip's {total}")
+            if request.fps <= 0:
+                raise ContractError(f"video chunk {index}: fps must be positive")
+        case VideoProgress(phase=phase, step=step, steps=steps):
+            if phase not in VIDEO_PHASES or not 0 <= step <= steps:
+                raise ContractError(f"video progress {phase!r} {step}/{steps} is not a phase of "
+                                    f"{', '.join(VIDEO_PHASES)} with 0 <= step <= steps")
         case Tensor(kind=kind, array=array):
             if not kind:
                 raise ContractError("tensor has no kind")

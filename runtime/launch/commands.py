@@ -1,4 +1,5 @@
-"""The graphs as commands: `omni serve`, `omni voice`, `omni robot`, `omni init`, `omni ps`.
+"""The graphs as commands: `omni serve`, `omni voice`, `omni robot`, `omni video`, `omni init`,
+`omni ps`.
 
 Each runs a shipped dataflow (or, for `serve --models`, the server graph of those models)
 under `dora run`, after pulling its models with progress bars, so that a bad name, a busy port
@@ -147,6 +148,77 @@ def cmd_robot(args: argparse.Namespace) -> int:
     return _voice_like("robot", args)
 
 
+DEFAULT_VIDEO_MODEL = "wan2.2-ti2v-5b"
+STATUS_POLL_S = 0.2
+
+
+def cmd_video(args: argparse.Namespace) -> int:
+    """`omni video PROMPT -o clip.mp4`: the video graph on one request, with a progress bar."""
+    output = args.output.resolve()
+    if output.suffix != ".mp4":
+        raise ConfigError(f"--output {args.output}: the clip is written as MP4 (name it .mp4)")
+    if args.image is not None and not args.image.is_file():
+        raise ConfigError(f"--image {args.image}: no such file")
+    _, specs = _pulled([args.model or DEFAULT_VIDEO_MODEL])
+    descriptor = dataflows.with_models(dataflows.load(dataflows.shipped("video")), specs)
+    settings = {"PROMPT": args.prompt, "SIZE": args.size, "FRAMES": str(args.frames),
+                "FPS": str(args.fps), "STEPS": str(args.steps), "SEED": str(args.seed)}
+    if args.image is not None:
+        settings["IMAGE"] = str(args.image.resolve())
+    descriptor = dataflows.with_env(descriptor, "request", **settings)
+    run = GraphRun("video", descriptor, models={"video": specs[0].name}, output=str(output),
+                   header="omni video", quiet=True)  # the progress bar alone on the terminal
+    status_file = run.folder / "status.json"
+    descriptor = dataflows.with_env(descriptor, "sink", VIDEO_OUTPUT=str(output),
+                                    VIDEO_STATUS=str(status_file))
+    run.descriptor = descriptor
+    output.unlink(missing_ok=True)  # so that a file there afterwards is this run's
+    with run:
+        clip = _follow_clip(run, status_file, quiet=args.quiet)
+    if clip is None or clip.error or not output.is_file():
+        why = clip.error if clip is not None and clip.error else "the graph ended without a clip"
+        raise ConfigError(f"no clip: {why}")
+    print(f"{output} ({clip.frames} frames)")
+    return 0
+
+
+CLIP_ENDED = ("written", "failed", "cancelled")
+# The bar each phase of a clip shows: a short clip may be written before its denoising was
+# ever seen, and then shows its frames' bar at once.
+CLIP_BARS = {"denoise": "denoise", "decode": "decode", "written": "decode"}
+
+
+def _follow_clip(run: GraphRun, status_file: Path, *, quiet: bool):
+    """Draw the clip's progress (denoising steps, then frames) until it ends or the graph does;
+    the clip's last status (None if it never began)."""
+    from tqdm import tqdm
+
+    from mofa_omni.media.video_stream import read_statuses
+
+    bar, shown, last = None, "", None
+    try:
+        while True:
+            ended = run.wait(STATUS_POLL_S) is not None
+            statuses = read_statuses(status_file)
+            last = statuses[-1] if statuses else last
+            phase = CLIP_BARS.get(last.phase, "") if last is not None and not quiet else ""
+            if phase and phase != shown:
+                if bar is not None:
+                    bar.close()
+                shown = phase
+                bar = tqdm(total=last.steps if phase == "denoise" else last.total_frames,
+                           desc=phase, unit="step" if phase == "denoise" else "frame")
+            if phase:
+                # decoding: frames decoded (its progress) or written (its chunks), the further
+                bar.n = last.step if phase == "denoise" else max(last.frames, last.step)
+                bar.refresh()
+            if ended or (last is not None and last.phase in CLIP_ENDED):
+                return last
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     folder = write_starter(Path(args.name))
     print(f"omni init: wrote {folder}/ (dataflow.yml, catalog.toml, samples/, README.md)\n"
@@ -205,6 +277,17 @@ def add_commands(command) -> None:
             sub.add_argument("--omni", action="store_true",
                              help="one omni model hears and answers aloud (voice.omni.yml: no "
                                   "ASR, LLM or TTS node); name it with --models")
+    sub = command("video", cmd_video, "generate a clip from a prompt (and a first picture) "
+                  "into an MP4", model=True)
+    sub.add_argument("prompt", help="what the clip shows")
+    sub.add_argument("--output", "-o", type=Path, default=Path("clip.mp4"),
+                     help="the MP4 to write (default: clip.mp4)")
+    sub.add_argument("--image", type=Path, help="a picture to start from (image to video)")
+    sub.add_argument("--size", default="832x480", help="WIDTHxHEIGHT (default: 832x480)")
+    sub.add_argument("--frames", type=int, default=17, help="how many frames (default: 17)")
+    sub.add_argument("--fps", type=int, default=16, help="frames a second (default: 16)")
+    sub.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
+    sub.add_argument("--seed", type=int, default=0)
     sub = command("init", cmd_init, "write a starter project: a dataflow of the packaged nodes, "
                   "a catalog stub and a README", model=False)
     sub.add_argument("name", help="the folder to create")

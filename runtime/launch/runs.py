@@ -77,8 +77,9 @@ class GraphRun:
 
     def __init__(self, graph: str, descriptor: Descriptor, *, header: str = "",
                  env: dict[str, str] | None = None, models: dict[str, str] | None = None,
-                 url: str = "", output: str = ""):
+                 url: str = "", output: str = "", quiet: bool = False):
         self.graph, self.descriptor, self.header, self.env = graph, descriptor, header, env or {}
+        self.quiet = quiet  # dora's own output to the run folder's dora.log, not the terminal
         self.models, self.url, self.output = models or {}, url, output
         self.folder = runs_root() / f"{graph}-{os.getpid()}"
         self.process: subprocess.Popen | None = None
@@ -93,8 +94,12 @@ class GraphRun:
                "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
         dora = shutil.which("dora", path=env["PATH"]) or "dora"
         # Its own process group: Ctrl-C reaches `omni`, which stops dora once, gracefully.
+        log = (self.folder / "dora.log").open("wb") if self.quiet else None
         self.process = subprocess.Popen([dora, "run", str(dataflow)], env=env,
-                                        start_new_session=True)
+                                        start_new_session=True, stdout=log,
+                                        stderr=subprocess.STDOUT if log else None)
+        if log is not None:
+            log.close()  # dora holds its own copy
         record = RunRecord(self.graph, os.getpid(), self.process.pid, time.time(), self.models,
                            self.url, self.output, str(self.folder))
         (self.folder / "run.json").write_bytes(msgspec.json.encode(record))
@@ -129,4 +134,5 @@ class GraphRun:
         else:
             (self.folder / "run.json").unlink(missing_ok=True)
             print(f"omni: the {self.graph} graph ended with code {code}; its logs are in "
-                  f"{self.folder / 'out'}", file=sys.stderr)
+                  f"{self.folder / 'out'}" + (f" and {self.folder / 'dora.log'}" if self.quiet
+                                              else ""), file=sys.stderr)

@@ -45,6 +45,7 @@ ENGINES = (
     ("*ForSequenceClassification, 1 label", "ort_cross_encoder", "rerank"),
     ("Whisper (MLX weights or CTranslate2)", "mlx_whisper / ct2_whisper", "speech_recognition"),
     ("diffusers FLUX.2 (model_index.json)", "mflux_image", "image_generation"),
+    ("diffusers Wan 2.2 TI2V (model_index.json)", "mlx_wan", "video_generation"),
     ("Piper voice (.onnx + .onnx.json)", "piper", "speech_synthesis"),
     ("Moonshine (encoder/decoder .ort/.onnx + tokenizer.bin)", "ort_moonshine",
      "speech_recognition"),
@@ -54,6 +55,7 @@ ENGINES = (
 # packaged models' measured figures: a Q4 GGUF grows ~6x dequantized to float32 for MLX).
 _MEMORY = {"gguf": (6.0, 100), "mlx_lm": (1.3, 200), "vlm": (1.3, 300), "embedding": (1.2, 40),
            "cross_encoder": (1.2, 40), "whisper": (2.0, 300), "image": (1.2, 500),
+           "video": (1.2, 1000),  # plus the decode's frames, which the adapter checks per request
            "piper": (1.5, 80),
            "moonshine": (8.0, 80),  # int8 .ort files run in float32 (base: 60 MB -> 556 MiB)
            "kokoro": (1.5, 160)}  # int8 v1.0: 90 MB of files, 300 MiB peak on a long sentence
@@ -62,7 +64,7 @@ _MEMORY = {"gguf": (6.0, 100), "mlx_lm": (1.3, 200), "vlm": (1.3, 300), "embeddi
 @dataclass(frozen=True)
 class Detected:
     """What :func:`detect` found: ``kind`` (gguf, mlx_lm, vlm, omni, embedding, cross_encoder, whisper,
-    image, piper, moonshine, kokoro), the ``architecture`` its files name, the proposed ``spec``,
+    image, video, piper, moonshine, kokoro), the ``architecture`` its files name, the proposed ``spec``,
     ``notes`` for the user, ``detected`` facts the adapters may not use yet (e.g. a
     sentence-transformers pooling mode) and ``torch_weights``: PyTorch files that must become
     safetensors before it serves."""
@@ -228,10 +230,15 @@ def _cross_encoder(path: Path, name: str, source: Source, config: dict, arch: st
 def _diffusers(path: Path, name: str, source: Source) -> Detected:
     index = _read_json(path / "model_index.json")
     pipeline = str(index.get("_class_name", ""))
+    weights = sorted(path.rglob("*.safetensors"))
+    if pipeline.startswith("Wan"):  # WanPipeline, WanImageToVideoPipeline: both TI2V here
+        spec = _spec(name, ("mlx_wan",), (Task.VIDEO_GENERATION,), "diffusers", source,
+                     _memory("video", weights), f"{pipeline} (diffusers, mlx-gen)")
+        return Detected("video", pipeline, spec, ("Wan 2.2 TI2V assumed: mlx_wan serves its "
+                                                  "text-to-video and image-to-video",))
     if not pipeline.startswith("Flux2"):
         raise _nothing_fits(path, f"a diffusers pipeline {pipeline or '?'} (mflux_image serves "
-                                  f"FLUX.2-klein)")
-    weights = sorted(path.rglob("*.safetensors"))
+                                  f"FLUX.2-klein, mlx_wan Wan 2.2 TI2V)")
     spec = _spec(name, ("mflux_image",), (Task.IMAGE_GENERATION,), "diffusers", source,
                  _memory("image", weights), f"{pipeline} (diffusers, mflux)")
     notes = ("family flux2-klein-4b assumed (options.family picks another mflux pipeline; a "
