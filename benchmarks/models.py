@@ -6,9 +6,11 @@ For each model the same loaded weights are timed through the adapter and
 through the library directly (mlx-lm's stream_generate, mlx_whisper's
 transcribe, PiperVoice.synthesize, the MLX BERT forward pass), interleaved in
 the same run; the ratio adapter/direct is the adapter's overhead (goal <= 1.05).
-A generated row follows (``--no-generated`` skips it): a tiny random-weight Qwen3-Omni, the
+Generated rows follow (``--no-generated`` skips them): a tiny random-weight Qwen3-Omni, the
 spoken question in, text out through the adapter against mlx-vlm directly, and a spoken
-reply's seconds of speech per second. The BLAS section runs a matmul and MiniLM in child
+reply's seconds of speech per second; a tiny random-weight Wan 2.2 TI2V, a clip through the
+adapter (progress, chunks) against mlx-gen's pipeline directly, with seconds per denoising
+step and per decoded frame. The BLAS section runs a matmul and MiniLM in child
 processes with OpenBLAS preloaded and with MLX's stock BLAS (goal >= 10x). Prints a table, writes
 benchmarks/results/models.json (or --json FILE) and a plot of each model's overhead ratio,
 benchmarks/results/models.png (or --png FILE).
@@ -250,6 +252,69 @@ def bench_generated_omni(repeats: int, speech: tuple[np.ndarray, int]) -> dict:
             "speech_per_s": seconds / speaking_s, "generated": True}
 
 
+def bench_generated_wan(repeats: int) -> dict:
+    """A tiny random-weight Wan 2.2 TI2V (mofa_omni.testing.tiny_wan: no video weights can be
+    had offline): a 17-frame 128x128 clip in 4 steps through the adapter (progress and
+    chunks) against mlx-gen's generate_video on the same thread, with the frames read out;
+    then the seconds per denoising step and per decoded frame, from the adapter's progress.
+    Marked as generated: the architecture's speed at a toy size, not a real model's."""
+    import tempfile
+    from pathlib import Path
+
+    from mofa_omni.contract.tasks import VideoChunk, VideoProgress, VideoRequest
+    from mofa_omni.models.store import ModelStore
+    from mofa_omni.testing.tiny_wan import write_tiny_wan
+
+    request = VideoRequest("a red kite over green hills", 17, 16, 128, 128, 4, 1)
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        write_tiny_wan(root / "tiny-wan")
+        (root / "catalog.toml").write_text(
+            '[models.tiny-wan]\nadapter = "mlx_wan"\ntasks = ["video_generation"]\n'
+            'format = "diffusers"\nmemory_mb = 100\noptions = { guidance = 1.0 }\n'
+            f'source = {{ path = "{root / "tiny-wan"}" }}\n')
+        release_freed_memory()
+        before = snapshot()
+        adapter = open_model("tiny-wan", catalog=Catalog.load([root / "catalog.toml"]),
+                             store=ModelStore(root / "cache"))
+        after = snapshot()
+        marks: dict[str, float] = {}
+
+        def through_adapter() -> float:
+            marks.clear()
+            started = time.perf_counter()
+            for result in adapter.generate_video(request):
+                now = time.perf_counter()
+                if isinstance(result, VideoProgress) and result.phase == "denoise":
+                    marks.setdefault("first_step", now)
+                    marks["last_step"] = now
+                elif isinstance(result, VideoChunk) and result.final:
+                    marks["decoded"] = now
+            return time.perf_counter() - started
+
+        def direct() -> float:
+            def run() -> None:
+                video = adapter._pipeline.generate_video(
+                    seed=request.seed, prompt=request.prompt, num_inference_steps=request.steps,
+                    height=request.height, width=request.width, num_frames=request.frames,
+                    fps=request.fps, guidance=1.0)
+                [frame.convert("RGB") for frame in video.frames]
+            return timed(lambda: adapter._engine.call(run))
+
+        through_adapter()  # warm-up
+        a, d = best_of_interleaved(through_adapter, direct, repeats)
+        through_adapter()
+        step_s = (marks["last_step"] - marks["first_step"]) / (request.steps - 1)
+        frame_s = (marks["decoded"] - marks["last_step"]) / request.frames
+        adapter.unload()
+    return {"model": "tiny-wan (generated)", "task": "video_generation", "backend": "mlx",
+            "load_s": adapter.load_seconds, "rss_bytes": after.rss_bytes - before.rss_bytes,
+            "mlx_bytes": after.mlx_active_bytes - before.mlx_active_bytes,
+            "throughput": request.frames / a, "unit": "frames/s", "adapter_s": a,
+            "direct_s": d, "overhead_ratio": a / d, "step_s": step_s, "frame_s": frame_s,
+            "generated": True}
+
+
 BLAS_PROBE = """
 import json, time
 from mofa_omni.models.compute import measure_blas
@@ -286,13 +351,18 @@ def print_table(rows: list[dict], blas: dict | None) -> None:
     print(f"\n{'model':{width}} {'backend':12} {'load':>7} {'RSS':>10} {'MLX':>10} "
           f"{'throughput':>12}  {'overhead':>8}")
     for r in rows:
-        unit = {"tok/s (prompt+decode)": "tok/s", "sentences/s": "sent/s"}.get(r["unit"], "RTF")
+        unit = {"tok/s (prompt+decode)": "tok/s", "sentences/s": "sent/s",
+                "frames/s": "frame/s"}.get(r["unit"], "RTF")
         print(f"{r['model']:{width}} {r['backend']:12} {r['load_s']:6.2f}s "
               f"{format_bytes(r['rss_bytes']):>10} {format_bytes(r['mlx_bytes']):>10} "
               f"{r['throughput']:7.2f} {unit:6}  {r['overhead_ratio']:7.3f}x")
         if "speech_per_s" in r:
             print(f"{'':{width}} spoken reply: {r['speech_per_s']:.1f} s of speech per second "
                   "(generated weights: the architecture at a toy size)")
+        if "step_s" in r:
+            print(f"{'':{width}} {r['step_s'] * 1000:.0f} ms per denoising step, "
+                  f"{r['frame_s'] * 1000:.0f} ms per decoded frame (17 frames of 128x128; "
+                  "generated weights: the architecture at a toy size)")
     if blas:
         print(f"\nMLX BLAS        {'OpenBLAS':>10} {'stock':>10} {'ratio':>7}")
         print(f"matmul GFLOP/s  {blas['openblas']['gflops']:10.1f} {blas['stock']['gflops']:10.1f} "
@@ -322,7 +392,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-blas", action="store_true", help="skip the BLAS comparison")
     parser.add_argument("--no-generated", action="store_true",
-                        help="skip the generated-weight rows (a tiny Qwen3-Omni)")
+                        help="skip the generated-weight rows (a tiny Qwen3-Omni, a tiny Wan)")
     add_output_flags(parser, "models.json", "models.png")
     args = parser.parse_args()
 
@@ -334,6 +404,8 @@ def main() -> int:
     if not args.no_generated:
         print("measuring a generated tiny Qwen3-Omni ...", file=sys.stderr, flush=True)
         rows.append(bench_generated_omni(args.repeats, speech))
+        print("measuring a generated tiny Wan 2.2 TI2V ...", file=sys.stderr, flush=True)
+        rows.append(bench_generated_wan(args.repeats))
     blas = None if args.no_blas else bench_blas()
     print_table(rows, blas)
     write_json(args.json, {**run_stamp(), "models": rows, "blas": blas})
