@@ -297,3 +297,25 @@ def test_omni_video_writes_the_clip_through_the_graph(tiny_wan, tmp_path: Path):
     assert refused.returncode != 0
     assert "6 frames" in refused.stderr and not (tmp_path / "no.mp4").exists()
     assert not list((tmp_path / "runs").glob("*/run.json"))  # nothing left running
+
+
+# --- clips read by a vision-language model -----------------------------------------------------
+
+def test_chat_requests_carry_video_clips_as_arrow():
+    from mofa_omni.contract.tasks import ChatMessage, OmniRequest
+
+    asked = [ChatMessage("user", "What happens?")]
+    clips = [frames(4, 16, 24), frames(2, 8, 8)]
+    back = arrow.decode(arrow.encode(OmniRequest(asked, videos=clips, video_fps=[8.0, 2.5])),
+                        OmniRequest)
+    assert back.video_fps == [8.0, 2.5]
+    for sent, received in zip(clips, back.videos):
+        np.testing.assert_array_equal(received, sent)
+    for videos, rates, message in [
+        ([frames(2)], [], "1 videos with 0 frame rates"),
+        ([frames(2).astype(np.float32)], [8.0], "video 0 must be uint8 frames"),
+        ([frames(2)], [0.0], "video 0: frame rate 0.0 is outside"),
+        ([frames(1025, 2, 2)], [8.0], "1025 video frames; at most 1024"),
+    ]:
+        with pytest.raises(ContractError, match=message):
+            validate_request(OmniRequest(asked, videos=videos, video_fps=rates))

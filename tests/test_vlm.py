@@ -247,6 +247,54 @@ def test_closing_the_stream_stops_generation(vlm: ModelAdapter):
         next(stream)
 
 
+READS_VIDEO = {"tiny-qwen2-vl", "tiny-qwen2-5-vl"}  # a video token and a video processor
+
+
+def clip(frames: int, height: int = 56, width: int = 56) -> np.ndarray:
+    rng = np.random.default_rng(frames)
+    return rng.integers(0, 256, (frames, height, width, 3), dtype=np.uint8)
+
+
+def test_a_video_clip_is_read_by_the_models_that_read_video(vlm: ModelAdapter):
+    """A clip (uint8 frames and their rate) goes in as the model's video tokens, sampled at the
+    adapter's rate (video_fps, max_video_frames); a model without video is refused by name."""
+    asked = [ChatMessage("user", "What happens in this clip?")]
+
+    def final(videos: list[np.ndarray], rates: list[float]) -> TextChunk:
+        return list(vlm.generate_from_images(OmniRequest(asked, videos=videos, video_fps=rates,
+                                                         max_tokens=4)))[-1]
+
+    if vlm.spec.name not in READS_VIDEO:
+        assert not vlm.reads_video()
+        with pytest.raises(ContractError, match=f"model '{vlm.spec.name}' does not read video"):
+            final([clip(8)], [8.0])
+        return
+    assert vlm.reads_video()
+    words = list(vlm.generate(ChatRequest(asked, max_tokens=1)))[-1].prompt_tokens
+    four_seconds = final([clip(32)], [8.0])  # sampled to 2 fps: 8 frames
+    eight_seconds = final([clip(64)], [8.0])  # 16 frames: twice the video tokens
+    assert words < four_seconds.prompt_tokens < eight_seconds.prompt_tokens
+    assert eight_seconds.prompt_tokens - words == 2 * (four_seconds.prompt_tokens - words) - 2
+    capped = final([clip(600)], [8.0])  # 75 s: max_video_frames (32) spread over all of it
+    assert capped.prompt_tokens == final([clip(32 * 4)], [2.0]).prompt_tokens
+    with_picture = list(vlm.generate_from_images(OmniRequest(
+        asked, [picture()], videos=[clip(32)], video_fps=[8.0], max_tokens=2)))[-1]
+    assert with_picture.prompt_tokens > four_seconds.prompt_tokens
+
+
+def test_frames_are_sampled_evenly_at_the_asked_rate():
+    from mofa_omni.media.video import sample_frames
+
+    numbered = np.arange(100, dtype=np.uint8).reshape(100, 1, 1, 1).repeat(3, axis=3)
+    frames, rate = sample_frames(numbered, 25.0, 2.0, 32)  # 4 s at 2 fps
+    assert len(frames) == 8 and rate == 2.0
+    assert frames[0, 0, 0, 0] == 0 and frames[-1, 0, 0, 0] == 99
+    frames, rate = sample_frames(numbered, 25.0, 2.0, 4)  # capped, spread over all 4 s
+    assert frames[:, 0, 0, 0].tolist() == [0, 33, 66, 99] and rate == 1.0
+    frames, rate = sample_frames(numbered[:3], 1.0, 2.0, 32)  # never more than it has
+    assert len(frames) == 3 and rate == 1.0
+
+
 def test_the_same_weights_chat_without_a_picture(vlm: ModelAdapter):
     hello = [ChatMessage("user", "Hello!")]
     chunks = list(vlm.generate(ChatRequest(hello, max_tokens=6)))

@@ -61,6 +61,9 @@ class MlxOmniAdapter(MlxVlmAdapter):
         validate_request(request)
         if self._model is None:
             raise self.not_loaded()
+        if request.videos:
+            raise ContractError(f"model {self.spec.name!r} (mlx_omni) does not take video clips "
+                                "with sound here: send the clip's frames as pictures")
         images = [to_rgb(pixels) for pixels in request.images]
         audio = [resample(clip, request.sample_rate, HEARING_RATE) for clip in request.audio]
         prompt = self._prompt(request)

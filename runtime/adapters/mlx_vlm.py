@@ -17,6 +17,7 @@ import numpy as np
 
 from mofa_omni.adapters.base import ModelAdapter
 from mofa_omni.adapters.chat import Piece, stream_reply
+from mofa_omni.adapters.options import AdapterOptions, Positive
 from mofa_omni.contract.errors import ContractError
 from mofa_omni.contract.tasks import (
     ChatMessage,
@@ -26,6 +27,7 @@ from mofa_omni.contract.tasks import (
     TextChunk,
     validate_request,
 )
+from mofa_omni.media.video import sample_frames
 from mofa_omni.models.fetching import Progress
 from mofa_omni.models.store import link_model_directory
 
@@ -43,14 +45,26 @@ def to_rgb(pixels: np.ndarray):
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+class MlxVlmOptions(AdapterOptions):
+    """The catalog options of an mlx-vlm model: how video clips are sampled before the model
+    reads them (mlx-vlm takes decoded frames as they come)."""
+
+    video_fps: float = 2.0  # frames a second read from a clip (Qwen-VL's default)
+    max_video_frames: Positive = 32  # at most this many frames of one clip
+
+
 class MlxVlmAdapter(ModelAdapter):
-    """Vision-language models (SmolVLM, Qwen2-VL, LLaVA, PaliGemma...) through mlx-vlm."""
+    """Vision-language models (SmolVLM, Qwen2-VL, LLaVA, PaliGemma...) through mlx-vlm.
+    Options (:class:`MlxVlmOptions`): ``video_fps`` and ``max_video_frames``, the sampling of
+    video clips for the models that read video (Qwen2-VL and Qwen2.5-VL)."""
 
     supported_tasks: ClassVar[frozenset[Task]] = frozenset({Task.VISION_LANGUAGE,
                                                             Task.TEXT_GENERATION})
     formats: ClassVar[frozenset[str]] = frozenset({"mlx"})
     backend: ClassVar[str] = "mlx"
     requires: ClassVar[tuple[str, ...]] = ("mlx_vlm",)
+    Options: ClassVar[type[AdapterOptions]] = MlxVlmOptions
+    options: MlxVlmOptions
 
     def __init__(self, spec):
         super().__init__(spec)
@@ -82,15 +96,40 @@ class MlxVlmAdapter(ModelAdapter):
         channels. Closing the generator stops the computation. Sound and speech are an omni
         request's (``omni``): refused here by name."""
         validate_request(request)
-        if not request.images:
-            raise ContractError("vision request has no images")
+        if not request.images and not request.videos:
+            raise ContractError("vision request has no images or videos")
         if request.audio or request.speak:
             raise ContractError(f"a vision_language request holds pictures and text: "
                                 f"{'sound' if request.audio else 'a spoken reply'} is for an "
                                 f"omni model (task omni)")
         images = [to_rgb(pixels) for pixels in request.images]
+        videos = self._videos(request)
         return self._stream(request.messages, images, max_tokens=request.max_tokens,
-                            temperature=request.temperature)
+                            temperature=request.temperature, videos=videos)
+
+    def reads_video(self) -> bool:
+        """Whether the loaded model takes video clips: a video token in its config and a
+        video processor beside its image processor."""
+        if self._model is None:
+            raise self.not_loaded()
+        config = self._model.config
+        token = getattr(config, "video_token_id", None) or getattr(config, "video_token_index",
+                                                                   None)
+        return token is not None and getattr(self._processor, "video_processor", None) is not None
+
+    def _videos(self, request: OmniRequest) -> list[tuple[np.ndarray, float]]:
+        """Each clip sampled as the options say, as the (T, C, H, W) frames mlx-vlm takes, with
+        its sampled rate; clips for a model that does not read video are refused by name."""
+        if not request.videos:
+            return []
+        if not self.reads_video():
+            raise ContractError(f"model {self.spec.name!r} does not read video (no video token "
+                                "or video processor): send pictures instead")
+        sampled = [sample_frames(frames, rate, self.options.video_fps,
+                                 self.options.max_video_frames)
+                   for frames, rate in zip(request.videos, request.video_fps)]
+        return [(np.ascontiguousarray(frames.transpose(0, 3, 1, 2)), rate)
+                for frames, rate in sampled]
 
     def generate(self, request: ChatRequest) -> Iterator[TextChunk]:
         """Plain chat with the same weights (no image); stop sequences are never emitted."""
@@ -104,6 +143,7 @@ class MlxVlmAdapter(ModelAdapter):
 
     def _stream(self, messages: list[ChatMessage], images: list, *, stop: list[str] = (),
                 audio: list[np.ndarray] = (), prompt: str | None = None,
+                videos: list[tuple[np.ndarray, float]] = (),
                 **sampling) -> Iterator[TextChunk]:
         from mlx_vlm.generate import stream_generate
         from mlx_vlm.prompt_utils import apply_chat_template
@@ -112,12 +152,18 @@ class MlxVlmAdapter(ModelAdapter):
             raise self.not_loaded()
         if prompt is None:  # the pictures (and sounds) go with the last user message
             media = {"num_audios": len(audio)} if audio else {}
+            if videos:  # one video part each in the last user message, before its text
+                media |= {"video": [f"video-{i}" for i in range(len(videos))],
+                          "fps": [rate for _, rate in videos]}
             prompt = apply_chat_template(self._processor, self._model.config,
                                          [{"role": m.role, "content": m.content}
                                           for m in messages],
                                          num_images=len(images), **media)
         if audio:  # 16 kHz mono float32: mlx-vlm resamples files only, not arrays
             sampling["audio"] = list(audio)
+        if videos:  # decoded frames: mlx-vlm samples files only, so they come sampled
+            sampling["video"] = [frames for frames, _ in videos]
+            sampling["fps"] = [rate for _, rate in videos]
         responses = stream_generate(self._model, self._processor, prompt, image=images or None,
                                     **sampling)
         prompt_tokens = [0]

@@ -316,18 +316,26 @@ _CODECS: dict[type, _Codec] = {
                    ("audio", pa.list_(pa.float32())), ("audio_lengths", pa.list_(pa.int64())),
                    ("sample_rate", pa.int32()), ("max_tokens", pa.int32()),
                    ("temperature", pa.float32()), ("speak", pa.bool_()), ("voice", pa.string()),
-                   ("audio_turns", pa.list_(pa.int32()))]),
+                   ("audio_turns", pa.list_(pa.int32())),
+                   # the clips' frames as one uint8 list, each clip's (T, H, W, 3) and rate
+                   ("video_frames", pa.list_(pa.uint8())),
+                   ("video_shapes", pa.list_(pa.list_(pa.int32()))),
+                   ("video_fps", pa.list_(pa.float32()))]),
         lambda m: [_messages(m.messages), _images(m.images),
                    _numbers(np.concatenate(m.audio) if m.audio else np.zeros(0, np.float32),
                             pa.float32()),
                    _one([int(clip.size) for clip in m.audio], pa.list_(pa.int64())),
                    _one(m.sample_rate, pa.int32()), _one(m.max_tokens, pa.int32()),
                    _one(m.temperature, pa.float32()), _one(m.speak, pa.bool_()),
-                   _one(m.voice, pa.string()), _one(list(m.audio_turns), pa.list_(pa.int32()))],
+                   _one(m.voice, pa.string()), _one(list(m.audio_turns), pa.list_(pa.int32())),
+                   _raw_bytes(np.concatenate([v.reshape(-1) for v in m.videos]) if m.videos
+                              else np.zeros(0, np.uint8)),
+                   _one([list(v.shape) for v in m.videos], pa.list_(pa.list_(pa.int32()))),
+                   _one([float(f) for f in m.video_fps], pa.list_(pa.float32()))],
         lambda r: OmniRequest(_read_messages(r), _read_images(r), _read_clips(r),
                               r.scalar("sample_rate"), r.scalar("max_tokens"),
                               r.scalar("temperature"), r.scalar("speak"), r.scalar("voice"),
-                              r.optional("audio_turns", [])),
+                              r.optional("audio_turns", []), *_read_videos(r)),
     ),
     Tensor: _Codec(
         pa.struct([("kind", pa.string()), ("dtype", pa.string()), ("shape", pa.list_(pa.int64())),
@@ -428,6 +436,21 @@ def _read_clips(row: _Row) -> list[np.ndarray]:
         raise ContractError(f"{row.what}: audio clips of {lengths} samples do not fill the "
                             f"{samples.size} sent")
     return np.split(samples, np.cumsum(lengths)[:-1]) if lengths else []
+
+
+def _read_videos(row: _Row) -> tuple[list[np.ndarray], list[float]]:
+    """Video clips sent as one uint8 list of frames, each clip's shape and frame rate (absent
+    from messages sent before clips were carried: none)."""
+    if row.array.type.get_field_index("video_frames") < 0:
+        return [], []
+    frames, shapes = row.numbers("video_frames"), row.scalar("video_shapes")
+    sizes = [int(np.prod(shape)) if len(shape) == 4 and min(shape) > 0 else -1
+             for shape in shapes]
+    if any(size < 0 for size in sizes) or sum(sizes) != frames.size:
+        raise ContractError(f"{row.what}: video clips of shapes {shapes} do not fill the "
+                            f"{frames.size} bytes sent")
+    parts = np.split(frames, np.cumsum(sizes)[:-1]) if sizes else []
+    return [part.reshape(shape) for part, shape in zip(parts, shapes)], row.scalar("video_fps")
 
 
 def _read_images(row: _Row) -> list[np.ndarray]:

@@ -214,6 +214,8 @@ class OmniRequest:
     # The message each clip was said in (a voice conversation's earlier turns); empty: every
     # clip belongs to the last user message.
     audio_turns: list[int] = field(default_factory=list)
+    videos: list[np.ndarray] = field(default_factory=list)  # each uint8 (T, H, W, 3)
+    video_fps: list[float] = field(default_factory=list)  # each video's frame rate
 
 
 @dataclass(frozen=True, slots=True)
@@ -526,6 +528,25 @@ def _check_arguments(call: ToolCall, where: str) -> None:
         raise ContractError(f"{where}: the arguments must be a JSON object")
 
 
+OMNI_MAX_VIDEO_FRAMES = 1024  # frames in one request, all clips together
+
+
+def _check_videos(videos: list[np.ndarray], rates: list[float]) -> None:
+    if len(rates) != len(videos):
+        raise ContractError(f"{len(videos)} videos with {len(rates)} frame rates")
+    for i, (video, rate) in enumerate(zip(videos, rates)):
+        if not isinstance(video, np.ndarray) or video.dtype != np.uint8 or video.ndim != 4 \
+                or video.shape[3] != 3 or 0 in video.shape:
+            raise ContractError(f"video {i} must be uint8 frames (T, H, W, 3), got "
+                                f"{getattr(video, 'dtype', type(video).__name__)} "
+                                f"{getattr(video, 'shape', '')}")
+        if not 0 < rate <= VIDEO_MAX_FPS:
+            raise ContractError(f"video {i}: frame rate {rate} is outside 0-{VIDEO_MAX_FPS}")
+    if sum(len(v) for v in videos) > OMNI_MAX_VIDEO_FRAMES:
+        raise ContractError(f"the request holds {sum(len(v) for v in videos)} video frames; "
+                            f"at most {OMNI_MAX_VIDEO_FRAMES}")
+
+
 VIDEO_MAX_SIDE = 4096
 VIDEO_MAX_FRAMES = 1024
 VIDEO_MAX_FPS = 240
@@ -601,6 +622,7 @@ def validate_request(request: object) -> None:
                     if not 0 <= turn < len(messages) or messages[turn].role != "user":
                         raise ContractError(f"audio_turns: message {turn} is not a user turn "
                                             f"of the {len(messages)} messages")
+            _check_videos(request.videos, request.video_fps)
             seconds = sum(clip.size for clip in audio) / rate if audio else 0.0
             if seconds > OMNI_MAX_AUDIO_S:
                 raise ContractError(f"omni request holds {seconds:.0f} s of audio; at most "

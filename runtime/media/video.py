@@ -114,6 +114,16 @@ def read_mp4(source: str | Path | bytes) -> tuple[np.ndarray, float]:
     return np.stack(frames), rate
 
 
+def sample_frames(frames: np.ndarray, fps: float, target_fps: float, max_frames: int
+                  ) -> tuple[np.ndarray, float]:
+    """A clip's frames at ``target_fps`` (never more than it has), at most ``max_frames`` of
+    them spread evenly over the whole clip; with the rate they then stand for."""
+    duration = len(frames) / fps
+    count = max(1, min(len(frames), max_frames, round(duration * min(target_fps, fps))))
+    picks = np.linspace(0, len(frames) - 1, count).round().astype(int)
+    return frames[picks], count / duration
+
+
 def check_next(chunk: VideoChunk, index: int, first_frame: int) -> None:
     """Refuse a chunk that is not the one due (chunk ``index``, from frame ``first_frame``):
     one before it was lost on the way."""
