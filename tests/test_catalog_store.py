@@ -205,3 +205,41 @@ def test_a_name_given_for_a_path_cannot_lead_out_of_the_cache(tmp_path: Path, ca
         resolve_model_name(str(tmp_path), catalog, ModelStore(tmp_path / "cache"),
                            name="../escape")
     assert not (tmp_path / "cache").exists()  # refused before anything was fetched
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 2 MiB filesystem (tmpfs) for the model cache: a disk that fills up. Needs root."""
+    import os
+    import subprocess
+
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs",
+                                            str(mount)], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_is_said_and_leaves_nothing_that_looks_complete(
+        small_disk: Path, catalog: Catalog, store: ModelStore, tmp_path: Path):
+    """A pull whose conversion does not fit the cache's disk ends in an error saying so (where,
+    how much is free, what to do), through the CLI too; no entry it began looks complete."""
+    from tests.dataflow_run import omni
+
+    smollm2 = catalog.get("smollm2-135m")
+    gguf = store.fetch(smollm2) / Path(smollm2.source.files[0]).name
+    user = tmp_path / "catalog.toml"
+    user.write_text('[models.roomless]\nadapter = "mlx_lm"\ntasks = ["text_generation"]\n'
+                    f'format = "gguf"\nmemory_mb = 700\nsource = {{ path = "{gguf}" }}\n')
+    pulled = omni("pull", "roomless", timeout=300,
+                  env={"MOFA_OMNI_CATALOG": str(user), "MOFA_OMNI_CACHE": str(small_disk)})
+    assert pulled.returncode != 0
+    assert "Traceback" not in pulled.stderr, pulled.stderr[-3000:]
+    assert f"no space left on the disk of the model cache {small_disk}" in pulled.stderr
+    assert "omni prune" in pulled.stderr
+    roomy = ModelStore(small_disk)
+    spec = Catalog.load([user]).get("roomless")
+    assert not roomy.model_dir(spec).exists()  # the half-written conversion is gone
+    assert not list((small_disk / "models").glob(".roomless.*"))

@@ -21,6 +21,7 @@ store says so and rebuilds, instead of letting a library crash on it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -45,6 +46,7 @@ from mofa_omni.contract.errors import ModelLoadError
 from mofa_omni.models.catalog import HubSource, ModelSpec, PathSource, PypiSource, RemoteSource
 from mofa_omni.models.fetching import FetchError, Progress, no_progress
 from mofa_omni.models.hub import fetch_hub
+from mofa_omni.models.memory import format_bytes
 
 log = logging.getLogger("mofa_omni.models.store")
 
@@ -203,6 +205,25 @@ def share_identical_files(directory: Path, manifest: Manifest, blobs: Path) -> M
     return Manifest(files, manifest.artifact_version, manifest.source)
 
 
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFull(FetchError):
+    """The disk (or the quota) of the model cache has no room for what a pull writes."""
+
+
+def disk_full_cause(error: BaseException | None) -> OSError | None:
+    """The "no space left" (or "quota exceeded") error behind ``error``, if that is what it
+    is: a conversion failing on a full disk arrives wrapped in the adapter's own error."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
 class ModelStore:
     """Fetches, converts, caches and verifies the weights of catalog models."""
 
@@ -246,6 +267,21 @@ class ModelStore:
         manifest = Manifest.read(self.model_dir(spec))
         return sum(record.size for record in manifest.files.values()) if manifest else 0
 
+    @contextlib.contextmanager
+    def _disk_full_said(self, spec: ModelSpec) -> Iterator[None]:
+        """A full disk is said as such, with where and how much is free (what was written of
+        the pull is gone or resumable: no entry looks complete without its manifest)."""
+        try:
+            yield
+        except Exception as error:
+            if disk_full_cause(error) is None:
+                raise
+            free = shutil.disk_usage(self.root).free if self.root.exists() else 0
+            raise DiskFull(f"model {spec.name!r}: no space left on the disk of the model cache "
+                           f"{self.root} ({format_bytes(free)} free) for its download and "
+                           "conversion: free some (`omni prune` removes what no model uses) or "
+                           "move the cache to a larger disk (MOFA_OMNI_CACHE)") from error
+
     # --- building --------------------------------------------------------------------
 
     def prepare(self, adapter: ModelAdapter, progress: Progress = no_progress,
@@ -253,7 +289,7 @@ class ModelStore:
         """The verified artifact directory of ``adapter``'s model, fetching/converting if needed."""
         spec = adapter.spec
         target = self.model_dir(spec)
-        with self._lock(spec.name):
+        with self._lock(spec.name), self._disk_full_said(spec):
             manifest = Manifest.read(target)
             if manifest is not None and manifest.built_from(spec, adapter.artifact_version):
                 problems = manifest.problems(target, hashes=verify)
@@ -292,7 +328,7 @@ class ModelStore:
 
     def fetch(self, spec: ModelSpec, progress: Progress = no_progress) -> Path:
         """The source files of ``spec``, fetched once (verified against their manifest)."""
-        with self._lock(spec.name):
+        with self._lock(spec.name), self._disk_full_said(spec):
             return self._fetch_verified(spec, progress)
 
     def _fetch_verified(self, spec: ModelSpec, progress: Progress) -> Path:
