@@ -1,5 +1,6 @@
 """What the benchmarks share: their folders, common flags, timing and statistics, table headers,
-plots, JSON results, the machine's description, and the `dora` processes they start.
+plots, JSON results, the machine's description, the `dora` processes they start, and their own
+model cache (benchmarks/.cache, unless MOFA_OMNI_CACHE is set: never the user's).
 
 The scripts beside it import it as ``from common import ...`` (``python benchmarks/X.py`` puts
 this folder first on sys.path). At import it loads only the standard library, psutil and a light
@@ -37,6 +38,9 @@ RESULTS = ROOT / "benchmarks" / "results"  # the committed figures, each benchma
 FLOWS = ROOT / "benchmarks" / "dataflows"  # the benchmarks' own graphs and driver nodes
 SAMPLES = ROOT / "dataflows" / "samples"  # the checkout's spoken questions (WAV)
 BIN = Path(sys.executable).parent  # this environment's programs: dora, omni, omni-node, ...
+# The benchmarks' own model cache (what they pull, convert and build under their own names stays
+# out of the user's), unless MOFA_OMNI_CACHE names one; the graphs they start inherit it.
+CACHE = Path(os.environ.setdefault("MOFA_OMNI_CACHE", str(ROOT / "benchmarks" / ".cache")))
 # What ensure_fast_blas() sets to re-execute a process with OpenBLAS preloaded.
 BLAS_SETUP = ("LD_PRELOAD", "OPENBLAS_CORETYPE", "MOFA_OMNI_BLAS_REEXEC")
 
