@@ -12,7 +12,10 @@ Inputs:
     transcript      Transcript of an utterance (an ASR node's `result`)
     utterance       or the utterance itself (a VAD's `utterance`), for an omni model that
                     hears: it is asked as an OmniRequest to answer aloud (dataflows/voice.omni.yml)
-    asr_error       ErrorReport of the ASR: that utterance gets no reply
+    asr_error       ErrorReport of the ASR: that utterance gets no reply (the transcript says why)
+    hearing         optional, the VAD's `utterance` as it goes to the ASR: the turn waits for
+                    its words; if the ASR node crashes (or the words do not come within
+                    REPLY_TIMEOUT_S) the turn ends with the reason instead of stalling
     speech_started  the VAD heard the user begin to speak: barge in on a running reply
     reply           TextChunk stream of the LLM (an omni model's AudioChunks there are the
                     sink's: skipped)
@@ -67,6 +70,12 @@ def main() -> None:
         out_dir = voice_output()
     node = CheckedNode()
     node_id = dora_node_id("dialogue")
+    # the node whose `result` is our `transcript`: its crash leaves utterances unheard
+    inputs = node.node_config().get("inputs") or {}
+    transcript_source = inputs.get("transcript", "")
+    transcript_source = transcript_source.get("source", "") \
+        if isinstance(transcript_source, dict) else str(transcript_source)
+    dialogue.hearing_node = transcript_source.partition("/")[0]
     out_dir.mkdir(parents=True, exist_ok=True)
     transcript = (out_dir / "transcript.txt").open("w", buffering=1)
 
@@ -100,7 +109,10 @@ def main() -> None:
             time.monotonic()),
         "utterance": lambda meta, value: heard_sound(meta, arrow.decode(value,
                                                                        TranscriptionRequest)),
-        "asr_error": lambda meta, value: [TurnDone(meta.request_id)],
+        "asr_error": lambda meta, value: dialogue.not_heard(
+            meta.request_id, arrow.decode(value, ErrorReport).summary()),
+        "hearing": lambda meta, value: dialogue.sent_to_be_heard(meta.request_id,
+                                                                 time.monotonic()),
         "speech_started": lambda meta, value: dialogue.speech_started(),
         "reply": lambda meta, value: reply(meta, arrow.decode_one_of(value,
                                                                      (TextChunk, AudioChunk))),

@@ -118,6 +118,31 @@ def test_a_crash_on_the_replys_path_ends_the_turn_at_once_with_the_reason():
     assert [m.role for m in ask.request.messages] == ["system", "user"]
 
 
+def test_a_crashed_asr_ends_the_turns_it_was_hearing_and_the_next_is_answered():
+    dialogue = Dialogue(hearing_node="asr")
+    assert dialogue.node_crashed("asr") == []  # nothing being transcribed: nothing to end
+    dialogue.sent_to_be_heard("turn-1", now=100.0)
+    line, done = dialogue.node_crashed("asr")
+    assert line == TranscriptLine("user", "", "turn-1", error="asr crashed: not heard")
+    assert done == TurnDone("turn-1") and dialogue.transcribing == {}
+    assert line.render() == "user:  [error: asr crashed: not heard]"
+    dialogue.sent_to_be_heard("turn-2", now=110.0)  # the restarted ASR hears the next one
+    *_, ask = dialogue.heard("turn-2", "Are you there?", 0, now=111.0)
+    assert dialogue.transcribing == {} and ask.request.messages[-1].content == "Are you there?"
+    assert dialogue.node_crashed("asr") == []  # the reply's path is another matter
+
+
+def test_words_that_never_come_back_end_their_turn_at_the_deadline():
+    dialogue = Dialogue(hearing_node="asr")
+    dialogue.sent_to_be_heard("turn-1", now=100.0)
+    assert dialogue.expire(now=150.0, timeout_s=60) == []
+    line, done = dialogue.expire(now=161.0, timeout_s=60)
+    assert line.error == "timeout: not heard in 60 s" and done == TurnDone("turn-1")
+    dialogue.sent_to_be_heard("turn-2", now=170.0)
+    assert dialogue.not_heard("turn-2", "bad_request: audio is empty")[-1] == TurnDone("turn-2")
+    assert dialogue.expire(now=1000.0, timeout_s=60) == []
+
+
 def test_an_omni_model_hears_each_utterance_in_the_turn_it_was_said_in():
     import numpy as np
 

@@ -145,3 +145,25 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def test_a_turn_whose_words_never_come_back_ends_and_the_next_is_answered(tmp_path, speak):
+    """The ASR's first transcript is lost on the way (dropped on purpose, as dora drops one
+    now and then; a crashed ASR leaves the dialogue the same way): that turn ends in an error
+    line at the dialogue's deadline instead of stalling the conversation, and the next turn is
+    heard and answered."""
+    from mofa_omni.launch import dataflows
+
+    graph = dataflows.with_env(dataflows.load(VOICE), "asr", DROP_MESSAGES="result:final:0")
+    graph = dataflows.with_env(graph, "dialogue", REPLY_TIMEOUT_S="8")
+    lossy = tmp_path / "voice.lossy.yml"
+    lossy.write_text(dataflows.dump(graph))
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    write_wav(inputs / "01.wav", speak("What is the capital of France?"), 16000)
+    write_wav(inputs / "02.wav", speak("What is the capital of Italy?"), 16000)
+    run_dataflow(lossy, {"VOICE_INPUT": str(inputs), "VOICE_OUTPUT": str(outputs)})
+    lines = (outputs / "transcript.txt").read_text().splitlines()
+    assert lines[0] == "user:  [error: timeout: not heard in 8 s]", lines
+    assert lines[1] == "user: What is the capital of Italy?", lines
+    assert lines[2].startswith("assistant: ") and "[" not in lines[2], lines

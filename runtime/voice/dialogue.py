@@ -91,10 +91,24 @@ class Dialogue:
     voice: str = ""  # an omni model's voice ("" = its first)
     history: list[ChatMessage] = field(default_factory=list)
     active: _Reply | None = None
+    hearing_node: str = ""  # the node transcribing the utterances (the ASR), if known
+    # Utterances sent to be transcribed, not yet heard back: turn id -> when (monotonic s).
+    transcribing: dict[str, float] = field(default_factory=dict)
     _replies: int = 0
+
+    def sent_to_be_heard(self, turn_id: str, now: float = 0.0) -> list[Action]:
+        """An utterance went to the ASR (the VAD's `utterance`): its turn waits for the words."""
+        self.transcribing[turn_id] = now
+        return []
+
+    def not_heard(self, turn_id: str, why: str) -> list[Action]:
+        """The ASR could not transcribe the utterance: the turn ends, saying why."""
+        self.transcribing.pop(turn_id, None)
+        return [TranscriptLine("user", "", turn_id, error=why), TurnDone(turn_id)]
 
     def heard(self, turn_id: str, text: str, origin_ns: int, now: float = 0.0) -> list[Action]:
         """A transcribed utterance: interrupt what is going on, then answer it."""
+        self.transcribing.pop(turn_id, None)
         text = text.strip()
         if NON_SPEECH.match(text):
             return [TurnDone(turn_id)]  # silence or noise: no reply, nothing breaks
@@ -175,20 +189,30 @@ class Dialogue:
                                          error=message), TurnDone(reply.turn_id)]
 
     def node_crashed(self, node: str) -> list[Action]:
-        """A node of the reply's path crashed (dora restarts it, or not): the reply in flight
-        will not come; the turn ends now with the reason, not at the reply's deadline."""
+        """A node crashed (dora restarts it, or not). The ASR: the utterances it was
+        transcribing will not be heard, their turns end now with the reason. Any other node
+        of the reply's path: the reply in flight will not come, its turn ends now — not at
+        the deadline."""
+        if node == self.hearing_node:
+            return [action for turn_id in list(self.transcribing)
+                    for action in self.not_heard(turn_id, f"{node} crashed: not heard")]
         reply = self.active
         if reply is None:
             return []
         return [Cancel(reply.reply_id), *self.reply_failed(reply.reply_id, f"{node} crashed")]
 
     def expire(self, now: float, timeout_s: float) -> list[Action]:
-        """End a reply that is not over ``timeout_s`` after the question: a lost message must
-        not leave the conversation waiting for ever."""
+        """End a reply that is not over ``timeout_s`` after the question, and a turn whose
+        words have not come back ``timeout_s`` after it was sent: a lost message must not
+        leave the conversation waiting for ever."""
+        actions = [action for turn_id, sent in list(self.transcribing.items())
+                   if now - sent > timeout_s
+                   for action in self.not_heard(turn_id, f"timeout: not heard in "
+                                                         f"{timeout_s:g} s")]
         reply = self.active
         if reply is None or now - reply.started <= timeout_s:
-            return []
-        return [Cancel(reply.reply_id),
+            return actions
+        return [*actions, Cancel(reply.reply_id),
                 *self.reply_failed(reply.reply_id, f"timeout: no complete reply in {timeout_s:g} s")]
 
     def _current(self, reply_id: str) -> _Reply | None:
