@@ -26,7 +26,6 @@ What mlx-gen does quietly, made loud here:
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from mlx.utils import tree_flatten
 from mofa_omni.adapters.mflux_image import constructor_arguments
 from mofa_omni.adapters.umt5 import UMT5Encoder, prompt_embeddings
 from mofa_omni.contract.errors import ContractError, ModelLoadError
+from mofa_omni.formats.json_files import read_json_object
 
 FAMILY = "wan2.2-ti2v-5b"  # mlx-gen's registry key for TI2V-5B
 WEIGHTED = ("transformer", "vae", "text_encoder")  # folders with config.json + safetensors
@@ -94,9 +94,9 @@ def model_config(directory: Path):
     from mflux.models.common.config.model_config import AVAILABLE_MODELS, ModelConfig
 
     directory = Path(directory)
-    transformer = transformer_arguments(_read_json(directory / "transformer" / "config.json"))
-    vae = vae_arguments(_read_json(directory / "vae" / "config.json"))
-    text = _read_json(directory / "text_encoder" / "config.json")
+    transformer = transformer_arguments(read_json_object(directory / "transformer" / "config.json"))
+    vae = vae_arguments(read_json_object(directory / "vae" / "config.json"))
+    text = read_json_object(directory / "text_encoder" / "config.json")
     if transformer.get("text_dim") != text.get("d_model"):
         raise ModelLoadError(f"{directory}: the transformer's text_dim {transformer.get('text_dim')}"
                              f" is not the text encoder's d_model {text.get('d_model')}")
@@ -244,16 +244,6 @@ def _fresh_modules(config) -> dict[str, Any]:
 
     return {"transformer": WanTransformer(**WanInitializer._transformer_kwargs(config)),
             "vae": Wan2_2_VAE(**WanInitializer._vae_kwargs(config))}
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise ModelLoadError(f"{path} is unreadable: {error}") from None
-    if not isinstance(value, dict):
-        raise ModelLoadError(f"{path} is not a JSON object")
-    return value
 
 
 def _some(names: list[str], shown: int = 5) -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 
 from mofa_omni.contract.errors import ContractError
 from mofa_omni.contract.tasks import Task
+from mofa_omni.formats.json_files import read_json_object
 from mofa_omni.models.catalog import ModelSpec, PathSource, Source
 
 CHAT_LM_ADAPTERS = ("mlx_lm", "llama_cpp", "ct2_lm")
@@ -341,18 +341,12 @@ def _describe(detected: dict[str, Any]) -> str:
     return text
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise ContractError(f"{path} is unreadable: {error}") from None
-    if not isinstance(value, dict):
-        raise ContractError(f"{path} is not a JSON object")
-    return value
-
-
 def _nothing_fits(path: Path, found: str) -> ContractError:
     files = sorted(p.name for p in path.iterdir())[:12] if path.is_dir() else [path.name]
     return ContractError(f"{path}: no engine here serves this model. Found: {found}; files: "
                          f"{', '.join(files) or 'none'}.\nWhat the engines serve:\n"
                          f"{engines_table()}")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return read_json_object(path, ContractError)  # a folder that is not a model: the caller's
