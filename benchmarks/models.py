@@ -188,6 +188,21 @@ def bench_model(name: str, repeats: int, speech: tuple[np.ndarray, int]) -> dict
     return row
 
 
+def open_generated(root, name: str, entry: str):
+    """Load the generated checkpoint ``root / name`` through a catalog entry of its own (the
+    ``entry`` lines, its source added) and a cache under ``root``; the adapter, and memory
+    before and after."""
+    from mofa_omni.models.store import ModelStore
+
+    (root / "catalog.toml").write_text(f'[models.{name}]\n{entry}'
+                                       f'source = {{ path = "{root / name}" }}\n')
+    release_freed_memory()
+    before = snapshot()
+    adapter = open_model(name, catalog=Catalog.load([root / "catalog.toml"]),
+                         store=ModelStore(root / "cache"))
+    return adapter, before, snapshot()
+
+
 def bench_generated_omni(repeats: int, speech: tuple[np.ndarray, int]) -> dict:
     """A tiny random-weight Qwen3-Omni (mofa_omni.testing.tiny_omni: no omni weights can be had
     offline), written to a temporary folder: the spoken question in, text out through the
@@ -210,14 +225,9 @@ def bench_generated_omni(repeats: int, speech: tuple[np.ndarray, int]) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         write_tiny_qwen3_omni(root / "tiny-qwen3-omni", gguf)
-        (root / "catalog.toml").write_text(
-            '[models.tiny-qwen3-omni]\nadapter = "mlx_omni"\ntasks = ["omni"]\n'
-            f'format = "mlx"\nmemory_mb = 200\nsource = {{ path = "{root / "tiny-qwen3-omni"}" }}\n')
-        release_freed_memory()
-        before = snapshot()
-        adapter = open_model("tiny-qwen3-omni", catalog=Catalog.load([root / "catalog.toml"]),
-                             store=ModelStore(root / "cache"))
-        after = snapshot()
+        adapter, before, after = open_generated(
+            root, "tiny-qwen3-omni", 'adapter = "mlx_omni"\ntasks = ["omni"]\nformat = "mlx"\n'
+                                     'memory_mb = 200\n')
         audio = resample(*speech, 16000)
         request = OmniRequest([ChatMessage("user", "Answer the question.")], audio=[audio],
                               max_tokens=32)
@@ -262,22 +272,16 @@ def bench_generated_wan(repeats: int) -> dict:
     from pathlib import Path
 
     from mofa_omni.contract.tasks import VideoChunk, VideoProgress, VideoRequest
-    from mofa_omni.models.store import ModelStore
     from mofa_omni.testing.tiny_wan import write_tiny_wan
 
     request = VideoRequest("a red kite over green hills", 17, 16, 128, 128, 4, 1)
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         write_tiny_wan(root / "tiny-wan")
-        (root / "catalog.toml").write_text(
-            '[models.tiny-wan]\nadapter = "mlx_wan"\ntasks = ["video_generation"]\n'
-            'format = "diffusers"\nmemory_mb = 100\noptions = { guidance = 1.0 }\n'
-            f'source = {{ path = "{root / "tiny-wan"}" }}\n')
-        release_freed_memory()
-        before = snapshot()
-        adapter = open_model("tiny-wan", catalog=Catalog.load([root / "catalog.toml"]),
-                             store=ModelStore(root / "cache"))
-        after = snapshot()
+        adapter, before, after = open_generated(
+            root, "tiny-wan", 'adapter = "mlx_wan"\ntasks = ["video_generation"]\n'
+                              'format = "diffusers"\nmemory_mb = 100\n'
+                              'options = { guidance = 1.0 }\n')
         marks: dict[str, float] = {}
 
         def through_adapter() -> float:
