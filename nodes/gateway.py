@@ -6,6 +6,12 @@
     POST /v1/images/generations    (a PNG as b64_json; seed and steps as extensions)
     POST /v1/audio/transcriptions  (multipart upload of a WAV file)
     POST /v1/audio/speech          (WAV, or OpenAI's raw 24 kHz PCM)
+    POST /v1/videos                (a video job, answered at once as OpenAI's Video object; JSON,
+                                    or multipart with an input_reference picture: image to
+                                    video; frames, fps, steps, seed as extensions)
+    GET  /v1/videos[/{id}]         (the jobs; one job: its status and progress)
+    GET  /v1/videos/{id}/content   (the MP4, once completed)
+    DELETE /v1/videos/{id}         (cancels a running job on its node; drops its MP4)
     POST /v1/embeddings
     POST /v1/rerank                (Cohere/Jina-style: query + documents -> scored indices)
     GET  /v1/models                (the catalog, with the nodes serving each and what is loaded)
@@ -29,6 +35,11 @@ Configuration (env):
     FALLBACK_AFTER_S    a local model with no first result by then is given up for the remote
                         one serving the same task, if the graph has one (default: only when
                         the local model cannot load or times out)
+    VIDEO_DEADLINE_S    a video job not finished by then fails (default 3600; the video node's
+                        own REQUEST_TIMEOUT_S must be as long)
+    MAX_VIDEOS          video jobs kept, running and finished (default 16): the oldest finished
+                        goes to make room; a new one when all are running gets a 429
+    VIDEO_KEEP_S        a finished video job, and its MP4, is kept this long (default 3600)
 A bad value stops the node at start with a line naming the variable (exit status 2).
 """
 
@@ -67,7 +78,10 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> Settings:
         max_body_bytes=env_int("MAX_BODY_BYTES", default.max_body_bytes, env, minimum=1),
         api_key=env_str("API_KEY", default.api_key, env),
         fallback_after_s=env_float("FALLBACK_AFTER_S", default.fallback_after_s, env),
-        max_image_pixels=env_int("MAX_IMAGE_PIXELS", default.max_image_pixels, env, minimum=1))
+        max_image_pixels=env_int("MAX_IMAGE_PIXELS", default.max_image_pixels, env, minimum=1),
+        video_deadline_s=env_float("VIDEO_DEADLINE_S", default.video_deadline_s, env),
+        max_videos=env_int("MAX_VIDEOS", default.max_videos, env, minimum=1),
+        video_keep_s=env_float("VIDEO_KEEP_S", default.video_keep_s, env))
 
 
 def address_from_env(env: Mapping[str, str] | None = None) -> tuple[str, int]:

@@ -9,7 +9,7 @@ and the VAE, and the prompt is encoded by this project's own UMT5 encoder on MLX
 
 A clip streams back as :class:`VideoProgress` (each denoising step, then the decode) and
 :class:`VideoChunk` s of frames as the VAE decodes them, each chunk small enough for the
-node's shared-memory pool. The pipeline runs on the model's own thread
+node's shared-memory pool (:func:`~mofa_omni.node.integrity.chunk_bytes`). The pipeline runs on the model's own thread
 (:mod:`mofa_omni.adapters.engine_thread`), so a cancel or a deadline stops it at the next
 step, and the memory of its run is given back before the next request starts.
 """
@@ -38,7 +38,7 @@ from mofa_omni.contract.tasks import (
 from mofa_omni.models.fetching import Progress
 from mofa_omni.models.memory import format_bytes, snapshot
 from mofa_omni.models.store import link_or_copy
-from mofa_omni.node.integrity import pool_bytes
+from mofa_omni.node.integrity import chunk_bytes, pool_bytes
 
 # While the VAE decodes, a clip's frames exist as float32 (4 bytes a value) beside their
 # uint8 copy: the working memory of the decode, per byte of the clip (measured order).
@@ -143,8 +143,8 @@ class WanVideoAdapter(ModelAdapter):
         self.check(request)
         if self._pipeline is None or self._engine is None:
             raise self.not_loaded()
-        # Half the pool a chunk: the node's other messages (progress, reports) share it.
-        per_chunk = frames_per_chunk(request.height, request.width, pool_bytes() // 2)
+        # Several chunks in the pool at once: the receiver may not have read the last one.
+        per_chunk = frames_per_chunk(request.height, request.width, chunk_bytes(pool_bytes()))
         yield from self._engine.stream(
             lambda emit, stop: self._generate(request, per_chunk, emit, stop))
 

@@ -264,8 +264,8 @@ class VideoProgress:
 @dataclass(frozen=True, slots=True)
 class VideoChunk:
     """Consecutive frames of a generated clip. A clip travels as several chunks (a few seconds
-    at 480p are beyond one shared-memory message), numbered from 0 so that a receiver sees a
-    lost one; the last has ``final=True``."""
+    at 480p are beyond one shared-memory message; several chunks fit the sender's pool at
+    once), numbered from 0 so that a receiver sees a lost one; the last has ``final=True``."""
 
     frames: np.ndarray  # uint8, (T, H, W, 3)
     index: int  # the chunk's number in its clip

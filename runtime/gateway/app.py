@@ -5,7 +5,8 @@ request and the :class:`ServerState` it works with; :func:`_checked` wraps each 
 with what every endpoint does (the API key, errors as OpenAI error bodies, the count
 of responses by status). The requests go to the model nodes through the dataflow
 (:mod:`mofa_omni.gateway.bridge`); a client that goes away mid-stream cancels the
-generation on the model node.
+generation on the model node. A video takes minutes: ``/v1/videos`` makes jobs that run in the
+background (:mod:`mofa_omni.gateway.videos`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from mofa_omni.contract.tasks import (
     TextChunk,
     Transcript,
     TranscriptionRequest,
+    VideoChunk,
+    VideoProgress,
 )
 from mofa_omni.gateway.bridge import Answer, Graph
 from mofa_omni.gateway.openai_bodies import (
@@ -61,6 +64,17 @@ from mofa_omni.gateway.openai_bodies import (
 )
 from mofa_omni.gateway.responses import ResponseBuilder, ResponsesBody
 from mofa_omni.gateway.settings import Settings
+from mofa_omni.gateway.videos import (
+    COMPLETED,
+    LIST_LIMIT,
+    MAX_LIST_LIMIT,
+    VideoBody,
+    VideoJobs,
+    body_from_form,
+    deleted_object,
+    generate,
+    video_object,
+)
 from mofa_omni.models.catalog import Catalog
 from mofa_omni.node.integrity import PayloadTooLarge
 
@@ -70,12 +84,13 @@ log = logging.getLogger("mofa_omni.gateway.app")
 @dataclass
 class ServerState:
     """What the endpoints work with: the graph that answers, the catalog, what the nodes
-    hold, and the responses given so far."""
+    hold, the video jobs, and the responses given so far."""
 
     graph: Graph
     catalog: Catalog
     loaded: Callable[[], dict[str, bool]]  # which nodes hold their model now
     lost: Callable[[], dict[str, int]]  # replies dora dropped, by input
+    videos: VideoJobs  # the video jobs, running and finished
     statuses: collections.Counter[int] = field(default_factory=collections.Counter)
 
     @property
@@ -93,14 +108,20 @@ def build_app(graph: Graph, catalog: Catalog, loaded: Callable[[], dict[str, boo
     app = Starlette(routes=[HttpRoute(path, _checked(endpoint), methods=[method])
                             for path, method, endpoint in ENDPOINTS],
                     lifespan=_lifespan)
-    app.state.server = ServerState(graph, catalog, loaded, lost)
+    settings = graph.settings
+    app.state.server = ServerState(graph, catalog, loaded, lost,
+                                   VideoJobs(settings.max_videos, settings.video_keep_s))
     return app
 
 
 @contextlib.asynccontextmanager
 async def _lifespan(app: Starlette) -> AsyncIterator[None]:
-    app.state.server.graph.replies.loop = asyncio.get_running_loop()  # where replies go
+    server: ServerState = app.state.server
+    server.graph.replies.loop = asyncio.get_running_loop()  # where replies go
     yield
+    running = server.videos.stop_all()  # the nodes are told to stop what they make
+    if running:
+        await asyncio.wait(running, timeout=5)
 
 
 def _checked(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
@@ -287,6 +308,97 @@ async def speech(request: Request, server: ServerState) -> Response:
     return Response(content, media_type=media_type)
 
 
+async def create_video(request: Request, server: ServerState) -> Response:
+    """POST /v1/videos (JSON, or multipart with an ``input_reference`` file): a video job,
+    answered at once as OpenAI's Video object; the node serving video_generation makes the
+    clip in the background (GET /v1/videos/{id} says how far it is)."""
+    settings = server.settings
+    body, upload = await _video_body(request, settings.max_body_bytes)
+    # the first frame, if any, is decoded off the event loop
+    message = await run_in_threadpool(body.to_request, upload, settings.max_image_pixels)
+    choice = server.graph.router.choose(body.model, Task.VIDEO_GENERATION)
+    job = server.videos.create(body.model, message)
+    answer = server.graph.ask(choice, message, (VideoProgress, VideoChunk),
+                              settings.video_deadline_s)
+    job.task = asyncio.create_task(generate(job, answer))
+    # One turn of the loop sends the request: a refusal at once (the node is down, the first
+    # frame is larger than the pool) is in this answer already, as a failed job.
+    await asyncio.sleep(0)
+    return JSONResponse(video_object(job))
+
+
+async def _video_body(request: Request, limit: int) -> tuple[VideoBody, bytes | None]:
+    """The creation body, and the ``input_reference`` file of a multipart one."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        return decode_body(await _body_of(request, limit), VideoBody), None
+    _check_declared_size(request, limit)
+    fields, upload = [], None
+    async with request.form(max_part_size=limit) as form:
+        for name, value in form.multi_items():
+            if isinstance(value, str):
+                fields.append((name, value))
+            elif name == "input_reference" and upload is None:
+                upload = await value.read()
+            else:
+                raise ApiError(ErrorKind.BAD_REQUEST, f"{name}: only one file is read, the "
+                                                      "input_reference picture", param=name)
+    return body_from_form(fields), upload
+
+
+async def retrieve_video(request: Request, server: ServerState) -> Response:
+    """GET /v1/videos/{video_id}: the job as OpenAI's Video object."""
+    _query(request, ())
+    return JSONResponse(video_object(server.videos.get(request.path_params["video_id"])))
+
+
+async def video_content(request: Request, server: ServerState) -> Response:
+    """GET /v1/videos/{video_id}/content: the MP4 of a completed job (``variant=video``, the
+    only one kept); a 409 while it is not completed."""
+    variant = _query(request, ("variant",)).get("variant", "video")
+    job = server.videos.get(request.path_params["video_id"])
+    if variant != "video":
+        raise ApiError(ErrorKind.BAD_REQUEST, f"variant {variant!r}: only the video (MP4) is "
+                                              "made here", param="variant",
+                       code="unsupported_parameter")
+    if job.status != COMPLETED or job.mp4 is None:
+        why = f": {job.error.message}" if job.error else f" ({job.progress}% done)"
+        raise ApiError(ErrorKind.BAD_REQUEST, f"video {job.id} is {job.status}{why}; its "
+                                              "content comes once it is completed",
+                       status=409, code="video_not_ready")
+    return Response(job.mp4, media_type="video/mp4")
+
+
+async def list_videos(request: Request, server: ServerState) -> Response:
+    """GET /v1/videos: the jobs held, newest first (``order``, ``after``, ``limit``)."""
+    query = _query(request, ("after", "limit", "order"))
+    limit = query.get("limit", str(LIST_LIMIT))
+    if not limit.isdigit() or not 1 <= int(limit) <= MAX_LIST_LIMIT:
+        raise ApiError(ErrorKind.BAD_REQUEST, f"limit must be 1-{MAX_LIST_LIMIT}, got "
+                                              f"{limit!r}", param="limit")
+    order = query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise ApiError(ErrorKind.BAD_REQUEST, f"order must be asc or desc, got {order!r}",
+                       param="order")
+    return JSONResponse(server.videos.page(query.get("after"), int(limit), order))
+
+
+async def delete_video(request: Request, server: ServerState) -> Response:
+    """DELETE /v1/videos/{video_id}: the job and its MP4 go; a running one is cancelled on its
+    node."""
+    _query(request, ())
+    return JSONResponse(deleted_object(server.videos.remove(request.path_params["video_id"])))
+
+
+def _query(request: Request, known: tuple[str, ...]) -> dict[str, str]:
+    """The query parameters; one this endpoint does not read is refused by name."""
+    query = dict(request.query_params)
+    if unknown := sorted(set(query) - set(known)):
+        raise ApiError(ErrorKind.BAD_REQUEST, f"unknown query parameter {unknown[0]!r}"
+                       + (f" (this endpoint reads {', '.join(known)})" if known else ""),
+                       param=unknown[0], code="unknown_parameter")
+    return query
+
+
 async def list_models(request: Request, server: ServerState) -> Response:
     """GET /v1/models: the catalog, with the nodes serving each model and whether it is
     loaded (null: unknown)."""
@@ -322,6 +434,11 @@ ENDPOINTS: tuple[tuple[str, str, Endpoint], ...] = (  # path, method, endpoint
     ("/v1/images/generations", "POST", image_generations),
     ("/v1/audio/transcriptions", "POST", transcriptions),
     ("/v1/audio/speech", "POST", speech),
+    ("/v1/videos", "POST", create_video),
+    ("/v1/videos", "GET", list_videos),
+    ("/v1/videos/{video_id}", "GET", retrieve_video),
+    ("/v1/videos/{video_id}", "DELETE", delete_video),
+    ("/v1/videos/{video_id}/content", "GET", video_content),
     ("/v1/models", "GET", list_models),
     ("/stats", "GET", stats),
 )

@@ -150,9 +150,11 @@ class Graph:
         self.resent = 0
         self.down: dict[str, Down] = {}  # model nodes that crashed, until they answer again
 
-    def ask(self, choice: Choice, message: Any, result_type: type | tuple[type, ...]) -> Answer:
-        """A new request of ``message`` to ``choice``; iterating the answer sends it."""
-        return Answer(self, choice, message, result_type, f"gw-{next(self._ids)}")
+    def ask(self, choice: Choice, message: Any, result_type: type | tuple[type, ...],
+            deadline_s: float | None = None) -> Answer:
+        """A new request of ``message`` to ``choice``; iterating the answer sends it. It must
+        end within ``deadline_s`` (default: the settings' ``deadline_s``; a video takes more)."""
+        return Answer(self, choice, message, result_type, f"gw-{next(self._ids)}", deadline_s)
 
     def send_request(self, sent: _Sent) -> tuple[str, int]:
         sent.sent_ns = time.time_ns()
@@ -235,13 +237,15 @@ class Answer:
     """
 
     def __init__(self, graph: Graph, choice: Choice, message: Any,
-                 result_type: type | tuple[type, ...], request_id: str):
+                 result_type: type | tuple[type, ...], request_id: str,
+                 deadline_s: float | None = None):
         self.graph, self.choice, self.message = graph, choice, message
         # one type, or several told apart by their schema (an omni reply: text, then speech)
         self.result_types = result_type if isinstance(result_type, tuple) else (result_type,)
         self.request_id = request_id
         self.model = choice.primary.model  # the model that answers, once it has
-        self.deadline = time.monotonic() + graph.settings.deadline_s
+        self.deadline_s = graph.settings.deadline_s if deadline_s is None else deadline_s
+        self.deadline = time.monotonic() + self.deadline_s
         self._in_flight: tuple[Route, str] | None = None  # (route, request id) not finished
         self.sent_as: tuple[str, int] | None = None  # (output, stream_seq) of the request
         self._whole = False  # the results go to the client at once: a lost end is asked again
@@ -371,7 +375,7 @@ class Answer:
             if first_within is not None and time.monotonic() < self.deadline:
                 raise _FallBack(f"no result within {first_within:g} s") from None
             raise ApiError(ErrorKind.TIMEOUT, f"{route.node} did not answer within "
-                                              f"{self.graph.settings.deadline_s:g} s",
+                                              f"{self.deadline_s:g} s",
                            code="timeout") from None
 
     def cancel(self) -> None:

@@ -113,6 +113,19 @@ def pool_bytes(node_config: str | None = None) -> int:
     return int(match.group(1)) if match else DEFAULT_POOL_BYTES
 
 
+# What a message takes in the pool besides its payload's values (Arrow offsets, padding, the
+# message's header): measured ~8.3 KiB for a 48 KiB video chunk; twice that, to be safe.
+MESSAGE_OVERHEAD_BYTES = 16 << 10
+CHUNKS_IN_FLIGHT = 4  # a stream's messages the pool must hold at once (the receiver lags)
+
+
+def chunk_bytes(pool: int) -> int:
+    """The payload of one message of a stream of large pieces (a clip's frames) sent back to
+    back: CHUNKS_IN_FLIGHT of them, with their overhead, fit the pool at once — two
+    half-pool messages did not (dora then drops one without a word)."""
+    return max(0, pool // CHUNKS_IN_FLIGHT - MESSAGE_OVERHEAD_BYTES)
+
+
 def check_payload(output: str, size: int, pool: int) -> None:
     """Refuse a payload the pool cannot hold, saying how to fix it."""
     if size > pool:
