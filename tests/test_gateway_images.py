@@ -26,7 +26,7 @@ from mofa_omni.models.catalog import Catalog, PypiSource
 from mofa_omni.models.store import ModelStore
 from mofa_omni.testing.tiny_imagegen import write_tiny_flux2
 from mofa_omni.testing.tiny_omni import write_tiny_qwen3_omni
-from mofa_omni.testing.tiny_vlm import write_tiny_smolvlm
+from mofa_omni.testing.tiny_vlm import write_tiny_qwen2_5_vl, write_tiny_smolvlm
 from tests.test_gateway import Server, serve
 
 GRAPH = Path(__file__).parent / "dataflows" / "gateway_images.yml"
@@ -64,6 +64,7 @@ def server(tmp_path_factory, catalog: Catalog, store: ModelStore) -> Server:
     gguf = store.fetch(smollm2) / Path(smollm2.source.files[0]).name
     root = tmp_path_factory.mktemp("gateway_images")
     vlm = write_tiny_smolvlm(root / "tiny-smolvlm", gguf)
+    qwen = write_tiny_qwen2_5_vl(root / "tiny-qwen2-5-vl", gguf)
     flux = write_tiny_flux2(root / "tiny-flux2")
     omni = write_tiny_qwen3_omni(root / "tiny-qwen3-omni", gguf)
     user = root / "catalog.toml"
@@ -71,6 +72,9 @@ def server(tmp_path_factory, catalog: Catalog, store: ModelStore) -> Server:
         '[models.tiny-smolvlm]\nadapter = "mlx_vlm"\n'
         'tasks = ["vision_language", "text_generation"]\nformat = "mlx"\nmemory_mb = 60\n'
         f'source = {{ path = "{vlm}" }}\n\n'
+        '[models.tiny-qwen2-5-vl]\nadapter = "mlx_vlm"\n'
+        'tasks = ["vision_language"]\nformat = "mlx"\nmemory_mb = 60\n'
+        f'source = {{ path = "{qwen}" }}\n\n'
         '[models.tiny-flux2]\nadapter = "mflux_image"\ntasks = ["image_generation"]\n'
         'format = "diffusers"\nmemory_mb = 400\n'
         'options = { family = "flux2-klein-4b", max_side = 256, max_steps = 8 }\n'
@@ -157,6 +161,50 @@ def test_bad_pictures_in_chats_get_the_right_status(server: Server, model, url, 
         server.client().chat.completions.create(model=model, messages=asking(url),
                                                  max_tokens=4, stream=True)
     assert refused.value.status_code == status
+
+
+def clip_url(frames: int, size: int = 56, fps: int = 8) -> str:
+    from mofa_omni.media.video import mp4_bytes
+
+    rng = np.random.default_rng(frames)
+    pixels = rng.integers(0, 256, (frames, size, size, 3), dtype=np.uint8)
+    return "data:video/mp4;base64," + base64.b64encode(mp4_bytes(pixels, fps)).decode()
+
+
+def watching(url: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "text", "text": "What happens?"},
+                                         {"type": "video_url", "video_url": {"url": url}}]}]
+
+
+def test_a_chat_with_a_video_clip_is_read_by_a_model_that_reads_video(server: Server):
+    """video_url parts (an inline MP4, as vLLM takes them) go to a model that reads video; the
+    clip's frames become its video tokens; a model without video and bad clips get a 400
+    naming them, and the nodes serve on."""
+    client = server.client()
+    short = client.chat.completions.create(model="tiny-qwen2-5-vl", max_tokens=4,
+                                           messages=watching(clip_url(16)))
+    long = client.chat.completions.create(model="tiny-qwen2-5-vl", max_tokens=4,
+                                          messages=watching(clip_url(32)))
+    assert short.choices[0].message.content is not None
+    # the clip is in the prompt (its frames share one pixel budget: a longer clip changes the
+    # count, not always upwards; the question alone is 12 tokens in this template)
+    assert 12 < short.usage.prompt_tokens != long.usage.prompt_tokens > 12
+    with pytest.raises(openai.BadRequestError, match="'tiny-smolvlm' does not read video"):
+        client.chat.completions.create(model="tiny-smolvlm", max_tokens=4,
+                                       messages=watching(clip_url(8)))
+    not_a_clip = "data:video/mp4;base64," + base64.b64encode(b"\x00\x00\x00 ftyp nope").decode()
+    for url, message in [
+        ("https://example.com/clip.mp4", "does not fetch video URLs; send the clip inline"),
+        (not_a_clip, r"video_url\): not a readable video"),
+        ("data:video/avi;base64,AAAA", "clips are read as video/mp4 or video/webm"),
+        (clip_url(4, size=80), "over this server's limit of 4096"),
+    ]:
+        with pytest.raises(openai.BadRequestError, match=message):
+            client.chat.completions.create(model="tiny-qwen2-5-vl", max_tokens=4,
+                                           messages=watching(url))
+    again = client.chat.completions.create(model="tiny-qwen2-5-vl", max_tokens=4,
+                                           messages=watching(clip_url(16)))
+    assert again.usage.prompt_tokens == short.usage.prompt_tokens
 
 
 def test_bad_image_requests_get_the_right_status_and_the_node_keeps_serving(server: Server):

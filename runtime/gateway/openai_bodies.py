@@ -5,8 +5,8 @@ anything malformed; each turns into a contract request. The response builders
 produce what the official clients parse: chat completions (whole and streamed
 chunks), embeddings (floats or base64), transcriptions, model lists and error
 bodies (``{"error": {"message", "type", "param", "code"}}``). A chat whose messages hold
-pictures (``image_url`` parts, inline data URLs) becomes a vision request; an image
-generation body becomes an image request, answered as base64 PNG.
+pictures or video clips (``image_url`` and ``video_url`` parts, inline data URLs) becomes a
+vision request; an image generation body becomes an image request, answered as base64 PNG.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import numpy as np
 
 from mofa_omni.contract.errors import ContractError, ErrorKind, OmniError
 from mofa_omni.contract.tasks import (
+    OMNI_MAX_VIDEO_FRAMES,
     AudioChunk,
     ChatMessage,
     ChatRequest,
@@ -39,7 +40,7 @@ from mofa_omni.contract.tasks import (
     validate_audio,
     validate_request,
 )
-from mofa_omni.gateway.pictures import picture_from_url
+from mofa_omni.gateway.pictures import clip_from_url, picture_from_url
 from mofa_omni.media.audio import pcm16, read_wav, resample, wav_bytes
 from mofa_omni.media.png import png_bytes
 
@@ -186,9 +187,11 @@ class ChatBody(msgspec.Struct, forbid_unknown_fields=True):
 
     @property
     def has_images(self) -> bool:
-        """Whether a message holds a picture (the chat is then a vision request)."""
+        """Whether a message holds a picture or a video clip (the chat is then a vision
+        request)."""
         return any(isinstance(m.content, list) and
-                   any(isinstance(p, dict) and p.get("type") == "image_url" for p in m.content)
+                   any(isinstance(p, dict) and p.get("type") in ("image_url", "video_url")
+                       for p in m.content)
                    for m in self.messages)
 
     @property
@@ -210,11 +213,12 @@ class ChatBody(msgspec.Struct, forbid_unknown_fields=True):
         if self.n != 1:
             raise ContractError("n must be 1: one choice per request")
         self._check_unserved()
-        messages, images, sounds = [], [], []
+        messages, images, sounds, clips = [], [], [], []
         for i, message in enumerate(self.messages):
-            text, pictures, heard = _content_of(message.content, i, max_image_pixels)
+            text, pictures, heard, seen = _content_of(message.content, i, max_image_pixels)
             images += pictures
             sounds += heard
+            clips += seen
             calls = [ToolCall(c.id, c.function.name, c.function.arguments)
                      for c in message.tool_calls or []]
             role = "system" if message.role == "developer" else message.role
@@ -222,11 +226,14 @@ class ChatBody(msgspec.Struct, forbid_unknown_fields=True):
         max_tokens = next((n for n in (self.max_completion_tokens, self.max_tokens)
                            if n is not None), 256)
         request: ChatRequest | OmniRequest
-        if images or sounds or self.has_sound:
-            self._check_vision_options("sound" if sounds or self.has_sound else "images")
+        if images or sounds or clips or self.has_sound:
+            self._check_vision_options("sound" if sounds or self.has_sound else
+                                       "images" if images else "video")
             request = OmniRequest(messages, images, sounds, HEARING_RATE, max_tokens,
                                   self.temperature, speak=self._speaks(),
-                                  voice=self.audio.voice if self.audio else "")
+                                  voice=self.audio.voice if self.audio else "",
+                                  videos=[frames for frames, _ in clips],
+                                  video_fps=[rate for _, rate in clips])
         else:
             stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
             choice, name = self._tool_choice()
@@ -317,15 +324,18 @@ class ChatBody(msgspec.Struct, forbid_unknown_fields=True):
         return bool((self.stream_options or {}).get("include_usage"))
 
 
-def _content_of(content: str | list[dict[str, Any]] | None, index: int,
-                max_image_pixels: int) -> tuple[str, list[np.ndarray], list[np.ndarray]]:
-    """A message's text (a string, or its text parts joined), its pictures and its sounds
-    (each resampled to 16 kHz)."""
+Clip = tuple[np.ndarray, float]  # a video clip's frames, uint8 (T, H, W, 3), and their rate
+
+
+def _content_of(content: str | list[dict[str, Any]] | None, index: int, max_image_pixels: int
+                ) -> tuple[str, list[np.ndarray], list[np.ndarray], list[Clip]]:
+    """A message's text (a string, or its text parts joined), its pictures, its sounds (each
+    resampled to 16 kHz) and its video clips (``video_url`` parts, as vLLM takes them)."""
     if content is None:
-        return "", [], []
+        return "", [], [], []
     if isinstance(content, str):
-        return content, [], []
-    texts, pictures, sounds = [], [], []
+        return content, [], [], []
+    texts, pictures, sounds, clips = [], [], [], []
     for j, part in enumerate(content):
         where = f"messages[{index}].content[{j}]"
         kind = part.get("type")
@@ -339,10 +349,17 @@ def _content_of(content: str | list[dict[str, Any]] | None, index: int,
             pictures.append(picture_from_url(url, f"{where} (image_url)", max_image_pixels))
         elif kind == "input_audio":
             sounds.append(_sound_of(part.get("input_audio"), f"{where} (input_audio)"))
+        elif kind == "video_url":
+            url = part.get("video_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(url, str):
+                raise ContractError(f"{where}: a video_url part needs video_url.url (a data URL)")
+            clips.append(clip_from_url(url, f"{where} (video_url)", max_image_pixels,
+                                       OMNI_MAX_VIDEO_FRAMES))
         else:
             raise ContractError(f"{where}: content of type {kind!r} is not served; parts are "
-                                "'text', 'image_url' or 'input_audio'")
-    return "".join(texts), pictures, sounds
+                                "'text', 'image_url', 'video_url' or 'input_audio'")
+    return "".join(texts), pictures, sounds, clips
 
 
 def _sound_of(part: Any, where: str) -> np.ndarray:

@@ -1,8 +1,10 @@
-"""Pictures that clients send inline (``data:`` URLs of PNG or JPEG) as uint8 HWC arrays.
+"""Pictures and video clips that clients send inline (``data:`` URLs of PNG or JPEG; MP4 or
+WebM) as uint8 arrays (HWC; a clip (T, H, W, 3) and its frame rate).
 
 The server never fetches a URL on a client's behalf: a picture must travel in the request.
 Its size is read from the file's header and checked before any pixel is decoded, so an
-oversized picture (or a decompression bomb) costs nothing.
+oversized picture (or a decompression bomb) costs nothing; a clip's frames are counted as
+they are decoded.
 """
 
 from __future__ import annotations
@@ -23,29 +25,54 @@ MEDIA_TYPES = ("image/png", "image/jpeg", "image/jpg")
 FORMATS = ("PNG", "JPEG")
 
 
+VIDEO_MEDIA_TYPES = ("video/mp4", "video/webm", "video/quicktime")
+
+
 def picture_from_url(url: str, what: str, max_pixels: int) -> np.ndarray:
     """The picture of a ``data:image/png;base64,...`` (or JPEG) URL: uint8, HWC, 1, 3 or 4
     channels. ``what`` names the picture in errors; more than ``max_pixels`` is refused."""
+    data = _data_of(url, what, MEDIA_TYPES, "pictures are read as image/png or image/jpeg",
+                    "image", "picture")
+    return decode_picture(data, what, max_pixels)
+
+
+def clip_from_url(url: str, what: str, max_pixels: int, max_frames: int
+                  ) -> tuple[np.ndarray, float]:
+    """The frames (uint8 (T, H, W, 3)) and frame rate of a ``data:video/mp4;base64,...`` (or
+    WebM) URL; a frame over ``max_pixels``, or more than ``max_frames`` frames, is refused."""
+    from mofa_omni.media.video import read_mp4
+
+    data = _data_of(url, what, VIDEO_MEDIA_TYPES, "clips are read as video/mp4 or video/webm",
+                    "video", "clip")
+    try:
+        return read_mp4(data, max_frames=max_frames, max_pixels=max_pixels)
+    except ContractError as error:
+        raise ContractError(f"{what}: {error}") from None
+
+
+def _data_of(url: str, what: str, media_types: tuple[str, ...], accepted: str, kind: str,
+             noun: str) -> bytes:
+    """The bytes of a base64 data URL of one of ``media_types`` (an ``image`` or a ``video``:
+    ``kind``; a ``noun`` to the user); a ContractError naming ``what`` for a web address
+    (never fetched) or anything malformed."""
+    example = f"data:{media_types[0]};base64,..."
     if url[:8].lower().startswith(("http://", "https://")):
-        raise ContractError(f"{what}: this server does not fetch image URLs; send the picture "
-                            "inline as a data URL (data:image/png;base64,...)")
+        raise ContractError(f"{what}: this server does not fetch {kind} URLs; send the {noun} "
+                            f"inline as a data URL ({example})")
     if not url[:5].lower() == "data:":
-        raise ContractError(f"{what}: expected a data URL (data:image/png;base64,...), got "
-                            f"{url[:24]!r}")
+        raise ContractError(f"{what}: expected a data URL ({example}), got {url[:24]!r}")
     header, comma, payload = url.partition(",")
     if not comma:
         raise ContractError(f"{what}: the data URL has no ',' before its data")
     media_type, *parameters = header[5:].split(";")
-    if media_type.strip().lower() not in MEDIA_TYPES:
-        raise ContractError(f"{what}: pictures are read as image/png or image/jpeg, got "
-                            f"{media_type.strip() or 'no media type'!r}")
+    if media_type.strip().lower() not in media_types:
+        raise ContractError(f"{what}: {accepted}, got {media_type.strip() or 'no media type'!r}")
     if "base64" not in (p.strip().lower() for p in parameters):
         raise ContractError(f"{what}: the data URL must be base64-encoded (;base64,)")
     try:
-        data = base64.b64decode(payload, validate=True)
+        return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as error:
         raise ContractError(f"{what}: the base64 data is malformed ({error})") from None
-    return decode_picture(data, what, max_pixels)
 
 
 def decode_picture(data: bytes, what: str, max_pixels: int) -> np.ndarray:

@@ -98,19 +98,36 @@ def mp4_bytes(frames: np.ndarray, fps: int, *, lossless: bool = False) -> bytes:
     return buffer.getvalue()
 
 
-def read_mp4(source: str | Path | bytes) -> tuple[np.ndarray, float]:
-    """The frames of an MP4 (a path or its bytes) as uint8 (T, H, W, 3), and its frame rate."""
+def read_mp4(source: str | Path | bytes, *, max_frames: int | None = None,
+             max_pixels: int | None = None) -> tuple[np.ndarray, float]:
+    """The frames of a video file (a path or its bytes; MP4, WebM, ... whatever FFmpeg reads)
+    as uint8 (T, H, W, 3), and its frame rate. A frame larger than ``max_pixels`` is refused
+    from the stream's header, before any decoding; more than ``max_frames`` frames as soon as
+    one too many is decoded (a clip's declared length is not trusted)."""
     av = _require_av()
     handle = io.BytesIO(source) if isinstance(source, bytes) else str(source)
+    frames = []
     try:
         with av.open(handle, mode="r") as container:
+            if not container.streams.video:
+                raise ContractError("the file holds no video stream")
             stream = container.streams.video[0]
-            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+            width, height = stream.codec_context.width, stream.codec_context.height
+            if max_pixels is not None and width * height > max_pixels:
+                raise ContractError(f"the video's frames are {width}x{height} ({width * height}"
+                                    f" pixels), over this server's limit of {max_pixels}")
+            for frame in container.decode(stream):
+                if max_frames is not None and len(frames) == max_frames:
+                    raise ContractError(f"the video has more than {max_frames} frames, this "
+                                        "server's limit")
+                frames.append(frame.to_ndarray(format="rgb24"))
             rate = float(stream.average_rate or stream.base_rate or 0)
-    except (av.error.FFmpegError, IndexError) as error:
+    except av.error.FFmpegError as error:
         raise ContractError(f"not a readable video: {error}") from None
     if not frames:
         raise ContractError("the video holds no frames")
+    if not rate > 0:
+        raise ContractError("the video does not say its frame rate")
     return np.stack(frames), rate
 
 
