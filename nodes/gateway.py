@@ -35,6 +35,9 @@ Configuration (env):
     FALLBACK_AFTER_S    a local model with no first result by then is given up for the remote
                         one serving the same task, if the graph has one (default: only when
                         the local model cannot load or times out)
+    MAX_WAIT_FOR_RESTART_S  the longest a client may ask to wait (X-Omni-Wait-For-Restart:
+                        SECONDS) for a node restarting after a crash, instead of a 503 at
+                        once (default 60)
     VIDEO_DEADLINE_S    a video job not finished by then fails (default 3600; the video node's
                         own REQUEST_TIMEOUT_S must be as long)
     MAX_VIDEOS          video jobs kept, running and finished (default 16): the oldest finished
@@ -79,6 +82,8 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> Settings:
         api_key=env_str("API_KEY", default.api_key, env),
         fallback_after_s=env_float("FALLBACK_AFTER_S", default.fallback_after_s, env),
         max_image_pixels=env_int("MAX_IMAGE_PIXELS", default.max_image_pixels, env, minimum=1),
+        max_wait_for_restart_s=env_float("MAX_WAIT_FOR_RESTART_S",
+                                         default.max_wait_for_restart_s, env),
         video_deadline_s=env_float("VIDEO_DEADLINE_S", default.video_deadline_s, env),
         max_videos=env_int("MAX_VIDEOS", default.max_videos, env, minimum=1),
         video_keep_s=env_float("VIDEO_KEEP_S", default.video_keep_s, env))

@@ -297,3 +297,43 @@ def test_a_crashed_node_refuses_new_requests_at_once_until_it_answers_again(cata
     for response in (given_up, still):
         assert response.status_code == 503 and "retry-after" not in response.headers
         assert "given up after its restarts" in response.json()["error"]["message"]
+
+
+def test_a_client_may_wait_for_a_restarting_node_instead_of_a_503(catalog):
+    """X-Omni-Wait-For-Restart: SECONDS — a request to a node restarting after a crash waits
+    up to that long for it to be back (then it is sent), or gets the 503 once it has waited;
+    a value out of range is a 400 naming the header and the bound."""
+    replies, sent = Replies(), []
+
+    def send(output, value, metadata) -> int:
+        request_id = metadata["request_id"]
+        sent.append(request_id)
+        for chunk_ in (chunk("Hel"), chunk("lo", final=True)):
+            replies.deliver(request_id, Reply("result", arrow.encode(chunk_),
+                                              {"request_id": request_id, "final": chunk_.final}))
+        return len(sent) - 1
+
+    graph = Graph(Router([CHAT], catalog), replies, send,
+                  Settings(deadline_s=10, max_wait_for_restart_s=20))
+    with TestClient(build_app(graph, catalog, lambda: {"llm": True}, dict)) as client:
+        graph.node_crashed("llm")
+        replies.loop.call_soon_threadsafe(replies.loop.call_later, 0.5, graph.node_is_back,
+                                          "llm")
+        started = time.monotonic()
+        waited = client.post("/v1/chat/completions", json=ASK,
+                             headers={"X-Omni-Wait-For-Restart": "5"})
+        assert waited.status_code == 200, waited.text
+        assert waited.json()["choices"][0]["message"]["content"] == "Hello"
+        assert 0.4 < time.monotonic() - started < 3
+        graph.node_crashed("llm")
+        started = time.monotonic()
+        short = client.post("/v1/chat/completions", json=ASK,
+                            headers={"X-Omni-Wait-For-Restart": "0.3"})
+        assert short.status_code == 503 and 0.25 < time.monotonic() - started < 2
+        for bad in ("soon", "-1", "21"):
+            refused = client.post("/v1/chat/completions", json=ASK,
+                                  headers={"X-Omni-Wait-For-Restart": bad})
+            assert refused.status_code == 400
+            assert "X-Omni-Wait-For-Restart" in refused.json()["error"]["message"]
+            assert "from 0 to 20" in refused.json()["error"]["message"]
+    assert sent == ["gw-1"]

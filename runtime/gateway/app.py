@@ -40,7 +40,7 @@ from mofa_omni.contract.tasks import (
     VideoChunk,
     VideoProgress,
 )
-from mofa_omni.gateway.bridge import Answer, Graph
+from mofa_omni.gateway.bridge import WAIT_FOR_RESTART_S, Answer, Graph
 from mofa_omni.gateway.openai_bodies import (
     ApiError,
     ChatBody,
@@ -131,6 +131,7 @@ def _checked(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
         server: ServerState = request.app.state.server
         try:
             _check_api_key(request, server.settings.api_key)
+            WAIT_FOR_RESTART_S.set(_wait_for_restart(request, server.settings))
             response = await endpoint(request, server)
         except PayloadTooLarge as error:  # a request bigger than the dora pool can carry
             response = _error_response(ApiError(ErrorKind.TOO_LARGE, str(error),
@@ -145,6 +146,27 @@ def _checked(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
         server.statuses[response.status_code] += 1
         return response
     return answer
+
+
+WAIT_HEADER = "x-omni-wait-for-restart"
+
+
+def _wait_for_restart(request: Request, settings: Settings) -> float:
+    """The seconds the client will wait for a node restarting after a crash (its
+    X-Omni-Wait-For-Restart header; none: a 503 at once), at most ``max_wait_for_restart_s``."""
+    raw = request.headers.get(WAIT_HEADER)
+    if raw is None:
+        return 0.0
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= settings.max_wait_for_restart_s:
+        raise ApiError(ErrorKind.BAD_REQUEST, f"X-Omni-Wait-For-Restart: {raw!r} must be "
+                                              f"seconds from 0 to "
+                                              f"{settings.max_wait_for_restart_s:g}",
+                       param=WAIT_HEADER)
+    return seconds
 
 
 def _error_response(error: ApiError) -> JSONResponse:

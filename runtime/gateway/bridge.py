@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import itertools
 import logging
 import threading
@@ -58,6 +59,12 @@ ARRIVAL_NS = 2_000_000_000
 # (The reply comes straight from the node, the report through the scheduler: slower.)
 TAIL_GRACE_NS = 2_000_000_000
 RETRY_AFTER_S = 5  # what a client is told to wait for a node restarting after a crash
+RESTART_POLL_S = 0.1  # how often a request that waits for a restarting node looks again
+# How long the request being served may wait for a node that is restarting after a crash, set
+# per HTTP request (the client's X-Omni-Wait-For-Restart header): 0, the default, refuses at
+# once with a 503 and Retry-After.
+WAIT_FOR_RESTART_S: contextvars.ContextVar[float] = contextvars.ContextVar(
+    "wait_for_restart_s", default=0.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +256,7 @@ class Answer:
         self._in_flight: tuple[Route, str] | None = None  # (route, request id) not finished
         self.sent_as: tuple[str, int] | None = None  # (output, stream_seq) of the request
         self._whole = False  # the results go to the client at once: a lost end is asked again
+        self.wait_for_restart_s = WAIT_FOR_RESTART_S.get()
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._results()
@@ -287,6 +295,7 @@ class Answer:
     async def _from(self, route: Route, request_id: str,
                     first_within: float | None) -> AsyncIterator[Any]:
         asked_as = request_id
+        await self._wait_for_restart(route)
         for again in range(RESENDS + 1):
             self._check_up(route, accepted=again > 0)
             if again:
@@ -308,6 +317,14 @@ class Answer:
             log.warning("%s: %s was lost in the dataflow: asking again", route.node, lost.what)
         raise node_error(ErrorKind.LOST, f"{route.node}: {request_id} was lost in the dataflow "
                                          f"{RESENDS + 1} times")
+
+    async def _wait_for_restart(self, route: Route) -> None:
+        """A client that said it would wait (``wait_for_restart_s``) waits that long, within
+        its deadline, for a node restarting after a crash to be back."""
+        until = min(time.monotonic() + self.wait_for_restart_s, self.deadline)
+        while (down := self.graph.down.get(route.node)) is not None and not down.for_good \
+                and time.monotonic() < until:
+            await asyncio.sleep(RESTART_POLL_S)
 
     def _check_up(self, route: Route, *, accepted: bool) -> None:
         """Refuse at once a request for a node that is down: a new one while it restarts (one
