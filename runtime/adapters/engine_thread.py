@@ -19,14 +19,18 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+from mofa_omni.contract.errors import ErrorKind, OmniError
 from mofa_omni.models.compute import prepare_compute_thread
 
 T = TypeVar("T")
 _END = object()
 
 
-class Stopped(Exception):
-    """Raised inside the engine's callback once the caller stopped reading: ends the run."""
+class Stopped(OmniError):
+    """Raised inside the engine's callback once the caller stopped reading: ends the run (the
+    caller has already answered the request as cancelled or timed out)."""
+
+    kind = ErrorKind.CANCELLED
 
 
 class EngineThread:
