@@ -2,7 +2,7 @@
 
 :func:`detect` looks at a GGUF file (or a folder holding one), a Hugging Face / MLX checkpoint
 folder (``config.json``), a sentence-transformers folder, a CTranslate2 Whisper folder, a
-diffusers FLUX.2 folder or a Piper voice, and proposes a :class:`~mofa_omni.models.catalog.ModelSpec`
+diffusers folder (FLUX.2-klein, Z-Image, ERNIE-Image, Wan 2.2 TI2V) or a Piper voice, and proposes a :class:`~mofa_omni.models.catalog.ModelSpec`
 for it: the adapters that can serve it (``mofa_omni.adapters.backends`` still picks one per
 machine), its tasks, format, options and a memory estimate from the size of its weights (the
 scheduler replaces the estimate with what loading really costs). Nothing is loaded: only
@@ -44,7 +44,7 @@ ENGINES = (
     ("BERT / XLM-R (sentence-transformers)", "mlx_bert / ort_bert", "embedding, rerank"),
     ("*ForSequenceClassification, 1 label", "ort_cross_encoder", "rerank"),
     ("Whisper (MLX weights or CTranslate2)", "mlx_whisper / ct2_whisper", "speech_recognition"),
-    ("diffusers FLUX.2 (model_index.json)", "mflux_image", "image_generation"),
+    ("diffusers FLUX.2 / Z-Image / ERNIE-Image", "mflux_image", "image_generation"),
     ("diffusers Wan 2.2 TI2V (model_index.json)", "mlx_wan", "video_generation"),
     ("Piper voice (.onnx + .onnx.json)", "piper", "speech_synthesis"),
     ("Moonshine (encoder/decoder .ort/.onnx + tokenizer.bin)", "ort_moonshine",
@@ -228,6 +228,8 @@ def _cross_encoder(path: Path, name: str, source: Source, config: dict, arch: st
 
 
 def _diffusers(path: Path, name: str, source: Source) -> Detected:
+    from dataclasses import replace
+
     index = _read_json(path / "model_index.json")
     pipeline = str(index.get("_class_name", ""))
     weights = sorted(path.rglob("*.safetensors"))
@@ -236,14 +238,27 @@ def _diffusers(path: Path, name: str, source: Source) -> Detected:
                      _memory("video", weights), f"{pipeline} (diffusers, mlx-gen)")
         return Detected("video", pipeline, spec, ("Wan 2.2 TI2V assumed: mlx_wan serves its "
                                                   "text-to-video and image-to-video",))
-    if not pipeline.startswith("Flux2"):
+    # The pipeline class -> mflux_image's family (an mlx-gen registry key) and a note on it.
+    if pipeline.startswith("Flux2"):
+        family, note = "flux2-klein-4b", ("family flux2-klein-4b assumed (options.family picks "
+                                          "another mflux pipeline; a base model wants guidance "
+                                          "~4.0)")
+    elif pipeline == "ZImagePipeline":
+        family, note = "z-image-turbo", ("family z-image-turbo assumed (options.family = "
+                                         "\"z-image\" for the base model, which draws with "
+                                         "guidance and more steps)")
+    elif pipeline == "ErnieImagePipeline":
+        family, note = "ernie-image-turbo", ("family ernie-image-turbo (mflux's ERNIE-Image "
+                                             "pipeline; the prompt enhancer, pe/, is not used)")
+    else:
         raise _nothing_fits(path, f"a diffusers pipeline {pipeline or '?'} (mflux_image serves "
-                                  f"FLUX.2-klein, mlx_wan Wan 2.2 TI2V)")
+                                  f"FLUX.2-klein, Z-Image and ERNIE-Image, mlx_wan Wan 2.2 TI2V)")
+    # What the adapter loads: not ERNIE-Image's prompt enhancer (pe/, a second language model)
+    served = [w for w in weights if w.relative_to(path).parts[0] in ("transformer", "text_encoder",
+                                                                     "vae")]
     spec = _spec(name, ("mflux_image",), (Task.IMAGE_GENERATION,), "diffusers", source,
-                 _memory("image", weights), f"{pipeline} (diffusers, mflux)")
-    notes = ("family flux2-klein-4b assumed (options.family picks another mflux pipeline; a "
-             "base model wants guidance ~4.0)",)
-    return Detected("image", pipeline, spec, notes)
+                 _memory("image", served), f"{pipeline} (diffusers, mflux)")
+    return Detected("image", pipeline, replace(spec, options={"family": family}), (note,))
 
 
 def _piper(path: Path, name: str, source: Source) -> Detected:
