@@ -208,6 +208,66 @@ def test_pytorch_weights_are_converted_once_and_the_model_serves(tmp_path: Path,
     assert vectors.shape == (2, 32) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
 
 
+def test_sharded_pytorch_weights_become_sharded_safetensors_with_their_index(
+        tmp_path: Path, user_catalog: Path, catalog: Catalog, store: ModelStore):
+    """pytorch_model-0000N-of-00002.bin shards and their index, as transformers writes them (a
+    tiny Llama here): converted shard by shard, the index renamed with them
+    (model.safetensors.index.json); mlx-lm then reads the shards and replies as the original
+    does; an index naming a tensor its shard lacks is refused."""
+    from safetensors.numpy import load_file
+
+    from mofa_omni.contract.tasks import ChatMessage, ChatRequest
+    from mofa_omni.testing.tiny_llm import write_tiny_llm, write_tokenizer
+
+    smollm2 = catalog.get("smollm2-135m")
+    gguf = store.fetch(smollm2) / Path(smollm2.source.files[0]).name
+    original = write_tiny_llm(tmp_path / "tiny-llama", "llama",
+                              write_tokenizer(tmp_path / "tokenizer", gguf))
+    folder = tmp_path / "sharded-llama"
+    shutil.copytree(original, folder, ignore=shutil.ignore_patterns("*.safetensors*"))
+    arrays = {k: v for f in sorted(original.glob("*.safetensors")) for k, v in load_file(f).items()}
+    names = sorted(arrays)
+    halves = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
+              "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
+    for shard, keys in halves.items():
+        save_zip(folder / shard, OrderedDict((k, tensor(Storage(arrays[k]), arrays[k].shape))
+                                             for k in keys))
+    index = {"metadata": {"total_size": 0},
+             "weight_map": {k: shard for shard, keys in halves.items() for k in keys}}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    assert detect(folder).torch_weights == tuple(folder / shard for shard in halves)
+
+    cache = ModelStore(tmp_path / "cache")
+    spec = resolve_model_name(str(folder), Catalog.load(), cache)
+    converted = spec.source.path
+    assert sorted(p.name for p in converted.glob("*.safetensors")) == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert not (converted / "pytorch_model.bin.index.json").exists()
+    weight_map = json.loads((converted / "model.safetensors.index.json").read_text())["weight_map"]
+    assert weight_map == {k: shard.replace("pytorch_model", "model").replace(".bin", ".safetensors")
+                          for shard, keys in halves.items() for k in keys}
+    (tmp_path / "original.toml").write_text(
+        f'[models.tiny-llama]\nadapter = "mlx_lm"\ntasks = ["text_generation"]\n'
+        f'format = "mlx"\nmemory_mb = 60\nsource = {{ path = "{original}" }}\n')
+    asked = ChatRequest([ChatMessage("user", "Hello")], max_tokens=8)
+
+    def reply(name: str, catalog_: Catalog) -> str:
+        model = open_model(name, catalog=catalog_, store=cache, backend="mlx")
+        return "".join(chunk.text for chunk in model.generate(asked))
+
+    assert reply(spec.name, Catalog.load()) == reply(
+        "tiny-llama", Catalog.load([tmp_path / "original.toml"]))
+
+    wrong = dict(index, weight_map={**index["weight_map"],
+                                    names[0]: "pytorch_model-00002-of-00002.bin"})
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(wrong))
+    with pytest.raises(ContractError, match=f"{names[0]} is listed in "
+                                            "pytorch_model-00002-of-00002.bin, which does not "
+                                            "hold it"):
+        resolve_model_name(str(folder), Catalog.load(), ModelStore(tmp_path / "cache2"),
+                           name="sharded-llama-2")
+
+
 def test_the_user_catalog_keeps_its_entries_and_refuses_a_different_one(user_catalog: Path,
                                                                        tmp_path: Path):
     user_catalog.parent.mkdir(parents=True)

@@ -17,11 +17,13 @@ Forms:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from pathlib import Path
 
 from mofa_omni.contract.errors import ContractError
+from mofa_omni.formats.json_files import read_json_object
 from mofa_omni.models.catalog import (
     Catalog,
     HubSource,
@@ -119,23 +121,54 @@ def _from_hub(source: HubSource, name: str, store: ModelStore, progress: Progres
     return found
 
 
+TORCH_INDEX = "pytorch_model.bin.index.json"  # which shard holds each tensor
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def safetensors_name(torch_file: str) -> str:
+    """What a PyTorch weights file becomes: ``pytorch_model.bin`` -> ``model.safetensors``,
+    a shard ``pytorch_model-00001-of-00002.bin`` -> ``model-00001-of-00002.safetensors`` (as
+    transformers names them), ``x.pt`` -> ``x.safetensors``."""
+    stem = Path(torch_file).stem
+    return (stem.replace("pytorch_model", "model", 1) if stem.startswith("pytorch_model")
+            else stem) + ".safetensors"
+
+
 def convert_torch_folder(path: Path, torch_files: tuple[Path, ...], cache: Path) -> Path:
     """A copy of the checkpoint folder ``path`` (under ``cache``/sources, once) whose PyTorch
-    weights are safetensors (``pytorch_model.bin`` -> ``model.safetensors``, ``x.pt`` ->
-    ``x.safetensors``), read without torch by :mod:`mofa_omni.formats.torch_checkpoint`; the
-    other files are linked."""
+    weights are safetensors (:func:`safetensors_name`; a sharded checkpoint's index becomes
+    ``model.safetensors.index.json``, each shard checked to hold what it lists), read without
+    torch by :mod:`mofa_omni.formats.torch_checkpoint`; the other files are linked."""
     from mofa_omni.formats.torch_checkpoint import convert_to_safetensors
 
     digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:10]
     out = cache / "sources" / f"converted-{safe_name(path.name)}-{digest}"
     if (out / _CONVERTED).is_file():
         return out
-    skip = set(torch_files)
+    skip = {*torch_files, path / TORCH_INDEX}
     for file in sorted(p for p in path.rglob("*") if p.is_file() and p not in skip):
         if ".cache" not in file.relative_to(path).parts and not (out / file.relative_to(path)).exists():
             link_or_copy(file, out / file.relative_to(path))
-    for file in torch_files:
-        target = "model" if file.name == "pytorch_model.bin" else file.stem
-        convert_to_safetensors(file, out / f"{target}.safetensors")
+    held = {file.name: set(convert_to_safetensors(file, out / safetensors_name(file.name)))
+            for file in torch_files}
+    if (path / TORCH_INDEX).is_file():
+        _convert_index(path / TORCH_INDEX, held, out / SAFETENSORS_INDEX)
     (out / _CONVERTED).write_text("\n".join(p.name for p in torch_files) + "\n")
     return out
+
+
+def _convert_index(index_file: Path, held: dict[str, set[str]], target: Path) -> None:
+    """A sharded checkpoint's index with its shards renamed as converted; a tensor the index
+    puts in a shard that does not hold it (or in a shard that is missing) is refused."""
+    index = read_json_object(index_file, ContractError)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ContractError(f"{index_file}: no weight_map")
+    for tensor, shard in weight_map.items():
+        if tensor not in held.get(str(shard), ()):
+            raise ContractError(f"{index_file}: {tensor} is listed in {shard}, which "
+                                + ("does not hold it" if shard in held else "is missing"))
+    target.write_text(json.dumps({
+        "metadata": index.get("metadata") or {},
+        "weight_map": {tensor: safetensors_name(shard) for tensor, shard in weight_map.items()},
+    }, indent=2))

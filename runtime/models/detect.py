@@ -32,7 +32,9 @@ CHAT_LM_ADAPTERS = ("mlx_lm", "llama_cpp", "ct2_lm")
 # CTranslate2's decoder spec is built for Llama-layout weights only (adapters/ct2_lm.py).
 CT2_LM_ARCHITECTURES = frozenset({"llama"})
 BERT_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta"})  # formats/bert.py reads these
-TORCH_WEIGHTS = ("pytorch_model.bin", "*.pt", "*.pth")
+# One file, or shards as transformers writes them (pytorch_model-00001-of-00002.bin ... beside
+# pytorch_model.bin.index.json).
+TORCH_WEIGHTS = ("pytorch_model.bin", "pytorch_model-*-of-*.bin", "*.pt", "*.pth")
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".npz", ".onnx", ".pt", ".pth")
 # What each engine serves, for the error when nothing fits.
 ENGINES = (
