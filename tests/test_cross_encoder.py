@@ -1,4 +1,4 @@
-"""Cross-encoder reranking (ort_cross_encoder): tiny random-weight BERT and XLM-RoBERTa
+"""Cross-encoder reranking (ort_cross_encoder, mlx_cross_encoder): tiny random-weight BERT and XLM-RoBERTa
 ``*ForSequenceClassification`` checkpoints in the real Hugging Face layout
 (:mod:`mofa_omni.testing.tiny_bert`: no BGE-Reranker or ms-marco weights are available offline),
 checked against a NumPy forward pass of the same weights, and served by omni-nodes in a real
@@ -37,16 +37,17 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     for name, (family, options) in MODELS.items():
         checkpoint = write_reranker(root / family, family, seed=3)
         entries.append(f'[models.{name}]\ndescription = "a tiny {family} cross-encoder"\n'
-                       'adapter = "ort_cross_encoder"\ntasks = ["rerank"]\n'
+                       'adapter = ["ort_cross_encoder", "mlx_cross_encoder"]\n'
+                       'tasks = ["rerank"]\n'
                        f'format = "safetensors"\nmemory_mb = 10\n'
                        f'source = {{ path = "{checkpoint}" }}\n{options}')
     (root / "catalog.toml").write_text("\n".join(entries))
     return {"root": root, "catalog": root / "catalog.toml", "cache": root / "cache"}
 
 
-def open_tiny(tiny: dict[str, Path], name: str):
+def open_tiny(tiny: dict[str, Path], name: str, backend: str | None = None):
     return open_model(name, catalog=Catalog.load([tiny["catalog"]]),
-                      store=ModelStore(tiny["cache"]))
+                      store=ModelStore(tiny["cache"]), backend=backend)
 
 
 def reference_logits(checkpoint: Path, query: str, documents: list[str]) -> np.ndarray:
@@ -75,10 +76,12 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1 / (1 + np.exp(-x))
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "mlx"])
 @pytest.mark.parametrize("name, family", [("tiny-bert-reranker", "bert"),
                                           ("tiny-xlmr-reranker", "xlm-roberta")])
-def test_pairs_are_scored_as_the_classifier_head_says(tiny, name, family):
-    adapter = open_tiny(tiny, name)
+def test_pairs_are_scored_as_the_classifier_head_says(tiny, name, family, backend):
+    adapter = open_tiny(tiny, name, backend)
+    assert adapter.backend == backend
     scores = adapter.rerank(RerankRequest(QUERY, DOCUMENTS)).scores
     logits = reference_logits(tiny["root"] / family, QUERY, DOCUMENTS)
     assert scores.shape == (4,) and scores.dtype == np.float32
@@ -90,8 +93,9 @@ def test_pairs_are_scored_as_the_classifier_head_says(tiny, name, family):
     adapter.unload()
 
 
-def test_the_logits_option_gives_the_raw_logits(tiny):
-    adapter = open_tiny(tiny, "tiny-bert-reranker-logits")
+@pytest.mark.parametrize("backend", ["onnxruntime", "mlx"])
+def test_the_logits_option_gives_the_raw_logits(tiny, backend):
+    adapter = open_tiny(tiny, "tiny-bert-reranker-logits", backend)
     scores = adapter.rerank(RerankRequest(QUERY, DOCUMENTS)).scores
     np.testing.assert_allclose(scores, reference_logits(tiny["root"] / "bert", QUERY, DOCUMENTS),
                                atol=1e-4)
@@ -109,16 +113,18 @@ def test_an_embedder_or_a_many_label_classifier_is_refused(tiny, tmp_path: Path)
     weights["classifier.bias"] = np.concatenate([weights["classifier.bias"]] * 3)
     save_file(weights, str(classifier / "model.safetensors"))
     catalog.write_text("\n".join(
-        f'[models.{name}]\nadapter = "ort_cross_encoder"\ntasks = ["rerank"]\n'
-        f'format = "safetensors"\nmemory_mb = 10\nsource = {{ path = "{path}" }}\n'
+        f'[models.{name}]\nadapter = ["ort_cross_encoder", "mlx_cross_encoder"]\n'
+        f'tasks = ["rerank"]\nformat = "safetensors"\nmemory_mb = 10\n'
+        f'source = {{ path = "{path}" }}\n'
         for name, path in (("embedder", embedder), ("three", classifier))))
     store = ModelStore(tmp_path / "cache")
-    with pytest.raises(ModelLoadError, match="'embedder': architectures .'BertModel'. name no "
-                                             "cross-encoder"):
-        open_model("embedder", catalog=Catalog.load([catalog]), store=store)
-    with pytest.raises(ModelLoadError, match="'three': a reranker has one label; "
-                                             "classifier.weight has 3"):
-        open_model("three", catalog=Catalog.load([catalog]), store=store)
+    for backend in ("onnxruntime", "mlx"):
+        with pytest.raises(ModelLoadError, match="'embedder': architectures .'BertModel'. name "
+                                                 "no cross-encoder"):
+            open_model("embedder", catalog=Catalog.load([catalog]), store=store, backend=backend)
+        with pytest.raises(ModelLoadError, match="'three': a reranker has one label; "
+                                                 "classifier.weight has 3"):
+            open_model("three", catalog=Catalog.load([catalog]), store=store, backend=backend)
 
 
 def test_omni_nodes_serve_cross_encoder_reranking_in_a_dataflow(tiny, tmp_path: Path):

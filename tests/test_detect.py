@@ -116,7 +116,7 @@ def test_a_one_label_classifier_is_a_cross_encoder_and_more_labels_are_refused(t
     if "ort_cross_encoder" in adapter_names():
         found = detect(folder)
         assert (found.kind, found.spec.adapters, found.spec.tasks) == (
-            "cross_encoder", ("ort_cross_encoder",), (Task.RERANK,))
+            "cross_encoder", ("mlx_cross_encoder", "ort_cross_encoder"), (Task.RERANK,))
     else:  # an install whose entry points predate the adapter: said as such
         with pytest.raises(ContractError, match="found a cross-encoder .*no adapter serves it"):
             detect(folder)

@@ -1,17 +1,13 @@
 """Reranking with a cross-encoder (BGE-Reranker, ms-marco MiniLM) on ONNX Runtime.
 
-A cross-encoder reads the query and one document together (``[CLS] query [SEP] document
-[SEP]`` with token types 0 and 1 for BERT, ``<s> query </s></s> document </s>`` for XLM-R) and
-gives one relevance logit: far better rankings than the cosine of two separate embeddings, one
-forward pass per document. The checkpoint is a Hugging Face ``BertForSequenceClassification`` or
-``XLMRobertaForSequenceClassification`` with one label. ``prepare`` writes it as an ONNX graph
-once: ort_bert's encoder (:func:`mofa_omni.adapters.ort_bert.encoder_states`), then the
-classifier head on the first token: BERT's pooler (dense, tanh) and classifier; XLM-R's
-``RobertaClassificationHead`` (dense, tanh, out_proj).
-
-Scores are the sigmoid of the logit (sentence-transformers' CrossEncoder, Cohere's and Jina's
-relevance scores in (0, 1)), or the raw logit with the option ``scores = "logits"`` (what
-FlagEmbedding's BGE-Reranker ``compute_score`` returns unless asked to normalise).
+A cross-encoder reads the query and one document together and gives one relevance logit: far
+better rankings than the cosine of two separate embeddings, one forward pass per document
+(:mod:`mofa_omni.adapters.cross_encoder`: pairs, scores). The checkpoint is a Hugging Face
+``BertForSequenceClassification`` or ``XLMRobertaForSequenceClassification`` with one label.
+``prepare`` writes it as an ONNX graph once: ort_bert's encoder
+(:func:`mofa_omni.adapters.ort_bert.encoder_states`), then the classifier head on the first
+token: BERT's pooler (dense, tanh) and classifier; XLM-R's ``RobertaClassificationHead``
+(dense, tanh, out_proj).
 """
 
 from __future__ import annotations
@@ -23,6 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from mofa_omni.adapters.base import ModelAdapter
+from mofa_omni.adapters.cross_encoder import check_one_label, classifier_family, score_pairs
 from mofa_omni.adapters.onnx_session import cpu_session
 from mofa_omni.adapters.options import AdapterOptions, CrossEncoderOptions
 from mofa_omni.adapters.ort_bert import (
@@ -34,14 +31,7 @@ from mofa_omni.adapters.ort_bert import (
 )
 from mofa_omni.contract.errors import ModelLoadError
 from mofa_omni.contract.tasks import RerankRequest, RerankResult, Task
-from mofa_omni.formats.bert import (
-    check_checkpoint,
-    copy_files,
-    length_batches,
-    load_tokenizer,
-    padded,
-    read_config,
-)
+from mofa_omni.formats.bert import check_checkpoint, copy_files, load_tokenizer, read_config
 from mofa_omni.models.fetching import Progress
 
 GRAPH = "model.onnx"
@@ -98,32 +88,13 @@ class OrtCrossEncoderAdapter(ModelAdapter):
         more relevant."""
         if self._session is None:
             raise self.not_loaded()
-        encodings = self._tokenizer.encode_batch([(request.query, document)
-                                                  for document in request.documents])
-        _, batches = length_batches([len(e.ids) for e in encodings], self.options.batch_size)
-        logits = np.empty(len(encodings), np.float32)
-        for batch in batches:
-            ids, types, mask = padded([encodings[i] for i in batch])
-            if self._one_type:
-                types = np.zeros_like(types)
+
+        def logits_of(ids: np.ndarray, types: np.ndarray, mask: np.ndarray) -> np.ndarray:
             (out,) = self._session.run(None, dict(zip(INPUTS, (ids, types, mask))))
-            logits[batch] = out[:, 0]
-        if self.options.scores == "logits":
-            return RerankResult(logits)
-        return RerankResult((1 / (1 + np.exp(-logits.astype(np.float64)))).astype(np.float32))
+            return out[:, 0]
 
-
-def classifier_family(model: str, config: dict[str, Any]) -> str:
-    """"bert" or "xlm-roberta", the checkpoint's head; ModelLoadError unless it is a
-    ``BertForSequenceClassification`` or ``(XLM)RobertaForSequenceClassification``."""
-    architectures = config.get("architectures") or []
-    heads = {"BertForSequenceClassification": "bert", "XLMRobertaForSequenceClassification":
-             "xlm-roberta", "RobertaForSequenceClassification": "xlm-roberta"}
-    family = next((heads[a] for a in architectures if a in heads), None)
-    if family is None:
-        raise ModelLoadError(f"model {model!r}: architectures {architectures} name no "
-                             f"cross-encoder this adapter runs ({', '.join(heads)})")
-    return family
+        return score_pairs(request, self._tokenizer, self.options.batch_size, self._one_type,
+                           logits_of, self.options.scores)
 
 
 def write_classifier_graph(config: dict[str, Any], family: str, weights: dict[str, np.ndarray],
@@ -135,9 +106,7 @@ def write_classifier_graph(config: dict[str, Any], family: str, weights: dict[st
     states = encoder_states(graph, config, progress)
     first = g("Gather", [states, graph.const(np.array(0, np.int64))], axis=1)  # [CLS] / <s>
     output = "classifier" if family == "bert" else "classifier.out_proj"
-    labels = graph.array_of(f"{output}.weight").shape[0]
-    if labels != 1:
-        raise ModelLoadError(f"a reranker has one label; {output}.weight has {labels}")
+    check_one_label(output, graph.array_of(f"{output}.weight").shape[0])
     if family == "bert":
         pooled = g("Tanh", [graph.dense(first, "pooler.dense")])
         g("Identity", [graph.dense(pooled, "classifier")], output="logits")

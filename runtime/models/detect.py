@@ -44,7 +44,7 @@ ENGINES = (
     ("MLX omni folder (audio_config: Qwen3-Omni)", "mlx_omni",
      "omni, vision_language, text_generation"),
     ("BERT / XLM-R (sentence-transformers)", "mlx_bert / ort_bert", "embedding, rerank"),
-    ("*ForSequenceClassification, 1 label", "ort_cross_encoder", "rerank"),
+    ("*ForSequenceClassification, 1 label", "ort_cross_encoder / mlx_cross_encoder", "rerank"),
     ("Whisper (MLX weights or CTranslate2)", "mlx_whisper / ct2_whisper", "speech_recognition"),
     ("diffusers FLUX.2 / Z-Image / ERNIE-Image", "mflux_image", "image_generation"),
     ("diffusers Wan 2.2 TI2V (model_index.json)", "mlx_wan", "video_generation"),
