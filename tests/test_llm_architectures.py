@@ -22,7 +22,7 @@ import pytest
 from mofa_omni.adapters.base import ModelAdapter
 from mofa_omni.adapters.ct2_lm import ARCHITECTURES as CT2_LM_ARCHITECTURES
 from mofa_omni.adapters.loading import open_model
-from mofa_omni.contract.errors import ModelLoadError
+from mofa_omni.contract.errors import ContractError, ModelLoadError
 from mofa_omni.contract.tasks import ChatMessage, ChatRequest, TextChunk
 from mofa_omni.models.catalog import Catalog, PypiSource
 from mofa_omni.models.store import ModelStore
@@ -257,3 +257,53 @@ def test_ctranslate2_refuses_the_architectures_its_decoder_does_not_map(tiny: di
     for architecture in ("gemma2", "mixtral"):
         with pytest.raises(ModelLoadError, match=f"CTranslate2 serves .*not '{architecture}'"):
             open_tiny(tiny, gguf_model_name(architecture, "ct2_lm"))
+
+
+def test_a_split_gguf_is_one_model_on_every_engine(tiny: dict[str, Path], catalog: Catalog,
+                                                    store: ModelStore, tmp_path: Path):
+    """A GGUF split as llama.cpp's gguf-split splits it (model-00001-of-00003.gguf ...; the
+    metadata in the first, the tensors spread): detected from its first part or its folder as
+    one model, and served by llama.cpp (which finds the parts from the first) and by MLX (the
+    conversion reads every part) with the same log-probabilities as the unsplit file; a missing
+    part, or a later part named, is refused naming what to do."""
+    from mofa_omni.models.detect import detect
+
+    smollm2 = catalog.get("smollm2-135m")
+    tokenizer_gguf = store.fetch(smollm2) / Path(smollm2.source.files[0]).name
+    folder = tmp_path / "split"
+    first = write_tiny_gguf(tiny["root"] / "llama", folder / "tiny.gguf", tokenizer_gguf,
+                            split_max_tensors=8)
+    parts = sorted(folder.glob("*.gguf"))
+    assert first.name == "tiny-00001-of-00003.gguf" and len(parts) == 3
+    for path in (first, folder):
+        found = detect(path, "tiny-split")
+        assert found.kind == "gguf" and "split in 3 parts" in found.spec.description
+    whole = tiny["root"] / "gguf" / "llama" / "model.gguf"
+    entries = "".join(
+        f'[models.{name}-{adapter.replace("_", "-")}]\nadapter = "{adapter}"\n'
+        f'tasks = ["text_generation"]\nformat = "gguf"\nmemory_mb = 60\n'
+        f'source = {{ path = "{path}" }}\n\n'
+        for name, path in (("split", first), ("whole", whole))
+        for adapter in ("llama_cpp", "mlx_lm"))
+    (tmp_path / "catalog.toml").write_text(entries)
+    split_catalog = Catalog.load([tmp_path / "catalog.toml"])
+    cache = ModelStore(tmp_path / "cache")
+    for adapter in ("llama_cpp", "mlx_lm"):
+        if adapter == "llama_cpp":
+            pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+        suffix = adapter.replace("_", "-")
+        split = open_model(f"split-{suffix}", catalog=split_catalog, store=cache)
+        unsplit = open_model(f"whole-{suffix}", catalog=split_catalog, store=cache)
+        prompt = split.prompt_tokens(ChatRequest(HELLO))
+        np.testing.assert_allclose(split.next_log_probs([prompt])[0],
+                                   unsplit.next_log_probs([prompt])[0], atol=1e-5)
+        assert reply(split, ChatRequest(HELLO, max_tokens=4))[0] == \
+            reply(unsplit, ChatRequest(HELLO, max_tokens=4))[0]
+        split.unload()
+        unsplit.unload()
+    with pytest.raises(ContractError, match="part 2 of a split GGUF model: name its first "
+                                            "part, tiny-00001-of-00003.gguf"):
+        detect(parts[1])
+    parts[2].unlink()
+    with pytest.raises(ContractError, match="lacks its part.s. tiny-00003-of-00003.gguf"):
+        detect(first)

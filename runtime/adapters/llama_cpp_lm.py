@@ -56,15 +56,22 @@ class LlamaCppAdapter(ChatLmAdapter):
     # --- lifecycle -------------------------------------------------------------------
 
     def prepare(self, source_dir: Path, out_dir: Path, progress: Progress) -> None:
-        from mofa_omni.formats.gguf import find_gguf, write_description
+        from mofa_omni.formats.gguf import find_gguf, gguf_parts, open_gguf_parts, write_description
 
         gguf = find_gguf(source_dir, self.spec.name, self.options.file)
         progress("read GGUF metadata", 0, 1)
-        write_description(gguf, out_dir, MODEL_CONFIG)  # checks the file is whole, too
-        try:  # the same bytes, not a copy: the source stays in the cache
-            os.link(gguf, out_dir / WEIGHTS)
-        except OSError:
-            shutil.copyfile(gguf, out_dir / WEIGHTS)
+        write_description(gguf, out_dir, MODEL_CONFIG)
+        open_gguf_parts(gguf)  # every part is whole
+        parts = gguf_parts(gguf)
+        # llama.cpp finds a split model's later parts from the first one's name: the parts
+        # keep the split's numbering under the name "model".
+        names = [WEIGHTS] if len(parts) == 1 else \
+            [f"model-{n:05d}-of-{len(parts):05d}.gguf" for n in range(1, len(parts) + 1)]
+        for part, name in zip(parts, names):
+            try:  # the same bytes, not a copy: the source stays in the cache
+                os.link(part, out_dir / name)
+            except OSError:
+                shutil.copyfile(part, out_dir / name)
         progress("read GGUF metadata", 1, 1)
 
     def _load(self, model_dir: Path) -> None:
@@ -72,7 +79,9 @@ class LlamaCppAdapter(ChatLmAdapter):
         from mlx_lm.utils import load_tokenizer
 
         context, threads = self.options.context, self.options.threads or os.cpu_count() or 1
-        weights = model_dir / WEIGHTS
+        weights = next((model_dir / name for name in [WEIGHTS, *sorted(
+            p.name for p in model_dir.glob("model-00001-of-*.gguf"))]
+            if (model_dir / name).is_file()), model_dir / WEIGHTS)
         if not weights.is_file():
             raise ModelLoadError(f"model {self.spec.name!r}: {weights} is missing")
         try:

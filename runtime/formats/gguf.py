@@ -296,6 +296,45 @@ def _mlx_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 # --- reading and checking --------------------------------------------------------------
 
+# llama.cpp's gguf-split names the parts of a split model PREFIX-00001-of-00003.gguf ...; the
+# first holds the metadata, each holds some of the tensors, and llama.cpp loads the first.
+SPLIT_PART = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def gguf_parts(path: Path) -> list[Path]:
+    """The files of the GGUF model ``path``: itself, or — for the first part of a split model
+    — every part, in order; a part missing, or a later part given, is a ModelLoadError."""
+    path = Path(path)
+    match = SPLIT_PART.match(path.name)
+    if match is None:
+        return [path]
+    if int(match["no"]) != 1:
+        raise ModelLoadError(f"{path.name} is part {int(match['no'])} of a split GGUF model: "
+                             f"name its first part, {split_part_name(match, 1)}")
+    count = int(match["count"])
+    parts = [path.with_name(split_part_name(match, number)) for number in range(1, count + 1)]
+    missing = [part.name for part in parts if not part.is_file()]
+    if missing:
+        raise ModelLoadError(f"{path.name}: the split GGUF model lacks its part(s) "
+                             f"{', '.join(missing)}")
+    return parts
+
+
+def split_part_name(match: re.Match, number: int) -> str:
+    return f"{match['prefix']}-{number:05d}-of-{match['count']}.gguf"
+
+
+def open_gguf_parts(path: Path) -> list:
+    """A reader on each file of the GGUF model ``path`` (:func:`gguf_parts`), each checked
+    whole, and the split's own count checked against the parts found."""
+    readers = [open_gguf(part) for part in gguf_parts(path)]
+    declared = Metadata(readers[0]).get("split.count")
+    if declared is not None and int(declared) != len(readers):
+        raise ModelLoadError(f"{Path(path).name} says the model is split in {declared} parts; "
+                             f"{len(readers)} match its name")
+    return readers
+
+
 def open_gguf(path: Path):
     """A ``gguf.GGUFReader`` on ``path`` after checking the file is whole; ModelLoadError if not."""
     import gguf
@@ -344,7 +383,7 @@ class _Entry:
     source_bytes: int  # bytes of GGUF data it comes from (for progress)
 
 
-def _float_entries(reader, arch: Architecture, dtype: type) -> list[_Entry]:
+def _float_entries(readers: list, arch: Architecture, dtype: type) -> list[_Entry]:
     from gguf.quants import dequantize
 
     def producer(tensor, shift: float) -> Callable[[], Iterator[np.ndarray]]:
@@ -364,7 +403,7 @@ def _float_entries(reader, arch: Architecture, dtype: type) -> list[_Entry]:
         return chunks
 
     entries = []
-    for tensor in reader.tensors:
+    for tensor in (t for reader in readers for t in reader.tensors):
         name = mlx_name(tensor.name, arch)
         shape = _mlx_shape(name, tuple(int(n) for n in reversed(tensor.shape)))
         shift = arch.norm_shift if tensor.name.endswith("norm.weight") else 0.0
@@ -376,22 +415,24 @@ def _float_entries(reader, arch: Architecture, dtype: type) -> list[_Entry]:
 _MLX_READABLE = {"F32", "F16", "Q4_0", "Q4_1", "Q8_0"}
 
 
-def _quantized_entries(path: Path, reader, arch: Architecture) -> tuple[list[_Entry], dict]:
+def _quantized_entries(path: Path, readers: list, arch: Architecture
+                       ) -> tuple[list[_Entry], dict]:
     """Entries keeping the file's quantization, and the config's "quantization" section."""
     import mlx.core as mx
 
-    unreadable = sorted({t.tensor_type.name for t in reader.tensors} - _MLX_READABLE)
+    tensors = [t for reader in readers for t in reader.tensors]
+    unreadable = sorted({t.tensor_type.name for t in tensors} - _MLX_READABLE)
     if unreadable:
         raise ModelLoadError(f"{path.name} uses {', '.join(unreadable)}, which cannot be kept "
                              f"quantized (only {', '.join(sorted(_MLX_READABLE))}); "
                              f'convert it with dtype="float32"')
-    weights = mx.load(str(path))
+    weights = {k: v for part in gguf_parts(path) for k, v in mx.load(str(part)).items()}
     entries, bits_of = [], {}
 
     def constant(array: np.ndarray) -> Callable[[], Iterator[np.ndarray]]:
         return lambda: iter([array])
 
-    for tensor in reader.tensors:
+    for tensor in tensors:
         name = mlx_name(tensor.name, arch)
         base = tensor.name.removesuffix(".weight")
         if f"{base}.scales" in weights:
@@ -516,16 +557,16 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, dtype: str = "float32",
         raise ModelLoadError(f"unknown GGUF conversion dtype {dtype!r}; "
                              f"use one of {', '.join([*DTYPES, QUANTIZED])}")
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    reader = open_gguf(gguf_path)
-    meta = Metadata(reader)
+    readers = open_gguf_parts(gguf_path)  # a split model: the metadata is in the first part
+    meta = Metadata(readers[0])
     arch = _architecture(meta)
     config = arch.config(meta)
     if dtype == QUANTIZED:
-        entries, quantization = _quantized_entries(gguf_path, reader, arch)
+        entries, quantization = _quantized_entries(gguf_path, readers, arch)
         if quantization:
             config["quantization"] = quantization
     else:
-        entries = _float_entries(reader, arch, DTYPES[dtype])
+        entries = _float_entries(readers, arch, DTYPES[dtype])
     out_dir.mkdir(parents=True, exist_ok=True)
     write_safetensors(out_dir / "model.safetensors", entries, progress, f"convert {gguf_path.name}")
     _write_description(meta, config, out_dir, "config.json")
@@ -551,8 +592,10 @@ def _write_description(meta: Metadata, config: dict, out_dir: Path, config_name:
 
 
 def find_gguf(source_dir: Path, model: str, pattern: str | None = None) -> Path:
-    """The one GGUF file of ``model`` in ``source_dir`` (``pattern``: its ``options.file``)."""
-    ggufs = sorted(Path(source_dir).glob(pattern or "*.gguf"))
+    """The one GGUF file of ``model`` in ``source_dir`` (``pattern``: its ``options.file``);
+    a split model is its first part (the others go with it: :func:`gguf_parts`)."""
+    ggufs = sorted(path for path in Path(source_dir).glob(pattern or "*.gguf")
+                   if not ((match := SPLIT_PART.match(path.name)) and int(match["no"]) > 1))
     if len(ggufs) != 1:
         raise ModelLoadError(f"model {model!r}: expected one .gguf file in {source_dir}, "
                              f"found {[p.name for p in ggufs]} (name one with options.file)")

@@ -110,7 +110,7 @@ def detect(path: Path, name: str | None = None, source: Source | None = None) ->
             return _piper(path.parent, name, source or PathSource(path.parent.resolve()))
         raise _nothing_fits(path, f"a file {path.name}")
     source = source or PathSource(path.resolve())
-    ggufs = sorted(path.glob("*.gguf"))
+    ggufs = [file for file in sorted(path.glob("*.gguf")) if not _later_split_part(file)]
     if ggufs:
         if len(ggufs) > 1:
             raise ContractError(f"{path} holds several GGUF files ({', '.join(p.name for p in ggufs)}):"
@@ -132,16 +132,29 @@ def detect(path: Path, name: str | None = None, source: Source | None = None) ->
 
 # --- kinds ---------------------------------------------------------------------------------
 
-def _gguf(file: Path, name: str, source: Source) -> Detected:
-    from mofa_omni.formats.gguf import ARCHITECTURES
+def _later_split_part(file: Path) -> bool:
+    """A second (third...) part of a split GGUF model: it goes with the first."""
+    from mofa_omni.formats.gguf import SPLIT_PART
 
+    return bool((match := SPLIT_PART.match(file.name)) and int(match["no"]) > 1)
+
+
+def _gguf(file: Path, name: str, source: Source) -> Detected:
+    from mofa_omni.contract.errors import ModelLoadError
+    from mofa_omni.formats.gguf import ARCHITECTURES, gguf_parts
+
+    try:
+        parts = gguf_parts(file)  # a split model: all its parts, which must be there
+    except ModelLoadError as error:
+        raise ContractError(str(error)) from None
     arch = _gguf_architecture(file)
     if arch not in ARCHITECTURES:
         raise ContractError(f"{file.name}: GGUF architecture {arch!r} is served by no engine here;"
                             f" the GGUF readers know {', '.join(sorted(ARCHITECTURES))}")
     adapters = tuple(a for a in CHAT_LM_ADAPTERS if a != "ct2_lm" or arch in CT2_LM_ARCHITECTURES)
+    split = f", split in {len(parts)} parts" if len(parts) > 1 else ""
     spec = _spec(name, adapters, (Task.TEXT_GENERATION, Task.RERANK), "gguf", source,
-                 _memory("gguf", [file]), f"{file.name} (GGUF, {arch})")
+                 _memory("gguf", parts), f"{file.name} (GGUF, {arch}{split})")
     return Detected("gguf", arch, spec, (f"served by {', '.join(adapters)}",))
 
 

