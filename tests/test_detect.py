@@ -301,8 +301,13 @@ def test_names_paths_and_hub_names_are_told_apart(tmp_path: Path, user_catalog: 
         "Org/Repo-1.5B", ("model-q4_k_m.gguf",), "main")
     assert parse_hub_name("hf:org/repo@v2:sub/f.gguf") == HubSource("org/repo", ("sub/f.gguf",),
                                                                     "v2")
+    # a split GGUF named by its first part: every part is fetched
+    assert parse_hub_name("hf:org/repo:q4/m-00001-of-00003.gguf").files == (
+        "q4/m-00001-of-00003.gguf", "q4/m-00002-of-00003.gguf", "q4/m-00003-of-00003.gguf")
     for bad, why in [("hf:repo", "ORG/REPO"), ("hf:a/b/c", "ORG/REPO"), ("hf:org/repo@", "empty"),
-                     ("hf:org/repo:../x", "not a file"), ("org/repo", "not a Hub name")]:
+                     ("hf:org/repo:../x", "not a file"), ("org/repo", "not a Hub name"),
+                     ("hf:org/repo:m-00002-of-00003.gguf", "name its first part, "
+                                                           "m-00001-of-00003.gguf")]:
         with pytest.raises(ContractError, match=why):
             parse_hub_name(bad)
     assert looks_like_path("./x") and looks_like_path("m.gguf") and looks_like_path(str(tmp_path))

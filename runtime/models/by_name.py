@@ -53,7 +53,23 @@ def parse_hub_name(text: str) -> HubSource:
         raise ContractError(f"{text!r}: an empty revision after '@'")
     if ":" in file or file.startswith("/") or ".." in Path(file).parts:
         raise ContractError(f"{text!r}: {file!r} is not a file of the repository")
-    return HubSource(repo, (file,) if file else (), revision or "main")
+    return HubSource(repo, _with_split_parts(file, text), revision or "main")
+
+
+def _with_split_parts(file: str, text: str) -> tuple[str, ...]:
+    """The files to fetch for ``file``: none (the whole repository), the file, or — the first
+    part of a split GGUF — every part, which the first one's name counts."""
+    from mofa_omni.formats.gguf import SPLIT_PART, split_part_name
+
+    match = SPLIT_PART.match(Path(file).name) if file else None
+    if match is None:
+        return (file,) if file else ()
+    if int(match["no"]) != 1:
+        raise ContractError(f"{text!r}: {file} is part {int(match['no'])} of a split GGUF "
+                            f"model: name its first part, {split_part_name(match, 1)}")
+    folder = str(Path(file).parent) if Path(file).parent != Path(".") else ""
+    return tuple(f"{folder}/{name}" if folder else name
+                 for name in (split_part_name(match, n) for n in range(1, int(match["count"]) + 1)))
 
 
 def looks_like_path(text: str) -> bool:
