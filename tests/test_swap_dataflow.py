@@ -52,8 +52,14 @@ class Graph:
     def wait_for_progress(self, enough, timeout: float = 240) -> None:
         progress = self.work / "progress"
         deadline = time.monotonic() + timeout
-        while not (progress.exists() and progress.read_text() and
-                   enough(json.loads(progress.read_text()))):
+
+        def read() -> object | None:  # the driver rewrites it in place: read once, maybe half
+            try:
+                return json.loads(progress.read_text())
+            except (OSError, ValueError):
+                return None
+
+        while (seen := read()) is None or not enough(seen):
             assert self.process.poll() is None, self.process.communicate()[0][-3000:]
             assert time.monotonic() < deadline, f"not enough progress in {timeout} s"
             time.sleep(0.2)
