@@ -227,7 +227,8 @@ def test_the_voice_agent_on_one_omni_model_answers_spoken_turns_aloud(tiny, tmp_
     assert len(answers) == 2 and not any("[error" in line for line in answers)
     for name in ("reply-001.wav", "reply-002.wav"):
         with wave.open(str(out / name)) as reply:
-            assert reply.getframerate() == 24000 and reply.getnframes() > 0
+            # (seen once in a loaded CI run: a reply of no frames; the transcript says more)
+            assert reply.getframerate() == 24000 and reply.getnframes() > 0, (name, lines)
     nodes = {node["path"] for node in dataflows.load(VOICE_OMNI)["nodes"]}
     assert "omni-node" in nodes and not {"omni-sentence-splitter"} & nodes
     assert [n for n in dataflows.load(VOICE_OMNI)["nodes"] if n["path"] == "omni-node"] \
