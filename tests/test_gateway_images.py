@@ -81,6 +81,7 @@ def server(tmp_path_factory, catalog: Catalog, store: ModelStore) -> Server:
         f'source = {{ path = "{flux}" }}\n\n'
         '[models.tiny-qwen3-omni]\nadapter = "mlx_omni"\n'
         'tasks = ["omni", "vision_language", "text_generation"]\nformat = "mlx"\n'
+        'options = { talker_temperature = 0.0 }\n'  # greedy speech: see tests/test_omni.py
         f'memory_mb = 200\nsource = {{ path = "{omni}" }}\n')
     running = serve(GRAPH, [], MOFA_OMNI_CATALOG=str(user), MOFA_OMNI_CACHE=str(root / "cache"),
                     MAX_IMAGE_PIXELS=str(MAX_IMAGE_PIXELS))

@@ -58,6 +58,9 @@ def tiny(tmp_path_factory, catalog: Catalog, store: ModelStore) -> dict[str, Pat
     user = root / "catalog.toml"
     user.write_text('[models.tiny-qwen3-omni]\nadapter = "mlx_omni"\n'
                     'tasks = ["omni", "vision_language", "text_generation"]\nformat = "mlx"\n'
+                    # greedy speech: the talker samples at 0.9 otherwise, and random weights
+                    # then end a reply before its first sound now and then
+                    'options = { talker_temperature = 0.0 }\n'
                     f'memory_mb = 200\nsource = {{ path = "{checkpoint}" }}\n')
     return {"root": root, "catalog": user, "cache": root / "cache", "checkpoint": checkpoint}
 

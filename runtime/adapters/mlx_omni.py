@@ -18,7 +18,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from mofa_omni.adapters.mlx_vlm import MlxVlmAdapter, to_rgb
+from mofa_omni.adapters.mlx_vlm import MlxVlmAdapter, MlxVlmOptions, to_rgb
+from mofa_omni.adapters.options import AdapterOptions
 from mofa_omni.contract.errors import ContractError
 from mofa_omni.contract.tasks import (
     AudioChunk,
@@ -39,11 +40,21 @@ LEFT_CONTEXT_FRAMES = 2  # frames code2wav reads again before each chunk (no sea
 _MEDIA = ("input_features", "feature_attention_mask", "pixel_values", "image_grid_thw")
 
 
+class MlxOmniOptions(MlxVlmOptions):
+    """The catalog options of an omni model: mlx-vlm's, and how its talker samples speech."""
+
+    # Qwen3-Omni's own default; 0: greedy, the same speech for the same reply every time
+    talker_temperature: float = 0.9
+
+
 class MlxOmniAdapter(MlxVlmAdapter):
-    """Omni models (Qwen3-Omni) through mlx-vlm; also plain chat and pictures-only chat."""
+    """Omni models (Qwen3-Omni) through mlx-vlm; also plain chat and pictures-only chat.
+    Options (:class:`MlxOmniOptions`): mlx-vlm's, and ``talker_temperature``."""
 
     supported_tasks: ClassVar[frozenset[Task]] = frozenset({Task.OMNI, Task.VISION_LANGUAGE,
                                                             Task.TEXT_GENERATION})
+    Options: ClassVar[type[AdapterOptions]] = MlxOmniOptions
+    options: MlxOmniOptions
 
     def voices(self) -> list[str]:
         """The speakers the model's talker knows (empty: it does not speak)."""
@@ -112,6 +123,7 @@ class MlxOmniAdapter(MlxVlmAdapter):
         steps = model.generate_stream(
             inputs["input_ids"], speaker=speaker, thinker_max_new_tokens=request.max_tokens,
             thinker_eos_token_id=end_of_turn, thinker_temperature=request.temperature,
+            talker_temperature=self.options.talker_temperature,
             talker_max_new_tokens=FRAMES_PER_TOKEN * request.max_tokens + EXTRA_FRAMES,
             chunk_size=CHUNK_FRAMES, left_context_size=LEFT_CONTEXT_FRAMES,
             **{key: inputs[key] for key in _MEDIA if key in inputs})
