@@ -200,9 +200,11 @@ class CpuMeter:
         for process in descendants(server.graph.pid):
             try:
                 command = " ".join(process.cmdline())
-                if "gateway.py" in command:
+                # a node runs as its console script (omni-gateway) or, from a checkout, its file
+                if "omni-gateway" in command or "gateway.py" in command:
                     self.roles["gateway node"].append(process)
-                elif "omni_node.py" in command and process.environ().get("TASK") == task:
+                elif ("omni-node" in command or "omni_node.py" in command) \
+                        and process.environ().get("TASK") == task:
                     self.roles["model node"].append(process)
                 else:
                     self.roles["other nodes"].append(process)
