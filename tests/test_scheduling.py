@@ -17,7 +17,7 @@ from mofa_omni.contract.errors import ContractError
 from mofa_omni.contract.tasks import ErrorReport
 from mofa_omni.models.memory import parse_size
 from mofa_omni.models.store import ModelStore
-from mofa_omni.node.admission import SchedulerLink
+from mofa_omni.node.admission import IDLE_REPORT_AFTER_S, SchedulerLink
 from mofa_omni.node.residency import ModelSlot
 from mofa_omni.node.serving import RequestWorker
 from mofa_omni.scheduler.bookkeeping import Scheduling, replay
@@ -168,6 +168,32 @@ def test_a_scheduled_node_loads_switches_unloads_and_refuses_only_as_told(stats_
     loaded = [m for m in wire.control if isinstance(m, NodeReport) and m.event == "loaded"]
     assert [m.model for m in loaded] == ["stats-big", "stats-small"]
     assert all(m.rss > 0 and m.load_seconds > 0 for m in loaded)
+
+
+def test_activity_is_reported_off_the_request_path_and_short_idle_spells_are_not(
+        stats_catalog, tmp_path: Path):
+    wire = Wire()
+    slot = ModelSlot(stats_catalog.get("stats-big"), stats_catalog, "stats",
+                     ModelStore(tmp_path / "cache"))
+    link = SchedulerLink("stats", slot, wire.publish)
+    link.start_measuring(60.0)  # the reporting thread; no memory report within the test
+    link.activity(True)
+    assert link.state == "busy"
+    wire.wait_for(lambda w: w.events() == ["busy"], timeout=2)
+    for _ in range(20):  # back-to-back requests: idle for microseconds each time
+        link.activity(False)
+        link.activity(True)
+    link.activity(False)
+    assert link.state == "ready"
+    time.sleep(IDLE_REPORT_AFTER_S / 2)
+    assert wire.events() == ["busy"]  # not idle long enough yet
+    wire.wait_for(lambda w: w.events() == ["busy", "idle"], timeout=2)
+    link.report("unloaded")  # after which the scheduler counts the node idle
+    link.activity(True)
+    wire.wait_for(lambda w: w.events() == ["busy", "idle", "unloaded", "busy"], timeout=2)
+    link.stop()
+    assert [m.state for m in wire.control if isinstance(m, NodeReport)] == \
+        ["busy", "ready", "ready", "busy"]
 
 
 def test_a_scheduled_node_whose_grant_never_comes_times_out(stats_catalog, tmp_path: Path):
