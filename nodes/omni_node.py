@@ -13,6 +13,11 @@ Configuration (env in the dataflow YAML):
     BACKEND            run the model on this backend (mlx, ctranslate2, onnxruntime, ...)
                        instead of the one chosen for this machine (see mofa_omni.adapters.backends)
     REQUEST_TIMEOUT_S  deadline of a request from its arrival (default 120)
+    MAX_BATCH          embedding, rerank and (CTranslate2) transcription requests that queued
+                       up while the model was busy are served together, up to this many in one
+                       engine call (default 32; 1: one at a time)
+    BATCH_WINDOW_MS    how long a lone request of those waits for others to join it (default 0:
+                       it waits for none, only requests already queued join)
 
 Inputs: ``request`` (the model's first task) or one named after each task it serves, and
 ``cancel`` (request ids, as strings): a cancelled request stops at once and ends with an
@@ -21,8 +26,9 @@ Outputs: ``result`` and ``error`` (a result too big for the node's shared-memory
 answered with an error of kind ``too_large`` saying how to fix it), and optionally ``lost``:
 when dora drops requests on their way here (a gap in their stream numbers), an ErrorReport
 of kind ``lost`` whose metadata names the input and the stream_seq range, so that the
-requester (the gateway) sends them again. Requests run one at a time
-on a worker thread while the main thread reads events; on STOP the node drains what is queued
+requester (the gateway) sends them again. Requests run in order (one at a time, or a
+batch at a time, see mofa_omni.node.batching) on a worker thread while the main thread
+reads events; on STOP the node drains what is queued
 before exiting.
 
 With a scheduler in the graph (an input ``scheduler: <scheduler>/command`` and an output
@@ -43,7 +49,7 @@ from mofa_omni.models.compute import ensure_fast_blas
 
 ensure_fast_blas()
 
-from mofa_omni.config import env_float, env_str, exit_on_bad_settings  # noqa: E402
+from mofa_omni.config import env_float, env_int, env_str, exit_on_bad_settings  # noqa: E402
 from mofa_omni.contract import arrow  # noqa: E402
 from mofa_omni.contract.errors import ErrorKind  # noqa: E402
 from mofa_omni.contract.stages import parse_stages  # noqa: E402
@@ -55,7 +61,13 @@ from mofa_omni.node.admission import SchedulerLink  # noqa: E402
 from mofa_omni.node.host import dora_node_id  # noqa: E402
 from mofa_omni.node.integrity import LOST_OUTPUT, CheckedNode, Gap, PayloadTooLarge  # noqa: E402
 from mofa_omni.node.residency import ModelSlot  # noqa: E402
-from mofa_omni.node.serving import CANCEL_INPUT, RequestWorker, cancelled_ids  # noqa: E402
+from mofa_omni.node.serving import (  # noqa: E402
+    BATCH_WINDOW_S,
+    CANCEL_INPUT,
+    MAX_BATCH,
+    RequestWorker,
+    cancelled_ids,
+)
 from mofa_omni.node.stage_host import StageSlot  # noqa: E402
 from mofa_omni.scheduler.messages import (  # noqa: E402
     MEMORY_OUTPUT,
@@ -109,6 +121,8 @@ def _serve() -> int:
     with exit_on_bad_settings("omni-node"):  # fail fast, before joining the graph
         request_timeout = env_float("REQUEST_TIMEOUT_S", 120)
         memory_report_s = env_float("MEMORY_REPORT_S", 1)
+        max_batch = env_int("MAX_BATCH", MAX_BATCH, minimum=1)
+        batch_window_s = env_float("BATCH_WINDOW_MS", BATCH_WINDOW_S * 1000) / 1000
         slot = slot_from_env(Catalog.load())
     node_id = slot.host.node_id
 
@@ -153,7 +167,8 @@ def _serve() -> int:
                              delivery=lambda: Delivery(time.time_ns(), node.gaps.received(),
                                                        worker.answered()))
         link.start_measuring(memory_report_s)
-    worker = RequestWorker(slot, send, request_timeout, link)
+    worker = RequestWorker(slot, send, request_timeout, link, max_batch=max_batch,
+                           batch_window_s=batch_window_s)
     open_requests = inputs - {SCHEDULER_INPUT, CANCEL_INPUT}
     timeout = None
     # dora may deliver STOP or INPUT_CLOSED before queued inputs: keep reading until the stream

@@ -281,6 +281,21 @@ def test_tiny_en_long_audio_spans_windows(model, tmp_path, backend):
 
 
 @pytest.mark.slow
+def test_ctranslate2_transcribes_a_batch_as_each_alone(model, speech, tmp_path):
+    """Requests served together (their windows in one generate call) get exactly the
+    transcripts they get alone: a short clip, one spanning two windows, another rate."""
+    adapter = model("whisper-tiny.en", "ctranslate2")
+    audio, rate = speech
+    long_audio, long_rate = espeak(PARAGRAPH, tmp_path)
+    requests = [TranscriptionRequest(audio=audio, sample_rate=rate),
+                TranscriptionRequest(audio=long_audio, sample_rate=long_rate),
+                TranscriptionRequest(audio=resample(audio, rate, 16_000), sample_rate=16_000)]
+    together = adapter.transcribe_batch(requests)
+    assert together == [adapter.transcribe(request) for request in requests]
+    assert len(together[1].segments) == 2 and together[0].text and together[2].text
+
+
+@pytest.mark.slow
 def test_english_only_model_skips_language_detection(model, speech, monkeypatch):
     import mlx_whisper.decoding
     import mlx_whisper.whisper

@@ -94,6 +94,22 @@ def test_pairs_are_scored_as_the_classifier_head_says(tiny, name, family, backen
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "mlx"])
+def test_a_batch_of_requests_scores_as_each_alone(tiny, model, backend):
+    """The pairs of several requests (different queries) share batches; each request's
+    scores are those it gets alone. The bi-encoder reranker (ONNX Runtime) batches too."""
+    requests = [RerankRequest(QUERY, DOCUMENTS), RerankRequest("a cat", DOCUMENTS[:2]),
+                RerankRequest("music", [DOCUMENTS[3]])]
+    adapters = [open_tiny(tiny, "tiny-bert-reranker", backend)]
+    if backend == "onnxruntime":
+        adapters.append(model("minilm-l6", "onnxruntime"))
+    for adapter in adapters:
+        together = adapter.rerank_batch(requests)
+        for request, result in zip(requests, together, strict=True):
+            np.testing.assert_allclose(result.scores, adapter.rerank(request).scores, atol=1e-5)
+    adapters[0].unload()
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "mlx"])
 def test_the_logits_option_gives_the_raw_logits(tiny, backend):
     adapter = open_tiny(tiny, "tiny-bert-reranker-logits", backend)
     scores = adapter.rerank(RerankRequest(QUERY, DOCUMENTS)).scores

@@ -6,6 +6,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -14,6 +15,8 @@ from mofa_omni.contract import arrow
 from mofa_omni.contract.tasks import (
     ChatMessage,
     ChatRequest,
+    EmbeddingRequest,
+    Embeddings,
     ErrorReport,
     GenericRequest,
     TextChunk,
@@ -142,3 +145,88 @@ def test_every_request_answered_recently_is_reported_whatever_the_rate(stats_slo
     monkeypatch.setattr(serving, "ANSWERED_WINDOW_S", 0.0)
     time.sleep(0.01)
     assert worker.answered() == []  # older than the window: no longer reported
+
+
+def embedding_request(*texts: str, input_type: str | None = None) -> pa.Array:
+    return arrow.encode(EmbeddingRequest(list(texts), input_type))
+
+
+@pytest.mark.slow
+def test_requests_queued_together_are_served_as_one_batch(catalog, store):
+    """Embedding requests that queued up while the model was busy are embedded in one engine
+    call: each gets the vectors it gets alone, in order; one that cannot be read is answered
+    first, one cancelled while the batch ran ends cancelled while the others get their
+    results; another input is not merged; one the engine fails on fails alone."""
+    texts = ["The cat sleeps.", "Dora moves Arrow buffers.", "A short one.", "Paris in spring"]
+    alone = open_model("minilm-l6", catalog=catalog, store=store)
+    expected = {f"r{i}": alone.embed(EmbeddingRequest([t])).vectors for i, t in enumerate(texts)}
+    expected["query"] = alone.embed(EmbeddingRequest([texts[0]], "query")).vectors
+    expected["two"] = alone.embed(EmbeddingRequest(texts[:2])).vectors
+    worker = RequestWorker(ModelSlot(catalog.get("minilm-l6"), catalog, "embedder", store),
+                           sent := Collector())
+    while not worker.slot.loaded:
+        time.sleep(0.01)
+    embed, calls, started, release = worker.host.adapter.embed, [], threading.Event(), \
+        threading.Event()
+
+    def engine(request: EmbeddingRequest) -> Embeddings:
+        calls.append(len(request.texts))
+        if request.texts == ["hold"]:  # the first request holds the model while others queue
+            started.set()
+            release.wait(10)
+        if "boom" in request.texts:
+            raise RuntimeError("the engine failed on boom")
+        if "cancel me" in request.texts:
+            worker.cancel("cancelled-while-running")
+        return embed(request)
+
+    def queue_behind_one(*requests: tuple[str, pa.Array, str]) -> list[str]:
+        """The request ids in the order their replies went out."""
+        sent.sent.clear()
+        calls.clear()
+        started.clear()
+        release.clear()
+        worker.submit("request", embedding_request("hold"), {"request_id": "hold"})
+        assert started.wait(10)
+        for input_id, value, request_id in requests:
+            worker.submit(input_id, value, {"request_id": request_id})
+        release.set()
+        deadline = time.monotonic() + 10
+        while len(sent.sent) < len(requests) + 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return [o.meta.request_id for o in sent.sent]
+
+    worker.host.adapter.embed = engine
+    order = queue_behind_one(
+        *[("request", embedding_request(text), f"r{i}") for i, text in enumerate(texts)],
+        ("request", pa.array([1, 2]), "unreadable"),
+        ("request", embedding_request(texts[0], input_type="query"), "query"),
+        ("request", embedding_request("cancel me"), "cancelled-while-running"),
+        ("request", embedding_request(*texts[:2]), "two"),
+        ("other", embedding_request("x"), "other-input"))
+    assert order == ["hold", "unreadable", "r0", "r1", "r2", "r3", "query",
+                     "cancelled-while-running", "two", "other-input"]
+    # "hold" alone; then the batch, one call per input type (query last)
+    assert calls == [1, 4 + 1 + 2, 1]
+    errors = sent.errors()
+    assert errors["cancelled-while-running"].kind == "cancelled"
+    assert errors["unreadable"].kind == "bad_request"
+    assert errors["other-input"].kind == "bad_request"  # no such task: not merged, refused
+    results = {o.meta.request_id: arrow.decode(o.value, Embeddings).vectors
+               for o in sent.sent if o.output == "result"}
+    assert set(results) == {"hold", *expected}
+    for request_id, vectors in expected.items():
+        np.testing.assert_allclose(results[request_id], vectors, atol=1e-5)
+
+    order = queue_behind_one(("request", embedding_request(texts[0]), "r0"),
+                             ("request", embedding_request("boom"), "bad"),
+                             ("request", embedding_request(texts[1]), "r1"))
+    assert order == ["hold", "r0", "bad", "r1"]
+    assert calls == [1, 3, 1, 1, 1]  # the batch failed: each was served alone
+    errors = sent.errors()
+    assert list(errors) == ["bad"] and "boom" in errors["bad"].message
+    for request_id in ("r0", "r1"):
+        np.testing.assert_allclose(arrow.decode(sent.sent[order.index(request_id)].value,
+                                                Embeddings).vectors, expected[request_id],
+                                   atol=1e-5)
+    worker.drain()

@@ -12,11 +12,13 @@ to normalise).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+from mofa_omni.adapters.options import CrossEncoderOptions
 from mofa_omni.contract.errors import ModelLoadError
 from mofa_omni.contract.tasks import RerankRequest, RerankResult
 from mofa_omni.formats.bert import length_batches, padded
@@ -44,18 +46,46 @@ def check_one_label(output: str, labels: int) -> None:
         raise ModelLoadError(f"a reranker has one label; {output}.weight has {labels}")
 
 
-def score_pairs(request: RerankRequest, tokenizer, batch_size: int, one_type: bool,
-                logits_of: BatchLogits, scores: str) -> RerankResult:
-    """Each document read with the query: pairs batched by length, each batch's logits from
-    ``logits_of``, then scored as ``scores`` says ("sigmoid" or "logits"), in the order
-    given. ``one_type``: the model has one token type (XLM-R), whatever the tokenizer says."""
-    encodings = tokenizer.encode_batch([(request.query, document)
+def score_pairs(requests: Sequence[RerankRequest], tokenizer, batch_size: int, one_type: bool,
+                logits_of: BatchLogits, scores: str) -> list[RerankResult]:
+    """Each document read with its request's query: the pairs of all ``requests`` batched
+    together by length (a request of three documents fills a batch with others'), each
+    batch's logits from ``logits_of``, then scored as ``scores`` says ("sigmoid" or
+    "logits"); one result per request, in the order given. ``one_type``: the model has one
+    token type (XLM-R), whatever the tokenizer says."""
+    encodings = tokenizer.encode_batch([(request.query, document) for request in requests
                                         for document in request.documents])
     _, batches = length_batches([len(e.ids) for e in encodings], batch_size)
     logits = np.empty(len(encodings), np.float32)
     for batch in batches:
         ids, types, mask = padded([encodings[i] for i in batch])
         logits[batch] = logits_of(ids, np.zeros_like(types) if one_type else types, mask)
-    if scores == "logits":
-        return RerankResult(logits)
-    return RerankResult((1 / (1 + np.exp(-logits.astype(np.float64)))).astype(np.float32))
+    if scores != "logits":
+        logits = (1 / (1 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
+    ends = np.cumsum([len(request.documents) for request in requests])
+    return [RerankResult(part) for part in np.split(logits, ends[:-1])]
+
+
+class PairScorer(ABC):
+    """What a cross-encoder adapter serves, given its engine's logits (:meth:`_logits`):
+    reranking one request, or several together (their pairs share batches)."""
+
+    options: CrossEncoderOptions
+    _tokenizer: Any
+    _one_type: bool
+
+    @abstractmethod
+    def _logits(self, ids: np.ndarray, types: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """One logit per pair of a batch (raises the adapter's not-loaded error unloaded)."""
+
+    def rerank(self, request: RerankRequest) -> RerankResult:
+        """One score per document, from the query and that document read together; higher is
+        more relevant."""
+        return self.rerank_batch([request])[0]
+
+    def rerank_batch(self, requests: Sequence[RerankRequest]) -> list[RerankResult]:
+        """:meth:`rerank` of each request, their pairs scored in shared batches."""
+        if self._tokenizer is None:
+            raise self.not_loaded()  # type: ignore[attr-defined] -- the adapter's
+        return score_pairs(requests, self._tokenizer, self.options.batch_size, self._one_type,
+                           self._logits, self.options.scores)

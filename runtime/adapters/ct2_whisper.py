@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -108,32 +109,44 @@ class Ct2WhisperAdapter(ModelAdapter):
 
     def transcribe(self, request: TranscriptionRequest) -> Transcript:
         """Transcribe mono float32 audio at any sample rate (resampled to 16 kHz)."""
+        return self.transcribe_batch([request])[0]
+
+    def transcribe_batch(self, requests: Sequence[TranscriptionRequest]) -> list[Transcript]:
+        """:meth:`transcribe` of each request: the 30 s windows of all of them decoded in one
+        ``generate`` call (each with its own language's prompt)."""
         import ctranslate2
 
-        validate_request(request)
+        for request in requests:
+            validate_request(request)
         tokens = self._tokens
         if self._model is None or tokens is None:
             raise self.not_loaded()
-        audio = resample(request.audio, request.sample_rate, SAMPLE_RATE)
-        windows = [audio[start:start + WINDOW_SAMPLES]
-                   for start in range(0, len(audio), WINDOW_SAMPLES)]
-        features = ctranslate2.StorageView.from_array(
-            np.stack([log_mel(w, self._model.n_mels) for w in windows]))
-        language = self._language(request.language.strip().lower(), features, tokens)
-        prompt = tokens.prompt(language if self._multilingual else None)
-        results = self._model.generate(features, [prompt] * len(windows), beam_size=1,
-                                       max_length=MAX_NEW_TOKENS, suppress_blank=True)
-        segments = []
-        for index, result in enumerate(results):
-            text = tokens.text(result.sequences_ids[0]).strip()
-            if text:
-                start = index * WINDOW_SAMPLES / SAMPLE_RATE
-                end = min(len(audio), (index + 1) * WINDOW_SAMPLES) / SAMPLE_RATE
-                segments.append(Segment(start, end, text))
-        return Transcript(text=" ".join(s.text for s in segments), language=language,
-                          segments=segments)
+        audios = [resample(r.audio, r.sample_rate, SAMPLE_RATE) for r in requests]
+        mels = [np.stack([log_mel(audio[start:start + WINDOW_SAMPLES], self._model.n_mels)
+                          for start in range(0, len(audio), WINDOW_SAMPLES)]) for audio in audios]
+        languages = [self._language(r.language.strip().lower(), mel, tokens)
+                     for r, mel in zip(requests, mels, strict=True)]
+        prompts = [tokens.prompt(language if self._multilingual else None)
+                   for language, mel in zip(languages, mels, strict=True) for _ in mel]
+        results = self._model.generate(ctranslate2.StorageView.from_array(np.concatenate(mels)),
+                                       prompts, beam_size=1, max_length=MAX_NEW_TOKENS,
+                                       suppress_blank=True)
+        transcripts, first = [], 0
+        for audio, mel, language in zip(audios, mels, languages, strict=True):
+            own = results[first:first + len(mel)]
+            first += len(mel)
+            segments = []
+            for index, result in enumerate(own):
+                text = tokens.text(result.sequences_ids[0]).strip()
+                if text:
+                    start = index * WINDOW_SAMPLES / SAMPLE_RATE
+                    end = min(len(audio), (index + 1) * WINDOW_SAMPLES) / SAMPLE_RATE
+                    segments.append(Segment(start, end, text))
+            transcripts.append(Transcript(text=" ".join(s.text for s in segments),
+                                          language=language, segments=segments))
+        return transcripts
 
-    def _language(self, asked: str, features, tokens: WhisperTokens) -> str:
+    def _language(self, asked: str, mel: np.ndarray, tokens: WhisperTokens) -> str:
         if asked:
             code = asked
             if code not in tokens.languages:
@@ -145,7 +158,10 @@ class Ct2WhisperAdapter(ModelAdapter):
             return code
         if not self._multilingual:
             return "en"
-        (ranked, *_) = self._model.detect_language(features)  # from the first window
+        import ctranslate2
+
+        (ranked, *_) = self._model.detect_language(  # from the first window
+            ctranslate2.StorageView.from_array(mel[:1]))
         return ranked[0][0].strip("<|>")
 
 

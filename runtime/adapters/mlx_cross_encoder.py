@@ -19,11 +19,11 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mofa_omni.adapters.base import ModelAdapter
-from mofa_omni.adapters.cross_encoder import check_one_label, classifier_family, score_pairs
+from mofa_omni.adapters.cross_encoder import PairScorer, check_one_label, classifier_family
 from mofa_omni.adapters.mlx_bert import BertEncoder
 from mofa_omni.adapters.options import AdapterOptions, CrossEncoderOptions
 from mofa_omni.contract.errors import ModelLoadError
-from mofa_omni.contract.tasks import RerankRequest, RerankResult, Task
+from mofa_omni.contract.tasks import Task
 from mofa_omni.formats.bert import FILES, check_checkpoint, copy_files, load_tokenizer, read_config
 from mofa_omni.models.fetching import Progress
 
@@ -72,7 +72,7 @@ class BertCrossEncoder(BertEncoder):
         return self.classifier(first)
 
 
-class MlxCrossEncoderAdapter(ModelAdapter):
+class MlxCrossEncoderAdapter(PairScorer, ModelAdapter):
     """A one-label BERT/XLM-R sequence classifier scoring (query, document) pairs jointly, in
     MLX. Catalog options (:class:`~mofa_omni.adapters.options.CrossEncoderOptions`):
     ``max_length`` (tokens per pair, the document cut first), ``batch_size``, ``scores``
@@ -129,17 +129,9 @@ class MlxCrossEncoderAdapter(ModelAdapter):
     def _unload(self) -> None:
         self._model = self._tokenizer = None
 
-    def rerank(self, request: RerankRequest) -> RerankResult:
-        """One score per document, from the query and that document read together; higher is
-        more relevant."""
+    def _logits(self, ids: np.ndarray, types: np.ndarray, mask: np.ndarray) -> np.ndarray:
         if self._model is None:
             raise self.not_loaded()
-
-        def logits_of(ids: np.ndarray, types: np.ndarray, mask: np.ndarray) -> np.ndarray:
-            out = self._model.logits(mx.array(ids.astype(np.int32)),
-                                     mx.array(types.astype(np.int32)),
-                                     mx.array(mask.astype(np.int32)))
-            return np.array(out[:, 0])
-
-        return score_pairs(request, self._tokenizer, self.options.batch_size, self._one_type,
-                           logits_of, self.options.scores)
+        out = self._model.logits(mx.array(ids.astype(np.int32)), mx.array(types.astype(np.int32)),
+                                 mx.array(mask.astype(np.int32)))
+        return np.array(out[:, 0])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -116,10 +117,17 @@ class OrtBertAdapter(ModelAdapter):
     def rerank(self, request: RerankRequest) -> RerankResult:
         """Score each document by its cosine similarity with the query (embedded as a query,
         the documents as documents)."""
-        vectors = np.concatenate([self._embed_texts([request.query], "query", normalize=True),
-                                  self._embed_texts(list(request.documents), "document",
-                                                    normalize=True)])
-        return cosine_rank(Tensor(QUERY_AND_DOCUMENTS, vectors))
+        return self.rerank_batch([request])[0]
+
+    def rerank_batch(self, requests: Sequence[RerankRequest]) -> list[RerankResult]:
+        """:meth:`rerank` of each request: their queries embedded in one call, their
+        documents in another."""
+        queries = self._embed_texts([r.query for r in requests], "query", normalize=True)
+        documents = self._embed_texts([d for r in requests for d in r.documents], "document",
+                                      normalize=True)
+        ends = np.cumsum([len(r.documents) for r in requests])
+        return [cosine_rank(Tensor(QUERY_AND_DOCUMENTS, np.concatenate([query[None], own])))
+                for query, own in zip(queries, np.split(documents, ends[:-1]), strict=True)]
 
     def _embed_texts(self, texts: list[str], input_type: str | None = None,
                      normalize: bool | None = None) -> np.ndarray:

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from mofa_omni.adapters.base import ModelAdapter
-from mofa_omni.adapters.cross_encoder import check_one_label, classifier_family, score_pairs
+from mofa_omni.adapters.cross_encoder import PairScorer, check_one_label, classifier_family
 from mofa_omni.adapters.onnx_session import cpu_session
 from mofa_omni.adapters.options import AdapterOptions, CrossEncoderOptions
 from mofa_omni.adapters.ort_bert import (
@@ -30,14 +30,14 @@ from mofa_omni.adapters.ort_bert import (
     save_graph,
 )
 from mofa_omni.contract.errors import ModelLoadError
-from mofa_omni.contract.tasks import RerankRequest, RerankResult, Task
+from mofa_omni.contract.tasks import Task
 from mofa_omni.formats.bert import check_checkpoint, copy_files, load_tokenizer, read_config
 from mofa_omni.models.fetching import Progress
 
 GRAPH = "model.onnx"
 
 
-class OrtCrossEncoderAdapter(ModelAdapter):
+class OrtCrossEncoderAdapter(PairScorer, ModelAdapter):
     """A one-label BERT/XLM-R sequence classifier scoring (query, document) pairs jointly.
 
     Catalog options (:class:`~mofa_omni.adapters.options.CrossEncoderOptions`): ``max_length``
@@ -83,18 +83,11 @@ class OrtCrossEncoderAdapter(ModelAdapter):
     def _unload(self) -> None:
         self._session = self._tokenizer = None
 
-    def rerank(self, request: RerankRequest) -> RerankResult:
-        """One score per document, from the query and that document read together; higher is
-        more relevant."""
+    def _logits(self, ids: np.ndarray, types: np.ndarray, mask: np.ndarray) -> np.ndarray:
         if self._session is None:
             raise self.not_loaded()
-
-        def logits_of(ids: np.ndarray, types: np.ndarray, mask: np.ndarray) -> np.ndarray:
-            (out,) = self._session.run(None, dict(zip(INPUTS, (ids, types, mask))))
-            return out[:, 0]
-
-        return score_pairs(request, self._tokenizer, self.options.batch_size, self._one_type,
-                           logits_of, self.options.scores)
+        (out,) = self._session.run(None, dict(zip(INPUTS, (ids, types, mask))))
+        return out[:, 0]
 
 
 def write_classifier_graph(config: dict[str, Any], family: str, weights: dict[str, np.ndarray],

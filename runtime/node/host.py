@@ -28,6 +28,7 @@ from mofa_omni.adapters.base import ModelAdapter
 from mofa_omni.contract import arrow
 from mofa_omni.contract.errors import ContractError, ErrorKind, OmniError
 from mofa_omni.contract.tasks import TASK_SPECS, ErrorReport, Task, ends_reply
+from mofa_omni.node.batching import BatchServe, batch_serve
 
 log = logging.getLogger("mofa_omni.node.host")
 
@@ -207,6 +208,56 @@ class ModelHost(RequestHost):
             raise ContractError(self._input_help(
                 f"model {self.adapter.spec.name!r} does not serve {task.value}"))
         return task
+
+    def batch_route(self, input_id: str) -> BatchServe | None:
+        """How requests on ``input_id`` are served several at a time (see
+        :mod:`mofa_omni.node.batching`), or None where they are served one by one."""
+        if self.unavailable or not self.adapter.loaded:
+            return None
+        try:
+            return batch_serve(self.adapter, self.task_for(input_id))
+        except ContractError:
+            return None
+
+    def handle_batch(self, input_id: str, requests: list[tuple[pa.Array, dict[str, Any] | None,
+                                                               StopCheck]]) -> Iterator[Outgoing]:
+        """Serve several requests on ``input_id`` in one engine call: yields one result or
+        error per request, never raises. A request that cannot be read is answered with its
+        error first; one stopped (cancelled, past its deadline) while the batch ran ends in that
+        error, the others get their results. A batch the engine fails on is served again one
+        request at a time, so that a failing item fails only its own request."""
+        serve = self.batch_route(input_id)
+        if serve is None:
+            for value, metadata, should_stop in requests:
+                yield from self.handle(input_id, value, metadata, should_stop)
+            return
+        request_type = self.route(input_id).request_type
+        decoded = []
+        for value, metadata, should_stop in requests:
+            incoming = MessageMeta.from_dora(metadata, f"{self.node_id}-{next(self._ids)}")
+            if reason := should_stop():
+                yield self._error(incoming, reason, f"request {reason} before it started")
+                continue
+            try:
+                decoded.append((arrow.decode(value, request_type), incoming, should_stop,
+                                (value, metadata)))
+            except ContractError as error:
+                yield self._error(incoming, error.kind, str(error))
+        if not decoded:
+            return
+        try:
+            results = serve([request for request, *_ in decoded])
+        except Exception as error:  # noqa: BLE001 -- each request now meets it alone
+            log.info("a batch of %d requests failed (%s: %s): serving them one by one",
+                     len(decoded), type(error).__name__, error)
+            for _, _, should_stop, (value, metadata) in decoded:
+                yield from self.handle(input_id, value, metadata, should_stop)
+            return
+        for result, (_, incoming, should_stop, _) in zip(results, decoded, strict=True):
+            if reason := should_stop():
+                yield self._error(incoming, reason, f"request {reason} while it ran")
+            else:
+                yield self._result(result, incoming, True)
 
     def _input_help(self, problem: str) -> str:
         inputs = [PRIMARY_INPUT, *(t.value for t in self.adapter.tasks)]
