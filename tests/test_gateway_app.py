@@ -169,7 +169,8 @@ def reported(delivery: Delivery) -> list[NodeStatus]:
 
 def lossy_chat(catalog, answers: dict[str, list[TextChunk] | None]):
     """A graph whose LLM node answers each request id with ``answers[id]`` (None: the request
-    never arrives; a reply without a final chunk: its end was lost), then reports what it
+    never arrives; a reply without a final chunk: its end was lost; a None among its chunks:
+    that one was lost), then reports what it
     received and answered; the report comes again after the bridge's grace, as the
     scheduler's status does every second."""
     replies, sent = Replies(), []
@@ -182,10 +183,11 @@ def lossy_chat(catalog, answers: dict[str, list[TextChunk] | None]):
         chunks = answers[request_id]
         if chunks is not None:
             received = seq + 1
-            for chunk in chunks:
-                replies.deliver(request_id, Reply("result", arrow.encode(chunk),
-                                                  {"request_id": request_id,
-                                                   "final": chunk.final}))
+            for number, chunk in enumerate(chunks):
+                if chunk is not None:  # None: that result was lost on its way back
+                    replies.deliver(request_id, Reply("result", arrow.encode(chunk),
+                                                      {"request_id": request_id, "seq": number,
+                                                       "final": chunk.final}))
         later = time.time_ns() + 3 * ARRIVAL_NS
         delivery = Delivery(later, {"request": received}, [request_id] if chunks else [])
         for grace in (0, TAIL_GRACE_NS):  # the end not come by the second report: lost
@@ -226,6 +228,25 @@ def test_a_streamed_reply_whose_end_was_lost_ends_in_an_explicit_error(catalog):
     error = json.loads(events[-2])["error"]
     assert error["code"] == "lost" and "the end of the reply to gw-1 was lost" in error["message"]
     assert sent == ["gw-1"]  # part of it reached the client: not asked again
+
+
+def test_a_result_lost_in_the_middle_of_a_reply_is_never_passed_over(catalog):
+    # Whole: asked again, the client gets the reply in full.
+    client, sent, _ = lossy_chat(catalog, {
+        "gw-1": [chunk("Hel"), None, chunk("!", final=True)],
+        "gw-1-again1": [chunk("Hel"), chunk("lo"), chunk("!", final=True)]})
+    with client:
+        response = client.post("/v1/chat/completions", json=ASK)
+    assert response.json()["choices"][0]["message"]["content"] == "Hello!"
+    assert sent == ["gw-1", "gw-1-again1"]
+    # Streamed: part of it reached the client, so it ends in an explicit error.
+    client, sent, _ = lossy_chat(catalog, {"gw-1": [chunk("Hel"), None, chunk("!", final=True)]})
+    with client:
+        response = client.post("/v1/chat/completions", json={**ASK, "stream": True})
+    events = [line.removeprefix("data: ") for line in response.text.splitlines() if line]
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "lost" and "result 1 of the reply to gw-1" in error["message"]
+    assert '"!"' not in response.text and sent == ["gw-1"]
 
 
 def test_a_request_lost_every_time_gets_an_error_not_a_wait(catalog):

@@ -355,6 +355,11 @@ class Answer:
                     what = str(reply.value[0].as_py()).format(request_id=request_id)
                     yield _Lost(what, results)
                     return
+                if reply.kind == "result" and int(reply.metadata.get("seq", results)) != results:
+                    # a result in the middle of the reply never came (dora dropped it): said,
+                    # not passed over -- a reply missing a token would look whole
+                    yield _Lost(f"result {results} of the reply to {request_id}", results)
+                    return
                 if route.node in graph.down:  # it answers: back after its restart
                     graph.node_is_back(route.node)
                 if reply.kind == "error":
