@@ -18,6 +18,11 @@ Configuration (env in the dataflow YAML):
                        engine call (default 32; 1: one at a time)
     BATCH_WINDOW_MS    how long a lone request of those waits for others to join it (default 0:
                        it waits for none, only requests already queued join)
+    PARALLEL           requests served at once, where the model serves several (an LLM on
+                       llama.cpp decodes up to its ``parallel`` option, default 4, together);
+                       default 1: one after another. Whoever reads such a node's token stream
+                       should read it with ``queue_policy: backpressure``: dora dropped ~0.2 %
+                       of the tokens of four streams at once without it (dataflows/server.yml)
 
 Inputs: ``request`` (the model's first task) or one named after each task it serves, and
 ``cancel`` (request ids, as strings): a cancelled request stops at once and ends with an
@@ -26,10 +31,10 @@ Outputs: ``result`` and ``error`` (a result too big for the node's shared-memory
 answered with an error of kind ``too_large`` saying how to fix it), and optionally ``lost``:
 when dora drops requests on their way here (a gap in their stream numbers), an ErrorReport
 of kind ``lost`` whose metadata names the input and the stream_seq range, so that the
-requester (the gateway) sends them again. Requests run in order (one at a time, or a
-batch at a time, see mofa_omni.node.batching) on a worker thread while the main thread
-reads events; on STOP the node drains what is queued
-before exiting.
+requester (the gateway) sends them again. Requests start in order, on a worker thread while
+the main thread reads events: one at a time, a batch at a time (mofa_omni.node.batching), or
+several alongside where the model decodes them together (an LLM on llama.cpp); on STOP the
+node drains what is queued before exiting.
 
 With a scheduler in the graph (an input ``scheduler: <scheduler>/command`` and an output
 ``memory``), the node loads only what the scheduler grants, reports its memory every
@@ -123,12 +128,13 @@ def _serve() -> int:
         memory_report_s = env_float("MEMORY_REPORT_S", 1)
         max_batch = env_int("MAX_BATCH", MAX_BATCH, minimum=1)
         batch_window_s = env_float("BATCH_WINDOW_MS", BATCH_WINDOW_S * 1000) / 1000
+        parallel = env_int("PARALLEL", 1, minimum=1)
         slot = slot_from_env(Catalog.load())
     node_id = slot.host.node_id
 
     node = CheckedNode(node_id=node_id)
     inputs = set(node.node_config()["inputs"])
-    sending = threading.Lock()  # the worker, the memory reporter and this thread all send
+    sending = threading.Lock()  # the workers, the memory reporter and this thread all send
 
     def send_output(output: str, value, metadata: dict | None = None) -> None:
         with sending:
@@ -168,7 +174,7 @@ def _serve() -> int:
                                                        worker.answered()))
         link.start_measuring(memory_report_s)
     worker = RequestWorker(slot, send, request_timeout, link, max_batch=max_batch,
-                           batch_window_s=batch_window_s)
+                           batch_window_s=batch_window_s, parallel=parallel)
     open_requests = inputs - {SCHEDULER_INPUT, CANCEL_INPUT}
     timeout = None
     # dora may deliver STOP or INPUT_CLOSED before queued inputs: keep reading until the stream

@@ -41,7 +41,8 @@ def test_a_misspelt_option_in_a_user_catalog_names_model_option_and_accepted(use
     message = str(raised.value)
     assert message.startswith("model 'my-llm': option 'contxt' is not an option of mlx_lm; "
                               "did you mean context? (accepted: file: str, ")
-    assert "context: int >= 1, threads: int >= 1)" in message
+    assert "context: int >= 1, parallel: int >= 1, deterministic: bool, threads: int >= 1)" \
+        in message
     for use in (lambda: create_adapter(spec, "llama.cpp"), lambda: select_adapter(spec)):
         with pytest.raises(CatalogError, match="option 'contxt' is not an option"):
             use()

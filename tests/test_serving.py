@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from mofa_omni.adapters.loading import open_model
 from mofa_omni.contract import arrow
+from mofa_omni.contract.errors import ContractError
 from mofa_omni.contract.tasks import (
     ChatMessage,
     ChatRequest,
@@ -230,3 +232,76 @@ def test_requests_queued_together_are_served_as_one_batch(catalog, store):
                                                 Embeddings).vectors, expected[request_id],
                                    atol=1e-5)
     worker.drain()
+
+
+def chat_worker(catalog, store, **options) -> RequestWorker:
+    """A worker serving smollm2-135m on llama.cpp with ``options``, its model loaded."""
+    base = catalog.get("smollm2-135m")
+    spec = dataclasses.replace(base, options=base.options | options)
+    worker = RequestWorker(ModelSlot(spec, catalog, "llm", store, backend="llama.cpp"),
+                           Collector(), parallel=4)
+    while not worker.slot.loaded:
+        time.sleep(0.01)
+    return worker
+
+
+def replies_of(worker: RequestWorker, request_ids) -> dict[str, str]:
+    return {rid: "".join(arrow.decode(o.value, TextChunk).text for o in worker.send.sent
+                         if o.meta.request_id == rid and o.output == "result")
+            for rid in request_ids}
+
+
+CHATS = {f"q{i}": ChatRequest([ChatMessage("user", q)], max_tokens=24) for i, q in enumerate(
+    ["What is the capital of France?", "Name a colour.", "What is 2 plus 2?", "Say hello.",
+     "What do cats eat?"])}
+
+
+@pytest.mark.slow
+def test_chat_requests_decoded_together_each_get_the_reply_they_get_alone(catalog, store):
+    """llama.cpp decodes several chat requests in shared steps; with the deterministic option
+    each greedy reply is the one it gets alone (without it, llama.cpp's sums differ beside
+    others); one cancelled while it streams ends cancelled, the others intact."""
+    worker = chat_worker(catalog, store, parallel=4, deterministic=True)
+    alone = {rid: "".join(c.text for c in worker.host.adapter.generate(r))
+             for rid, r in CHATS.items()}
+    # one request holds at most its sequence's share of the context
+    with pytest.raises(ContractError, match=r"exceed the 1024 tokens one request may hold"):
+        worker.host.adapter.generate(ChatRequest([ChatMessage("user", "Hi")], max_tokens=1020))
+    long = ChatRequest([ChatMessage("user", "Tell me a long story.")], max_tokens=40)
+    worker.submit("request", arrow.encode(long), {"request_id": "cancel-me"})
+    for rid, request in CHATS.items():
+        worker.submit("request", arrow.encode(request), {"request_id": rid})
+    deadline = time.monotonic() + 60
+    while not any(o.meta.request_id == "cancel-me" for o in worker.send.sent):
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    worker.cancel("cancel-me")
+    worker.drain()
+    assert worker.send.errors()["cancel-me"].kind == "cancelled"
+    replies = replies_of(worker, CHATS)
+    assert replies == alone and all(replies.values())
+
+
+@pytest.mark.slow
+def test_a_context_that_holds_two_requests_runs_two_and_queues_the_rest(catalog, store):
+    worker = chat_worker(catalog, store, parallel=4)
+    needs = [len(worker.host.adapter.prompt_tokens(r)) + r.max_tokens for r in CHATS.values()]
+    assert 3 * min(needs) > 2 * max(needs)  # a context of 2 * max(needs): two fit, not three
+    worker.drain()
+    worker = chat_worker(catalog, store, parallel=4, context=2 * max(needs))
+    engine, most, watching = worker.host.adapter._engine, [0], threading.Event()
+
+    def watch() -> None:
+        while not watching.is_set():
+            most[0] = max(most[0], engine.busy())
+            time.sleep(0.001)
+
+    threading.Thread(target=watch, daemon=True).start()
+    for rid, request in CHATS.items():
+        worker.submit("request", arrow.encode(request), {"request_id": rid})
+    worker.drain()
+    watching.set()
+    assert most[0] == 2 and worker.send.errors() == {}
+    finals = [arrow.decode(o.value, TextChunk) for o in worker.send.sent if o.meta.final]
+    assert len(finals) == len(CHATS) and all(f.completion_tokens > 0 for f in finals)
+    assert all(replies_of(worker, CHATS).values())

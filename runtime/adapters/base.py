@@ -123,6 +123,11 @@ class ModelAdapter(ABC):
     def tasks(self) -> tuple[Task, ...]:
         return self.spec.tasks
 
+    def parallel_requests(self, task: Task) -> int:
+        """How many ``task`` requests the loaded model serves at once (their work interleaved
+        by the engine, e.g. LLM sequences decoded together); 1: one after the other."""
+        return 1
+
     def handler(self, task: Task) -> Callable:
         """The bound protocol method serving ``task``."""
         if task not in self.spec.tasks:

@@ -10,8 +10,10 @@ log-probabilities (``next_log_probs`` / ``sequence_log_probs``).
 
 from __future__ import annotations
 
+import contextlib
 from abc import abstractmethod
 from collections.abc import Generator, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -58,10 +60,15 @@ class ChatLmAdapter(ModelAdapter):
         """Positions whose KV cache the engine reserves when it loads (0: it grows with use)."""
         return 0
 
+    def kv_cache_value_bytes(self) -> int:
+        """Bytes of one cached key or value element."""
+        return 2
+
     def estimate_bytes(self, model_dir: Path) -> int:
         """Weights, the KV cache reserved at load, the tokenizer and the engine's buffers."""
         shape = LlmShape.of_directory(model_dir)
-        reserved = kv_cache_bytes(shape, self.kv_cache_tokens()) if shape else 0
+        reserved = kv_cache_bytes(shape, self.kv_cache_tokens(),
+                                  self.kv_cache_value_bytes()) if shape else 0
         per_token = shape.vocab * self.runtime_bytes_per_token if shape else 0
         return (weight_bytes(model_dir) + reserved + tokenizer_bytes(shape) + per_token
                 + self.runtime_bytes)
@@ -91,6 +98,13 @@ class ChatLmAdapter(ModelAdapter):
     def check_prompt(self, prompt: list[int], request: ChatRequest) -> None:
         """Refuse a prompt the engine cannot take (e.g. beyond its context); default: none."""
 
+    def session(self, need: int, prompt: list[int]) -> AbstractContextManager[Any]:
+        """What serves one request of ``need`` tokens starting with ``prompt``: something with
+        :meth:`pieces` and the token scores (:class:`~mofa_omni.adapters.llm_rerank.TokenScorer`).
+        By default this adapter itself, serving one request at a time; an engine decoding
+        several requests together (llama.cpp) gives each its own, waiting for room if needed."""
+        return contextlib.nullcontext(self)
+
     # --- what every backend shares --------------------------------------------------
 
     def prompt_tokens(self, request: ChatRequest) -> list[int]:
@@ -109,18 +123,31 @@ class ChatLmAdapter(ModelAdapter):
         tokenizer = self._require_tokenizer()
         prompt = self.prompt_tokens(request)
         self.check_prompt(prompt, request)
-        if request.json_schema:
-            return structured_reply(request, tokenizer, self, prompt)
-        if request.tools:
-            return tool_reply(request, tokenizer, self, prompt,
-                              lambda: self.pieces(request, prompt))
-        return stream_reply(self.pieces(request, prompt), request.stop, len(prompt))
+        return self._reply(request, tokenizer, prompt)
+
+    def _reply(self, request: ChatRequest, tokenizer, prompt: list[int]) -> Iterator[TextChunk]:
+        with self.session(len(prompt) + request.max_tokens, prompt) as session:
+            if request.json_schema:
+                yield from structured_reply(request, tokenizer, session, prompt)
+            elif request.tools:
+                yield from tool_reply(request, tokenizer, session, prompt,
+                                      lambda: session.pieces(request, prompt))
+            else:
+                yield from stream_reply(session.pieces(request, prompt), request.stop,
+                                        len(prompt))
 
     def rerank(self, request: RerankRequest) -> RerankResult:
         """Score each document with the model (see :mod:`mofa_omni.adapters.llm_rerank`)."""
         tokenizer = self._require_tokenizer()
-        return RerankResult(relevance_scores(request, tokenizer, self,
-                                             rerank_method(self.options.rerank)))
+        # Its prompts are built inside: the room of the whole context, the longest they can be.
+        with self.session(self.context_tokens(), []) as session:
+            return RerankResult(relevance_scores(request, tokenizer, session,
+                                                 rerank_method(self.options.rerank)))
+
+    def context_tokens(self) -> int:
+        """The most tokens one request may take (prompt and reply); 0: the engine's limit is
+        not known here (the session then takes no room)."""
+        return 0
 
     def _require_tokenizer(self):
         if self._tokenizer is None:

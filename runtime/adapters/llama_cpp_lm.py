@@ -4,30 +4,38 @@ Nothing is converted: ``prepare`` links the GGUF into the cache and writes the t
 rebuilt from its metadata (the reader the other LLM adapters use), so every backend builds
 the same prompt and streams text the same way (mlx-lm's chat template and detokenizer);
 llama.cpp only runs the network. Greedy at temperature 0 gives the same tokens as the other
-backends up to the arithmetic of the weights' format. llama.cpp keeps the previous
-request's tokens: a prompt that starts like the last one (the next turn of a conversation)
-only evaluates what is new.
+backends up to the arithmetic of the weights' format.
+
+Several requests are served at once (:mod:`mofa_omni.adapters.llama_engine`: their tokens
+decoded in shared steps), each on a sequence of the context that keeps its last request's
+tokens: a prompt that starts like the last one (the next turn of a conversation) only evaluates
+what is new.
 
 Catalog options (:class:`~mofa_omni.adapters.options.ChatLmOptions`): ``context`` (tokens,
-default 4096: prompt + reply must fit), ``threads`` (default: every core), ``file``.
+default 4096: the KV cache all requests share; one request's prompt + reply must fit),
+``parallel`` (requests decoded together, default 4), ``deterministic`` (a greedy reply the
+same whatever is decoded beside it; slower, see :mod:`~mofa_omni.adapters.llama_engine`),
+``threads`` (default: every core), ``file``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
 from mofa_omni.adapters.chat import Piece, detokenized_pieces
 from mofa_omni.adapters.chat_lm import ChatLmAdapter
+from mofa_omni.adapters.llama_engine import LlamaEngine, Sampling, Slot
 from mofa_omni.adapters.structured import common_prefix
 from mofa_omni.contract.errors import ContractError, ModelLoadError
-from mofa_omni.contract.tasks import ChatRequest
+from mofa_omni.contract.tasks import ChatRequest, Task
 from mofa_omni.models.fetching import Progress
 
 WEIGHTS = "model.gguf"
@@ -48,10 +56,13 @@ class LlamaCppAdapter(ChatLmAdapter):
 
     def __init__(self, spec):
         super().__init__(spec)
-        self._llama: Any = None
+        self._engine: LlamaEngine | None = None
 
     def kv_cache_tokens(self) -> int:
-        return self.options.context  # llama.cpp reserves the whole context's KV cache (float16)
+        return self.options.context  # llama.cpp reserves the whole context's KV cache
+
+    def kv_cache_value_bytes(self) -> int:
+        return 4 if self.options.deterministic else 2  # float32 or float16
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -75,46 +86,86 @@ class LlamaCppAdapter(ChatLmAdapter):
         progress("read GGUF metadata", 1, 1)
 
     def _load(self, model_dir: Path) -> None:
-        from llama_cpp import Llama
         from mlx_lm.utils import load_tokenizer
 
-        context, threads = self.options.context, self.options.threads or os.cpu_count() or 1
+        threads = self.options.threads or os.cpu_count() or 1
         weights = next((model_dir / name for name in [WEIGHTS, *sorted(
             p.name for p in model_dir.glob("model-00001-of-*.gguf"))]
             if (model_dir / name).is_file()), model_dir / WEIGHTS)
         if not weights.is_file():
             raise ModelLoadError(f"model {self.spec.name!r}: {weights} is missing")
-        try:
-            self._llama = Llama(model_path=str(weights), n_ctx=context, n_threads=threads,
-                                n_threads_batch=threads, logits_all=False, verbose=False)
-        except (ValueError, RuntimeError) as error:  # llama.cpp says only "failed to load"
-            raise ModelLoadError(f"model {self.spec.name!r}: llama.cpp cannot load {weights} "
-                                 f"(corrupt, or an architecture this llama.cpp does not "
-                                 f"know): {error}") from error
+        self._engine = LlamaEngine(weights, pool=self.options.context,
+                                   parallel=self.options.parallel, threads=threads,
+                                   model=self.spec.name, deterministic=self.options.deterministic)
         config = json.loads((model_dir / MODEL_CONFIG).read_text())
         self._tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
 
     def _unload(self) -> None:
-        llama, self._llama, self._tokenizer = self._llama, None, None
-        if llama is not None and hasattr(llama, "close"):
-            llama.close()  # frees the context and unmaps the weights now, not at collection
+        engine, self._engine, self._tokenizer = self._engine, None, None
+        if engine is not None:
+            engine.close()  # frees the context and unmaps the weights now, not at collection
 
     # --- serving ---------------------------------------------------------------------
 
+    def parallel_requests(self, task: Task) -> int:
+        return self.options.parallel
+
+    def context_tokens(self) -> int:
+        return self._serving().request_limit
+
     def check_prompt(self, prompt: list[int], request: ChatRequest) -> None:
-        self._check_fits(len(prompt), request.max_tokens)
+        engine = self._serving()
+        if len(prompt) + request.max_tokens > engine.request_limit:
+            share = f" (its context of {engine.pool} / {engine.parallel} sequences, the " \
+                "deterministic option)" if engine.deterministic else ""
+            raise ContractError(f"model {self.spec.name!r}: the prompt ({len(prompt)} "
+                                f"tokens) and max_tokens ({request.max_tokens}) exceed the "
+                                f"{engine.request_limit} tokens one request may hold{share}")
+
+    @contextlib.contextmanager
+    def session(self, need: int, prompt: list[int]) -> Iterator[LlamaSession]:
+        with self._serving().slot(need, prompt) as slot:
+            yield LlamaSession(slot, self._tokenizer)
+
+    # The same, one call at a time, outside a request (tests, tools).
 
     def pieces(self, request: ChatRequest, prompt: list[int]) -> Generator[Piece, None, None]:
-        llama, tokenizer = self._serving()
-        sampling = {"temp": request.temperature, "top_k": 0 if request.temperature > 0 else 1,
-                    "top_p": request.top_p, "min_p": 0.0, "repeat_penalty": 1.0}
-        return detokenized_pieces(llama.generate(prompt, **sampling), tokenizer,
-                                  limit=request.max_tokens)
-
-    # --- token scores (structured output, reranking) ---------------------------------
+        with self.session(len(prompt) + request.max_tokens, prompt) as session:
+            yield from session.pieces(request, prompt)
 
     def next_log_probs(self, prompts: list[list[int]]) -> np.ndarray:
-        return np.stack([_log_softmax(self._logits_after(prompt)[-1]) for prompt in prompts])
+        with self.session(max(map(len, prompts)), prompts[0]) as session:
+            return session.next_log_probs(prompts)
+
+    def sequence_log_probs(self, sequences: list[list[int]]) -> list[np.ndarray]:
+        with self.session(max(map(len, sequences)), sequences[0]) as session:
+            return session.sequence_log_probs(sequences)
+
+    def continuation_log_probs(self, prefix: list[int],
+                               continuations: list[list[int]]) -> list[np.ndarray]:
+        need = len(prefix) + max(map(len, continuations), default=0)
+        with self.session(need, prefix) as session:
+            return session.continuation_log_probs(prefix, continuations)
+
+    def _serving(self) -> LlamaEngine:
+        if self._engine is None:
+            raise self.not_loaded()
+        return self._engine
+
+
+class LlamaSession:
+    """One request's view of the engine: its slot's generation and token scores."""
+
+    def __init__(self, slot: Slot, tokenizer):
+        self.slot, self.tokenizer = slot, tokenizer
+
+    def pieces(self, request: ChatRequest, prompt: list[int]) -> Generator[Piece, None, None]:
+        tokens = self.slot.tokens(prompt, Sampling(request.temperature, request.top_p),
+                                  request.max_tokens, frozenset(self.tokenizer.eos_token_ids))
+        return detokenized_pieces(tokens, self.tokenizer, limit=request.max_tokens)
+
+    def next_log_probs(self, prompts: list[list[int]]) -> np.ndarray:
+        return np.stack([_log_softmax(self.slot.logits_after(prompt)[-1]) for prompt in prompts])
 
     def sequence_log_probs(self, sequences: list[list[int]]) -> list[np.ndarray]:
         # Scoring every position's logits costs the vocabulary projection per position, most of
@@ -124,11 +175,11 @@ class LlamaCppAdapter(ChatLmAdapter):
         for sequence in sequences[1:]:
             shared = min(shared, common_prefix(sequences[0], sequence))
         shared = max(shared, 1)
-        logits = self._logits_after(sequences[0][:shared], every_position=True)
+        logits = self.slot.logits_after(sequences[0][:shared], every_position=True)
         start = _token_log_probs(logits[:-1], sequences[0][1:shared])
         scored = []
         for sequence in sequences:
-            rest = self._logits_after(sequence, every_position=True, kept=shared)
+            rest = self.slot.logits_after(sequence, every_position=True, kept=shared)
             # The shared start's last row predicts this sequence's first token of its own.
             own = _token_log_probs(np.concatenate([logits[-1:], rest[:-1]]), sequence[shared:])
             scored.append(np.concatenate([start, own]))
@@ -136,68 +187,15 @@ class LlamaCppAdapter(ChatLmAdapter):
 
     def continuation_log_probs(self, prefix: list[int],
                                continuations: list[list[int]]) -> list[np.ndarray]:
-        # The prefix (a prompt and the reply so far) is mostly what llama.cpp holds from the
+        # The prefix (a prompt and the reply so far) is mostly what the slot holds from the
         # previous call: only its new tokens are decoded, then each continuation on top of it.
-        last = self._logits_after(prefix)
+        last = self.slot.logits_after(prefix)
         scored = []
         for continuation in continuations:
-            rest = self._logits_after(prefix + list(continuation), every_position=True,
-                                      kept=len(prefix))
+            rest = self.slot.logits_after(prefix + list(continuation), every_position=True,
+                                          kept=len(prefix))
             scored.append(_token_log_probs(np.concatenate([last, rest[:-1]]), list(continuation)))
         return scored
-
-    def _logits_after(self, tokens: list[int], *, every_position: bool = False,
-                      kept: int = 0) -> np.ndarray:
-        """Logits after ``tokens``: the last position's (1, vocab), or every position's from
-        ``kept`` on (len - kept, vocab; the first ``kept`` tokens must be the ones llama.cpp
-        holds). For the last position only what differs from the tokens llama.cpp holds from
-        the previous call is evaluated."""
-        llama, _ = self._serving()
-        self._check_fits(len(tokens), 0)
-        vocab = llama.n_vocab()
-        if every_position:
-            # The Llama object keeps no logits of earlier positions (0.3 keeps none at all):
-            # decode with every position's logits asked for and read them from the context.
-            llama.n_tokens = kept
-            rows = []
-            for start in range(kept, len(tokens), llama.n_batch):
-                batch = tokens[start:start + llama.n_batch]
-                _decode(llama, batch, every_position=True)
-                rows.append(_context_logits(llama, len(batch), vocab))
-            return np.concatenate(rows) if rows else np.zeros((0, vocab), np.float32)
-        kept = common_prefix(list(llama.input_ids[:llama.n_tokens]), tokens)
-        llama.n_tokens = min(kept, len(tokens) - 1)  # the last token's logits must be new
-        llama.eval(tokens[llama.n_tokens:])
-        return _context_logits(llama, 1, vocab)
-
-    def _serving(self) -> tuple[Any, Any]:
-        if self._llama is None:
-            raise self.not_loaded()
-        return self._llama, self._tokenizer
-
-    def _check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
-        context = self._llama.n_ctx()
-        if prompt_tokens + max_tokens > context:
-            raise ContractError(f"model {self.spec.name!r}: the prompt ({prompt_tokens} "
-                                f"tokens) and max_tokens ({max_tokens}) exceed its context of "
-                                f"{context} tokens")
-
-
-# llama-cpp-python's ``_ctx``/``_batch`` wrappers (the same in 0.2 and 0.3) give the decoded
-# batch's logits, which its public ``eval`` only keeps when the whole model was opened with
-# ``logits_all`` (slow for every prompt).
-
-def _decode(llama, batch: list[int], *, every_position: bool) -> None:
-    llama._ctx.kv_cache_seq_rm(-1, llama.n_tokens, -1)
-    llama._batch.set_batch(batch=batch, n_past=llama.n_tokens, logits_all=every_position)
-    llama._ctx.decode(llama._batch)
-    llama.input_ids[llama.n_tokens:llama.n_tokens + len(batch)] = batch
-    llama.n_tokens += len(batch)
-
-
-def _context_logits(llama, rows: int, vocab: int) -> np.ndarray:
-    """The logits of the last decoded batch's ``rows`` flagged positions (a copy)."""
-    return np.ctypeslib.as_array(llama._ctx.get_logits(), shape=(rows, vocab)).copy()
 
 
 def _token_log_probs(logits: np.ndarray, tokens: list[int]) -> np.ndarray:

@@ -113,6 +113,14 @@ class RequestHost(ABC):
     def served_name(self) -> str:
         """What results name as their producer (the model, or the stages)."""
 
+    def batch_route(self, input_id: str) -> BatchServe | None:
+        """How requests on ``input_id`` are served several at a time, or None (one by one)."""
+        return None
+
+    def parallel(self, input_id: str) -> int:
+        """How many requests on ``input_id`` may be served at once (1: one after another)."""
+        return 1
+
     def handle(self, input_id: str, value: pa.Array, metadata: dict[str, Any] | None = None,
                should_stop: StopCheck = _never) -> Iterator[Outgoing]:
         """Serve one request; yields its results, or one error, never raises.
@@ -218,6 +226,16 @@ class ModelHost(RequestHost):
             return batch_serve(self.adapter, self.task_for(input_id))
         except ContractError:
             return None
+
+    def parallel(self, input_id: str) -> int:
+        """How many requests on ``input_id`` the loaded model serves at once (its
+        :meth:`~mofa_omni.adapters.base.ModelAdapter.parallel_requests`)."""
+        if self.unavailable or not self.adapter.loaded:
+            return 1
+        try:
+            return max(1, self.adapter.parallel_requests(self.task_for(input_id)))
+        except ContractError:
+            return 1
 
     def handle_batch(self, input_id: str, requests: list[tuple[pa.Array, dict[str, Any] | None,
                                                                StopCheck]]) -> Iterator[Outgoing]:

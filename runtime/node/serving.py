@@ -1,9 +1,12 @@
 """Serving a model node's requests on a worker thread: in order, cancellable, within a deadline.
 
 The node's main thread keeps reading dora events (so a ``cancel`` is seen
-while a reply streams) and hands requests to :class:`RequestWorker`, which runs
-them one at a time on its own thread through :class:`~mofa_omni.node.host.ModelHost`
-and sends what they produce; with a scheduler in the graph it also loads,
+while a reply streams) and hands requests to :class:`RequestWorker`, which starts
+them in order on its own thread through :class:`~mofa_omni.node.host.ModelHost`
+and sends what they produce: one at a time; or, for a task served in batches
+(:mod:`mofa_omni.node.batching`), those queued together in one engine call; or, where
+the model serves several requests at once (an LLM decoding sequences together), up to
+that many alongside, each on a thread of its own; with a scheduler in the graph it also loads,
 unloads and switches the model as granted, between two requests, and swaps it
 for another when ``omni swap`` asks (see :mod:`mofa_omni.node.swapping`): the new
 model's thread takes the queue over between two requests, so none is lost and
@@ -14,6 +17,7 @@ the order is kept. Every request ends in results or an explicit error:
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -51,6 +55,7 @@ ANSWERED_MAX = 16384  # at most this many ids kept
 # of its rate).
 MAX_BATCH = 32
 BATCH_WINDOW_S = 0.0
+MAX_ALONGSIDE = 64  # threads serving requests alongside others (a model's parallel_requests)
 
 
 @dataclass
@@ -87,12 +92,21 @@ class RequestWorker:
 
     def __init__(self, slot: ModelSlot, send: Callable[[Outgoing], None],
                  timeout_s: float = 120.0, link: SchedulerLink | None = None, *,
-                 max_batch: int = MAX_BATCH, batch_window_s: float = BATCH_WINDOW_S):
+                 max_batch: int = MAX_BATCH, batch_window_s: float = BATCH_WINDOW_S,
+                 parallel: int = 1):
         self.slot, self.send, self.timeout_s, self.link = slot, send, timeout_s, link
         self.max_batch, self.batch_window_s = max_batch, batch_window_s
+        # requests served at once at most, where the model serves several (its own number caps
+        # it): 1 by default, since a graph's other readers of a token stream must then read it
+        # with backpressure (see dataflows/server.yml)
+        self.parallel = parallel
         self._jobs: queue.Queue[_Job | object | None] = queue.Queue()
         # taken from the queue while gathering a batch but not part of it: served next, in order
         self._held: collections.deque[_Job | object | None] = collections.deque()
+        # Requests served alongside others (a model serving several at once), on a pool
+        self._flight = threading.Condition()
+        self._running = 0
+        self._alongside: concurrent.futures.ThreadPoolExecutor | None = None
         self._commands: queue.Queue[Command | Swap] = queue.Queue()  # a Swap: ready to take over
         self._swaps: list[Swap] = []  # under way
         self._ending = False
@@ -181,12 +195,18 @@ class RequestWorker:
         threading.Event().wait()
 
     def _serve_queue(self) -> Swap | None:
-        """Serve requests in order; returns None once drained, or the swap ready to take over."""
+        """Serve requests in order; returns None once drained, or the swap ready to take over.
+        Requests the model serves several at once start in order, up to that many running,
+        each on a thread of its own; anything else (another task's request, a scheduler
+        command, a swap) waits for them to end."""
         while True:
+            if not self._commands.empty():
+                self._wait_for_running(0)
             if (swap := self._apply_commands()) is not None:
                 return swap
             job = self._held.popleft() if self._held else self._jobs.get()
             if job is None:
+                self._wait_for_running(0)
                 return None
             if job is _WAKE:
                 continue
@@ -194,7 +214,43 @@ class RequestWorker:
                 self._queued -= 1
             if self.link and not self._admitted(job):
                 continue
+            parallel = min(self.host.parallel(job.input_id), self.parallel)
+            if parallel > 1:
+                self._wait_for_running(parallel - 1)
+                self._start_alongside(job)
+                continue
+            self._wait_for_running(0)
             self._serve(self._gather(job))
+            self._idle_if_done()
+
+    def _wait_for_running(self, at_most: int) -> None:
+        """Until at most ``at_most`` requests run alongside."""
+        with self._flight:
+            while self._running > at_most:
+                self._flight.wait()
+
+    def _start_alongside(self, job: _Job) -> None:
+        if self._alongside is None:
+            self._alongside = concurrent.futures.ThreadPoolExecutor(
+                MAX_ALONGSIDE, thread_name_prefix="request", initializer=prepare_compute_thread)
+        with self._flight:
+            self._running += 1
+        self._alongside.submit(self._serve_alongside, job)
+
+    def _serve_alongside(self, job: _Job) -> None:
+        try:
+            self._serve([job])
+        finally:
+            with self._flight:
+                self._running -= 1
+                self._flight.notify_all()
+            self._idle_if_done()
+
+    def _idle_if_done(self) -> None:
+        with self._flight:
+            running = self._running
+        if self.link and running == 0 and self.queue_length() == 0:
+            self.link.activity(False, self.host.unavailable)
 
     def _gather(self, job: _Job) -> list[_Job]:
         """``job``, and the requests on the same input queued behind it (or arriving within
@@ -250,8 +306,6 @@ class RequestWorker:
                           ", ".join(str(j.metadata.get("request_id") or j.input_id) for j in jobs))
         for job in jobs:
             self._ended(str(job.metadata.get("request_id", "")))
-        if self.link and self.queue_length() == 0:
-            self.link.activity(False, self.host.unavailable)
 
     def _admitted(self, job: _Job) -> bool:
         """Wait until the scheduler grants the model (asking if needed); False if the job was
