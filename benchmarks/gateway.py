@@ -132,13 +132,15 @@ class Server:
     """dataflows/server.yml under `dora run`, its log in a file, as a context manager: stopped
     on leaving (SIGINT, 90 s, then killed), however the block ends; its log is then ``output``."""
 
-    def __init__(self, port: int, trace: Path | None = None):
+    def __init__(self, port: int, trace: Path | None = None,
+                 env: dict[str, object] | None = None, dataflow: Path = SERVER):
         self.port = port
         self.url = f"http://127.0.0.1:{port}/v1"
-        env = dora_env({"PORT": port, **({"MOFA_OMNI_TRACE": trace} if trace else {})})
+        env = dora_env({"PORT": port, **({"MOFA_OMNI_TRACE": trace} if trace else {}),
+                        **(env or {})})
         fd, log = tempfile.mkstemp(prefix="gateway-bench-", suffix=".log")
         os.close(fd)
-        self.graph = DoraRun(SERVER, env, log=Path(log), cwd=ROOT, grace_s=90)
+        self.graph = DoraRun(dataflow, env, log=Path(log), cwd=ROOT, grace_s=90)
         self.http = httpx.Client(timeout=10)
         self.output = ""
 
