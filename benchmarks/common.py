@@ -14,6 +14,7 @@ exception, by Ctrl-C -- the graph is stopped and every process it started is end
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import math
 import os
@@ -22,8 +23,10 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,6 +35,7 @@ import psutil
 from mofa_omni.cluster.local import free_port
 
 T = TypeVar("T")
+C = TypeVar("C")  # a client of the server under load
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout
 RESULTS = ROOT / "benchmarks" / "results"  # the committed figures, each benchmark's default
@@ -100,6 +104,49 @@ def percentile(values: Iterable[float], q: float, empty: Any = math.nan) -> Any:
 
 
 # --- output ------------------------------------------------------------------------------------
+
+@dataclass
+class Load:
+    """What :func:`back_to_back` saw: each answered request's latency and result, each
+    failure's description, and the time from the start to the last answer."""
+
+    done: list[tuple[float, Any]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    answering_s: float = 0.0
+    wall_s: float = 0.0  # from the start until every client stopped
+
+
+def back_to_back(clients: list[C], seconds: float, request: Callable[[C], Any]) -> Load:
+    """One thread per client, each sending ``request(client)`` back to back for ``seconds``
+    (started together); a request that raises counts as an error, whatever it raised."""
+    load, lock, last = Load(), threading.Lock(), [0.0]
+    go = threading.Barrier(len(clients) + 1)
+
+    def worker(client: C) -> None:
+        go.wait()
+        while time.perf_counter() < stop_at:
+            started = time.perf_counter()
+            try:
+                result = request(client)
+            except Exception as error:  # noqa: BLE001 -- every failure counts, whatever it is
+                with lock:
+                    load.errors.append(f"{type(error).__name__}: {str(error)[:120]}")
+                continue
+            with lock:
+                last[0] = max(last[0], time.perf_counter())
+                load.done.append((last[0] - started, result))
+
+    with concurrent.futures.ThreadPoolExecutor(len(clients)) as pool:
+        futures = [pool.submit(worker, client) for client in clients]
+        started = time.perf_counter()
+        stop_at = started + seconds
+        go.wait()
+        for future in futures:
+            future.result()
+        load.wall_s = time.perf_counter() - started
+    load.answering_s = (last[0] - started) if last[0] else load.wall_s
+    return load
+
 
 def print_header(header: str) -> None:
     """A table's header line, and a rule as long as it under it."""

@@ -48,7 +48,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -57,6 +56,7 @@ from common import (
     ROOT,
     SAMPLES,
     add_output_flags,
+    back_to_back,
     free_port,
     machine,
     make_parser,
@@ -142,36 +142,10 @@ def under_load(base_url: str, clients: int, seconds: float,
     """``clients`` threads, each with its own client, sending back to back for ``seconds``."""
     per_client = [openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0,
                                 timeout=REQUEST_TIMEOUT_S) for _ in range(clients)]
-    done: list[tuple[float, dict]] = []
-    errors: list[str] = []
-    last = [0.0]
-    lock = threading.Lock()
-    go = threading.Barrier(clients + 1)
-
-    def worker(client: openai.OpenAI) -> None:
-        go.wait()
-        while time.perf_counter() < stop_at:
-            started = time.perf_counter()
-            try:
-                figures = request(client)
-            except Exception as error:  # noqa: BLE001 -- every failure counts
-                with lock:
-                    errors.append(f"{type(error).__name__}: {str(error)[:100]}")
-                continue
-            with lock:
-                last[0] = max(last[0], time.perf_counter())
-                done.append((last[0] - started, figures))
-
-    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        futures = [pool.submit(worker, client) for client in per_client]
-        started = time.perf_counter()
-        stop_at = started + seconds
-        go.wait()
-        for future in futures:
-            future.result()
+    load = back_to_back(per_client, seconds, request)
     for client in per_client:
         client.close()
-    answering = max(last[0] - started, 1e-9)
+    done, errors, answering = load.done, load.errors, max(load.answering_s, 1e-9)
     ms = [latency * 1000 for latency, _ in done]
     tokens = sum(f.get("tokens", 0) for _, f in done)
     ttft = [f["ttft"] * 1000 for _, f in done if f.get("ttft") is not None]

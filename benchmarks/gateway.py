@@ -55,13 +55,11 @@ Prints tables, writes benchmarks/results/gateway.json (or --json FILE). About 3 
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import itertools
 import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -71,6 +69,7 @@ from common import (
     SAMPLES,
     DoraRun,
     add_output_flags,
+    back_to_back,
     descendants,
     dora_env,
     free_port,
@@ -476,36 +475,8 @@ def under_load(server: Server, clients: int, seconds: float,
     A request with no answer within LOAD_TIMEOUT_S counts as an error; requests/s is the
     answered ones over the time from the start to the last answer."""
     per_client = [server.client(LOAD_TIMEOUT_S) for _ in range(clients)]
-    latencies: list[float] = []
-    last_answer = [0.0]
-    errors: collections.Counter[str] = collections.Counter()
-    lock = threading.Lock()
-    go = threading.Barrier(clients + 1)
-
-    def worker(client: openai.OpenAI) -> None:
-        go.wait()
-        while time.perf_counter() < stop_at:
-            started = time.perf_counter()
-            try:
-                request(client)
-            except Exception as error:  # noqa: BLE001 -- every failure counts, whatever it is
-                with lock:
-                    errors[f"{type(error).__name__}: {str(error)[:120]}"] += 1
-                continue
-            with lock:
-                last_answer[0] = max(last_answer[0], time.perf_counter())
-                latencies.append(last_answer[0] - started)
-
     before = server.stats()
-    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        futures = [pool.submit(worker, client) for client in per_client]
-        started = time.perf_counter()
-        stop_at = started + seconds
-        go.wait()
-        for future in futures:
-            future.result()
-        wall = time.perf_counter() - started
-    answering = (last_answer[0] - started) or wall
+    load = back_to_back(per_client, seconds, request)
     after = server.stats()
     for client in per_client:
         client.close()
@@ -513,10 +484,10 @@ def under_load(server: Server, clients: int, seconds: float,
                if code != "200" and n != before["responses"].get(code, 0)}
     lost = sum(after["lost"].values()) - sum(before["lost"].values()) \
         if isinstance(after.get("lost"), dict) else None
-    ms = [s * 1000 for s in latencies]
-    return {"clients": clients, "seconds": round(wall, 2), "answered": len(latencies),
-            "errors": sum(errors.values()), "error_kinds": dict(errors),
-            "requests_per_s": round(len(latencies) / answering, 2),
+    ms = [latency * 1000 for latency, _ in load.done]
+    return {"clients": clients, "seconds": round(load.wall_s, 2), "answered": len(load.done),
+            "errors": len(load.errors), "error_kinds": dict(collections.Counter(load.errors)),
+            "requests_per_s": round(len(load.done) / load.answering_s, 2),
             "median_ms": round(median(ms), 1), "p99_ms": round(percentile(ms, 99), 1),
             "gateway_non_200": non_200, "gateway_lost": lost,
             "in_flight_after": after.get("in_flight")}

@@ -35,7 +35,6 @@ to its sequence's share of the context (``pool`` / ``parallel``). As vLLM's and 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import queue
 import threading
@@ -177,7 +176,6 @@ class LlamaEngine:
         self._jobs: list[tuple[Callable[[], Any], Future]] = []
         self._running: list[_Generation] = []
         self._closing = False
-        self._order = itertools.count()
         self._thread = threading.Thread(target=self._run, name="llama-engine", daemon=True)
         self._thread.start()
 
@@ -294,7 +292,7 @@ class LlamaEngine:
                     for generation in failed:
                         generation.out.put(EngineError(
                             f"model {self.model_name!r}: {type(error).__name__}: {error}"))
-                        self._forget(generation.slot)
+                        self.drop_after(generation.slot, 0)
 
     def _live(self) -> list[_Generation]:
         """The sequences still read (lock held, or on the engine's thread)."""
@@ -329,7 +327,7 @@ class LlamaEngine:
             error = EngineError(f"model {self.model_name!r}: llama.cpp failed a step of "
                                 f"{batch.n_tokens} tokens (status {status})")
             for generation in running:
-                self._forget(generation.slot)
+                self.drop_after(generation.slot, 0)
                 generation.out.put(error)
                 generation.closed = True
             return
@@ -350,9 +348,6 @@ class LlamaEngine:
         batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, position, 1
         batch.seq_id[i][0], batch.logits[i] = seq_id, logits
         batch.n_tokens = i + 1
-
-    def _forget(self, slot: Slot) -> None:
-        self.drop_after(slot, 0)
 
     def drop_after(self, slot: Slot, keep: int) -> None:
         """Drop ``slot``'s cached tokens from position ``keep`` on (engine thread)."""
@@ -377,7 +372,7 @@ class LlamaEngine:
                 self._add(token, start + i, slot.seq_id,
                           logits=last or (every_position and start + i >= kept))
             if (status := self.lib.llama_decode(self._ctx, self._batch)) != 0:
-                self._forget(slot)
+                self.drop_after(slot, 0)
                 raise EngineError(f"model {self.model_name!r}: llama.cpp failed to decode "
                                   f"{len(chunk)} tokens (status {status})")
             slot.cached.extend(chunk)
