@@ -127,9 +127,11 @@ def test_two_swaps_under_a_steady_stream_lose_nothing_and_keep_the_conversation(
     }
     for model, why in failures.items():
         code, failed = graph.swap("llm", model)
+        assert isinstance(failed, SwapOutcome), (model, failed)
         assert code == 1 and not failed.ok and why in failed.detail, (model, failed)
         assert failed.old_model == "gemma-3-270m"
     code, unknown_node = graph.swap("nobody", "gemma-3-270m")
+    assert isinstance(unknown_node, SwapOutcome), unknown_node  # not the command's own error
     assert code == 1 and "no model node 'nobody'" in unknown_node.detail
     started = time.monotonic()
     code, message = graph.swap("llm", "gemma-3-27b")  # not in any catalog: fails at once

@@ -253,3 +253,30 @@ def test_omni_commands_on_one_machine_take_turns_on_the_graphs_control_node(monk
     with client.taking_turns("flow", timeout_s=5):
         assert time.monotonic() - waited >= 0.4
     first.join()
+
+
+def test_a_control_node_refused_for_a_moment_is_asked_again_while_one_graph_runs(monkeypatch):
+    """The daemon may still hold the previous command's control node when the next connects:
+    refused at first, connected when asked again; with no graph running, refused at once."""
+    from mofa_omni.scheduler import client
+
+    class Daemon:  # stands for dora's Node: refuses `refusals` times, then connects
+        def __init__(self, refusals: int):
+            self.refusals = refusals
+
+        def __call__(self, node_id: str):
+            if self.refusals:
+                self.refusals -= 1
+                raise RuntimeError(f"could not connect {node_id}\ndetails")
+            return node_id
+
+    monkeypatch.setattr(client, "running_dataflows", lambda: [{"uuid": "u1", "name": "flow"}])
+    assert client._connect_retrying(Daemon(2), None) == client.CONTROL_NODE
+    monkeypatch.setattr(client, "CONNECT_RETRY_S", 0.3)
+    with pytest.raises(client.GraphUnreachable, match="could not connect omni-control$"):
+        client._connect_retrying(Daemon(100), None)
+    monkeypatch.setattr(client, "running_dataflows", lambda: [])
+    started = time.monotonic()
+    with pytest.raises(client.GraphUnreachable, match="no running dataflow declares"):
+        client._connect_retrying(Daemon(1), None)
+    assert time.monotonic() - started < 0.2

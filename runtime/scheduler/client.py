@@ -48,6 +48,9 @@ class GraphUnreachable(ServerError):
 
 Answer = TypeVar("Answer")
 TURN_WAIT_S = 900.0  # as long as the longest swap: a command waits for the one before it
+# While a graph runs, the daemon may refuse the control node for a moment: the command before
+# this one has left, but the daemon has not yet handled its leaving. Try again this long.
+CONNECT_RETRY_S = 10.0
 
 
 def lock_path(dataflow: str | None) -> Path:
@@ -122,20 +125,18 @@ def _describe(flow: dict) -> str:
     return flow.get("name") or flow["uuid"]
 
 
-def connect(dataflow: str | None = None):
-    """The dora node through which to reach the graph (``dataflow``: its name or UUID)."""
-    from dora import Node
-
-    if dataflow:
+def _connect_retrying(node_class, dataflow: str | None):
+    """``Node(CONTROL_NODE)``, tried again for up to CONNECT_RETRY_S while one graph runs."""
+    deadline = time.monotonic() + CONNECT_RETRY_S
+    while True:
         try:
-            return Node(f"{CONTROL_NODE}-{dataflow}")
-        except RuntimeError:
-            pass  # the graph may declare the plain control node: checked below
-    try:
-        node = Node(CONTROL_NODE)
-    except RuntimeError as error:
-        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        running = running_dataflows()
+            return node_class(CONTROL_NODE)
+        except RuntimeError as error:
+            running = running_dataflows()
+            if len(running) == 1 and time.monotonic() < deadline:
+                time.sleep(0.2)
+                continue
+            first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         if len(running) > 1:
             names = ", ".join(map(_describe, running))
             hint = (f"{len(running)} dataflows are running ({names}) and dora cannot tell whose "
@@ -145,7 +146,19 @@ def connect(dataflow: str | None = None):
             hint = (f"no running dataflow declares the dynamic node {CONTROL_NODE!r}"
                     + (f"-{dataflow}" if dataflow else "")
                     + " (is a graph with a scheduler running, started from this machine?)")
-        raise GraphUnreachable(f"{hint}: {first_line}") from None
+        raise GraphUnreachable(f"{hint}: {first_line}")
+
+
+def connect(dataflow: str | None = None):
+    """The dora node through which to reach the graph (``dataflow``: its name or UUID)."""
+    from dora import Node
+
+    if dataflow:
+        try:
+            return Node(f"{CONTROL_NODE}-{dataflow}")
+        except RuntimeError:
+            pass  # the graph may declare the plain control node: checked below
+    node = _connect_retrying(Node, dataflow)
     if dataflow and dataflow not in {node.dataflow_id(), *(
             _describe(f) for f in running_dataflows() if f["uuid"] == node.dataflow_id())}:
         raise GraphUnreachable(f"the running graph with {CONTROL_NODE!r} is "
