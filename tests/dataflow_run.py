@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 
@@ -34,3 +38,25 @@ def omni(*args: str, timeout: float = 60,
     omni_bin = Path(sys.executable).parent / "omni"
     return subprocess.run([str(omni_bin), *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def node_id_of(process: psutil.Process) -> str | None:
+    """The dora node id a process runs as (dora says so in its environment), or None."""
+    with contextlib.suppress(psutil.Error):
+        config = process.environ().get("DORA_NODE_CONFIG", "")
+        if found := re.search(r"^node_id:\s*(\S+)\s*$", config, re.MULTILINE):
+            return found.group(1)
+    return None
+
+
+def node_process(dataflow_pid: int, node_id: str, wait_s: float = 0) -> psutil.Process:
+    """The process of ``node_id`` in the dataflow run by the process ``dataflow_pid``, waiting
+    up to ``wait_s`` for dora to start it."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        for process in psutil.Process(dataflow_pid).children(recursive=True):
+            if node_id_of(process) == node_id:
+                return process
+        if time.monotonic() >= deadline:
+            pytest.fail(f"no process of node {node_id!r}")
+        time.sleep(0.2)

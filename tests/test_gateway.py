@@ -8,7 +8,6 @@ a model that cannot load and a node whose replies never come back.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import io
 import json
 import re
@@ -23,11 +22,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import openai
-import psutil
 import pytest
 
 from mofa_omni.media.text import word_error_rate
-from tests.dataflow_run import finish, omni, start_dataflow
+from tests.dataflow_run import finish, node_process, omni, start_dataflow
 
 ROOT = Path(__file__).parents[1]
 SENTENCE = "Please turn on the lights in the kitchen."
@@ -466,23 +464,13 @@ def test_eight_clients_at_once_lose_nothing(server):
     assert stats["in_flight"] == 0 and lost_replies == {}, stats["lost"]
 
 
-def node_process(server: Server, node_id: str) -> psutil.Process:
-    """The process of ``node_id`` in the server's dataflow (dora says so in its environment)."""
-    for process in psutil.Process(server.process.pid).children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            config = process.environ().get("DORA_NODE_CONFIG", "")
-            if re.search(rf"^node_id:\s*{re.escape(node_id)}\s*$", config, re.MULTILINE):
-                return process
-    pytest.fail(f"no process of node {node_id!r}")
-
-
 def test_a_crashed_llm_comes_back_and_nobody_waits_for_it(server):
     """kill -9 of the LLM node (an out-of-memory kill, a segfault in the engine): dora restarts
     it (server.yml's restart_policy); the stream in flight ends in an error at once, a request
     during the restart gets a 503 with Retry-After at once (or, if it says it will wait, the
     reply once the node is back), embeddings go on, chat comes back."""
     client = server.client()
-    llm = node_process(server, "llm")
+    llm = node_process(server.process.pid, "llm")
     stream = client.chat.completions.create(model="smollm2-135m", max_tokens=200, stream=True,
                                             messages=[{"role": "user",
                                                        "content": "Tell me a long story."}])
@@ -509,7 +497,7 @@ def test_a_crashed_llm_comes_back_and_nobody_waits_for_it(server):
                                            extra_headers={"X-Omni-Wait-For-Restart": "30"})
     assert time.monotonic() - killed < 35
     assert "Paris" in reply.choices[0].message.content
-    assert node_process(server, "llm").pid != llm.pid
+    assert node_process(server.process.pid, "llm").pid != llm.pid
     shown = omni("status", "--json")
     assert shown.returncode == 0, shown.stderr
     (status,) = [n for n in json.loads(shown.stdout)["nodes"] if n["node"] == "llm"]

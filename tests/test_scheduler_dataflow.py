@@ -4,7 +4,6 @@ down, outside pressure, `omni status`."""
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import threading
@@ -17,7 +16,7 @@ import pytest
 from mofa_omni.models.memory import parse_size
 from mofa_omni.scheduler.bookkeeping import ACTIONS, replay
 from mofa_omni.scheduler.policy import Grant, Switch
-from tests.dataflow_run import finish, omni, start_dataflow
+from tests.dataflow_run import finish, node_id_of, omni, start_dataflow
 
 DATAFLOWS = Path(__file__).parent / "dataflows"
 GiB = 1 << 30
@@ -48,7 +47,7 @@ class ModelMemorySampler(threading.Thread):
                     try:
                         if any("omni_node.py" in part for part in child.cmdline()):
                             pids.append(child.pid)
-                            self.names.setdefault(child.pid, node_id_of(child))
+                            self.names.setdefault(child.pid, node_id_of(child) or str(child.pid))
                     except psutil.Error:
                         pass
                 last_scan = time.monotonic()
@@ -66,16 +65,6 @@ class ModelMemorySampler(threading.Thread):
         self._stop_event.set()
         self.join()
         return self.peak
-
-
-def node_id_of(process: psutil.Process) -> str:
-    """The dora node id a process runs as (from the config dora passes it), or its pid."""
-    try:
-        config = process.environ().get("DORA_NODE_CONFIG", "")
-    except psutil.Error:
-        return str(process.pid)
-    found = re.search(r"node_id:\s*([\w-]+)", config)
-    return found.group(1) if found else str(process.pid)
 
 
 def journal(path: Path):

@@ -7,6 +7,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 from mofa_omni.contract.tasks import TranscriptionRequest
 from mofa_omni.media.audio import read_wav, resample, write_wav
 from mofa_omni.media.text import normalize_words, word_error_rate
+from tests.dataflow_run import finish, node_process, start_dataflow
 from tests.test_dataflow_models import run_dataflow
 
 VOICE = Path(__file__).parents[1] / "dataflows" / "voice.yml"
@@ -111,6 +113,44 @@ def test_a_model_that_cannot_load_answers_with_errors_and_the_graph_goes_on(tmp_
     errors = [line for line in lines if "[error: unavailable:" in line]
     assert len(errors) == 2 and "broken-llm" in errors[0], lines
     assert replies == []
+
+
+def test_a_killed_asr_ends_the_turn_it_was_hearing_and_the_next_turn_is_answered(tmp_path, speak):
+    """kill -9 of the ASR node while it transcribes (an out-of-memory kill, a segfault): the turn
+    ends at once in an error line, dora restarts the node (voice.yml's restart_policy), the
+    restarted node reloads its model and hears the next turn, which is answered."""
+    question = speak("What is the capital of France?")
+    catalog = tmp_path / "catalog.toml"  # whisper-base: ~1 s a window here, time to kill it
+    catalog.write_text('[defaults]\nspeech_recognition = "whisper-base"\n')
+    inputs, outputs, trace_file = tmp_path / "in", tmp_path / "out", tmp_path / "trace.jsonl"
+    inputs.mkdir()
+    write_wav(inputs / "01.wav", question, 16000)
+    write_wav(inputs / "02.wav", question, 16000)
+    process = start_dataflow(VOICE, {"VOICE_INPUT": str(inputs), "VOICE_OUTPUT": str(outputs),
+                                     "MOFA_OMNI_CATALOG": str(catalog),
+                                     "MOFA_OMNI_TRACE": str(trace_file)})
+    try:
+        deadline = time.monotonic() + 120
+        while not asr_started(trace_file):  # the node's own trace: it began transcribing
+            assert process.poll() is None and time.monotonic() < deadline, "never transcribing"
+            time.sleep(0.02)
+        node_process(process.pid, "asr").kill()
+        log = finish(process, timeout=300)
+    finally:
+        process.kill()
+    lines = (outputs / "transcript.txt").read_text().splitlines()
+    assert lines[0] == "user:  [error: asr crashed: not heard]", (lines, log[-3000:])
+    assert lines[1] == "user: What is the capital of France?", lines
+    assert lines[2].startswith("assistant: ") and "paris" in lines[2].lower(), lines
+    assert "asr crashed: dora restarts it" in log
+
+
+def asr_started(trace_file: Path) -> bool:
+    """Whether the ASR node's trace says it began serving a request."""
+    if not trace_file.exists():
+        return False
+    return any('"node": "asr"' in line and '"event": "start"' in line
+               for line in trace_file.read_text().splitlines())
 
 
 def _write_int16(path: Path, audio: np.ndarray, rate: int) -> None:
