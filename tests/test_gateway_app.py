@@ -249,6 +249,60 @@ def test_a_result_lost_in_the_middle_of_a_reply_is_never_passed_over(catalog):
     assert '"!"' not in response.text and sent == ["gw-1"]
 
 
+def paced_chat(catalog, chunks: list[TextChunk], apart_s: float) -> TestClient:
+    """A graph whose LLM node streams ``chunks`` for every request, ``apart_s`` apart."""
+    replies = Replies()
+
+    def send(output, value, metadata) -> int:
+        request_id = metadata["request_id"]
+        for number, piece in enumerate(chunks):
+            reply = Reply("result", arrow.encode(piece), {"request_id": request_id,
+                                                          "seq": number, "final": piece.final})
+            replies.loop.call_later(number * apart_s, replies.deliver, request_id, reply)
+        return 0
+
+    graph = Graph(Router([CHAT], catalog), replies, send, Settings(deadline_s=10))
+    return TestClient(build_app(graph, catalog, lambda: {"llm": True}, dict))
+
+
+def test_tokens_that_came_while_the_client_was_slower_go_out_in_one_event(catalog):
+    tokens = [chunk("Hel"), chunk("lo"), chunk(" wor"), chunk("ld"), chunk("!", final=True)]
+
+    def contents(apart_s: float) -> list[str]:
+        with paced_chat(catalog, tokens, apart_s) as client:
+            response = client.post("/v1/chat/completions", json={**ASK, "stream": True})
+        events = [json.loads(line.removeprefix("data: ")) for line in response.text.splitlines()
+                  if line.startswith("data: {")]
+        assert events[-1]["choices"][0]["finish_reason"] == "stop"
+        return [e["choices"][0]["delta"]["content"] for e in events
+                if e["choices"][0]["delta"].get("content")]
+
+    # All arrived before the client read: one event, the text whole.
+    assert contents(0) == ["Hello world!"]
+    # A client that keeps up with the model gets each token in its own event.
+    assert contents(0.05) == ["Hel", "lo", " wor", "ld", "!"]
+
+
+def test_merged_tokens_are_not_lost_when_an_error_follows_them(catalog):
+    import asyncio
+
+    from mofa_omni.gateway.app import coalesced
+
+    async def stream():
+        yield chunk("lo")
+        yield TextChunk(" there", tool_calls=[])
+        raise ApiError(ErrorKind.LOST, "result 3 was lost")
+
+    async def read() -> tuple[list[str], str]:
+        got = []
+        with pytest.raises(ApiError, match="result 3 was lost"):
+            async for piece in coalesced(chunk("Hel"), stream(), lambda: 1):
+                got.append(piece.text)
+        return got
+
+    assert asyncio.run(read()) == ["Hello there"]
+
+
 def test_a_request_lost_every_time_gets_an_error_not_a_wait(catalog):
     client, sent, _ = lossy_chat(catalog, dict.fromkeys(["gw-1", "gw-1-again1", "gw-1-again2"]))
     with client:

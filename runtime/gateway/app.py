@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -482,14 +483,10 @@ async def _response_events(built: ResponseBuilder, first: TextChunk,
     event."""
     for event in built.opening():
         yield event
-    chunk = first
     try:
-        while True:
+        async for chunk in coalesced(first, rest, answer.arrived):
             for event in built.stream(chunk):
                 yield event
-            if chunk.final:
-                break
-            chunk = await anext(rest)
     except ApiError as error:
         yield built.failure(error)
     finally:
@@ -530,13 +527,35 @@ async def _spoken_events(completion: Completion, first: TextChunk | AudioChunk,
     yield sse("[DONE]")
 
 
+async def coalesced(first: TextChunk, rest: AsyncIterator[TextChunk],
+                    arrived: Callable[[], int]) -> AsyncIterator[TextChunk]:
+    """The chunks of a streamed reply, each merged with those that had already ``arrived``
+    behind it: a client that reads slower than the model generates gets several tokens per
+    event (one JSON encoding and one write for them all), one that keeps up gets each token as
+    it comes. A chunk with tool calls or the final one ends a merge, so text and calls keep
+    their order; an error after merged text comes after that text."""
+    chunk = first
+    while True:
+        while not (chunk.final or chunk.tool_calls) and arrived():
+            try:
+                following = await anext(rest)
+            except ApiError:
+                yield chunk
+                raise
+            chunk = dataclasses.replace(following, text=chunk.text + following.text)
+        yield chunk
+        if chunk.final:
+            return
+        chunk = await anext(rest)
+
+
 async def _chat_events(completion: Completion, first: TextChunk, rest: AsyncIterator[TextChunk],
                        answer: Answer, include_usage: bool) -> AsyncIterator[bytes]:
     """The chunks as server-sent events; an error mid-stream ends it with an error event."""
     yield sse(completion.chunk({"role": "assistant", "content": ""}))
-    chunk, calls = first, 0
+    calls = 0
     try:
-        while True:
+        async for chunk in coalesced(first, rest, answer.arrived):
             if chunk.text:
                 yield sse(completion.chunk({"content": chunk.text}))
             for call in chunk.tool_calls:
@@ -547,8 +566,6 @@ async def _chat_events(completion: Completion, first: TextChunk, rest: AsyncIter
                 yield sse(completion.chunk({}, finish_reason_of(chunk)))
                 if include_usage:
                     yield sse(completion.usage_chunk(usage_of(chunk)))
-                break
-            chunk = await anext(rest)
     except ApiError as error:
         yield sse(error.body())
     finally:

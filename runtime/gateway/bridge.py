@@ -257,6 +257,12 @@ class Answer:
         self.sent_as: tuple[str, int] | None = None  # (output, stream_seq) of the request
         self._whole = False  # the results go to the client at once: a lost end is asked again
         self.wait_for_restart_s = WAIT_FOR_RESTART_S.get()
+        self._replies: asyncio.Queue[Reply] | None = None  # the current sending's replies
+
+    def arrived(self) -> int:
+        """How many replies have come and wait to be read: the next that many results (or an
+        error) are there without waiting."""
+        return self._replies.qsize() if self._replies is not None else 0
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._results()
@@ -342,7 +348,7 @@ class Answer:
         """The results of one sending of the request; a :class:`_Lost` last when the request
         or its reply's end was lost on the way."""
         graph = self.graph
-        queue = graph.replies.open(request_id)
+        queue = self._replies = graph.replies.open(request_id)
         try:
             self.sent_as = graph.send_request(_Sent(self, route, arrow.encode(self.message),
                                                     {"request_id": request_id,
@@ -382,6 +388,7 @@ class Answer:
                 if self._in_flight is None:
                     return
         finally:
+            self._replies = None
             self.cancel()
             graph.replies.close(request_id)
             graph.answered(self.sent_as)
