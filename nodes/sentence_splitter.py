@@ -2,6 +2,9 @@
 
 Configuration (env in the dataflow YAML):
     MAX_CHARS   longest piece before a run-on sentence is cut at a comma (default 240)
+    FIRST_CLAUSE_CHARS  the reply's first piece ends at its first comma, semicolon, colon or
+                dash at least this many characters in, so the voice starts before the first
+                sentence is written; later pieces are sentences (default 16; 0: sentences only)
     VOICE       voice name passed on to the TTS (default: the model's own)
     SPEED       speaking rate (default 1.0)
 
@@ -9,7 +12,7 @@ Inputs:
     text     TextChunk stream (an LLM node's `result`), one stream per request_id
     cancel   request ids whose pending text is dropped (barge-in)
 Outputs:
-    speech   SpeechRequest per sentence, with the reply's request_id; seq counts the
+    speech   SpeechRequest per sentence (the first may be a clause), with the reply's request_id; seq counts the
              sentences and only the reply's last sentence is `final`, so the TTS's audio
              for the whole reply forms one stream.
 """
@@ -32,6 +35,7 @@ from mofa_omni.node.serving import CANCEL_INPUT, cancelled_ids
 def main() -> None:
     with exit_on_bad_settings("sentence_splitter"):  # fail fast, before joining the graph
         max_chars = env_int("MAX_CHARS", 240, minimum=1)
+        first_clause_chars = env_int("FIRST_CLAUSE_CHARS", 16, minimum=0)
         voice, speed = env_str("VOICE", ""), env_float("SPEED", 1.0)
     node = CheckedNode()
     node_id = dora_node_id("splitter")
@@ -64,7 +68,7 @@ def main() -> None:
         except ContractError as error:
             node.log_error(f"request {meta.request_id}: {error}")
             continue
-        stream = streams.setdefault(meta.request_id, SentenceStream(max_chars))
+        stream = streams.setdefault(meta.request_id, SentenceStream(max_chars, first_clause_chars))
         for sentence in stream.feed(chunk.text):
             send(meta, sentence, False)
         if chunk.final:

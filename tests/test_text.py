@@ -3,8 +3,9 @@
 from mofa_omni.media.text import SentenceStream
 
 
-def feed_all(pieces: list[str], max_chars: int = 240) -> tuple[list[list[str]], list[str]]:
-    stream = SentenceStream(max_chars)
+def feed_all(pieces: list[str], max_chars: int = 240,
+             first_clause_chars: int = 0) -> tuple[list[list[str]], list[str]]:
+    stream = SentenceStream(max_chars, first_clause_chars)
     return [stream.feed(p) for p in pieces], stream.flush()
 
 
@@ -30,3 +31,20 @@ def test_run_on_sentences_are_cut_at_a_comma():
 def test_nothing_in_nothing_out():
     assert feed_all([""]) == ([[]], [])
     assert feed_all(["   "]) == ([[]], [])
+
+
+def test_the_first_clause_is_released_alone_and_the_rest_by_sentence():
+    pieces = ["Yes", ",", " the capital", " of France", ",", " as", " you know", ",", " is Paris",
+              ".", " It is big", ",", " and old", "."]
+    released, rest = feed_all(pieces, first_clause_chars=16)
+    # "Yes," is too short to be voiced alone; the first comma 16 characters in ends the first
+    # piece as soon as the word after it begins, and later commas do not cut.
+    assert [(i, r) for i, r in enumerate(released) if r] == [
+        (5, ["Yes, the capital of France,"]), (10, ["as you know, is Paris."])]
+    assert rest == ["It is big, and old."]
+    # A first sentence that ends before any clause mark is released whole, as before.
+    released, rest = feed_all(["Paris.", " It is big", ",", " and old", "."], first_clause_chars=16)
+    assert [s for r in released for s in r] == ["Paris."] and rest == ["It is big, and old."]
+    # Dashes mark a clause too.
+    released, _ = feed_all(["The capital of France \u2014", " Paris"], first_clause_chars=16)
+    assert released == [[], ["The capital of France \u2014"]]

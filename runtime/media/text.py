@@ -85,6 +85,9 @@ def split_sentences(text: str) -> list[str]:
     return [s for s in sentences if s]
 
 
+_CLAUSE_MARKS = (", ", "; ", ": ", " - ", " \u2013 ", " \u2014 ")
+
+
 class SentenceStream:
     """Turns a stream of text pieces (an LLM's tokens) into TTS-sized sentences as they complete.
 
@@ -92,11 +95,17 @@ class SentenceStream:
     certain: "Dr. Smith" is not two sentences); :meth:`flush` releases the rest.
     A sentence longer than ``max_chars`` without an end is cut after its last
     comma, semicolon or colon, so speech can start before a run-on sentence ends.
+    With ``first_clause_chars``, the reply's first piece is its first clause instead,
+    released at the first comma, semicolon, colon or dash at least that many characters in:
+    the voice starts on it while the model writes the rest of the sentence (0: whole
+    sentences from the start).
     """
 
-    def __init__(self, max_chars: int = 240):
+    def __init__(self, max_chars: int = 240, first_clause_chars: int = 0):
         self.max_chars = max_chars
+        self.first_clause_chars = first_clause_chars
         self._pending = ""
+        self._released = False
 
     def feed(self, piece: str) -> list[str]:
         self._pending += piece
@@ -104,6 +113,13 @@ class SentenceStream:
         if not sentences:
             return []
         done, rest = sentences[:-1], sentences[-1]
+        if not done and not self._released and self.first_clause_chars:
+            cut = min((at for at in (rest.find(mark, self.first_clause_chars)
+                                     for mark in _CLAUSE_MARKS) if at > 0), default=-1)
+            if cut > 0:
+                mark = next(m for m in _CLAUSE_MARKS if rest.startswith(m, cut))
+                done.append(rest[:cut + len(mark.rstrip())].strip())
+                rest = rest[cut + len(mark):]
         if len(rest) > self.max_chars:
             cut = max(rest.rfind(mark, 0, self.max_chars) for mark in (", ", "; ", ": "))
             if cut > 0:
@@ -111,6 +127,7 @@ class SentenceStream:
                 rest = rest[cut + 2 :]
         trailing = " " if self._pending[-1:].isspace() else ""
         self._pending = rest + trailing
+        self._released |= bool(done)
         return done
 
     def flush(self) -> list[str]:
