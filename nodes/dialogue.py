@@ -1,8 +1,10 @@
 """dialogue: the voice agent's conversation — history, system prompt, turn-taking, barge-in.
 
 Configuration (env in the dataflow YAML):
-    SYSTEM_PROMPT   the assistant's instructions (default: a brief voice assistant)
+    SYSTEM_PROMPT   the assistant's instructions (default: a brief assistant, one short
+                    sentence; chosen by benchmarks/voice_quality.py)
     MAX_TOKENS      longest reply in tokens (default 96)
+    MAX_HISTORY     messages of the conversation the LLM sees, the question included (default 16)
     REPLY_TIMEOUT_S a reply not spoken this long after the question is cancelled and reported
                     as a timeout, so a lost message never stalls the conversation (default 180)
     VOICE_OUTPUT    folder where transcript.txt is written (default: out/voice of this checkout)
@@ -63,6 +65,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     with exit_on_bad_settings("dialogue"):  # fail fast, before joining the graph
         dialogue = Dialogue(max_tokens=env_int("MAX_TOKENS", 96, minimum=1),
+                            max_history=env_int("MAX_HISTORY", 16, minimum=1),
                             voice=env_str("VOICE", ""))
         reply_timeout = env_float("REPLY_TIMEOUT_S", 180)
         if prompt := env_str("SYSTEM_PROMPT", ""):

@@ -21,6 +21,11 @@ def test_a_turn_asks_with_the_system_prompt_and_ends_when_spoken():
     assert dialogue.active is None
 
 
+def test_an_empty_system_prompt_sends_no_system_message():
+    *_, ask = Dialogue(system_prompt="").heard("turn-1", "Hi", 0)
+    assert roles(ask.request) == [("user", "Hi")]  # the model's chat template has its own
+
+
 def test_the_next_turn_carries_the_conversation():
     dialogue = Dialogue(system_prompt="S")
     dialogue.heard("turn-1", "My name is Ada.", 0)

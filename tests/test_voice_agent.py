@@ -181,6 +181,10 @@ def test_the_sample_turns_run_under_a_coordinator(tmp_path):
     lines = (outputs / "transcript.txt").read_text().splitlines()
     assert [line.split(":")[0] for line in lines] == ["user", "assistant"] * 2, lines
     assert len(list(outputs.glob("reply-*.wav"))) == 2
+    # The demo answers right, in English (with the former prompt: "Le Grand Paris is ...").
+    for answer, city in ((lines[1], "paris"), (lines[3], "rome")):
+        words = set(normalize_words(answer))
+        assert city in words and not words & {"le", "la", "il", "est", "di"}, lines
 
 
 def _free_port() -> int:

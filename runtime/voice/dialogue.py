@@ -85,7 +85,7 @@ class _Reply:
 
 @dataclass
 class Dialogue:
-    system_prompt: str = "You are a helpful voice assistant. Answer in one short sentence."
+    system_prompt: str = "You are a helpful assistant. Answer in one short sentence."
     max_tokens: int = 96
     max_history: int = 16  # messages kept besides the system prompt
     voice: str = ""  # an omni model's voice ("" = its first)
@@ -95,6 +95,10 @@ class Dialogue:
     # Utterances sent to be transcribed, not yet heard back: turn id -> when (monotonic s).
     transcribing: dict[str, float] = field(default_factory=dict)
     _replies: int = 0
+
+    def _system(self) -> list[ChatMessage]:
+        """The system message; none for an empty prompt (the chat template's own then)."""
+        return [ChatMessage("system", self.system_prompt)] if self.system_prompt else []
 
     def sent_to_be_heard(self, turn_id: str, now: float = 0.0) -> list[Action]:
         """An utterance went to the ASR (the VAD's `utterance`): its turn waits for the words."""
@@ -116,7 +120,7 @@ class Dialogue:
         self.history.append(ChatMessage("user", text))
         self._replies += 1
         self.active = _Reply(f"reply-{self._replies}", turn_id, now)
-        messages = [ChatMessage("system", self.system_prompt), *self.history[-self.max_history:]]
+        messages = [*self._system(), *self.history[-self.max_history:]]
         return [*actions, TranscriptLine("user", text, turn_id),
                 Ask(self.active.reply_id, ChatRequest(messages, self.max_tokens), origin_ns)]
 
@@ -129,7 +133,7 @@ class Dialogue:
         self.history.append(heard)
         self._replies += 1
         self.active = _Reply(f"reply-{self._replies}", turn_id, now)
-        window = [ChatMessage("system", self.system_prompt), *self.history[-self.max_history:]]
+        window = [*self._system(), *self.history[-self.max_history:]]
         turns = [i for i, m in enumerate(window) if isinstance(m, HeardMessage)]
         request = OmniRequest([ChatMessage(m.role, m.content) for m in window],
                               audio=[window[i].audio for i in turns], sample_rate=HEARING_RATE,
