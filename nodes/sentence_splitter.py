@@ -12,9 +12,9 @@ Inputs:
     text     TextChunk stream (an LLM node's `result`), one stream per request_id
     cancel   request ids whose pending text is dropped (barge-in)
 Outputs:
-    speech   SpeechRequest per sentence (the first may be a clause), with the reply's request_id; seq counts the
-             sentences and only the reply's last sentence is `final`, so the TTS's audio
-             for the whole reply forms one stream.
+    speech   SpeechRequest per sentence (the first may be a clause), with the reply's
+             request_id; seq counts the pieces and only the reply's last one is `final`, so
+             the TTS's audio for the whole reply forms one stream.
 """
 
 from __future__ import annotations
