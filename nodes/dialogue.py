@@ -1,8 +1,8 @@
 """dialogue: the voice agent's conversation — history, system prompt, turn-taking, barge-in.
 
 Configuration (env in the dataflow YAML):
-    SYSTEM_PROMPT   the assistant's instructions (default: a brief assistant, one short
-                    sentence; chosen by benchmarks/voice_quality.py)
+    SYSTEM_PROMPT   the assistant's instructions (default: a brief voice assistant, one
+                    short sentence; benchmarks/voice_quality.py compares others)
     MAX_TOKENS      longest reply in tokens (default 96)
     MAX_HISTORY     messages of the conversation the LLM sees, the question included (default 16)
     REPLY_TIMEOUT_S a reply not spoken this long after the question is cancelled and reported

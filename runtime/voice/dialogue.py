@@ -85,7 +85,7 @@ class _Reply:
 
 @dataclass
 class Dialogue:
-    system_prompt: str = "You are a helpful assistant. Answer in one short sentence."
+    system_prompt: str = "You are a helpful voice assistant. Answer in one short sentence."
     max_tokens: int = 96
     max_history: int = 16  # messages kept besides the system prompt
     voice: str = ""  # an omni model's voice ("" = its first)
