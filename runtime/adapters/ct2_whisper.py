@@ -136,7 +136,7 @@ class Ct2WhisperAdapter(ModelAdapter):
         results = []  # the working set grows with the windows per call: a bounded number each
         for first in range(0, len(windows), step):
             results += self._model.generate(
-                ctranslate2.StorageView.from_array(np.ascontiguousarray(windows[first:first + step])),
+                ctranslate2.StorageView.from_array(windows[first:first + step]),
                 prompts[first:first + step], beam_size=1, max_length=MAX_NEW_TOKENS,
                 suppress_blank=True)
         transcripts, first = [], 0

@@ -114,10 +114,10 @@ class SentenceStream:
             return []
         done, rest = sentences[:-1], sentences[-1]
         if not done and not self._released and self.first_clause_chars:
-            cut = min((at for at in (rest.find(mark, self.first_clause_chars)
-                                     for mark in _CLAUSE_MARKS) if at > 0), default=-1)
-            if cut > 0:
-                mark = next(m for m in _CLAUSE_MARKS if rest.startswith(m, cut))
+            marks = [(at, mark) for mark in _CLAUSE_MARKS
+                     if (at := rest.find(mark, self.first_clause_chars)) > 0]
+            if marks:
+                cut, mark = min(marks)  # the first clause mark far enough in
                 done.append(rest[:cut + len(mark.rstrip())].strip())
                 rest = rest[cut + len(mark):]
         if len(rest) > self.max_chars:
