@@ -16,7 +16,11 @@ Inputs:
             final chunk closes its file. A TranscriptionRequest (e.g. a VAD `utterance`) counts as
             one whole, final chunk.
     cancel  optional, request ids (barge-in): the request's file is closed as it is (or its
-            queued audio is not played), and its later chunks are ignored.
+            queued audio is not played), and its later chunks are ignored. Once it closes (the
+            dialogue sending it has ended, which it does only after its last reply was spoken)
+            and no reply is open, the node ends without waiting for `audio` to close: across
+            machines dora 1.1.0 sometimes never tells a node that a remote input closed (seen
+            with the TTS on another machine, after that machine's daemon restarted).
 Outputs:
     done    event `audio.done` (a GenericResult, read it with mofa_omni.voice.events.read_event; fields
             `path` and `seconds`) with the request's request_id and origin_ns, sent once its file
@@ -138,11 +142,17 @@ def main() -> int:
     due: list[tuple[float, MessageMeta, str, float]] = []  # `done`s waiting for the playback
     gaps = SeqTracker()
     cancelled: set[str] = speaker.cancelled if speaker is not None else set()
+    conversation_over = False  # `cancel` closed
     while (incoming := node.next(timeout=0.05) if due else node.next()) is not None:
         now = time.monotonic()
         for entry in [d for d in due if d[0] <= now]:
             due.remove(entry)
             done(*entry[1:])
+        if incoming["type"] == "INPUT_CLOSED" and incoming["id"] == CANCEL_INPUT:
+            conversation_over = True
+        if conversation_over and not due and not files.open_requests():
+            log.info("the conversation is over (cancel closed) and every reply was written")
+            break
         if incoming["type"] != "INPUT":
             continue
         if incoming["id"] == CANCEL_INPUT:

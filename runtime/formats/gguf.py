@@ -26,12 +26,15 @@ import struct
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mofa_omni.contract.errors import ModelLoadError
 from mofa_omni.models.fetching import Progress
+
+if TYPE_CHECKING:
+    from mofa_omni.formats.gguf_file import GGUFFile
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
 QUANTIZED = "quantized"
@@ -335,27 +338,20 @@ def open_gguf_parts(path: Path) -> list:
     return readers
 
 
-def open_gguf(path: Path):
-    """A ``gguf.GGUFReader`` on ``path`` after checking the file is whole; ModelLoadError if not."""
-    import gguf
+def open_gguf(path: Path) -> GGUFFile:
+    """The metadata and tensor index of the GGUF file ``path``
+    (:class:`~mofa_omni.formats.gguf_file.GGUFFile`), after checking that every tensor's data
+    is in the file; ModelLoadError if it is not, or if the file is not a readable GGUF."""
+    from mofa_omni.formats.gguf_file import GGUFFile
 
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"GGUF file {path} does not exist")
-    size = path.stat().st_size
     try:
-        reader = gguf.GGUFReader(path)
-    except Exception as error:  # the reader fails with ValueError/IndexError/struct.error
+        return GGUFFile(path)
+    except Exception as error:  # ValueError for what does not fit; OSError, struct.error
         raise ModelLoadError(f"{path.name} is not a readable GGUF file (truncated or corrupt?): "
                              f"{type(error).__name__}: {error}") from error
-    for tensor in reader.tensors:
-        block, type_size = gguf.GGML_QUANT_SIZES[tensor.tensor_type]
-        expected = int(tensor.n_elements) // block * type_size
-        end = int(tensor.data_offset) + int(tensor.n_bytes)
-        if int(tensor.n_bytes) != expected or end > size:
-            raise ModelLoadError(f"{path.name}: tensor {tensor.name} needs bytes up to {end} "
-                                 f"({expected} bytes of data) but the file has {size}: truncated?")
-    return reader
 
 
 def _architecture(meta: Metadata) -> Architecture:

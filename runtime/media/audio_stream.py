@@ -137,6 +137,10 @@ class WavWriterSet:
             current.samples += len(audio)
         return self._close(request_id) if final else None
 
+    def open_requests(self) -> list[str]:
+        """The requests whose file is being written (their final chunk has not come yet)."""
+        return list(self._open)
+
     def close(self, request_id: str) -> tuple[Path, float] | None:
         """Close the request's file now (its stream was cancelled); None if it has none open."""
         return self._close(request_id) if request_id in self._open else None

@@ -159,14 +159,14 @@ def _gguf(file: Path, name: str, source: Source) -> Detected:
 
 
 def _gguf_architecture(file: Path) -> str:
-    import gguf
+    from mofa_omni.formats.gguf_file import GGUFFile
 
     try:
-        reader = gguf.GGUFReader(file)  # reads the header and tensor index; data stays mapped
-        field_ = reader.fields.get("general.architecture")
+        header = GGUFFile(file)  # reads the metadata and tensor index; data stays mapped
+        field_ = header.fields.get("general.architecture")
         if field_ is None:
             raise ContractError(f"{file.name}: GGUF without general.architecture")
-        return bytes(field_.parts[field_.data[0]]).decode()
+        return str(field_.contents())
     except ContractError:
         raise
     except Exception as error:  # the reader fails with ValueError/IndexError/struct.error

@@ -125,6 +125,16 @@ def _describe(flow: dict) -> str:
     return flow.get("name") or flow["uuid"]
 
 
+def dora_reason(error: Exception) -> str:
+    """dora's refusal in one line: what failed and, where it says, why (the last line of its
+    "Caused by:" chain, e.g. that several dataflows declare the node)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return lines[0] if len(lines) == 1 or lines[-1] == "Caused by:" else \
+        f"{lines[0]} ({lines[-1]})"
+
+
 def _connect_retrying(node_class, dataflow: str | None):
     """``Node(CONTROL_NODE)``, tried again for up to CONNECT_RETRY_S while one graph runs."""
     deadline = time.monotonic() + CONNECT_RETRY_S
@@ -136,7 +146,7 @@ def _connect_retrying(node_class, dataflow: str | None):
             if len(running) == 1 and time.monotonic() < deadline:
                 time.sleep(0.2)
                 continue
-            first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+            first_line = dora_reason(error)
         if len(running) > 1:
             names = ", ".join(map(_describe, running))
             hint = (f"{len(running)} dataflows are running ({names}) and dora cannot tell whose "

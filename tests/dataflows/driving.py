@@ -38,7 +38,9 @@ The API:
   ``tick`` input, and one the model node reports lost (its ``lost`` output: a gap in an input's
   numbering) when the driver passes that report to ``resend_lost``; each at most once, listed
   in ``resent`` for the test's report (``resend_lost`` needs ``checked``: the numbers name the
-  lost requests).
+  lost requests). A request that was only slow is then answered twice, one answer after the
+  other (a model node serves a request's copies in order): once the driver has called
+  ``answered``, ``inputs()`` skips what else comes under that request id.
 - ``closed``: the inputs dora has closed (their source node has exited).
 - ``record(error)``: an :class:`ErrorReport` as a dict for the report.
 """
@@ -125,7 +127,11 @@ class Driver:
                 return
             if event["id"] == "tick" and self.resend_after_s is not None:
                 self._resend_stale()
-            yield Input(event["id"], event["value"], event.get("metadata") or {})
+            metadata = event.get("metadata") or {}
+            request_id = str(metadata.get("request_id", ""))
+            if request_id in self.resent and request_id in self.answers:
+                continue  # the answer to a copy sent again after the first was answered
+            yield Input(event["id"], event["value"], metadata)
 
     def send(self, output: str, request_id: str, message: Any, **metadata: Any) -> None:
         """Send a request (encoded unless it is an Arrow array already) with its id."""
