@@ -281,3 +281,11 @@ def test_a_control_node_refused_for_a_moment_is_asked_again_while_one_graph_runs
     with pytest.raises(client.GraphUnreachable, match="no running dataflow declares"):
         client._connect_retrying(Daemon(1), None)
     assert time.monotonic() - started < 0.2
+
+    def two_graphs(node_id: str):  # dora's own words when two graphs declare the node
+        raise RuntimeError("Could not setup node from node id.\n\nCaused by:\n    failed to get "
+                           f"node config from daemon: multiple dataflows contain dynamic node "
+                           f"id {node_id}")
+    with pytest.raises(client.GraphUnreachable, match=r"several dataflows are running and dora "
+                       r"cannot tell.*\(failed to get node config .*multiple dataflows"):
+        client._connect_retrying(two_graphs, None)

@@ -146,17 +146,17 @@ def _connect_retrying(node_class, dataflow: str | None):
             if len(running) == 1 and time.monotonic() < deadline:
                 time.sleep(0.2)
                 continue
-            first_line = dora_reason(error)
-        if len(running) > 1:
-            names = ", ".join(map(_describe, running))
-            hint = (f"{len(running)} dataflows are running ({names}) and dora cannot tell whose "
+            reason = dora_reason(error)
+        if len(running) > 1 or "multiple dataflows" in reason:
+            names = f" ({', '.join(map(_describe, running))})" if running else ""
+            hint = (f"several dataflows are running{names} and dora cannot tell whose "
                     f"{CONTROL_NODE!r} is meant: name each graph's control node "
                     f"'{CONTROL_NODE}-NAME' and pass --dataflow NAME")
         else:
             hint = (f"no running dataflow declares the dynamic node {CONTROL_NODE!r}"
                     + (f"-{dataflow}" if dataflow else "")
                     + " (is a graph with a scheduler running, started from this machine?)")
-        raise GraphUnreachable(f"{hint}: {first_line}")
+        raise GraphUnreachable(f"{hint}: {reason}")
 
 
 def connect(dataflow: str | None = None):
