@@ -5,6 +5,7 @@ a Piper voice and an embedding model swapped while they serve."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import statistics
 import subprocess
@@ -103,13 +104,32 @@ def models_in_order(finished: list[dict]) -> list[str]:
     return runs
 
 
+def one_edit_apart(a: str, b: str) -> bool:
+    """``a`` and ``b`` differ by at most one digit changed, dropped or added."""
+    if abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        return sum(x != y for x, y in zip(a, b, strict=True)) <= 1
+    short, long = sorted((a, b), key=len)
+    return any(long[:i] + long[i + 1:] == short for i in range(len(long)))
+
+
 def assert_all_answered_in_order_with_their_history(report: dict, requests: int):
+    """Every request answered, in order, each reply repeating the code its conversation's
+    earlier turns gave. SmolLM2-135M now and then slips a digit copying it ("497" for 4947,
+    once in a CI run): the arithmetic of llama.cpp's shared KV cache depends on where earlier
+    requests' tokens landed (see adapters/llama_engine.py), so a near tie can go either way.
+    Such a slip still shows the code was seen (a model without the history would have to guess
+    one in 9000): allowed once in 20 replies, never further than one digit."""
     finished = report["finished"]
     assert report["lost"] == [] and [e["error"] for e in finished if "error" in e] == []
     assert [e["id"] for e in finished] == [f"q{i:03d}" for i in range(requests)]
-    forgot = [(e["id"], e["model"], e["code"], e["reply"]) for e in finished
-              if e["code"] not in e["reply"]]
+    inexact = [(e["id"], e["model"], e["code"], e["reply"]) for e in finished
+               if e["code"] not in e["reply"]]
+    forgot = [entry for entry in inexact
+              if not any(one_edit_apart(entry[2], n) for n in re.findall(r"\d+", entry[3]))]
     assert forgot == [], "replies that do not know their conversation's code"
+    assert len(inexact) <= requests // 20, ("codes repeated wrong", inexact)
 
 
 def test_two_swaps_under_a_steady_stream_lose_nothing_and_keep_the_conversation(tmp_path):
