@@ -24,6 +24,10 @@ Inputs:
     llm_error       ErrorReport of the LLM
     tts_error       ErrorReport of the TTS
     spoken          the sink's `done`: a reply's audio is complete
+    status          optional, the scheduler's `status`: the LLM node's delivery report. A
+                    question the report shows never arrived (dora dropped it; the last one sent
+                    shows no gap) is asked again, up to twice, then the reply ends in an error,
+                    in seconds rather than after REPLY_TIMEOUT_S
 
 The node ends once `transcript` (or `utterance`) is closed (no more turns) and the last reply
 is over.
@@ -53,8 +57,10 @@ from mofa_omni.contract.tasks import (
     TranscriptionRequest,
 )
 from mofa_omni.node import trace
+from mofa_omni.node.delivery import Awaiting
 from mofa_omni.node.host import MessageMeta, dora_node_id
 from mofa_omni.node.integrity import CheckedNode
+from mofa_omni.scheduler.messages import Status, from_arrow
 from mofa_omni.voice.dialogue import Action, Ask, Cancel, Dialogue, TranscriptLine, TurnDone
 from mofa_omni.voice.events import voice_output
 
@@ -81,15 +87,51 @@ def main() -> None:
     dialogue.hearing_node = transcript_source.partition("/")[0]
     out_dir.mkdir(parents=True, exist_ok=True)
     transcript = (out_dir / "transcript.txt").open("w", buffering=1)
+    questions = question_reader(node.dataflow_descriptor(), node_id)
+    asked: dict[str, Ask] = {}  # the question of the reply under way, to ask it again
+
+    def ask(question: Ask) -> None:
+        meta = MessageMeta(question.reply_id, 0, True, question.origin_ns, time.time_ns())
+        seq = node.send_output("chat", arrow.encode(question.request), meta.to_dora())
+        trace.record(node_id, "send", "chat", meta)
+        asked.clear()
+        asked[question.reply_id] = question
+        if questions:
+            questions.sent(question.reply_id, seq, time.time_ns())
+
+    def answer_began(request_id: str) -> None:
+        asked.pop(request_id, None)
+        if questions:
+            questions.arrived(request_id)
+
+    def check_delivery(value) -> list[Action]:
+        """The LLM node's report: ask again what it never received, or end that reply."""
+        status = from_arrow(value)
+        if not questions or not isinstance(status, Status):
+            return []
+        report = next((n for n in status.nodes if n.node == questions.node), None)
+        actions: list[Action] = []
+        for lost in questions.check(report.delivery) if report else []:
+            if lost.request_id not in asked:
+                continue  # that reply is over
+            if lost.again:
+                log.warning("%s: %s never received the question (dora dropped it): asked "
+                            "again", lost.request_id, questions.node)
+                ask(asked[lost.request_id])
+            else:
+                answer_began(lost.request_id)
+                actions += dialogue.reply_failed(
+                    lost.request_id, f"lost: {questions.node} never received the question, "
+                                     f"sent {1 + questions.resends} times")
+        return actions
 
     def act(actions: list[Action]) -> None:
         for action in actions:
             match action:
-                case Ask(reply_id, request, origin_ns):
-                    meta = MessageMeta(reply_id, 0, True, origin_ns, time.time_ns())
-                    node.send_output("chat", arrow.encode(request), meta.to_dora())
-                    trace.record(node_id, "send", "chat", meta)
+                case Ask() as question:
+                    ask(question)
                 case Cancel(reply_id):
+                    answer_began(reply_id)
                     node.send_output("cancel", pa.array([reply_id]), {"request_id": reply_id})
                 case TurnDone(turn_id):
                     node.send_output("turn_done", pa.array([turn_id]), {"request_id": turn_id})
@@ -102,9 +144,14 @@ def main() -> None:
                                     meta.origin_ns, time.monotonic())
 
     def reply(meta: MessageMeta, chunk: TextChunk | AudioChunk) -> list[Action]:
+        answer_began(meta.request_id)
         if isinstance(chunk, AudioChunk):  # an omni model speaking: the sink's to play
             return []
         return dialogue.reply_text(meta.request_id, chunk.text, chunk.final)
+
+    def llm_failed(meta: MessageMeta, error: ErrorReport) -> list[Action]:
+        answer_began(meta.request_id)
+        return dialogue.reply_failed(meta.request_id, error.summary())
 
     handlers = {
         "transcript": lambda meta, value: dialogue.heard(
@@ -114,16 +161,16 @@ def main() -> None:
                                                                        TranscriptionRequest)),
         "asr_error": lambda meta, value: dialogue.not_heard(
             meta.request_id, arrow.decode(value, ErrorReport).summary()),
-        "hearing": lambda meta, value: dialogue.sent_to_be_heard(meta.request_id,
-                                                                 time.monotonic()),
+        "hearing": lambda meta, value: dialogue.sent_to_be_heard(
+            meta.request_id, time.monotonic(), meta.sent_ns),
         "speech_started": lambda meta, value: dialogue.speech_started(),
         "reply": lambda meta, value: reply(meta, arrow.decode_one_of(value,
                                                                      (TextChunk, AudioChunk))),
-        "llm_error": lambda meta, value: dialogue.reply_failed(
-            meta.request_id, arrow.decode(value, ErrorReport).summary()),
+        "llm_error": lambda meta, value: llm_failed(meta, arrow.decode(value, ErrorReport)),
         "tts_error": lambda meta, value: dialogue.speech_failed(
             meta.request_id, arrow.decode(value, ErrorReport).summary()),
         "spoken": lambda meta, value: dialogue.spoken(meta.request_id),
+        "status": lambda meta, value: check_delivery(value),
     }
     heard_all = False  # the ASR's stream ended: no more turns will come
     while (event := node.next(timeout=1.0)) is not None:
@@ -133,7 +180,7 @@ def main() -> None:
         elif event["type"] in ("NODE_RESTARTED", "NODE_FAILED"):  # see dora's restart_policy
             log.error("%s crashed%s", event["id"],
                       "" if event["type"] == "NODE_FAILED" else ": dora restarts it")
-            act(dialogue.node_crashed(event["id"]))
+            act(dialogue.node_crashed(event["id"], time.time_ns()))
         elif event["type"] == "INPUT" and event["id"] in handlers:
             meta = MessageMeta.from_dora(event.get("metadata"), event["id"])
             if event["id"] in ("transcript", "utterance", "reply", "spoken"):
@@ -148,6 +195,16 @@ def main() -> None:
             break
     transcript.close()
 
+
+
+def question_reader(descriptor: dict, node_id: str) -> Awaiting | None:
+    """What checks the delivery of our questions: the one model node input that reads our
+    ``chat`` output (None if none or several do)."""
+    readers = [(reader["id"], input_id)
+               for reader in descriptor.get("nodes", [])
+               for input_id, spec in (reader.get("inputs") or {}).items()
+               if (spec["source"] if isinstance(spec, dict) else str(spec)) == f"{node_id}/chat"]
+    return Awaiting(*readers[0]) if len(readers) == 1 else None
 
 
 if __name__ == "__main__":

@@ -137,6 +137,19 @@ def test_a_crashed_asr_ends_the_turns_it_was_hearing_and_the_next_is_answered():
     assert dialogue.node_crashed("asr") == []  # the reply's path is another matter
 
 
+def test_an_utterance_sent_before_the_asr_crashed_but_noticed_after_ends_its_turn():
+    """dora may deliver the crash notice before the `hearing` notice of the utterance the ASR
+    was transcribing (two inputs, no order between them): that turn still ends at once."""
+    dialogue = Dialogue(hearing_node="asr")
+    assert dialogue.node_crashed("asr", now_ns=5_000) == []  # nothing heard yet to end
+    line, done = dialogue.sent_to_be_heard("turn-1", now=100.0, sent_ns=4_000)
+    assert line.error == "asr crashed: not heard" and done == TurnDone("turn-1")
+    assert dialogue.transcribing == {}
+    # One sent after the crash goes to the restarted ASR: it waits for its words.
+    assert dialogue.sent_to_be_heard("turn-2", now=101.0, sent_ns=6_000) == []
+    assert dialogue.transcribing == {"turn-2": 101.0}
+
+
 def test_words_that_never_come_back_end_their_turn_at_the_deadline():
     dialogue = Dialogue(hearing_node="asr")
     dialogue.sent_to_be_heard("turn-1", now=100.0)

@@ -128,3 +128,31 @@ def test_omni_status_shows_the_messages_each_node_lost():
         render_status(status)
     clean = Scheduling(SchedulerState(budget=1000 * MB), ("asr",), started=0.0)
     assert "messages lost  none" in render_status(clean.status(1, 0, 0))
+
+
+def test_a_request_a_later_report_never_saw_is_lost_asked_again_twice_then_given_up():
+    from mofa_omni.node.delivery import ARRIVAL_NS, Awaiting
+    from mofa_omni.scheduler.messages import Delivery
+
+    awaiting = Awaiting("llm", "request")
+    awaiting.sent("reply-1", 0, now_ns=0)
+    awaiting.sent("reply-2", 1, now_ns=0)
+    awaiting.sent("unnumbered", None, now_ns=0)  # a plain node's send: nothing to check
+    assert awaiting.waiting() == ["reply-1", "reply-2"]
+    # A report made soon after sending may not have seen them yet: nothing is lost.
+    assert awaiting.check(Delivery(ARRIVAL_NS - 1, {"request": 0})) == []
+    # A report well after: reply-1 (seq 0) arrived, reply-2 (seq 1) never did.
+    (lost,) = awaiting.check(Delivery(ARRIVAL_NS, {"request": 1}))
+    assert (lost.request_id, lost.again) == ("reply-2", True)
+    assert awaiting.check(Delivery(ARRIVAL_NS, {"request": 1})) == []  # told once per send
+    awaiting.arrived("reply-1")
+    for attempt, seq in enumerate((2, 3)):
+        awaiting.sent("reply-2", seq, now_ns=10 * ARRIVAL_NS * (attempt + 1))
+        (lost,) = awaiting.check(Delivery(10 * ARRIVAL_NS * (attempt + 2), {"request": seq}))
+        assert lost.again == (attempt == 0)  # sent three times in all: then it is given up
+    assert awaiting.waiting() == []
+    # A node that has received nothing on that input yet expects its first message.
+    first = Awaiting("llm", "request")
+    first.sent("reply-1", 0, now_ns=0)
+    assert [lost.request_id for lost in first.check(Delivery(ARRIVAL_NS, {"other": 3}))] == \
+        ["reply-1"]

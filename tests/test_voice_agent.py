@@ -55,6 +55,20 @@ def test_a_spoken_question_gets_a_relevant_spoken_answer(tmp_path, speak, model)
     assert {"capital", "paris"} <= set(normalize_words(heard)), heard  # and it is what is heard
 
 
+def test_a_question_dora_dropped_is_asked_again_and_answered(tmp_path, speak):
+    """The dialogue's first question never reaches the LLM (dropped as dora drops messages:
+    DROP_MESSAGES keeps its stream number). It was the last message sent, so no gap shows it:
+    the LLM's delivery report in the scheduler's status does, and the question is asked again
+    within seconds, instead of the turn waiting out its reply timeout."""
+    started = time.monotonic()
+    lines, replies, log = run_voice(tmp_path, {"01.wav": speak("What is the capital of France?")},
+                                    DROP_MESSAGES="chat:0", REPLY_TIMEOUT_S="120")
+    assert "reply-1: llm never received the question (dora dropped it): asked again" in log
+    assert lines[0] == "user: What is the capital of France?", lines
+    assert lines[1].startswith("assistant: ") and "paris" in lines[1].lower(), lines
+    assert len(replies) == 1 and time.monotonic() - started < 100
+
+
 def test_the_second_turn_knows_the_first(tmp_path, speak):
     lines, replies, _ = run_voice(tmp_path, {
         "01.wav": speak("I have a dog named Max."),

@@ -94,14 +94,21 @@ class Dialogue:
     hearing_node: str = ""  # the node transcribing the utterances (the ASR), if known
     # Utterances sent to be transcribed, not yet heard back: turn id -> when (monotonic s).
     transcribing: dict[str, float] = field(default_factory=dict)
+    # When the ASR's crash was told (time.time_ns): an utterance sent to it before then whose
+    # `hearing` notice comes after (dora orders different inputs' events as it likes) went down
+    # with it.
+    hearing_crashed_ns: int = 0
     _replies: int = 0
 
     def _system(self) -> list[ChatMessage]:
         """The system message; none for an empty prompt (the chat template's own then)."""
         return [ChatMessage("system", self.system_prompt)] if self.system_prompt else []
 
-    def sent_to_be_heard(self, turn_id: str, now: float = 0.0) -> list[Action]:
-        """An utterance went to the ASR (the VAD's `utterance`): its turn waits for the words."""
+    def sent_to_be_heard(self, turn_id: str, now: float = 0.0, sent_ns: int = 0) -> list[Action]:
+        """An utterance went to the ASR (the VAD's `utterance`, sent at ``sent_ns``): its turn
+        waits for the words, unless the ASR crashed after it was sent."""
+        if sent_ns and sent_ns < self.hearing_crashed_ns:
+            return self.not_heard(turn_id, f"{self.hearing_node} crashed: not heard")
         self.transcribing[turn_id] = now
         return []
 
@@ -192,12 +199,13 @@ class Dialogue:
         return [*actions, TranscriptLine("assistant", reply.text.strip(), reply.turn_id,
                                          error=message), TurnDone(reply.turn_id)]
 
-    def node_crashed(self, node: str) -> list[Action]:
-        """A node crashed (dora restarts it, or not). The ASR: the utterances it was
-        transcribing will not be heard, their turns end now with the reason. Any other node
-        of the reply's path: the reply in flight will not come, its turn ends now — not at
-        the deadline."""
+    def node_crashed(self, node: str, now_ns: int = 0) -> list[Action]:
+        """A node crashed (dora restarts it, or not), told at ``now_ns``. The ASR: the
+        utterances it was transcribing will not be heard, their turns end now with the reason
+        (and those sent before now, whose notice comes later). Any other node of the reply's
+        path: the reply in flight will not come, its turn ends now — not at the deadline."""
         if node == self.hearing_node:
+            self.hearing_crashed_ns = max(self.hearing_crashed_ns, now_ns)
             return [action for turn_id in list(self.transcribing)
                     for action in self.not_heard(turn_id, f"{node} crashed: not heard")]
         reply = self.active
