@@ -16,13 +16,15 @@ DEADLINE_S = 120
 
 def main() -> None:
     audio, rate = read_wav(os.environ["SPEECH_WAV"])
-    driver = Driver(deadline_s=DEADLINE_S, resend_after_s=60)
+    driver = Driver(deadline_s=DEADLINE_S, resend_after_s=20)
     report: dict = {"heard": {}, "errors": {}}
     for event in driver.inputs():
         if event.id == "tick" and not driver.sent:
             driver.send("hear", "speech", TranscriptionRequest(audio, rate))
             driver.send("hear", "too-short", TranscriptionRequest(np.zeros(800, np.float32), 16000))
             driver.send("hear", "german", TranscriptionRequest(audio, rate, language="de"))
+        elif event.id == "asr_lost":  # dora dropped one before a later one: sent again now
+            driver.resend_lost(event.metadata, {"speech_recognition": "hear"})
         elif event.id == "transcript":
             transcript = event.decode(Transcript)
             report["heard"][event.request_id] = {"text": transcript.text,

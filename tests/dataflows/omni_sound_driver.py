@@ -30,7 +30,7 @@ REQUESTS = {
 
 
 def main() -> None:
-    driver = Driver(deadline_s=240, resend_after_s=60)
+    driver = Driver(deadline_s=240, resend_after_s=20)
     report = {rid: {"texts": [], "audio_chunks": 0, "text_final": False, "audio_final": False,
                     "order": []} for rid in REQUESTS}
     pending = list(REQUESTS)

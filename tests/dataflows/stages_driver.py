@@ -12,7 +12,7 @@ from driving import Driver, record
 from mofa_omni.contract.tasks import RerankRequest, RerankResult, Transcript, TranscriptionRequest
 
 DEADLINE_S = float(os.environ.get("DEADLINE_S", "240"))
-RESEND_AFTER_S = 60  # dora drops a message now and then: one unanswered this long is sent again
+RESEND_AFTER_S = 20  # dora drops a message now and then: one unanswered this long is sent again
 QUERIES = [("What is the capital of France?", 1), ("When does the train leave?", 2),
            ("Which fruit is yellow?", 0)]
 DOCUMENTS = ["Bananas are yellow and rich in potassium.",
