@@ -45,16 +45,13 @@ from mofa_omni.contract.tasks import ErrorReport
 from mofa_omni.gateway.openai_bodies import ApiError, node_error
 from mofa_omni.gateway.routes import Choice, Route, Router
 from mofa_omni.gateway.settings import Settings
+from mofa_omni.node.delivery import ARRIVAL_NS, RESENDS  # shared with the voice dialogue
 from mofa_omni.scheduler.messages import NodeStatus
 
 log = logging.getLogger("mofa_omni.gateway.bridge")
 
 # A local model that cannot answer with these: the remote one serving the task is asked.
 FALLBACK_KINDS = frozenset({ErrorKind.UNAVAILABLE, ErrorKind.TIMEOUT})
-RESENDS = 2  # times a request dora dropped (or the end of its reply) is sent again
-# A node's report this long after a request was sent shows whether it arrived: dora delivers in
-# milliseconds, the node's main thread may lag behind a busy CPU.
-ARRIVAL_NS = 2_000_000_000
 # A reply the node says it ended but whose last message has not come this long after: lost.
 # (The reply comes straight from the node, the report through the scheduler: slower.)
 TAIL_GRACE_NS = 2_000_000_000

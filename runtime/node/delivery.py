@@ -17,8 +17,10 @@ from dataclasses import dataclass
 
 from mofa_omni.scheduler.messages import Delivery
 
-ARRIVAL_NS = 2_000_000_000  # a report this long after sending has seen the request, if it came
-RESENDS = 2  # times a lost request is sent again before it ends in an error
+# A report this long after sending has seen the request, if it came: dora delivers in
+# milliseconds, the node's main thread may lag behind a busy CPU.
+ARRIVAL_NS = 2_000_000_000
+RESENDS = 2  # times a lost request (or the end of its reply) is sent again, then an error
 
 
 @dataclass(slots=True)
