@@ -2,6 +2,7 @@
 
     python benchmarks/voice_latency.py [--json FILE] [--png FILE] [--trace FILE]
                                        [--baseline-passes N] [--no-warmup] [--timeout S]
+                                       [--no-streaming-comparison]
 
 Spoken questions are made with Piper (16 kHz WAVs in a temporary folder) and played in real time
 through dataflows/voice.yml with ``dora run`` (wav_source -> Silero VAD -> whisper -> dialogue ->
@@ -26,7 +27,10 @@ microphone could, so the endpoint time here is up to 100 ms shorter than with a 
 Per turn (graph):
     endpoint     end of speech -> the VAD sends the utterance (the VAD waits for MIN_SILENCE_MS
                  of silence; a policy, not model compute nor framework overhead)
-    ASR          whisper's compute: the worker starts the request -> the transcript is sent
+    ASR          whisper's compute after the utterance was sent: the worker starts it -> the
+                 transcript is sent (near 0 when the transcript of the pause snapshot, made
+                 while the VAD waited for the silence to last, is the utterance's: see
+                 mofa_omni.voice.streaming)
     LLM 1st      the LLM's compute until its first text chunk is sent
     LLM          the LLM's compute until its final chunk is sent
     TTS 1st      Piper's compute for the first sentence: start -> its first audio chunk sent
@@ -58,6 +62,11 @@ Baseline turn = ASR + LLM + TTS, timed in this process after the graph run (the 
 loaded before it and stay idle while it runs), ``--baseline-passes`` times (default 2); each
 figure is the mean of the passes, which evens out some of the noise of a shared machine. Goals:
 median TTFA <= 0.5 x the median baseline turn, and framework overhead <= 10 % of the turn.
+
+Streaming ASR (voice.yml's VAD sends snapshots while the user speaks, and one once a pause is
+as long as its padding) is compared in the same run: the graph runs a second time with the
+snapshots off (PARTIAL_EVERY_MS=0, TRANSCRIBE_ON_PAUSE=false), and its medians are printed and
+saved beside (``without_streaming_asr``); --no-streaming-comparison skips that run.
 
 Prints a table, writes benchmarks/results/voice_latency.json (or --json FILE) and a PNG timeline
 of one turn (the one whose reply has the most sentences) beside the baseline of the same
@@ -95,6 +104,7 @@ import yaml  # noqa: E402
 
 from mofa_omni.adapters.loading import open_model  # noqa: E402
 from mofa_omni.contract.tasks import SpeechRequest, Task, TranscriptionRequest  # noqa: E402
+from mofa_omni.launch import dataflows  # noqa: E402
 from mofa_omni.media.audio import read_wav, resample, write_wav  # noqa: E402
 from mofa_omni.node import trace  # noqa: E402
 from mofa_omni.voice.dialogue import Ask, Dialogue  # noqa: E402
@@ -172,6 +182,19 @@ def run_baseline(folder: Path, questions: list[dict], system_prompt: str, max_to
 
 # --- the graph run -----------------------------------------------------------------------------
 
+def graph_turns(graph_file: Path, inputs: Path, work: Path, replies: int, timeout: float) -> dict:
+    """One graph run on the questions in ``inputs``: its status, log, turns and transcript."""
+    outputs, trace_file = work / "out", work / "trace.jsonl"
+    work.mkdir(parents=True)
+    started = time.perf_counter()
+    status, log = run_graph(graph_file, inputs, outputs, trace_file, replies, timeout)
+    wall = time.perf_counter() - started
+    return {"status": status, "log": log, "wall_s": wall, "trace_file": trace_file,
+            "turns": analyse(trace.read(trace_file) if trace_file.exists() else []),
+            "pairs": transcript_pairs(outputs / "transcript.txt"),
+            "replies_written": len(list(outputs.glob("reply-*.wav")))}
+
+
 def _replies_heard(trace_file: Path) -> int:
     """How many replies' last audio chunk reached the sink so far."""
     if not trace_file.exists():
@@ -180,7 +203,7 @@ def _replies_heard(trace_file: Path) -> int:
                if r["node"] == "sink" and r["event"] == "recv" and r["final"])
 
 
-def run_graph(inputs: Path, outputs: Path, trace_file: Path, replies: int,
+def run_graph(graph_file: Path, inputs: Path, outputs: Path, trace_file: Path, replies: int,
               timeout: float) -> tuple[int, str]:
     """``dora run dataflows/voice.yml`` with this interpreter's environment first on PATH;
     returns dora's exit status and output.
@@ -196,7 +219,7 @@ def run_graph(inputs: Path, outputs: Path, trace_file: Path, replies: int,
     # each node chooses its own BLAS set-up, as it would from a shell
     env = dora_env({"VOICE_INPUT": inputs, "VOICE_OUTPUT": outputs, trace.TRACE_ENV: trace_file},
                    own_blas=True)
-    with DoraRun(VOICE, env, log=trace_file.with_suffix(".log")) as graph:
+    with DoraRun(graph_file, env, log=trace_file.with_suffix(".log")) as graph:
         deadline, all_heard, stopping = time.monotonic() + timeout, None, None
         while graph.running:
             now = time.monotonic()
@@ -257,10 +280,12 @@ def analyse_turn(records: list[dict], utterance: dict, all_records: list[dict]) 
     if not sink or not sink[-1]["final"]:
         return None  # no (complete) spoken reply: nothing to time
     asr, llm, tts = _jobs(records, "asr"), _jobs(records, "llm"), _jobs(records, "tts")
-    if not (asr and llm and tts and asr[0]["sends"] and llm[0]["sends"] and tts[0]["sends"]):
+    # the utterance's own job (a pause snapshot's, with the same origin, goes before it)
+    whole = [j for j in asr if j["seq"] == utterance["seq"]]
+    if not (whole and llm and tts and whole[0]["sends"] and llm[0]["sends"] and tts[0]["sends"]):
         return None
-    a, g, t0 = asr[0], llm[0], tts[0]
-    transcript = of("dialogue", "recv", "transcript")[0]
+    a, g, t0 = whole[0], llm[0], tts[0]
+    transcript = [r for r in of("dialogue", "recv", "transcript") if r["final"]][0]
     chat = of("dialogue", "send", "chat")[0]
     splitter_in = sorted(of("splitter", "recv"), key=lambda r: r["now_ns"])
     speech = sorted(of("splitter", "send", "speech"), key=lambda r: r["sent_ns"])
@@ -355,7 +380,7 @@ def analyse_turn(records: list[dict], utterance: dict, all_records: list[dict]) 
 def analyse(trace_lines: list[dict]) -> list[dict]:
     """One figure set per utterance that got a spoken reply, in the order they were heard."""
     utterances = sorted((r for r in trace_lines if r["node"] == "vad" and r["event"] == "send"
-                         and r["port"] == "utterance"), key=lambda r: r["sent_ns"])
+                         and r["port"] == "utterance" and r["final"]), key=lambda r: r["sent_ns"])
     turns = []
     for utterance in utterances:
         mine = [r for r in trace_lines if r.get("origin_ns") == utterance["origin_ns"]
@@ -378,6 +403,28 @@ def transcript_pairs(path: Path) -> list[tuple[str, str]]:
 
 
 # --- output ------------------------------------------------------------------------------------
+
+COMPARED = [("endpt", "endpoint_s"), ("ASR", "asr_s"), ("TTFA", "ttfa_s"), ("turn", "turn_s")]
+
+
+def streaming_comparison(streamed: list[dict], unstreamed: list[dict], baseline_turn_s: float
+                         ) -> dict | None:
+    """Medians of the two graph runs side by side (printed); None if the second timed none."""
+    if not unstreamed:
+        print("warning: the run without streaming ASR timed no turn", file=sys.stderr)
+        return None
+    medians = {label: {key: statistics.median(t[key] for t in turns) for _, key in COMPARED}
+               for label, turns in (("streamed", streamed), ("unstreamed", unstreamed))}
+    print(f"\n{'streaming ASR (medians, s)':30} " + " ".join(f"{n:>7}" for n, _ in COMPARED)
+          + f" {'TTFA/base':>9}")
+    for label, row in (("on (voice.yml)", medians["streamed"]),
+                       ("off (no VAD snapshots)", medians["unstreamed"])):
+        print(f"{label:30} " + " ".join(f"{row[key]:7.2f}" for _, key in COMPARED)
+              + f" {row['ttfa_s'] / baseline_turn_s:9.2f}")
+    ratio = medians["streamed"]["ttfa_s"] / medians["unstreamed"]["ttfa_s"]
+    print(f"TTFA with streaming ASR / without: {ratio:.2f}")
+    return {"turns": unstreamed, "median": medians["unstreamed"],
+            "streamed_median": medians["streamed"], "ttfa_ratio_streamed_to_unstreamed": ratio}
 
 COLUMNS = [("endpt", "endpoint_s"), ("ASR", "asr_s"), ("LLM1st", "llm_first_token_s"),
            ("LLM", "llm_s"), ("TTS1st", "tts_first_chunk_s"), ("TTFA", "ttfa_s"),
@@ -457,6 +504,8 @@ def main() -> int:
     parser.add_argument("--no-warmup", action="store_true",
                         help="count the first question too (no untimed warm-up turn)")
     parser.add_argument("--timeout", type=float, default=600, help="longest graph run, seconds")
+    parser.add_argument("--no-streaming-comparison", action="store_true",
+                        help="skip the second graph run, without streaming ASR")
     parser.add_argument("--baseline-passes", type=int, default=2,
                         help="times the sequential baseline is run (figures are their mean)")
     args = parser.parse_args()
@@ -467,7 +516,7 @@ def main() -> int:
     skip = 0 if args.no_warmup else 1
     work = Path(tempfile.mkdtemp(prefix="voice-latency-"))
     try:
-        inputs, outputs, trace_file = work / "in", work / "out", work / "trace.jsonl"
+        inputs = work / "in"
         print("speaking the questions, loading the baseline's models ...", file=sys.stderr,
               flush=True)
         speaker = open_model("piper-joe")
@@ -481,23 +530,28 @@ def main() -> int:
         models = {"asr": asr.spec.name, "llm": llm.spec.name, "tts": tts.spec.name}
         print("graph run (dora run dataflows/voice.yml, real-time audio) ...", file=sys.stderr,
               flush=True)
-        started = time.perf_counter()
-        status, log = run_graph(inputs, outputs, trace_file, len(questions), args.timeout)
-        graph_wall = time.perf_counter() - started
+        run = graph_turns(VOICE, inputs, work / "streamed", len(questions), args.timeout)
+        status, log, turns, pairs = run["status"], run["log"], run["turns"], run["pairs"]
         load["after_graph"] = os.getloadavg()[0]
-        replies_written = len(list(outputs.glob("reply-*.wav")))
-        lines = trace.read(trace_file) if trace_file.exists() else []
         if args.trace:
             args.trace.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(trace_file, args.trace)
+            shutil.copyfile(run["trace_file"], args.trace)
             args.trace.with_suffix(".dora.log").write_text(log)
-        turns = analyse(lines)
-        pairs = transcript_pairs(outputs / "transcript.txt")
         if status != 0:
             print(f"warning: dora run exited with status {status}; last lines of its output:\n"
                   f"{log[-2000:]}", file=sys.stderr)
             if len(turns) < len(questions):
                 return 1
+        unstreamed = None
+        if not args.no_streaming_comparison:
+            print("graph run without streaming ASR (no VAD snapshots) ...", file=sys.stderr,
+                  flush=True)
+            plain = work / "voice.unstreamed.yml"
+            plain.write_text(dataflows.dump(dataflows.with_env(
+                dataflows.load(VOICE), "vad", PARTIAL_EVERY_MS="0", TRANSCRIBE_ON_PAUSE="false")))
+            unstreamed = graph_turns(plain, inputs, work / "unstreamed", len(questions),
+                                     args.timeout)
+            load["after_second_graph"] = os.getloadavg()[0]
         passes = []
         for n in range(args.baseline_passes):
             print(f"sequential baseline, pass {n + 1} ...", file=sys.stderr, flush=True)
@@ -508,6 +562,7 @@ def main() -> int:
         load["end"] = os.getloadavg()[0]
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    replies_written, graph_wall = run["replies_written"], run["wall_s"]
 
     stages = ("asr_s", "llm_first_token_s", "llm_s", "tts_s", "turn_s")
     baseline = [{**runs[0], **{key: statistics.mean(run[key] for run in runs) for key in stages},
@@ -571,6 +626,10 @@ def main() -> int:
           f"({median['overhead_s'] * 1000:.0f} ms, endpointing of {median['endpoint_s']:.2f} s "
           f"not counted) -> {'met' if goals['overhead_le_10pct'] else 'NOT met'}")
 
+    comparison = None
+    if unstreamed is not None:
+        comparison = streaming_comparison(timed, unstreamed["turns"][skip:],
+                                          median["baseline_turn_s"])
     pick = max(timed, key=lambda r: r["sentences"])  # the most pipelining to see
     plot_turn(args.png, pick, pick["baseline"], pick["question"])
     write_json(args.json, {
@@ -581,7 +640,7 @@ def main() -> int:
         "reply_wavs_written": replies_written, "baseline_passes": args.baseline_passes,
         "load_average_1min": load,
         "turns": rows, "median": median,
-        "goals": goals,
+        "goals": goals, "without_streaming_asr": comparison,
         "timeline_png": str(args.png), "timeline_turn": pick["question"],
     })
     print("machine load (1-minute average): " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}"

@@ -11,11 +11,14 @@ Configuration (env in the dataflow YAML):
     VOICE           an omni model's voice (default: its first)
 
 Inputs:
-    transcript      Transcript of an utterance (an ASR node's `result`)
+    transcript      Transcript of an utterance (an ASR node's `result`); partial ones of an
+                    utterance still spoken (`final: false`, see the VAD's PARTIAL_EVERY_MS) are
+                    logged as they come
     utterance       or the utterance itself (a VAD's `utterance`), for an omni model that
                     hears: it is asked as an OmniRequest to answer aloud (dataflows/voice.omni.yml)
     asr_error       ErrorReport of the ASR: that utterance gets no reply (the transcript says why)
-    hearing         optional, the VAD's `utterance` as it goes to the ASR: the turn waits for
+    hearing         optional, the VAD's `utterance` as it goes to the ASR (its snapshots are
+                    skipped): the turn waits for
                     its words; if the ASR node crashes (or the words do not come within
                     REPLY_TIMEOUT_S) the turn ends with the reason instead of stalling
     speech_started  the VAD heard the user begin to speak: barge in on a running reply
@@ -140,6 +143,8 @@ def main() -> None:
                     transcript.write(line.render() + "\n")
 
     def heard_sound(meta: MessageMeta, utterance: TranscriptionRequest) -> list[Action]:
+        if not meta.final:  # a snapshot of speech under way: the utterance follows
+            return []
         return dialogue.heard_sound(meta.request_id, utterance.audio, utterance.sample_rate,
                                     meta.origin_ns, time.monotonic())
 
@@ -153,16 +158,23 @@ def main() -> None:
         answer_began(meta.request_id)
         return dialogue.reply_failed(meta.request_id, error.summary())
 
+    def heard(meta: MessageMeta, transcript: Transcript) -> list[Action]:
+        if not meta.final:  # words of an utterance still spoken
+            words = transcript.text.split()
+            settled, rest = words[:transcript.settled_words], words[transcript.settled_words:]
+            log.info("%s so far: %s", meta.request_id,
+                     " | ".join(" ".join(part) for part in (settled, rest) if part))
+            return []
+        return dialogue.heard(meta.request_id, transcript.text, meta.origin_ns, time.monotonic())
+
     handlers = {
-        "transcript": lambda meta, value: dialogue.heard(
-            meta.request_id, arrow.decode(value, Transcript).text, meta.origin_ns,
-            time.monotonic()),
+        "transcript": lambda meta, value: heard(meta, arrow.decode(value, Transcript)),
         "utterance": lambda meta, value: heard_sound(meta, arrow.decode(value,
                                                                        TranscriptionRequest)),
         "asr_error": lambda meta, value: dialogue.not_heard(
             meta.request_id, arrow.decode(value, ErrorReport).summary()),
         "hearing": lambda meta, value: dialogue.sent_to_be_heard(
-            meta.request_id, time.monotonic(), meta.sent_ns),
+            meta.request_id, time.monotonic(), meta.sent_ns) if meta.final else [],
         "speech_started": lambda meta, value: dialogue.speech_started(),
         "reply": lambda meta, value: reply(meta, arrow.decode_one_of(value,
                                                                      (TextChunk, AudioChunk))),

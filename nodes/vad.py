@@ -8,6 +8,11 @@ Configuration (env in the dataflow YAML):
     MIN_SILENCE_MS   silence that ends an utterance (default 600)
     SPEECH_PAD_MS    audio kept before the speech starts and after it ends (default 100)
     MAX_UTTERANCE_S  longer speech is cut into several utterances (default 30)
+    PARTIAL_EVERY_MS a snapshot of speech under way this often, for an ASR that transcribes
+                     while the user speaks (default 0: none)
+    TRANSCRIBE_ON_PAUSE  "true": a snapshot once a pause is SPEECH_PAD_MS long, holding what
+                     the utterance will hold if the pause ends it: the ASR transcribes it
+                     while the VAD still waits for MIN_SILENCE_MS (default false)
     LANGUAGE         language set on each TranscriptionRequest ("" = the ASR's choice)
 
 Inputs:
@@ -18,7 +23,9 @@ Inputs:
 Outputs:
     utterance        TranscriptionRequest, 16 kHz: request_id `utt-N` (N = 1, 2, ... for the
                      node's lifetime), origin_ns = when the speech ended (on the clock of the
-                     audio chunks' origin_ns).
+                     audio chunks' origin_ns). Snapshots (see PARTIAL_EVERY_MS) go before it
+                     under the same request id, numbered (seq 0, 1, ...) and `final: false`:
+                     a TranscriptionRequest sent in several messages (mofa_omni.voice.streaming).
     speech_started   an event (a GenericResult of kind `audio.speech_started`, one row with
                      `index` and `start_s`; read it with mofa_omni.voice.events.read_event), request_id
                      `utt-N` of the utterance it begins, origin_ns = when the speech began. Sent
@@ -38,7 +45,7 @@ import time
 import numpy as np
 
 from mofa_omni.adapters.loading import open_model
-from mofa_omni.config import env_float, env_str, exit_on_bad_settings
+from mofa_omni.config import env_choice, env_float, env_str, exit_on_bad_settings
 from mofa_omni.contract import arrow
 from mofa_omni.contract.errors import ConfigError, ContractError, ErrorKind
 from mofa_omni.contract.tasks import AudioChunk, ErrorReport, TranscriptionRequest
@@ -67,7 +74,10 @@ def config_from_env() -> VadConfig:
                      min_speech_ms=env_float("MIN_SPEECH_MS", 250),
                      min_silence_ms=env_float("MIN_SILENCE_MS", 600),
                      speech_pad_ms=env_float("SPEECH_PAD_MS", 100),
-                     max_utterance_s=env_float("MAX_UTTERANCE_S", 30))
+                     max_utterance_s=env_float("MAX_UTTERANCE_S", 30),
+                     partial_every_ms=env_float("PARTIAL_EVERY_MS", 0),
+                     transcribe_on_pause=env_choice("TRANSCRIBE_ON_PAUSE", "false",
+                                                    ("true", "false")) == "true")
 
 
 def read_chunk(value) -> AudioChunk:
@@ -104,8 +114,10 @@ def main() -> int:
     gaps = SeqTracker()
     node = CheckedNode()
     log.info("listening with %s (loaded in %.2f s)", adapter.spec.name, adapter.load_seconds)
+    snapshots = 0  # sent of the utterance under way: the seq of its next message
 
     def send(events) -> None:
+        nonlocal snapshots
         for item in events:
             request_id = f"utt-{item.index}"
             if isinstance(item, SpeechStarted):
@@ -115,12 +127,14 @@ def main() -> int:
                 node.send_output("speech_started", value, meta.to_dora())
                 trace.record(trace_id, "send", "speech_started", meta)
                 continue
-            log.info("%s: %.2f s of speech (%.2f-%.2f s)", request_id, item.end_s - item.start_s,
-                     item.start_s, item.end_s)
+            if not item.partial:
+                log.info("%s: %.2f s of speech (%.2f-%.2f s)", request_id,
+                         item.end_s - item.start_s, item.start_s, item.end_s)
             # Faster than real time (a file sent at once) the clock would run ahead of now.
             origin = min(clock.at(round(item.end_s * VAD_RATE)), time.time_ns())
             request = TranscriptionRequest(item.audio, item.sample_rate, language)
-            meta = MessageMeta(request_id, 0, True, origin, time.time_ns())
+            meta = MessageMeta(request_id, snapshots, not item.partial, origin, time.time_ns())
+            snapshots = snapshots + 1 if item.partial else 0
             node.send_output("utterance", arrow.encode(request), meta.to_dora())
             trace.record(trace_id, "send", "utterance", meta,
                          audio_s=round(len(item.audio) / item.sample_rate, 3))

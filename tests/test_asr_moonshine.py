@@ -94,6 +94,13 @@ def test_bad_requests_are_refused(moonshine, audio, rate, language, message):
         moonshine.transcribe(TranscriptionRequest(audio, rate, language))
 
 
+def test_a_prefix_is_refused_by_name(moonshine):
+    """Moonshine cannot go on from given words: a prefix is refused, not dropped."""
+    with pytest.raises(ContractError, match="does not take a transcription prefix"):
+        moonshine.transcribe(TranscriptionRequest(np.zeros(16_000, np.float32), 16_000,
+                                                  prefix="What is"))
+
+
 def test_serving_before_loading_is_refused(catalog):
     adapter = OrtMoonshineAdapter(catalog.get(MODEL))
     with pytest.raises(ModelNotLoaded, match="not loaded"):

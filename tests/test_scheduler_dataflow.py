@@ -136,10 +136,34 @@ def test_four_models_over_budget_every_request_completes_within_it(tmp_path: Pat
     assert shown == recorded[:len(shown)], (shown, recorded)
 
 
-def allocate_in_another_process(size: int, ready: Path) -> subprocess.Popen:
-    code = ("import sys, time, numpy as np, pathlib; block = np.ones(int(sys.argv[1]), np.uint8);"
-            "pathlib.Path(sys.argv[2]).touch(); time.sleep(600)")
-    return subprocess.Popen([sys.executable, "-c", code, str(size), str(ready)])
+# Keeps the machine's available memory under a floor (taking more whenever it rises over it)
+# until the scheduler's status shows the LLM no longer serving its first model, then holds
+# what it took: memory freed elsewhere on a shared machine cannot lift the pressure before the
+# scheduler sees it, and what the step down gives back is not taken again.
+PRESSING = """
+import json, pathlib, sys, time
+import numpy as np, psutil
+floor, status, model = int(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3]
+held = []
+def serving_first_model():
+    try:
+        nodes = {n["node"]: n for n in json.loads(status.read_text()).get("nodes", [])}
+    except (OSError, ValueError):
+        return True
+    llm = nodes.get("llm", {})
+    return llm.get("model") == model and llm.get("state") in ("ready", "busy")
+while serving_first_model():
+    over = psutil.virtual_memory().available - floor
+    if over > 0:
+        held.append(np.ones(over + (64 << 20), np.uint8))
+    time.sleep(0.1)
+time.sleep(600)
+"""
+
+
+def press_memory(floor: int, status: Path, model: str) -> subprocess.Popen:
+    """A process that keeps available memory under ``floor`` until ``model`` is stepped down."""
+    return subprocess.Popen([sys.executable, "-c", PRESSING, str(floor), str(status), model])
 
 
 def wait_for(condition, timeout: float, what: str):
@@ -179,10 +203,10 @@ def test_outside_pressure_steps_a_model_down_and_relief_steps_it_back_up(tmp_pat
     hog = None
     try:
         wait_for(lambda: llm_model(status) == "smollm2-135m", 120, "the LLM to load")
-        # Another process takes what is left over the threshold and 256 MiB more: stepping
-        # smollm2 down to its 4-bit variant gives back ~400 MiB, which covers it.
-        spare = psutil.virtual_memory().available - min_available
-        hog = allocate_in_another_process(spare + (256 << 20), tmp_path / "allocated")
+        # Another process keeps available memory 256 MiB under the threshold until the step
+        # down begins: stepping smollm2 down to its 4-bit variant gives back ~400 MiB, which
+        # covers it.
+        hog = press_memory(min_available - (256 << 20), status, "smollm2-135m")
         wait_for(lambda: llm_model(status) == "smollm2-135m-q4", 60, "a step down")
         time.sleep(2)
         hog.kill()

@@ -3,6 +3,7 @@ and the real Silero VAD model on espeak-ng speech."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 from pathlib import Path
@@ -368,3 +369,36 @@ def test_silero_serves_speech_probability_through_generic(silero, sentences):
     report = arrow.decode(error.value, ErrorReport)
     assert error.output == "error" and report.kind == "bad_request"
     assert "does not match the declared" in report.message
+
+
+def test_snapshots_of_speech_under_way_and_of_a_pause_come_before_the_utterance():
+    """Every 5 frames of confirmed speech a snapshot of the audio so far; once a pause is as
+    long as the padding, a snapshot holding exactly what the utterance will hold if the pause
+    ends it. A pause that speech breaks gets its snapshot too; the last one is the utterance."""
+    config = dataclasses.replace(CONFIG, partial_every_ms=5 * 32, transcribe_on_pause=True)
+    segmenter = Segmenter(config)
+    p = np.asarray(silence(20) + speech(30) + silence(5) + speech(10) + silence(20), np.float32)
+    frames = ramp_frames(len(p))
+    seen = [(i, event) for i in range(len(p))
+            for event in segmenter.process(frames[i:i + 1], p[i:i + 1])]
+    *partials, (end_frame, utterance) = [(i, e) for i, e in seen if isinstance(e, Utterance)]
+    assert not utterance.partial and all(e.partial and e.index == 1 for _, e in partials)
+    pad = 2 * FRAME_SAMPLES
+    # a pause's snapshot is padded after the speech; one of speech under way is not
+    growing = [(i, e) for i, e in partials if e.audio[-1] != e.end_s * RATE + pad - 1]
+    # confirmed at frame 27; then every 5 frames from the speech's start (frame 20); none in
+    # the pause (frames 50-54), one as soon as the speech goes on, 5 frames after the last
+    assert [i for i, _ in growing] == [27, 32, 37, 42, 47, 55, 60]
+    for i, snapshot in growing:
+        assert snapshot.audio[0] == 20 * FRAME_SAMPLES - pad  # padded before, not after
+        assert snapshot.audio[-1] == (i + 1) * FRAME_SAMPLES - 1
+    pauses = [(i, e) for i, e in partials if (i, e) not in growing]
+    assert [i for i, _ in pauses] == [51, 66]  # 2 frames of padding into each pause
+    assert pauses[0][1].audio[-1] == 50 * FRAME_SAMPLES + pad - 1
+    assert np.array_equal(pauses[-1][1].audio, utterance.audio)
+    assert end_frame == 65 + 10 - 1
+
+
+def test_no_snapshots_unless_asked():
+    events = run(silence(20) + speech(60) + silence(20))
+    assert [e.partial for e in utterances(events)] == [False]

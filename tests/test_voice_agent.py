@@ -53,6 +53,8 @@ def test_a_spoken_question_gets_a_relevant_spoken_answer(tmp_path, speak, model)
     assert word_error_rate(said, heard) <= 0.5, (said, heard)
     assert "paris" in normalize_words(said), said  # the answer is right
     assert {"capital", "paris"} <= set(normalize_words(heard)), heard  # and it is what is heard
+    # the question was transcribed while it was spoken (voice.yml's VAD sends snapshots)
+    assert "utt-1 so far: " in log, log[-3000:]
 
 
 def test_a_question_dora_dropped_is_asked_again_and_answered(tmp_path, speak):
@@ -133,6 +135,8 @@ def test_a_killed_asr_ends_the_turn_it_was_hearing_and_the_next_turn_is_answered
     """kill -9 of the ASR node while it transcribes (an out-of-memory kill, a segfault): the turn
     ends at once in an error line, dora restarts the node (voice.yml's restart_policy), the
     restarted node reloads its model and hears the next turn, which is answered."""
+    from mofa_omni.launch import dataflows
+
     question = speak("What is the capital of France?")
     catalog = tmp_path / "catalog.toml"  # whisper-base: ~1 s a window here, time to kill it
     catalog.write_text('[defaults]\nspeech_recognition = "whisper-base"\n')
@@ -140,7 +144,13 @@ def test_a_killed_asr_ends_the_turn_it_was_hearing_and_the_next_turn_is_answered
     inputs.mkdir()
     write_wav(inputs / "01.wav", question, 16000)
     write_wav(inputs / "02.wav", question, 16000)
-    process = start_dataflow(VOICE, {"VOICE_INPUT": str(inputs), "VOICE_OUTPUT": str(outputs),
+    # The whole utterance is what the ASR transcribes when killed: no snapshots before it (a
+    # kill while it transcribes a snapshot loses only that; the utterance goes to the restarted
+    # node and is answered)
+    whole = tmp_path / "voice.whole.yml"
+    whole.write_text(dataflows.dump(dataflows.with_env(
+        dataflows.load(VOICE), "vad", PARTIAL_EVERY_MS="0", TRANSCRIBE_ON_PAUSE="false")))
+    process = start_dataflow(whole, {"VOICE_INPUT": str(inputs), "VOICE_OUTPUT": str(outputs),
                                      "MOFA_OMNI_CATALOG": str(catalog),
                                      "MOFA_OMNI_TRACE": str(trace_file)})
     try:

@@ -6,7 +6,8 @@ also needs one string per token (``vocabulary.json``): ``prepare`` writes them f
 source without one, from whisper's own tiktoken ranks where mlx-whisper is installed. Audio
 becomes the same log-mel spectrogram as mlx_whisper's (computed in NumPy,
 :mod:`mofa_omni.adapters.whisper_features`), so both backends see the same input and decode the
-same way (greedy, no timestamps). Nothing here imports mlx-whisper at serving time: a plain
+same way (greedy, no timestamps). A request's ``prefix`` is forced after the prompt of its first
+window: decoding goes on from it. Nothing here imports mlx-whisper at serving time: a plain
 install transcribes. Audio longer than 30 s is transcribed window by window.
 
 ``options.compute_type`` in the catalog (:class:`~mofa_omni.adapters.options.WhisperOptions`):
@@ -44,6 +45,7 @@ from mofa_omni.models.fetching import Progress
 from mofa_omni.models.store import link_or_copy
 
 MAX_NEW_TOKENS = 224  # whisper's decoder context is 448: half for the text, as whisper does
+MAX_PREFIX_TOKENS = MAX_NEW_TOKENS // 2  # the rest of the window's text must fit after it
 MULTILINGUAL_VOCAB = 51865
 
 
@@ -53,6 +55,7 @@ class Ct2WhisperAdapter(ModelAdapter):
     supported_tasks: ClassVar[frozenset[Task]] = frozenset({Task.SPEECH_RECOGNITION})
     formats: ClassVar[frozenset[str]] = frozenset({"ctranslate2"})
     backend: ClassVar[str] = "ctranslate2"
+    takes_transcription_prefix: ClassVar[bool] = True  # see mofa_omni.voice.streaming
     runtime_bytes: ClassVar[int] = 288 << 20  # measured on tiny.en and base transcribing
     requires: ClassVar[tuple[str, ...]] = ("ctranslate2", "tokenizers")
     # 2: tokenizer.json beside vocabulary.json; 3: both from the package's tokenizer.json
@@ -129,8 +132,14 @@ class Ct2WhisperAdapter(ModelAdapter):
                           for start in range(0, len(audio), WINDOW_SAMPLES)]) for audio in audios]
         languages = [self._language(r.language.strip().lower(), mel, tokens)
                      for r, mel in zip(requests, mels, strict=True)]
+        prefixes = [tokens.text_tokens(r.prefix) for r in requests]
+        if (longest := max(map(len, prefixes))) > MAX_PREFIX_TOKENS:
+            raise ContractError(f"the transcription prefix is {longest} tokens; whisper takes "
+                                f"at most {MAX_PREFIX_TOKENS}")
         prompts = [tokens.prompt(language if self._multilingual else None)
-                   for language, mel in zip(languages, mels, strict=True) for _ in mel]
+                   + (prefix if index == 0 else [])
+                   for language, mel, prefix in zip(languages, mels, prefixes, strict=True)
+                   for index in range(len(mel))]
         windows = np.concatenate(mels)
         step = self._windows_per_call
         results = []  # the working set grows with the windows per call: a bounded number each

@@ -44,6 +44,7 @@ class MlxWhisperAdapter(ModelAdapter):
     supported_tasks: ClassVar[frozenset[Task]] = frozenset({Task.SPEECH_RECOGNITION})
     formats: ClassVar[frozenset[str]] = frozenset({"ctranslate2", "mlx"})
     backend: ClassVar[str] = "mlx"
+    takes_transcription_prefix: ClassVar[bool] = True  # see mofa_omni.voice.streaming
     runtime_bytes: ClassVar[int] = 340 << 20  # measured on tiny.en and base transcribing
     requires: ClassVar[tuple[str, ...]] = ("mlx", "mlx_whisper")
     # It reads none of them, but takes ct2_whisper's: one catalog entry lists both adapters.
@@ -104,11 +105,24 @@ class MlxWhisperAdapter(ModelAdapter):
         language = request.language.strip().lower()
         if language:
             options["language"] = self._checked_language(language)
+        prefix = request.prefix.strip()
+        if prefix:  # whisper's decoder goes on after it; its text leaves it out
+            if audio.size > 30 * WHISPER_RATE:
+                raise ContractError("a transcription prefix applies to audio of one 30 s window; "
+                                    f"this is {audio.size / WHISPER_RATE:.1f} s")
+            # after the prompt, not after a first timestamp token (which it would stand for)
+            options.update(prefix=" " + prefix, without_timestamps=True)
         # An English-only model gets language "en" from mlx_whisper itself: no detection pass.
         result = _transcribe_with(model)(audio, **options)
         segments = [Segment(float(s["start"]), float(s["end"]), s["text"].strip())
                     for s in result["segments"] if s["text"].strip()]
-        return Transcript(text=result["text"].strip(), language=result["language"], segments=segments)
+        text = result["text"].strip()
+        if prefix:
+            text = f"{prefix} {text}".strip()
+            first = segments[0] if segments else Segment(0.0, audio.size / WHISPER_RATE, "")
+            segments = [Segment(first.start, first.end, f"{prefix} {first.text}".strip()),
+                        *segments[1:]]
+        return Transcript(text=text, language=result["language"], segments=segments)
 
     # --- stages: log-mel -> encoder -> decoder, one 30 s window ------------------------
 
@@ -121,6 +135,9 @@ class MlxWhisperAdapter(ModelAdapter):
         from mlx_whisper.audio import N_FRAMES, N_SAMPLES, log_mel_spectrogram
 
         validate_request(request)
+        if request.prefix:
+            raise ContractError("the staged whisper does not take a transcription prefix "
+                                "(serve it whole instead)")
         model = self._loaded_model()
         audio = resample(request.audio, request.sample_rate, WHISPER_RATE)
         if audio.size > N_SAMPLES:

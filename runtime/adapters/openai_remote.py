@@ -40,6 +40,7 @@ from mofa_omni.contract.tasks import (
     ToolCall,
     Transcript,
     TranscriptionRequest,
+    refuse_prefix,
     validate_request,
 )
 from mofa_omni.media.audio import read_wav, wav_bytes
@@ -175,6 +176,7 @@ class OpenAiRemoteAdapter(ModelAdapter):
 
     def transcribe(self, request: TranscriptionRequest) -> Transcript:
         validate_request(request)
+        refuse_prefix(request, self.spec.name)
         files = {"file": ("audio.wav", wav_bytes(request.audio, request.sample_rate),
                           "audio/wav")}
         data = {"model": self._model, "response_format": "json"}

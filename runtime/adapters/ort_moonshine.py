@@ -36,6 +36,7 @@ from mofa_omni.contract.tasks import (
     Task,
     Transcript,
     TranscriptionRequest,
+    refuse_prefix,
     validate_request,
 )
 from mofa_omni.media.audio import resample
@@ -151,6 +152,7 @@ class OrtMoonshineAdapter(ModelAdapter):
         """Transcribe mono float32 audio at any sample rate (resampled to 16 kHz), 0.1 to 64 s
         long, in English (``language`` "" or "en"); one segment spans the whole audio."""
         validate_request(request)
+        refuse_prefix(request, self.spec.name)
         if self._decoder is None:
             raise self.not_loaded()
         language = request.language.strip().lower()

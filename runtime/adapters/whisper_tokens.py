@@ -65,6 +65,11 @@ class WhisperTokens:
         return [self.start_of_transcript, self.languages[language], self.transcribe,
                 self.no_timestamps]
 
+    def text_tokens(self, text: str) -> list[int]:
+        """The token ids of ``text`` as whisper writes it after the prompt (a leading space)."""
+        text = text.strip()
+        return self.tokenizer.encode(" " + text, add_special_tokens=False).ids if text else []
+
     def text(self, token_ids: list[int]) -> str:
         """The words of a decoded sequence (the special tokens after the text dropped)."""
         return self.tokenizer.decode([t for t in token_ids if t < self.end_of_text])

@@ -260,21 +260,21 @@ _CODECS: dict[type, _Codec] = {
     ),
     TranscriptionRequest: _Codec(
         pa.struct([("audio", pa.list_(pa.float32())), ("sample_rate", pa.int32()),
-                   ("language", pa.string())]),
+                   ("language", pa.string()), ("prefix", pa.string())]),
         lambda m: [_numbers(m.audio, pa.float32()), _one(m.sample_rate, pa.int32()),
-                   _one(m.language, pa.string())],
+                   _one(m.language, pa.string()), _one(m.prefix, pa.string())],
         lambda r: TranscriptionRequest(r.numbers("audio"), r.scalar("sample_rate"),
-                                       r.scalar("language")),
+                                       r.scalar("language"), r.scalar("prefix")),
     ),
     Transcript: _Codec(
         pa.struct([("text", pa.string()), ("language", pa.string()),
-                   ("segments", pa.list_(_SEGMENT))]),
+                   ("segments", pa.list_(_SEGMENT)), ("settled_words", pa.int32())]),
         lambda m: [_one(m.text, pa.string()), _one(m.language, pa.string()),
                    _one([{"start": s.start, "end": s.end, "text": s.text} for s in m.segments],
-                        pa.list_(_SEGMENT))],
+                        pa.list_(_SEGMENT)), _one(m.settled_words, pa.int32())],
         lambda r: Transcript(r.scalar("text"), r.scalar("language"),
                              [Segment(s["start"], s["end"], s["text"])
-                              for s in r.scalar("segments")]),
+                              for s in r.scalar("segments")], r.scalar("settled_words")),
     ),
     SpeechRequest: _Codec(
         pa.struct([("text", pa.string()), ("voice", pa.string()), ("speed", pa.float32())]),

@@ -119,9 +119,25 @@ class TextChunk:
 
 @dataclass(frozen=True, slots=True)
 class TranscriptionRequest:
+    """Audio to transcribe.
+
+    A request may also be sent as a stream of messages under one request id, each ``final:
+    false`` but the last: each is a *snapshot* of an utterance still being spoken (all its
+    audio so far), answered by a partial :class:`Transcript` (``final: false``); a newer
+    snapshot replaces one still waiting, and the last message is the whole utterance
+    (:mod:`mofa_omni.voice.streaming`).
+    """
+
     audio: np.ndarray  # float32, mono, shape (samples,)
     sample_rate: int
     language: str = ""  # "" = detect / model default
+    # words the transcript is known to begin with (the settled words of a streamed utterance):
+    # decoding goes on after them, and the transcript includes them. Whisper engines honour
+    # it; others refuse a request that sets it.
+    prefix: str = ""
+
+
+MAX_PREFIX_CHARS = 1000  # whisper decodes 224 tokens at most: a prefix must leave room
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +152,9 @@ class Transcript:
     text: str
     language: str = ""
     segments: list[Segment] = field(default_factory=list)
+    # a partial transcript of an utterance still being spoken: how many of the leading words
+    # of ``text`` are settled (will not change); the rest is the newest guess
+    settled_words: int = 0
 
 
 # --- speech synthesis ----------------------------------------------------------------
@@ -572,6 +591,13 @@ def _check_video(request: VideoRequest) -> None:
         validate_image(request.image, what="the first frame")
 
 
+def refuse_prefix(request: TranscriptionRequest, model: str) -> None:
+    """For a speech recognizer that cannot go on from given words: a request with a
+    ``prefix`` is refused by name, not transcribed as if it had none."""
+    if request.prefix:
+        raise ContractError(f"model {model!r} does not take a transcription prefix")
+
+
 def validate_request(request: object) -> None:
     """Semantic checks shared by every transport (Arrow, CLI, HTTP)."""
     match request:
@@ -587,8 +613,11 @@ def validate_request(request: object) -> None:
 
                 parse_schema(request.json_schema)
             _check_tools(request)
-        case TranscriptionRequest(audio=audio, sample_rate=rate):
+        case TranscriptionRequest(audio=audio, sample_rate=rate, prefix=prefix):
             validate_audio(audio, rate)
+            if len(prefix) > MAX_PREFIX_CHARS:
+                raise ContractError(f"transcription prefix is {len(prefix)} characters; at most "
+                                    f"{MAX_PREFIX_CHARS}")
         case SpeechRequest(text=text, speed=speed):
             if not text.strip():
                 raise ContractError("speech request has empty text")

@@ -29,6 +29,7 @@ from mofa_omni.contract import arrow
 from mofa_omni.contract.errors import ContractError, ErrorKind, OmniError
 from mofa_omni.contract.tasks import TASK_SPECS, ErrorReport, Task, ends_reply
 from mofa_omni.node.batching import BatchServe, batch_serve
+from mofa_omni.voice.streaming import RecognitionStreams
 
 log = logging.getLogger("mofa_omni.node.host")
 
@@ -88,6 +89,10 @@ class Route:
     request_type: type
     serve: Callable[[Any], Any]
     streams: bool  # ``serve`` yields several results, the last one ``final``
+    # serves a request sent in several messages, each a snapshot replacing the one before
+    # (speech recognition, see TranscriptionRequest): (request id, final, request) -> result,
+    # None for a snapshot that gets no answer
+    serve_snapshot: Callable[[str, bool, Any], Any] | None = None
 
 
 class RequestHost(ABC):
@@ -117,6 +122,11 @@ class RequestHost(ABC):
         """How requests on ``input_id`` are served several at a time, or None (one by one)."""
         return None
 
+    def takes_snapshots(self, input_id: str) -> bool:
+        """Whether a request on ``input_id`` sent in several messages is a series of snapshots,
+        each replacing the one before (a newer one makes an older one not worth serving)."""
+        return False
+
     def parallel(self, input_id: str) -> int:
         """How many requests on ``input_id`` may be served at once (1: one after another)."""
         return 1
@@ -140,7 +150,11 @@ class RequestHost(ABC):
                 return
             route = self.route(input_id)
             request = arrow.decode(value, route.request_type)
-            results = route.serve(request)
+            if route.serve_snapshot is None:
+                results = route.serve(request)
+            elif (results := route.serve_snapshot(incoming.request_id, incoming.final,
+                                                  request)) is None:
+                return
             if not route.streams:
                 yield self._result(results, incoming, True)
                 return
@@ -193,6 +207,7 @@ class ModelHost(RequestHost):
                  unavailable: str = "", task: Task | None = None):
         super().__init__(node_id, unavailable)
         self.adapter, self.task = adapter, task
+        self._recognition: RecognitionStreams | None = None
 
     @property
     def served_name(self) -> str:
@@ -201,7 +216,29 @@ class ModelHost(RequestHost):
     def route(self, input_id: str) -> Route:
         task = self.task_for(input_id)
         spec = TASK_SPECS[task]
-        return Route(spec.request_type, self.adapter.handler(task), spec.streams)
+        serve = self.adapter.handler(task)
+        if task is not Task.SPEECH_RECOGNITION:
+            return Route(spec.request_type, serve, spec.streams)
+        if self._recognition is None:
+            self._recognition = RecognitionStreams(serve, takes_prefix=getattr(
+                self.adapter, "takes_transcription_prefix", False))
+        return Route(spec.request_type, serve, spec.streams, self._recognition.serve)
+
+    def takes_snapshots(self, input_id: str) -> bool:
+        try:
+            return self.task_for(input_id) is Task.SPEECH_RECOGNITION
+        except ContractError:
+            return False
+
+    def in_stream(self, input_id: str, metadata: dict[str, Any] | None) -> bool:
+        """Whether a message on ``input_id`` is part of a request sent in snapshots (served
+        one by one, never in a batch)."""
+        if not self.takes_snapshots(input_id):
+            return False
+        metadata = metadata or {}
+        return not metadata.get("final", True) or (
+            self._recognition is not None
+            and self._recognition.is_open(str(metadata.get("request_id", ""))))
 
     def task_for(self, input_id: str) -> Task:
         if input_id == PRIMARY_INPUT:
@@ -245,9 +282,13 @@ class ModelHost(RequestHost):
         error, the others get their results. A batch the engine fails on is served again one
         request at a time, so that a failing item fails only its own request."""
         serve = self.batch_route(input_id)
-        if serve is None:
-            for value, metadata, should_stop in requests:
+        alone = [serve is None or self.in_stream(input_id, metadata)
+                 for _, metadata, _ in requests]
+        for (value, metadata, should_stop), one_by_one in zip(requests, alone, strict=True):
+            if one_by_one:
                 yield from self.handle(input_id, value, metadata, should_stop)
+        requests = [r for r, one_by_one in zip(requests, alone, strict=True) if not one_by_one]
+        if serve is None or not requests:
             return
         request_type = self.route(input_id).request_type
         decoded = []

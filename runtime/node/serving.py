@@ -11,7 +11,11 @@ unloads and switches the model as granted, between two requests, and swaps it
 for another when ``omni swap`` asks (see :mod:`mofa_omni.node.swapping`): the new
 model's thread takes the queue over between two requests, so none is lost and
 the order is kept. Every request ends in results or an explicit error:
-``cancelled`` when asked, ``timeout`` past its deadline (queued or running).
+``cancelled`` when asked, ``timeout`` past its deadline (queued or running). A request sent
+as snapshots (speech recognition while the user speaks, see
+:class:`~mofa_omni.contract.tasks.TranscriptionRequest`) is the exception that proves it: a
+snapshot still queued when a newer message of its request arrives is skipped, since the newer
+one answers for it.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ ANSWERED_MAX = 16384  # at most this many ids kept
 MAX_BATCH = 32
 BATCH_WINDOW_S = 0.0
 MAX_ALONGSIDE = 64  # threads serving requests alongside others (a model's parallel_requests)
+_FOLLOWED_REQUESTS = 1024  # requests sent in snapshots whose newest message number is kept
 
 
 @dataclass
@@ -116,6 +121,8 @@ class RequestWorker:
         self._queued = 0
         self._answered: collections.deque[tuple[float, str]] = collections.deque(
             maxlen=ANSWERED_MAX)
+        # the newest message number of each request sent in snapshots, by request id
+        self._newest: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._thread = threading.Thread(target=self._run, name="request-worker", daemon=True)
         self._thread.start()
 
@@ -129,8 +136,16 @@ class RequestWorker:
             return self._queued
 
     def submit(self, input_id: str, value: pa.Array, metadata: dict[str, Any] | None) -> None:
+        request_id = str((metadata or {}).get("request_id", ""))
         with self._lock:
             self._queued += 1
+            if request_id and (request_id in self._newest or (
+                    not (metadata or {}).get("final", True)
+                    and self.host.takes_snapshots(input_id))):
+                self._newest[request_id] = int((metadata or {}).get("seq", 0))
+                self._newest.move_to_end(request_id)
+                while len(self._newest) > _FOLLOWED_REQUESTS:
+                    self._newest.popitem(last=False)
         now = time.monotonic()
         self._jobs.put(_Job(now, now + self.timeout_s, input_id, value, dict(metadata or {})))
 
@@ -212,6 +227,8 @@ class RequestWorker:
                 continue
             with self._lock:
                 self._queued -= 1
+            if self._superseded(job):
+                continue
             if self.link and not self._admitted(job):
                 continue
             parallel = min(self.host.parallel(job.input_id), self.parallel)
@@ -222,6 +239,21 @@ class RequestWorker:
             self._wait_for_running(0)
             self._serve(self._gather(job))
             self._idle_if_done()
+
+    def _superseded(self, job: _Job) -> bool:
+        """A snapshot that a newer message of its request replaced before it started (see
+        RequestHost.takes_snapshots): not worth serving; the newer one answers."""
+        if job.metadata.get("final", True):
+            return False
+        request_id = str(job.metadata.get("request_id", ""))
+        with self._lock:
+            newest = self._newest.get(request_id, -1)
+        if newest <= int(job.metadata.get("seq", 0)):
+            return False
+        log.debug("%s: snapshot %s skipped, %s came after it", request_id,
+                  job.metadata.get("seq"), newest)
+        trace.record(self.host.node_id, "superseded", job.input_id, job.metadata)
+        return True
 
     def _wait_for_running(self, at_most: int) -> None:
         """Until at most ``at_most`` requests run alongside."""
@@ -270,7 +302,8 @@ class RequestWorker:
                 break
             with self._lock:
                 self._queued -= 1
-            batch.append(item)
+            if not self._superseded(item):
+                batch.append(item)
         return batch
 
     def _should_stop(self, job: _Job) -> Callable[[], ErrorKind | None]:

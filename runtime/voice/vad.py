@@ -11,7 +11,14 @@ audio, and emits
   the stream is flushed. Its audio is padded by ``speech_pad_ms`` each side.
 
 Every ``SpeechStarted`` is followed by exactly one ``Utterance`` of the same
-index; unconfirmed speech and silence produce nothing.
+index; unconfirmed speech and silence produce nothing. For a speech recognizer that works
+while the user speaks, confirmed speech may also give *snapshots* before its utterance
+(``Utterance`` with ``partial=True``, all its audio so far):
+
+- every ``partial_every_ms`` of speech, while the speech goes on;
+- once a pause has lasted ``speech_pad_ms`` (``transcribe_on_pause``): that snapshot holds
+  exactly the audio the utterance will hold if the pause turns out to end it, so its
+  transcript, made while the VAD still waits for ``min_silence_ms``, is the utterance's.
 :class:`StreamingVad` adds what a live stream needs around it: any sample
 rate in, arbitrary chunk sizes, and a frame scorer (the model).
 """
@@ -44,6 +51,8 @@ class VadConfig:
     min_silence_ms: float = 600.0  # silence that ends an utterance
     speech_pad_ms: float = 100.0  # audio kept before the start and after the end
     max_utterance_s: float = 30.0  # longer speech is cut here (Whisper reads 30 s windows)
+    partial_every_ms: float = 0.0  # a snapshot of speech under way this often (0: none)
+    transcribe_on_pause: bool = False  # a snapshot once a pause is speech_pad_ms long
     sample_rate: int = VAD_RATE
     frame_samples: int = FRAME_SAMPLES
 
@@ -53,7 +62,8 @@ class VadConfig:
         if not 0.0 <= self.silence_threshold <= self.threshold:
             raise ContractError(f"VAD neg_threshold {self.silence_threshold} must be between 0 "
                                 f"and the threshold {self.threshold}")
-        if min(self.min_speech_ms, self.min_silence_ms, self.speech_pad_ms) < 0:
+        if min(self.min_speech_ms, self.min_silence_ms, self.speech_pad_ms,
+               self.partial_every_ms) < 0:
             raise ContractError("VAD durations must not be negative")
         if self.max_utterance_s * 1000 <= self.min_speech_ms:
             raise ContractError(f"VAD max_utterance_s {self.max_utterance_s} must exceed "
@@ -83,6 +93,7 @@ class Utterance:
     sample_rate: int
     start_s: float  # stream time where the speech began (before padding)
     end_s: float  # stream time where the speech ended (before padding)
+    partial: bool = False  # a snapshot of speech not yet over (its utterance follows)
 
     @property
     def duration_s(self) -> float:
@@ -112,6 +123,9 @@ class Segmenter:
         self._silence_from: int | None = None  # first frame of the silence now running
         self._confirmed = False
         self._floor = 0  # no utterance reaches back before this sample
+        self._every = c.frames(c.partial_every_ms) if c.partial_every_ms else 0
+        self._snapshot_at = 0  # frame of the last snapshot of speech under way
+        self._pause_snapshot: int | None = None  # the pause (its first frame) snapshotted
 
     def process(self, frames: np.ndarray, probabilities: np.ndarray) -> list[VadEvent]:
         """Advance by ``frames`` (n, frame_samples) scored ``probabilities`` (n,)."""
@@ -145,6 +159,7 @@ class Segmenter:
                 self._trim()
                 return
             self._start, self._voiced, self._silence_from, self._confirmed = i, 0, None, False
+            self._snapshot_at = i
         # Hysteresis: only a voiced frame ends a silence; frames between the two thresholds
         # neither start one nor break one.
         if p >= c.threshold:
@@ -167,12 +182,28 @@ class Segmenter:
                 cut = self.frames_seen * c.frame_samples
                 events.append(self._utterance(self.frames_seen, cut, pad_end=False))
                 self._start, self._voiced, self._silence_from = self.frames_seen, 0, None
-                self._confirmed = False
+                self._confirmed, self._snapshot_at = False, self.frames_seen
                 self._floor = cut  # the next utterance must not repeat this one's audio
             else:
                 self._to_silence()
+        elif self._confirmed:
+            self._snapshot(events)
 
-    def _utterance(self, end_frame: int, available: int, *, pad_end: bool = True) -> Utterance:
+    def _snapshot(self, events: list[VadEvent]) -> None:
+        """Confirmed speech goes on (or pauses): a snapshot if one is due."""
+        available = self.frames_seen * self.config.frame_samples
+        if self._silence_from is None:
+            if self._every and self.frames_seen - self._snapshot_at >= self._every:
+                self._snapshot_at = self.frames_seen
+                events.append(self._utterance(self.frames_seen, available, pad_end=False,
+                                              partial=True))
+        elif (self.config.transcribe_on_pause and self._pause_snapshot != self._silence_from
+              and available >= self._silence_from * self.config.frame_samples + self._pad):
+            self._pause_snapshot = self._silence_from
+            events.append(self._utterance(self._silence_from, available, partial=True))
+
+    def _utterance(self, end_frame: int, available: int, *, pad_end: bool = True,
+                   partial: bool = False) -> Utterance:
         c = self.config
         assert self._start is not None
         start = self._start * c.frame_samples
@@ -182,7 +213,7 @@ class Segmenter:
         base = self._first * c.frame_samples
         audio = np.concatenate(list(self._frames))[lo - base : hi - base]
         return Utterance(self._count, audio, c.sample_rate, start / c.sample_rate,
-                         end / c.sample_rate)
+                         end / c.sample_rate, partial)
 
     def _to_silence(self) -> None:
         self._start, self._voiced, self._silence_from, self._confirmed = None, 0, None, False
