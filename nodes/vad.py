@@ -13,6 +13,12 @@ Configuration (env in the dataflow YAML):
     TRANSCRIBE_ON_PAUSE  "true": a snapshot once a pause is SPEECH_PAD_MS long, holding what
                      the utterance will hold if the pause ends it: the ASR transcribes it
                      while the VAD still waits for MIN_SILENCE_MS (default false)
+    TURN_MODEL       catalog name of a turn-end model run here on each pause snapshot
+                     (smart-turn-v3; default "": none)
+    COMPLETE_SILENCE_MS  with TRANSCRIBE_ON_PAUSE: the silence that ends an utterance when the
+                     judges of its pause snapshot say the turn is over: the TURN_MODEL, and the
+                     ASR's words (the `transcript` input, mofa_omni.voice.endpointing), each
+                     where configured, all of them agreeing; default MIN_SILENCE_MS (no judges)
     LANGUAGE         language set on each TranscriptionRequest ("" = the ASR's choice)
 
 Inputs:
@@ -48,11 +54,12 @@ from mofa_omni.adapters.loading import open_model
 from mofa_omni.config import env_choice, env_float, env_str, exit_on_bad_settings
 from mofa_omni.contract import arrow
 from mofa_omni.contract.errors import ConfigError, ContractError, ErrorKind
-from mofa_omni.contract.tasks import AudioChunk, ErrorReport, TranscriptionRequest
+from mofa_omni.contract.tasks import AudioChunk, ErrorReport, Transcript, TranscriptionRequest
 from mofa_omni.media.audio_stream import StreamResampler
 from mofa_omni.node import trace
 from mofa_omni.node.host import MessageMeta, dora_node_id
 from mofa_omni.node.integrity import CheckedNode
+from mofa_omni.voice.endpointing import PauseJudgment, looks_complete
 from mofa_omni.voice.events import SPEECH_STARTED, SeqTracker, event
 from mofa_omni.voice.vad import (
     FRAME_SAMPLES,
@@ -77,7 +84,9 @@ def config_from_env() -> VadConfig:
                      max_utterance_s=env_float("MAX_UTTERANCE_S", 30),
                      partial_every_ms=env_float("PARTIAL_EVERY_MS", 0),
                      transcribe_on_pause=env_choice("TRANSCRIBE_ON_PAUSE", "false",
-                                                    ("true", "false")) == "true")
+                                                    ("true", "false")) == "true",
+                     complete_silence_ms=env_float("COMPLETE_SILENCE_MS", 0) if env_str(
+                         "COMPLETE_SILENCE_MS", "") else None)
 
 
 def read_chunk(value) -> AudioChunk:
@@ -108,16 +117,25 @@ def main() -> int:
         adapter = open_model(env_str("MODEL", "silero-vad"))
         if not hasattr(adapter, "speech_probabilities"):
             raise ConfigError(f"model {adapter.spec.name!r} gives no speech probabilities")
+        turn_model = open_model(name) if (name := env_str("TURN_MODEL", "")) else None
+        if turn_model is not None and not hasattr(turn_model, "turn_end_probability"):
+            raise ConfigError(f"model {turn_model.spec.name!r} does not tell turn ends")
     warm_up(adapter)
+    if turn_model is not None:  # its first run is slow too
+        turn_model.turn_end_probability(np.zeros(VAD_RATE, np.float32))
     vad = StreamingVad(adapter.speech_probabilities, config)
     clock = SampleClock(VAD_RATE)
     gaps = SeqTracker()
     node = CheckedNode()
     log.info("listening with %s (loaded in %.2f s)", adapter.spec.name, adapter.load_seconds)
     snapshots = 0  # sent of the utterance under way: the seq of its next message
+    judges = frozenset({"audio"} if turn_model else ()) | frozenset(
+        {"words"} if "transcript" in (node.node_config().get("inputs") or {}) else ())
+    pause = PauseJudgment("", 0, 0.0, frozenset())  # of the last pause snapshot sent
 
     def send(events) -> None:
-        nonlocal snapshots
+        nonlocal snapshots, pause
+        verdicts = []  # utterances the judges of a pause snapshot ended at once
         for item in events:
             request_id = f"utt-{item.index}"
             if isinstance(item, SpeechStarted):
@@ -138,6 +156,20 @@ def main() -> int:
             node.send_output("utterance", arrow.encode(request), meta.to_dora())
             trace.record(trace_id, "send", "utterance", meta,
                          audio_s=round(len(item.audio) / item.sample_rate, 3))
+            if item.pause and judges:
+                pause = PauseJudgment(request_id, origin, item.end_s, judges)
+                if turn_model is not None:
+                    probability = turn_model.turn_end_probability(item.audio)
+                    verdicts += judged("audio", probability > 0.5, f"p={probability:.2f}")
+        if verdicts:
+            send(verdicts)
+
+    def judged(judge: str, over: bool, why: str) -> list:
+        """A judge's verdict on the last pause snapshot: the utterance, if it ends now."""
+        verdict = pause.judged(judge, over)
+        log.info("%s: %s says the turn %s (%s)", pause.request_id, judge,
+                 "is over" if over else "goes on", why)
+        return [] if verdict is None else vad.segmenter.pause_heard(pause.end_s, verdict)
 
     def report_error(meta: MessageMeta, kind: ErrorKind, message: str) -> None:
         log.error("%s: %s", meta.request_id, message)
@@ -145,9 +177,26 @@ def main() -> int:
         node.send_output("error", arrow.encode(report), MessageMeta(
             meta.request_id, 0, True, meta.origin_ns, time.time_ns()).to_dora())
 
-    # dora may deliver STOP before queued inputs: keep reading until the stream ends.
+    def heard(meta: MessageMeta, value) -> None:
+        """A transcript from the ASR: the words of the last pause snapshot are a judge."""
+        if meta.final or (meta.request_id, meta.origin_ns) != (pause.request_id, pause.origin_ns):
+            return
+        try:
+            words = arrow.decode(value, Transcript).text
+        except ContractError as error:
+            log.error("transcript %s: %s", meta.request_id, error)
+            return
+        send(judged("words", looks_complete(words), words))
+
+    # dora may deliver STOP before queued inputs: keep reading until the audio ends (not the
+    # transcripts: their ASR waits for our utterances to end)
     while (incoming := node.next()) is not None:
+        if incoming["type"] == "INPUT_CLOSED" and incoming["id"] == "audio":
+            break
         if incoming["type"] != "INPUT":
+            continue
+        if incoming["id"] == "transcript":
+            heard(MessageMeta.from_dora(incoming.get("metadata"), "transcript"), incoming["value"])
             continue
         meta = MessageMeta.from_dora(incoming.get("metadata"), "audio")
         if missing := gaps.observe(meta.request_id, meta.seq, meta.final):
@@ -165,6 +214,8 @@ def main() -> int:
             send(vad.flush())
     send(vad.flush())
     adapter.unload()
+    if turn_model is not None:
+        turn_model.unload()
     return 0
 
 

@@ -44,6 +44,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
-# 3. The default models and the voice activity detector: fetched from their catalog
+# 3. The default models, the voice activity detector and the turn-end model: fetched from their catalog
 #    sources and converted once (cached).
-"$VENV/bin/omni" pull --defaults silero-vad
+"$VENV/bin/omni" pull --defaults silero-vad smart-turn-v3

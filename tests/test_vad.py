@@ -402,3 +402,46 @@ def test_snapshots_of_speech_under_way_and_of_a_pause_come_before_the_utterance(
 def test_no_snapshots_unless_asked():
     events = run(silence(20) + speech(60) + silence(20))
     assert [e.partial for e in utterances(events)] == [False]
+
+
+def feed(segmenter: Segmenter, p: list[float], first: int = 0) -> list[tuple[int, object]]:
+    """(frame index, event) for ``p`` fed frame by frame from frame ``first``."""
+    frames = ramp_frames(len(p), first)
+    return [(first + i, event) for i in range(len(p))
+            for event in segmenter.process(frames[i:i + 1], np.float32([p[i]]))]
+
+
+def test_words_that_look_complete_end_the_utterance_after_a_shorter_pause():
+    """With the pause snapshot's words judged complete, a pause of 4 frames ends the
+    utterance (not 10), with the very audio of that snapshot; judged incomplete, or heard
+    after the speech went on, the pause needs its full 10 frames."""
+    config = dataclasses.replace(CONFIG, transcribe_on_pause=True, complete_silence_ms=4 * 32)
+    segmenter = Segmenter(config)
+    seen = feed(segmenter, silence(20) + speech(30) + silence(2))
+    (at, snapshot), = [(i, e) for i, e in seen if isinstance(e, Utterance)]
+    assert snapshot.pause and at == 51
+    assert segmenter.pause_heard(snapshot.end_s, complete=True) == []  # 2 frames of 4 so far
+    (end_frame, utterance), = [(i, e) for i, e in feed(segmenter, silence(10), 52)
+                               if isinstance(e, Utterance)]
+    assert end_frame == 50 + 4 - 1 and not utterance.partial
+    assert np.array_equal(utterance.audio, snapshot.audio)
+    # the words come in after the pause already lasted long enough: the utterance ends now
+    segmenter = Segmenter(config)
+    seen = feed(segmenter, silence(20) + speech(30) + silence(6))
+    snapshot = [e for _, e in seen if isinstance(e, Utterance)][0]
+    (utterance,) = segmenter.pause_heard(snapshot.end_s, complete=True)
+    assert np.array_equal(utterance.audio, snapshot.audio) and not utterance.partial
+    assert [e for _, e in feed(segmenter, silence(20), 56)] == []  # and only once
+    # incomplete words: the full pause
+    segmenter = Segmenter(config)
+    seen = feed(segmenter, silence(20) + speech(30) + silence(2))
+    assert segmenter.pause_heard(seen[-1][1].end_s, complete=False) == []
+    assert [i for i, e in feed(segmenter, silence(20), 52)
+            if isinstance(e, Utterance) and not e.partial] == [50 + 10 - 1]
+    # words of a pause the speech broke: nothing changes for the next pause
+    segmenter = Segmenter(config)
+    seen = feed(segmenter, silence(20) + speech(30) + silence(3) + speech(10))
+    first_pause = [e for _, e in seen if isinstance(e, Utterance)][0]
+    assert segmenter.pause_heard(first_pause.end_s, complete=True) == []
+    assert [i for i, e in feed(segmenter, silence(20), 63)
+            if isinstance(e, Utterance) and not e.partial] == [63 + 10 - 1]

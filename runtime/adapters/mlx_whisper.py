@@ -25,6 +25,7 @@ from mofa_omni.contract.tasks import (
     Tensor,
     Transcript,
     TranscriptionRequest,
+    refuse_prefix,
     validate_request,
 )
 from mofa_omni.formats.ctranslate2 import convert_whisper
@@ -123,6 +124,19 @@ class MlxWhisperAdapter(ModelAdapter):
             segments = [Segment(first.start, first.end, f"{prefix} {first.text}".strip()),
                         *segments[1:]]
         return Transcript(text=text, language=result["language"], segments=segments)
+
+    def word_times(self, request: TranscriptionRequest) -> list[Segment]:
+        """Each word of the transcript with when it is said (whisper's cross-attention
+        alignment, as ``word_timestamps`` in mlx_whisper), in seconds from the start."""
+        validate_request(request)
+        refuse_prefix(request, self.spec.name)
+        audio = resample(request.audio, request.sample_rate, WHISPER_RATE)
+        options: dict[str, Any] = {"fp16": self._fp16, "verbose": None, "word_timestamps": True}
+        if language := request.language.strip().lower():
+            options["language"] = self._checked_language(language)
+        result = _transcribe_with(self._loaded_model())(audio, **options)
+        return [Segment(float(w["start"]), float(w["end"]), w["word"].strip())
+                for segment in result["segments"] for w in segment.get("words", [])]
 
     # --- stages: log-mel -> encoder -> decoder, one 30 s window ------------------------
 

@@ -46,10 +46,11 @@ def mel_filters(n_mels: int = 80) -> np.ndarray:
     return weights.astype(np.float32)
 
 
-def log_mel(window: np.ndarray, n_mels: int = 80) -> np.ndarray:
-    """(n_mels, 3000) features of up to 30 s of 16 kHz mono float32 audio (zero-padded to 30 s)."""
-    audio = np.zeros(WINDOW_SAMPLES, np.float32)
-    audio[:min(len(window), WINDOW_SAMPLES)] = window[:WINDOW_SAMPLES]
+def log_mel(window: np.ndarray, n_mels: int = 80, samples: int = WINDOW_SAMPLES) -> np.ndarray:
+    """(n_mels, samples // 160) features of up to ``samples`` (30 s) of 16 kHz mono float32
+    audio, zero-padded to that length."""
+    audio = np.zeros(samples, np.float32)
+    audio[:min(len(window), samples)] = window[:samples]
     padded = np.pad(audio, N_FFT // 2, mode="reflect")
     frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP_LENGTH]
     hann = np.hanning(N_FFT + 1)[:-1].astype(np.float32)

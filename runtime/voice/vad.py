@@ -19,6 +19,10 @@ while the user speaks, confirmed speech may also give *snapshots* before its utt
 - once a pause has lasted ``speech_pad_ms`` (``transcribe_on_pause``): that snapshot holds
   exactly the audio the utterance will hold if the pause turns out to end it, so its
   transcript, made while the VAD still waits for ``min_silence_ms``, is the utterance's.
+
+Endpointing with words: :meth:`Segmenter.pause_heard` takes whether that transcript reads as
+a complete utterance (:func:`mofa_omni.voice.endpointing.looks_complete`); if it does, the
+pause ends the utterance once it lasts ``complete_silence_ms`` rather than ``min_silence_ms``.
 :class:`StreamingVad` adds what a live stream needs around it: any sample
 rate in, arbitrary chunk sizes, and a frame scorer (the model).
 """
@@ -53,6 +57,9 @@ class VadConfig:
     max_utterance_s: float = 30.0  # longer speech is cut here (Whisper reads 30 s windows)
     partial_every_ms: float = 0.0  # a snapshot of speech under way this often (0: none)
     transcribe_on_pause: bool = False  # a snapshot once a pause is speech_pad_ms long
+    # silence that ends an utterance whose words before the pause look complete (None: as
+    # min_silence_ms; see pause_heard)
+    complete_silence_ms: float | None = None
     sample_rate: int = VAD_RATE
     frame_samples: int = FRAME_SAMPLES
 
@@ -63,11 +70,16 @@ class VadConfig:
             raise ContractError(f"VAD neg_threshold {self.silence_threshold} must be between 0 "
                                 f"and the threshold {self.threshold}")
         if min(self.min_speech_ms, self.min_silence_ms, self.speech_pad_ms,
-               self.partial_every_ms) < 0:
+               self.partial_every_ms, self.silence_when_complete_ms) < 0:
             raise ContractError("VAD durations must not be negative")
         if self.max_utterance_s * 1000 <= self.min_speech_ms:
             raise ContractError(f"VAD max_utterance_s {self.max_utterance_s} must exceed "
                                 f"min_speech_ms {self.min_speech_ms}")
+
+    @property
+    def silence_when_complete_ms(self) -> float:
+        return self.min_silence_ms if self.complete_silence_ms is None \
+            else self.complete_silence_ms
 
     @property
     def silence_threshold(self) -> float:
@@ -94,6 +106,7 @@ class Utterance:
     start_s: float  # stream time where the speech began (before padding)
     end_s: float  # stream time where the speech ended (before padding)
     partial: bool = False  # a snapshot of speech not yet over (its utterance follows)
+    pause: bool = False  # a snapshot taken in a pause (transcribe_on_pause)
 
     @property
     def duration_s(self) -> float:
@@ -126,6 +139,8 @@ class Segmenter:
         self._every = c.frames(c.partial_every_ms) if c.partial_every_ms else 0
         self._snapshot_at = 0  # frame of the last snapshot of speech under way
         self._pause_snapshot: int | None = None  # the pause (its first frame) snapshotted
+        self._min_complete = max(1, c.frames(c.silence_when_complete_ms))
+        self._complete_pause: int | None = None  # a pause after words that look complete
 
     def process(self, frames: np.ndarray, probabilities: np.ndarray) -> list[VadEvent]:
         """Advance by ``frames`` (n, frame_samples) scored ``probabilities`` (n,)."""
@@ -172,7 +187,8 @@ class Segmenter:
             self._count += 1
             events.append(SpeechStarted(self._count, self._seconds(self._start)))
         silent = 0 if self._silence_from is None else self.frames_seen - self._silence_from
-        if silent >= self._min_silence:
+        if silent >= (self._min_complete if self._complete_pause == self._silence_from
+                      else self._min_silence):
             if self._confirmed:
                 available = self.frames_seen * c.frame_samples
                 events.append(self._utterance(self._silence_from, available))
@@ -200,10 +216,28 @@ class Segmenter:
         elif (self.config.transcribe_on_pause and self._pause_snapshot != self._silence_from
               and available >= self._silence_from * self.config.frame_samples + self._pad):
             self._pause_snapshot = self._silence_from
-            events.append(self._utterance(self._silence_from, available, partial=True))
+            events.append(self._utterance(self._silence_from, available, partial=True,
+                                          pause=True))
+
+    def pause_heard(self, end_s: float, complete: bool) -> list[VadEvent]:
+        """The words of the speech that paused at ``end_s`` (a pause snapshot's ``end_s``) are
+        in: if they look ``complete``, that pause ends the utterance once it lasts
+        ``complete_silence_ms`` — now, if it already does. Nothing for a pause that is over
+        (the speech went on, or the utterance was sent)."""
+        c = self.config
+        if not (complete and self._confirmed and self._silence_from is not None
+                and self._silence_from * c.frame_samples == round(end_s * c.sample_rate)):
+            return []
+        self._complete_pause = self._silence_from
+        if self.frames_seen - self._silence_from < self._min_complete:
+            return []
+        events: list[VadEvent] = [self._utterance(self._silence_from,
+                                                  self.frames_seen * c.frame_samples)]
+        self._to_silence()
+        return events
 
     def _utterance(self, end_frame: int, available: int, *, pad_end: bool = True,
-                   partial: bool = False) -> Utterance:
+                   partial: bool = False, pause: bool = False) -> Utterance:
         c = self.config
         assert self._start is not None
         start = self._start * c.frame_samples
@@ -213,7 +247,7 @@ class Segmenter:
         base = self._first * c.frame_samples
         audio = np.concatenate(list(self._frames))[lo - base : hi - base]
         return Utterance(self._count, audio, c.sample_rate, start / c.sample_rate,
-                         end / c.sample_rate, partial)
+                         end / c.sample_rate, partial, pause)
 
     def _to_silence(self) -> None:
         self._start, self._voiced, self._silence_from, self._confirmed = None, 0, None, False
