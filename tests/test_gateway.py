@@ -154,6 +154,18 @@ def test_speech_then_transcription_round_trip(server):
                                                  file=("sentence.wav", wav, "audio/wav"),
                                                  response_format="verbose_json")
     assert verbose.duration == pytest.approx(seconds, rel=0.01) and verbose.text == heard.text
+    # what the recognizers here do not do is refused by name, not ignored
+    again = client.audio.transcriptions.create(model="whisper-tiny.en", temperature=0,
+                                               file=("sentence.wav", wav, "audio/wav"))
+    assert again.text == heard.text
+    for asked, field in (({"prompt": "Spell it the British way."}, "prompt"),
+                         ({"temperature": 0.7}, "temperature"),
+                         ({"timestamp_granularities": ["word"],
+                           "response_format": "verbose_json"}, "timestamp_granularities[]")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.audio.transcriptions.create(model="whisper-tiny.en", **asked,
+                                               file=("sentence.wav", wav, "audio/wav"))
+        assert refused.value.body["param"] == field, refused.value.body
 
 
 def test_embeddings_as_floats_and_base64(server):

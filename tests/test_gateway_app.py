@@ -21,7 +21,7 @@ from mofa_omni.contract.tasks import (
     Task,
     TextChunk,
 )
-from mofa_omni.gateway.app import build_app
+from mofa_omni.gateway.app import build_app, check_transcription_fields
 from mofa_omni.gateway.bridge import ARRIVAL_NS, TAIL_GRACE_NS, Graph, Replies, Reply, _Sent
 from mofa_omni.gateway.openai_bodies import HTTP_ERRORS, ApiError
 from mofa_omni.gateway.routes import Route, Router
@@ -412,3 +412,21 @@ def test_a_client_may_wait_for_a_restarting_node_instead_of_a_503(catalog):
             assert "X-Omni-Wait-For-Restart" in refused.json()["error"]["message"]
             assert "from 0 to 20" in refused.json()["error"]["message"]
     assert sent == ["gw-1"]
+
+
+@pytest.mark.parametrize("fields", [
+    {"file": ["x"], "model": ["whisper-tiny.en"]}, {"temperature": ["0"]}, {"temperature": ["0.0"]},
+    {"stream": ["false"]}, {"timestamp_granularities[]": ["segment"]}, {"language": ["en"]}])
+def test_transcription_fields_done_here_pass(fields):
+    check_transcription_fields(fields)
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"prompt": ["British spelling"]}, "prompt"), ({"temperature": ["0.4"]}, "temperature"),
+    ({"temperature": ["warm"]}, "temperature"), ({"stream": ["true"]}, "stream"),
+    ({"timestamp_granularities[]": ["segment", "word"]}, "timestamp_granularities[]"),
+    ({"chunking_strategy": ["auto"]}, "chunking_strategy"), ({"voice": ["alloy"]}, "voice")])
+def test_transcription_fields_not_done_here_are_refused_by_name(fields, param):
+    with pytest.raises(ApiError) as refused:
+        check_transcription_fields(fields)
+    assert refused.value.param == param and param in str(refused.value)

@@ -82,6 +82,13 @@ def test_snapshots_get_partial_transcripts_and_the_pause_snapshot_answers_the_ut
     final = streams.serve("utt-2", True, TranscriptionRequest(longer, RATE))
     assert asr.requests[-1].audio.size == longer.size and streams.reused == 1
     assert {"capital", "france"} <= set(normalize_words(final.text)), final
+    # the same id used again for other speech (a sender that started over): nothing of the
+    # first utterance's settled words is carried into it
+    streams.serve("utt-3", False, TranscriptionRequest(question[:2 * RATE], RATE))
+    streams.serve("utt-3", False, TranscriptionRequest(question[:3 * RATE], RATE))
+    other = question[RATE // 2:]
+    streams.serve("utt-3", False, TranscriptionRequest(other[:RATE], RATE))
+    assert asr.requests[-1].prefix == ""
     # a request sent whole is transcribed as it is
     whole = streams.serve("plain", True, TranscriptionRequest(question, RATE))
     assert asr.requests[-1].prefix == "" and not streams.is_open("plain")
@@ -122,3 +129,25 @@ def test_an_omni_node_worker_skips_replaced_snapshots_and_numbers_the_stream(
     first, partial, last = (arrow.decode(o.value, Transcript) for o in sent.sent)
     assert last.text == first.text and partial.text == " ".join(first.text.split())
     assert worker.host._recognition.reused == 1
+
+
+def test_a_model_switched_under_the_host_serves_the_next_request(model, question):
+    """The node's model is switched (a scheduler step, `omni swap`): the next request is
+    served by the new model, not the unloaded one the streams were made with."""
+    from mofa_omni.adapters.loading import open_model
+    from mofa_omni.node.host import ModelHost
+
+    first = open_model("whisper-tiny.en", backend="ctranslate2")
+    host = ModelHost(first, "asr")
+
+    def ask(request_id: str):
+        (out,) = host.handle("speech_recognition",
+                             arrow.encode(TranscriptionRequest(question, RATE)),
+                             {"request_id": request_id, "seq": 0, "final": True})
+        return out
+
+    assert ask("before").output == "result"
+    host.adapter = model("whisper-tiny.en", "ctranslate2")  # as ModelSlot switches
+    first.unload()
+    after = ask("after")
+    assert after.output == "result", arrow.decode(after.value, Transcript)

@@ -96,6 +96,12 @@ def chat_stream(tmp_path: Path, requests: int, budget: str = "") -> Graph:
                  **({"BUDGET": budget} if budget else {}))
 
 
+def in_turn(report: dict) -> list[dict]:
+    """The requests answered in their turn: without those sent again (answered later, by
+    whichever model then served)."""
+    return [e for e in report["finished"] if e["id"] not in report["resent"]]
+
+
 def models_in_order(finished: list[dict]) -> list[str]:
     runs = [finished[0]["model"]]
     for entry in finished[1:]:
@@ -125,7 +131,12 @@ def assert_all_answered_in_order_with_their_history(report: dict, requests: int)
     exactly or with one digit slipped."""
     finished = report["finished"]
     assert report["lost"] == [] and [e["error"] for e in finished if "error" in e] == []
-    assert [e["id"] for e in finished] == [f"q{i:03d}" for i in range(requests)]
+    ids, resent = [f"q{i:03d}" for i in range(requests)], set(report["resent"])
+    assert sorted(e["id"] for e in finished) == ids  # each answered once
+    # in order, but for a request dora dropped (sent again 20 s later, it comes later)
+    assert [e["id"] for e in finished if e["id"] not in resent] == \
+        [i for i in ids if i not in resent], report["resent"]
+    assert len(resent) <= 2, report["resent"]
     missed = [(e["id"], e["model"], e["code"], e["reply"]) for e in finished
               if not any(one_edit_apart(e["code"], n) for n in re.findall(r"\d+", e["reply"]))]
     assert len(missed) <= requests // 20, ("replies that do not know their code", missed)
@@ -162,7 +173,7 @@ def test_two_swaps_under_a_steady_stream_lose_nothing_and_keep_the_conversation(
     assert code == 0 and back.ok and back.mode == "beside", back
     report = graph.finish()
     assert_all_answered_in_order_with_their_history(report, 120)
-    assert models_in_order(report["finished"]) == ["smollm2-135m", "gemma-3-270m", "smollm2-135m"]
+    assert models_in_order(in_turn(report)) == ["smollm2-135m", "gemma-3-270m", "smollm2-135m"]
 
 
 def test_a_swap_that_only_fits_in_place_pauses_the_queue_and_loses_nothing(tmp_path):
@@ -181,7 +192,7 @@ def test_a_swap_that_only_fits_in_place_pauses_the_queue_and_loses_nothing(tmp_p
     assert outcome.paused_seconds >= outcome.load_seconds > 0
     report = graph.finish()
     assert_all_answered_in_order_with_their_history(report, 40)
-    assert models_in_order(report["finished"]) == ["smollm2-135m", "smollm2-roomy"]
+    assert models_in_order(in_turn(report)) == ["smollm2-135m", "smollm2-roomy"]
 
 
 def test_whisper_a_voice_and_an_embedding_model_swap_while_they_serve(tmp_path):

@@ -55,6 +55,7 @@ from mofa_omni.gateway.openai_bodies import (
     finish_reason_of,
     images_body,
     read_audio_upload,
+    refused,
     rerank_body,
     speech_bytes,
     spoken_audio,
@@ -296,6 +297,34 @@ async def image_generations(request: Request, server: ServerState) -> Response:
     return JSONResponse(await run_in_threadpool(images_body, image.pixels, message.seed))
 
 
+TRANSCRIPTION_FIELDS = ("file", "model", "language", "response_format")
+
+
+def check_transcription_fields(fields: dict[str, list]) -> None:
+    """Refuse, by name, what a transcription request asks that is not done here: a ``prompt``
+    (a style hint: the recognizers here take none), a ``temperature`` other than 0 (decoding is
+    greedy), ``stream``, timestamps by the word, and any field OpenAI's API does not have."""
+    for name, values in fields.items():
+        value = str(values[-1]) if values else ""
+        if name in TRANSCRIPTION_FIELDS:
+            continue
+        if name == "temperature":
+            try:
+                if float(value) == 0:
+                    continue
+            except ValueError:
+                pass
+            raise refused(name, f"{value!r}: decoding here is greedy (temperature 0 only)")
+        if name == "stream" and value.lower() == "false":
+            continue
+        if name == "timestamp_granularities[]" and set(map(str, values)) <= {"segment"}:
+            continue
+        if name in ("prompt", "stream", "timestamp_granularities[]", "chunking_strategy",
+                     "include[]"):
+            raise refused(name, f"{value!r} is not supported by this server's transcriptions")
+        raise ApiError(ErrorKind.BAD_REQUEST, f"unknown field {name!r}", param=name)
+
+
 async def transcriptions(request: Request, server: ServerState) -> Response:
     """POST /v1/audio/transcriptions: a multipart WAV upload, as text or JSON."""
     limit = server.settings.max_body_bytes
@@ -307,6 +336,7 @@ async def transcriptions(request: Request, server: ServerState) -> Response:
         audio, rate = read_audio_upload(await upload.read(), upload.filename or "file")
         language = str(form.get("language") or "")
         response_format = str(form.get("response_format") or "json")
+        check_transcription_fields({key: form.getlist(key) for key in form.keys()})
     if response_format not in ("json", "text", "verbose_json"):
         raise ApiError(ErrorKind.BAD_REQUEST,
                        f"response_format {response_format!r}: json, text or verbose_json",

@@ -219,7 +219,8 @@ class ModelHost(RequestHost):
         serve = self.adapter.handler(task)
         if task is not Task.SPEECH_RECOGNITION:
             return Route(spec.request_type, serve, spec.streams)
-        if self._recognition is None:
+        if self._recognition is None or self._recognition.transcribe != serve:
+            # the first request, or the model was switched or swapped: its streams start anew
             self._recognition = RecognitionStreams(serve, takes_prefix=getattr(
                 self.adapter, "takes_transcription_prefix", False))
         return Route(spec.request_type, serve, spec.streams, self._recognition.serve)

@@ -35,6 +35,7 @@ from mofa_omni.voice.agreement import LocalAgreement
 log = logging.getLogger("mofa_omni.voice.streaming")
 
 OPEN_STREAMS = 8  # utterances followed at once; the oldest is forgotten past this
+FIRST_SAMPLES = 256  # every snapshot of an utterance starts with the same audio
 
 
 def fingerprint(request: TranscriptionRequest) -> bytes:
@@ -44,8 +45,14 @@ def fingerprint(request: TranscriptionRequest) -> bytes:
     return digest.digest()
 
 
+def opening(request: TranscriptionRequest) -> bytes:
+    """The first samples of a request's audio: the same in every snapshot of one utterance."""
+    return request.audio[:FIRST_SAMPLES].tobytes()
+
+
 @dataclass
 class _Stream:
+    opening: bytes  # the first samples of its audio
     agreement: LocalAgreement = field(default_factory=LocalAgreement)
     heard: bytes = b""  # fingerprint of the last snapshot transcribed
     transcript: Transcript | None = None  # and its transcript
@@ -71,7 +78,7 @@ class RecognitionStreams:
         if not final:
             return self._snapshot(request_id, request)
         stream = self._streams.pop(request_id, None)
-        if stream is None:
+        if stream is None or stream.opening != opening(request):  # not the snapshots' speech
             return self.transcribe(request)
         if stream.transcript is not None and stream.heard == fingerprint(request):
             self.reused += 1
@@ -79,7 +86,10 @@ class RecognitionStreams:
         return self.transcribe(self._after_settled(request, stream))
 
     def _snapshot(self, request_id: str, request: TranscriptionRequest) -> Transcript | None:
-        stream = self._streams.pop(request_id, None) or _Stream()
+        stream = self._streams.pop(request_id, None)
+        if stream is None or stream.opening != opening(request):
+            # the first snapshot (or an id used again: a sender that started over)
+            stream = _Stream(opening(request))
         self._streams[request_id] = stream  # the newest last
         while len(self._streams) > OPEN_STREAMS:
             self._streams.popitem(last=False)
