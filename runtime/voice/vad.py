@@ -20,9 +20,10 @@ while the user speaks, confirmed speech may also give *snapshots* before its utt
   exactly the audio the utterance will hold if the pause turns out to end it, so its
   transcript, made while the VAD still waits for ``min_silence_ms``, is the utterance's.
 
-Endpointing with words: :meth:`Segmenter.pause_heard` takes whether that transcript reads as
-a complete utterance (:func:`mofa_omni.voice.endpointing.looks_complete`); if it does, the
-pause ends the utterance once it lasts ``complete_silence_ms`` rather than ``min_silence_ms``.
+Ending a turn sooner: :meth:`Segmenter.pause_heard` takes the verdict on a pause snapshot (a
+turn-end model's, the words' of its transcript, see :mod:`mofa_omni.voice.endpointing`); when
+it says the turn is over, the pause ends the utterance once it lasts ``complete_silence_ms``
+rather than ``min_silence_ms``.
 :class:`StreamingVad` adds what a live stream needs around it: any sample
 rate in, arbitrary chunk sizes, and a frame scorer (the model).
 """
@@ -57,7 +58,7 @@ class VadConfig:
     max_utterance_s: float = 30.0  # longer speech is cut here (Whisper reads 30 s windows)
     partial_every_ms: float = 0.0  # a snapshot of speech under way this often (0: none)
     transcribe_on_pause: bool = False  # a snapshot once a pause is speech_pad_ms long
-    # silence that ends an utterance whose words before the pause look complete (None: as
+    # silence that ends an utterance whose pause was judged to end the turn (None: as
     # min_silence_ms; see pause_heard)
     complete_silence_ms: float | None = None
     sample_rate: int = VAD_RATE
@@ -220,8 +221,8 @@ class Segmenter:
                                           pause=True))
 
     def pause_heard(self, end_s: float, complete: bool) -> list[VadEvent]:
-        """The words of the speech that paused at ``end_s`` (a pause snapshot's ``end_s``) are
-        in: if they look ``complete``, that pause ends the utterance once it lasts
+        """The verdict on the speech that paused at ``end_s`` (a pause snapshot's ``end_s``) is
+        in: if the turn looks ``complete``, that pause ends the utterance once it lasts
         ``complete_silence_ms`` — now, if it already does. Nothing for a pause that is over
         (the speech went on, or the utterance was sent)."""
         c = self.config
