@@ -150,6 +150,22 @@ def test_an_utterance_sent_before_the_asr_crashed_but_noticed_after_ends_its_tur
     assert dialogue.transcribing == {"turn-2": 101.0}
 
 
+def test_words_that_overtake_their_hearing_notice_do_not_wait_again():
+    """A transcript made while the user spoke is sent the moment the utterance reaches the ASR,
+    and can reach the dialogue before the VAD's notice of that utterance (seen in CI: the turn
+    then waited for words it had, and ended in a timeout). The late notice changes nothing."""
+    dialogue = Dialogue(hearing_node="asr")
+    asked = dialogue.heard("turn-1", "What is the capital of France?", 0, now=100.0)
+    assert any(isinstance(a, Ask) for a in asked)
+    assert dialogue.sent_to_be_heard("turn-1", now=100.1) == []
+    assert dialogue.transcribing == {}
+    expired = dialogue.expire(now=150.0, timeout_s=12)  # only the reply can time out now
+    assert not [a for a in expired if isinstance(a, TranscriptLine) and a.role == "user"]
+    dialogue = Dialogue(hearing_node="asr")
+    dialogue.not_heard("turn-1", "bad_request: audio is empty")
+    assert dialogue.sent_to_be_heard("turn-1", now=1.0) == [] and dialogue.transcribing == {}
+
+
 def test_words_that_never_come_back_end_their_turn_at_the_deadline():
     dialogue = Dialogue(hearing_node="asr")
     dialogue.sent_to_be_heard("turn-1", now=100.0)

@@ -27,6 +27,7 @@ NON_SPEECH = re.compile(r"^[\s.,!?\-]*$|^\s*[\[(][^\])]*[\])]\s*$")
 
 
 HEARING_RATE = 16_000  # the rate utterances are kept at for an omni model
+ANSWERED_TURNS = 64  # turns whose words are in, kept to tell a late `hearing` notice
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +99,10 @@ class Dialogue:
     # `hearing` notice comes after (dora orders different inputs' events as it likes) went down
     # with it.
     hearing_crashed_ns: int = 0
+    # Turns whose words (or the ASR's error) are in, newest last: their `hearing` notice may
+    # come after them (a transcript made while the user spoke is sent at once, and dora orders
+    # different inputs' events as it likes), and must not then wait for words again.
+    answered_turns: list[str] = field(default_factory=list)
     _replies: int = 0
 
     def _system(self) -> list[ChatMessage]:
@@ -107,6 +112,8 @@ class Dialogue:
     def sent_to_be_heard(self, turn_id: str, now: float = 0.0, sent_ns: int = 0) -> list[Action]:
         """An utterance went to the ASR (the VAD's `utterance`, sent at ``sent_ns``): its turn
         waits for the words, unless the ASR crashed after it was sent."""
+        if turn_id in self.answered_turns:
+            return []  # its words overtook this notice
         if sent_ns and sent_ns < self.hearing_crashed_ns:
             return self.not_heard(turn_id, f"{self.hearing_node} crashed: not heard")
         self.transcribing[turn_id] = now
@@ -114,12 +121,16 @@ class Dialogue:
 
     def not_heard(self, turn_id: str, why: str) -> list[Action]:
         """The ASR could not transcribe the utterance: the turn ends, saying why."""
-        self.transcribing.pop(turn_id, None)
+        self._answered(turn_id)
         return [TranscriptLine("user", "", turn_id, error=why), TurnDone(turn_id)]
+
+    def _answered(self, turn_id: str) -> None:
+        self.transcribing.pop(turn_id, None)
+        self.answered_turns = [*self.answered_turns[-(ANSWERED_TURNS - 1):], turn_id]
 
     def heard(self, turn_id: str, text: str, origin_ns: int, now: float = 0.0) -> list[Action]:
         """A transcribed utterance: interrupt what is going on, then answer it."""
-        self.transcribing.pop(turn_id, None)
+        self._answered(turn_id)
         text = text.strip()
         if NON_SPEECH.match(text):
             return [TurnDone(turn_id)]  # silence or noise: no reply, nothing breaks
