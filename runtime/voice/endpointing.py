@@ -3,8 +3,9 @@
 A voice agent ends the user's turn after a stretch of silence; a long one cuts nobody off but
 makes every answer late, a short one answers sooner but cuts people off at a pause in the
 middle of a sentence. The VAD (:mod:`mofa_omni.voice.vad`) takes the short one only when the
-words of the speech before the pause (the ASR's transcript of the pause snapshot) look like a
-complete utterance, by :func:`looks_complete`:
+judges of the pause agree the turn is over (:class:`PauseJudgment`): a turn-end model on the
+audio, and the words of the speech before the pause (the ASR's transcript of the pause
+snapshot), which look like a complete utterance by :func:`looks_complete` when:
 
 - the transcript ends a sentence (whisper punctuates: ``.``, ``?`` or ``!``), and
 - its last word is not one that cannot end an English sentence, such as an article, a
