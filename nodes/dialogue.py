@@ -27,6 +27,10 @@ Inputs:
     llm_error       ErrorReport of the LLM
     tts_error       ErrorReport of the TTS
     spoken          the sink's `done`: a reply's audio is complete
+    control         optional, a Realtime node's `control` (mofa_omni.voice.events `voice.*`): a
+                    client's session opened (a new conversation, its instructions and reply
+                    settings) or closed (its reply stops; what is heard until the next one gets
+                    no reply), its response.cancel, the part of a reply it played
     status          optional, the scheduler's `status`: the LLM node's delivery report. A
                     question the report shows never arrived (dora dropped it; the last one sent
                     shows no gap) is asked again, up to twice, then the reply ends in an error,
@@ -65,7 +69,7 @@ from mofa_omni.node.host import MessageMeta, dora_node_id
 from mofa_omni.node.integrity import CheckedNode
 from mofa_omni.scheduler.messages import Status, from_arrow
 from mofa_omni.voice.dialogue import Action, Ask, Cancel, Dialogue, TranscriptLine, TurnDone
-from mofa_omni.voice.events import voice_output
+from mofa_omni.voice.events import read_event, voice_output
 
 log = logging.getLogger("dialogue")
 
@@ -183,6 +187,7 @@ def main() -> None:
             meta.request_id, arrow.decode(value, ErrorReport).summary()),
         "spoken": lambda meta, value: dialogue.spoken(meta.request_id),
         "status": lambda meta, value: check_delivery(value),
+        "control": lambda meta, value: dialogue.control(*read_event(value)),
     }
     heard_all = False  # the ASR's stream ended: no more turns will come
     while (event := node.next(timeout=1.0)) is not None:

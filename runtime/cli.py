@@ -13,6 +13,7 @@
     omni recover --dataflow NAME      restart a multi-machine graph when a lost machine is back
     omni serve [--models A,B] [--port N]   the OpenAI-compatible server (Ctrl-C stops it)
     omni voice [--input WAV|DIR] [-o DIR]  the voice agent (default: the microphone)
+    omni voice --web [--port N]       the voice agent for a browser page / OpenAI Realtime clients
     omni robot [--input WAV|DIR] [-o DIR]  the voice-commanded robot
     omni init NAME                    a starter project: a dataflow of the packaged nodes
     omni ps                           the graphs these commands are running

@@ -58,7 +58,7 @@ def check_port_free(host: str, port: int) -> None:
                               "server has it? choose another with --port)") from None
 
 
-def _wait_until_serving(run: GraphRun, url: str, api_key: str) -> bool:
+def _wait_until_serving(run: GraphRun, url: str, api_key: str, probe: str = "/models") -> bool:
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -67,7 +67,7 @@ def _wait_until_serving(run: GraphRun, url: str, api_key: str) -> bool:
         if run.wait(0.5) is not None:
             return False
         try:
-            if httpx.get(f"{url}/models", headers=headers, timeout=2).status_code == 200:
+            if httpx.get(f"{url}{probe}", headers=headers, timeout=2).status_code == 200:
                 return True
         except httpx.HTTPError:
             pass
@@ -101,12 +101,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _voice_like(graph: str, args: argparse.Namespace) -> int:
-    shipped = "voice.omni" if getattr(args, "omni", False) else graph
+    web, omni = getattr(args, "web", False), getattr(args, "omni", False)
+    if web and (omni or args.input is not None):
+        raise ConfigError("--web hears the browser's microphone: it takes no --input or --omni")
+    shipped = "voice.omni" if omni else "voice.web" if web else graph
     descriptor = dataflows.load(dataflows.shipped(shipped))
     catalog, specs = _pulled(_model_names(args.models))
     descriptor = dataflows.with_models(descriptor, specs)
-    env = {}
-    if args.input is not None:
+    env, url = {}, None
+    if web:
+        check_port_free(args.host, args.port)
+        env.update(PORT=str(args.port), HOST=args.host)
+        url = f"http://{args.host}:{args.port}"
+    elif args.input is not None:
         if not args.input.exists():
             raise ConfigError(f"--input {args.input}: no such file or folder")
         env["VOICE_INPUT"] = str(args.input.resolve())
@@ -117,8 +124,11 @@ def _voice_like(graph: str, args: argparse.Namespace) -> int:
     models = dataflows.served_models(descriptor, catalog.defaults)
     named = {spec.name for spec in specs}  # the others are fetched before the graph starts
     _pulled([model for model in models.values() if model and model not in named])
-    with GraphRun(graph, descriptor, env=env, models=models, output=str(output),
+    with GraphRun(graph, descriptor, env=env, models=models, output=str(output), url=url or "",
                   header=f"omni {graph}") as run:
+        if url and _wait_until_serving(run, url, "", probe="/health"):
+            print(f"omni voice: open {url}/ to talk, or point an OpenAI Realtime client at "
+                  f"{url.replace('http', 'ws', 1)}/v1/realtime (Ctrl-C stops)", flush=True)
         code = run.wait() or 0
     transcript = output / "transcript.txt"
     if transcript.is_file():
@@ -277,6 +287,12 @@ def add_commands(command) -> None:
             sub.add_argument("--omni", action="store_true",
                              help="one omni model hears and answers aloud (voice.omni.yml: no "
                                   "ASR, LLM or TTS node); name it with --models")
+            sub.add_argument("--web", action="store_true",
+                             help="talk from a browser page or an OpenAI Realtime client "
+                                  "(voice.web.yml) instead of WAV files or the microphone")
+            sub.add_argument("--port", type=int, default=8001, help="with --web (default 8001)")
+            sub.add_argument("--host", default="127.0.0.1",
+                             help="with --web: the address to listen on (default: loopback)")
     sub = command("video", cmd_video, "generate a clip from a prompt (and a first picture) "
                   "into an MP4", model=True)
     sub.add_argument("prompt", help="what the clip shows")

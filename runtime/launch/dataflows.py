@@ -17,7 +17,7 @@ from mofa_omni.contract.tasks import Task
 from mofa_omni.models.catalog import ModelSpec
 
 Descriptor = dict[str, Any]
-GRAPHS = ("server", "voice", "voice.omni", "robot", "agent", "video")
+GRAPHS = ("server", "voice", "voice.omni", "voice.web", "robot", "agent", "video")
 
 
 def shipped(name: str) -> Path:

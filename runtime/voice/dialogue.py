@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mofa_omni.contract.errors import ContractError
 from mofa_omni.contract.tasks import ChatMessage, ChatRequest, OmniRequest
 from mofa_omni.media.audio import resample
+from mofa_omni.voice import events
 
 # What whisper writes for non-speech; such an utterance gets no reply.
 NON_SPEECH = re.compile(r"^[\s.,!?\-]*$|^\s*[\[(][^\])]*[\])]\s*$")
@@ -84,10 +86,20 @@ class _Reply:
     generated: bool = False  # the LLM's final chunk came
 
 
+@dataclass(frozen=True, slots=True)
+class ReplySettings:
+    """How replies are asked for, as a client's session sets them (0 / "": the node's own)."""
+
+    instructions: str = ""
+    max_tokens: int = 0
+    temperature: float = 0.0
+
+
 @dataclass
 class Dialogue:
     system_prompt: str = "You are a helpful voice assistant. Answer in one short sentence."
     max_tokens: int = 96
+    temperature: float = 0.0
     max_history: int = 16  # messages kept besides the system prompt
     voice: str = ""  # an omni model's voice ("" = its first)
     history: list[ChatMessage] = field(default_factory=list)
@@ -103,6 +115,12 @@ class Dialogue:
     # come after them (a transcript made while the user spoke is sent at once, and dora orders
     # different inputs' events as it likes), and must not then wait for words again.
     answered_turns: list[str] = field(default_factory=list)
+    # Whether a user is there to answer: a Realtime client (nodes/realtime.py) opens and closes
+    # sessions; between two, what the VAD still hears of the last one gets no reply.
+    listening: bool = True
+    # Where each reply's words are in the history, for a client truncating what it played.
+    said_at: dict[str, int] = field(default_factory=dict)
+    _own: ReplySettings | None = None  # the node's settings, before any session changed them
     _replies: int = 0
 
     def _system(self) -> list[ChatMessage]:
@@ -132,15 +150,16 @@ class Dialogue:
         """A transcribed utterance: interrupt what is going on, then answer it."""
         self._answered(turn_id)
         text = text.strip()
-        if NON_SPEECH.match(text):
-            return [TurnDone(turn_id)]  # silence or noise: no reply, nothing breaks
+        if NON_SPEECH.match(text) or not self.listening:
+            return [TurnDone(turn_id)]  # silence, noise, or no one there: no reply
         actions = self._interrupt()
         self.history.append(ChatMessage("user", text))
         self._replies += 1
         self.active = _Reply(f"reply-{self._replies}", turn_id, now)
         messages = [*self._system(), *self.history[-self.max_history:]]
+        request = ChatRequest(messages, self.max_tokens, temperature=self.temperature)
         return [*actions, TranscriptLine("user", text, turn_id),
-                Ask(self.active.reply_id, ChatRequest(messages, self.max_tokens), origin_ns)]
+                Ask(self.active.reply_id, request, origin_ns)]
 
     def heard_sound(self, turn_id: str, audio: np.ndarray, sample_rate: int, origin_ns: int,
                     now: float = 0.0) -> list[Action]:
@@ -173,7 +192,7 @@ class Dialogue:
         if not final:
             return []
         reply.generated = True
-        self.history.append(ChatMessage("assistant", reply.text.strip()))
+        self._say(reply_id, reply.text.strip())
         if not reply.text.strip():  # nothing to speak: the turn is over now
             return self.spoken(reply_id)
         return []
@@ -206,7 +225,7 @@ class Dialogue:
         actions: list[Action] = []
         if not reply.generated:  # stop generating what cannot be spoken
             actions.append(Cancel(reply_id))
-            self.history.append(ChatMessage("assistant", reply.text.strip()))
+            self._say(reply_id, reply.text.strip())
         return [*actions, TranscriptLine("assistant", reply.text.strip(), reply.turn_id,
                                          error=message), TurnDone(reply.turn_id)]
 
@@ -249,8 +268,64 @@ class Dialogue:
         if reply.generated:
             self.history[-1] = ChatMessage("assistant", said)  # the whole text, but not all heard
         elif said:
-            self.history.append(ChatMessage("assistant", said))
+            self._say(reply.reply_id, said)
         else:
             self.history.pop()  # nothing was said: drop the unanswered question
         return [Cancel(reply.reply_id),
                 TranscriptLine("assistant", said, reply.turn_id, interrupted=True)]
+
+    def _say(self, reply_id: str, text: str) -> None:
+        self.history.append(ChatMessage("assistant", text))
+        self.said_at[reply_id] = len(self.history) - 1
+
+    # --- a Realtime client's session (nodes/realtime.py) ------------------------------------
+
+    def session_opened(self, settings: ReplySettings) -> list[Action]:
+        """A client connected: a new conversation, with its settings."""
+        actions = self.session_closed()
+        self.listening = True
+        self.configure(settings)
+        return actions
+
+    def session_closed(self) -> list[Action]:
+        """The client went: its reply stops, its conversation is forgotten."""
+        actions = self._interrupt()
+        self.history.clear()
+        self.said_at.clear()
+        self.listening = False
+        return actions
+
+    def configure(self, settings: ReplySettings) -> list[Action]:
+        """The session's instructions and reply settings; empty ones: the node's own."""
+        if self._own is None:
+            self._own = ReplySettings(self.system_prompt, self.max_tokens, self.temperature)
+        self.system_prompt = settings.instructions or self._own.instructions
+        self.max_tokens = settings.max_tokens or self._own.max_tokens
+        self.temperature = settings.temperature
+        return []
+
+    def truncate(self, reply_id: str, heard: str) -> list[Action]:
+        """The client stopped playing the reply: the history keeps what was heard of it."""
+        index = self.said_at.get(reply_id)
+        if index is not None and index < len(self.history) \
+                and self.history[index].role == "assistant":
+            self.history[index] = ChatMessage("assistant", heard)
+        return []
+
+    def control(self, kind: str, fields: dict) -> list[Action]:
+        """A control event of a Realtime client's session (mofa_omni.voice.events)."""
+        settings = ReplySettings(str(fields.get("instructions") or ""),
+                                 int(fields.get("max_tokens") or 0),
+                                 float(fields.get("temperature") or 0.0))
+        match kind:
+            case events.SESSION_OPENED:
+                return self.session_opened(settings)
+            case events.SESSION_CLOSED:
+                return self.session_closed()
+            case events.SETTINGS:
+                return self.configure(settings)
+            case events.INTERRUPT:
+                return self._interrupt()
+            case events.TRUNCATE:
+                return self.truncate(str(fields.get("reply_id", "")), str(fields.get("text", "")))
+        raise ContractError(f"unknown control event {kind!r}")

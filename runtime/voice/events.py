@@ -32,6 +32,12 @@ from mofa_omni.contract.tasks import (
 
 SPEECH_STARTED = "audio.speech_started"  # the VAD heard speech begin (barge-in)
 DONE = "audio.done"  # a sink finished a request (e.g. wrote or played a reply)
+# A Realtime client's session, told to the dialogue (nodes/realtime.py -> its `control` input)
+SESSION_OPENED = "voice.session_opened"  # fields: instructions, max_tokens, temperature
+SESSION_CLOSED = "voice.session_closed"
+SETTINGS = "voice.settings"  # fields as SESSION_OPENED
+INTERRUPT = "voice.interrupt"  # the client's response.cancel
+TRUNCATE = "voice.truncate"  # fields: reply_id, text (what the client played of it)
 
 
 def voice_input(env: Mapping[str, str] | None = None) -> Path:
