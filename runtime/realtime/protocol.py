@@ -25,12 +25,15 @@ from typing import Any
 
 import numpy as np
 
+from mofa_omni.contract.errors import ContractError
+
 RATE = 24_000  # the API's PCM rate, both ways
 MAX_EVENT_BYTES = 16 << 20  # a larger WebSocket message closes the connection (1009)
 
 
-class ProtocolError(Exception):
-    """A client event the server refuses: sent back as an ``error`` event."""
+class ProtocolError(ContractError):
+    """A client event the server refuses (the caller's error): sent back as an ``error``
+    event."""
 
     def __init__(self, message: str, *, code: str = "invalid_request", param: str | None = None,
                  event_id: str | None = None, kind: str = "invalid_request_error"):
