@@ -2,7 +2,7 @@
 
     python benchmarks/voice_latency.py [--json FILE] [--png FILE] [--trace FILE]
                                        [--baseline-passes N] [--no-warmup] [--timeout S]
-                                       [--no-streaming-comparison]
+                                       [--no-streaming-comparison] [--no-peer]
 
 Spoken questions are made with Piper (16 kHz WAVs in a temporary folder) and played in real time
 through dataflows/voice.yml with ``dora run`` (wav_source -> Silero VAD -> whisper -> dialogue ->
@@ -68,6 +68,17 @@ as long as its padding) is compared in the same run: the graph runs a second tim
 snapshots off (PARTIAL_EVERY_MS=0, TRANSCRIBE_ON_PAUSE=false), and its medians are printed and
 saved beside (``without_streaming_asr``); --no-streaming-comparison skips that run.
 
+The peer, in the same run: Pipecat (benchmarks/pipecat_peer.py: its own Silero VAD,
+faster-whisper, an OpenAI LLM service on llama-cpp-python's own server, Piper) answers the same
+WAVs, paced in real time, with the same models' files and the same silence ending a turn; the
+medians of both are printed side by side, from the end of speech: the user's turn over, the
+LLM's first text, the first audio. Goal: time to first audio <= 0.8 x Pipecat's. It needs
+``pip install -e '.[peers]'``; --no-peer skips it.
+
+With the dialogue's speculation (voice.yml's SPECULATE) the chat goes out on the words of the
+pause, before the final transcript reaches the dialogue: the TTFA chain's "dialogue received ->
+chat sent" segment is then negative, and the first audio waits at the sink for the release.
+
 Prints a table, writes benchmarks/results/voice_latency.json (or --json FILE) and a PNG timeline
 of one turn (the one whose reply has the most sentences) beside the baseline of the same
 question, benchmarks/results/voice_turn.png (or --png FILE).
@@ -75,9 +86,13 @@ question, benchmarks/results/voice_turn.png (or --png FILE).
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import shutil
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -106,6 +121,7 @@ from mofa_omni.adapters.loading import open_model  # noqa: E402
 from mofa_omni.contract.tasks import SpeechRequest, Task, TranscriptionRequest  # noqa: E402
 from mofa_omni.launch import dataflows  # noqa: E402
 from mofa_omni.media.audio import read_wav, resample, write_wav  # noqa: E402
+from mofa_omni.models.store import ModelStore  # noqa: E402
 from mofa_omni.node import trace  # noqa: E402
 from mofa_omni.voice.dialogue import Ask, Dialogue  # noqa: E402
 
@@ -349,6 +365,7 @@ def analyse_turn(records: list[dict], utterance: dict, all_records: list[dict]) 
         "reply_audio_s": sum(r.get("audio_s", 0) for r in sink),
         "stall_s": stall_ns / 1e9,
         "heard_by_s": rel(playing_until),
+        "llm_first_s": rel(g["sends"][0]["sent_ns"]),  # the LLM's first text, from end of speech
         "model_compute_s": compute_ns / 1e9,
         "overhead_s": overhead_ns / 1e9,
         "overhead_pct": 100 * overhead_ns / turn_ns,
@@ -400,6 +417,108 @@ def transcript_pairs(path: Path) -> list[tuple[str, str]]:
         role, _, text = line.partition(": ")
         (users if role == "user" else answers if role == "assistant" else []).append(text)
     return list(zip(users, answers))
+
+
+# --- the peer: Pipecat --------------------------------------------------------------------------
+
+PEER = Path(__file__).with_name("pipecat_peer.py")
+
+
+def vad_silence_ms() -> float:
+    """The silence that ends a turn in dataflows/voice.yml (its VAD's MIN_SILENCE_MS)."""
+    nodes = {n["id"]: n for n in yaml.safe_load(VOICE.read_text())["nodes"]}
+    return float((nodes["vad"].get("env") or {}).get("MIN_SILENCE_MS", 600))
+
+
+def peer_files(asr, llm, tts) -> tuple[Path, Path, Path] | str:
+    """The graph's own weights in the forms Pipecat reads (whisper for CTranslate2, a GGUF, a
+    Piper voice), or why it cannot use them."""
+    if importlib.util.find_spec("pipecat") is None:
+        return "pipecat-ai is not installed (pip install -e '.[peers]')"
+    if importlib.util.find_spec("llama_cpp.server") is None or importlib.util.find_spec(
+            "starlette_context") is None:
+        return "llama-cpp-python's server is not installed (pip install -e '.[peers]')"
+    store = ModelStore()
+    whisper, gguf, voice = (store.prepare(model) for model in (asr, llm, tts))
+    voices = sorted(voice.glob("*.onnx"))
+    if not (whisper / "model.bin").is_file() or not (gguf / "model.gguf").is_file() or not voices:
+        return ("the graph's models here are not CTranslate2 whisper, a GGUF and a Piper voice "
+                f"({asr.spec.name}, {llm.spec.name}, {tts.spec.name}): Pipecat cannot share them")
+    return whisper, gguf / "model.gguf", voices[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_peer(inputs: Path, work: Path, files: tuple[Path, Path, Path], system_prompt: str,
+             max_tokens: int, timeout: float) -> list[dict]:
+    """Pipecat on the same questions, with llama-cpp-python's server on the same GGUF (its
+    threads as many as the graph's LLM node uses: every core)."""
+    import httpx
+
+    whisper, gguf, voice = files
+    port, threads = _free_port(), str(os.cpu_count() or 1)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+         "--port", str(port), "--n_ctx", "4096", "--n_threads", threads,
+         "--n_threads_batch", threads], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("llama-cpp-python's server did not start")
+            time.sleep(0.3)
+        out = work / "pipecat.json"
+        subprocess.run([sys.executable, str(PEER), "--wavs", str(inputs),
+                        "--llm-url", f"http://127.0.0.1:{port}/v1", "--whisper", str(whisper),
+                        "--piper", str(voice), "--silence-ms", str(vad_silence_ms()),
+                        "--max-tokens", str(max_tokens), "--system-prompt", system_prompt,
+                        "--json", str(out)], check=True, timeout=timeout)
+        return json.loads(out.read_text())
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+# Cumulative milestones from the end of speech, the graph's and Pipecat's.
+MILESTONES = [("turn over", "endpoint_s", "turn_end_s"),
+              ("1st text", "llm_first_s", "llm_first_s"),
+              ("1st audio", "ttfa_s", "ttfa_s")]
+
+
+def peer_comparison(timed: list[dict], peer: list[dict]) -> dict | None:
+    """Medians of the graph's and Pipecat's turns side by side (printed); None if Pipecat timed
+    none."""
+    peer = [row for row in peer if "ttfa_s" in row]
+    if not peer:
+        print("warning: Pipecat answered no question", file=sys.stderr)
+        return None
+    ours = {key: statistics.median(t[key] for t in timed) for _, key, _ in MILESTONES}
+    theirs = {key: statistics.median(t[key] for t in peer if key in t)
+              for _, _, key in MILESTONES}
+    theirs["vad_stop_s"] = statistics.median(t.get("vad_stop_s", float("nan")) for t in peer)
+    theirs["transcript_s"] = statistics.median(t.get("transcript_s", float("nan"))
+                                               for t in peer)
+    print(f"\n{'same questions, same models (medians, s)':42} "
+          + " ".join(f"{name:>9}" for name, _, _ in MILESTONES))
+    print(f"{'mofa-omni (dataflows/voice.yml)':42} "
+          + " ".join(f"{ours[key]:9.2f}" for _, key, _ in MILESTONES))
+    print(f"{'Pipecat 1.14 (its VAD, STT, LLM, TTS)':42} "
+          + " ".join(f"{theirs[key]:9.2f}" for _, _, key in MILESTONES))
+    ratio = ours["ttfa_s"] / theirs["ttfa_s"]
+    print(f"Pipecat: VAD stop {theirs['vad_stop_s']:.2f} s, transcript {theirs['transcript_s']:.2f}"
+          f" s after the end of speech")
+    print(f"time to first audio, mofa-omni / Pipecat: {ratio:.2f} (goal <= 0.8) -> "
+          f"{'met' if ratio <= 0.8 else 'NOT met'}")
+    return {"turns": peer, "median": theirs, "ours_median": ours, "ttfa_ratio": ratio}
 
 
 # --- output ------------------------------------------------------------------------------------
@@ -506,6 +625,8 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=600, help="longest graph run, seconds")
     parser.add_argument("--no-streaming-comparison", action="store_true",
                         help="skip the second graph run, without streaming ASR")
+    parser.add_argument("--no-peer", action="store_true",
+                        help="skip Pipecat's run on the same questions and models")
     parser.add_argument("--baseline-passes", type=int, default=2,
                         help="times the sequential baseline is run (figures are their mean)")
     args = parser.parse_args()
@@ -552,6 +673,17 @@ def main() -> int:
             unstreamed = graph_turns(plain, inputs, work / "unstreamed", len(questions),
                                      args.timeout)
             load["after_second_graph"] = os.getloadavg()[0]
+        peer: list[dict] | str = "skipped (--no-peer)"
+        if not args.no_peer:
+            files = peer_files(asr, llm, tts)
+            if isinstance(files, str):
+                peer = files
+                print(f"warning: no Pipecat run: {files}", file=sys.stderr)
+            else:
+                print("Pipecat on the same questions (its own pipeline, the same models) ...",
+                      file=sys.stderr, flush=True)
+                peer = run_peer(inputs, work, files, system_prompt, max_tokens, args.timeout)
+                load["after_pipecat"] = os.getloadavg()[0]
         passes = []
         for n in range(args.baseline_passes):
             print(f"sequential baseline, pass {n + 1} ...", file=sys.stderr, flush=True)
@@ -630,6 +762,7 @@ def main() -> int:
     if unstreamed is not None:
         comparison = streaming_comparison(timed, unstreamed["turns"][skip:],
                                           median["baseline_turn_s"])
+    versus_peer = peer if isinstance(peer, str) else peer_comparison(timed, peer[skip:])
     pick = max(timed, key=lambda r: r["sentences"])  # the most pipelining to see
     plot_turn(args.png, pick, pick["baseline"], pick["question"])
     write_json(args.json, {
@@ -640,7 +773,7 @@ def main() -> int:
         "reply_wavs_written": replies_written, "baseline_passes": args.baseline_passes,
         "load_average_1min": load,
         "turns": rows, "median": median,
-        "goals": goals, "without_streaming_asr": comparison,
+        "goals": goals, "without_streaming_asr": comparison, "pipecat": versus_peer,
         "timeline_png": str(args.png), "timeline_turn": pick["question"],
     })
     print("machine load (1-minute average): " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}"

@@ -9,6 +9,10 @@ Configuration (env in the dataflow YAML):
                     as a timeout, so a lost message never stalls the conversation (default 180)
     VOICE_OUTPUT    folder where transcript.txt is written (default: out/voice of this checkout)
     VOICE           an omni model's voice (default: its first)
+    SPECULATE       "true": ask the words of a pause (the ASR's transcript of the VAD's pause
+                    snapshot, see its TRANSCRIBE_ON_PAUSE) at once as a held reply, released
+                    to the sink if the utterance ends with them, else cancelled (default
+                    false; needs `hearing`, and `release` wired to a sink that holds replies)
 
 Inputs:
     transcript      Transcript of an utterance (an ASR node's `result`); partial ones of an
@@ -44,6 +48,8 @@ Outputs:
                 request_id `reply-N`, origin_ns = when the user stopped speaking
     cancel      request ids to stop (connect it to the LLM, splitter, TTS and sink `cancel`)
     turn_done   the reply to a turn is over (connect it to wav_source's `ready` to take turns)
+    release     request ids of held replies that answer their turn after all (connect it to
+                the sink's `release`; see SPECULATE)
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ import time
 
 import pyarrow as pa
 
-from mofa_omni.config import env_float, env_int, env_str, exit_on_bad_settings
+from mofa_omni.config import env_choice, env_float, env_int, env_str, exit_on_bad_settings
 from mofa_omni.contract import arrow
 from mofa_omni.contract.errors import ContractError
 from mofa_omni.contract.tasks import (
@@ -68,7 +74,15 @@ from mofa_omni.node.delivery import Awaiting
 from mofa_omni.node.host import MessageMeta, dora_node_id
 from mofa_omni.node.integrity import CheckedNode
 from mofa_omni.scheduler.messages import Status, from_arrow
-from mofa_omni.voice.dialogue import Action, Ask, Cancel, Dialogue, TranscriptLine, TurnDone
+from mofa_omni.voice.dialogue import (
+    Action,
+    Ask,
+    Cancel,
+    Dialogue,
+    Release,
+    TranscriptLine,
+    TurnDone,
+)
 from mofa_omni.voice.events import read_event, voice_output
 
 log = logging.getLogger("dialogue")
@@ -79,7 +93,8 @@ def main() -> None:
     with exit_on_bad_settings("dialogue"):  # fail fast, before joining the graph
         dialogue = Dialogue(max_tokens=env_int("MAX_TOKENS", 96, minimum=1),
                             max_history=env_int("MAX_HISTORY", 16, minimum=1),
-                            voice=env_str("VOICE", ""))
+                            voice=env_str("VOICE", ""),
+                            speculate=env_choice("SPECULATE", "false", ("true", "false")) == "true")
         reply_timeout = env_float("REPLY_TIMEOUT_S", 180)
         if prompt := env_str("SYSTEM_PROMPT", ""):
             dialogue.system_prompt = prompt
@@ -140,6 +155,8 @@ def main() -> None:
                 case Cancel(reply_id):
                     answer_began(reply_id)
                     node.send_output("cancel", pa.array([reply_id]), {"request_id": reply_id})
+                case Release(reply_id):
+                    node.send_output("release", pa.array([reply_id]), {"request_id": reply_id})
                 case TurnDone(turn_id):
                     node.send_output("turn_done", pa.array([turn_id]), {"request_id": turn_id})
                 case TranscriptLine() as line:
@@ -162,12 +179,24 @@ def main() -> None:
         answer_began(meta.request_id)
         return dialogue.reply_failed(meta.request_id, error.summary())
 
+    pauses: dict[str, int] = {}  # turn -> origin_ns of its last pause snapshot
+
+    def pause_snapshot(meta: MessageMeta, metadata: dict) -> None:
+        """The VAD sent a snapshot of ``meta.request_id``: note when it is its pause's."""
+        if metadata.get("pause"):
+            pauses[meta.request_id] = meta.origin_ns
+            while len(pauses) > 64:
+                pauses.pop(next(iter(pauses)))
+
     def heard(meta: MessageMeta, transcript: Transcript) -> list[Action]:
         if not meta.final:  # words of an utterance still spoken
             words = transcript.text.split()
             settled, rest = words[:transcript.settled_words], words[transcript.settled_words:]
             log.info("%s so far: %s", meta.request_id,
                      " | ".join(" ".join(part) for part in (settled, rest) if part))
+            if pauses.get(meta.request_id) == meta.origin_ns:  # the words of a pause
+                return dialogue.heard_pause(meta.request_id, transcript.text, meta.origin_ns,
+                                            time.monotonic())
             return []
         return dialogue.heard(meta.request_id, transcript.text, meta.origin_ns, time.monotonic())
 
@@ -200,6 +229,8 @@ def main() -> None:
             act(dialogue.node_crashed(event["id"], time.time_ns()))
         elif event["type"] == "INPUT" and event["id"] in handlers:
             meta = MessageMeta.from_dora(event.get("metadata"), event["id"])
+            if event["id"] == "hearing" and not meta.final:
+                pause_snapshot(meta, event.get("metadata") or {})
             if event["id"] in ("transcript", "utterance", "reply", "spoken"):
                 trace.record(node_id, "recv", event["id"], event.get("metadata"))
             try:

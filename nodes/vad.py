@@ -31,7 +31,8 @@ Outputs:
                      node's lifetime), origin_ns = when the speech ended (on the clock of the
                      audio chunks' origin_ns). Snapshots (see PARTIAL_EVERY_MS) go before it
                      under the same request id, numbered (seq 0, 1, ...) and `final: false`:
-                     a TranscriptionRequest sent in several messages (mofa_omni.voice.streaming).
+                     a TranscriptionRequest sent in several messages (mofa_omni.voice.streaming);
+                     the pause snapshot's metadata has `pause: true`.
     speech_started   an event (a GenericResult of kind `audio.speech_started`, one row with
                      `index` and `start_s`; read it with mofa_omni.voice.events.read_event), request_id
                      `utt-N` of the utterance it begins, origin_ns = when the speech began. Sent
@@ -153,7 +154,9 @@ def main() -> int:
             request = TranscriptionRequest(item.audio, item.sample_rate, language)
             meta = MessageMeta(request_id, snapshots, not item.partial, origin, time.time_ns())
             snapshots = snapshots + 1 if item.partial else 0
-            node.send_output("utterance", arrow.encode(request), meta.to_dora())
+            # the pause snapshot says so: a dialogue may ask its words before the turn is sure
+            extra = {"pause": True} if item.pause else {}
+            node.send_output("utterance", arrow.encode(request), meta.to_dora() | extra)
             trace.record(trace_id, "send", "utterance", meta,
                          audio_s=round(len(item.audio) / item.sample_rate, 3))
             if item.pause and judges:

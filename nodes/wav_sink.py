@@ -15,6 +15,9 @@ Inputs:
             node's, whose TextChunks are skipped); a request's
             final chunk closes its file. A TranscriptionRequest (e.g. a VAD `utterance`) counts as
             one whole, final chunk.
+    release optional, request ids of held replies (their id ends with "~held": a dialogue asked
+            them before the turn was sure, see its SPECULATE): their audio is kept until the id
+            comes here, then written or played as if it arrived now; a cancel drops it
     cancel  optional, request ids (barge-in): the request's file is closed as it is (or its
             queued audio is not played), and its later chunks are ignored. Once it closes (the
             dialogue sending it has ended, which it does only after its last reply was spoken)
@@ -51,7 +54,15 @@ from mofa_omni.node import trace
 from mofa_omni.node.host import MessageMeta, dora_node_id
 from mofa_omni.node.integrity import CheckedNode
 from mofa_omni.node.serving import CANCEL_INPUT, cancelled_ids
-from mofa_omni.voice.events import DONE, SeqTracker, event, identify, load_sounddevice, voice_output
+from mofa_omni.voice.events import (
+    DONE,
+    SeqTracker,
+    event,
+    identify,
+    is_held,
+    load_sounddevice,
+    voice_output,
+)
 
 log = logging.getLogger("wav_sink")
 
@@ -143,6 +154,26 @@ def main() -> int:
     gaps = SeqTracker()
     cancelled: set[str] = speaker.cancelled if speaker is not None else set()
     conversation_over = False  # `cancel` closed
+    held: dict[str, list[tuple[MessageMeta, dict, np.ndarray, int, bool]]] = {}  # until released
+    released: set[str] = set()
+
+    def take(meta: MessageMeta, metadata: dict, audio: np.ndarray, rate: int, final: bool,
+             now: float) -> None:
+        """One chunk of a reply that may be heard now: written (or played)."""
+        trace.record(node_id, "recv", "audio", metadata, audio_s=round(len(audio) / rate, 4))
+        if final:
+            released.discard(meta.request_id)
+        if speaker is not None:
+            speaker.play(meta, audio, rate, final)
+            return
+        played_at = clock.add(meta.request_id, len(audio) / rate, now) if clock else now
+        if (closed := files.write(meta.request_id, audio, rate, final)) is not None:
+            if clock:
+                clock.forget(meta.request_id)
+            if played_at <= now:
+                done(meta, str(closed[0]), closed[1])
+            else:
+                due.append((played_at, meta, str(closed[0]), closed[1]))
     while (incoming := node.next(timeout=0.05) if due else node.next()) is not None:
         now = time.monotonic()
         for entry in [d for d in due if d[0] <= now]:
@@ -155,9 +186,16 @@ def main() -> int:
             break
         if incoming["type"] != "INPUT":
             continue
+        if incoming["id"] == "release":
+            for request_id in cancelled_ids(incoming["value"]):
+                released.add(request_id)
+                for chunk in held.pop(request_id, []):
+                    take(*chunk, now)
+            continue
         if incoming["id"] == CANCEL_INPUT:
             for request_id in cancelled_ids(incoming["value"]):
                 cancelled.add(request_id)
+                held.pop(request_id, None)
                 due[:] = [d for d in due if d[1].request_id != request_id]
                 if (closed := files.close(request_id)) is not None:
                     log.info("%s: cancelled, %s kept as it was", request_id, closed[0])
@@ -176,21 +214,12 @@ def main() -> int:
         if read is None:  # an omni reply's words: not for us
             continue
         audio, rate, chunk_final = read
-        trace.record(node_id, "recv", "audio", incoming.get("metadata"),
-                     audio_s=round(len(audio) / rate, 4))
         # A reply spoken sentence by sentence is one stream: the metadata says where it ends.
-        final = chunk_final and meta.final
-        if speaker is not None:
-            speaker.play(meta, audio, rate, final)
-            continue
-        played_at = clock.add(meta.request_id, len(audio) / rate, now) if clock else now
-        if (closed := files.write(meta.request_id, audio, rate, final)) is not None:
-            if clock:
-                clock.forget(meta.request_id)
-            if played_at <= now:
-                done(meta, str(closed[0]), closed[1])
-            else:
-                due.append((played_at, meta, str(closed[0]), closed[1]))
+        chunk = (meta, incoming.get("metadata") or {}, audio, rate, chunk_final and meta.final)
+        if is_held(meta.request_id) and meta.request_id not in released:
+            held.setdefault(meta.request_id, []).append(chunk)
+        else:
+            take(*chunk, now)
     for _, meta, path, seconds in due:  # the stream ended: say so now
         done(meta, path, seconds)
     if speaker is not None:

@@ -1,6 +1,7 @@
 """The voice agent's conversation state machine (pure, no models)."""
 
-from mofa_omni.voice.dialogue import Ask, Cancel, Dialogue, TranscriptLine, TurnDone
+from mofa_omni.voice.dialogue import Ask, Cancel, Dialogue, Release, TranscriptLine, TurnDone
+from mofa_omni.voice.events import is_held
 
 
 def roles(request) -> list[tuple[str, str]]:
@@ -202,3 +203,47 @@ def test_an_omni_model_hears_each_utterance_in_the_turn_it_was_said_in():
     cancel, line = dialogue.speech_started()
     assert cancel == Cancel("reply-2") and line.interrupted
     assert [m.role for m in dialogue.history] == ["user", "assistant"]
+
+
+# --- speculation: the words of a pause asked before the turn is sure -----------------------
+
+def held_ask(actions) -> Ask:
+    asks = [a for a in actions if isinstance(a, Ask)]
+    assert len(asks) == 1 and is_held(asks[0].reply_id)
+    return asks[0]
+
+
+def test_a_reply_asked_on_a_pause_is_released_when_the_utterance_ends_with_its_words():
+    dialogue = Dialogue(speculate=True)
+    ask = held_ask(dialogue.heard_pause("utt-1", "What is the capital of France?", 7))
+    assert ask.request.messages[-1].content == "What is the capital of France?"
+    assert ask.origin_ns == 7 and not dialogue.history  # not the turn's yet
+    assert dialogue.reply_text(ask.reply_id, "Paris.", True) == []  # kept while held
+    actions = dialogue.heard("utt-1", " What is the capital of France? ", 7)
+    assert actions == [TranscriptLine("user", "What is the capital of France?", "utt-1"),
+                       Release(ask.reply_id)]
+    assert [m.content for m in dialogue.history] == ["What is the capital of France?", "Paris."]
+    assert dialogue.spoken(ask.reply_id)[-1] == TurnDone("utt-1")
+
+
+def test_other_words_cancel_the_held_reply_and_the_utterance_is_asked_anew():
+    dialogue = Dialogue(speculate=True)
+    first = held_ask(dialogue.heard_pause("utt-1", "What is the", 1))
+    second = held_ask(dialogue.heard_pause("utt-1", "What is the capital", 1))
+    assert first.reply_id != second.reply_id
+    assert dialogue.heard_pause("utt-1", "What is the capital", 1) == []  # the same words
+    actions = dialogue.heard("utt-1", "What is the capital of Spain?", 1)
+    assert actions[0] == Cancel(second.reply_id)
+    ask = next(a for a in actions if isinstance(a, Ask))
+    assert not is_held(ask.reply_id)
+    assert dialogue.history[-1].content == "What is the capital of Spain?"
+    assert dialogue.reply_text(second.reply_id, "late", True) == []
+
+
+def test_a_held_reply_goes_when_a_new_utterance_starts_or_nothing_was_said():
+    dialogue = Dialogue(speculate=True)
+    held = held_ask(dialogue.heard_pause("utt-1", "Hello", 1))
+    assert dialogue.speech_started() == [Cancel(held.reply_id)]
+    held = held_ask(dialogue.heard_pause("utt-2", "Hello", 2))
+    assert dialogue.heard("utt-2", "...", 2) == [Cancel(held.reply_id), TurnDone("utt-2")]
+    assert Dialogue().heard_pause("utt-1", "Hello", 1) == []  # speculation off

@@ -7,6 +7,13 @@ speaking while a reply is still being generated or spoken, the reply is
 cancelled (generation and pending speech), what was said of it stays in the
 history, and the transcript marks it as interrupted.
 
+Speculation (``speculate``): the words of a pause (the ASR's transcript of the VAD's pause
+snapshot, made while the VAD still waits for the silence to last) are asked at once, as a
+*held* reply (:func:`mofa_omni.voice.events.held_id`): the LLM and the TTS work on it while
+the user may still go on, and the sink keeps its audio. If the utterance ends with those very
+words the reply is released (:class:`Release`) and the sink plays it at once; otherwise it is
+cancelled and the utterance asked anew. The history takes the turn only when it is released.
+
 With an omni model (dataflows/voice.omni.yml) no one transcribes: each utterance goes to the
 model as sound (:meth:`Dialogue.heard_sound`), the earlier ones with the turns they were said
 in, and the model answers in text and speech at once.
@@ -23,6 +30,7 @@ from mofa_omni.contract.errors import ContractError
 from mofa_omni.contract.tasks import ChatMessage, ChatRequest, OmniRequest
 from mofa_omni.media.audio import resample
 from mofa_omni.voice import events
+from mofa_omni.voice.events import held_id
 
 # What whisper writes for non-speech; such an utterance gets no reply.
 NON_SPEECH = re.compile(r"^[\s.,!?\-]*$|^\s*[\[(][^\])]*[\])]\s*$")
@@ -52,6 +60,13 @@ class Cancel:
 
 
 @dataclass(frozen=True, slots=True)
+class Release:
+    """A held reply answers the turn after all: the sink may play it."""
+
+    reply_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class TurnDone:
     """The reply to the last utterance is over (spoken, failed, or there was nothing to say)."""
 
@@ -74,7 +89,7 @@ class TranscriptLine:
         return f"{self.role}: {text}{marks}"
 
 
-Action = Ask | Cancel | TurnDone | TranscriptLine
+Action = Ask | Cancel | Release | TurnDone | TranscriptLine
 
 
 @dataclass
@@ -84,6 +99,7 @@ class _Reply:
     started: float  # monotonic seconds, for the reply's deadline
     text: str = ""
     generated: bool = False  # the LLM's final chunk came
+    question: str = ""  # a held reply's question: the words it answers, not yet in the history
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +134,9 @@ class Dialogue:
     # Whether a user is there to answer: a Realtime client (nodes/realtime.py) opens and closes
     # sessions; between two, what the VAD still hears of the last one gets no reply.
     listening: bool = True
+    # Ask the words of a pause before the VAD ends the utterance (see the module's docstring).
+    speculate: bool = False
+    held: _Reply | None = None  # the held reply, while its utterance is not over
     # Where each reply's words are in the history, for a client truncating what it played.
     said_at: dict[str, int] = field(default_factory=dict)
     _own: ReplySettings | None = None  # the node's settings, before any session changed them
@@ -150,9 +169,14 @@ class Dialogue:
         """A transcribed utterance: interrupt what is going on, then answer it."""
         self._answered(turn_id)
         text = text.strip()
+        held, self.held = self.held, None
+        if held is not None and held.turn_id == turn_id and held.question == text \
+                and self.listening:
+            return self._release(held, now)
+        dropped = [Cancel(held.reply_id)] if held is not None else []
         if NON_SPEECH.match(text) or not self.listening:
-            return [TurnDone(turn_id)]  # silence, noise, or no one there: no reply
-        actions = self._interrupt()
+            return [*dropped, TurnDone(turn_id)]  # silence, noise, or no one there: no reply
+        actions = dropped + self._interrupt()
         self.history.append(ChatMessage("user", text))
         self._replies += 1
         self.active = _Reply(f"reply-{self._replies}", turn_id, now)
@@ -160,6 +184,40 @@ class Dialogue:
         request = ChatRequest(messages, self.max_tokens, temperature=self.temperature)
         return [*actions, TranscriptLine("user", text, turn_id),
                 Ask(self.active.reply_id, request, origin_ns)]
+
+    def heard_pause(self, turn_id: str, text: str, origin_ns: int,
+                    now: float = 0.0) -> list[Action]:
+        """The words of a pause in ``turn_id`` (its utterance may still go on): with
+        ``speculate``, ask them now as a held reply, in place of the one held before."""
+        text = text.strip()
+        if not self.speculate or not self.listening or NON_SPEECH.match(text) \
+                or (self.held and (self.held.turn_id, self.held.question) == (turn_id, text)):
+            return []
+        actions = [Cancel(self.held.reply_id)] if self.held else []
+        self._replies += 1
+        self.held = _Reply(held_id(f"reply-{self._replies}"), turn_id, now, question=text)
+        messages = [*self._system(), *self.history[-(self.max_history - 1):],
+                    ChatMessage("user", text)] if self.max_history > 1 else \
+            [*self._system(), ChatMessage("user", text)]
+        request = ChatRequest(messages, self.max_tokens, temperature=self.temperature)
+        return [*actions, Ask(self.held.reply_id, request, origin_ns)]
+
+    def _release(self, held: _Reply, now: float) -> list[Action]:
+        """The utterance ended with the held reply's words: it answers the turn."""
+        actions = self._interrupt()
+        self.history.append(ChatMessage("user", held.question))
+        held.started = now
+        self.active = held
+        actions += [TranscriptLine("user", held.question, held.turn_id), Release(held.reply_id)]
+        if held.generated:  # all of it came while held
+            self._say(held.reply_id, held.text.strip())
+            if not held.text.strip():
+                actions += self.spoken(held.reply_id)
+        return actions
+
+    def _drop_held(self) -> list[Action]:
+        held, self.held = self.held, None
+        return [Cancel(held.reply_id)] if held else []
 
     def heard_sound(self, turn_id: str, audio: np.ndarray, sample_rate: int, origin_ns: int,
                     now: float = 0.0) -> list[Action]:
@@ -181,10 +239,15 @@ class Dialogue:
                 Ask(self.active.reply_id, request, origin_ns)]
 
     def speech_started(self) -> list[Action]:
-        """The user began to speak (VAD): barge in on a reply that is still going."""
-        return self._interrupt()
+        """The user began to speak (VAD): barge in on a reply that is still going (and on one
+        held for the last utterance, whose end was not heard: a new one began)."""
+        return self._drop_held() + self._interrupt()
 
     def reply_text(self, reply_id: str, text: str, final: bool) -> list[Action]:
+        if self.held and self.held.reply_id == reply_id:  # kept until its turn is sure
+            self.held.text += text
+            self.held.generated = self.held.generated or final
+            return []
         reply = self._current(reply_id)
         if reply is None:
             return []  # a cancelled reply's late chunks
@@ -198,6 +261,9 @@ class Dialogue:
         return []
 
     def reply_failed(self, reply_id: str, message: str) -> list[Action]:
+        if self.held and self.held.reply_id == reply_id:  # the utterance is asked again
+            self.held = None
+            return []
         reply = self._current(reply_id)
         if reply is None:
             return []
@@ -218,6 +284,8 @@ class Dialogue:
 
     def speech_failed(self, reply_id: str, message: str) -> list[Action]:
         """The TTS could not speak (part of) the reply: the turn ends, the text stays known."""
+        if self.held and self.held.reply_id == reply_id:  # the utterance is asked again
+            return self._drop_held()
         reply = self._current(reply_id)
         if reply is None:
             return []
@@ -240,8 +308,9 @@ class Dialogue:
                     for action in self.not_heard(turn_id, f"{node} crashed: not heard")]
         reply = self.active
         if reply is None:
-            return []
-        return [Cancel(reply.reply_id), *self.reply_failed(reply.reply_id, f"{node} crashed")]
+            return self._drop_held()
+        return [*self._drop_held(), Cancel(reply.reply_id),
+                *self.reply_failed(reply.reply_id, f"{node} crashed")]
 
     def expire(self, now: float, timeout_s: float) -> list[Action]:
         """End a reply that is not over ``timeout_s`` after the question, and a turn whose
@@ -251,6 +320,8 @@ class Dialogue:
                    if now - sent > timeout_s
                    for action in self.not_heard(turn_id, f"timeout: not heard in "
                                                          f"{timeout_s:g} s")]
+        if self.held and now - self.held.started > timeout_s:
+            actions += self._drop_held()
         reply = self.active
         if reply is None or now - reply.started <= timeout_s:
             return actions
@@ -289,7 +360,7 @@ class Dialogue:
 
     def session_closed(self) -> list[Action]:
         """The client went: its reply stops, its conversation is forgotten."""
-        actions = self._interrupt()
+        actions = self._drop_held() + self._interrupt()
         self.history.clear()
         self.said_at.clear()
         self.listening = False

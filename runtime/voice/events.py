@@ -32,6 +32,21 @@ from mofa_omni.contract.tasks import (
 
 SPEECH_STARTED = "audio.speech_started"  # the VAD heard speech begin (barge-in)
 DONE = "audio.done"  # a sink finished a request (e.g. wrote or played a reply)
+# A reply asked before its turn is sure (the dialogue's speculation) is *held*: its id says so,
+# and a sink keeps its audio until the dialogue's `release` names it (or a cancel drops it).
+HELD_SUFFIX = "~held"
+
+
+def held_id(reply_id: str) -> str:
+    """The id of ``reply_id`` asked as a held reply."""
+    return reply_id + HELD_SUFFIX
+
+
+def is_held(request_id: str) -> bool:
+    """Whether a sink must keep this request's audio until it is released."""
+    return request_id.endswith(HELD_SUFFIX)
+
+
 # A Realtime client's session, told to the dialogue (nodes/realtime.py -> its `control` input)
 SESSION_OPENED = "voice.session_opened"  # fields: instructions, max_tokens, temperature
 SESSION_CLOSED = "voice.session_closed"
