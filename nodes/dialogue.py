@@ -83,7 +83,7 @@ from mofa_omni.voice.dialogue import (
     TranscriptLine,
     TurnDone,
 )
-from mofa_omni.voice.events import read_event, voice_output
+from mofa_omni.voice.events import is_held, read_event, voice_output
 
 log = logging.getLogger("dialogue")
 
@@ -151,11 +151,17 @@ def main() -> None:
         for action in actions:
             match action:
                 case Ask() as question:
+                    if is_held(question.reply_id):
+                        log.info("%s: the words of the pause asked as %s",
+                                 question.request.messages[-1].content, question.reply_id)
                     ask(question)
                 case Cancel(reply_id):
                     answer_began(reply_id)
+                    if is_held(reply_id):
+                        log.info("%s cancelled: the utterance went on", reply_id)
                     node.send_output("cancel", pa.array([reply_id]), {"request_id": reply_id})
                 case Release(reply_id):
+                    log.info("%s released: the utterance ended with its words", reply_id)
                     node.send_output("release", pa.array([reply_id]), {"request_id": reply_id})
                 case TurnDone(turn_id):
                     node.send_output("turn_done", pa.array([turn_id]), {"request_id": turn_id})

@@ -55,8 +55,7 @@ from collections.abc import Mapping
 
 import uvicorn
 
-from mofa_omni.config import env_float, env_int, env_str, exit_on_bad_settings
-from mofa_omni.contract.errors import ConfigError
+from mofa_omni.config import env_float, env_int, env_str, exit_on_bad_settings, listen_address
 from mofa_omni.gateway.app import build_app
 from mofa_omni.gateway.bridge import Graph, Replies, Reply
 from mofa_omni.gateway.routes import Router, input_sources, routes_from
@@ -67,9 +66,6 @@ from mofa_omni.node.integrity import CheckedNode
 from mofa_omni.scheduler.messages import Status, from_arrow
 
 log = logging.getLogger("gateway")
-
-
-MAX_PORT = 65535
 
 
 def settings_from_env(env: Mapping[str, str] | None = None) -> Settings:
@@ -89,19 +85,11 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> Settings:
         video_keep_s=env_float("VIDEO_KEEP_S", default.video_keep_s, env))
 
 
-def address_from_env(env: Mapping[str, str] | None = None) -> tuple[str, int]:
-    """Where to listen: ``$HOST`` and ``$PORT`` (default 127.0.0.1:8000)."""
-    port = env_int("PORT", 8000, env)
-    if port > MAX_PORT:
-        raise ConfigError(f"PORT={port} must be at most {MAX_PORT}")
-    return env_str("HOST", "127.0.0.1", env), port
-
-
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     with exit_on_bad_settings("gateway"):
         settings = settings_from_env()
-        host, port = address_from_env()
+        host, port = listen_address(8000)
         catalog = Catalog.load()
     node = CheckedNode()
     me = dora_node_id("gateway")

@@ -24,6 +24,7 @@ Inputs (all from the voice graph's nodes):
     audio           the TTS's `result`           -> response.output_audio.delta, response.done
     tts_error       the TTS's `error`            -> response.done (failed)
     cancel          the dialogue's `cancel`      -> response.done (cancelled)
+    release         the dialogue's `release`     -> a held reply (its SPECULATE) is shown
 Outputs:
     audio     AudioChunk stream of the client's speech (24 kHz), request_id = the session's id;
               its last chunk (final, empty) when the client goes
@@ -40,15 +41,14 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import uvicorn
 
-from mofa_omni.config import env_float, env_int, env_str, exit_on_bad_settings
+from mofa_omni.config import env_float, env_str, exit_on_bad_settings, listen_address
 from mofa_omni.contract import arrow
-from mofa_omni.contract.errors import ConfigError, ContractError
+from mofa_omni.contract.errors import ContractError
 from mofa_omni.contract.tasks import (
     AudioChunk,
     ErrorReport,
@@ -68,21 +68,11 @@ from mofa_omni.voice.events import DONE, event, read_event
 
 log = logging.getLogger("realtime")
 
-MAX_PORT = 65535
-
-
-def address_from_env(env: Mapping[str, str] | None = None) -> tuple[str, int]:
-    """Where to listen: ``$HOST`` and ``$PORT`` (default 127.0.0.1:8001)."""
-    port = env_int("PORT", 8001, env)
-    if port > MAX_PORT:
-        raise ConfigError(f"PORT={port} must be at most {MAX_PORT}")
-    return env_str("HOST", "127.0.0.1", env), port
-
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     with exit_on_bad_settings("realtime"):
-        host, port = address_from_env()
+        host, port = listen_address(8001)
         limits = Limits(max_ahead_s=env_float("MAX_AHEAD_S", 30.0))
         api_key = env_str("API_KEY", "")
         catalog = Catalog.load()
@@ -159,6 +149,9 @@ def from_graph(hub: Hub, input_id: str, meta: MessageMeta, value) -> None:
         case "cancel":
             for reply_id in cancelled_ids(value):
                 hub.from_graph("cancelled", reply_id)
+        case "release":
+            for reply_id in cancelled_ids(value):
+                hub.from_graph("released", reply_id)
 
 
 if __name__ == "__main__":

@@ -129,6 +129,18 @@ def env_pace(name: str, default: str = "realtime", env: Mapping[str, str] | None
     return factor
 
 
+MAX_PORT = 65535
+
+
+def listen_address(default_port: int, env: Mapping[str, str] | None = None) -> tuple[str, int]:
+    """Where a node's server listens: ``$HOST`` and ``$PORT`` (default: loopback, on
+    ``default_port``)."""
+    port = env_int("PORT", default_port, env)
+    if port > MAX_PORT:
+        raise ConfigError(f"PORT={port} must be at most {MAX_PORT}")
+    return env_str("HOST", "127.0.0.1", env), port
+
+
 def env_int(name: str, default: int, env: Mapping[str, str] | None = None, *,
             minimum: int = 0) -> int:
     """``$name`` as a whole number >= ``minimum`` (``default`` when unset or empty)."""

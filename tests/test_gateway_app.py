@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 from starlette.testclient import TestClient
 
+from mofa_omni.config import listen_address
 from mofa_omni.contract import arrow
 from mofa_omni.contract.errors import ConfigError, ErrorKind, OmniError
 from mofa_omni.contract.tasks import (
@@ -27,7 +28,7 @@ from mofa_omni.gateway.openai_bodies import HTTP_ERRORS, ApiError
 from mofa_omni.gateway.routes import Route, Router
 from mofa_omni.gateway.settings import Settings
 from mofa_omni.scheduler.messages import Delivery, NodeStatus
-from mofa_omni_nodes.gateway import address_from_env, settings_from_env
+from mofa_omni_nodes.gateway import settings_from_env
 
 ROUTE = Route("embedder", "embed", "request", Task.EMBEDDING, "minilm-l6")
 
@@ -133,8 +134,8 @@ def test_settings_come_from_the_environment():
     assert settings_from_env({"DEADLINE_S": "6", "API_KEY": "sesame", "MAX_BODY_BYTES": "1024",
                               "FALLBACK_AFTER_S": "2.5", "MAX_IMAGE_PIXELS": "4096"}) == \
         Settings(6.0, 1024, "sesame", 2.5, 4096)
-    assert address_from_env({}) == ("127.0.0.1", 8000)
-    assert address_from_env({"HOST": "0.0.0.0", "PORT": "9000"}) == ("0.0.0.0", 9000)
+    assert listen_address(8000, {}) == ("127.0.0.1", 8000)
+    assert listen_address(8000, {"HOST": "0.0.0.0", "PORT": "9000"}) == ("0.0.0.0", 9000)
 
 
 @pytest.mark.parametrize("env, message", [
@@ -154,7 +155,7 @@ def test_a_bad_setting_names_its_variable(env, message):
 ])
 def test_a_bad_address_names_its_variable(env, message):
     with pytest.raises(ConfigError, match=message):
-        address_from_env(env)
+        listen_address(8000, env)
 
 
 # --- requests and replies' ends dora dropped, found through the nodes' reports --------------

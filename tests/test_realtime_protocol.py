@@ -205,3 +205,18 @@ def test_the_dialogue_follows_the_clients_sessions():
     ask = next(a for a in dialogue.heard("utt-4", "Hi.", 0) if isinstance(a, Ask))
     assert ask.request.messages[0].content == "Default." and ask.request.max_tokens == 96
     assert Cancel(ask.reply_id) in dialogue.control(events.INTERRUPT, {})
+
+
+def test_a_held_reply_is_shown_only_once_released_and_never_if_cancelled():
+    conversation = Conversation("s", GA, GRAPH)
+    held = events.held_id("reply-1")
+    assert not conversation.reply_text(held, "Paris.", True).events
+    assert not conversation.reply_audio(held, np.zeros(RATE, np.float32), RATE, True, 1.0).events
+    shown = conversation.released(held, 3.0)
+    assert types(shown)[0] == "response.created" and types(shown)[-1] == "response.done"
+    assert shown.actions == [Spoken(held, 4.0)]  # played from the release on
+    other = events.held_id("reply-2")
+    conversation.reply_text(other, "Rome.", False)
+    assert not conversation.cancelled(other).events  # the client never heard of it
+    assert not conversation.released(other, 5.0).events
+    assert not conversation.reply_text(other, " Late.", True).events

@@ -16,6 +16,9 @@ How the graph's stream maps onto the protocol:
 - the dialogue's reply ``reply-N`` is one response: its first words open it, the LLM's
   text is ``response.output_audio_transcript.delta``, the TTS's audio (at 24 kHz)
   ``response.output_audio.delta``, the TTS's last chunk completes it;
+- a *held* reply (the dialogue asked the words of a pause before the turn was sure:
+  mofa_omni.voice.events.is_held) is kept here until the dialogue releases it, then shown
+  as if it came then; cancelled before that, the client never hears of it;
 - a cancel from the dialogue (the user barged in, or the client sent ``response.cancel``)
   ends the response as ``cancelled``; the client's ``conversation.item.truncate`` cuts the
   reply's text in the dialogue's history to what was heard.
@@ -43,6 +46,7 @@ from mofa_omni.realtime.protocol import (
     session_object,
 )
 from mofa_omni.voice import events as voice
+from mofa_omni.voice.events import is_held
 
 DELTA_S = 0.2  # the longest audio delta sent: the client can start and truncate finely
 
@@ -122,6 +126,8 @@ class Conversation:
         self._closed: dict[str, tuple[str, int, str]] = {}  # item id -> reply, samples, text
         self._cancelled: set[str] = set()  # replies cancelled before their first message
         self._cancel_reason = "turn_detected"  # of the next cancel: barge-in, or the client
+        self._held: dict[str, list[tuple[str, tuple[Any, ...]]]] = {}  # reply -> its messages
+        self._released: set[str] = set()
         self._last_item: str | None = None
         self._audio_s = 0.0  # received from the client
         self._first_audio_at: float | None = None
@@ -272,7 +278,29 @@ class Conversation:
                                     item_id=user.item_id, content_index=0,
                                     error={"type": "transcription_error", "message": message})])
 
+    def released(self, reply_id: str, now: float) -> Outcome:
+        """The dialogue released a held reply: what came of it so far, as if it came now."""
+        self._released.add(reply_id)
+        outcome = Outcome()
+        for method, args in self._held.pop(reply_id, []):
+            if method == "reply_audio":
+                args = (*args[:-1], now)
+            step = getattr(self, method)(*args)
+            outcome.events += step.events
+            outcome.actions += step.actions
+        return outcome
+
+    def _holds(self, reply_id: str, method: str, *args: Any) -> bool:
+        """Whether the message is of a held reply not released yet (then it is kept)."""
+        if not is_held(reply_id) or reply_id in self._released:
+            return False
+        if reply_id not in self._cancelled:
+            self._held.setdefault(reply_id, []).append((method, args))
+        return True
+
     def reply_text(self, reply_id: str, text: str, final: bool) -> Outcome:
+        if self._holds(reply_id, "reply_text", reply_id, text, final):
+            return Outcome()
         events, response = self._open(reply_id)
         if response is None:
             return Outcome()
@@ -289,6 +317,8 @@ class Conversation:
 
     def reply_audio(self, reply_id: str, audio: np.ndarray, rate: int, final: bool,
                     now: float) -> Outcome:
+        if self._holds(reply_id, "reply_audio", reply_id, audio, rate, final, now):
+            return Outcome()
         events, response = self._open(reply_id)
         if response is None:
             return Outcome()
@@ -311,6 +341,10 @@ class Conversation:
         return Outcome(events + self._finish(reply_id, "completed"), [Spoken(reply_id, played_at)])
 
     def reply_failed(self, reply_id: str, message: str) -> Outcome:
+        if is_held(reply_id) and reply_id not in self._released:  # asked again by the dialogue
+            self._held.pop(reply_id, None)
+            self._cancelled.add(reply_id)
+            return Outcome()
         events, response = self._open(reply_id)
         if response is None:
             return Outcome()
@@ -320,6 +354,7 @@ class Conversation:
     def cancelled(self, reply_id: str) -> Outcome:
         """The dialogue cancelled the reply (barge-in, or the client's response.cancel)."""
         reason, self._cancel_reason = self._cancel_reason, "turn_detected"
+        self._held.pop(reply_id, None)
         if reply_id not in self._responses:
             self._cancelled.add(reply_id)  # its first words may still be on their way
             return Outcome()

@@ -86,7 +86,7 @@ class Hub:
         conversation = self.conversation
         if conversation is None:
             return  # no one listens: what the graph still says of a past client
-        if method == "reply_audio":
+        if method in ("reply_audio", "released"):  # they need the time
             args = (*args, self.loop.time())
         self.carry(getattr(conversation, method)(*args))
 
