@@ -252,10 +252,17 @@ def test_bad_input_gets_error_events_and_the_graph_serves_the_next_client(graph,
         for piece in pcm_pieces(question("What is the capital of Italy?")):
             connection.input_audio_buffer.append(audio=piece)
         events = until(connection, done)
-    assert events[-1].response.status == "completed"
-    transcript = (graph.output / "transcript.txt").read_text()
+        # stay until the reply has played out (the dialogue counts it spoken then): a client
+        # leaving sooner stops it, as the one above did
+        transcript = graph.output / "transcript.txt"
+        deadline = time.monotonic() + 20
+        while not transcript.read_text().splitlines()[-1].startswith("assistant: ") and \
+                time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert events[-1].response.status == "completed", events[-1].response.status_details
+    transcript = transcript.read_text()
     assert transcript.count("[interrupted]") == interrupted + 1, transcript
-    assert graph.health()["sessions_served"] >= 5
+    assert graph.health()["sessions_served"] >= 3  # this test's own
 
 
 def test_the_page_in_headless_chromium_hears_the_question_and_plays_the_answer(

@@ -220,3 +220,14 @@ def test_a_held_reply_is_shown_only_once_released_and_never_if_cancelled():
     assert not conversation.cancelled(other).events  # the client never heard of it
     assert not conversation.released(other, 5.0).events
     assert not conversation.reply_text(other, " Late.", True).events
+
+
+def test_a_session_knows_the_utterances_and_replies_it_heard_of():
+    """What the Realtime node ignores once the session is over: a cancel's error or a late
+    transcript of them must not open a response in the next client's session."""
+    conversation = Conversation("s", GA, GRAPH)
+    conversation.speech_started("utt-1", 0.0)
+    conversation.reply_text("reply-1", "Paris.", True)
+    conversation.reply_text(events.held_id("reply-2"), "Rome.", False)
+    conversation.cancelled("reply-3")
+    assert conversation.ids() == {"utt-1", "reply-1", events.held_id("reply-2"), "reply-3"}

@@ -133,6 +133,12 @@ class Conversation:
         self._first_audio_at: float | None = None
         self.stream_offset_s = 0.0  # the VAD's position when this session began
 
+    def ids(self) -> set[str]:
+        """The utterances and replies of the graph this session heard of: once it is over,
+        what the graph still says of them is not the next session's."""
+        return {*self._users, *self._responses, *self._cancelled, *self._held, *self._released,
+                *(reply for reply, _, _ in self._closed.values())}
+
     # --- the client ------------------------------------------------------------------------
 
     def opened(self) -> Outcome:

@@ -10,6 +10,7 @@ and a second one is told so (an ``error`` event ``session_busy``, then a close w
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hmac
 import itertools
@@ -61,6 +62,9 @@ class GraphPort:
     spoken: Callable[[str], None]  # reply id played out
 
 
+PAST_IDS = 512  # ids of past sessions' utterances and replies kept, to ignore their echoes
+
+
 class Hub:
     """The one conversation, if a client is connected, between the graph and the client."""
 
@@ -74,6 +78,9 @@ class Hub:
         self._seq = 0  # of the audio stream of the session
         self._stream_s = 0.0  # audio sent to the VAD so far, all sessions: its clock
         self.sessions_served = 0
+        # utterance and reply ids of past sessions (the last few hundred): the graph may still
+        # speak of them (a cancel's error, a late transcript) after the next client came
+        self._past_ids: collections.deque[str] = collections.deque(maxlen=PAST_IDS)
 
     # --- from the graph (the dora thread) ----------------------------------------------------
 
@@ -84,8 +91,8 @@ class Hub:
 
     def _from_graph(self, method: str, args: tuple[Any, ...]) -> None:
         conversation = self.conversation
-        if conversation is None:
-            return  # no one listens: what the graph still says of a past client
+        if conversation is None or (args and args[0] in self._past_ids):
+            return  # no one listens, or it is of a past client
         if method in ("reply_audio", "released"):  # they need the time
             args = (*args, self.loop.time())
         self.carry(getattr(conversation, method)(*args))
@@ -147,6 +154,7 @@ class Hub:
             await self._read(websocket, conversation, writer)
         finally:
             self.carry(conversation.closed())
+            self._past_ids.extend(conversation.ids() - set(self._past_ids))
             self.conversation, outbox, self._outbox = None, self._outbox, None
             outbox.put_nowait(None)
             with contextlib.suppress(Exception):
