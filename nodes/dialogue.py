@@ -9,6 +9,8 @@ Configuration (env in the dataflow YAML):
                     as a timeout, so a lost message never stalls the conversation (default 180)
     VOICE_OUTPUT    folder where transcript.txt is written (default: out/voice of this checkout)
     VOICE           an omni model's voice (default: its first)
+    OMNI_RETRY_S    with a cascade (below): how long turns go to it once the omni model could
+                    not serve, before the omni model is tried again (default 60)
     SPECULATE       "true": ask the words of a pause (the ASR's transcript of the VAD's pause
                     snapshot, see its TRANSCRIBE_ON_PAUSE) at once as a held reply, released
                     to the sink if the utterance ends with them, else cancelled (default
@@ -35,19 +37,27 @@ Inputs:
                     client's session opened (a new conversation, its instructions and reply
                     settings) or closed (its reply stops; what is heard until the next one gets
                     no reply), its response.cancel, the part of a reply it played
+    cascade_reply   optional, with `hear` and `cascade_chat`: the cascade's LLM `result` (an omni
+                    graph's stand-in ASR + LLM + TTS, for when the omni model cannot serve:
+                    refused memory, not loaded in time, crashed; dataflows/voice.omni.yml)
+    cascade_error   the cascade LLM's `error`
     status          optional, the scheduler's `status`: the LLM node's delivery report. A
                     question the report shows never arrived (dora dropped it; the last one sent
                     shows no gap) is asked again, up to twice, then the reply ends in an error,
                     in seconds rather than after REPLY_TIMEOUT_S
 
-The node ends once `transcript` (or `utterance`) is closed (no more turns) and the last reply
-is over.
+The node ends once `utterance` (or, without it, `transcript`) is closed (no more turns) and
+the last reply is over.
 
 Outputs:
     chat        ChatRequest (OmniRequest for an utterance) with the whole conversation,
                 request_id `reply-N`, origin_ns = when the user stopped speaking
     cancel      request ids to stop (connect it to the LLM, splitter, TTS and sink `cancel`)
     turn_done   the reply to a turn is over (connect it to wav_source's `ready` to take turns)
+    hear        optional (the cascade): an utterance the omni model could not serve, for the
+                cascade's ASR (TranscriptionRequest, request_id = the turn); its words come back
+                on `transcript`
+    cascade_chat  optional (the cascade): the ChatRequest of such a turn, for the cascade's LLM
     release     request ids of held replies that answer their turn after all (connect it to
                 the sink's `release`; see SPECULATE)
 """
@@ -61,9 +71,10 @@ import pyarrow as pa
 
 from mofa_omni.config import env_choice, env_float, env_int, env_str, exit_on_bad_settings
 from mofa_omni.contract import arrow
-from mofa_omni.contract.errors import ContractError
+from mofa_omni.contract.errors import ContractError, ErrorKind
 from mofa_omni.contract.tasks import (
     AudioChunk,
+    ChatRequest,
     ErrorReport,
     TextChunk,
     Transcript,
@@ -75,10 +86,12 @@ from mofa_omni.node.host import MessageMeta, dora_node_id
 from mofa_omni.node.integrity import CheckedNode
 from mofa_omni.scheduler.messages import Status, from_arrow
 from mofa_omni.voice.dialogue import (
+    HEARING_RATE,
     Action,
     Ask,
     Cancel,
     Dialogue,
+    Hear,
     Release,
     TranscriptLine,
     TurnDone,
@@ -94,7 +107,8 @@ def main() -> None:
         dialogue = Dialogue(max_tokens=env_int("MAX_TOKENS", 96, minimum=1),
                             max_history=env_int("MAX_HISTORY", 16, minimum=1),
                             voice=env_str("VOICE", ""),
-                            speculate=env_choice("SPECULATE", "false", ("true", "false")) == "true")
+                            speculate=env_choice("SPECULATE", "false", ("true", "false")) == "true",
+                            omni_retry_s=env_float("OMNI_RETRY_S", 60.0))
         reply_timeout = env_float("REPLY_TIMEOUT_S", 180)
         if prompt := env_str("SYSTEM_PROMPT", ""):
             dialogue.system_prompt = prompt
@@ -103,10 +117,12 @@ def main() -> None:
     node_id = dora_node_id("dialogue")
     # the node whose `result` is our `transcript`: its crash leaves utterances unheard
     inputs = node.node_config().get("inputs") or {}
-    transcript_source = inputs.get("transcript", "")
-    transcript_source = transcript_source.get("source", "") \
-        if isinstance(transcript_source, dict) else str(transcript_source)
-    dialogue.hearing_node = transcript_source.partition("/")[0]
+    dialogue.hearing_node = source_node(inputs.get("transcript", ""))
+    outputs = set(node.node_config().get("outputs") or [])
+    dialogue.cascade = {"hear", "cascade_chat"} <= outputs
+    if dialogue.cascade:
+        dialogue.omni_node = source_node(inputs.get("reply", ""))
+    turns_input = "utterance" if "utterance" in inputs else "transcript"
     out_dir.mkdir(parents=True, exist_ok=True)
     transcript = (out_dir / "transcript.txt").open("w", buffering=1)
     questions = question_reader(node.dataflow_descriptor(), node_id)
@@ -114,6 +130,10 @@ def main() -> None:
 
     def ask(question: Ask) -> None:
         meta = MessageMeta(question.reply_id, 0, True, question.origin_ns, time.time_ns())
+        if dialogue.cascade and isinstance(question.request, ChatRequest):
+            node.send_output("cascade_chat", arrow.encode(question.request), meta.to_dora())
+            trace.record(node_id, "send", "cascade_chat", meta)
+            return
         seq = node.send_output("chat", arrow.encode(question.request), meta.to_dora())
         trace.record(node_id, "send", "chat", meta)
         asked.clear()
@@ -155,6 +175,13 @@ def main() -> None:
                         log.info("%s: the words of the pause asked as %s",
                                  question.request.messages[-1].content, question.reply_id)
                     ask(question)
+                case Hear(turn_id, audio, origin_ns):
+                    log.warning("%s: the cascade hears it (%s cannot serve; tried again in "
+                                "%g s)", turn_id, dialogue.omni_node, dialogue.omni_retry_s)
+                    meta = MessageMeta(turn_id, 0, True, origin_ns, time.time_ns())
+                    node.send_output("hear", arrow.encode(TranscriptionRequest(audio,
+                                                                               HEARING_RATE)),
+                                     meta.to_dora())
                 case Cancel(reply_id):
                     answer_began(reply_id)
                     if is_held(reply_id):
@@ -183,7 +210,8 @@ def main() -> None:
 
     def llm_failed(meta: MessageMeta, error: ErrorReport) -> list[Action]:
         answer_began(meta.request_id)
-        return dialogue.reply_failed(meta.request_id, error.summary())
+        return dialogue.reply_failed(meta.request_id, error.summary(), time.monotonic(),
+                                     error.kind in (ErrorKind.UNAVAILABLE, ErrorKind.TIMEOUT))
 
     pauses: dict[str, int] = {}  # turn -> origin_ns of its last pause snapshot
 
@@ -218,6 +246,9 @@ def main() -> None:
         "reply": lambda meta, value: reply(meta, arrow.decode_one_of(value,
                                                                      (TextChunk, AudioChunk))),
         "llm_error": lambda meta, value: llm_failed(meta, arrow.decode(value, ErrorReport)),
+        "cascade_reply": lambda meta, value: reply(meta, arrow.decode(value, TextChunk)),
+        "cascade_error": lambda meta, value: dialogue.reply_failed(
+            meta.request_id, arrow.decode(value, ErrorReport).summary()),
         "tts_error": lambda meta, value: dialogue.speech_failed(
             meta.request_id, arrow.decode(value, ErrorReport).summary()),
         "spoken": lambda meta, value: dialogue.spoken(meta.request_id),
@@ -227,17 +258,17 @@ def main() -> None:
     heard_all = False  # the ASR's stream ended: no more turns will come
     while (event := node.next(timeout=1.0)) is not None:
         act(dialogue.expire(time.monotonic(), reply_timeout))
-        if event["type"] == "INPUT_CLOSED" and event["id"] in ("transcript", "utterance"):
+        if event["type"] == "INPUT_CLOSED" and event["id"] == turns_input:
             heard_all = True
         elif event["type"] in ("NODE_RESTARTED", "NODE_FAILED"):  # see dora's restart_policy
             log.error("%s crashed%s", event["id"],
                       "" if event["type"] == "NODE_FAILED" else ": dora restarts it")
-            act(dialogue.node_crashed(event["id"], time.time_ns()))
+            act(dialogue.node_crashed(event["id"], time.time_ns(), time.monotonic()))
         elif event["type"] == "INPUT" and event["id"] in handlers:
             meta = MessageMeta.from_dora(event.get("metadata"), event["id"])
             if event["id"] == "hearing" and not meta.final:
                 pause_snapshot(meta, event.get("metadata") or {})
-            if event["id"] in ("transcript", "utterance", "reply", "spoken"):
+            if event["id"] in ("transcript", "utterance", "reply", "cascade_reply", "spoken"):
                 trace.record(node_id, "recv", event["id"], event.get("metadata"))
             try:
                 act(handlers[event["id"]](meta, event["value"]))
@@ -245,10 +276,18 @@ def main() -> None:
                 log.error("%s %s: %s", event["id"], meta.request_id, error)
         # The graph has a cycle (dialogue -> llm -> dialogue): ending here, once the last
         # reply is over, closes the cycle's inputs so every node downstream finishes too.
-        if heard_all and dialogue.active is None:
+        # (A turn sent to the cascade's ASR still has its words to come.)
+        if heard_all and dialogue.active is None and \
+                not (turns_input == "utterance" and dialogue.transcribing):
             break
     transcript.close()
 
+
+
+def source_node(spec) -> str:
+    """The node an input reads from (its YAML: ``node/output`` or ``{source: ...}``)."""
+    source = spec.get("source", "") if isinstance(spec, dict) else str(spec)
+    return source.partition("/")[0]
 
 
 def question_reader(descriptor: dict, node_id: str) -> Awaiting | None:

@@ -13,6 +13,9 @@ Configuration (env in the dataflow YAML):
     BACKEND            run the model on this backend (mlx, ctranslate2, onnxruntime, ...)
                        instead of the one chosen for this machine (see mofa_omni.adapters.backends)
     REQUEST_TIMEOUT_S  deadline of a request from its arrival (default 120)
+    LOAD               start (default): load the model when the node starts (with a scheduler,
+                       once it grants the memory); first_request: only when the first request
+                       comes (a node standing by, as the cascade of dataflows/voice.omni.yml)
     MAX_BATCH          embedding, rerank and (CTranslate2) transcription requests that queued
                        up while the model was busy are served together, up to this many in one
                        engine call (default 32; 1: one at a time)
@@ -54,7 +57,13 @@ from mofa_omni.models.compute import ensure_fast_blas
 
 ensure_fast_blas()
 
-from mofa_omni.config import env_float, env_int, env_str, exit_on_bad_settings  # noqa: E402
+from mofa_omni.config import (  # noqa: E402
+    env_choice,
+    env_float,
+    env_int,
+    env_str,
+    exit_on_bad_settings,
+)
 from mofa_omni.contract import arrow  # noqa: E402
 from mofa_omni.contract.errors import ErrorKind  # noqa: E402
 from mofa_omni.contract.stages import parse_stages  # noqa: E402
@@ -129,6 +138,7 @@ def _serve() -> int:
         max_batch = env_int("MAX_BATCH", MAX_BATCH, minimum=1)
         batch_window_s = env_float("BATCH_WINDOW_MS", BATCH_WINDOW_S * 1000) / 1000
         parallel = env_int("PARALLEL", 1, minimum=1)
+        load_at_start = env_choice("LOAD", "start", ("start", "first_request")) == "start"
         slot = slot_from_env(Catalog.load())
     node_id = slot.host.node_id
 
@@ -174,7 +184,8 @@ def _serve() -> int:
                                                        worker.answered()))
         link.start_measuring(memory_report_s)
     worker = RequestWorker(slot, send, request_timeout, link, max_batch=max_batch,
-                           batch_window_s=batch_window_s, parallel=parallel)
+                           batch_window_s=batch_window_s, parallel=parallel,
+                           load_at_start=load_at_start)
     open_requests = inputs - {SCHEDULER_INPUT, CANCEL_INPUT}
     timeout = None
     # dora may deliver STOP or INPUT_CLOSED before queued inputs: keep reading until the stream

@@ -1,6 +1,15 @@
 """The voice agent's conversation state machine (pure, no models)."""
 
-from mofa_omni.voice.dialogue import Ask, Cancel, Dialogue, Release, TranscriptLine, TurnDone
+from mofa_omni.voice.dialogue import (
+    UNHEARD,
+    Ask,
+    Cancel,
+    Dialogue,
+    Hear,
+    Release,
+    TranscriptLine,
+    TurnDone,
+)
 from mofa_omni.voice.events import is_held
 
 
@@ -203,6 +212,72 @@ def test_an_omni_model_hears_each_utterance_in_the_turn_it_was_said_in():
     cancel, line = dialogue.speech_started()
     assert cancel == Cancel("reply-2") and line.interrupted
     assert [m.role for m in dialogue.history] == ["user", "assistant"]
+
+
+def test_a_turn_the_omni_model_cannot_serve_goes_to_the_cascade_and_the_next_ones_too():
+    """voice.omni.yml's cascade: the omni model refused (no variant fits the budget) before it
+    said a word -> that turn's sound goes to the ASR, its words to the LLM; later turns go there
+    too until omni_retry_s has passed, then the omni model is asked again."""
+    import numpy as np
+
+    from mofa_omni.contract.tasks import ChatRequest, OmniRequest
+
+    dialogue = Dialogue(system_prompt="S", cascade=True, omni_node="omni", omni_retry_s=30)
+    sound = np.full(16000, 0.1, np.float32)
+    dialogue.heard_sound("utt-1", sound, 16000, 5, now=100.0)
+    failed = dialogue.reply_failed("reply-1", "unavailable: the scheduler refused qwen3-omni",
+                                   now=101.0, unavailable=True)
+    line, hear = failed
+    assert line.role == "assistant" and "the cascade answers" in line.error
+    assert isinstance(hear, Hear) and hear.turn_id == "utt-1" and hear.origin_ns == 5
+    assert hear.audio.size == 16000 and dialogue.history == [] and dialogue.transcribing
+    user_line, ask = dialogue.heard("utt-1", "What is the capital of France?", 5, now=102.0)
+    assert isinstance(ask.request, ChatRequest)
+    assert roles(ask.request) == [("system", "S"), ("user", "What is the capital of France?")]
+    dialogue.reply_text("reply-2", "Paris.", True)
+    assert dialogue.spoken("reply-2")[-1] == TurnDone("utt-1")
+    # within omni_retry_s: straight to the ASR
+    (hear,) = dialogue.heard_sound("utt-2", sound, 16000, 6, now=120.0)
+    assert isinstance(hear, Hear) and hear.turn_id == "utt-2" and "utt-2" in dialogue.transcribing
+    *_, ask = dialogue.heard("utt-2", "And of Italy?", 6, now=121.0)
+    dialogue.reply_text(ask.reply_id, "Rome.", True)
+    dialogue.spoken(ask.reply_id)
+    # then the omni model again, hearing the conversation with the cascade's words in it
+    *_, ask = dialogue.heard_sound("utt-3", sound, 16000, 7, now=140.0)
+    assert isinstance(ask.request, OmniRequest) and ask.request.audio_turns == [5]
+    assert [m.content for m in ask.request.messages[1:5]] == \
+        ["What is the capital of France?", "Paris.", "And of Italy?", "Rome."]
+
+
+def test_the_cascade_reads_turns_only_the_omni_model_heard_as_unheard_and_errors_stay_errors():
+    import numpy as np
+
+    dialogue = Dialogue(system_prompt="", cascade=True, omni_node="omni")
+    sound = np.full(16000, 0.1, np.float32)
+    *_, ask = dialogue.heard_sound("utt-1", sound, 16000, 5, now=1.0)
+    dialogue.reply_text(ask.reply_id, "Hello!", True)
+    dialogue.spoken(ask.reply_id)
+    dialogue.heard_sound("utt-2", sound, 16000, 6, now=2.0)
+    # the omni node crashed before it spoke: the cascade takes the turn
+    cancel, line, hear = dialogue.node_crashed("omni", now=3.0)
+    assert cancel == Cancel("reply-2") and "omni crashed" in line.error and hear.turn_id == "utt-2"
+    *_, ask = dialogue.heard("utt-2", "Who are you?", 6, now=4.0)
+    assert roles(ask.request) == [("user", UNHEARD), ("assistant", "Hello!"),
+                                  ("user", "Who are you?")]
+    # an error that is not "cannot serve", or one after words were said, ends the turn
+    other = Dialogue(cascade=True, omni_node="omni")
+    other.heard_sound("utt-1", sound, 16000, 5, now=1.0)
+    assert not any(isinstance(a, Hear) for a in other.reply_failed("reply-1", "internal: x",
+                                                                   now=2.0))
+    other.heard_sound("utt-2", sound, 16000, 5, now=3.0)
+    other.reply_text("reply-2", "Hel", False)
+    assert not any(isinstance(a, Hear) for a in other.reply_failed(
+        "reply-2", "unavailable: gone", now=4.0, unavailable=True))
+    # without a cascade the omni turn fails as before
+    alone = Dialogue()
+    alone.heard_sound("utt-1", sound, 16000, 5, now=1.0)
+    assert alone.reply_failed("reply-1", "unavailable: x", now=2.0, unavailable=True)[-1] == \
+        TurnDone("utt-1")
 
 
 # --- speculation: the words of a pause asked before the turn is sure -----------------------

@@ -120,15 +120,20 @@ def test_the_omni_voice_graph_takes_an_omni_model(catalog, tmp_path):
     from mofa_omni.models.catalog import Catalog
 
     voice = dataflows.load(dataflows.shipped("voice.omni"))
-    assert dataflows.model_nodes(voice) == {"omni": Task.OMNI}
+    assert dataflows.model_nodes(voice) == {  # the omni model, and the cascade standing by
+        "omni": Task.OMNI, "asr": Task.SPEECH_RECOGNITION, "llm": Task.TEXT_GENERATION,
+        "tts": Task.SPEECH_SYNTHESIS}
     user = tmp_path / "catalog.toml"
     user.write_text('[models.my-omni]\nadapter = "mlx_omni"\n'
                     'tasks = ["omni", "vision_language", "text_generation"]\nformat = "mlx"\n'
                     f'memory_mb = 200\nsource = {{ path = "{tmp_path}" }}\n')
     changed = dataflows.with_models(voice, [Catalog.load([user]).get("my-omni")])
     assert dataflows.node(changed, "omni")["env"]["MODEL"] == "my-omni"
-    with pytest.raises(ConfigError, match="smollm2-135m.*no place in this graph"):
-        dataflows.with_models(voice, [catalog.get("smollm2-135m")])
+    assert "MODEL" not in dataflows.node(changed, "llm")["env"]
+    cascade = dataflows.with_models(voice, [catalog.get("smollm2-135m")])  # the cascade's LLM
+    assert dataflows.node(cascade, "llm")["env"]["MODEL"] == "smollm2-135m"
+    with pytest.raises(ConfigError, match="minilm.*no place in this graph"):
+        dataflows.with_models(voice, [catalog.get("minilm-l6")])
 
 
 def test_a_server_of_an_omni_model_routes_sound_pictures_and_chat_to_it(catalog, tmp_path):

@@ -8,6 +8,7 @@ tests check the shapes, types, order, limits and errors of what it answers."""
 from __future__ import annotations
 
 import json
+import wave
 from pathlib import Path
 
 import numpy as np
@@ -213,16 +214,14 @@ def test_an_omni_node_answers_sound_with_text_and_speech_and_stops_on_barge_in(t
 def test_the_voice_agent_on_one_omni_model_answers_spoken_turns_aloud(tiny, tmp_path):
     """dataflows/voice.omni.yml as shipped, its `qwen3-omni` the tiny model (a user catalog
     entry of that name): two spoken questions -> VAD -> dialogue -> one omni node -> WAV replies
-    at 24 kHz and a transcript; no ASR, LLM or TTS node in the graph."""
-    import wave
-
+    at 24 kHz and a transcript; the cascade's ASR, LLM and TTS nodes stand by unloaded."""
     catalog = tmp_path / "catalog.toml"
     catalog.write_text(tiny["catalog"].read_text().replace("[models.tiny-qwen3-omni]",
                                                            "[models.qwen3-omni]"))
     out = tmp_path / "voice"
-    finish(start_dataflow(VOICE_OMNI, {"MOFA_OMNI_CATALOG": str(catalog),
-                                       "MOFA_OMNI_CACHE": str(tiny["cache"]),
-                                       "VOICE_OUTPUT": str(out), "MAX_TOKENS": "6"}), 300)
+    log = finish(start_dataflow(VOICE_OMNI, {"MOFA_OMNI_CATALOG": str(catalog),
+                                             "MOFA_OMNI_CACHE": str(tiny["cache"]),
+                                             "VOICE_OUTPUT": str(out), "MAX_TOKENS": "6"}), 300)
     lines = (out / "transcript.txt").read_text().splitlines()
     users = [line for line in lines if line.startswith("user: ")]
     answers = [line for line in lines if line.startswith("assistant: ")]
@@ -232,7 +231,34 @@ def test_the_voice_agent_on_one_omni_model_answers_spoken_turns_aloud(tiny, tmp_
         with wave.open(str(out / name)) as reply:
             # (seen once in a loaded CI run: a reply of no frames; the transcript says more)
             assert reply.getframerate() == 24000 and reply.getnframes() > 0, (name, lines)
-    nodes = {node["path"] for node in dataflows.load(VOICE_OMNI)["nodes"]}
-    assert "omni-node" in nodes and not {"omni-sentence-splitter"} & nodes
-    assert [n for n in dataflows.load(VOICE_OMNI)["nodes"] if n["path"] == "omni-node"] \
-        [0]["env"]["TASK"] == "omni"
+    nodes = {node["id"]: node for node in dataflows.load(VOICE_OMNI)["nodes"]}
+    assert nodes["omni"]["env"]["TASK"] == "omni"
+    # the cascade stood by and loaded nothing: the omni model served every turn
+    for stand_in in ("asr", "llm", "tts"):
+        assert f"{stand_in}: mofa_omni.node.serving: scheduler: load" not in log, \
+            "\n".join(line for line in log.splitlines() if "stdout" in line)
+
+
+def test_the_cascade_answers_when_no_omni_variant_fits_the_budget(tiny, tmp_path):
+    """dataflows/voice.omni.yml with an omni model the scheduler can never admit (its catalog
+    entry says 100 GB): its refusal sends the first turn's sound to the cascade (whisper, then
+    SmolLM2, then Piper), which answers it aloud; the second turn goes straight there."""
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text(tiny["catalog"].read_text()
+                       .replace("[models.tiny-qwen3-omni]", "[models.qwen3-omni]")
+                       .replace("memory_mb = 200", "memory_mb = 100000"))
+    out = tmp_path / "voice"
+    log = finish(start_dataflow(VOICE_OMNI, {"MOFA_OMNI_CATALOG": str(catalog),
+                                             "VOICE_OUTPUT": str(out)}), 300)
+    lines = (out / "transcript.txt").read_text().splitlines()
+    assert lines[0].startswith("user: [spoken, "), lines
+    assert "the scheduler refused qwen3-omni" in lines[1] and \
+        lines[1].endswith("; the cascade answers]"), lines
+    assert lines[2] == "user: What is the capital of France?", lines
+    assert lines[3].startswith("assistant: ") and "[" not in lines[3], lines
+    assert lines[4].startswith("user: ") and "italy" in lines[4].lower(), lines
+    assert lines[5].startswith("assistant: ") and "[" not in lines[5] and len(lines) == 6, lines
+    for name in ("reply-001.wav", "reply-002.wav"):  # spoken by Piper
+        with wave.open(str(out / name)) as reply:
+            assert reply.getframerate() == 22050 and reply.getnframes() > 0, (name, lines)
+    assert "utt-1: the cascade hears it (omni cannot serve" in log, log[-3000:]

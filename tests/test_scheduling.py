@@ -170,6 +170,36 @@ def test_a_scheduled_node_loads_switches_unloads_and_refuses_only_as_told(stats_
     assert all(m.rss > 0 and m.load_seconds > 0 for m in loaded)
 
 
+def test_a_node_standing_by_asks_for_memory_only_for_its_first_request(stats_catalog,
+                                                                      tmp_path: Path):
+    """LOAD=first_request (the cascade of voice.omni.yml): nothing is asked or loaded at start;
+    the first request asks, and is served once granted. Without a scheduler it loads then."""
+    wire = Wire()
+    slot = ModelSlot(stats_catalog.get("stats-big"), stats_catalog, "stats",
+                     ModelStore(tmp_path / "cache"))
+    link = SchedulerLink("stats", slot, wire.publish)
+    worker = RequestWorker(slot, wire.send, link=link, load_at_start=False)
+    time.sleep(0.2)
+    assert wire.control == [] and not slot.loaded and link.state == "evicted"
+    worker.submit("request", ask("the cat of a dog"), {"request_id": "r1"})
+    wire.wait_for(lambda w: w.events() == ["ask"])
+    worker.command(Command("stats", "load", "stats-big"))
+    wire.wait_for(lambda w: len(w.out) == 1)
+    assert wire.stopwords("r1") == 3
+    worker.drain()
+
+    alone = Wire()
+    slot = ModelSlot(stats_catalog.get("stats-big"), stats_catalog, "stats",
+                     ModelStore(tmp_path / "cache"))
+    worker = RequestWorker(slot, alone.send, load_at_start=False)
+    time.sleep(0.2)
+    assert not slot.loaded
+    worker.submit("request", ask("the cat of a dog"), {"request_id": "r1"})
+    alone.wait_for(lambda w: len(w.out) == 1)
+    assert alone.stopwords("r1") == 3 and slot.loaded
+    worker.drain()
+
+
 def test_activity_is_reported_off_the_request_path_and_short_idle_spells_are_not(
         stats_catalog, tmp_path: Path):
     wire = Wire()

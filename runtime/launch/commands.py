@@ -285,8 +285,9 @@ def add_commands(command) -> None:
                                           "its task (default: the dataflow's)")
         if graph == "voice":
             sub.add_argument("--omni", action="store_true",
-                             help="one omni model hears and answers aloud (voice.omni.yml: no "
-                                  "ASR, LLM or TTS node); name it with --models")
+                             help="one omni model hears and answers aloud (voice.omni.yml; an "
+                                  "ASR, an LLM and a TTS stand by for when it cannot serve); "
+                                  "name it with --models")
             sub.add_argument("--web", action="store_true",
                              help="talk from a browser page or an OpenAI Realtime client "
                                   "(voice.web.yml) instead of WAV files or the microphone")

@@ -98,8 +98,11 @@ class RequestWorker:
     def __init__(self, slot: ModelSlot, send: Callable[[Outgoing], None],
                  timeout_s: float = 120.0, link: SchedulerLink | None = None, *,
                  max_batch: int = MAX_BATCH, batch_window_s: float = BATCH_WINDOW_S,
-                 parallel: int = 1):
+                 parallel: int = 1, load_at_start: bool = True):
         self.slot, self.send, self.timeout_s, self.link = slot, send, timeout_s, link
+        # False: the model loads for the first request (a node standing by, e.g. the cascade
+        # of dataflows/voice.omni.yml), not when the node starts
+        self.load_at_start = load_at_start
         self.max_batch, self.batch_window_s = max_batch, batch_window_s
         # requests served at once at most, where the model serves several (its own number caps
         # it): 1 by default, since a graph's other readers of a token stream must then read it
@@ -186,7 +189,10 @@ class RequestWorker:
 
     def _run(self) -> None:
         prepare_compute_thread()
-        if self.link:
+        if not self.load_at_start:
+            if self.link:
+                self.link.state = "evicted"  # holds nothing; asks for memory when asked
+        elif self.link:
             self.link.ask()
         else:
             self.slot.load()
@@ -231,6 +237,9 @@ class RequestWorker:
                 continue
             if self.link and not self._admitted(job):
                 continue
+            if not self.link and not self.load_at_start and not self.slot.loaded:
+                self.load_at_start = True  # loads once: a failure leaves the node unavailable
+                self.slot.load()
             parallel = min(self.host.parallel(job.input_id), self.parallel)
             if parallel > 1:
                 self._wait_for_running(parallel - 1)

@@ -17,6 +17,13 @@ cancelled and the utterance asked anew. The history takes the turn only when it 
 With an omni model (dataflows/voice.omni.yml) no one transcribes: each utterance goes to the
 model as sound (:meth:`Dialogue.heard_sound`), the earlier ones with the turns they were said
 in, and the model answers in text and speech at once.
+
+An omni graph may also declare the *cascade* (``cascade``): an ASR, an LLM and a TTS node
+beside the omni model, unloaded until needed. When the omni model cannot serve a turn — the
+scheduler refused it memory (no omni variant fits), it did not load in time, it crashed —
+before it said anything, the turn's sound goes to the ASR instead (:class:`Hear`), its words
+to the LLM, and the following turns too, for ``omni_retry_s``; then the omni model is tried
+again. The LLM sees the turns only the omni model heard as :data:`UNHEARD`.
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ NON_SPEECH = re.compile(r"^[\s.,!?\-]*$|^\s*[\[(][^\])]*[\])]\s*$")
 
 HEARING_RATE = 16_000  # the rate utterances are kept at for an omni model
 ANSWERED_TURNS = 64  # turns whose words are in, kept to tell a late `hearing` notice
+# What the cascade's LLM reads for a turn only the omni model heard (its words were never known)
+UNHEARD = "(spoken to another model; the words were not transcribed)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +66,15 @@ class Ask:
 @dataclass(frozen=True, slots=True)
 class Cancel:
     reply_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Hear:
+    """Send an utterance to the cascade's ASR: the omni model cannot serve it."""
+
+    turn_id: str
+    audio: np.ndarray  # at HEARING_RATE
+    origin_ns: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +107,7 @@ class TranscriptLine:
         return f"{self.role}: {text}{marks}"
 
 
-Action = Ask | Cancel | Release | TurnDone | TranscriptLine
+Action = Ask | Cancel | Hear | Release | TurnDone | TranscriptLine
 
 
 @dataclass
@@ -100,6 +118,8 @@ class _Reply:
     text: str = ""
     generated: bool = False  # the LLM's final chunk came
     question: str = ""  # a held reply's question: the words it answers, not yet in the history
+    sound: np.ndarray | None = None  # an omni reply's utterance (16 kHz), for the cascade
+    origin_ns: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +159,11 @@ class Dialogue:
     held: _Reply | None = None  # the held reply, while its utterance is not over
     # Where each reply's words are in the history, for a client truncating what it played.
     said_at: dict[str, int] = field(default_factory=dict)
+    # The cascade that stands in for the omni model (see the module's docstring).
+    cascade: bool = False
+    omni_node: str = ""  # the node the omni requests go to, whose crash sends turns there
+    omni_retry_s: float = 60.0
+    omni_down_until: float = float("-inf")  # monotonic s: the cascade answers until then
     _own: ReplySettings | None = None  # the node's settings, before any session changed them
     _replies: int = 0
 
@@ -180,7 +205,7 @@ class Dialogue:
         self.history.append(ChatMessage("user", text))
         self._replies += 1
         self.active = _Reply(f"reply-{self._replies}", turn_id, now)
-        messages = [*self._system(), *self.history[-self.max_history:]]
+        messages = [*self._system(), *_in_words(self.history[-self.max_history:])]
         request = ChatRequest(messages, self.max_tokens, temperature=self.temperature)
         return [*actions, TranscriptLine("user", text, turn_id),
                 Ask(self.active.reply_id, request, origin_ns)]
@@ -196,7 +221,7 @@ class Dialogue:
         actions = [Cancel(self.held.reply_id)] if self.held else []
         self._replies += 1
         self.held = _Reply(held_id(f"reply-{self._replies}"), turn_id, now, question=text)
-        messages = [*self._system(), *self.history[-(self.max_history - 1):],
+        messages = [*self._system(), *_in_words(self.history[-(self.max_history - 1):]),
                     ChatMessage("user", text)] if self.max_history > 1 else \
             [*self._system(), ChatMessage("user", text)]
         request = ChatRequest(messages, self.max_tokens, temperature=self.temperature)
@@ -222,12 +247,18 @@ class Dialogue:
     def heard_sound(self, turn_id: str, audio: np.ndarray, sample_rate: int, origin_ns: int,
                     now: float = 0.0) -> list[Action]:
         """An utterance for an omni model: interrupt what is going on, then ask the model to
-        answer the conversation aloud, every kept utterance in the turn it was said in."""
+        answer the conversation aloud, every kept utterance in the turn it was said in (or,
+        while the omni model cannot serve, send it to the cascade's ASR)."""
         actions = self._interrupt()
-        heard = HeardMessage("user", "", audio=resample(audio, sample_rate, HEARING_RATE))
+        sound = resample(audio, sample_rate, HEARING_RATE)
+        if self.cascade and now < self.omni_down_until:
+            self.transcribing[turn_id] = now
+            return [*actions, Hear(turn_id, sound, origin_ns)]
+        heard = HeardMessage("user", "", audio=sound)
         self.history.append(heard)
         self._replies += 1
-        self.active = _Reply(f"reply-{self._replies}", turn_id, now)
+        self.active = _Reply(f"reply-{self._replies}", turn_id, now, sound=sound,
+                             origin_ns=origin_ns)
         window = [*self._system(), *self.history[-self.max_history:]]
         turns = [i for i, m in enumerate(window) if isinstance(m, HeardMessage)]
         request = OmniRequest([ChatMessage(m.role, m.content) for m in window],
@@ -260,7 +291,11 @@ class Dialogue:
             return self.spoken(reply_id)
         return []
 
-    def reply_failed(self, reply_id: str, message: str) -> list[Action]:
+    def reply_failed(self, reply_id: str, message: str, now: float = 0.0,
+                     unavailable: bool = False) -> list[Action]:
+        """The reply ended in an error. ``unavailable``: its model could not serve (refused
+        memory, not loaded in time, crashed); an omni model's turn then goes to the cascade, if
+        the graph has one and nothing was said yet."""
         if self.held and self.held.reply_id == reply_id:  # the utterance is asked again
             self.held = None
             return []
@@ -268,6 +303,14 @@ class Dialogue:
         if reply is None:
             return []
         self.active = None
+        if unavailable and self.cascade and reply.sound is not None and not reply.text:
+            self.omni_down_until = now + self.omni_retry_s
+            if self.history and isinstance(self.history[-1], HeardMessage):
+                self.history.pop()  # the sound: the cascade's words take its place
+            self.transcribing[reply.turn_id] = now
+            return [TranscriptLine("assistant", "", reply.turn_id,
+                                   error=f"{message}; the cascade answers"),
+                    Hear(reply.turn_id, reply.sound, reply.origin_ns)]
         if self.history and self.history[-1].role == "user":
             self.history.pop()  # keep user/assistant alternating for the chat template
         return [TranscriptLine("assistant", reply.text.strip(), reply.turn_id, error=message),
@@ -297,7 +340,7 @@ class Dialogue:
         return [*actions, TranscriptLine("assistant", reply.text.strip(), reply.turn_id,
                                          error=message), TurnDone(reply.turn_id)]
 
-    def node_crashed(self, node: str, now_ns: int = 0) -> list[Action]:
+    def node_crashed(self, node: str, now_ns: int = 0, now: float = 0.0) -> list[Action]:
         """A node crashed (dora restarts it, or not), told at ``now_ns``. The ASR: the
         utterances it was transcribing will not be heard, their turns end now with the reason
         (and those sent before now, whose notice comes later). Any other node of the reply's
@@ -310,7 +353,8 @@ class Dialogue:
         if reply is None:
             return self._drop_held()
         return [*self._drop_held(), Cancel(reply.reply_id),
-                *self.reply_failed(reply.reply_id, f"{node} crashed")]
+                *self.reply_failed(reply.reply_id, f"{node} crashed", now,
+                                   unavailable=node == self.omni_node)]
 
     def expire(self, now: float, timeout_s: float) -> list[Action]:
         """End a reply that is not over ``timeout_s`` after the question, and a turn whose
@@ -400,3 +444,9 @@ class Dialogue:
             case events.TRUNCATE:
                 return self.truncate(str(fields.get("reply_id", "")), str(fields.get("text", "")))
         raise ContractError(f"unknown control event {kind!r}")
+
+
+def _in_words(messages: list[ChatMessage]) -> list[ChatMessage]:
+    """The history as an LLM reads it: a turn only an omni model heard is :data:`UNHEARD`."""
+    return [ChatMessage("user", UNHEARD) if isinstance(m, HeardMessage) else m
+            for m in messages]
