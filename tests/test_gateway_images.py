@@ -315,6 +315,13 @@ def test_a_chat_holding_sound_is_answered_in_text_and_speech_by_the_omni_model(s
             *hearing(tone_wav())[0]["content"],
             {"type": "image_url", "image_url": {"url": data_url(picture(48, 64))}}]}])
     assert with_picture.usage.prompt_tokens > heard.usage.prompt_tokens  # the picture's tokens
+    watched = client.chat.completions.create(  # a clip's frames beside the sound, aloud
+        model="tiny-qwen3-omni", max_tokens=4, modalities=["text", "audio"],
+        audio={"voice": "ethan", "format": "wav"},
+        messages=[{"role": "user", "content": [
+            *hearing(tone_wav())[0]["content"], *watching(clip_url(8, 48))[0]["content"][1:]]}])
+    assert watched.choices[0].message.audio.data
+    assert watched.usage.prompt_tokens > heard.usage.prompt_tokens  # the clip's tokens
     models = {m.id: m.model_dump() for m in client.models.list()}
     assert models["tiny-qwen3-omni"]["served_by"] == ["omni"]
 

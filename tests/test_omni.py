@@ -130,6 +130,26 @@ def test_earlier_sounds_stay_in_the_turns_they_were_said_in(omni):
         validate_request(OmniRequest(conversation, audio=[tone(), tone()], audio_turns=[0]))
 
 
+def clip(frames: int, side: int = 48) -> np.ndarray:
+    return np.random.default_rng(frames).integers(0, 256, (frames, side, side, 3), np.uint8)
+
+
+def test_a_video_clip_with_sound_and_text_is_read_and_answered_aloud(omni):
+    """A clip's frames go in as the model's video tokens (sampled at the adapter's video_fps),
+    in the last user turn beside the sound; the reply is text and speech, as without it."""
+    assert omni.reads_video()
+    spoken = OmniRequest(QUESTION, audio=[tone()], videos=[clip(8)], video_fps=[4.0],
+                         max_tokens=3, speak=True)
+    texts, sounds = reply(omni, spoken)
+    assert texts[-1].final and sounds and sounds[-1].final
+    plain, _ = reply(omni, OmniRequest(QUESTION, audio=[tone()], max_tokens=3))
+    assert texts[-1].prompt_tokens > plain[-1].prompt_tokens  # the clip's tokens
+    written, _ = reply(omni, OmniRequest(QUESTION, videos=[clip(8)], video_fps=[4.0],
+                                         max_tokens=3))
+    assert written[-1].prompt_tokens == texts[-1].prompt_tokens - 13 - 2  # no sound
+    assert omni._prompt(spoken).count("<|video_pad|>") == 1
+
+
 def test_closing_the_stream_mid_speech_stops_it(omni):
     stream = omni.generate_omni(OmniRequest(QUESTION, audio=[tone()], max_tokens=8, speak=True))
     kinds = []

@@ -1,7 +1,8 @@
 """Omni models served by mlx-vlm: text, pictures and sound in; text, and speech, out.
 
-Qwen3-Omni (``qwen3_omni_moe``): its "thinker" reads the conversation with the pictures and
-the sounds (whisper's log-mel at 16 kHz) and writes the text; asked to speak, its "talker"
+Qwen3-Omni (``qwen3_omni_moe``): its "thinker" reads the conversation with the pictures, the
+video clips (their frames, sampled as mlx_vlm's options say) and the sounds (whisper's log-mel
+at 16 kHz) and writes the text; asked to speak, its "talker"
 turns the thinker's hidden states into codec codes that "code2wav" voices at 24 kHz, in one
 of the model's own speakers. No ASR and no TTS model in the graph: one model, one footprint.
 
@@ -37,7 +38,8 @@ SPEECH_RATE = 24_000  # code2wav: 1920 samples per 12.5 Hz codec frame
 FRAMES_PER_TOKEN, EXTRA_FRAMES = 4, 8
 CHUNK_FRAMES = 4  # codec frames per spoken chunk: the first sound ~0.3 s of speech in
 LEFT_CONTEXT_FRAMES = 2  # frames code2wav reads again before each chunk (no seams)
-_MEDIA = ("input_features", "feature_attention_mask", "pixel_values", "image_grid_thw")
+_MEDIA = ("input_features", "feature_attention_mask", "pixel_values", "image_grid_thw",
+          "pixel_values_videos", "video_grid_thw", "video_second_per_grid")
 
 
 class MlxOmniOptions(MlxVlmOptions):
@@ -72,20 +74,21 @@ class MlxOmniAdapter(MlxVlmAdapter):
         validate_request(request)
         if self._model is None:
             raise self.not_loaded()
-        if request.videos:
-            raise ContractError(f"model {self.spec.name!r} (mlx_omni) does not take video clips "
-                                "with sound here: send the clip's frames as pictures")
+        videos = self._videos(request)  # sampled; refused by name by a model without video
         images = [to_rgb(pixels) for pixels in request.images]
         audio = [resample(clip, request.sample_rate, HEARING_RATE) for clip in request.audio]
         prompt = self._prompt(request)
         if not request.speak:
             return self._stream(request.messages, images, audio=audio, prompt=prompt,
-                                max_tokens=request.max_tokens, temperature=request.temperature)
-        return self._spoken(request, images, audio, self._speaker(request.voice), prompt)
+                                videos=videos, max_tokens=request.max_tokens,
+                                temperature=request.temperature)
+        return self._spoken(request, images, audio, self._speaker(request.voice), prompt,
+                            videos)
 
     def _prompt(self, request: OmniRequest) -> str:
         """The conversation through the model's chat template, each sound in the turn it was
-        said in (``audio_turns``; else the last user turn), the pictures in the last one."""
+        said in (``audio_turns``; else the last user turn), the pictures and the video clips
+        (their frames only: the clip's own sound is not read) in the last one."""
         from mlx_vlm.prompt_utils import apply_chat_template, get_chat_template
 
         messages = apply_chat_template(self._processor, self._model.config,
@@ -98,6 +101,11 @@ class MlxOmniAdapter(MlxVlmAdapter):
             content = messages[turn]["content"]
             parts = content if isinstance(content, list) else [{"type": "text", "text": content}]
             messages[turn]["content"] = [{"type": "audio"}, *parts]
+        if request.videos:
+            content = messages[last_user]["content"]
+            parts = content if isinstance(content, list) else [{"type": "text", "text": content}]
+            messages[last_user]["content"] = [*({"type": "video"} for _ in request.videos),
+                                              *parts]
         return get_chat_template(self._processor, messages, True, enable_thinking=True)
 
     def _speaker(self, voice: str) -> str:
@@ -113,12 +121,15 @@ class MlxOmniAdapter(MlxVlmAdapter):
         return voice.lower()
 
     def _spoken(self, request: OmniRequest, images: list, audio: list[np.ndarray],
-                speaker: str, prompt: str) -> Iterator[TextChunk | AudioChunk]:
+                speaker: str, prompt: str, videos: list[tuple[np.ndarray, float]]
+                ) -> Iterator[TextChunk | AudioChunk]:
         from mlx_vlm.utils import prepare_inputs
 
         processor, model = self._processor, self._model
+        clips = {"videos": [frames for frames, _ in videos],
+                 "fps": [rate for _, rate in videos]} if videos else {}
         inputs = prepare_inputs(processor, images=images or None, audio=audio or None,
-                                prompts=prompt)
+                                prompts=prompt, **clips)
         end_of_turn = model.config.eos_token_id
         steps = model.generate_stream(
             inputs["input_ids"], speaker=speaker, thinker_max_new_tokens=request.max_tokens,

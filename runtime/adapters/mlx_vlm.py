@@ -112,9 +112,11 @@ class MlxVlmAdapter(ModelAdapter):
         video processor beside its image processor."""
         if self._model is None:
             raise self.not_loaded()
-        config = self._model.config
-        token = getattr(config, "video_token_id", None) or getattr(config, "video_token_index",
-                                                                   None)
+        configs = [self._model.config]
+        configs += [c for c in [getattr(self._model.config, "thinker_config", None)] if c]  # omni
+        token = next((getattr(c, name) for c in configs
+                      for name in ("video_token_id", "video_token_index")
+                      if getattr(c, name, None) is not None), None)
         return token is not None and getattr(self._processor, "video_processor", None) is not None
 
     def _videos(self, request: OmniRequest) -> list[tuple[np.ndarray, float]]:
