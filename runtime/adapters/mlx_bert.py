@@ -46,6 +46,8 @@ from mofa_omni.formats.bert import (
     padded,
     position_offset,
     read_config,
+    read_tensors,
+    weight_files,
 )
 from mofa_omni.formats.sentence_transformers import (
     SentencePipeline,
@@ -117,6 +119,11 @@ class _Layer(nn.Module):
         return self.output(nn.gelu(self.intermediate(x)), x)  # HF "gelu" is the exact (erf) one
 
 
+def mx_load(path: Path) -> dict[str, mx.array]:
+    """One safetensors file's tensors, as MLX arrays."""
+    return mx.load(str(path))
+
+
 class BertEncoder(nn.Module):
     """A BERT encoder whose parameter names follow the HF checkpoint (see ``hf_name``)."""
 
@@ -164,7 +171,8 @@ class MlxBertAdapter(ModelAdapter):
     def prepare(self, source_dir: Path, out_dir: Path, progress: Progress) -> None:
         check_checkpoint(self.spec.name, source_dir)
         read_pipeline(source_dir)  # refused now rather than at load: a module it cannot run
-        copy_files(source_dir, out_dir, [*FILES, *files_of(source_dir)], progress)
+        copy_files(source_dir, out_dir, [*FILES, *weight_files(self.spec.name, source_dir),
+                                         *files_of(source_dir)], progress)
 
     def _load(self, model_dir: Path) -> None:
         config = read_config(model_dir / "config.json")
@@ -172,11 +180,11 @@ class MlxBertAdapter(ModelAdapter):
         wanted = {name for name, _ in tree_flatten(model.parameters())}
         # Extra tensors (position_ids, a pooler head) are not part of the encoder: skip them.
         weights = {name: v.astype(mx.float32)
-                   for k, v in mx.load(str(model_dir / "model.safetensors")).items()
+                   for k, v in read_tensors(self.spec.name, model_dir, mx_load).items()
                    if (name := BertEncoder.hf_name(k)) in wanted}
         missing = wanted - weights.keys()
         if missing:
-            raise ModelLoadError(f"model {self.spec.name!r}: model.safetensors lacks "
+            raise ModelLoadError(f"model {self.spec.name!r}: the checkpoint lacks "
                                  f"{', '.join(sorted(missing)[:5])}")
         model.load_weights(list(weights.items()))
         mx.eval(model.parameters())

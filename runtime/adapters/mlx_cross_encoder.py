@@ -20,11 +20,19 @@ from mlx.utils import tree_flatten
 
 from mofa_omni.adapters.base import ModelAdapter
 from mofa_omni.adapters.cross_encoder import PairScorer, check_one_label, classifier_family
-from mofa_omni.adapters.mlx_bert import BertEncoder
+from mofa_omni.adapters.mlx_bert import BertEncoder, mx_load
 from mofa_omni.adapters.options import AdapterOptions, CrossEncoderOptions
 from mofa_omni.contract.errors import ModelLoadError
 from mofa_omni.contract.tasks import Task
-from mofa_omni.formats.bert import FILES, check_checkpoint, copy_files, load_tokenizer, read_config
+from mofa_omni.formats.bert import (
+    FILES,
+    check_checkpoint,
+    copy_files,
+    load_tokenizer,
+    read_config,
+    read_tensors,
+    weight_files,
+)
 from mofa_omni.models.fetching import Progress
 
 
@@ -95,15 +103,16 @@ class MlxCrossEncoderAdapter(PairScorer, ModelAdapter):
 
     def prepare(self, source_dir: Path, out_dir: Path, progress: Progress) -> None:
         classifier_family(self.spec.name, check_checkpoint(self.spec.name, source_dir))
-        copy_files(source_dir, out_dir, FILES, progress)
+        copy_files(source_dir, out_dir, [*FILES, *weight_files(self.spec.name, source_dir)],
+                   progress)
 
     def _load(self, model_dir: Path) -> None:
         config = read_config(model_dir / "config.json")
         family = classifier_family(self.spec.name, config)
-        tensors = mx.load(str(model_dir / "model.safetensors"))
+        tensors = read_tensors(self.spec.name, model_dir, mx_load)
         output = "classifier.weight" if family == "bert" else "classifier.out_proj.weight"
         if output not in tensors:
-            raise ModelLoadError(f"model {self.spec.name!r}: model.safetensors lacks {output}")
+            raise ModelLoadError(f"model {self.spec.name!r}: the checkpoint lacks {output}")
         try:
             check_one_label(output.removesuffix(".weight"), tensors[output].shape[0])
         except ModelLoadError as error:
@@ -116,7 +125,7 @@ class MlxCrossEncoderAdapter(PairScorer, ModelAdapter):
         missing = sorted(wanted.keys() - weights.keys())
         wrong = sorted(n for n, v in weights.items() if v.shape != wanted[n].shape)
         if missing or wrong:
-            raise ModelLoadError(f"model {self.spec.name!r}: model.safetensors lacks "
+            raise ModelLoadError(f"model {self.spec.name!r}: the checkpoint lacks "
                                  f"{', '.join(missing[:5]) or '-'}; wrong shape: "
                                  f"{', '.join(wrong[:5]) or '-'}")
         model.load_weights(list(weights.items()))

@@ -42,6 +42,7 @@ from mofa_omni.formats.bert import (
     padded,
     position_offset,
     read_config,
+    read_tensors,
 )
 from mofa_omni.formats.sentence_transformers import (
     SentencePipeline,
@@ -87,7 +88,7 @@ class OrtBertAdapter(ModelAdapter):
     def prepare(self, source_dir: Path, out_dir: Path, progress: Progress) -> None:
         config = check_checkpoint(self.spec.name, source_dir)
         read_pipeline(source_dir)  # refused now rather than at load: a module it cannot run
-        weights = read_weights(self.spec.name, source_dir / "model.safetensors")
+        weights = read_weights(self.spec.name, source_dir)
         try:
             write_encoder_graph(config, weights, out_dir / GRAPH, progress)
         except ModelLoadError as error:  # a tensor the encoder needs is not in the checkpoint
@@ -144,17 +145,20 @@ class OrtBertAdapter(ModelAdapter):
         return vectors
 
 
-def read_weights(model: str, path: Path) -> dict[str, np.ndarray]:
-    """The checkpoint's tensors as float32, under BERT's names without a ``bert.``/``roberta.``
-    prefix."""
+def read_weights(model: str, folder: Path) -> dict[str, np.ndarray]:
+    """The checkpoint's tensors (one file or shards) as float32, under BERT's names without a
+    ``bert.``/``roberta.`` prefix."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
-    try:
-        tensors = load_file(str(path))
-    except (OSError, SafetensorError) as error:
-        raise ModelLoadError(f"model {model!r}: {path} is not readable safetensors: "
-                             f"{error}") from None
+    def load(path: Path) -> dict[str, np.ndarray]:
+        try:
+            return load_file(str(path))
+        except (OSError, SafetensorError) as error:
+            raise ModelLoadError(f"model {model!r}: {path} is not readable safetensors: "
+                                 f"{error}") from None
+
+    tensors = read_tensors(model, folder, load)
     return {encoder_name(name): value.astype(np.float32) for name, value in tensors.items()}
 
 

@@ -63,7 +63,7 @@ class OrtCrossEncoderAdapter(PairScorer, ModelAdapter):
     def prepare(self, source_dir: Path, out_dir: Path, progress: Progress) -> None:
         config = check_checkpoint(self.spec.name, source_dir)
         family = classifier_family(self.spec.name, config)
-        weights = read_weights(self.spec.name, source_dir / "model.safetensors")
+        weights = read_weights(self.spec.name, source_dir)
         try:
             write_classifier_graph(config, family, weights, out_dir / GRAPH, progress)
         except ModelLoadError as error:  # a tensor the graph needs is not in the checkpoint

@@ -6,23 +6,29 @@ encoder but for two things: positions count from ``pad_token_id + 1`` (:func:`po
 and their one token type is always 0 (their tokenizer says so). How token states become a
 sentence vector is :mod:`mofa_omni.formats.sentence_transformers`.
 
-Every BERT adapter (MLX, ONNX Runtime) reads the same three files and feeds its encoder the same
-token ids, so that they embed alike; only the encoder differs.
+Every BERT adapter (MLX, ONNX Runtime) reads the same files and feeds its encoder the same
+token ids, so that they embed alike; only the encoder differs. The weights are one
+``model.safetensors`` or shards listed by ``model.safetensors.index.json`` (as transformers
+writes a large checkpoint, and as a sharded PyTorch checkpoint is converted: see
+mofa_omni.models.by_name).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from mofa_omni.contract.errors import ModelLoadError
 from mofa_omni.models.fetching import Progress
 
-FILES = ("config.json", "model.safetensors", "tokenizer.json")
+FILES = ("config.json", "tokenizer.json")  # besides the weights (weight_files)
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"  # which shard holds each tensor
 # Model types whose position ids start after the padding index (fairseq's convention).
 OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "camembert"})
 # Prefixes of the encoder's tensors in a *Model / *ForSequenceClassification checkpoint.
@@ -63,7 +69,65 @@ def check_checkpoint(model: str, source_dir: Path) -> dict[str, Any]:
     for name in FILES:
         if not (source_dir / name).is_file():
             raise ModelLoadError(f"model {model!r}: {name} is missing from {source_dir}")
+    weight_files(model, source_dir)
     return read_config(source_dir / "config.json")
+
+
+def weight_files(model: str, folder: Path) -> list[str]:
+    """The names of the checkpoint's weight files in ``folder``: ``model.safetensors``, or the
+    index and the shards it lists (each a file beside it)."""
+    if (folder / WEIGHTS).is_file():
+        return [WEIGHTS]
+    if not (folder / WEIGHTS_INDEX).is_file():
+        raise ModelLoadError(f"model {model!r}: neither {WEIGHTS} nor {WEIGHTS_INDEX} is in "
+                             f"{folder}")
+    return [WEIGHTS_INDEX, *sorted(set(_weight_map(model, folder).values()))]
+
+
+def _weight_map(model: str, folder: Path) -> dict[str, str]:
+    """The index's tensor -> shard map; a shard that is not a plain file beside the index (a
+    path, ``..``) or is missing is refused."""
+    try:
+        weight_map = json.loads((folder / WEIGHTS_INDEX).read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError("its weight_map is not a non-empty object")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ModelLoadError(f"model {model!r}: {folder / WEIGHTS_INDEX} is unreadable: "
+                             f"{error}") from None
+    for shard in set(weight_map.values()):
+        if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+            raise ModelLoadError(f"model {model!r}: {WEIGHTS_INDEX} names the shard {shard!r}; "
+                                 "shards are files beside it")
+        if not (folder / shard).is_file():
+            raise ModelLoadError(f"model {model!r}: the shard {shard} that {WEIGHTS_INDEX} "
+                                 f"lists is missing from {folder}")
+    return weight_map
+
+
+Tensor = TypeVar("Tensor")
+
+
+def read_tensors(model: str, folder: Path, load: Callable[[Path], Mapping[str, Tensor]]
+                 ) -> dict[str, Tensor]:
+    """Every tensor of the checkpoint in ``folder``, under its own name, each file read by
+    ``load`` (safetensors.numpy's ``load_file``, ``mx.load``); a sharded checkpoint's tensors
+    must be where its index says, and in one shard only."""
+    names = weight_files(model, folder)
+    if names == [WEIGHTS]:
+        return dict(load(folder / WEIGHTS))
+    weight_map, tensors = _weight_map(model, folder), {}
+    for shard in names[1:]:
+        for name, value in load(folder / shard).items():
+            if name in tensors:
+                raise ModelLoadError(f"model {model!r}: {name} is in two shards")
+            if weight_map.get(name, shard) != shard:
+                raise ModelLoadError(f"model {model!r}: {name} is in {shard}, but "
+                                     f"{WEIGHTS_INDEX} lists it in {weight_map[name]}")
+            tensors[name] = value
+    if missing := sorted(weight_map.keys() - tensors.keys()):
+        raise ModelLoadError(f"model {model!r}: {', '.join(missing[:5])} listed in "
+                             f"{WEIGHTS_INDEX} but in no shard")
+    return tensors
 
 
 def copy_files(source_dir: Path, out_dir: Path, names: tuple[str, ...] | list[str],
