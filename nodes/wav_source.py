@@ -22,8 +22,9 @@ Every file is turned into float32 mono (stereo averaged, 8/16/32-bit PCM scaled)
 
 Inputs:
     ready   optional, any message: "the reply to the last turn is done". When connected, each turn
-            after the first is sent only once a `ready` came, and after the last turn the node exits
-            as soon as its `ready` comes (at the latest after LINGER_S).
+            after the first is sent only once a `ready` came (TURN_TAKING=wait), and after the last
+            turn the node exits as soon as a `ready` comes after it began (at the latest after
+            LINGER_S).
 Outputs:
     audio   AudioChunk stream per turn: request_id `turn-N`, seq 0, 1, ...; the turn's last chunk
             (the end of its trailing silence) is final, in the chunk and in the metadata;
@@ -60,7 +61,8 @@ class Inbox:
         self.node = node
         self.ready = 0
         self.stopped = False
-        self.ready_connected = take_turns and "ready" in (node.node_config().get("inputs") or {})
+        self.ready_wired = "ready" in (node.node_config().get("inputs") or {})
+        self.ready_connected = take_turns and self.ready_wired
 
     def wait(self, seconds: float, *, for_ready: bool = False) -> bool:
         """Handle events for up to ``seconds``; with ``for_ready``, return True as soon as a
@@ -79,7 +81,7 @@ class Inbox:
             elif event["type"] == "INPUT" and event["id"] == "ready":
                 self.ready += 1
             elif event["type"] == "INPUT_CLOSED" and event["id"] == "ready":
-                self.ready_connected = False
+                self.ready_connected = self.ready_wired = False
                 return False
         return False
 
@@ -119,6 +121,8 @@ def main() -> int:
             continue
         log.info("%s: %s (%.2f s at %d Hz)", request_id, path.name, len(audio) / file_rate,
                  file_rate)
+        if number == len(turns) and not inbox.ready_connected:
+            inbox.ready = 0  # free turns: only the last turn's `ready` ends the wait below
         silence = np.zeros(round(trailing_s * file_rate), np.float32)
         chunks = split_chunks(np.concatenate([audio, silence]), file_rate, chunk_ms)
         started = time.monotonic()
@@ -133,10 +137,7 @@ def main() -> int:
                              MessageMeta(request_id, seq, final, now, now).to_dora())
         awaiting_reply = True
     if awaiting_reply and not inbox.stopped:
-        if inbox.ready_connected:
-            inbox.wait(linger, for_ready=True)
-        else:
-            inbox.wait(linger)
+        inbox.wait(linger, for_ready=inbox.ready_wired)
     return 0
 
 

@@ -77,6 +77,7 @@ class MlxOmniAdapter(MlxVlmAdapter):
         videos = self._videos(request)  # sampled; refused by name by a model without video
         images = [to_rgb(pixels) for pixels in request.images]
         audio = [resample(clip, request.sample_rate, HEARING_RATE) for clip in request.audio]
+        self._check_lengths(audio)
         prompt = self._prompt(request)
         if not request.speak:
             return self._stream(request.messages, images, audio=audio, prompt=prompt,
@@ -84,6 +85,16 @@ class MlxOmniAdapter(MlxVlmAdapter):
                                 temperature=request.temperature)
         return self._spoken(request, images, audio, self._speaker(request.voice), prompt,
                             videos)
+
+    def _check_lengths(self, audio: list[np.ndarray]) -> None:
+        """A clip longer than the model's feature extractor reads (30 s for Gemma 3n) is
+        refused by name: the extractor would drop the rest without a word."""
+        limit = _clip_limit(getattr(self._processor, "feature_extractor", None))
+        for i, clip in enumerate(audio):
+            if isinstance(limit, int) and clip.size > limit:
+                raise ContractError(f"audio {i} is {clip.size / HEARING_RATE:.1f} s; model "
+                                    f"{self.spec.name!r} hears at most "
+                                    f"{limit / HEARING_RATE:g} s a clip: split it")
 
     def _prompt(self, request: OmniRequest) -> str:
         """The conversation through the model's chat template, each sound in the turn it was
@@ -168,3 +179,18 @@ class MlxOmniAdapter(MlxVlmAdapter):
             yield TextChunk(text)
         yield TextChunk("", final=True, finish_reason="stop" if ended else "length",
                         prompt_tokens=prompt_tokens, completion_tokens=len(tokens))
+
+
+def _clip_limit(extractor: object) -> int | None:
+    """The samples a feature extractor reads of a clip: its ``n_samples`` (whisper's), else its
+    call's default ``max_length`` (Gemma 3n's: 480,000); None if it says neither."""
+    import inspect
+
+    limit = getattr(extractor, "n_samples", None)
+    if isinstance(limit, int) or extractor is None:
+        return limit
+    try:
+        default = inspect.signature(extractor.__call__).parameters["max_length"].default
+    except (KeyError, TypeError, ValueError):
+        return None
+    return default if isinstance(default, int) else None
