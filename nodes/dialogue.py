@@ -185,7 +185,7 @@ def main() -> None:
                 case Cancel(reply_id):
                     answer_began(reply_id)
                     if is_held(reply_id):
-                        log.info("%s cancelled: the utterance went on", reply_id)
+                        log.info("%s cancelled", reply_id)  # the utterance went on, or a barge-in
                     node.send_output("cancel", pa.array([reply_id]), {"request_id": reply_id})
                 case Release(reply_id):
                     log.info("%s released: the utterance ended with its words", reply_id)
