@@ -133,7 +133,7 @@ def assert_all_answered_in_order_with_their_history(report: dict, requests: int)
     assert report["lost"] == [] and [e["error"] for e in finished if "error" in e] == []
     ids, resent = [f"q{i:03d}" for i in range(requests)], set(report["resent"])
     assert sorted(e["id"] for e in finished) == ids  # each answered once
-    # in order, but for a request dora dropped (sent again 20 s later, it comes later)
+    # in order, but for a request dora dropped (sent again once found lost, it comes later)
     assert [e["id"] for e in finished if e["id"] not in resent] == \
         [i for i in ids if i not in resent], report["resent"]
     assert len(resent) <= 2, report["resent"]

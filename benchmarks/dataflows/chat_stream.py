@@ -8,8 +8,13 @@ last was sent, when some never will (lost) -- $WORK/swap.json: per request, in t
 replies finished, its id, code, reply (or error), the model that answered, and when it was sent
 and answered (seconds from the stream's start), and the requests never answered ("lost").
 
-dora drops a message now and then under load: a request unanswered RESEND_AFTER_S (20) after it
-was sent is sent again, twice at most (listed in "resent"); a second answer to it is skipped."""
+dora drops a message now and then under load. A request the LLM node reports lost (its `lost`
+output, wired to the driver's `llm_lost`: a gap in the numbers of the requests it received) is
+sent again at once. One that no later number reveals (the last ones of the stream) is sent
+again once it has waited RESEND_AFTER_S (20) and no reply at all came for as long: a request
+only queued behind others (the model slower than the stream, as on a busy machine) keeps
+replies coming and is not sent again. Each at most twice, listed in "resent"; a second answer
+to it is skipped."""
 
 from __future__ import annotations
 
@@ -18,10 +23,9 @@ import os
 import time
 from pathlib import Path
 
-from dora import Node
-
 from mofa_omni.contract import arrow
 from mofa_omni.contract.tasks import ChatMessage, ChatRequest, ErrorReport, TextChunk
+from mofa_omni.node.integrity import CheckedNode
 
 WORK = Path(os.environ["WORK"])
 REQUESTS = int(os.environ.get("REQUESTS", "120"))
@@ -44,7 +48,7 @@ def conversation(code: str) -> ChatRequest:
 
 
 def main() -> None:
-    node = Node()
+    node = CheckedNode()  # numbers its requests, so the LLM node can name those dora dropped
     started = time.monotonic()
     warming = WARM_UP
     if warming:
@@ -55,7 +59,21 @@ def main() -> None:
     replies: dict[str, str] = {}
     answered: set[str] = set()
     last_sent: dict[str, float] = {}  # unanswered requests: when each was last sent
+    by_seq: dict[int, str] = {}  # the number each request was (last) sent under
     resent: list[str] = []
+    last_reply = started  # when a reply or error last came
+
+    def send(request_id: str) -> None:
+        last_sent[request_id] = time.monotonic()
+        seq = node.send_output("ask", arrow.encode(conversation(sent[request_id]["code"])),
+                               {"request_id": request_id})
+        by_seq[seq] = request_id
+
+    def resend(request_id: str) -> None:
+        if request_id in last_sent and resent.count(request_id) < RESENDS:
+            resent.append(request_id)
+            send(request_id)
+
     for event in node:
         now = time.monotonic()
         if event["type"] != "INPUT":
@@ -65,22 +83,25 @@ def main() -> None:
                     event["metadata"].get("request_id") == "warm-up" and \
                     event["metadata"].get("final", True):
                 warming, started = False, time.monotonic()
+                last_reply = started
             continue
         if event["id"] == "tick":
             if len(sent) < REQUESTS and now - started >= len(sent) * INTERVAL_S:
                 request_id = f"q{len(sent):03d}"
-                code = secret_code(len(sent))
-                sent[request_id] = {"id": request_id, "code": code, "sent": now}
-                last_sent[request_id] = now
-                node.send_output("ask", arrow.encode(conversation(code)),
-                                 {"request_id": request_id})
-            for request_id, at in list(last_sent.items()):
-                if now - at > RESEND_AFTER_S and resent.count(request_id) < RESENDS:
-                    resent.append(request_id)
-                    last_sent[request_id] = now
-                    node.send_output("ask", arrow.encode(conversation(sent[request_id]["code"])),
-                                     {"request_id": request_id})
+                sent[request_id] = {"id": request_id, "code": secret_code(len(sent)),
+                                    "sent": now}
+                send(request_id)
+            if now - last_reply > RESEND_AFTER_S:  # the node has gone quiet: nothing queued
+                for request_id, at in list(last_sent.items()):
+                    if now - at > RESEND_AFTER_S:
+                        resend(request_id)
+        elif event["id"] == "llm_lost":  # numbers that never reached the LLM node
+            meta = event["metadata"]
+            for seq in range(meta.get("lost_first", 0), meta.get("lost_last", -1) + 1):
+                if seq in by_seq:
+                    resend(by_seq[seq])
         elif event["id"] == "reply":
+            last_reply = now
             chunk = arrow.decode(event["value"], TextChunk)
             meta = event["metadata"]
             if meta["request_id"] in answered:
@@ -94,6 +115,7 @@ def main() -> None:
                     "answered": now})
                 (WORK / "progress").write_text(str(len(finished)))
         elif event["id"] == "llm_error":
+            last_reply = now
             error = arrow.decode(event["value"], ErrorReport)
             if error.request_id in answered:
                 continue
