@@ -27,6 +27,7 @@ from mofa_omni.testing.tiny_vlm import (
     GEMMA3_IMAGE_TOKENS,
     IMAGE_TOKEN,
     write_tiny_gemma3,
+    write_tiny_llava,
     write_tiny_qwen2_5_vl,
     write_tiny_qwen2_vl,
     write_tiny_smolvlm,
@@ -37,9 +38,10 @@ VLM = Path(__file__).parent / "dataflows" / "vlm.yml"
 QUESTION = [ChatMessage("user", "What is in this picture?")]
 # One checkpoint per mlx-vlm family (its model_type after the name).
 MODELS = {"tiny-smolvlm": write_tiny_smolvlm, "tiny-qwen2-vl": write_tiny_qwen2_vl,
-          "tiny-qwen2-5-vl": write_tiny_qwen2_5_vl, "tiny-gemma3": write_tiny_gemma3}
+          "tiny-qwen2-5-vl": write_tiny_qwen2_5_vl, "tiny-gemma3": write_tiny_gemma3,
+          "tiny-llava": write_tiny_llava}
 MODEL_TYPES = {"tiny-smolvlm": "smolvlm", "tiny-qwen2-vl": "qwen2_vl",
-               "tiny-qwen2-5-vl": "qwen2_5_vl", "tiny-gemma3": "gemma3"}
+               "tiny-qwen2-5-vl": "qwen2_5_vl", "tiny-gemma3": "gemma3", "tiny-llava": "llava"}
 
 
 def picture(height: int = 48, width: int = 64, channels: int = 3) -> np.ndarray:
@@ -121,6 +123,15 @@ def test_the_generated_checkpoints_are_in_mlx_vlms_format(tiny: dict[str, Path])
     assert soft == config["mm_tokens_per_image"] == config["text_config"]["mm_tokens_per_image"]
     vision = config["vision_config"]
     assert (vision["image_size"] // vision["patch_size"]) ** 2 % soft == 0
+
+    llava = tiny["root"] / "tiny-llava"
+    assert common | {"processor_config.json"} <= {p.name for p in llava.iterdir()}
+    config = json.loads((llava / "config.json").read_text())
+    assert config["model_type"] == "llava" and config["text_config"]["model_type"] == "llama"
+    assert config["vision_config"]["model_type"] == "clip_vision_model"
+    assert config["vision_feature_select_strategy"] == "default"  # the class token dropped
+    processor = json.loads((llava / "processor_config.json").read_text())
+    assert processor["patch_size"] == config["vision_config"]["patch_size"]
     for checkpoint in tiny["root"].glob("tiny-*"):  # "tiny" in size, too
         assert sum(f.stat().st_size for f in checkpoint.iterdir()) < 40 << 20
 
@@ -141,7 +152,7 @@ def test_the_picture_becomes_as_many_tokens_as_the_model_has_features(tiny: dict
     """The processor's run of image tokens and the vision side's features match in number
     (mlx-vlm would fail to place them otherwise), counted on the prompt the adapter builds:
     a picture's tokens grow with its pixels where the family keeps the resolution (Qwen),
-    are fixed where it resizes to one square (Gemma 3)."""
+    are fixed where it resizes to one square (Gemma 3, LLaVA)."""
     def prompt_tokens(pixels: np.ndarray) -> int:
         return list(vlm.generate_from_images(OmniRequest(QUESTION, [pixels], max_tokens=1)))[-1] \
             .prompt_tokens
@@ -154,6 +165,11 @@ def test_the_picture_becomes_as_many_tokens_as_the_model_has_features(tiny: dict
         assert small == large
         # <start_of_image>, the soft tokens, <end_of_image>, and the blank lines around them.
         assert small - words >= config["mm_tokens_per_image"] + 2
+    elif config["model_type"] == "llava":
+        # One token per patch feature, the class token dropped: (32 / 8)**2 = 16.
+        vision = config["vision_config"]
+        assert small == large
+        assert small - words >= (vision["image_size"] // vision["patch_size"]) ** 2
     elif config["model_type"] in ("qwen2_vl", "qwen2_5_vl"):
         # 28 x 28 pixels: 2 x 2 patches, one merged token; 112 x 112: 8 x 8, sixteen.
         assert large - small == 16 - 1

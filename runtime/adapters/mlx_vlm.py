@@ -34,6 +34,26 @@ from mofa_omni.models.store import link_model_directory
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
 
+class ImageOptionsOnly:
+    """An image processor that is handed only the options it declares.
+
+    mlx-vlm 0.7.10's LLaVA processor passes every option of a call -- the tokenizer's
+    ``padding`` among them -- on to its image processor, and transformers 5's image processors
+    refuse options they do not declare (``ImagesKwargs``). The tokenizer still gets them all."""
+
+    def __init__(self, image_processor):
+        self.image_processor = image_processor
+        declared = type(image_processor).valid_kwargs  # a TypedDict of the options it takes
+        self.declared = set(declared.__required_keys__) | set(declared.__optional_keys__)
+
+    def __call__(self, images, **options):
+        return self.image_processor(images, **{name: value for name, value in options.items()
+                                               if name in self.declared})
+
+    def __getattr__(self, name: str):  # everything else is the image processor's own
+        return getattr(self.image_processor, name)
+
+
 def to_rgb(pixels: np.ndarray):
     """A contract image (uint8 HWC, 1/3/4 channels) as the RGB PIL image processors expect;
     grey is repeated over the three channels, alpha is dropped."""
@@ -82,6 +102,9 @@ class MlxVlmAdapter(ModelAdapter):
 
         # A local directory: mlx-vlm reads it in place and never reaches for the Hub.
         self._model, self._processor = load(str(Path(model_dir).resolve()))
+        image_processor = getattr(self._processor, "image_processor", None)
+        if type(self._processor).__name__ == "LlavaProcessor" and image_processor is not None:
+            self._processor.image_processor = ImageOptionsOnly(image_processor)
 
     def _unload(self) -> None:
         self._model = None

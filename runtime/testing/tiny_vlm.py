@@ -12,6 +12,9 @@ architectures that mlx-vlm supports at a toy size:
 - Gemma 3 (``gemma3``): a SigLIP tower at a fixed square resolution, its patches average-pooled
   into a fixed number of soft tokens, a Gemma 3 language model (sliding-window and global
   layers, q/k norms).
+- LLaVA (``llava``): a CLIP vision tower whose second-to-last layer's patch features (the
+  class token dropped) pass a two-layer projector into a Llama language model; images resized
+  and centre-cropped to one square.
 
 Each is written by mlx-vlm's own ``save_weights`` and ``save_config`` and carries the files a
 checkpoint from the Hub carries (config.json, model.safetensors + index, tokenizer.json,
@@ -74,6 +77,19 @@ GEMMA3_CHAT_TEMPLATE = (
     "{{ '<start_of_image>' }}{% elif part['type'] == 'text' %}{{ part['text'] | trim }}"
     "{% endif %}{% endfor %}{% endif %}{{ '<end_of_turn>\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+
+
+# LLaVA 1.5's: "USER: <image>\nWhat is this? ASSISTANT:", the image one <image> token that the
+# processor repeats once per patch feature.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ 'USER: ' if message['role'] == 'user' else 'ASSISTANT: ' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}"
+    "{{ '<image>\n' }}{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %} "
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 
 
@@ -328,5 +344,62 @@ def write_tiny_gemma3(out_dir: Path, tokenizer_gguf: Path, *, seed: int = 0,
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
         "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
         "do_pan_and_scan": None, "image_seq_length": soft_tokens,
+    })
+    return out_dir
+
+
+def write_tiny_llava(out_dir: Path, tokenizer_gguf: Path, *, seed: int = 0,
+                     image_size: int = 32, patch: int = 8, text_hidden: int = 64,
+                     text_layers: int = 2, vision_hidden: int = 32,
+                     vision_layers: int = 2) -> Path:
+    """Write a random-weight LLaVA (1.5's layout) into ``out_dir`` and return it.
+
+    Images are resized and centre-cropped to ``image_size`` square, cut into ``patch``-pixel
+    patches; the features of the vision tower's second-to-last layer, its class token dropped,
+    become one language token each: ``(image_size / patch)**2`` per picture.
+    ``tokenizer_gguf`` and ``seed`` as for :func:`write_tiny_smolvlm`.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer, tokenizer_config = _tokenizer(out_dir, tokenizer_gguf, [IMAGE_TOKEN])
+    tokenizer_config["chat_template"] = LLAVA_CHAT_TEMPLATE
+    _write_json(out_dir / "tokenizer_config.json", tokenizer_config)
+
+    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    heads = max(1, text_hidden // 16)
+    _write_model(out_dir, {
+        "architectures": ["LlavaForConditionalGeneration"],
+        "model_type": "llava",
+        "image_token_index": tokenizer.token_to_id(IMAGE_TOKEN),
+        "vision_feature_select_strategy": "default",  # the class token dropped
+        "vision_feature_layer": -2,
+        "projector_hidden_act": "gelu",
+        "vocab_size": vocab,
+        "eos_token_id": [tokenizer.token_to_id(tokenizer_config["eos_token"])],
+        "text_config": {
+            "model_type": "llama", "hidden_size": text_hidden,
+            "intermediate_size": 2 * text_hidden, "num_attention_heads": heads,
+            "num_key_value_heads": max(1, heads // 2), "num_hidden_layers": text_layers,
+            "rms_norm_eps": 1e-5, "vocab_size": vocab, "max_position_embeddings": 2048,
+        },
+        "vision_config": {
+            "model_type": "clip_vision_model", "hidden_size": vision_hidden,
+            "intermediate_size": 2 * vision_hidden,
+            "num_attention_heads": max(1, vision_hidden // 16),
+            "num_hidden_layers": vision_layers, "image_size": image_size, "patch_size": patch,
+            "projection_dim": vision_hidden, "layer_norm_eps": 1e-5,
+        },
+    }, seed)
+    _write_json(out_dir / "processor_config.json", {
+        "processor_class": "LlavaProcessor", "patch_size": patch, "image_token": IMAGE_TOKEN,
+        "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1})
+    _write_json(out_dir / "preprocessor_config.json", {
+        "image_processor_type": "CLIPImageProcessor", "processor_class": "LlavaProcessor",
+        "do_convert_rgb": True, "do_resize": True, "size": {"shortest_edge": image_size},
+        "resample": 3, "do_center_crop": True,
+        "crop_size": {"height": image_size, "width": image_size},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
     })
     return out_dir
