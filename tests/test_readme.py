@@ -7,6 +7,7 @@ from pathlib import Path
 
 from mofa_omni.testing.tiny_gguf import GGUF_ARCHITECTURES
 from mofa_omni.testing.tiny_llm import LLM_ARCHITECTURES, MIXTURES_OF_EXPERTS
+from mofa_omni.testing.tiny_vlm import VLM_ARCHITECTURES
 
 README = Path(__file__).parents[1] / "README.md"
 
@@ -33,3 +34,8 @@ def test_the_llm_architecture_table_is_the_matrix_tests_list():
         assert mlx == "yes", name
         found = re.fullmatch(r"yes \(`(\w+)`\)", gguf)
         assert (found.group(1) if found else None) == GGUF_ARCHITECTURES.get(name), name
+
+
+def test_the_vlm_architecture_table_is_the_families_the_tests_write():
+    rows = table_after("### Supported VLM architectures")
+    assert [row[1].strip("`") for row in rows] == list(VLM_ARCHITECTURES)

@@ -26,22 +26,16 @@ from mofa_omni.models.store import ModelStore
 from mofa_omni.testing.tiny_vlm import (
     GEMMA3_IMAGE_TOKENS,
     IMAGE_TOKEN,
-    write_tiny_gemma3,
-    write_tiny_llava,
-    write_tiny_qwen2_5_vl,
-    write_tiny_qwen2_vl,
-    write_tiny_smolvlm,
+    VLM_ARCHITECTURES,
 )
 from tests.dataflow_run import finish, start_dataflow
 
 VLM = Path(__file__).parent / "dataflows" / "vlm.yml"
 QUESTION = [ChatMessage("user", "What is in this picture?")]
-# One checkpoint per mlx-vlm family (its model_type after the name).
-MODELS = {"tiny-smolvlm": write_tiny_smolvlm, "tiny-qwen2-vl": write_tiny_qwen2_vl,
-          "tiny-qwen2-5-vl": write_tiny_qwen2_5_vl, "tiny-gemma3": write_tiny_gemma3,
-          "tiny-llava": write_tiny_llava}
-MODEL_TYPES = {"tiny-smolvlm": "smolvlm", "tiny-qwen2-vl": "qwen2_vl",
-               "tiny-qwen2-5-vl": "qwen2_5_vl", "tiny-gemma3": "gemma3", "tiny-llava": "llava"}
+# One checkpoint per mlx-vlm family, named after its model_type ("tiny-qwen2-5-vl").
+MODEL_TYPES = {"tiny-" + model_type.replace("_", "-"): model_type
+               for model_type in VLM_ARCHITECTURES}
+MODELS = {name: VLM_ARCHITECTURES[model_type] for name, model_type in MODEL_TYPES.items()}
 
 
 def picture(height: int = 48, width: int = 64, channels: int = 3) -> np.ndarray:

@@ -403,3 +403,10 @@ def write_tiny_llava(out_dir: Path, tokenizer_gguf: Path, *, seed: int = 0,
         "image_std": [0.26862954, 0.26130258, 0.27577711],
     })
     return out_dir
+
+
+# The mlx-vlm families the tests prove, by model_type, each with the writer of its tiny
+# checkpoint (the README's table of VLM architectures is checked against this list).
+VLM_ARCHITECTURES = {"smolvlm": write_tiny_smolvlm, "qwen2_vl": write_tiny_qwen2_vl,
+                     "qwen2_5_vl": write_tiny_qwen2_5_vl, "gemma3": write_tiny_gemma3,
+                     "llava": write_tiny_llava}
