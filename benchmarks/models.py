@@ -10,7 +10,9 @@ Generated rows follow (``--no-generated`` skips them): a tiny random-weight Qwen
 spoken question in, text out through the adapter against mlx-vlm directly, and a spoken
 reply's seconds of speech per second; a tiny random-weight Wan 2.2 TI2V, a clip through the
 adapter (progress, chunks) against mlx-gen's pipeline directly, with seconds per denoising
-step and per decoded frame. The BLAS section runs a matmul and MiniLM in child
+step and per decoded frame; a tiny random-weight checkpoint of each VLM family the tests prove
+(SmolVLM, Qwen2-VL, Qwen2.5-VL, Gemma 3, LLaVA), a picture and a question through the adapter
+against mlx-vlm directly. The BLAS section runs a matmul and MiniLM in child
 processes with OpenBLAS preloaded and with MLX's stock BLAS (goal >= 10x). Prints a table, writes
 benchmarks/results/models.json (or --json FILE) and a plot of each model's overhead ratio,
 benchmarks/results/models.png (or --png FILE).
@@ -262,6 +264,68 @@ def bench_generated_omni(repeats: int, speech: tuple[np.ndarray, int]) -> dict:
             "speech_per_s": seconds / speaking_s, "generated": True}
 
 
+def bench_generated_vlms(repeats: int) -> list[dict]:
+    """One tiny random-weight checkpoint per VLM family the tests prove
+    (mofa_omni.testing.tiny_vlm.VLM_ARCHITECTURES: no VLM weights can be had offline): a
+    picture and a question in, text out, through the adapter against mlx-vlm's
+    stream_generate on the same prompt and picture. Marked as generated: the speed is the
+    architecture's at a toy size, not a real model's."""
+    import tempfile
+    from pathlib import Path
+
+    from mlx_vlm.generate import stream_generate
+    from mlx_vlm.prompt_utils import apply_chat_template
+
+    from mofa_omni.adapters.mlx_vlm import to_rgb
+    from mofa_omni.contract.tasks import OmniRequest
+    from mofa_omni.models.store import ModelStore
+    from mofa_omni.testing.tiny_vlm import VLM_ARCHITECTURES
+
+    smollm2 = Catalog.load([]).get("smollm2-135m")
+    gguf = ModelStore().fetch(smollm2) / Path(smollm2.source.files[0]).name
+    pixels = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    request = OmniRequest([ChatMessage("user", "What is in this picture?")], [pixels],
+                          max_tokens=32)
+    rows = []
+    for model_type, write in VLM_ARCHITECTURES.items():
+        print(f"measuring a generated tiny {model_type} ...", file=sys.stderr, flush=True)
+        name = "tiny-" + model_type.replace("_", "-")
+        with tempfile.TemporaryDirectory() as scratch:
+            root = Path(scratch)
+            write(root / name, gguf)
+            adapter, before, after = open_generated(
+                root, name, 'adapter = "mlx_vlm"\ntasks = ["vision_language"]\n'
+                            'format = "mlx"\nmemory_mb = 60\n')
+            prompt = apply_chat_template(adapter._processor, adapter._model.config,
+                                         [{"role": "user", "content": "What is in this picture?"}],
+                                         num_images=1)
+            tokens = {"adapter": 0}
+
+            def through_adapter() -> float:
+                started = time.perf_counter()
+                for chunk in adapter.generate_from_images(request):
+                    if chunk.final:
+                        tokens["adapter"] = chunk.completion_tokens
+                return time.perf_counter() - started
+
+            def direct() -> float:
+                return timed(lambda: [r for r in stream_generate(
+                    adapter._model, adapter._processor, prompt, image=[to_rgb(pixels)],
+                    max_tokens=32)])
+
+            through_adapter()  # warm-up
+            a, d = best_of_interleaved(through_adapter, direct, repeats)
+            adapter.unload()
+        rows.append({"model": f"{name} (generated)", "task": "vision_language",
+                     "backend": "mlx", "load_s": adapter.load_seconds,
+                     "rss_bytes": after.rss_bytes - before.rss_bytes,
+                     "mlx_bytes": after.mlx_active_bytes - before.mlx_active_bytes,
+                     "throughput": tokens["adapter"] / a, "unit": "tok/s (prompt+decode)",
+                     "adapter_s": a, "direct_s": d, "overhead_ratio": a / d,
+                     "generated": True})
+    return rows
+
+
 def bench_generated_wan(repeats: int) -> dict:
     """A tiny random-weight Wan 2.2 TI2V (mofa_omni.testing.tiny_wan: no video weights can be
     had offline): a 17-frame 128x128 clip in 4 steps through the adapter (progress and
@@ -380,6 +444,7 @@ def plot(rows: list[dict], path) -> None:
     plt = pyplot()
     figure, axes = plt.subplots(figsize=(7, 3.5))
     axes.bar([r["model"] for r in rows], [r["overhead_ratio"] for r in rows], color="tab:blue")
+    axes.tick_params(axis="x", labelrotation=30)
     axes.axhline(1.05, color="tab:red", linestyle="--", label="goal 1.05x")
     axes.set_ylabel("adapter time / direct time")
     axes.set_title("Adapter overhead per model (same loaded weights, interleaved)")
@@ -396,7 +461,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-blas", action="store_true", help="skip the BLAS comparison")
     parser.add_argument("--no-generated", action="store_true",
-                        help="skip the generated-weight rows (a tiny Qwen3-Omni, a tiny Wan)")
+                        help="skip the generated-weight rows (a tiny Qwen3-Omni, a tiny Wan, "
+                             "a tiny VLM per family)")
     add_output_flags(parser, "models.json", "models.png")
     args = parser.parse_args()
 
@@ -410,6 +476,7 @@ def main() -> int:
         rows.append(bench_generated_omni(args.repeats, speech))
         print("measuring a generated tiny Wan 2.2 TI2V ...", file=sys.stderr, flush=True)
         rows.append(bench_generated_wan(args.repeats))
+        rows += bench_generated_vlms(args.repeats)
     blas = None if args.no_blas else bench_blas()
     print_table(rows, blas)
     write_json(args.json, {**run_stamp(), "models": rows, "blas": blas})
