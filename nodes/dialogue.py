@@ -41,10 +41,11 @@ Inputs:
                     graph's stand-in ASR + LLM + TTS, for when the omni model cannot serve:
                     refused memory, not loaded in time, crashed; dataflows/voice.omni.yml)
     cascade_error   the cascade LLM's `error`
-    status          optional, the scheduler's `status`: the LLM node's delivery report. A
-                    question the report shows never arrived (dora dropped it; the last one sent
-                    shows no gap) is asked again, up to twice, then the reply ends in an error,
-                    in seconds rather than after REPLY_TIMEOUT_S
+    status          optional, the scheduler's `status`: the delivery reports of the model nodes
+                    reading `chat` and `cascade_chat`. A question a report shows never arrived
+                    (dora dropped it; the last one sent shows no gap) is asked again, up to
+                    twice, then the reply ends in an error, in seconds rather than after
+                    REPLY_TIMEOUT_S
 
 The node ends once `utterance` (or, without it, `transcript`) is closed (no more turns) and
 the last reply is over.
@@ -84,6 +85,7 @@ from mofa_omni.node import trace
 from mofa_omni.node.delivery import Awaiting
 from mofa_omni.node.host import MessageMeta, dora_node_id
 from mofa_omni.node.integrity import CheckedNode
+from mofa_omni.node.wiring import readers, source_node
 from mofa_omni.scheduler.messages import Status, from_arrow
 from mofa_omni.voice.dialogue import (
     HEARING_RATE,
@@ -125,46 +127,49 @@ def main() -> None:
     turns_input = "utterance" if "utterance" in inputs else "transcript"
     out_dir.mkdir(parents=True, exist_ok=True)
     transcript = (out_dir / "transcript.txt").open("w", buffering=1)
-    questions = question_reader(node.dataflow_descriptor(), node_id)
+    descriptor = node.dataflow_descriptor()
+    # who checks the delivery of the questions on each output (the omni model or the LLM on
+    # `chat`, the cascade's LLM on `cascade_chat`)
+    delivery_checks = {output: check for output in ("chat", "cascade_chat")
+                       if (check := question_reader(descriptor, node_id, output))}
     asked: dict[str, Ask] = {}  # the question of the reply under way, to ask it again
 
     def ask(question: Ask) -> None:
         meta = MessageMeta(question.reply_id, 0, True, question.origin_ns, time.time_ns())
-        if dialogue.cascade and isinstance(question.request, ChatRequest):
-            node.send_output("cascade_chat", arrow.encode(question.request), meta.to_dora())
-            trace.record(node_id, "send", "cascade_chat", meta)
-            return
-        seq = node.send_output("chat", arrow.encode(question.request), meta.to_dora())
-        trace.record(node_id, "send", "chat", meta)
+        to_cascade = dialogue.cascade and isinstance(question.request, ChatRequest)
+        output = "cascade_chat" if to_cascade else "chat"
+        seq = node.send_output(output, arrow.encode(question.request), meta.to_dora())
+        trace.record(node_id, "send", output, meta)
         asked.clear()
         asked[question.reply_id] = question
-        if questions:
-            questions.sent(question.reply_id, seq, time.time_ns())
+        if output in delivery_checks:
+            delivery_checks[output].sent(question.reply_id, seq, time.time_ns())
 
     def answer_began(request_id: str) -> None:
         asked.pop(request_id, None)
-        if questions:
+        for questions in delivery_checks.values():
             questions.arrived(request_id)
 
     def check_delivery(value) -> list[Action]:
-        """The LLM node's report: ask again what it never received, or end that reply."""
+        """The model nodes' reports: ask again what one never received, or end that reply."""
         status = from_arrow(value)
-        if not questions or not isinstance(status, Status):
+        if not isinstance(status, Status):
             return []
-        report = next((n for n in status.nodes if n.node == questions.node), None)
         actions: list[Action] = []
-        for lost in questions.check(report.delivery) if report else []:
-            if lost.request_id not in asked:
-                continue  # that reply is over
-            if lost.again:
-                log.warning("%s: %s never received the question (dora dropped it): asked "
-                            "again", lost.request_id, questions.node)
-                ask(asked[lost.request_id])
-            else:
-                answer_began(lost.request_id)
-                actions += dialogue.reply_failed(
-                    lost.request_id, f"lost: {questions.node} never received the question, "
-                                     f"sent {1 + questions.resends} times")
+        for questions in delivery_checks.values():
+            report = next((n for n in status.nodes if n.node == questions.node), None)
+            for lost in questions.check(report.delivery) if report else []:
+                if lost.request_id not in asked:
+                    continue  # that reply is over
+                if lost.again:
+                    log.warning("%s: %s never received the question (dora dropped it): asked "
+                                "again", lost.request_id, questions.node)
+                    ask(asked[lost.request_id])
+                else:
+                    answer_began(lost.request_id)
+                    actions += dialogue.reply_failed(
+                        lost.request_id, f"lost: {questions.node} never received the question, "
+                                         f"sent {1 + questions.resends} times")
         return actions
 
     def act(actions: list[Action]) -> None:
@@ -284,20 +289,11 @@ def main() -> None:
 
 
 
-def source_node(spec) -> str:
-    """The node an input reads from (its YAML: ``node/output`` or ``{source: ...}``)."""
-    source = spec.get("source", "") if isinstance(spec, dict) else str(spec)
-    return source.partition("/")[0]
-
-
-def question_reader(descriptor: dict, node_id: str) -> Awaiting | None:
-    """What checks the delivery of our questions: the one model node input that reads our
-    ``chat`` output (None if none or several do)."""
-    readers = [(reader["id"], input_id)
-               for reader in descriptor.get("nodes", [])
-               for input_id, spec in (reader.get("inputs") or {}).items()
-               if (spec["source"] if isinstance(spec, dict) else str(spec)) == f"{node_id}/chat"]
-    return Awaiting(*readers[0]) if len(readers) == 1 else None
+def question_reader(descriptor: dict, node_id: str, output: str) -> Awaiting | None:
+    """What checks the delivery of our questions on ``output``: the one model node input that
+    reads it (None if none or several do)."""
+    found = readers(descriptor, f"{node_id}/{output}")
+    return Awaiting(*found[0]) if len(found) == 1 else None
 
 
 if __name__ == "__main__":

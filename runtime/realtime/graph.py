@@ -7,13 +7,12 @@ from typing import Any
 from mofa_omni.contract.errors import ConfigError
 from mofa_omni.contract.tasks import Task
 from mofa_omni.models.catalog import Catalog, CatalogError
+from mofa_omni.node.wiring import source_node
 from mofa_omni.realtime.protocol import SessionConfig, TurnDetection
 
 
 def _source_node(node_config: dict[str, Any], input_id: str) -> str:
-    spec = (node_config.get("inputs") or {}).get(input_id, "")
-    source = spec.get("source", "") if isinstance(spec, dict) else str(spec)
-    return source.partition("/")[0]
+    return source_node((node_config.get("inputs") or {}).get(input_id, ""))
 
 
 def _node(descriptor: dict[str, Any], node_id: str) -> dict[str, Any]:

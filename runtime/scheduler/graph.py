@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from mofa_omni.node.wiring import input_source
 from mofa_omni.scheduler.messages import COMMAND_OUTPUT, MEMORY_OUTPUT
 
 
@@ -40,27 +41,23 @@ def machine_of(descriptor: dict[str, Any]) -> dict[str, str]:
     return placed
 
 
-def _source(spec: Any) -> str:
-    return spec["source"] if isinstance(spec, dict) else str(spec)
-
-
 def scheduled_graph(descriptor: dict[str, Any], scheduler: str) -> ScheduledGraph:
     """The model nodes ``scheduler`` commands, the inputs they report on, and their pipelines."""
     nodes = {n["id"]: n for n in descriptor.get("nodes", [])}
     control = {scheduler} | {i for i, n in nodes.items() if n.get("path") == "dynamic"}
     model_nodes = tuple(sorted(
         i for i, n in nodes.items()
-        if any(_source(s) == f"{scheduler}/{COMMAND_OUTPUT}" for s in (n.get("inputs") or {}).values())))
+        if any(input_source(s) == f"{scheduler}/{COMMAND_OUTPUT}" for s in (n.get("inputs") or {}).values())))
     memory_inputs = {}
     for input_id, spec in (nodes.get(scheduler, {}).get("inputs") or {}).items():
-        source_node, _, output = _source(spec).partition("/")
+        source_node, _, output = input_source(spec).partition("/")
         if source_node in model_nodes and output == MEMORY_OUTPUT:
             memory_inputs[input_id] = source_node
 
     downstream: dict[str, set[str]] = {i: set() for i in nodes}
     for target, n in nodes.items():
         for spec in (n.get("inputs") or {}).values():
-            source_node = _source(spec).partition("/")[0]
+            source_node = input_source(spec).partition("/")[0]
             if source_node in nodes and not {source_node, target} & control:
                 downstream[source_node].add(target)
 
