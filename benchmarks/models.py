@@ -12,7 +12,9 @@ reply's seconds of speech per second; a tiny random-weight Wan 2.2 TI2V, a clip 
 adapter (progress, chunks) against mlx-gen's pipeline directly, with seconds per denoising
 step and per decoded frame; a tiny random-weight checkpoint of each VLM family the tests prove
 (SmolVLM, Qwen2-VL, Qwen2.5-VL, Gemma 3, LLaVA), a picture and a question through the adapter
-against mlx-vlm directly. The BLAS section runs a matmul and MiniLM in child
+against mlx-vlm directly; a tiny checkpoint of each LLM architecture of the matrix on MLX
+(against mlx-lm) and as GGUF on llama.cpp (against llama-cpp-python); the BGE- and E5-style
+embedders on MLX and ONNX Runtime. The BLAS section runs a matmul and MiniLM in child
 processes with OpenBLAS preloaded and with MLX's stock BLAS (goal >= 10x). Prints a table, writes
 benchmarks/results/models.json (or --json FILE) and a plot of each model's overhead ratio,
 benchmarks/results/models.png (or --png FILE).
@@ -142,12 +144,16 @@ def bench_tts(adapter, repeats: int) -> dict:
             "unit": "real-time factor (lower is faster)", "adapter_s": a, "direct_s": d}
 
 
-def bench_embedding(adapter, repeats: int) -> dict:
+def bench_embedding(adapter, repeats: int, tokenize: bool = False) -> dict:
+    """The MLX BERT adapter against its forward pass on the same tokens (``tokenize``: the
+    tokenizing timed on both sides, as it counts for a tiny model)."""
     request = EmbeddingRequest(SENTENCES)
     encodings = adapter._tokenizer.encode_batch(SENTENCES)
 
     def direct() -> float:
         started = time.perf_counter()
+        if tokenize:
+            adapter._tokenizer.encode_batch(SENTENCES)
         for start in range(0, len(encodings), adapter.batch_size):
             adapter._embed_batch(encodings[start:start + adapter.batch_size],
                                  adapter.pipeline.normalize)
@@ -326,6 +332,151 @@ def bench_generated_vlms(repeats: int) -> list[dict]:
     return rows
 
 
+def bench_gguf(adapter, repeats: int) -> dict:
+    """A GGUF LLM on the llama_cpp adapter against llama-cpp-python's Llama on the same file and
+    prompt tokens, greedy, streamed. Random weights may stop at different points on the two
+    paths' arithmetic: each side's speed is its own tokens (prompt + reply) per second."""
+    from llama_cpp import Llama
+
+    request = ChatRequest([ChatMessage("user", PROMPT)], max_tokens=48)
+    prompt = adapter.prompt_tokens(request)
+    peer = Llama(model_path=str(adapter.model_dir / "model.gguf"), n_ctx=1024,
+                 n_threads=os.cpu_count() or 1, verbose=False)
+    tokens = {"adapter": 0, "direct": 0}
+
+    def through_adapter() -> float:
+        started = time.perf_counter()
+        for chunk in adapter.generate(request):
+            if chunk.final:
+                tokens["adapter"] = len(prompt) + chunk.completion_tokens
+        return time.perf_counter() - started
+
+    def direct() -> float:
+        started = time.perf_counter()
+        peer.reset()  # a fresh prompt, as the adapter reads it: no prefix reused
+        stream = peer.create_completion(prompt, max_tokens=48, temperature=0.0, top_k=1,
+                                        repeat_penalty=1.0, stream=True)
+        # the last chunk only says why it stopped
+        tokens["direct"] = len(prompt) + sum(1 for chunk in stream
+                                             if chunk["choices"][0]["finish_reason"] is None)
+        return time.perf_counter() - started
+
+    through_adapter()  # warm-up
+    a, d = best_of_interleaved(through_adapter, direct, repeats)
+    # time per token on each side, so that a different stopping point does not count
+    return {"throughput": tokens["adapter"] / a, "unit": "tok/s (prompt+decode)",
+            "adapter_s": a / tokens["adapter"], "direct_s": d / max(1, tokens["direct"]),
+            "tokens": tokens}
+
+
+def bench_generated_llms(repeats: int) -> list[dict]:
+    """One tiny random-weight checkpoint per LLM architecture the tests prove
+    (mofa_omni.testing.tiny_llm.LLM_ARCHITECTURES, written by mlx-lm's own classes) through the
+    mlx_lm adapter against mlx-lm's stream_generate, and the same weights as GGUF
+    (tiny_gguf.GGUF_ARCHITECTURES) through the llama_cpp adapter against llama-cpp-python.
+    Marked as generated: the speed is the architecture's at a toy size."""
+    import importlib.util
+    import tempfile
+    from pathlib import Path
+
+    from mofa_omni.models.store import ModelStore
+    from mofa_omni.testing.tiny_gguf import GGUF_ARCHITECTURES, write_tiny_gguf
+    from mofa_omni.testing.tiny_llm import LLM_ARCHITECTURES, write_tiny_llm, write_tokenizer
+
+    smollm2 = Catalog.load([]).get("smollm2-135m")
+    gguf = ModelStore().fetch(smollm2) / Path(smollm2.source.files[0]).name
+    with_llama_cpp = importlib.util.find_spec("llama_cpp") is not None
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        tokenizer = write_tokenizer(root / "tokenizer", gguf)
+        for seed, architecture in enumerate(LLM_ARCHITECTURES):
+            print(f"measuring a generated tiny {architecture} ...", file=sys.stderr, flush=True)
+            name = "tiny-" + architecture.replace("_", "-")
+            write_tiny_llm(root / name, architecture, tokenizer, seed=seed)
+            engines = [("mlx", name, 'adapter = "mlx_lm"\nformat = "mlx"\n', bench_llm)]
+            if with_llama_cpp and architecture in GGUF_ARCHITECTURES:
+                write_tiny_gguf(root / name, root / f"{name}-gguf" / "model.gguf", gguf)
+                engines.append(("llama.cpp", f"{name}-gguf",
+                                'adapter = "llama_cpp"\nformat = "gguf"\n', bench_gguf))
+            for backend, folder, entry, bench in engines:
+                adapter, before, after = open_generated(
+                    root, folder, entry + 'tasks = ["text_generation"]\nmemory_mb = 60\n')
+                figures = bench(adapter, repeats)
+                adapter.unload()
+                rows.append({"model": f"{folder} (generated)", "task": "text_generation",
+                             "backend": backend, "load_s": adapter.load_seconds,
+                             "rss_bytes": after.rss_bytes - before.rss_bytes,
+                             "mlx_bytes": after.mlx_active_bytes - before.mlx_active_bytes,
+                             **figures, "overhead_ratio": figures["adapter_s"] / figures["direct_s"],
+                             "generated": True})
+    return rows
+
+
+def bench_ort_embedding(adapter, repeats: int) -> dict:
+    """The ort_bert adapter against its tokenizer and ONNX graph run directly (padded batches,
+    then the pooling its sentence-transformers config names)."""
+    from mofa_omni.adapters.ort_bert import INPUTS
+    from mofa_omni.formats.bert import length_batches, padded
+    from mofa_omni.formats.sentence_transformers import pool
+
+    request = EmbeddingRequest(SENTENCES)
+
+    def direct() -> float:
+        started = time.perf_counter()
+        encodings = adapter._tokenizer.encode_batch(SENTENCES)
+        _, batches = length_batches([len(e.ids) for e in encodings], adapter.batch_size)
+        for batch in batches:
+            arrays = padded([encodings[i] for i in batch])
+            (states,) = adapter._session.run(None, dict(zip(INPUTS, arrays)))
+            pool(states, arrays[2], adapter.pipeline.pooling, adapter.pipeline.normalize)
+        return time.perf_counter() - started
+
+    adapter.embed(request)
+    a, d = best_of_interleaved(lambda: timed(lambda: adapter.embed(request)), direct, repeats)
+    return {"throughput": len(SENTENCES) / a, "unit": "sentences/s", "adapter_s": a,
+            "direct_s": d}
+
+
+def bench_generated_embedders(repeats: int) -> list[dict]:
+    """Tiny random-weight sentence-transformers embedders (mofa_omni.testing.tiny_bert) in the
+    two layouts the tests prove -- a BERT with CLS pooling as BGE has, an XLM-R with mean
+    pooling and query/passage prompts as multilingual E5 has -- on MLX and ONNX Runtime, each
+    against its tokenizer and engine's forward pass called directly."""
+    import tempfile
+    from pathlib import Path
+
+    from mofa_omni.testing.tiny_bert import write_embedder
+
+    layouts = {"tiny-bge-style-bert": ("bert", "cls", None),
+               "tiny-e5-style-xlmr": ("xlm-roberta", "mean",
+                                      {"query": "query: ", "document": "passage: "})}
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        for name, (family, pooling, prompts) in layouts.items():
+            for backend, adapter_name, bench in (("mlx", "mlx_bert", lambda adapter, repeats:
+                                                  bench_embedding(adapter, repeats, True)),
+                                                 ("onnxruntime", "ort_bert",
+                                                  bench_ort_embedding)):
+                print(f"measuring {name} on {backend} ...", file=sys.stderr, flush=True)
+                # the same weights (same seed) under a name per engine: each prepares its own
+                write_embedder(root / f"{name}-{backend}", family, pooling=pooling,
+                               prompts=prompts)
+                adapter, before, after = open_generated(
+                    root, f"{name}-{backend}", f'adapter = "{adapter_name}"\n'
+                    'tasks = ["embedding"]\nformat = "safetensors"\nmemory_mb = 10\n')
+                figures = bench(adapter, repeats)
+                adapter.unload()
+                rows.append({"model": f"{name} (generated)", "task": "embedding",
+                             "backend": backend, "load_s": adapter.load_seconds,
+                             "rss_bytes": after.rss_bytes - before.rss_bytes,
+                             "mlx_bytes": after.mlx_active_bytes - before.mlx_active_bytes,
+                             **figures, "overhead_ratio": figures["adapter_s"] / figures["direct_s"],
+                             "generated": True})
+    return rows
+
+
 def bench_generated_wan(repeats: int) -> dict:
     """A tiny random-weight Wan 2.2 TI2V (mofa_omni.testing.tiny_wan: no video weights can be
     had offline): a 17-frame 128x128 clip in 4 steps through the adapter (progress and
@@ -462,7 +613,7 @@ def main() -> int:
     parser.add_argument("--no-blas", action="store_true", help="skip the BLAS comparison")
     parser.add_argument("--no-generated", action="store_true",
                         help="skip the generated-weight rows (a tiny Qwen3-Omni, a tiny Wan, "
-                             "a tiny VLM per family)")
+                             "a tiny VLM, LLM and embedder per family)")
     add_output_flags(parser, "models.json", "models.png")
     args = parser.parse_args()
 
@@ -477,6 +628,8 @@ def main() -> int:
         print("measuring a generated tiny Wan 2.2 TI2V ...", file=sys.stderr, flush=True)
         rows.append(bench_generated_wan(args.repeats))
         rows += bench_generated_vlms(args.repeats)
+        rows += bench_generated_llms(args.repeats)
+        rows += bench_generated_embedders(args.repeats)
     blas = None if args.no_blas else bench_blas()
     print_table(rows, blas)
     write_json(args.json, {**run_stamp(), "models": rows, "blas": blas})
