@@ -28,7 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from common import (
     add_output_flags,
@@ -76,6 +76,18 @@ def best_of_interleaved(adapter_run: Callable[[], float], direct_run: Callable[[
     return statistics.median(adapter_times), statistics.median(direct_times)
 
 
+def timed_reply(stream: Callable[[], Iterator], tokens: dict) -> Callable[[], float]:
+    """A run of an adapter's streamed reply, timed: seconds, and its final chunk's completion
+    tokens kept in ``tokens["adapter"]``."""
+    def run() -> float:
+        started = time.perf_counter()
+        for chunk in stream():
+            if getattr(chunk, "final", False) and hasattr(chunk, "completion_tokens"):
+                tokens["adapter"] = chunk.completion_tokens
+        return time.perf_counter() - started
+    return run
+
+
 def bench_llm(adapter, repeats: int) -> dict:
     from mlx_lm.generate import stream_generate
     from mlx_lm.sample_utils import make_sampler
@@ -84,12 +96,7 @@ def bench_llm(adapter, repeats: int) -> dict:
     prompt = adapter.prompt_tokens(request)
     tokens = {"adapter": 0}
 
-    def through_adapter() -> float:
-        started = time.perf_counter()
-        for chunk in adapter.generate(request):
-            if chunk.final:
-                tokens["adapter"] = chunk.completion_tokens
-        return time.perf_counter() - started
+    through_adapter = timed_reply(lambda: adapter.generate(request), tokens)
 
     def direct() -> float:
         sampler = make_sampler(temp=0.0)
@@ -211,6 +218,17 @@ def open_generated(root, name: str, entry: str):
     return adapter, before, snapshot()
 
 
+def generated_row(model: str, task: str, backend: str, adapter, before, after,
+                  figures: dict, **more) -> dict:
+    """A generated checkpoint's row: its load and memory, ``figures`` (throughput, unit,
+    adapter_s, direct_s) and their ratio."""
+    return {"model": f"{model} (generated)", "task": task, "backend": backend,
+            "load_s": adapter.load_seconds, "rss_bytes": after.rss_bytes - before.rss_bytes,
+            "mlx_bytes": after.mlx_active_bytes - before.mlx_active_bytes, **figures,
+            "overhead_ratio": figures["adapter_s"] / figures["direct_s"], **more,
+            "generated": True}
+
+
 def bench_generated_omni(repeats: int, speech: tuple[np.ndarray, int]) -> dict:
     """A tiny random-weight Qwen3-Omni (mofa_omni.testing.tiny_omni: no omni weights can be had
     offline), written to a temporary folder: the spoken question in, text out through the
@@ -242,12 +260,7 @@ def bench_generated_omni(repeats: int, speech: tuple[np.ndarray, int]) -> dict:
         prompt = adapter._prompt(request)
         tokens = {"adapter": 0}
 
-        def through_adapter() -> float:
-            started = time.perf_counter()
-            for chunk in adapter.generate_omni(request):
-                if chunk.final:
-                    tokens["adapter"] = chunk.completion_tokens
-            return time.perf_counter() - started
+        through_adapter = timed_reply(lambda: adapter.generate_omni(request), tokens)
 
         def direct() -> float:
             return timed(lambda: [r for r in stream_generate(
@@ -262,12 +275,10 @@ def bench_generated_omni(repeats: int, speech: tuple[np.ndarray, int]) -> dict:
         speaking_s = time.perf_counter() - started
         seconds = sum(c.audio.size for c in chunks) / chunks[0].sample_rate
         adapter.unload()
-    return {"model": "tiny-qwen3-omni (generated)", "task": "omni", "backend": "mlx",
-            "load_s": adapter.load_seconds, "rss_bytes": after.rss_bytes - before.rss_bytes,
-            "mlx_bytes": after.mlx_active_bytes - before.mlx_active_bytes,
-            "throughput": tokens["adapter"] / a, "unit": "tok/s (prompt+decode)",
-            "adapter_s": a, "direct_s": d, "overhead_ratio": a / d,
-            "speech_per_s": seconds / speaking_s, "generated": True}
+    figures = {"throughput": tokens["adapter"] / a, "unit": "tok/s (prompt+decode)",
+               "adapter_s": a, "direct_s": d}
+    return generated_row("tiny-qwen3-omni", "omni", "mlx", adapter, before, after, figures,
+                         speech_per_s=seconds / speaking_s)
 
 
 def bench_generated_vlms(repeats: int) -> list[dict]:
@@ -307,12 +318,7 @@ def bench_generated_vlms(repeats: int) -> list[dict]:
                                          num_images=1)
             tokens = {"adapter": 0}
 
-            def through_adapter() -> float:
-                started = time.perf_counter()
-                for chunk in adapter.generate_from_images(request):
-                    if chunk.final:
-                        tokens["adapter"] = chunk.completion_tokens
-                return time.perf_counter() - started
+            through_adapter = timed_reply(lambda: adapter.generate_from_images(request), tokens)
 
             def direct() -> float:
                 return timed(lambda: [r for r in stream_generate(
@@ -322,13 +328,9 @@ def bench_generated_vlms(repeats: int) -> list[dict]:
             through_adapter()  # warm-up
             a, d = best_of_interleaved(through_adapter, direct, repeats)
             adapter.unload()
-        rows.append({"model": f"{name} (generated)", "task": "vision_language",
-                     "backend": "mlx", "load_s": adapter.load_seconds,
-                     "rss_bytes": after.rss_bytes - before.rss_bytes,
-                     "mlx_bytes": after.mlx_active_bytes - before.mlx_active_bytes,
-                     "throughput": tokens["adapter"] / a, "unit": "tok/s (prompt+decode)",
-                     "adapter_s": a, "direct_s": d, "overhead_ratio": a / d,
-                     "generated": True})
+        rows.append(generated_row(name, "vision_language", "mlx", adapter, before, after, {
+            "throughput": tokens["adapter"] / a, "unit": "tok/s (prompt+decode)",
+            "adapter_s": a, "direct_s": d}))
     return rows
 
 
@@ -344,12 +346,7 @@ def bench_gguf(adapter, repeats: int) -> dict:
                  n_threads=os.cpu_count() or 1, verbose=False)
     tokens = {"adapter": 0, "direct": 0}
 
-    def through_adapter() -> float:
-        started = time.perf_counter()
-        for chunk in adapter.generate(request):
-            if chunk.final:
-                tokens["adapter"] = len(prompt) + chunk.completion_tokens
-        return time.perf_counter() - started
+    through_adapter = timed_reply(lambda: adapter.generate(request), tokens)
 
     def direct() -> float:
         started = time.perf_counter()
@@ -357,16 +354,17 @@ def bench_gguf(adapter, repeats: int) -> dict:
         stream = peer.create_completion(prompt, max_tokens=48, temperature=0.0, top_k=1,
                                         repeat_penalty=1.0, stream=True)
         # the last chunk only says why it stopped
-        tokens["direct"] = len(prompt) + sum(1 for chunk in stream
-                                             if chunk["choices"][0]["finish_reason"] is None)
+        tokens["direct"] = sum(1 for chunk in stream
+                               if chunk["choices"][0]["finish_reason"] is None)
         return time.perf_counter() - started
 
     through_adapter()  # warm-up
     a, d = best_of_interleaved(through_adapter, direct, repeats)
-    # time per token on each side, so that a different stopping point does not count
-    return {"throughput": tokens["adapter"] / a, "unit": "tok/s (prompt+decode)",
-            "adapter_s": a / tokens["adapter"], "direct_s": d / max(1, tokens["direct"]),
-            "tokens": tokens}
+    # time per token (prompt + reply) on each side, so that a different stopping point does
+    # not count
+    adapter_tokens, direct_tokens = (len(prompt) + tokens[side] for side in ("adapter", "direct"))
+    return {"throughput": adapter_tokens / a, "unit": "tok/s (prompt+decode)",
+            "adapter_s": a / adapter_tokens, "direct_s": d / direct_tokens, "tokens": tokens}
 
 
 def bench_generated_llms(repeats: int) -> list[dict]:
@@ -404,12 +402,8 @@ def bench_generated_llms(repeats: int) -> list[dict]:
                     root, folder, entry + 'tasks = ["text_generation"]\nmemory_mb = 60\n')
                 figures = bench(adapter, repeats)
                 adapter.unload()
-                rows.append({"model": f"{folder} (generated)", "task": "text_generation",
-                             "backend": backend, "load_s": adapter.load_seconds,
-                             "rss_bytes": after.rss_bytes - before.rss_bytes,
-                             "mlx_bytes": after.mlx_active_bytes - before.mlx_active_bytes,
-                             **figures, "overhead_ratio": figures["adapter_s"] / figures["direct_s"],
-                             "generated": True})
+                rows.append(generated_row(folder, "text_generation", backend, adapter,
+                                          before, after, figures))
     return rows
 
 
@@ -468,12 +462,8 @@ def bench_generated_embedders(repeats: int) -> list[dict]:
                     'tasks = ["embedding"]\nformat = "safetensors"\nmemory_mb = 10\n')
                 figures = bench(adapter, repeats)
                 adapter.unload()
-                rows.append({"model": f"{name} (generated)", "task": "embedding",
-                             "backend": backend, "load_s": adapter.load_seconds,
-                             "rss_bytes": after.rss_bytes - before.rss_bytes,
-                             "mlx_bytes": after.mlx_active_bytes - before.mlx_active_bytes,
-                             **figures, "overhead_ratio": figures["adapter_s"] / figures["direct_s"],
-                             "generated": True})
+                rows.append(generated_row(name, "embedding", backend, adapter, before, after,
+                                          figures))
     return rows
 
 
@@ -526,12 +516,9 @@ def bench_generated_wan(repeats: int) -> dict:
         step_s = (marks["last_step"] - marks["first_step"]) / (request.steps - 1)
         frame_s = (marks["decoded"] - marks["last_step"]) / request.frames
         adapter.unload()
-    return {"model": "tiny-wan (generated)", "task": "video_generation", "backend": "mlx",
-            "load_s": adapter.load_seconds, "rss_bytes": after.rss_bytes - before.rss_bytes,
-            "mlx_bytes": after.mlx_active_bytes - before.mlx_active_bytes,
-            "throughput": request.frames / a, "unit": "frames/s", "adapter_s": a,
-            "direct_s": d, "overhead_ratio": a / d, "step_s": step_s, "frame_s": frame_s,
-            "generated": True}
+    return generated_row("tiny-wan", "video_generation", "mlx", adapter, before, after, {
+        "throughput": request.frames / a, "unit": "frames/s", "adapter_s": a, "direct_s": d},
+        step_s=step_s, frame_s=frame_s)
 
 
 BLAS_PROBE = """
