@@ -25,6 +25,9 @@ CHECKOUT = Path(__file__).resolve().parents[1]
 SAMPLES = CHECKOUT / "dataflows" / "samples"
 
 pytestmark = pytest.mark.slow
+# Runs the program in argv[1:] with SIGINT's default action restored (exec keeps it).
+AS_FROM_A_TERMINAL = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                      "os.execv(sys.argv[1], sys.argv[1:])")
 
 
 class Installed:
@@ -46,7 +49,11 @@ class Installed:
                               capture_output=True, text=True, timeout=timeout)
 
     def start(self, *args: str) -> subprocess.Popen:
-        return subprocess.Popen([str(self.bin / "omni"), *args], cwd=self.home,
+        """``omni ARGS`` running as from a terminal, where Ctrl-C (SIGINT) reaches it: a suite
+        started in the background by a shell without job control (``nohup ... &``) passes
+        SIGINT on ignored, and a Python program started so ignores it too."""
+        return subprocess.Popen([sys.executable, "-c", AS_FROM_A_TERMINAL,
+                                 str(self.bin / "omni"), *args], cwd=self.home,
                                 env={**self.env, "PWD": str(self.home)},
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
