@@ -179,6 +179,30 @@ def test_measured_cost_replaces_the_estimate_and_the_working_set_is_reserved():
     assert state.residents["llm"].bytes == int(1.4 * GB)
 
 
+def test_a_model_holds_its_estimate_until_it_has_served_then_what_serving_took():
+    # Whisper measured 185 MiB once loaded, but serving grows it (activations): were the load's
+    # growth reserved, a second model granted beside it would take the budget over once both
+    # served. The estimate stays reserved until a measurement after a request replaces it.
+    state = SchedulerState(budget=GB, pipelines=[frozenset({"asr"}), frozenset({"writer"})])
+    decide(state, LoadRequest("asr", (("whisper", 460 * MB),), 0, overhead=100 * MB))
+    decide(state, Loaded("asr", "whisper", 185 * MB, 200 * MB, 1.0, 1))
+    assert state.residents["asr"].bytes == 460 * MB
+    decide(state, Activity("asr", True, 1))  # serving its first request (and so kept)
+    (wait,) = decide(state, LoadRequest("writer", (("llm", 450 * MB),), 1, overhead=100 * MB))
+    assert isinstance(wait, Wait)
+    assert decide(state, Measured("asr", 100 * MB + 190 * MB, 2)) == []  # not served yet
+    assert state.residents["asr"].bytes == 460 * MB
+    assert decide(state, Activity("asr", False, 4)) == []
+    assert decide(state, Measured("asr", 100 * MB + 340 * MB, 5)) == [Grant("writer", "llm")]
+    assert state.residents["asr"].bytes == 340 * MB and state.working_set == {"whisper": 340 * MB}
+    # Loaded again later, it reserves and then holds what serving took, not the estimate.
+    decide(state, Unloaded("asr", 6, overhead=100 * MB))
+    assert decide(state, LoadRequest("asr", (("whisper", 460 * MB),), 7)) == [Grant("asr", "whisper")]
+    assert state.residents["asr"].bytes == 340 * MB
+    decide(state, Loaded("asr", "whisper", 185 * MB, 200 * MB, 1.0, 8))
+    assert state.residents["asr"].bytes == 340 * MB
+
+
 def test_a_failed_load_gives_its_reservation_back():
     state = SchedulerState(budget=GB)
     decide(state, LoadRequest("a", (("a", GB),), 0))
@@ -308,7 +332,8 @@ def test_a_swap_that_fits_beside_reserves_both_models_until_the_old_one_is_gone(
     assert isinstance(wait, Wait)  # the reservation holds against other loads
     decide(state, Swapped("llm", "gemma-3-270m", 900 * MB, 950 * MB, 2.0, 3.0))
     resident = state.residents["llm"]
-    assert (resident.model, resident.bytes, resident.phase) == ("gemma-3-270m", 900 * MB, "ready")
+    # It holds its estimate, not the 900 MiB measured once loaded, until it has served.
+    assert (resident.model, resident.bytes, resident.phase) == ("gemma-3-270m", GB, "ready")
     assert resident.ladder == LLM[:1]  # the node's ladder is the new model's now
     assert state.learned_peak["gemma-3-270m"] == 950 * MB
 

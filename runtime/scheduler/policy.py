@@ -5,7 +5,10 @@ memory, carries out the decisions and feeds back what really happened. Memory
 counts what the model processes hold: each process's own footprint (Python,
 libraries: ``overhead``) plus the model it loaded. A load is reserved at its
 measured peak, and memory being given back counts as used until the node says
-it is gone, so the budget holds at every instant, not only on average.
+it is gone, so the budget holds at every instant, not only on average. A model
+holds its estimate until it has served a request: what it takes once loaded is
+less than what it takes while serving (activations, KV caches), so only a
+working set measured after serving replaces the estimate (``working_set``).
 
 For a node that asks to load a model, in this order:
 
@@ -84,7 +87,7 @@ class Unloaded:
 
 @dataclass(frozen=True, slots=True)
 class Activity:
-    """A node started (``busy``) or finished serving requests."""
+    """A node started (``busy``) or finished serving requests (then it has ``served``)."""
 
     node: str
     busy: bool
@@ -241,6 +244,7 @@ class Resident:
     phase: Phase = "loading"
     target: int = 0  # while leaving/switching: the bytes it will hold afterwards
     busy: bool = False
+    served: bool = False  # finished a request since it loaded
 
     @property
     def settled(self) -> bool:
@@ -268,6 +272,8 @@ class SchedulerState:
     residents: dict[str, Resident] = field(default_factory=dict)
     overhead: dict[str, int] = field(default_factory=dict)  # each model process's own memory
     learned_peak: dict[str, int] = field(default_factory=dict)  # model -> measured load peak
+    working_set: dict[str, int] = field(default_factory=dict)  # model -> measured serving
+    estimates: dict[str, int] = field(default_factory=dict)  # model -> the ladders' estimate
     pending: list[Pending] = field(default_factory=list)
     wait_seconds: float = 60.0
     active_seconds: float = 30.0  # a pipeline stays active this long after its last use
@@ -294,7 +300,20 @@ class SchedulerState:
         return keep
 
     def estimate(self, model: str, estimate: int) -> int:
-        return self.learned_peak.get(model, estimate)
+        """What a load of ``model`` reserves: what it was measured to take while loading and
+        serving, and before it has been seen serving, at least ``estimate`` (the catalog's)."""
+        learned = self.learned_peak.get(model, 0)
+        return learned if model in self.working_set else max(estimate, learned)
+
+    def holding(self, model: str, loaded: int) -> int:
+        """What a loaded ``model`` holds: its measured serving working set, or its estimate
+        until it has served (a load's measured growth leaves out activations and caches)."""
+        if model in self.working_set:
+            return max(loaded, self.working_set[model])
+        return max(loaded, self.estimates.get(model, 0))
+
+    def note_estimates(self, ladder: Ladder) -> None:
+        self.estimates |= dict(ladder)
 
 
 @dataclass
@@ -352,6 +371,7 @@ def decide(state: SchedulerState, event: Event) -> list[Decision]:
     """Apply ``event`` to ``state`` (mutated) and return the decisions to carry out."""
     match event:
         case LoadRequest():
+            state.note_estimates(event.ladder)
             if event.overhead is not None:
                 state.overhead[event.node] = event.overhead
             _activate(state, event.node)  # a pipeline being loaded is about to be used
@@ -375,7 +395,8 @@ def decide(state: SchedulerState, event: Event) -> list[Decision]:
                 ladder = previous.ladder
             else:
                 ladder = ((model, event.peak),)
-            state.residents[node] = Resident(node, model, event.bytes, ladder, event.seconds,
+            holding = state.holding(model, event.bytes)
+            state.residents[node] = Resident(node, model, holding, ladder, event.seconds,
                                              last_used=now, phase="ready",
                                              busy=bool(previous and previous.busy))
             return _retry_pending(state, now)
@@ -393,20 +414,29 @@ def decide(state: SchedulerState, event: Event) -> list[Decision]:
         case Activity(node=node, busy=busy, now=now):
             if resident := state.residents.get(node):
                 resident.last_used, resident.busy = now, busy
+                resident.served |= not busy and resident.settled
             _activate(state, node)
             return _retry_pending(state, now) if not busy else []
-        case Measured(node=node, rss=rss):
+        case Measured(node=node, rss=rss, now=now):
             resident = state.residents.get(node)
             if resident is None:
                 state.overhead[node] = rss
             elif resident.settled:
                 # The working set grows while serving (KV cache, activations): reserve what it
-                # used, now and whenever this model is loaded again.
-                resident.bytes = max(resident.bytes, rss - state.overhead.get(node, 0))
-                learned = state.learned_peak.get(resident.model, 0)
-                state.learned_peak[resident.model] = max(learned, resident.bytes)
+                # used, now and whenever this model is loaded again. Once it has served, what
+                # it was measured to use replaces the estimate it held until then.
+                working = rss - state.overhead.get(node, 0)
+                model = resident.model
+                state.learned_peak[model] = max(state.learned_peak.get(model, 0), working)
+                if not resident.served:
+                    resident.bytes = max(resident.bytes, working)
+                    return []
+                state.working_set[model] = max(state.working_set.get(model, 0), working)
+                resident.bytes = state.working_set[model]
+                return _retry_pending(state, now)  # less than the estimate held until now
             return []
         case SwapRequest():
+            state.note_estimates(event.ladder)
             return _swap(state, event)
         case SwapFailed(node=node, now=now):
             plan = state.swaps.pop(node, None)
