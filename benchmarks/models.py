@@ -6,6 +6,9 @@ For each model the same loaded weights are timed through the adapter and
 through the library directly (mlx-lm's stream_generate, mlx_whisper's
 transcribe, PiperVoice.synthesize, the MLX BERT forward pass), interleaved in
 the same run; the ratio adapter/direct is the adapter's overhead (goal <= 1.05).
+Moonshine and Kokoro, whose engines the adapters drive themselves, are measured against
+their peers on the same weights: Moonshine's own C++ engine (moonshine-cpp) and kokoro-onnx
+(``pip install -e '.[peers]'``; a model whose peer is missing is skipped, said so).
 Generated rows follow (``--no-generated`` skips them): a tiny random-weight Qwen3-Omni, the
 spoken question in, text out through the adapter against mlx-vlm directly, and a spoken
 reply's seconds of speech per second; a tiny random-weight Wan 2.2 TI2V, a clip through the
@@ -14,7 +17,7 @@ step and per decoded frame; a tiny random-weight checkpoint of each VLM family t
 (SmolVLM, Qwen2-VL, Qwen2.5-VL, Gemma 3, LLaVA), a picture and a question through the adapter
 against mlx-vlm directly; a tiny checkpoint of each LLM architecture of the matrix on MLX
 (against mlx-lm) and as GGUF on llama.cpp (against llama-cpp-python); the BGE- and E5-style
-embedders on MLX and ONNX Runtime. The BLAS section runs a matmul and MiniLM in child
+embedders and the BERT and XLM-R cross-encoders on MLX and ONNX Runtime. The BLAS section runs a matmul and MiniLM in child
 processes with OpenBLAS preloaded and with MLX's stock BLAS (goal >= 10x). Prints a table, writes
 benchmarks/results/models.json (or --json FILE) and a plot of each model's overhead ratio,
 benchmarks/results/models.png (or --png FILE).
@@ -172,6 +175,115 @@ def bench_embedding(adapter, repeats: int, tokenize: bool = False) -> dict:
             "direct_s": d}
 
 
+class PeerMissing(Exception):
+    """The library a row is measured against is not installed."""
+
+
+def peer_module(name: str, package: str):
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise PeerMissing(f"{package} is not installed (pip install -e '.[peers]')") from None
+
+
+def bench_moonshine(adapter, audio: np.ndarray, rate: int, repeats: int) -> dict:
+    """The ort_moonshine adapter against Moonshine's own C++ engine (moonshine-cpp, with its
+    own ONNX Runtime) called through its C API on the same ONNX graphs; and, once, that engine
+    on the ``.ort`` files its wheel ships, as it runs out of the box (``peer_ort_s``)."""
+    import ctypes
+
+    from mofa_omni.media.audio import resample
+
+    moonshine = peer_module("moonshine_cpp", "moonshine-cpp")
+    request = TranscriptionRequest(audio, rate)
+    audio16 = np.ascontiguousarray(resample(audio, rate, 16000), np.float32)
+
+    def engine(model) -> Callable[[], float]:
+        def run() -> float:
+            text = ctypes.c_char_p()
+            started = time.perf_counter()
+            status = moonshine.moonshine_lib.moonshine_transcribe(
+                model.model_handle, audio16.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+                len(audio16), ctypes.byref(text))
+            seconds = time.perf_counter() - started
+            if status != 0:
+                raise RuntimeError(f"moonshine_transcribe failed ({status})")
+            moonshine.moonshine_lib.moonshine_free_text(text)
+            return seconds
+        return run
+
+    same_graphs = engine(moonshine.MoonshineModel(model_dir_path=str(adapter.model_dir),
+                                                  onnx_suffix="onnx", model_type="base"))
+    shipped = engine(moonshine.MoonshineModel(model_type="base"))  # its wheel's base-en .ort
+    same_graphs(), shipped(), adapter.transcribe(request)  # warm both
+    a, d = best_of_interleaved(lambda: timed(lambda: adapter.transcribe(request)), same_graphs,
+                               repeats)
+    seconds = len(audio) / rate
+    return {"throughput": a / seconds, "unit": "real-time factor (lower is faster)",
+            "adapter_s": a, "direct_s": d, "peer": "moonshine-cpp",
+            "peer_ort_s": min(shipped() for _ in range(2))}
+
+
+def bench_kokoro(adapter, repeats: int) -> dict:
+    """The kokoro adapter against kokoro-onnx on the same ONNX model and voice pack. Each
+    phonemizes with espeak-ng its own way, so their clips differ in length: compared per
+    second of speech (``direct_s`` is the peer's time scaled to the adapter's clip)."""
+    kokoro_onnx = peer_module("kokoro_onnx", "kokoro-onnx")
+    (graph,) = adapter.model_dir.glob("*.onnx")
+    voices = sorted(adapter.model_dir.glob("*.npz"))[0]
+    peer = kokoro_onnx.Kokoro(str(graph), str(voices))
+    options = adapter.options
+    request = SpeechRequest(SPOKEN)
+    spoken = {"adapter": 0.0, "peer": 0.0}
+
+    def through_adapter() -> float:
+        started = time.perf_counter()
+        samples = sum(len(c.audio) for c in adapter.synthesize(request))
+        spoken["adapter"] = samples / adapter.sample_rate
+        return time.perf_counter() - started
+
+    def through_peer() -> float:
+        started = time.perf_counter()
+        samples, rate = peer.create(SPOKEN, voice=options.voice, speed=options.speed,
+                                    lang=options.language)
+        spoken["peer"] = len(samples) / rate
+        return time.perf_counter() - started
+
+    through_adapter(), through_peer()
+    a, d = best_of_interleaved(through_adapter, through_peer, repeats)
+    return {"throughput": a / spoken["adapter"], "unit": "real-time factor (lower is faster)",
+            "adapter_s": a, "direct_s": d * spoken["adapter"] / spoken["peer"],
+            "peer": "kokoro-onnx"}
+
+
+def bench_rerank(adapter, repeats: int) -> dict:
+    """A cross-encoder adapter against its tokenizer and engine's forward pass called
+    directly on the same pairs (length batches, then the sigmoid of each logit)."""
+    from mofa_omni.contract.tasks import RerankRequest
+    from mofa_omni.formats.bert import length_batches, padded
+
+    request = RerankRequest(PROMPT, SENTENCES)
+    pairs = [(PROMPT, document) for document in SENTENCES]
+
+    def direct() -> float:
+        started = time.perf_counter()
+        encodings = adapter._tokenizer.encode_batch(pairs)
+        _, batches = length_batches([len(e.ids) for e in encodings], adapter.options.batch_size)
+        for batch in batches:
+            ids, types, mask = padded([encodings[i] for i in batch])
+            logits = adapter._logits(ids, np.zeros_like(types) if adapter._one_type else types,
+                                     mask)
+            1 / (1 + np.exp(-logits.astype(np.float64)))
+        return time.perf_counter() - started
+
+    adapter.rerank(request)
+    a, d = best_of_interleaved(lambda: timed(lambda: adapter.rerank(request)), direct, repeats)
+    return {"throughput": len(SENTENCES) / a, "unit": "pairs/s", "adapter_s": a,
+            "direct_s": d}
+
+
 def spoken_question() -> tuple[np.ndarray, int]:
     tts = open_model("piper-joe")
     chunks = list(tts.synthesize(SpeechRequest(SPOKEN)))
@@ -194,7 +306,16 @@ def bench_model(name: str, repeats: int, speech: tuple[np.ndarray, int]) -> dict
         "speech_synthesis": lambda: bench_tts(adapter, repeats),
         "embedding": lambda: bench_embedding(adapter, repeats),
     }
-    figures = runners[task]()
+    # The families whose library is not wrapped as a Python call are measured against a peer.
+    against_peer = {
+        "ort_moonshine": lambda: bench_moonshine(adapter, *speech, repeats),
+        "kokoro": lambda: bench_kokoro(adapter, repeats),
+    }
+    try:
+        figures = against_peer.get(catalog_spec.adapters[0], runners[task])()
+    except PeerMissing:
+        adapter.unload()
+        raise
     row = {"model": name, "task": task, "backend": adapter.backend,
            "load_s": adapter.load_seconds, "rss_bytes": after.rss_bytes - before.rss_bytes,
            "mlx_bytes": after.mlx_active_bytes - before.mlx_active_bytes, **figures,
@@ -467,6 +588,34 @@ def bench_generated_embedders(repeats: int) -> list[dict]:
     return rows
 
 
+def bench_generated_rerankers(repeats: int) -> list[dict]:
+    """Tiny random-weight one-label cross-encoders (mofa_omni.testing.tiny_bert) -- a BERT
+    head as ms-marco MiniLM and BGE-Reranker-base have, an XLM-R head as BGE-Reranker-v2-m3
+    has -- on MLX and ONNX Runtime, each against its engine's forward pass called directly."""
+    import tempfile
+    from pathlib import Path
+
+    from mofa_omni.testing.tiny_bert import write_reranker
+
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        for family in ("bert", "xlm-roberta"):
+            name = f"tiny-{family}-cross-encoder"
+            for backend, adapter_name in (("mlx", "mlx_cross_encoder"),
+                                          ("onnxruntime", "ort_cross_encoder")):
+                print(f"measuring {name} on {backend} ...", file=sys.stderr, flush=True)
+                write_reranker(root / f"{name}-{backend}", family)  # same seed: same weights
+                adapter, before, after = open_generated(
+                    root, f"{name}-{backend}", f'adapter = "{adapter_name}"\n'
+                    'tasks = ["rerank"]\nformat = "safetensors"\nmemory_mb = 10\n')
+                figures = bench_rerank(adapter, repeats)
+                adapter.unload()
+                rows.append(generated_row(name, "rerank", backend, adapter, before, after,
+                                          figures))
+    return rows
+
+
 def bench_generated_wan(repeats: int) -> dict:
     """A tiny random-weight Wan 2.2 TI2V (mofa_omni.testing.tiny_wan: no video weights can be
     had offline): a 17-frame 128x128 clip in 4 steps through the adapter (progress and
@@ -558,10 +707,14 @@ def print_table(rows: list[dict], blas: dict | None) -> None:
           f"{'throughput':>12}  {'overhead':>8}")
     for r in rows:
         unit = {"tok/s (prompt+decode)": "tok/s", "sentences/s": "sent/s",
-                "frames/s": "frame/s"}.get(r["unit"], "RTF")
+                "frames/s": "frame/s", "pairs/s": "pair/s"}.get(r["unit"], "RTF")
         print(f"{r['model']:{width}} {r['backend']:12} {r['load_s']:6.2f}s "
               f"{format_bytes(r['rss_bytes']):>10} {format_bytes(r['mlx_bytes']):>10} "
               f"{r['throughput']:7.2f} {unit:6}  {r['overhead_ratio']:7.3f}x")
+        if "peer" in r:
+            shipped = (f"; {r['peer']} on the .ort files its wheel ships: "
+                       f"{r['peer_ort_s'] / r['direct_s']:.1f}x slower") if "peer_ort_s" in r else ""
+            print(f"{'':{width}} overhead against {r['peer']} on the same model{shipped}")
         if "speech_per_s" in r:
             print(f"{'':{width}} spoken reply: {r['speech_per_s']:.1f} s of speech per second "
                   "(generated weights: the architecture at a toy size)")
@@ -595,12 +748,12 @@ def main() -> int:
     parser = make_parser(__doc__, full_help=True)
     parser.add_argument("--models", nargs="+",
                         default=["smollm2-135m", "smollm2-135m-q4", "whisper-tiny.en",
-                                 "piper-joe", "minilm-l6"])
+                                 "moonshine-base-en", "piper-joe", "kokoro-82m", "minilm-l6"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-blas", action="store_true", help="skip the BLAS comparison")
     parser.add_argument("--no-generated", action="store_true",
                         help="skip the generated-weight rows (a tiny Qwen3-Omni, a tiny Wan, "
-                             "a tiny VLM, LLM and embedder per family)")
+                             "a tiny VLM, LLM, embedder and cross-encoder per family)")
     add_output_flags(parser, "models.json", "models.png")
     args = parser.parse_args()
 
@@ -608,7 +761,10 @@ def main() -> int:
     rows = []
     for name in args.models:
         print(f"measuring {name} ...", file=sys.stderr, flush=True)
-        rows.append(bench_model(name, args.repeats, speech))
+        try:
+            rows.append(bench_model(name, args.repeats, speech))
+        except PeerMissing as missing:
+            print(f"skipping {name}: {missing}", file=sys.stderr, flush=True)
     if not args.no_generated:
         print("measuring a generated tiny Qwen3-Omni ...", file=sys.stderr, flush=True)
         rows.append(bench_generated_omni(args.repeats, speech))
@@ -617,6 +773,7 @@ def main() -> int:
         rows += bench_generated_vlms(args.repeats)
         rows += bench_generated_llms(args.repeats)
         rows += bench_generated_embedders(args.repeats)
+        rows += bench_generated_rerankers(args.repeats)
     blas = None if args.no_blas else bench_blas()
     print_table(rows, blas)
     write_json(args.json, {**run_stamp(), "models": rows, "blas": blas})
