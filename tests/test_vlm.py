@@ -351,7 +351,7 @@ def test_a_vision_language_model_serves_pictures_in_a_dataflow(tiny: dict[str, P
     """An omni-node with the tiny model: pictures in, streamed text out; malformed pictures
     answered on `error` naming the request, and the node goes on serving (an RGBA picture
     and a plain chat after them). A second omni-node in the same graph serves another family
-    (Gemma 3): a picture and a chat."""
+    (Gemma 3): a picture and a chat; a third a third family (LLaVA): a picture."""
     report_path = tmp_path / "report.json"
     finish(start_dataflow(VLM, {"REPORT": str(report_path),
                                 "MOFA_OMNI_CATALOG": str(tiny["catalog"]),
@@ -359,13 +359,13 @@ def test_a_vision_language_model_serves_pictures_in_a_dataflow(tiny: dict[str, P
     report = json.loads(report_path.read_text())
     assert not report.get("timeout"), report
     # The RGBA picture and the chat were sent once both errors had come back.
-    first_node = [rid for rid in report["order"] if not rid.startswith("gemma-")]
+    first_node = [rid for rid in report["order"] if not rid.startswith(("gemma-", "llava-"))]
     assert set(first_node[-2:]) == {"rgba", "chat"}, report
-    assert set(report["finals"]) == {"photo", "rgba", "chat", "gemma-photo", "gemma-chat"}, \
-        report
+    assert set(report["finals"]) == {"photo", "rgba", "chat", "gemma-photo", "gemma-chat",
+                                     "llava-photo"}, report
     for rid, model in (("photo", "tiny-smolvlm"), ("rgba", "tiny-smolvlm"),
                        ("chat", "tiny-smolvlm"), ("gemma-photo", "tiny-gemma3"),
-                       ("gemma-chat", "tiny-gemma3")):
+                       ("gemma-chat", "tiny-gemma3"), ("llava-photo", "tiny-llava")):
         final = report["finals"][rid]
         assert final["model"] == model and final["completion_tokens"] <= 8, report
         assert report["chunks"][rid] > 2 and report["texts"][rid].strip(), report

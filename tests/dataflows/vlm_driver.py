@@ -1,6 +1,7 @@
 """Drives tests/dataflows/vlm.yml: a picture and two malformed ones, then — once both were
 answered with errors — an RGBA picture and a plain chat; and, from the start, a picture and a
-chat to the second node (another family); writes what came back to $REPORT. Requests go one a
+chat to the second node (another family), a picture to the third (a third family); writes
+what came back to $REPORT. Requests go one a
 tick; a request dora dropped is sent once more (see driving.py), and so is one whose answer
 was cut short on its way back (a gap on the input its node answers on)."""
 
@@ -55,6 +56,8 @@ def main() -> None:
                                                   max_tokens=MAX_TOKENS)),
         "gemma-chat": ("gemma_chat", ChatRequest([ChatMessage("user", "Hello!")],
                                                  max_tokens=MAX_TOKENS)),
+        "llava-photo": ("llava_look", OmniRequest(QUESTION, [picture(48, 64)],
+                                                  max_tokens=MAX_TOKENS)),
     }
 
     def send(requests: dict) -> None:
@@ -65,8 +68,12 @@ def main() -> None:
     # (the last, which nothing after it on that input reveals until the resend).
     queued = [*first.items(), *second.items()]
     requests = {**first, **after_errors, **second}
-    node_of = {"look": "vlm", "chat": "vlm", "gemma_look": "gemma", "gemma_chat": "gemma"}
-    gaps = {"vlm": 0, "gemma": 0}
+    # Each node's outputs by the task its requests arrive on.
+    outputs = {"vlm": {"vision_language": "look", "text_generation": "chat"},
+               "gemma": {"vision_language": "gemma_look", "text_generation": "gemma_chat"},
+               "llava": {"vision_language": "llava_look"}}
+    node_of = {output: node for node, tasks in outputs.items() for output in tasks.values()}
+    gaps = dict.fromkeys(outputs, 0)
     report["resent_on_gap"] = []
     for event in driver.inputs():
         rid = event.request_id
@@ -83,13 +90,9 @@ def main() -> None:
                     driver.send(output, waiting, message)
         if event.id == "tick" and queued:
             send(dict([queued.pop(0)]))
-        elif event.id == "vlm_lost":
-            driver.resend_lost(event.metadata, {"vision_language": "look",
-                                                "text_generation": "chat"})
-        elif event.id == "gemma_lost":
-            driver.resend_lost(event.metadata, {"vision_language": "gemma_look",
-                                                "text_generation": "gemma_chat"})
-        elif event.id in ("vlm", "gemma"):
+        elif event.id.endswith("_lost"):
+            driver.resend_lost(event.metadata, outputs[event.id.removesuffix("_lost")])
+        elif event.id in outputs:
             chunk = event.decode(TextChunk)
             report["texts"][rid] = report["texts"].get(rid, "") + chunk.text
             report["chunks"][rid] = report["chunks"].get(rid, 0) + 1
@@ -99,7 +102,7 @@ def main() -> None:
                                          "completion_tokens": chunk.completion_tokens,
                                          "prompt_tokens": chunk.prompt_tokens,
                                          "model": event.metadata.get("model", "")}
-        elif event.id in ("vlm_error", "gemma_error"):
+        elif event.id.endswith("_error"):
             error = event.error()
             driver.answered(error.request_id)
             report["errors"][error.request_id] = record(error)
