@@ -417,6 +417,7 @@ def bench_generated_vlms(repeats: int) -> list[dict]:
     from mofa_omni.adapters.mlx_vlm import to_rgb
     from mofa_omni.contract.tasks import OmniRequest
     from mofa_omni.models.store import ModelStore
+    from mofa_omni.testing import tiny_name
     from mofa_omni.testing.tiny_vlm import VLM_ARCHITECTURES
 
     smollm2 = Catalog.load([]).get("smollm2-135m")
@@ -427,7 +428,7 @@ def bench_generated_vlms(repeats: int) -> list[dict]:
     rows = []
     for model_type, write in VLM_ARCHITECTURES.items():
         print(f"measuring a generated tiny {model_type} ...", file=sys.stderr, flush=True)
-        name = "tiny-" + model_type.replace("_", "-")
+        name = tiny_name(model_type)
         with tempfile.TemporaryDirectory() as scratch:
             root = Path(scratch)
             write(root / name, gguf)
@@ -499,6 +500,7 @@ def bench_generated_llms(repeats: int) -> list[dict]:
     from pathlib import Path
 
     from mofa_omni.models.store import ModelStore
+    from mofa_omni.testing import tiny_name
     from mofa_omni.testing.tiny_gguf import GGUF_ARCHITECTURES, write_tiny_gguf
     from mofa_omni.testing.tiny_llm import LLM_ARCHITECTURES, write_tiny_llm, write_tokenizer
 
@@ -511,7 +513,7 @@ def bench_generated_llms(repeats: int) -> list[dict]:
         tokenizer = write_tokenizer(root / "tokenizer", gguf)
         for seed, architecture in enumerate(LLM_ARCHITECTURES):
             print(f"measuring a generated tiny {architecture} ...", file=sys.stderr, flush=True)
-            name = "tiny-" + architecture.replace("_", "-")
+            name = tiny_name(architecture)
             write_tiny_llm(root / name, architecture, tokenizer, seed=seed)
             engines = [("mlx", name, 'adapter = "mlx_lm"\nformat = "mlx"\n', bench_llm)]
             if with_llama_cpp and architecture in GGUF_ARCHITECTURES:

@@ -42,10 +42,10 @@ Inputs:
                     refused memory, not loaded in time, crashed; dataflows/voice.omni.yml)
     cascade_error   the cascade LLM's `error`
     status          optional, the scheduler's `status`: the delivery reports of the model nodes
-                    reading `chat` and `cascade_chat`. A question a report shows never arrived
-                    (dora dropped it; the last one sent shows no gap) is asked again, up to
-                    twice, then the reply ends in an error, in seconds rather than after
-                    REPLY_TIMEOUT_S
+                    reading `chat`, `hear` and `cascade_chat`. A question (or an utterance for
+                    the cascade's ASR) a report shows never arrived (dora dropped it; the last
+                    one sent shows no gap) is sent again, up to twice, then the reply (or turn)
+                    ends in an error, in seconds rather than after REPLY_TIMEOUT_S
 
 The node ends once `utterance` (or, without it, `transcript`) is closed (no more turns) and
 the last reply is over.
@@ -128,11 +128,12 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     transcript = (out_dir / "transcript.txt").open("w", buffering=1)
     descriptor = node.dataflow_descriptor()
-    # who checks the delivery of the questions on each output (the omni model or the LLM on
-    # `chat`, the cascade's LLM on `cascade_chat`)
-    delivery_checks = {output: check for output in ("chat", "cascade_chat")
+    # who checks the delivery of what we send on each output (the omni model or the LLM on
+    # `chat`, the cascade's ASR on `hear`, the cascade's LLM on `cascade_chat`)
+    delivery_checks = {output: check for output in ("chat", "hear", "cascade_chat")
                        if (check := question_reader(descriptor, node_id, output))}
     asked: dict[str, Ask] = {}  # the question of the reply under way, to ask it again
+    to_hear: dict[str, Hear] = {}  # the cascade's turns not heard yet, to send them again
 
     def ask(question: Ask) -> None:
         meta = MessageMeta(question.reply_id, 0, True, question.origin_ns, time.time_ns())
@@ -145,8 +146,18 @@ def main() -> None:
         if output in delivery_checks:
             delivery_checks[output].sent(question.reply_id, seq, time.time_ns())
 
+    def hear(turn: Hear) -> None:
+        meta = MessageMeta(turn.turn_id, 0, True, turn.origin_ns, time.time_ns())
+        seq = node.send_output("hear", arrow.encode(TranscriptionRequest(turn.audio,
+                                                                         HEARING_RATE)),
+                               meta.to_dora())
+        to_hear[turn.turn_id] = turn
+        if "hear" in delivery_checks:
+            delivery_checks["hear"].sent(turn.turn_id, seq, time.time_ns())
+
     def answer_began(request_id: str) -> None:
         asked.pop(request_id, None)
+        to_hear.pop(request_id, None)
         for questions in delivery_checks.values():
             questions.arrived(request_id)
 
@@ -156,20 +167,24 @@ def main() -> None:
         if not isinstance(status, Status):
             return []
         actions: list[Action] = []
-        for questions in delivery_checks.values():
+        for output, questions in delivery_checks.items():
             report = next((n for n in status.nodes if n.node == questions.node), None)
+            heard = output == "hear"
+            pending, what = (to_hear, "the utterance") if heard else (asked, "the question")
             for lost in questions.check(report.delivery) if report else []:
-                if lost.request_id not in asked:
-                    continue  # that reply is over
+                if lost.request_id not in pending:
+                    continue  # that turn or reply is over
                 if lost.again:
-                    log.warning("%s: %s never received the question (dora dropped it): asked "
-                                "again", lost.request_id, questions.node)
-                    ask(asked[lost.request_id])
-                else:
-                    answer_began(lost.request_id)
-                    actions += dialogue.reply_failed(
-                        lost.request_id, f"lost: {questions.node} never received the question, "
-                                         f"sent {1 + questions.resends} times")
+                    log.warning("%s: %s never received %s (dora dropped it): %s again",
+                                lost.request_id, questions.node, what,
+                                "sent" if heard else "asked")
+                    (hear if heard else ask)(pending[lost.request_id])
+                    continue
+                answer_began(lost.request_id)
+                why = f"lost: {questions.node} never received {what}, sent " \
+                      f"{1 + questions.resends} times"
+                actions += dialogue.not_heard(lost.request_id, why) if heard else \
+                    dialogue.reply_failed(lost.request_id, why)
         return actions
 
     def act(actions: list[Action]) -> None:
@@ -180,13 +195,10 @@ def main() -> None:
                         log.info("%s: the words of the pause asked as %s",
                                  question.request.messages[-1].content, question.reply_id)
                     ask(question)
-                case Hear(turn_id, audio, origin_ns):
+                case Hear() as turn:
                     log.warning("%s: the cascade hears it (%s cannot serve; tried again in "
-                                "%g s)", turn_id, dialogue.omni_node, dialogue.omni_retry_s)
-                    meta = MessageMeta(turn_id, 0, True, origin_ns, time.time_ns())
-                    node.send_output("hear", arrow.encode(TranscriptionRequest(audio,
-                                                                               HEARING_RATE)),
-                                     meta.to_dora())
+                                "%g s)", turn.turn_id, dialogue.omni_node, dialogue.omni_retry_s)
+                    hear(turn)
                 case Cancel(reply_id):
                     answer_began(reply_id)
                     if is_held(reply_id):
@@ -218,6 +230,10 @@ def main() -> None:
         return dialogue.reply_failed(meta.request_id, error.summary(), time.monotonic(),
                                      error.kind in (ErrorKind.UNAVAILABLE, ErrorKind.TIMEOUT))
 
+    def not_heard(meta: MessageMeta, error: ErrorReport) -> list[Action]:
+        answer_began(meta.request_id)
+        return dialogue.not_heard(meta.request_id, error.summary())
+
     pauses: dict[str, int] = {}  # turn -> origin_ns of its last pause snapshot
 
     def pause_snapshot(meta: MessageMeta, metadata: dict) -> None:
@@ -228,6 +244,7 @@ def main() -> None:
                 pauses.pop(next(iter(pauses)))
 
     def heard(meta: MessageMeta, transcript: Transcript) -> list[Action]:
+        answer_began(meta.request_id)  # a turn the cascade hears: its words came
         if not meta.final:  # words of an utterance still spoken
             words = transcript.text.split()
             settled, rest = words[:transcript.settled_words], words[transcript.settled_words:]
@@ -243,8 +260,7 @@ def main() -> None:
         "transcript": lambda meta, value: heard(meta, arrow.decode(value, Transcript)),
         "utterance": lambda meta, value: heard_sound(meta, arrow.decode(value,
                                                                        TranscriptionRequest)),
-        "asr_error": lambda meta, value: dialogue.not_heard(
-            meta.request_id, arrow.decode(value, ErrorReport).summary()),
+        "asr_error": lambda meta, value: not_heard(meta, arrow.decode(value, ErrorReport)),
         "hearing": lambda meta, value: dialogue.sent_to_be_heard(
             meta.request_id, time.monotonic(), meta.sent_ns) if meta.final else [],
         "speech_started": lambda meta, value: dialogue.speech_started(),

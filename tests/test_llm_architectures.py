@@ -26,6 +26,7 @@ from mofa_omni.contract.errors import ContractError, ModelLoadError
 from mofa_omni.contract.tasks import ChatMessage, ChatRequest, TextChunk
 from mofa_omni.models.catalog import Catalog, PypiSource
 from mofa_omni.models.store import ModelStore
+from mofa_omni.testing import tiny_name
 from mofa_omni.testing.tiny_gguf import GGUF_ARCHITECTURES, write_tiny_gguf
 from mofa_omni.testing.tiny_llm import (
     LLM_ARCHITECTURES,
@@ -56,12 +57,8 @@ TOLERANCE = {"mlx_lm": 1e-5, "ct2_lm": 1e-4, "llama_cpp": 5e-3}
 LLAMA_CPP_GELU_TOLERANCE = 1e-2
 
 
-def model_name(architecture: str) -> str:
-    return "tiny-" + architecture.replace("_", "-")
-
-
-def gguf_model_name(architecture: str, adapter: str) -> str:
-    return f"{model_name(architecture)}-gguf-{adapter.replace('_', '-')}"
+def gguf_tiny_name(architecture: str, adapter: str) -> str:
+    return f"{tiny_name(architecture)}-gguf-{adapter.replace('_', '-')}"
 
 
 @pytest.fixture(scope="module")
@@ -76,14 +73,14 @@ def tiny(tmp_path_factory, catalog: Catalog, store: ModelStore) -> dict[str, Pat
     entries = []
     for seed, architecture in enumerate(LLM_ARCHITECTURES):
         checkpoint = write_tiny_llm(root / architecture, architecture, tokenizer, seed=seed)
-        entries.append(f'[models.{model_name(architecture)}]\nadapter = "mlx_lm"\n'
+        entries.append(f'[models.{tiny_name(architecture)}]\nadapter = "mlx_lm"\n'
                        'tasks = ["text_generation"]\nformat = "mlx"\n'
                        f'memory_mb = 60\nsource = {{ path = "{checkpoint}" }}\n')
     for architecture in GGUF_ARCHITECTURES:  # the same weights as GGUF, for every engine
         folder = root / "gguf" / architecture
         write_tiny_gguf(root / architecture, folder / "model.gguf", gguf)
         for adapter in GGUF_ADAPTERS:  # CTranslate2 in float32, to compare; the others refuse
-            entries.append(f'[models.{gguf_model_name(architecture, adapter)}]\n'
+            entries.append(f'[models.{gguf_tiny_name(architecture, adapter)}]\n'
                            f'adapter = "{adapter}"\ntasks = ["text_generation"]\n'
                            f'format = "gguf"\nmemory_mb = 60\nsource = {{ path = "{folder}" }}\n'
                            + ('options = { compute_type = "float32" }\n'
@@ -103,7 +100,7 @@ def served(request, tiny: dict[str, Path]):
     """(the adapter serving an architecture, mlx-lm's own model and tokenizer on its files)."""
     from mlx_lm.utils import load
 
-    adapter = open_tiny(tiny, model_name(request.param))
+    adapter = open_tiny(tiny, tiny_name(request.param))
     engine, tokenizer = load(str(tiny["root"] / request.param))
     yield adapter, engine, tokenizer
     adapter.unload()
@@ -203,7 +200,7 @@ def test_three_architectures_answer_in_one_dataflow(tiny: dict[str, Path], tmp_p
     assert set(report["finals"]) == set(nodes), report
     for node, architecture in nodes.items():
         final = report["finals"][node]
-        assert final["node"] == node and final["model"] == model_name(architecture)
+        assert final["node"] == node and final["model"] == tiny_name(architecture)
         assert 1 <= final["completion_tokens"] <= 5 and report["chunks"][node] >= 2
         engine, tokenizer = load(str(tiny["root"] / architecture))
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hello!"}],
@@ -228,7 +225,7 @@ def test_the_same_weights_as_gguf_compute_the_same_on_every_engine(tiny: dict[st
         pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     if adapter == "ct2_lm":
         pytest.importorskip("ctranslate2", reason="ctranslate2 is not installed")
-    loaded = open_tiny(tiny, gguf_model_name(architecture, adapter))
+    loaded = open_tiny(tiny, gguf_tiny_name(architecture, adapter))
     try:
         assert loaded.spec.adapter == adapter
         engine, tokenizer = load(str(tiny["root"] / architecture))
@@ -256,7 +253,7 @@ def test_ctranslate2_refuses_the_architectures_its_decoder_does_not_map(tiny: di
     assert {"gemma2", "mixtral"} <= set(refused)
     for architecture in ("gemma2", "mixtral"):
         with pytest.raises(ModelLoadError, match=f"CTranslate2 serves .*not '{architecture}'"):
-            open_tiny(tiny, gguf_model_name(architecture, "ct2_lm"))
+            open_tiny(tiny, gguf_tiny_name(architecture, "ct2_lm"))
 
 
 def test_a_split_gguf_is_one_model_on_every_engine(tiny: dict[str, Path], catalog: Catalog,

@@ -261,8 +261,8 @@ def test_the_cascade_answers_when_no_omni_variant_fits_the_budget(tiny, tmp_path
     """dataflows/voice.omni.yml with an omni model the scheduler can never admit (its catalog
     entry says 100 GB): its refusal sends the first turn's sound to the cascade (whisper, then
     SmolLM2, then Piper), which answers it aloud; the second turn goes straight there. The
-    cascade's first question is dropped on its way (as dora drops messages): the cascade LLM's
-    delivery report shows it, and it is asked again."""
+    cascade's first utterance and first question are dropped on their way (as dora drops
+    messages): the cascade ASR's and LLM's delivery reports show it, and each is sent again."""
     catalog = tmp_path / "catalog.toml"
     catalog.write_text(tiny["catalog"].read_text()
                        .replace("[models.tiny-qwen3-omni]", "[models.qwen3-omni]")
@@ -270,7 +270,8 @@ def test_the_cascade_answers_when_no_omni_variant_fits_the_budget(tiny, tmp_path
     out = tmp_path / "voice"
     log = finish(start_dataflow(VOICE_OMNI, {"MOFA_OMNI_CATALOG": str(catalog),
                                              "VOICE_OUTPUT": str(out),
-                                             "DROP_MESSAGES": "cascade_chat:0"}), 300)
+                                             "DROP_MESSAGES": "hear:0,cascade_chat:0"}),
+                 300)
     lines = (out / "transcript.txt").read_text().splitlines()
     assert lines[0].startswith("user: [spoken, "), lines
     assert "the scheduler refused qwen3-omni" in lines[1] and \
@@ -285,4 +286,6 @@ def test_the_cascade_answers_when_no_omni_variant_fits_the_budget(tiny, tmp_path
     assert "utt-1: the cascade hears it (omni cannot serve" in log, log[-3000:]
     # the omni model's refused question was reply-1; the cascade's is the next
     assert "reply-2: llm never received the question (dora dropped it): asked again" in log, \
+        log[-3000:]
+    assert "utt-1: asr never received the utterance (dora dropped it): sent again" in log, \
         log[-3000:]

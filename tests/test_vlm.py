@@ -23,6 +23,7 @@ from mofa_omni.models import memory
 from mofa_omni.models.catalog import Catalog, PypiSource
 from mofa_omni.models.detect import detect
 from mofa_omni.models.store import ModelStore
+from mofa_omni.testing import tiny_name
 from mofa_omni.testing.tiny_vlm import (
     GEMMA3_IMAGE_TOKENS,
     IMAGE_TOKEN,
@@ -33,7 +34,7 @@ from tests.dataflow_run import finish, start_dataflow
 VLM = Path(__file__).parent / "dataflows" / "vlm.yml"
 QUESTION = [ChatMessage("user", "What is in this picture?")]
 # One checkpoint per mlx-vlm family, named after its model_type ("tiny-qwen2-5-vl").
-MODEL_TYPES = {"tiny-" + model_type.replace("_", "-"): model_type
+MODEL_TYPES = {tiny_name(model_type): model_type
                for model_type in VLM_ARCHITECTURES}
 MODELS = {name: VLM_ARCHITECTURES[model_type] for name, model_type in MODEL_TYPES.items()}
 
