@@ -237,6 +237,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from mofa_omni.models.compute import find_openblas, measure_blas, mlx_device
     from mofa_omni.models.memory import format_bytes, snapshot
     from mofa_omni.models.store import cache_root
+    from mofa_omni.node.shared_memory import lock_limit, shared_memory_verdict
 
     report = measure_blas()
     memory = snapshot()
@@ -249,6 +250,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     print(f"matmul       {report.gflops:.1f} GFLOP/s (float32, 1024x1024, measured now)")
     if sys.platform.startswith("linux") and find_openblas() is None:
         print("warning      OpenBLAS is missing: `apt-get install libopenblas0-pthread`")
+    if (allowance := lock_limit()) is not None:
+        print(f"shared mem   {shared_memory_verdict(allowance)[1]}")
     print(f"cache        {cache_root()}")
     catalog = _catalog()
     print(f"\nbackends on this machine ({compute_platform()}): which adapter serves each task's "
