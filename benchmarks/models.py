@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from common import (
     add_output_flags,
@@ -555,6 +556,22 @@ def bench_ort_embedding(adapter, repeats: int) -> dict:
             "direct_s": d}
 
 
+def generated_bert_row(root, name: str, task: str, backend: str, adapter_name: str,
+                       bench: Callable[[Any, int], dict], repeats: int,
+                       write: Callable[[Any], Any]) -> dict:
+    """The row of one BERT-family checkpoint ``write`` puts in a folder, served by
+    ``adapter_name``: the same weights (same seed) under a name per engine, since each engine
+    prepares its own files from them."""
+    print(f"measuring {name} on {backend} ...", file=sys.stderr, flush=True)
+    write(root / f"{name}-{backend}")
+    adapter, before, after = open_generated(
+        root, f"{name}-{backend}", f'adapter = "{adapter_name}"\ntasks = ["{task}"]\n'
+        'format = "safetensors"\nmemory_mb = 10\n')
+    figures = bench(adapter, repeats)
+    adapter.unload()
+    return generated_row(name, task, backend, adapter, before, after, figures)
+
+
 def bench_generated_embedders(repeats: int) -> list[dict]:
     """Tiny random-weight sentence-transformers embedders (mofa_omni.testing.tiny_bert) in the
     two layouts the tests prove -- a BERT with CLS pooling as BGE has, an XLM-R with mean
@@ -576,17 +593,10 @@ def bench_generated_embedders(repeats: int) -> list[dict]:
                                                   bench_embedding(adapter, repeats, True)),
                                                  ("onnxruntime", "ort_bert",
                                                   bench_ort_embedding)):
-                print(f"measuring {name} on {backend} ...", file=sys.stderr, flush=True)
-                # the same weights (same seed) under a name per engine: each prepares its own
-                write_embedder(root / f"{name}-{backend}", family, pooling=pooling,
-                               prompts=prompts)
-                adapter, before, after = open_generated(
-                    root, f"{name}-{backend}", f'adapter = "{adapter_name}"\n'
-                    'tasks = ["embedding"]\nformat = "safetensors"\nmemory_mb = 10\n')
-                figures = bench(adapter, repeats)
-                adapter.unload()
-                rows.append(generated_row(name, "embedding", backend, adapter, before, after,
-                                          figures))
+                rows.append(generated_bert_row(
+                    root, name, "embedding", backend, adapter_name, bench, repeats,
+                    lambda folder: write_embedder(folder, family, pooling=pooling,
+                                                  prompts=prompts)))
     return rows
 
 
@@ -606,15 +616,9 @@ def bench_generated_rerankers(repeats: int) -> list[dict]:
             name = f"tiny-{family}-cross-encoder"
             for backend, adapter_name in (("mlx", "mlx_cross_encoder"),
                                           ("onnxruntime", "ort_cross_encoder")):
-                print(f"measuring {name} on {backend} ...", file=sys.stderr, flush=True)
-                write_reranker(root / f"{name}-{backend}", family)  # same seed: same weights
-                adapter, before, after = open_generated(
-                    root, f"{name}-{backend}", f'adapter = "{adapter_name}"\n'
-                    'tasks = ["rerank"]\nformat = "safetensors"\nmemory_mb = 10\n')
-                figures = bench_rerank(adapter, repeats)
-                adapter.unload()
-                rows.append(generated_row(name, "rerank", backend, adapter, before, after,
-                                          figures))
+                rows.append(generated_bert_row(
+                    root, name, "rerank", backend, adapter_name, bench_rerank, repeats,
+                    lambda folder: write_reranker(folder, family)))
     return rows
 
 
