@@ -7,8 +7,10 @@ tests check the shapes, types, order, limits and errors of what it answers."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import wave
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +148,65 @@ def test_a_video_clip_with_sound_and_text_is_read_and_answered_aloud(omni):
                                          max_tokens=3))
     assert written[-1].prompt_tokens == texts[-1].prompt_tokens - 13 - 2  # no sound
     assert omni._prompt(spoken).count("<|video_pad|>") == 1
+
+
+@contextlib.contextmanager
+def silenced(head, token: int) -> Iterator[None]:
+    """``head`` (an output layer) never favours ``token`` meanwhile: its logit is 0, below the
+    best of the others'."""
+    import mlx.core as mx
+
+    original = head.weight
+    weight = mx.array(original)
+    weight[token] = 0
+    head.weight = weight
+    try:
+        yield
+    finally:
+        head.weight = original
+
+
+def test_speech_starts_with_the_first_words_and_is_the_speech_mlx_vlm_gives(omni):
+    """The talker speaks while the thinker writes: the first sound comes a few codec frames
+    after the first words, not after the last; and it is the same speech, sample for sample,
+    and the same text that mlx-vlm's generate_stream gives once the whole text is written
+    (greedy thinker and talker). The thinker's end of turn and the talker's end of speech are
+    silenced for the test, so that the random model writes all its 12 tokens and speaks all
+    its frames on any machine."""
+    from mlx_vlm.utils import prepare_inputs
+
+    from mofa_omni.adapters.mlx_omni import (
+        _MEDIA,
+        CHUNK_FRAMES,
+        EXTRA_FRAMES,
+        FRAMES_PER_TOKEN,
+        LEFT_CONTEXT_FRAMES,
+    )
+
+    model = omni._model
+    with silenced(model.thinker.language_model.lm_head, model.config.eos_token_id), \
+            silenced(model.talker.codec_head, model.config.talker_config.codec_eos_token_id):
+        request = OmniRequest(QUESTION, audio=[tone()], max_tokens=12, speak=True)
+        chunks = list(omni.generate_omni(request))
+        inputs = prepare_inputs(omni._processor, images=None, audio=[tone()],
+                                prompts=omni._prompt(request))
+        theirs = list(model.generate_stream(
+            inputs["input_ids"], speaker=omni._speaker(""), thinker_max_new_tokens=12,
+            thinker_eos_token_id=model.config.eos_token_id, thinker_temperature=0.0,
+            talker_temperature=0.0, talker_max_new_tokens=FRAMES_PER_TOKEN * 12 + EXTRA_FRAMES,
+            chunk_size=CHUNK_FRAMES, left_context_size=LEFT_CONTEXT_FRAMES,
+            **{key: inputs[key] for key in _MEDIA if key in inputs}))
+    words = [i for i, c in enumerate(chunks) if isinstance(c, TextChunk)]
+    sounds = [i for i, c in enumerate(chunks) if isinstance(c, AudioChunk) and c.audio.size]
+    assert chunks[words[-1]].final and chunks[words[-1]].completion_tokens == 12
+    assert sounds[0] < words[-1] - 4, [type(c).__name__ for c in chunks]  # words still to come
+    (kind, tokens), *spoken = theirs
+    assert kind == "text" and all(kind == "audio" for kind, _ in spoken)
+    text = "".join(chunks[i].text for i in words)
+    assert text == omni._processor.tokenizer.decode(tokens)
+    ours = np.concatenate([c.audio for c in chunks if isinstance(c, AudioChunk)])
+    assert ours.size == 1920 * (FRAMES_PER_TOKEN * 12 + EXTRA_FRAMES)  # never ended: all frames
+    assert np.array_equal(ours, np.concatenate([np.asarray(a).reshape(-1) for _, a in spoken]))
 
 
 def test_closing_the_stream_mid_speech_stops_it(omni):

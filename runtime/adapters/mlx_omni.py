@@ -6,10 +6,11 @@ at 16 kHz) and writes the text; asked to speak, its "talker"
 turns the thinker's hidden states into codec codes that "code2wav" voices at 24 kHz, in one
 of the model's own speakers. No ASR and no TTS model in the graph: one model, one footprint.
 
-Speaking, the text is written whole before the first sound (the talker reads the thinker's
-states for the whole reply: mlx-vlm's ``generate_stream``), then the speech streams in chunks
-of a few codec frames. Not speaking, the text streams token by token as any VLM's does.
-Closing the stream stops the model between two chunks (barge-in).
+Speaking, the talker starts on the reply's first words and the thinker writes just ahead of
+it (:mod:`mofa_omni.adapters.qwen3_omni_speech`): the text streams token by token, the speech
+in chunks of a few codec frames, interleaved, the first sound a few frames after the first
+words rather than after the whole text. Not speaking, the text streams as any VLM's does.
+Closing the stream stops the model between two steps (barge-in).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 
 from mofa_omni.adapters.mlx_vlm import MlxVlmAdapter, MlxVlmOptions, to_rgb
 from mofa_omni.adapters.options import AdapterOptions
+from mofa_omni.adapters.qwen3_omni_speech import Sounded, speak_while_thinking
 from mofa_omni.contract.errors import ContractError
 from mofa_omni.contract.tasks import (
     AudioChunk,
@@ -134,6 +136,8 @@ class MlxOmniAdapter(MlxVlmAdapter):
     def _spoken(self, request: OmniRequest, images: list, audio: list[np.ndarray],
                 speaker: str, prompt: str, videos: list[tuple[np.ndarray, float]]
                 ) -> Iterator[TextChunk | AudioChunk]:
+        """TextChunks as the words come and AudioChunks as the speech comes, interleaved; the
+        final TextChunk once the text is done, the final AudioChunk last."""
         from mlx_vlm.utils import prepare_inputs
 
         processor, model = self._processor, self._model
@@ -142,43 +146,60 @@ class MlxOmniAdapter(MlxVlmAdapter):
         inputs = prepare_inputs(processor, images=images or None, audio=audio or None,
                                 prompts=prompt, **clips)
         end_of_turn = model.config.eos_token_id
-        steps = model.generate_stream(
-            inputs["input_ids"], speaker=speaker, thinker_max_new_tokens=request.max_tokens,
-            thinker_eos_token_id=end_of_turn, thinker_temperature=request.temperature,
+        steps = speak_while_thinking(
+            model, inputs["input_ids"], speaker=speaker, eos=end_of_turn,
+            max_tokens=request.max_tokens, temperature=request.temperature,
             talker_temperature=self.options.talker_temperature,
-            talker_max_new_tokens=FRAMES_PER_TOKEN * request.max_tokens + EXTRA_FRAMES,
-            chunk_size=CHUNK_FRAMES, left_context_size=LEFT_CONTEXT_FRAMES,
-            **{key: inputs[key] for key in _MEDIA if key in inputs})
+            max_frames=FRAMES_PER_TOKEN * request.max_tokens + EXTRA_FRAMES,
+            chunk_frames=CHUNK_FRAMES, left_context=LEFT_CONTEXT_FRAMES,
+            media={key: inputs[key] for key in _MEDIA if key in inputs})
         prompt_tokens = int(inputs["input_ids"].shape[1])
+        words = _Words(processor.tokenizer, end_of_turn)
         spoken: AudioChunk | None = None  # held back one chunk, so the last one is final
-        text_sent = False
         try:
-            for kind, payload in steps:
-                if kind == "text":
-                    yield from self._whole_text(list(payload), end_of_turn, prompt_tokens)
-                    text_sent = True
+            for step in steps:
+                if isinstance(step, Sounded):
+                    if spoken is not None:
+                        yield spoken
+                    spoken = AudioChunk(step.audio, SPEECH_RATE)
                     continue
-                if spoken is not None:
-                    yield spoken
-                samples = np.asarray(payload, dtype=np.float32).reshape(-1)
-                spoken = AudioChunk(samples, SPEECH_RATE)
+                if text := words.add(step.token):
+                    yield TextChunk(text)
+                if words.done or len(words.tokens) >= request.max_tokens:
+                    yield TextChunk(words.rest(), final=True, finish_reason="stop" if words.done
+                                    else "length", prompt_tokens=prompt_tokens,
+                                    completion_tokens=len(words.tokens))
         finally:
             steps.close()
-        if not text_sent:  # nothing to say: the talker had no reply to voice
-            yield TextChunk("", final=True, finish_reason="stop", prompt_tokens=prompt_tokens)
         # A spoken reply ends with its final AudioChunk (empty when nothing was said).
         last = spoken.audio if spoken is not None else np.zeros(0, np.float32)
         yield AudioChunk(last, SPEECH_RATE, final=True)
 
-    def _whole_text(self, tokens: list[int], end_of_turn: int, prompt_tokens: int
-                    ) -> Iterator[TextChunk]:
-        ended = end_of_turn in tokens
-        tokens = tokens[:tokens.index(end_of_turn)] if ended else tokens
-        text = self._processor.tokenizer.decode(tokens)
-        if text:
-            yield TextChunk(text)
-        yield TextChunk("", final=True, finish_reason="stop" if ended else "length",
-                        prompt_tokens=prompt_tokens, completion_tokens=len(tokens))
+
+class _Words:
+    """The reply's text as its tokens come: each call gives what the new token adds (nothing
+    while a character's bytes are incomplete); the end-of-turn token ends it unsaid."""
+
+    def __init__(self, tokenizer, end_of_turn: int):
+        self.tokenizer, self.end_of_turn = tokenizer, end_of_turn
+        self.tokens: list[int] = []
+        self.done = False
+        self._said = ""
+
+    def add(self, token: int) -> str:
+        if token == self.end_of_turn:
+            self.done = True
+            return ""
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens)
+        if text.endswith("\ufffd"):  # a character cut between tokens: wait for the rest
+            return ""
+        new, self._said = text[len(self._said):], text
+        return new
+
+    def rest(self) -> str:
+        """What the tokens say that was not given yet (a character left incomplete)."""
+        return self.tokenizer.decode(self.tokens)[len(self._said):]
 
 
 def _clip_limit(extractor: object) -> int | None:
