@@ -375,7 +375,7 @@ def bench_generated_omni(repeats: int, speech: tuple[np.ndarray, int]) -> dict:
         write_tiny_qwen3_omni(root / "tiny-qwen3-omni", gguf)
         adapter, before, after = open_generated(
             root, "tiny-qwen3-omni", 'adapter = "mlx_omni"\ntasks = ["omni"]\nformat = "mlx"\n'
-                                     'memory_mb = 200\n')
+                                     'memory_mb = 200\noptions = { talker_temperature = 0.0 }\n')
         audio = resample(*speech, 16000)
         request = OmniRequest([ChatMessage("user", "Answer the question.")], audio=[audio],
                               max_tokens=32)
@@ -396,11 +396,55 @@ def bench_generated_omni(repeats: int, speech: tuple[np.ndarray, int]) -> dict:
         chunks = [c for c in adapter.generate_omni(spoken) if hasattr(c, "sample_rate")]
         speaking_s = time.perf_counter() - started
         seconds = sum(c.audio.size for c in chunks) / chunks[0].sample_rate
+        first_sound = first_sound_against_mlx_vlm(adapter, audio, repeats)
         adapter.unload()
     figures = {"throughput": tokens["adapter"] / a, "unit": "tok/s (prompt+decode)",
                "adapter_s": a, "direct_s": d}
     return generated_row("tiny-qwen3-omni", "omni", "mlx", adapter, before, after, figures,
-                         speech_per_s=seconds / speaking_s)
+                         speech_per_s=seconds / speaking_s, **first_sound)
+
+
+def first_sound_against_mlx_vlm(adapter, audio: np.ndarray, repeats: int) -> dict:
+    """Seconds from a spoken request for 32 tokens to its first sound, greedy: through the
+    adapter, whose talker starts on the first words, and through mlx-vlm's generate_stream on
+    the same inputs, which writes the whole text first."""
+    from mlx_vlm.utils import prepare_inputs
+
+    from mofa_omni.adapters.mlx_omni import (
+        _MEDIA,
+        CHUNK_FRAMES,
+        EXTRA_FRAMES,
+        FRAMES_PER_TOKEN,
+        LEFT_CONTEXT_FRAMES,
+    )
+    from mofa_omni.contract.tasks import AudioChunk, OmniRequest
+
+    request = OmniRequest([ChatMessage("user", "Answer the question.")], audio=[audio],
+                          max_tokens=32, speak=True)
+    model = adapter._model
+    inputs = prepare_inputs(adapter._processor, audio=[audio], prompts=adapter._prompt(request))
+
+    def until_sound(stream, is_sound) -> Callable[[], float]:
+        def run() -> float:
+            started = time.perf_counter()
+            replies = stream()
+            try:
+                next(r for r in replies if is_sound(r))
+            finally:
+                replies.close()
+            return time.perf_counter() - started
+        return run
+
+    ours = until_sound(lambda: adapter.generate_omni(request),
+                       lambda r: isinstance(r, AudioChunk) and r.audio.size > 0)
+    theirs = until_sound(lambda: model.generate_stream(
+        inputs["input_ids"], speaker=adapter._speaker(""), thinker_max_new_tokens=32,
+        thinker_eos_token_id=model.config.eos_token_id, thinker_temperature=0.0,
+        talker_temperature=0.0, talker_max_new_tokens=FRAMES_PER_TOKEN * 32 + EXTRA_FRAMES,
+        chunk_size=CHUNK_FRAMES, left_context_size=LEFT_CONTEXT_FRAMES,
+        **{key: inputs[key] for key in _MEDIA if key in inputs}), lambda r: r[0] == "audio")
+    a, d = best_of_interleaved(ours, theirs, repeats)
+    return {"first_sound_s": a, "first_sound_mlx_vlm_s": d}
 
 
 def bench_generated_vlms(repeats: int) -> list[dict]:
@@ -724,6 +768,10 @@ def print_table(rows: list[dict], blas: dict | None) -> None:
         if "speech_per_s" in r:
             print(f"{'':{width}} spoken reply: {r['speech_per_s']:.1f} s of speech per second "
                   "(generated weights: the architecture at a toy size)")
+        if "first_sound_s" in r:
+            print(f"{'':{width}} first sound {r['first_sound_s'] * 1000:.0f} ms after a spoken "
+                  f"request for 32 tokens; {r['first_sound_mlx_vlm_s'] * 1000:.0f} ms through "
+                  f"mlx-vlm's generate_stream (the whole text first)")
         if "step_s" in r:
             print(f"{'':{width}} {r['step_s'] * 1000:.0f} ms per denoising step, "
                   f"{r['frame_s'] * 1000:.0f} ms per decoded frame (17 frames of 128x128; "
