@@ -3,8 +3,9 @@
 No real weights offline: a tiny random-weight Gemma 3n (mofa_omni.testing.tiny_gemma3n)
 written and loaded by mlx-vlm's own classes, served by the same mlx_omni adapter as
 Qwen3-Omni. Its words are gibberish; the tests check shapes, counts and errors. Its vision
-tower is mlx-vlm's fixed-size MobileNet-V5 (~590 MB written, minutes a picture on a CPU),
-so the pictures are left out here."""
+tower is mlx-vlm's fixed-size MobileNet-V5 (~590 MB written, minutes a 768-pixel picture on a
+CPU): the checkpoint's image processor reads pictures at 256 pixels, and one picture is
+asked about (~20-30 s here)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,12 @@ from mofa_omni.contract.errors import ContractError
 from mofa_omni.contract.tasks import OmniRequest, TextChunk
 from mofa_omni.models.catalog import Catalog
 from mofa_omni.models.store import ModelStore
-from mofa_omni.testing.tiny_gemma3n import AUDIO_SEQ_LENGTH, write_tiny_gemma3n
-from tests.test_omni import QUESTION, tone
+from mofa_omni.testing.tiny_gemma3n import (
+    AUDIO_SEQ_LENGTH,
+    IMAGE_SEQ_LENGTH,
+    write_tiny_gemma3n,
+)
+from tests.test_omni import QUESTION, picture, tone
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +34,7 @@ def gemma3n(tmp_path_factory, smollm2_gguf: Path) -> ModelAdapter:
     """The tiny Gemma 3n through a user catalog entry (adapter mlx_omni), loaded."""
     gguf = smollm2_gguf
     root = tmp_path_factory.mktemp("gemma3n")
-    checkpoint = write_tiny_gemma3n(root / "tiny-gemma3n", gguf)
+    checkpoint = write_tiny_gemma3n(root / "tiny-gemma3n", gguf, picture_side=256)
     user = root / "catalog.toml"
     user.write_text('[models.tiny-gemma3n]\nadapter = "mlx_omni"\n'
                     'tasks = ["omni", "vision_language", "text_generation"]\nformat = "mlx"\n'
@@ -85,3 +90,15 @@ def test_speech_and_sound_longer_than_it_reads_are_refused_by_name(gemma3n):
         list(gemma3n.generate_omni(OmniRequest(QUESTION, audio=[tone(31.0)], max_tokens=2)))
     texts = reply(gemma3n, OmniRequest(QUESTION, audio=[tone()], max_tokens=2))
     assert texts[-1].completion_tokens > 0  # the model serves on
+
+
+def test_a_picture_becomes_its_soft_tokens_and_is_answered(gemma3n):
+    """A picture goes through the MobileNet-V5 vision tower into its fixed run of 256 soft
+    tokens between <start_of_image> and <end_of_image>, and is answered in text."""
+    texts = reply(gemma3n, OmniRequest(QUESTION, images=[picture()], max_tokens=2))
+    assert texts[-1].completion_tokens > 0
+    text_only = reply(gemma3n, OmniRequest(QUESTION, max_tokens=1))
+    # "\n\n<start_of_image>" + the soft tokens + "<end_of_image>\n\n"
+    assert texts[-1].prompt_tokens == text_only[-1].prompt_tokens + IMAGE_SEQ_LENGTH + 4
+    assert gemma3n._prompt(OmniRequest(QUESTION, images=[picture()])).count(
+        "<image_soft_token>") == 1  # expanded by the processor
