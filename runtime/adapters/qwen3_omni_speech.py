@@ -105,18 +105,16 @@ def _talker_prefix(model, input_ids, thinker: _Thinker, speaker_id: int, special
     media = (input_ids == config.thinker_config.audio_token_id) | \
         (input_ids == config.thinker_config.image_token_id) | \
         (input_ids == config.thinker_config.video_token_id)
-    parts, ids = [], []
+    parts = []
     for i, (start, end) in enumerate(zip(starts, starts[1:])):
         role = int(prompt[start + 1])
         if role == config.user_token_id:
             parts.append(model._get_talker_user_parts(start, end, media, thinker.prompt_hidden,
                                                       thinker.prompt_embeds))
-            ids.append(input_ids[:, start:end])
         elif role == config.assistant_token_id and i == len(starts) - 2:
-            prefix, prefix_ids, _ = model._get_talker_assistant_parts(
+            prefix, _, _ = model._get_talker_assistant_parts(
                 start, end, speaker_id, embeds, special["pad"], special["bos"], special["eos"])
             parts.append(prefix)
-            ids.append(prefix_ids)
     return mx.concatenate(parts, axis=1)
 
 
@@ -129,6 +127,7 @@ def speak_while_thinking(model, input_ids, *, speaker: str, eos: int, max_tokens
     the talker has voiced ``chunk_frames`` codec frames, interleaved. ``media``: the
     processor's other inputs (pictures, sound, video)."""
     import mlx.core as mx
+    from mlx_vlm.models.cache import KVCache
     from mlx_vlm.sample_utils import top_p_sampling
 
     config, talker = model.config, model.talker
@@ -141,19 +140,17 @@ def speak_while_thinking(model, input_ids, *, speaker: str, eos: int, max_tokens
         [[config.tts_bos_token_id, config.tts_eos_token_id, config.tts_pad_token_id]],
         dtype=input_ids.dtype)))
     special = {"bos": specials[:, 0:1], "eos": specials[:, 1:2], "pad": specials[:, 2:3]}
-    trailing: list = []  # what each talker frame reads of the reply, in order
+    read_so_far = [special["pad"][:, :0]]  # what each talker frame reads of the reply, in order
 
-    def read(token_id: int) -> None:
-        trailing.append(talker.text_projection(embed(mx.array([[token_id]], input_ids.dtype))))
+    def read(part) -> None:
+        read_so_far[:] = [mx.concatenate([read_so_far[0], part], axis=1)]  # once per token
 
     if thinker.done:
-        trailing.append(special["eos"])
+        read(special["eos"])
 
     def sample(logits):
         return mx.argmax(logits, axis=-1) if talker_temperature == 0 else \
             top_p_sampling(logits, talker_top_p, talker_temperature)
-
-    from mlx_vlm.models.cache import KVCache
 
     cache = [KVCache() for _ in range(config.talker_config.text_config.num_hidden_layers)]
     logits, hidden = talker(input_ids=None,
@@ -166,17 +163,16 @@ def speak_while_thinking(model, input_ids, *, speaker: str, eos: int, max_tokens
     for step in range(max_frames):
         if int(code.item()) == config.talker_config.codec_eos_token_id:
             break
-        while len(trailing) <= step and not thinker.done:  # the thinker keeps just ahead
+        while read_so_far[0].shape[1] <= step and not thinker.done:  # the thinker keeps ahead
             token = thinker.step()
             yield Said(token)
-            read(token)
+            read(talker.text_projection(embed(mx.array([[token]], input_ids.dtype))))
             if thinker.done:
-                trailing.append(special["eos"])
+                read(special["eos"])
         inputs, residual = talker.prepare_inputs_for_generation(
             input_ids=code[:, None], past_hidden=hidden[:, -1:],
-            trailing_text_hidden=mx.concatenate(trailing, axis=1) if trailing else
-            special["pad"][:, :0], tts_pad_embed=special["pad"], generation_step=step,
-            temperature=talker_temperature, top_p=0.8)
+            trailing_text_hidden=read_so_far[0], tts_pad_embed=special["pad"],
+            generation_step=step, temperature=talker_temperature, top_p=0.8)
         logits, hidden = talker(input_ids=None, inputs_embeds=inputs, past_key_values=cache,
                                 use_cache=True)
         codes.append(residual)
