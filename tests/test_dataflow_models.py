@@ -32,7 +32,7 @@ def test_spoken_question_through_four_model_nodes(tmp_path: Path):
     log = run_dataflow(CHAIN, {"REPORT": str(report_path)})
     assert report_path.exists(), log[-5000:]
     report = json.loads(report_path.read_text())
-    assert not report.get("timeout"), report
+    assert not report.get("timeout"), (report, log[-5000:])
 
     assert report["sample_rate"] == 22050 and report["speech_chunks"] >= 1
     assert word_error_rate("What is the capital of France?", report["heard"]) < 0.2, report

@@ -9,7 +9,7 @@ from mofa_omni.contract.tasks import GenericRequest, GenericResult
 
 
 def main() -> None:
-    driver = Driver()
+    driver = Driver(deadline_s=90, resend_after_s=20)  # a request dora drops is sent again
     report: dict = {"results": {}, "errors": {}}
     for event in driver.inputs():
         if event.id == "tick" and not driver.sent:

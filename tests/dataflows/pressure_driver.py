@@ -15,7 +15,7 @@ DEADLINE_S = float(os.environ.get("DEADLINE_S", "300"))
 
 
 def main() -> None:
-    driver = Driver(deadline_s=DEADLINE_S, checked=False)
+    driver = Driver(deadline_s=DEADLINE_S, resend_after_s=60, checked=False)  # one dora drops
     report: dict = {"answered": 0, "errors": []}
     for event in driver.inputs():
         if event.id == "reply" and event.decode(TextChunk).final:

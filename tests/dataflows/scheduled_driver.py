@@ -29,11 +29,12 @@ WORK = Path(os.environ["WORK"])
 SAMPLES = Path(__file__).resolve().parents[2] / "dataflows" / "samples"
 DEADLINE_S = float(os.environ.get("DEADLINE_S", "400"))
 IDLE_S = float(os.environ.get("IDLE_S", "4"))
+RESEND_AFTER_S = 90  # a request dora drops is sent again (a turn takes seconds, a reload ~20 s)
 NOTES = int(os.environ.get("NOTES", "3"))
 
 
 def main() -> None:
-    driver = Driver(deadline_s=DEADLINE_S, checked=False)
+    driver = Driver(deadline_s=DEADLINE_S, resend_after_s=RESEND_AFTER_S, checked=False)
     report: dict = {"results": {}, "errors": []}
     wavs = sorted(SAMPLES.glob("*.wav"))
     turn, waiting_since, busy = 0, None, False
@@ -46,8 +47,10 @@ def main() -> None:
         request_id = event.request_id
         if event.is_error:
             report["errors"].append(record(event.error()))
+            driver.answered(request_id)
             busy = False
         elif event.id == "transcript":
+            driver.answered(request_id)
             text = event.decode(Transcript).text.strip()
             report["results"][request_id] = text
             driver.send("ask", request_id.replace("hear", "ask"),
@@ -57,9 +60,11 @@ def main() -> None:
             chunk = event.decode(TextChunk)
             replies[request_id] = replies.get(request_id, "") + chunk.text
             if chunk.final:
+                driver.answered(request_id)
                 report["results"][request_id] = replies[request_id]
                 busy = False
         elif event.id == "vectors":
+            driver.answered(request_id)
             report["results"][request_id] = len(event.decode(Embeddings).vectors)
         elif event.id == "tick" and ROLE == "voice" and not busy:
             if turn == 1 and not (WORK / "notes-done").exists():
@@ -74,6 +79,7 @@ def main() -> None:
             chunk = event.decode(TextChunk)
             replies[request_id] = replies.get(request_id, "") + chunk.text
             if chunk.final:
+                driver.answered(request_id)
                 report["results"][request_id] = replies[request_id]
                 driver.send("embed", request_id.replace("write", "embed"),
                             EmbeddingRequest([replies[request_id]]))
@@ -91,6 +97,7 @@ def main() -> None:
                 (WORK / "notes-done").touch()
                 break
     report["sent"], report["seconds"] = driver.sent, driver.elapsed()
+    report["resent"] = driver.resent
     driver.write(report, WORK / f"{ROLE}.json")
 
 

@@ -16,7 +16,7 @@ DEADLINE_S = 60
 
 
 def drive() -> None:
-    driver = Driver(deadline_s=DEADLINE_S)
+    driver = Driver(deadline_s=DEADLINE_S, resend_after_s=20)  # one dora drops is sent again
     report: dict = {"vectors": None, "errors": []}
     for event in driver.inputs():
         if event.id == "tick" and not driver.sent:
