@@ -31,11 +31,16 @@ for chat, p50 and p95 latency, the median time to first token, and errors (no an
   direct          the engines called in this process with a whole batch at once, the upper
                   bound: MiniLM embedding 16 sentences per call; llama.cpp decoding 1..8
                   sequences together (mofa_omni.adapters.llama_engine, no HTTP, no dora)
+  direct mlx      the same chat on MLX (smollm2-135m converted), 1, 2, 4 requests decoded
+                  together by mlx-lm's batch generator (mofa_omni.adapters.mlx_engine), beside
+                  "mlx alone": one request at a time through mlx-lm's stream_generate
+                  (parallel = 1, what the adapter did before)
 
 Goals (this 2-core machine): at 8 clients embeddings >= 5x and ASR >= 1.5x the single-client
 throughput; chat output tokens/s >= 2x single-stream and >= 1.0x llama-server with the same
 parallelism; p95 at 8 clients no worse than one at a time for any task; a lone request's
-latency within 5 % of one at a time.
+latency within 5 % of one at a time (on MLX: a lone request through the batch engine >= 0.95x
+stream_generate's tokens/s). --direct-only measures only the engines in this process (~1 min).
 
 Prints tables; writes benchmarks/results/concurrency.json and concurrency.png (throughput and
 p95 against clients, per task). About 12 minutes; --quick about 5.
@@ -44,6 +49,7 @@ p95 against clients, per task). About 12 minutes; --quick about 5.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import os
 import subprocess
 import sys
@@ -77,9 +83,12 @@ import httpx  # noqa: E402
 import openai  # noqa: E402
 import yaml  # noqa: E402
 
+from mofa_omni.adapters.backends import create_adapter  # noqa: E402
 from mofa_omni.adapters.llama_engine import Sampling  # noqa: E402
 from mofa_omni.adapters.loading import open_model  # noqa: E402
 from mofa_omni.contract.tasks import ChatMessage, ChatRequest, EmbeddingRequest  # noqa: E402
+from mofa_omni.models.catalog import Catalog  # noqa: E402
+from mofa_omni.models.store import ModelStore  # noqa: E402
 
 CHAT_MODEL, ASR_MODEL, EMBED_MODEL = "smollm2-135m", "whisper-tiny.en", "minilm-l6"
 SENTENCE = "The cat sleeps on the sofa."
@@ -285,6 +294,33 @@ def direct_rows(seconds: float) -> list:
         rows.append({"mode": "direct", "task": "chat", "clients": n,
                      "tokens_per_s": round(tokens / (time.perf_counter() - started), 1)})
     llm.unload()
+    return rows + mlx_rows(seconds)
+
+
+def mlx_rows(seconds: float) -> list:
+    """Chat on MLX: n requests decoded together by the batch engine, and one at a time
+    through stream_generate (parallel = 1)."""
+    rows = []
+    request = ChatRequest([ChatMessage("user", PROMPT)], MAX_TOKENS)
+    spec, store = Catalog.load().get(CHAT_MODEL), ModelStore()
+    for mode, parallel, counts in (("mlx alone", 1, (1,)), ("direct mlx", 4, (1, 2, 4))):
+        llm = create_adapter(dataclasses.replace(spec, options={**spec.options,
+                                                                "parallel": parallel}), "mlx")
+        llm.load(store.prepare(llm))
+
+        def one() -> int:
+            *_, final = llm.generate(request)
+            return final.completion_tokens
+
+        one()
+        for n in counts:
+            tokens, started = 0, time.perf_counter()
+            while time.perf_counter() - started < seconds:
+                with concurrent.futures.ThreadPoolExecutor(n) as pool:
+                    tokens += sum(pool.map(lambda _: one(), range(n)))
+            rows.append({"mode": mode, "task": "chat", "clients": n,
+                         "tokens_per_s": round(tokens / (time.perf_counter() - started), 1)})
+        llm.unload()
     return rows
 
 
@@ -318,6 +354,15 @@ def goals(rows: list) -> list[tuple[bool, str]]:
             ratio = rate(ours) / rate(peer)
             said.append((ratio >= PEER_GOAL, f"chat tokens/s vs llama-server at {n} clients: "
                                              f"{ratio:.2f}x (goal >= {PEER_GOAL}x)"))
+    alone, one, four = (find(rows, mode, "chat", n) for mode, n in
+                        (("mlx alone", 1), ("direct mlx", 1), ("direct mlx", 4)))
+    if alone and one and four:
+        ratio = rate(one) / rate(alone)
+        said.append((ratio >= 1 / LONE_GOAL, f"MLX lone request, batch engine / stream_generate:"
+                                             f" {ratio:.2f}x tokens/s (goal >= "
+                                             f"{1 / LONE_GOAL:.2f}x)"))
+        said.append((rate(four) >= CHAT_GOAL * rate(one), f"MLX chat tokens/s, 4 requests "
+                     f"together / one: {rate(four) / rate(one):.2f}x (goal >= {CHAT_GOAL}x)"))
     for task in sorted({r["task"] for r in rows if r["mode"] == "batched"}):
         ours, before = find(rows, "batched", task, 8), find(rows, "one at a time", task, 8)
         if ours and before:
@@ -337,7 +382,7 @@ def print_tables(rows: list) -> None:
     print(f"{'task':13s} {'mode':14s} {'clients':>7s} {'rate':>9s} {'x1 client':>9s} "
           f"{'p50':>8s} {'p95':>8s} {'ttft':>7s} {'errors':>6s}")
     for task in ("embeddings", "rerank", "transcription", "chat"):
-        for mode in (*MODES, "llama-server", "direct"):
+        for mode in (*MODES, "llama-server", "direct", "direct mlx", "mlx alone"):
             base = find(rows, mode, task, 1)
             for row in (r for r in rows if (r["mode"], r["task"]) == (mode, task)):
                 gain = f"{rate(row) / rate(base):.2f}x" if base and rate(base) else "-"
@@ -355,21 +400,23 @@ def plot(rows: list, path: Path) -> None:
              if any(r["task"] == t for r in rows)]
     figure, axes = plt.subplots(2, len(tasks), figsize=(4 * len(tasks), 7), squeeze=False)
     for column, task in enumerate(tasks):
-        for mode in (*MODES, "llama-server"):
+        for mode in (*MODES, "llama-server", "direct", "direct mlx", "mlx alone"):
             mine = [r for r in rows if (r["mode"], r["task"]) == (mode, task)]
             if not mine:
                 continue
             axes[0][column].plot([r["clients"] for r in mine], [rate(r) for r in mine], "o-",
                                  label=mode)
-            axes[1][column].plot([r["clients"] for r in mine], [r["p95_ms"] for r in mine],
-                                 "o-", label=mode)
+            if all(r.get("p95_ms") for r in mine):  # the engines called directly: no latency
+                axes[1][column].plot([r["clients"] for r in mine], [r["p95_ms"] for r in mine],
+                                     "o-", label=mode)
         axes[0][column].set_title(task)
         axes[0][column].set_ylabel("tokens/s" if task == "chat" else "requests/s")
         axes[1][column].set_ylabel("p95 latency (ms)")
         for row in axes:
             row[column].set_xscale("log", base=2)
             row[column].set_xlabel("clients")
-            row[column].legend(fontsize=7)
+            if row[column].get_legend_handles_labels()[0]:
+                row[column].legend(fontsize=7)
     figure.suptitle("mofa-omni under concurrent clients (dataflows/server.yml)")
     save_figure(figure, path)
 
@@ -381,6 +428,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=0, help="per task and client count")
     parser.add_argument("--llama-server", type=Path, default=None,
                         help=f"llama.cpp's server binary (default: {LLAMA_SERVER} if built)")
+    parser.add_argument("--direct-only", action="store_true",
+                        help="only the engines in this process (no graph, no llama-server)")
     parser.add_argument("--build-llama-server", action="store_true",
                         help=f"build {LLAMA_SERVER} first (once; ~15 min on 2 cores)")
     add_output_flags(parser, "concurrency.json", png_name="concurrency.png")
@@ -395,17 +444,18 @@ def main() -> int:
         print(f"building {LLAMA_SERVER} ...", flush=True)
         build_llama_server(LLAMA_SERVER)
     rows: list = []
-    print(f"{len(clients)} client counts, {seconds:g} s each, {len(tasks)} tasks, "
-          f"{len(MODES)} graph runs", flush=True)
-    for mode, env in MODES.items():
+    if not args.direct_only:
+        print(f"{len(clients)} client counts, {seconds:g} s each, {len(tasks)} tasks, "
+              f"{len(MODES)} graph runs", flush=True)
+    for mode, env in ({} if args.direct_only else MODES).items():
         rows += graph_rows(mode, env, tasks, clients, seconds)
     binary = args.llama_server or (LLAMA_SERVER if LLAMA_SERVER.is_file() else None)
-    if binary:
+    if binary and not args.direct_only:
         llm = open_model(CHAT_MODEL, backend="llama.cpp")  # the GGUF the node serves
         gguf = llm.model_dir / "model.gguf"
         llm.unload()
         rows += llama_server_rows(binary, gguf, clients, seconds)
-    else:
+    elif not args.direct_only:
         print("no llama-server binary: its rows are skipped (see --llama-server)")
     rows += direct_rows(seconds)
     print_tables(rows)

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pytest
 
 from mofa_omni.adapters.loading import open_model
+from mofa_omni.adapters.mlx_engine import MlxEngineError
 from mofa_omni.contract import arrow
 from mofa_omni.contract.errors import ContractError
 from mofa_omni.contract.tasks import (
@@ -234,11 +235,11 @@ def test_requests_queued_together_are_served_as_one_batch(catalog, store):
     worker.drain()
 
 
-def chat_worker(catalog, store, **options) -> RequestWorker:
-    """A worker serving smollm2-135m on llama.cpp with ``options``, its model loaded."""
+def chat_worker(catalog, store, backend: str = "llama.cpp", **options) -> RequestWorker:
+    """A worker serving smollm2-135m on ``backend`` with ``options``, its model loaded."""
     base = catalog.get("smollm2-135m")
     spec = dataclasses.replace(base, options=base.options | options)
-    worker = RequestWorker(ModelSlot(spec, catalog, "llm", store, backend="llama.cpp"),
+    worker = RequestWorker(ModelSlot(spec, catalog, "llm", store, backend=backend),
                            Collector(), parallel=4)
     while not worker.slot.loaded:
         time.sleep(0.01)
@@ -305,3 +306,52 @@ def test_a_context_that_holds_two_requests_runs_two_and_queues_the_rest(catalog,
     finals = [arrow.decode(o.value, TextChunk) for o in worker.send.sent if o.meta.final]
     assert len(finals) == len(CHATS) and all(f.completion_tokens > 0 for f in finals)
     assert all(replies_of(worker, CHATS).values())
+
+
+@pytest.mark.slow
+def test_mlx_decodes_chat_requests_together_each_as_alone(catalog, store):
+    """mlx-lm's batch generator decodes the requests together (parallel 4): each greedy reply
+    is the one stream_generate gives it alone (parallel 1), a structured reply scored between
+    the batch's steps is the one it gets alone, and one cancelled while it streams ends
+    cancelled, the others intact. Unloading while requests decode ends them in an error."""
+    from tests.test_structured import ask
+
+    structured = ask("Which city is the capital of France?", max_tokens=48)
+    requests = {**CHATS, "json": structured}
+    alone_worker = chat_worker(catalog, store, "mlx", parallel=1)
+    alone = {rid: "".join(c.text for c in alone_worker.host.adapter.generate(r))
+             for rid, r in requests.items()}
+    alone_worker.drain()
+    alone_worker.slot.unload()
+
+    worker = chat_worker(catalog, store, "mlx", parallel=4)
+    engine, most, watching = worker.host.adapter._engine, [0], threading.Event()
+
+    def watch() -> None:
+        while not watching.is_set():
+            most[0] = max(most[0], engine.busy())
+            time.sleep(0.001)
+
+    threading.Thread(target=watch, daemon=True).start()
+    long = ChatRequest([ChatMessage("user", "Tell me a long story.")], max_tokens=40)
+    worker.submit("request", arrow.encode(long), {"request_id": "cancel-me"})
+    for rid, request in requests.items():
+        worker.submit("request", arrow.encode(request), {"request_id": rid})
+    deadline = time.monotonic() + 60
+    while not any(o.meta.request_id == "cancel-me" for o in worker.send.sent):
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    worker.cancel("cancel-me")
+    worker.drain()
+    watching.set()
+    assert worker.send.errors()["cancel-me"].kind == "cancelled"
+    assert replies_of(worker, requests) == alone and all(alone.values())
+    assert 2 <= most[0] <= 4  # decoded together, never more than parallel
+
+    adapter = worker.host.adapter  # the worker has unloaded it as it drained
+    adapter.load(store.prepare(adapter))
+    stream = adapter.generate(long)
+    next(stream)
+    adapter.unload()
+    with pytest.raises(MlxEngineError, match="unloaded"):
+        list(stream)

@@ -1,18 +1,27 @@
-"""Text generation with mlx-lm: GGUF files (converted once) and MLX/Hugging Face model directories."""
+"""Text generation with mlx-lm: GGUF files (converted once) and MLX/Hugging Face model directories.
+
+With ``parallel`` above 1 (the default, 4) requests are decoded together by mlx-lm's batch
+generator (:mod:`mofa_omni.adapters.mlx_engine`), joining and leaving between steps; token
+scoring (structured output, tool calls, reranking) runs between two steps. ``parallel = 1``
+serves one request at a time through ``stream_generate``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import numpy as np
 
-from mofa_omni.adapters.chat import Piece
+from mofa_omni.adapters.chat import Piece, detokenized_pieces
 from mofa_omni.adapters.chat_lm import ChatLmAdapter
-from mofa_omni.contract.tasks import ChatRequest
+from mofa_omni.adapters.mlx_engine import MlxEngine
+from mofa_omni.contract.tasks import ChatRequest, Task
 from mofa_omni.models.fetching import Progress
 from mofa_omni.models.store import link_model_directory
+
+T = TypeVar("T")
 
 
 class MlxLmAdapter(ChatLmAdapter):
@@ -28,6 +37,7 @@ class MlxLmAdapter(ChatLmAdapter):
     def __init__(self, spec):
         super().__init__(spec)
         self._model = None
+        self._engine: MlxEngine | None = None
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -54,18 +64,31 @@ class MlxLmAdapter(ChatLmAdapter):
             mx.eval(model.parameters())
         self._tokenizer = load_tokenizer(Path(model_dir), eos_token_ids=config.get("eos_token_id"))
         self._model = model
+        if self.options.parallel > 1:
+            self._engine = MlxEngine(model, sorted(self._tokenizer.eos_token_ids),
+                                     parallel=self.options.parallel, model_name=self.spec.name)
 
     def _unload(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.close()
         self._model = None
         self._tokenizer = None
 
     # --- serving ---------------------------------------------------------------------
+
+    def parallel_requests(self, task: Task) -> int:
+        return self.options.parallel
 
     def pieces(self, request: ChatRequest, prompt: list[int]) -> Generator[Piece, None, None]:
         from mlx_lm.generate import stream_generate
         from mlx_lm.sample_utils import make_sampler
 
         sampler = make_sampler(temp=request.temperature, top_p=request.top_p)
+        if self._engine is not None:
+            yield from detokenized_pieces(self._engine.tokens(prompt, sampler, request.max_tokens),
+                                          self._tokenizer, limit=request.max_tokens)
+            return
         responses = stream_generate(self._model, self._tokenizer, prompt,
                                     max_tokens=request.max_tokens, sampler=sampler)
         try:  # EOS arrives as a response of its own: its text is not a generated token's
@@ -85,14 +108,25 @@ class MlxLmAdapter(ChatLmAdapter):
     def next_log_probs(self, prompts: list[list[int]]) -> np.ndarray:
         import mlx.core as mx
 
-        log_probs = self._log_probs(prompts)
-        return np.array(mx.stack([log_probs[i, len(p) - 1] for i, p in enumerate(prompts)]),
-                        np.float32)
+        def score() -> np.ndarray:
+            log_probs = self._log_probs(prompts)
+            return np.array(mx.stack([log_probs[i, len(p) - 1] for i, p in enumerate(prompts)]),
+                            np.float32)
+
+        return self._on_engine(score)
 
     def sequence_log_probs(self, sequences: list[list[int]]) -> list[np.ndarray]:
         import mlx.core as mx
 
-        log_probs = self._log_probs(sequences)
-        return [np.array(mx.take_along_axis(log_probs[i, :len(s) - 1],
-                                            mx.array(s[1:])[:, None], axis=-1)[:, 0], np.float32)
-                for i, s in enumerate(sequences)]
+        def score() -> list[np.ndarray]:
+            log_probs = self._log_probs(sequences)
+            return [np.array(mx.take_along_axis(log_probs[i, :len(s) - 1], mx.array(s[1:])[:, None],
+                                                axis=-1)[:, 0], np.float32)
+                    for i, s in enumerate(sequences)]
+
+        return self._on_engine(score)
+
+    def _on_engine(self, job: Callable[[], T]) -> T:
+        """Run ``job`` (a use of the model) between two of the batch engine's steps, on its
+        thread, as only that thread uses the model while it decodes; without it, here."""
+        return job() if self._engine is None else self._engine.submit(job)

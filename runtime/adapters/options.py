@@ -48,7 +48,8 @@ class ChatLmOptions(AdapterOptions):
     group_size: Positive = 64  # with ``bits``
     compute_type: Ct2ComputeType = "int8"  # used by ct2_lm
     context: Positive = 4096  # used by llama_cpp: tokens, the prompt and the reply together
-    # used by llama_cpp: requests decoded together, sharing the context's tokens
+    # used by llama_cpp (sharing the context's tokens) and mlx_lm (mlx-lm's batch generator, each
+    # sequence's KV cache growing as it decodes): requests decoded together; 1: one at a time
     parallel: Positive = 4
     # used by llama_cpp: a greedy reply the same whatever is decoded beside it (flash attention
     # off, float32 KV cache: ~10 % slower per token, twice the KV cache; see llama_engine)
