@@ -469,11 +469,13 @@ def test_eight_clients_at_once_lose_nothing(server):
         results = list(pool.map(one_client, range(8), timeout=600))
     assert [p for problems in results for p in problems] == []
     stats = server.stats()
-    # No reply lost on any model's input. The scheduler's `status` reports are the one input
-    # where dora may drop a message under this load without harm: each report supersedes the
-    # last, and the next comes a second later (seen once in a clean-clone run: {'status': 1}).
-    lost_replies = {name: n for name, n in stats["lost"].items() if name != "status"}
-    assert stats["in_flight"] == 0 and lost_replies == {}, stats["lost"]
+    # Every answer above was right and nothing is left in flight. dora may still drop a message
+    # under this load (seen in clean-clone runs: one of the scheduler's `status` reports, which
+    # the next supersedes a second later; once an embedding reply, {'embedder': 1}): a request
+    # whose reply it dropped was asked again, which is how the client got it.
+    lost_replies = sum(n for name, n in stats["lost"].items() if name != "status")
+    assert stats["in_flight"] == 0, stats
+    assert stats["asked_again_after_lost_reply"] >= lost_replies, stats
 
 
 def test_a_crashed_llm_comes_back_and_nobody_waits_for_it(server):
@@ -602,7 +604,7 @@ def test_what_dora_dropped_is_asked_again_or_ends_in_an_explicit_error():
                                               messages=CAPITAL).choices[0].message.content \
             == reply.choices[0].message.content
         stats = lossy.stats()
-        assert stats["in_flight"] == 0, stats
+        assert stats["in_flight"] == 0 and stats["asked_again_after_lost_reply"] == 2, stats
     finally:
         log = lossy.stop()
     assert "message 0 on 'chat' dropped, as DROP_MESSAGES asks" in log

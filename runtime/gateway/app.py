@@ -468,7 +468,8 @@ async def list_models(request: Request, server: ServerState) -> Response:
 
 async def stats(request: Request, server: ServerState) -> Response:
     """GET /stats: responses by status, requests in flight, replies nobody waited for any
-    more, requests sent again after dora dropped them, and the messages it dropped."""
+    more, requests sent again after dora dropped them or their replies, and the messages it
+    dropped."""
     replies = server.graph.replies
     return JSONResponse({
         "responses": {str(code): n for code, n in sorted(server.statuses.items())},
@@ -476,6 +477,7 @@ async def stats(request: Request, server: ServerState) -> Response:
         "unclaimed_replies": dict(replies.unclaimed),
         "cancelled_by_node": replies.unclaimed["error:cancelled"],
         "resent_after_loss": server.graph.resent,
+        "asked_again_after_lost_reply": server.graph.asked_again,
         "lost": server.lost()})
 
 

@@ -151,7 +151,8 @@ class Graph:
         self.router, self.replies, self.send, self.settings = router, replies, send, settings
         self._ids = itertools.count(1)
         self._awaiting: dict[tuple[str, int], _Sent] = {}  # (output, stream_seq) -> request
-        self.resent = 0
+        self.resent = 0  # requests dora dropped on their way to a node, sent again
+        self.asked_again = 0  # requests asked again because dora dropped (part of) their reply
         self.down: dict[str, Down] = {}  # model nodes that crashed, until they answer again
 
     def ask(self, choice: Choice, message: Any, result_type: type | tuple[type, ...],
@@ -318,6 +319,7 @@ class Answer:
                                                  f"dataflow after part of the reply was "
                                                  f"streamed; asking again is safe")
             log.warning("%s: %s was lost in the dataflow: asking again", route.node, lost.what)
+            self.graph.asked_again += 1
         raise node_error(ErrorKind.LOST, f"{route.node}: {request_id} was lost in the dataflow "
                                          f"{RESENDS + 1} times")
 
