@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -246,6 +247,42 @@ def chat_worker(catalog, store, backend: str = "llama.cpp", **options) -> Reques
     return worker
 
 
+LONG = ChatRequest([ChatMessage("user", "Tell me a long story.")], max_tokens=40)
+
+
+def serve_cancelling_one(worker: RequestWorker, requests: dict[str, ChatRequest]) -> None:
+    """Submit a long request ("cancel-me"), then ``requests``; cancel the long one once it
+    has begun to stream; serve them all."""
+    worker.submit("request", arrow.encode(LONG), {"request_id": "cancel-me"})
+    for rid, request in requests.items():
+        worker.submit("request", arrow.encode(request), {"request_id": rid})
+    deadline = time.monotonic() + 60
+    while not any(o.meta.request_id == "cancel-me" for o in worker.send.sent):
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    worker.cancel("cancel-me")
+    worker.drain()
+
+
+def watch_busy(engine) -> Callable[[], int]:
+    """Samples ``engine.busy()`` every millisecond on a thread; the function returned stops
+    it and gives the most requests it saw the engine hold at once."""
+    most, done = [0], threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            most[0] = max(most[0], engine.busy())
+            time.sleep(0.001)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+    def stop() -> int:
+        done.set()
+        return most[0]
+
+    return stop
+
+
 def replies_of(worker: RequestWorker, request_ids) -> dict[str, str]:
     return {rid: "".join(arrow.decode(o.value, TextChunk).text for o in worker.send.sent
                          if o.meta.request_id == rid and o.output == "result")
@@ -268,16 +305,7 @@ def test_chat_requests_decoded_together_each_get_the_reply_they_get_alone(catalo
     # one request holds at most its sequence's share of the context
     with pytest.raises(ContractError, match=r"exceed the 1024 tokens one request may hold"):
         worker.host.adapter.generate(ChatRequest([ChatMessage("user", "Hi")], max_tokens=1020))
-    long = ChatRequest([ChatMessage("user", "Tell me a long story.")], max_tokens=40)
-    worker.submit("request", arrow.encode(long), {"request_id": "cancel-me"})
-    for rid, request in CHATS.items():
-        worker.submit("request", arrow.encode(request), {"request_id": rid})
-    deadline = time.monotonic() + 60
-    while not any(o.meta.request_id == "cancel-me" for o in worker.send.sent):
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    worker.cancel("cancel-me")
-    worker.drain()
+    serve_cancelling_one(worker, CHATS)
     assert worker.send.errors()["cancel-me"].kind == "cancelled"
     replies = replies_of(worker, CHATS)
     assert replies == alone and all(replies.values())
@@ -290,19 +318,11 @@ def test_a_context_that_holds_two_requests_runs_two_and_queues_the_rest(catalog,
     assert 3 * min(needs) > 2 * max(needs)  # a context of 2 * max(needs): two fit, not three
     worker.drain()
     worker = chat_worker(catalog, store, parallel=4, context=2 * max(needs))
-    engine, most, watching = worker.host.adapter._engine, [0], threading.Event()
-
-    def watch() -> None:
-        while not watching.is_set():
-            most[0] = max(most[0], engine.busy())
-            time.sleep(0.001)
-
-    threading.Thread(target=watch, daemon=True).start()
+    most_busy = watch_busy(worker.host.adapter._engine)
     for rid, request in CHATS.items():
         worker.submit("request", arrow.encode(request), {"request_id": rid})
     worker.drain()
-    watching.set()
-    assert most[0] == 2 and worker.send.errors() == {}
+    assert most_busy() == 2 and worker.send.errors() == {}
     finals = [arrow.decode(o.value, TextChunk) for o in worker.send.sent if o.meta.final]
     assert len(finals) == len(CHATS) and all(f.completion_tokens > 0 for f in finals)
     assert all(replies_of(worker, CHATS).values())
@@ -325,32 +345,15 @@ def test_mlx_decodes_chat_requests_together_each_as_alone(catalog, store):
     alone_worker.slot.unload()
 
     worker = chat_worker(catalog, store, "mlx", parallel=4)
-    engine, most, watching = worker.host.adapter._engine, [0], threading.Event()
-
-    def watch() -> None:
-        while not watching.is_set():
-            most[0] = max(most[0], engine.busy())
-            time.sleep(0.001)
-
-    threading.Thread(target=watch, daemon=True).start()
-    long = ChatRequest([ChatMessage("user", "Tell me a long story.")], max_tokens=40)
-    worker.submit("request", arrow.encode(long), {"request_id": "cancel-me"})
-    for rid, request in requests.items():
-        worker.submit("request", arrow.encode(request), {"request_id": rid})
-    deadline = time.monotonic() + 60
-    while not any(o.meta.request_id == "cancel-me" for o in worker.send.sent):
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    worker.cancel("cancel-me")
-    worker.drain()
-    watching.set()
+    most_busy = watch_busy(worker.host.adapter._engine)
+    serve_cancelling_one(worker, requests)
+    assert 2 <= most_busy() <= 4  # decoded together, never more than parallel
     assert worker.send.errors()["cancel-me"].kind == "cancelled"
     assert replies_of(worker, requests) == alone and all(alone.values())
-    assert 2 <= most[0] <= 4  # decoded together, never more than parallel
 
     adapter = worker.host.adapter  # the worker has unloaded it as it drained
     adapter.load(store.prepare(adapter))
-    stream = adapter.generate(long)
+    stream = adapter.generate(LONG)
     next(stream)
     adapter.unload()
     with pytest.raises(MlxEngineError, match="unloaded"):

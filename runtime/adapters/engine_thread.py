@@ -23,7 +23,16 @@ from mofa_omni.contract.errors import ErrorKind, OmniError
 from mofa_omni.models.compute import prepare_compute_thread
 
 T = TypeVar("T")
-_END = object()
+END = object()  # the last item an engine's thread hands a reader: nothing more comes
+
+
+def read_until_end(items: queue.Queue | queue.SimpleQueue) -> Iterator[Any]:
+    """The items an engine's thread puts in ``items`` for one reader, as they come, until
+    :data:`END`; an exception put there instead is raised here, in the reader."""
+    while (item := items.get()) is not END:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 class Stopped(OmniError):
@@ -82,15 +91,12 @@ class EngineThread:
             except BaseException as error:
                 items.put(error)
                 return
-            items.put(_END)
+            items.put(END)
 
         future: Future = Future()
         self._calls.put((run, future))
         try:
-            while (item := items.get()) is not _END:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            yield from read_until_end(items)
         finally:
             stop.set()
             future.result()

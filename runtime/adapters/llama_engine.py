@@ -35,25 +35,21 @@ to its sequence's share of the context (``pool`` / ``parallel``). As vLLM's and 
 from __future__ import annotations
 
 import contextlib
-import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from mofa_omni.adapters.engine_thread import END, read_until_end
+from mofa_omni.adapters.stepped_engine import SteppedEngine
 from mofa_omni.adapters.structured import common_prefix
 from mofa_omni.contract.errors import ModelLoadError, ServerError
 
-log = logging.getLogger("mofa_omni.adapters.llama_engine")
-
 ADMIT_WAIT_S = 120.0  # a request finding no room for its tokens this long gets an error
-_END = object()  # a sequence's last item: it ended (EOS or its limit)
 
 
 class EngineError(ServerError):
@@ -115,13 +111,7 @@ class Slot:
         generation = _Generation(self, list(prompt[keep:]), sampling, limit, stop_tokens)
         self.engine.join(generation)
         try:
-            while True:
-                item = generation.out.get()
-                if item is _END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            yield from read_until_end(generation.out)
         finally:
             generation.closed = True
             self.engine.wake()
@@ -134,8 +124,10 @@ class Slot:
         return self.engine.submit(lambda: self.engine.score(self, tokens, every_position, kept))
 
 
-class LlamaEngine:
+class LlamaEngine(SteppedEngine):
     """A llama.cpp context serving ``parallel`` sequences, its KV cache ``pool`` tokens."""
+
+    error = EngineError
 
     def __init__(self, weights: Path, *, pool: int, parallel: int, threads: int, model: str,
                  deterministic: bool = False):
@@ -143,7 +135,8 @@ class LlamaEngine:
         from llama_cpp._logger import set_verbose
 
         set_verbose(False)  # llama.cpp's errors only, as Llama(verbose=False): not every tensor
-        self.lib, self.model_name = llama_cpp, model
+        super().__init__(model, "llama-engine")
+        self.lib = llama_cpp
         self.pool, self.parallel, self.deterministic = pool, parallel, deterministic
         # the most tokens one request may hold: the whole cache, or its sequence's part
         self.request_limit = pool // parallel if deterministic else pool
@@ -172,12 +165,8 @@ class LlamaEngine:
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.slots = [Slot(self, seq_id) for seq_id in range(parallel)]
         self._room = threading.Condition()
-        self._work = threading.Condition()
-        self._jobs: list[tuple[Callable[[], Any], Future]] = []
         self._running: list[_Generation] = []
-        self._closing = False
-        self._thread = threading.Thread(target=self._run, name="llama-engine", daemon=True)
-        self._thread.start()
+        self.start()
 
     # --- requests' side -----------------------------------------------------------------
 
@@ -237,62 +226,24 @@ class LlamaEngine:
             self._running.append(generation)
             self._work.notify()
 
-    def submit(self, job: Callable[[], Any]) -> Any:
-        """Run ``job`` on the engine's thread between two steps; its result (or exception)."""
-        return self.submit_nowait(job).result()
-
-    def submit_nowait(self, job: Callable[[], Any]) -> Future:
-        future: Future = Future()
-        with self._work:
-            if self._closing:
-                raise EngineError(f"model {self.model_name!r} is unloading")
-            self._jobs.append((job, future))
-            self._work.notify()
-        return future
-
-    def wake(self) -> None:
-        with self._work:
-            self._work.notify()
-
     def close(self) -> None:
         """Stop the thread (running sequences end in an error) and free the context."""
-        with self._work:
-            self._closing = True
-            self._work.notify()
-        self._thread.join()
+        self.stop()
         self.lib.llama_batch_free(self._batch)
         self.lib.llama_free(self._ctx)
         self.lib.llama_model_free(self._model)
 
     # --- the engine's thread ------------------------------------------------------------
 
-    def _run(self) -> None:
-        while True:
-            with self._work:
-                while not (self._jobs or self._live() or self._closing):
-                    self._work.wait()
-                jobs, self._jobs = self._jobs, []
-                closing = self._closing
-            for job, future in jobs:
-                try:
-                    future.set_result(job())
-                except BaseException as error:  # noqa: BLE001 -- the caller gets it
-                    future.set_exception(error)
-            if closing:
-                for generation in self._running:
-                    generation.out.put(EngineError(f"model {self.model_name!r} unloaded"))
-                return
-            if self._live():
-                try:
-                    self._step()
-                except Exception as error:  # noqa: BLE001 -- each request gets it, none hangs
-                    log.exception("a step failed")
-                    with self._work:
-                        failed, self._running = self._running, []
-                    for generation in failed:
-                        generation.out.put(EngineError(
-                            f"model {self.model_name!r}: {type(error).__name__}: {error}"))
-                        self.drop_after(generation.slot, 0)
+    def _has_work(self) -> bool:
+        return bool(self._live())
+
+    def _fail_all(self, error: Exception) -> None:
+        with self._work:
+            failed, self._running = self._running, []
+        for generation in failed:
+            generation.out.put(error)
+            self.drop_after(generation.slot, 0)
 
     def _live(self) -> list[_Generation]:
         """The sequences still read (lock held, or on the engine's thread)."""
@@ -338,7 +289,7 @@ class LlamaEngine:
             generation.produced += 1
             generation.out.put(token)
             if token in generation.stop_tokens or generation.produced >= generation.limit:
-                generation.out.put(_END)
+                generation.out.put(END)
                 generation.closed = True
             else:
                 generation.pending = [token]

@@ -1,6 +1,7 @@
 """Continuous batching on MLX: mlx-lm's ``BatchGenerator`` decodes several requests at once.
 
-:class:`MlxEngine` owns the generator and a thread that runs its steps. A request's tokens
+:class:`MlxEngine` owns the generator and a thread that runs its steps
+(:mod:`mofa_omni.adapters.stepped_engine`). A request's tokens
 (:meth:`MlxEngine.tokens`) join the batch between two steps and leave it when they end, are
 closed (cancelled, a stop sequence) or fail; each streams its own tokens through a queue,
 sampled as it asked. Token scoring (structured output, tool calls, reranking) runs whole on the
@@ -22,17 +23,14 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
+from mofa_omni.adapters.engine_thread import END, read_until_end
+from mofa_omni.adapters.stepped_engine import SteppedEngine
 from mofa_omni.contract.errors import ServerError
 
 log = logging.getLogger("mofa_omni.adapters.mlx_engine")
-
-_END = object()  # a sequence's last item: it ended (EOS or its limit)
 
 
 class MlxEngineError(ServerError):
@@ -48,23 +46,22 @@ class _Sequence:
     closed: bool = False  # its reader stopped reading: leave the batch at the next step
 
 
-class MlxEngine:
+class MlxEngine(SteppedEngine):
     """An mlx-lm model decoding up to ``parallel`` requests together (see the module)."""
+
+    error = MlxEngineError
 
     def __init__(self, model, eos_token_ids: list[int], *, parallel: int, model_name: str):
         from mlx_lm.generate import BatchGenerator
 
-        self.parallel, self.model_name = parallel, model_name
+        super().__init__(model_name, "mlx-engine")
+        self.parallel = parallel
         self._generator = BatchGenerator(
             model, stop_tokens=[[token] for token in eos_token_ids],
             completion_batch_size=parallel, prefill_batch_size=parallel)
-        self._work = threading.Condition()
-        self._jobs: list[tuple[Callable[[], Any], Future]] = []
         self._live: dict[int, _Sequence] = {}  # uid -> sequence (engine thread only)
         self._reading = 0  # requests reading their tokens now (under _work)
-        self._closing = False
-        self._thread = threading.Thread(target=self._run, name="mlx-engine", daemon=True)
-        self._thread.start()
+        self.start()
 
     # --- requests' side -----------------------------------------------------------------
 
@@ -83,28 +80,12 @@ class MlxEngine:
         with self._work:
             self._reading += 1
         try:
-            while True:
-                item = sequence.out.get()
-                if item is _END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            yield from read_until_end(sequence.out)
         finally:
             sequence.closed = True
             with self._work:
                 self._reading -= 1
                 self._work.notify()
-
-    def submit(self, job: Callable[[], Any]) -> Any:
-        """Run ``job`` on the engine's thread between two steps; its result (or exception)."""
-        future: Future = Future()
-        with self._work:
-            if self._closing:
-                raise MlxEngineError(f"model {self.model_name!r} is unloading")
-            self._jobs.append((job, future))
-            self._work.notify()
-        return future.result()
 
     def busy(self) -> int:
         """Requests reading their tokens now (in the batch, or waiting to join it)."""
@@ -113,37 +94,14 @@ class MlxEngine:
 
     def close(self) -> None:
         """Stop the thread (sequences still decoding end in an error)."""
-        with self._work:
-            self._closing = True
-            self._work.notify()
-        self._thread.join()
+        self.stop()
         self._generator.close()
 
     # --- the engine's thread ------------------------------------------------------------
 
-    def _run(self) -> None:
-        while True:
-            with self._work:
-                while not (self._jobs or self._live or self._closing):
-                    self._work.wait()
-                jobs, self._jobs = self._jobs, []
-                closing = self._closing
-            for job, future in jobs:
-                try:
-                    future.set_result(job())
-                except BaseException as error:  # noqa: BLE001 -- the caller gets it
-                    future.set_exception(error)
-            if closing:
-                self._fail(MlxEngineError(f"model {self.model_name!r} unloaded"))
-                return
-            self._leave([s for s in self._live.values() if s.closed])
-            if self._live:
-                try:
-                    self._step()
-                except Exception as error:  # noqa: BLE001 -- each request gets it, none hangs
-                    log.exception("a batch step failed")
-                    self._fail(MlxEngineError(
-                        f"model {self.model_name!r}: {type(error).__name__}: {error}"))
+    def _has_work(self) -> bool:
+        self._leave([s for s in self._live.values() if s.closed])
+        return bool(self._live)
 
     def _step(self) -> None:
         """One step of the generator: a token for each decoding sequence (prompts of those
@@ -155,7 +113,7 @@ class MlxEngine:
                 continue
             sequence.out.put(response.token)
             if response.finish_reason is not None:  # mlx-lm has taken it out of the batch
-                sequence.out.put(_END)
+                sequence.out.put(END)
                 del self._live[response.uid]
 
     def _leave(self, sequences: list[_Sequence]) -> None:
@@ -164,7 +122,7 @@ class MlxEngine:
             for sequence in sequences:
                 del self._live[sequence.uid]
 
-    def _fail(self, error: Exception) -> None:
+    def _fail_all(self, error: Exception) -> None:
         failed = list(self._live.values())
         try:
             self._leave(failed)
