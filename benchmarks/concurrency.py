@@ -282,19 +282,26 @@ def direct_rows(seconds: float) -> list:
     llm = open_model(CHAT_MODEL, backend="llama.cpp")
     prompt = llm.prompt_tokens(ChatRequest([ChatMessage("user", PROMPT)], MAX_TOKENS))
     engine = llm._engine
-    for n in (1, 2, 4):
-        def one() -> int:
-            with engine.slot(len(prompt) + MAX_TOKENS, prompt) as slot:
-                return sum(1 for _ in slot.tokens(prompt, Sampling(), MAX_TOKENS, frozenset()))
-        one()
-        tokens, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds:
-            with concurrent.futures.ThreadPoolExecutor(n) as pool:
-                tokens += sum(pool.map(lambda _: one(), range(n)))
-        rows.append({"mode": "direct", "task": "chat", "clients": n,
-                     "tokens_per_s": round(tokens / (time.perf_counter() - started), 1)})
+
+    def one() -> int:
+        with engine.slot(len(prompt) + MAX_TOKENS, prompt) as slot:
+            return sum(1 for _ in slot.tokens(prompt, Sampling(), MAX_TOKENS, frozenset()))
+
+    one()
+    rows += [{"mode": "direct", "task": "chat", "clients": n,
+              "tokens_per_s": together(one, n, seconds)} for n in (1, 2, 4)]
     llm.unload()
     return rows + mlx_rows(seconds)
+
+
+def together(one: Callable[[], int], n: int, seconds: float) -> float:
+    """Tokens/s of ``one`` (a request; it returns the tokens it got) run ``n`` at a time, round
+    after round, for ``seconds``."""
+    tokens, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+            tokens += sum(pool.map(lambda _: one(), range(n)))
+    return round(tokens / (time.perf_counter() - started), 1)
 
 
 def mlx_rows(seconds: float) -> list:
@@ -313,13 +320,8 @@ def mlx_rows(seconds: float) -> list:
             return final.completion_tokens
 
         one()
-        for n in counts:
-            tokens, started = 0, time.perf_counter()
-            while time.perf_counter() - started < seconds:
-                with concurrent.futures.ThreadPoolExecutor(n) as pool:
-                    tokens += sum(pool.map(lambda _: one(), range(n)))
-            rows.append({"mode": mode, "task": "chat", "clients": n,
-                         "tokens_per_s": round(tokens / (time.perf_counter() - started), 1)})
+        rows += [{"mode": mode, "task": "chat", "clients": n,
+                  "tokens_per_s": together(one, n, seconds)} for n in counts]
         llm.unload()
     return rows
 
@@ -421,6 +423,25 @@ def plot(rows: list, path: Path) -> None:
     save_figure(figure, path)
 
 
+def graph_and_peer_rows(binary: Path | None, tasks: dict, clients: list[int],
+                        seconds: float) -> list:
+    """The graph run once per mode, then llama-server where its binary is there."""
+    print(f"{len(clients)} client counts, {seconds:g} s each, {len(tasks)} tasks, "
+          f"{len(MODES)} graph runs", flush=True)
+    rows = []
+    for mode, env in MODES.items():
+        rows += graph_rows(mode, env, tasks, clients, seconds)
+    binary = binary or (LLAMA_SERVER if LLAMA_SERVER.is_file() else None)
+    if binary:
+        llm = open_model(CHAT_MODEL, backend="llama.cpp")  # the GGUF the node serves
+        gguf = llm.model_dir / "model.gguf"
+        llm.unload()
+        rows += llama_server_rows(binary, gguf, clients, seconds)
+    else:
+        print("no llama-server binary: its rows are skipped (see --llama-server)")
+    return rows
+
+
 def main() -> int:
     parser = make_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="1, 4, 8 clients, 4 s each")
@@ -445,18 +466,7 @@ def main() -> int:
         build_llama_server(LLAMA_SERVER)
     rows: list = []
     if not args.direct_only:
-        print(f"{len(clients)} client counts, {seconds:g} s each, {len(tasks)} tasks, "
-              f"{len(MODES)} graph runs", flush=True)
-    for mode, env in ({} if args.direct_only else MODES).items():
-        rows += graph_rows(mode, env, tasks, clients, seconds)
-    binary = args.llama_server or (LLAMA_SERVER if LLAMA_SERVER.is_file() else None)
-    if binary and not args.direct_only:
-        llm = open_model(CHAT_MODEL, backend="llama.cpp")  # the GGUF the node serves
-        gguf = llm.model_dir / "model.gguf"
-        llm.unload()
-        rows += llama_server_rows(binary, gguf, clients, seconds)
-    elif not args.direct_only:
-        print("no llama-server binary: its rows are skipped (see --llama-server)")
+        rows += graph_and_peer_rows(args.llama_server, tasks, clients, seconds)
     rows += direct_rows(seconds)
     print_tables(rows)
     result = {"machine": machine(), "clients": clients, "seconds": seconds, "rows": rows,
