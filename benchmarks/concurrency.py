@@ -35,12 +35,15 @@ for chat, p50 and p95 latency, the median time to first token, and errors (no an
                   together by mlx-lm's batch generator (mofa_omni.adapters.mlx_engine), beside
                   "mlx alone": one request at a time through mlx-lm's stream_generate
                   (parallel = 1, what the adapter did before)
+  direct ct2      the same on CTranslate2 (int8), 1, 2, 4 requests decoded in static batches
+                  (mofa_omni.adapters.ct2_batches), beside "ct2 alone": one request at a time
+                  through CTranslate2's generate_tokens (parallel = 1)
 
 Goals (this 2-core machine): at 8 clients embeddings >= 5x and ASR >= 1.5x the single-client
 throughput; chat output tokens/s >= 2x single-stream and >= 1.0x llama-server with the same
 parallelism; p95 at 8 clients no worse than one at a time for any task; a lone request's
-latency within 5 % of one at a time (on MLX: a lone request through the batch engine >= 0.95x
-stream_generate's tokens/s). --direct-only measures only the engines in this process (~1 min).
+latency within 5 % of one at a time (on MLX and CTranslate2: a lone request through the batch
+engine >= 0.95x the engine's own one-request path in tokens/s). --direct-only measures only the engines in this process (~1 min).
 
 Prints tables; writes benchmarks/results/concurrency.json and concurrency.png (throughput and
 p95 against clients, per task). About 12 minutes; --quick about 5.
@@ -291,7 +294,7 @@ def direct_rows(seconds: float) -> list:
     rows += [{"mode": "direct", "task": "chat", "clients": n,
               "tokens_per_s": together(one, n, seconds)} for n in (1, 2, 4)]
     llm.unload()
-    return rows + mlx_rows(seconds)
+    return rows + batch_engine_rows(seconds, "mlx") + batch_engine_rows(seconds, "ctranslate2")
 
 
 def together(one: Callable[[], int], n: int, seconds: float) -> float:
@@ -304,15 +307,22 @@ def together(one: Callable[[], int], n: int, seconds: float) -> float:
     return round(tokens / (time.perf_counter() - started), 1)
 
 
-def mlx_rows(seconds: float) -> list:
-    """Chat on MLX: n requests decoded together by the batch engine, and one at a time
-    through stream_generate (parallel = 1)."""
+# backend -> (its batch engine's mode, its one-request mode, what that one-request path is)
+BATCH_ENGINES = {"mlx": ("direct mlx", "mlx alone", "stream_generate"),
+                 "ctranslate2": ("direct ct2", "ct2 alone", "generate_tokens")}
+ENGINE_MODES = tuple(mode for modes in BATCH_ENGINES.values() for mode in modes[:2])
+
+
+def batch_engine_rows(seconds: float, backend: str) -> list:
+    """Chat on ``backend``: n requests decoded together by its batch engine, and one at a
+    time through the engine's own one-request path (parallel = 1)."""
     rows = []
     request = ChatRequest([ChatMessage("user", PROMPT)], MAX_TOKENS)
     spec, store = Catalog.load().get(CHAT_MODEL), ModelStore()
-    for mode, parallel, counts in (("mlx alone", 1, (1,)), ("direct mlx", 4, (1, 2, 4))):
+    batched, alone, _ = BATCH_ENGINES[backend]
+    for mode, parallel, counts in ((alone, 1, (1,)), (batched, 4, (1, 2, 4))):
         llm = create_adapter(dataclasses.replace(spec, options={**spec.options,
-                                                                "parallel": parallel}), "mlx")
+                                                                "parallel": parallel}), backend)
         llm.load(store.prepare(llm))
 
         def one() -> int:
@@ -356,15 +366,17 @@ def goals(rows: list) -> list[tuple[bool, str]]:
             ratio = rate(ours) / rate(peer)
             said.append((ratio >= PEER_GOAL, f"chat tokens/s vs llama-server at {n} clients: "
                                              f"{ratio:.2f}x (goal >= {PEER_GOAL}x)"))
-    alone, one, four = (find(rows, mode, "chat", n) for mode, n in
-                        (("mlx alone", 1), ("direct mlx", 1), ("direct mlx", 4)))
-    if alone and one and four:
-        ratio = rate(one) / rate(alone)
-        said.append((ratio >= 1 / LONE_GOAL, f"MLX lone request, batch engine / stream_generate:"
-                                             f" {ratio:.2f}x tokens/s (goal >= "
-                                             f"{1 / LONE_GOAL:.2f}x)"))
-        said.append((rate(four) >= CHAT_GOAL * rate(one), f"MLX chat tokens/s, 4 requests "
-                     f"together / one: {rate(four) / rate(one):.2f}x (goal >= {CHAT_GOAL}x)"))
+    for backend, (batched, lone, path) in BATCH_ENGINES.items():
+        alone, one, four = (find(rows, mode, "chat", n) for mode, n in
+                            ((lone, 1), (batched, 1), (batched, 4)))
+        if alone and one and four:
+            ratio = rate(one) / rate(alone)
+            said.append((ratio >= 1 / LONE_GOAL, f"{backend} lone request, batch engine / "
+                                                 f"{path}: {ratio:.2f}x tokens/s (goal >= "
+                                                 f"{1 / LONE_GOAL:.2f}x)"))
+            said.append((rate(four) >= CHAT_GOAL * rate(one), f"{backend} chat tokens/s, 4 "
+                         f"requests together / one: {rate(four) / rate(one):.2f}x (goal >= "
+                         f"{CHAT_GOAL}x)"))
     for task in sorted({r["task"] for r in rows if r["mode"] == "batched"}):
         ours, before = find(rows, "batched", task, 8), find(rows, "one at a time", task, 8)
         if ours and before:
@@ -384,7 +396,7 @@ def print_tables(rows: list) -> None:
     print(f"{'task':13s} {'mode':14s} {'clients':>7s} {'rate':>9s} {'x1 client':>9s} "
           f"{'p50':>8s} {'p95':>8s} {'ttft':>7s} {'errors':>6s}")
     for task in ("embeddings", "rerank", "transcription", "chat"):
-        for mode in (*MODES, "llama-server", "direct", "direct mlx", "mlx alone"):
+        for mode in (*MODES, "llama-server", "direct", *ENGINE_MODES):
             base = find(rows, mode, task, 1)
             for row in (r for r in rows if (r["mode"], r["task"]) == (mode, task)):
                 gain = f"{rate(row) / rate(base):.2f}x" if base and rate(base) else "-"
@@ -402,7 +414,7 @@ def plot(rows: list, path: Path) -> None:
              if any(r["task"] == t for r in rows)]
     figure, axes = plt.subplots(2, len(tasks), figsize=(4 * len(tasks), 7), squeeze=False)
     for column, task in enumerate(tasks):
-        for mode in (*MODES, "llama-server", "direct", "direct mlx", "mlx alone"):
+        for mode in (*MODES, "llama-server", "direct", *ENGINE_MODES):
             mine = [r for r in rows if (r["mode"], r["task"]) == (mode, task)]
             if not mine:
                 continue

@@ -22,10 +22,12 @@ Configuration (env in the dataflow YAML):
     BATCH_WINDOW_MS    how long a lone request of those waits for others to join it (default 0:
                        it waits for none, only requests already queued join)
     PARALLEL           requests served at once, where the model serves several (an LLM on
-                       llama.cpp decodes up to its ``parallel`` option, default 4, together);
-                       default 1: one after another. Whoever reads such a node's token stream
-                       should read it with ``queue_policy: backpressure``: dora dropped ~0.2 %
-                       of the tokens of four streams at once without it (dataflows/server.yml)
+                       llama.cpp or MLX decodes up to its ``parallel`` option, default 4,
+                       together; CTranslate2 in static batches), with a scheduler as many as
+                       its budget holds; default 1: one after another. Whoever reads such a
+                       node's token stream should read it with ``queue_policy: backpressure``:
+                       dora dropped ~0.2 % of the tokens of four streams at once without it
+                       (dataflows/server.yml)
 
 Inputs: ``request`` (the model's first task) or one named after each task it serves, and
 ``cancel`` (request ids, as strings): a cancelled request stops at once and ends with an

@@ -1,8 +1,10 @@
 """The scheduler's pure policy: admission, eviction, stepping down, waiting, pressure (no dora)."""
 
+import io
+
 import pytest
 
-from mofa_omni.scheduler.bookkeeping import Scheduling
+from mofa_omni.scheduler.bookkeeping import Scheduling, replay
 from mofa_omni.scheduler.messages import LoadAsk, NodeReport, Variant
 from mofa_omni.scheduler.policy import (
     Activity,
@@ -14,9 +16,11 @@ from mofa_omni.scheduler.policy import (
     LoadFailed,
     LoadRequest,
     Measured,
+    ParallelSet,
     Refuse,
     Replace,
     SchedulerState,
+    SetParallel,
     SwapFailed,
     Swapped,
     SwapRequest,
@@ -421,3 +425,88 @@ def test_a_crashed_node_frees_what_it_held_and_omni_status_counts_its_restarts()
     scheduling.node_left("llm", 9)  # its input closes
     (llm,) = scheduling.status(10, 0, 0).nodes
     assert (llm.state, llm.restarts) == ("crashed", 1)
+
+
+# --- requests decoded together (an LLM batching its sequences) -----------------------------
+
+SEQUENCE = 100 * MB  # one more sequence's KV cache at its longest
+
+
+def batching(state, node="llm", size=GB // 2, parallel=4, now=0.0):
+    """``node`` asks for its model decoding ``parallel`` requests together, and loads it."""
+    (grant,) = decide(state, LoadRequest(node, (("llm-model", size),), now,
+                                         parallel=parallel, sequence_bytes=SEQUENCE))
+    decide(state, Loaded(node, "llm-model", size, size, 1.0, now))
+    return grant
+
+
+def test_a_grant_reserves_as_many_requests_together_as_the_budget_holds():
+    state = SchedulerState(budget=GB // 2 + int(2.5 * SEQUENCE))
+    grant = batching(state)
+    assert (grant.model, grant.parallel) == ("llm-model", 3)
+    assert "3 of 4 requests together (100 MiB each beyond the first)" in grant.reason
+    assert state.used_bytes() == GB // 2 + 2 * SEQUENCE
+    # Room for all four: all four, and the grant says nothing more (as asked).
+    assert batching(SchedulerState(budget=GB), "roomy").parallel == 4
+    # Never fewer than one: the model alone fits, so it is granted, one request at a time.
+    assert batching(SchedulerState(budget=GB // 2)).parallel == 1
+    # A model whose requests take nothing beyond it (llama.cpp's pool is fixed) is granted all.
+    lone = SchedulerState(budget=GB // 2)
+    assert decide(lone, LoadRequest("llm", (("llm-model", GB // 2),), 0, parallel=4)) == [
+        Grant("llm", "llm-model")]
+
+
+def test_under_pressure_fewer_requests_together_before_any_model_is_evicted():
+    state = SchedulerState(budget=GB + 4 * SEQUENCE)
+    batching(state)  # 512 MiB + 3 sequences: 812 MiB
+    loaded(state, "idle", (("small", GB // 4),))  # idle, evictable: 256 MiB
+    # 356 MiB free, 500 MiB asked: two sequences given back cover it, nothing is evicted.
+    decisions = decide(state, LoadRequest("asr", (("whisper", 500 * MB),), 1))
+    assert kinds(decisions) == ["SetParallel", "Wait"]
+    assert decisions[0] == SetParallel("llm", 2)
+    assert "2 of 4 requests together: makes room for asr (whisper)" in decisions[0].reason
+    # Reserved until the node says its requests above two have ended; then asr is granted.
+    assert state.residents["llm"].held == GB // 2 + 3 * SEQUENCE
+    assert decide(state, Tick(2)) == []
+    # Not confirmed within confirm_seconds (the command may have been dropped): said again.
+    assert decide(state, Tick(11)) == [SetParallel("llm", 2)]
+    assert decide(state, ParallelSet("llm", 2, 12)) == [Grant("asr", "whisper")]
+    assert state.residents["llm"].held == GB // 2 + SEQUENCE
+    # Not enough even at one request each: one request together, then the idle model goes.
+    decisions = decide(state, LoadRequest("tts", (("piper", 300 * MB),), 4))
+    assert kinds(decisions) == ["SetParallel", "Evict", "Wait"]
+    assert decisions[0] == SetParallel("llm", 1) and decisions[1] == Evict("idle")
+
+
+def test_outside_pressure_lowers_requests_together_first_and_calm_widens_them_again():
+    state = SchedulerState(budget=4 * GB, min_available=GB, calm_seconds=10)
+    batching(state)
+    loaded(state, "idle", (("small", GB // 4),))
+    (narrow,) = decide(state, Tick(1, available=GB - 150 * MB))
+    assert narrow == SetParallel("llm", 2)  # 150 MiB short: two sequences, nothing evicted
+    decide(state, ParallelSet("llm", 2, 2))
+    assert decide(state, Tick(5, available=2 * GB)) == []  # not calm yet
+    (widen,) = decide(state, Tick(12, available=2 * GB))
+    assert widen == SetParallel("llm", 4) and "memory is plentiful again" in widen.reason
+    assert state.residents["llm"].held == GB // 2 + 3 * SEQUENCE
+
+
+def test_the_bookkeeping_carries_requests_together_to_the_node_and_status():
+    journal = io.BytesIO()
+    scheduling = Scheduling(SchedulerState(budget=GB // 2 + 150 * MB), ("llm",), started=0.0,
+                            journal=journal)
+    (load,) = scheduling.on_message(LoadAsk("llm", [Variant("llm-model", GB // 2)], 0,
+                                            parallel=4, sequence_bytes=SEQUENCE), 1)
+    assert (load.action, load.parallel) == ("load", 2)
+    scheduling.on_message(NodeReport("llm", "loaded", "ready", "llm-model", GB // 2,
+                                     model_bytes=GB // 2, peak_bytes=GB // 2, parallel=2), 2)
+    assert "2 of 4 requests together" in render_status(scheduling.status(3, GB, 2 * GB))
+    narrow, wait = scheduling.on_message(LoadAsk("asr", [Variant("whisper", 100 * MB)], 0), 4)
+    assert (narrow.node, narrow.action, narrow.parallel) == ("llm", "parallel", 1)
+    assert (wait.node, wait.action) == ("asr", "wait")
+    # The node's "parallel" report was dropped: its next measurement, at one, confirms it.
+    (grant,) = scheduling.on_message(NodeReport("llm", "measure", "busy", "llm-model",
+                                                GB // 2, parallel=1), 5)
+    assert (grant.node, grant.action) == ("asr", "load")
+    for recorded, replayed, _ in replay(journal.getvalue().splitlines()):
+        assert recorded == replayed

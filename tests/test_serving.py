@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from mofa_omni.adapters.ct2_batches import Ct2BatchError
 from mofa_omni.adapters.loading import open_model
 from mofa_omni.adapters.mlx_engine import MlxEngineError
 from mofa_omni.contract import arrow
@@ -25,10 +26,16 @@ from mofa_omni.contract.tasks import (
     GenericRequest,
     TextChunk,
 )
+from mofa_omni.models.footprint import LlmShape, kv_cache_bytes
 from mofa_omni.models.store import ModelStore
+from mofa_omni.node.admission import SchedulerLink
 from mofa_omni.node.host import ModelHost, Outgoing
 from mofa_omni.node.residency import ModelSlot
 from mofa_omni.node.serving import RequestWorker, cancelled_ids
+from mofa_omni.scheduler.bookkeeping import Scheduling
+from mofa_omni.scheduler.messages import LoadAsk, Variant
+from mofa_omni.scheduler.policy import SchedulerState
+from mofa_omni.scheduler.status import render_status
 from tests.conftest import textstats_catalog
 
 
@@ -358,3 +365,118 @@ def test_mlx_decodes_chat_requests_together_each_as_alone(catalog, store):
     adapter.unload()
     with pytest.raises(MlxEngineError, match="unloaded"):
         list(stream)
+
+
+@pytest.mark.slow
+def test_ctranslate2_decodes_the_waiting_requests_in_static_batches_each_as_alone(catalog,
+                                                                                 store):
+    """CTranslate2 decodes the requests waiting when a batch starts in one generate_batch call
+    (parallel 4): with the deterministic option (float32) each greedy reply is the one it gets
+    alone (parallel 1); one cancelled while it streams stops alone; a request sampling
+    otherwise waits for a batch of its own; unloading ends a waiting request in an error."""
+    alone_worker = chat_worker(catalog, store, "ctranslate2", parallel=1, deterministic=True)
+    alone = {rid: "".join(c.text for c in alone_worker.host.adapter.generate(r))
+             for rid, r in CHATS.items()}
+    alone_worker.drain()
+    alone_worker.slot.unload()
+
+    worker = chat_worker(catalog, store, "ctranslate2", parallel=4, deterministic=True)
+    batches = worker.host.adapter._batches
+    most_busy = watch_busy(batches)
+    sampled = ChatRequest([ChatMessage("user", "Say hello.")], max_tokens=8, temperature=0.8)
+    serve_cancelling_one(worker, {**CHATS, "sampled": sampled})
+    assert 2 <= most_busy() <= 4
+    assert worker.send.errors().keys() == {"cancel-me"}
+    assert worker.send.errors()["cancel-me"].kind == "cancelled"
+    assert replies_of(worker, CHATS) == alone and all(alone.values())
+    assert any(o.meta.request_id == "sampled" and o.meta.final for o in worker.send.sent)
+
+    adapter = worker.host.adapter  # unloaded as the worker drained
+    adapter.load(store.prepare(adapter))
+    first = adapter.generate(LONG)
+    next(first)  # decoding: the next request waits for the next batch
+    failures = []
+
+    def wait_for_a_batch() -> None:
+        try:
+            list(adapter.generate(CHATS["q0"]))
+        except Ct2BatchError as error:
+            failures.append(error)
+
+    waiting = threading.Thread(target=wait_for_a_batch)
+    waiting.start()
+    wait_until(lambda: adapter._batches._waiting)
+    adapter.unload()
+    waiting.join()
+    assert len(failures) == 1 and "unloaded" in str(failures[0])
+
+
+@pytest.mark.slow
+def test_mlx_decodes_as_many_requests_together_as_the_scheduler_grants(catalog, store):
+    """Under a budget that holds the model and one more sequence's KV cache, the node decodes
+    two requests together and queues the rest, none lost. Another model asking for memory
+    makes the scheduler lower it to one before evicting anything; the node confirms once its
+    second request has ended, and the other model is granted. (The scheduler's bookkeeping in
+    process, as the scheduler node runs it; no dora.)"""
+    base = catalog.get("smollm2-135m")
+    slot = ModelSlot(dataclasses.replace(base, options=base.options | {"parallel": 4}),
+                     catalog, "llm", store, backend="mlx")
+    files = store.prepare(slot.host.adapter)  # prepared: the ask can say what a sequence takes
+    lock, asks, others = threading.RLock(), [], []
+    scheduling: list[Scheduling] = []
+
+    def publish(message) -> None:  # the node's memory output, to the scheduler and back
+        with lock:
+            if not scheduling:
+                asks.append(message)
+                return
+            for command in scheduling[0].on_message(message, time.monotonic()):
+                (worker.command if command.node == "llm" else others.append)(command)
+
+    worker = RequestWorker(slot, Collector(), link=SchedulerLink("llm", slot, publish), parallel=4)
+    wait_until(lambda: asks)
+    (ask,) = asks
+    assert (ask.parallel, ask.sequence_bytes) == (4, kv_cache_bytes(LlmShape.of_directory(files),
+                                                                     4096, 4))
+    budget = ask.overhead + ask.ladder[0].bytes + ask.sequence_bytes * 3 // 2
+    with lock:
+        scheduling.append(Scheduling(SchedulerState(budget=budget), ("llm",),
+                                     started=time.monotonic()))
+        publish(ask)
+    wait_until(lambda: slot.loaded)
+    state = scheduling[0].state
+
+    def served(requests: dict[str, ChatRequest]) -> int:
+        """Submit ``requests``, wait for every answer: the most decoded together."""
+        most_busy = watch_busy(slot.host.adapter._engine)
+        for rid, request in requests.items():
+            worker.submit("request", arrow.encode(request), {"request_id": rid})
+        wait_until(lambda: all(replies_of(worker, requests).values()), 120)
+        return most_busy()
+
+    assert served(CHATS) == 2 and worker.send.errors() == {}
+    assert "2 of 4 requests together" in render_status(scheduling[0].status(0, 0, 0))
+
+    # Another model needs half a sequence more than is free: llm is lowered to one request.
+    free = state.budget - state.used_bytes()
+    later = {f"later-{rid}": request for rid, request in CHATS.items()}
+    for rid, request in later.items():
+        worker.submit("request", arrow.encode(request), {"request_id": rid})
+    wait_until(lambda: slot.host.adapter._engine.busy() == 2)
+    with lock:
+        publish(LoadAsk("asr", [Variant("whisper", free + ask.sequence_bytes // 2)], 0))
+        assert [(c.action, c.node) for c in others] == [("wait", "asr")]
+    wait_until(lambda: [(c.action, c.node) for c in others][-1:] == [("load", "asr")], 60)
+    assert "llm" in state.residents and state.residents["llm"].parallel == 1
+    assert [d.action for d in scheduling[0].decisions] == ["load", "parallel", "wait", "load"]
+    wait_until(lambda: all(replies_of(worker, later).values()), 120)
+    alone = {f"alone-{rid}": request for rid, request in list(CHATS.items())[:3]}
+    assert served(alone) == 1 and worker.send.errors() == {}
+    worker.drain()
+
+
+def wait_until(condition: Callable[[], object], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)

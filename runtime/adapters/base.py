@@ -128,6 +128,12 @@ class ModelAdapter(ABC):
         by the engine, e.g. LLM sequences decoded together); 1: one after the other."""
         return 1
 
+    def sequence_bytes(self, model_dir: Path) -> int:
+        """Memory each request served alongside the first takes at its longest (an LLM
+        sequence's KV cache, where the engine grows one per request), estimated from the
+        prepared files; 0: none beyond what :meth:`estimate_bytes` counts."""
+        return 0
+
     def handler(self, task: Task) -> Callable:
         """The bound protocol method serving ``task``."""
         if task not in self.spec.tasks:

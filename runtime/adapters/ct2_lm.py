@@ -9,7 +9,13 @@ CPU SmolLM2-135M runs ~65 tok/s in int8 and ~30 tok/s in float32, against ~9
 tok/s for MLX float32.
 
 ``options.compute_type`` (:class:`~mofa_omni.adapters.options.ChatLmOptions`): ``int8``
-(default), ``float32``, or ``int8_float16`` / ``float16`` on CUDA.
+(default), ``float32``, or ``int8_float16`` / ``float16`` on CUDA. With ``options.parallel``
+above 1 (default 4) the requests waiting when a batch starts decode together in static batches
+(:mod:`mofa_omni.adapters.ct2_batches`: CTranslate2 has no continuous batching);
+``parallel = 1`` serves one request at a time. In int8 a greedy reply decoded beside prompts
+of other lengths may part from its lone one where two tokens nearly tie (the batch's
+activations are quantized together); ``options.deterministic`` computes in float32, where it
+does not.
 """
 
 from __future__ import annotations
@@ -26,8 +32,9 @@ import numpy as np
 
 from mofa_omni.adapters.chat import Piece, detokenized_pieces
 from mofa_omni.adapters.chat_lm import ChatLmAdapter
+from mofa_omni.adapters.ct2_batches import Ct2Batches, Sampling
 from mofa_omni.contract.errors import ModelLoadError
-from mofa_omni.contract.tasks import ChatRequest
+from mofa_omni.contract.tasks import ChatRequest, Task
 from mofa_omni.models.fetching import Progress
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -46,6 +53,7 @@ class Ct2LmAdapter(ChatLmAdapter):
     def __init__(self, spec):
         super().__init__(spec)
         self._generator: Any = None
+        self._batches: Ct2Batches | None = None
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -72,28 +80,41 @@ class Ct2LmAdapter(ChatLmAdapter):
         try:
             self._generator = ctranslate2.Generator(
                 str(model_dir), device=device,
-                compute_type=self.options.compute_type,
+                compute_type="float32" if self.options.deterministic else self.options.compute_type,
                 intra_threads=os.cpu_count() or 1)
         except (RuntimeError, ValueError) as error:
             raise ModelLoadError(f"model {self.spec.name!r}: CTranslate2 cannot load "
                                  f"{model_dir}: {error}") from error
         config = json.loads((model_dir / MODEL_CONFIG).read_text())
         self._tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
+        if self.options.parallel > 1:
+            self._batches = Ct2Batches(self._generator, self._end_token(),
+                                       parallel=self.options.parallel, model_name=self.spec.name)
 
     def _unload(self) -> None:
+        batches, self._batches = self._batches, None
+        if batches is not None:
+            batches.close()
         self._generator = self._tokenizer = None
 
     # --- serving ---------------------------------------------------------------------
 
+    def parallel_requests(self, task: Task) -> int:
+        return self.options.parallel
+
+    def _end_token(self) -> list[str]:
+        return self._tokenizer.convert_ids_to_tokens(sorted(self._tokenizer.eos_token_ids))
+
     def pieces(self, request: ChatRequest, prompt: list[int]) -> Generator[Piece, None, None]:
         tokenizer = self._tokenizer
-        sampling: dict[str, Any] = {"sampling_topk": 1}
-        if request.temperature > 0:
-            sampling = {"sampling_topk": 0, "sampling_temperature": request.temperature,
-                        "sampling_topp": request.top_p}
-        steps = self._generator.generate_tokens(
-            tokenizer.convert_ids_to_tokens(prompt), max_length=request.max_tokens,
-            end_token=tokenizer.convert_ids_to_tokens(sorted(tokenizer.eos_token_ids)), **sampling)
+        sampling = Sampling() if request.temperature <= 0 else \
+            Sampling(0, request.temperature, request.top_p)
+        tokens = tokenizer.convert_ids_to_tokens(prompt)
+        if self._batches is not None:
+            return detokenized_pieces(self._batches.tokens(tokens, sampling, request.max_tokens),
+                                      tokenizer)
+        steps = self._generator.generate_tokens(tokens, max_length=request.max_tokens,
+                                                end_token=self._end_token(), **sampling.options())
         return detokenized_pieces((step.token_id for step in _closing(steps)), tokenizer)
 
     def next_log_probs(self, prompts: list[list[int]]) -> np.ndarray:

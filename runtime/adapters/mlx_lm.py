@@ -19,6 +19,7 @@ from mofa_omni.adapters.chat_lm import ChatLmAdapter
 from mofa_omni.adapters.mlx_engine import MlxEngine
 from mofa_omni.contract.tasks import ChatRequest, Task
 from mofa_omni.models.fetching import Progress
+from mofa_omni.models.footprint import LlmShape, kv_cache_bytes
 from mofa_omni.models.store import link_model_directory
 
 T = TypeVar("T")
@@ -74,6 +75,15 @@ class MlxLmAdapter(ChatLmAdapter):
             engine.close()
         self._model = None
         self._tokenizer = None
+
+    def sequence_bytes(self, model_dir: Path) -> int:
+        """One more sequence decoded in the batch: its KV cache grown to ``options.context``
+        tokens (mlx-lm grows each sequence's cache as it decodes), in the weights' float type."""
+        shape = LlmShape.of_directory(model_dir)
+        if self.options.parallel == 1 or shape is None:
+            return 0  # one request at a time: its cache is part of the measured working set
+        return kv_cache_bytes(shape, self.options.context,
+                              4 if self.options.dtype == "float32" else 2)
 
     # --- serving ---------------------------------------------------------------------
 

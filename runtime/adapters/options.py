@@ -47,12 +47,16 @@ class ChatLmOptions(AdapterOptions):
     bits: Positive | None = None  # unset: the weights as converted
     group_size: Positive = 64  # with ``bits``
     compute_type: Ct2ComputeType = "int8"  # used by ct2_lm
-    context: Positive = 4096  # used by llama_cpp: tokens, the prompt and the reply together
+    # used by llama_cpp: tokens, the prompt and the reply together; by mlx_lm: the longest
+    # sequence whose KV cache a request decoded beside others reserves (see sequence_bytes)
+    context: Positive = 4096
     # used by llama_cpp (sharing the context's tokens) and mlx_lm (mlx-lm's batch generator, each
     # sequence's KV cache growing as it decodes): requests decoded together; 1: one at a time
     parallel: Positive = 4
-    # used by llama_cpp: a greedy reply the same whatever is decoded beside it (flash attention
-    # off, float32 KV cache: ~10 % slower per token, twice the KV cache; see llama_engine)
+    # a greedy reply the same whatever is decoded beside it: llama_cpp turns flash attention off
+    # and keeps a float32 KV cache (~10 % slower per token, twice the KV cache; see
+    # llama_engine); ct2_lm computes in float32 instead of compute_type (int8 quantizes the
+    # activations of a batch whose prompts differ in length otherwise; ~2x slower on a CPU)
     deterministic: bool = False
     threads: Positive | None = None  # used by llama_cpp; unset: every core
 

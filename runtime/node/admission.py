@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from mofa_omni.models.memory import resident_bytes, snapshot
+from mofa_omni.models.memory import peak_resident_bytes, resident_bytes, snapshot
 from mofa_omni.node.residency import LoadOutcome, ModelSlot
 from mofa_omni.scheduler.messages import (
     ControlMessage,
@@ -49,6 +49,9 @@ class SchedulerLink:
         self.node_id, self.slot, self.publish, self.queue_length = node_id, slot, publish, queue_length
         self.lost = lost  # messages dora dropped before they reached this node, by input
         self.delivery = delivery
+        # requests the worker would serve together (it sets this), and may now (the scheduler's
+        # grant: 0 until it limits them)
+        self.parallel, self.together = 1, 0
         self.state: NodeState = "starting"
         self.asked_at = 0.0  # when it last asked for memory (time.monotonic)
         self.detached = False  # the scheduler is gone: the node manages its model on its own
@@ -67,10 +70,13 @@ class SchedulerLink:
     def ask(self) -> None:
         self.state, self.asked_at = "waiting", time.monotonic()
         ladder = [Variant(model, size) for model, size in self.slot.ladder()]
+        most, sequence = self.slot.sequences()
+        parallel = min(self.parallel, most)
         memory = snapshot()
         self.publish(LoadAsk(self.node_id, ladder, overhead=resident_bytes() + SERVING_HEADROOM,
                              available=memory.system_available_bytes,
-                             total=memory.system_total_bytes))
+                             total=memory.system_total_bytes, parallel=parallel,
+                             sequence_bytes=sequence if parallel > 1 else 0))
 
     def activity(self, busy: bool, detail: str = "") -> None:
         """The worker began serving (``busy``) or has no request left: ``state`` says so at
@@ -104,6 +110,8 @@ class SchedulerLink:
             with self._wake:                           # counts the node idle after it
                 self._reported_busy = False
         memory = snapshot()
+        serving_peak = peak_resident_bytes() if self.slot.peak_since_load and self.slot.loaded \
+            else 0
         self.publish(NodeReport(
             self.node_id, event, self.state, self.slot.model, memory.rss_bytes,
             queue=self.queue_length(),
@@ -112,7 +120,8 @@ class SchedulerLink:
             load_seconds=outcome.seconds if outcome else 0.0,
             mlx_active=memory.mlx_active_bytes, mlx_peak=memory.mlx_peak_bytes, detail=detail,
             swap=swap, lost=self.lost(), available=memory.system_available_bytes,
-            total=memory.system_total_bytes, delivery=self.delivery()))
+            total=memory.system_total_bytes, delivery=self.delivery(), parallel=self.together,
+            peak_rss=serving_peak))
 
     def start_measuring(self, interval_s: float) -> None:
         """Report resident memory every ``interval_s``, and the worker's activity as it

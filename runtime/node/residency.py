@@ -65,6 +65,8 @@ class ModelSlot:
         self.backend = backend  # None: the one mofa_omni.adapters.backends picks for this machine
         self.task = task or wanted.tasks[0]  # what the node's ``request`` input carries
         self.host = ModelHost(create_adapter(wanted, backend), node_id, task=self.task)
+        # whether the process's peak resident memory counts from the model's load on (Linux)
+        self.peak_since_load = False
 
     @property
     def model(self) -> str:
@@ -79,6 +81,15 @@ class ModelSlot:
         names = [self.wanted.name, *self.catalog.smaller_than(self.wanted.name)]
         return [(name, estimated_bytes(self.catalog.get(name), self.store, self.backend))
                 for name in names]
+
+    def sequences(self) -> tuple[int, int]:
+        """Requests the wanted model serves together, and the memory each beyond the first
+        takes at its longest (0 until its files are prepared: then only its own is counted)."""
+        adapter = create_adapter(self.wanted, self.backend)
+        parallel = adapter.parallel_requests(self.task)
+        if parallel == 1 or not self.store.is_ready(adapter.spec, type(adapter)):
+            return parallel, 0
+        return parallel, adapter.sequence_bytes(self.store.model_dir(adapter.spec))
 
     def load(self, name: str | None = None) -> LoadOutcome | None:
         """Load ``name`` (default: the wanted model) in place of what is loaded; None if it
@@ -118,11 +129,17 @@ class ModelSlot:
         adapter.load(prepared.files)
         after = resident_bytes()
         peak = peak_resident_bytes() if precise else after
+        # From here on the peak is the serving's: what the reports to the scheduler say.
+        self.peak_since_load = precise and reset_peak_resident()
         log.info("loaded %s on %s in %.2f s (+%d MiB, peak +%d MiB)", prepared.spec.name,
                  adapter.backend, adapter.load_seconds, (after - before) >> 20,
                  (peak - before) >> 20)
         return LoadOutcome(prepared.spec.name, adapter.load_seconds or 0.0,
                            max(after - before, 0), max(peak - before, after - before, 0))
+
+    def peak_from_now(self) -> None:
+        """Count the serving's peak memory from now on (the model swapped out is gone)."""
+        self.peak_since_load = self.loaded and reset_peak_resident()
 
     def install(self, prepared: PreparedModel) -> None:
         """Serve ``prepared`` from now on, and want it: its ladder is the node's ladder now."""
@@ -131,6 +148,7 @@ class ModelSlot:
 
     def unload(self) -> None:
         """Drop the model and give its memory back to the system."""
+        self.peak_since_load = False
         if self.loaded:
             self.host.adapter.unload()
             log.info("unloaded %s (resident now %d MiB)", self.model, resident_bytes() >> 20)

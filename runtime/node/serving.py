@@ -108,6 +108,10 @@ class RequestWorker:
         # it): 1 by default, since a graph's other readers of a token stream must then read it
         # with backpressure (see dataflows/server.yml)
         self.parallel = parallel
+        # at most this many, as the scheduler grants memory for them (0: ``parallel``)
+        self.granted_parallel = 0
+        if link:
+            link.parallel = parallel  # what it asks the scheduler for
         self._jobs: queue.Queue[_Job | object | None] = queue.Queue()
         # taken from the queue while gathering a batch but not part of it: served next, in order
         self._held: collections.deque[_Job | object | None] = collections.deque()
@@ -240,7 +244,8 @@ class RequestWorker:
             if not self.link and not self.load_at_start and not self.slot.loaded:
                 self.load_at_start = True  # loads once: a failure leaves the node unavailable
                 self.slot.load()
-            parallel = min(self.host.parallel(job.input_id), self.parallel)
+            parallel = min(self.host.parallel(job.input_id), self.parallel,
+                           self.granted_parallel or self.parallel)
             if parallel > 1:
                 self._wait_for_running(parallel - 1)
                 self._start_alongside(job)
@@ -397,6 +402,10 @@ class RequestWorker:
         reason = f"({command.reason})" if command.reason else ""
         log.info("scheduler: %s", " ".join(filter(None, [command.action, command.model, reason])))
         loaded = self.slot.loaded
+        if command.action == "load":  # a grant says how many together (0: as many as asked)
+            self.granted_parallel = self.link.together = command.parallel
+        elif command.action == "parallel":
+            self._serve_together(command.parallel)
         if command.action == "load" and not loaded:
             self._load("loading", command.model)
         elif command.action == "switch" and loaded:
@@ -417,6 +426,15 @@ class RequestWorker:
                              daemon=True).start()
         elif command.action == "swap":
             self._retarget(command)
+
+    def _serve_together(self, parallel: int) -> None:
+        """Serve at most ``parallel`` requests together from now on (the next ones wait), and
+        tell the scheduler once those above it have ended: their memory is back (its later
+        reports say so too, should dora drop this one)."""
+        self.granted_parallel = parallel
+        self._wait_for_running(parallel)
+        self.link.together = parallel
+        self.link.report("parallel")
 
     # --- swapping (omni swap) -----------------------------------------------------------
 
@@ -488,6 +506,7 @@ class RequestWorker:
         if swap.command.beside:
             swap.resumed.wait()
             old_adapter.unload()
+            self.slot.peak_from_now()  # the peak so far held both models
             self._report_swap("swapped", swap.succeeded(swap_warning(old_spec, swap.prepared.spec)),
                               swap.loaded)
 

@@ -55,9 +55,11 @@ from mofa_omni.scheduler.policy import (
     MachineLost,
     MachineMemory,
     Measured,
+    ParallelSet,
     Refuse,
     Replace,
     SchedulerState,
+    SetParallel,
     SwapFailed,
     Swapped,
     SwapRequest,
@@ -72,11 +74,12 @@ log = logging.getLogger("mofa_omni.scheduler.bookkeeping")
 
 DEFAULT_OVERHEAD = 200 << 20  # a model process before it reports (measured 185-225 MiB)
 ACTIONS = {Grant: "load", Evict: "unload", Switch: "switch", Wait: "wait", Refuse: "refuse",
-           Replace: "swap", Decline: "decline"}
+           Replace: "swap", Decline: "decline", SetParallel: "parallel"}
 _DECISION_TYPES = {cls.__name__: cls for cls in ACTIONS}
 _EVENT_TYPES = {cls.__name__: cls for cls in (LoadRequest, Loaded, LoadFailed, Unloaded, Departed,
                                                Activity, Measured, Tick, SwapRequest, Swapped,
-                                               SwapFailed, MachineLost, MachineMemory)}
+                                               SwapFailed, MachineLost, MachineMemory,
+                                               ParallelSet)}
 SILENT_AFTER_S = 10.0  # model nodes report every second: this long without one, a machine is lost
 SizeMachine = Callable[[str, int], tuple[int, int]]  # (machine, physical) -> budget, min_available
 
@@ -92,6 +95,8 @@ class _NodeView:
     lost: dict[str, int] = field(default_factory=dict)
     delivery: Delivery = Delivery()
     restarts: int = 0
+    parallel: int = 0  # requests it decodes together at most, as last reported
+    wanted_parallel: int = 0
 
 
 def journal_entry(event, decisions: list[Decision]) -> dict:
@@ -186,8 +191,10 @@ class Scheduling:
                 view = self._view(node)
                 view.wanted, view.model, view.state, view.rss = \
                     ladder[0].model, ladder[0].model, "waiting", overhead
+                view.wanted_parallel = message.parallel
                 ladder_tuple = tuple((v.model, v.bytes) for v in ladder)
-                return self._apply(LoadRequest(node, ladder_tuple, now, overhead), now)
+                return self._apply(LoadRequest(node, ladder_tuple, now, overhead,
+                                               message.parallel, message.sequence_bytes), now)
             case NodeReport(swap=SwapOutcome() as outcome) if outcome.swap_id in {
                     ask.swap_id for ask in self._swaps.values()}:
                 self._swaps.pop(message.node, None)
@@ -306,6 +313,7 @@ class Scheduling:
         view.state, view.rss, view.queue = report.state, report.rss, report.queue
         view.lost, view.delivery = report.lost, report.delivery
         view.model = report.model or view.model
+        view.parallel = report.parallel or view.parallel
         self.peak_measured = max(self.peak_measured, self.measured())
         match report.event:
             case "loaded" | "swapped":
@@ -322,7 +330,13 @@ class Scheduling:
                 return Unloaded(report.node, now, overhead=report.rss)
             case "busy" | "idle":
                 return Activity(report.node, report.event == "busy", now)
-        return Measured(report.node, report.rss, now)
+            case "parallel":
+                return ParallelSet(report.node, report.parallel, now)
+        resident = self.cluster.state_of(report.node).residents.get(report.node)
+        if resident and resident.narrow_to and report.parallel == resident.narrow_to:
+            return ParallelSet(report.node, report.parallel, now)  # its "parallel" was dropped
+        # The peak since the model loaded: what it took while serving, between two reports too.
+        return Measured(report.node, max(report.rss, report.peak_rss), now)
 
     def _apply(self, event, now: float) -> list[Command]:
         decisions = decide_cluster(self.cluster, event)
@@ -345,7 +359,8 @@ class Scheduling:
         if isinstance(decision, Replace):
             return Command(decision.node, "swap", model, decision.reason, beside=decision.beside,
                            swap_id=self._swaps[decision.node].swap_id)
-        return Command(decision.node, ACTIONS[type(decision)], model, decision.reason)
+        return Command(decision.node, ACTIONS[type(decision)], model, decision.reason,
+                       parallel=getattr(decision, "parallel", 0))
 
     def _record(self, decision: Decision, now: float) -> None:
         action = ACTIONS[type(decision)]
@@ -375,7 +390,7 @@ class Scheduling:
         nodes = [NodeStatus(node, view.model, view.wanted, view.state, view.rss, view.model_bytes,
                             view.queue, [i for i, group in enumerate(pipelines) if node in group],
                             view.lost, self.cluster.machine(node), view.delivery,
-                            view.restarts)
+                            view.restarts, view.parallel, view.wanted_parallel)
                  for node, view in sorted(self.nodes.items())]
         machines = []
         if set(self.cluster.machines) != {""}:

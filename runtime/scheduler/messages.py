@@ -45,6 +45,10 @@ class LoadAsk(msgspec.Struct, frozen=True, tag="load"):
     overhead: int  # the process's own resident memory before loading
     available: int = 0  # the node's machine: available memory (the scheduler may run elsewhere)
     total: int = 0  # the node's machine: physical memory (0: not measured)
+    # Requests its model would decode together, and the memory each one beyond the first takes
+    # at its longest (0: none beyond the model's own, e.g. llama.cpp's KV pool is fixed at load)
+    parallel: int = 1
+    sequence_bytes: int = 0
 
 
 class SwapAsk(msgspec.Struct, frozen=True, tag="swap"):
@@ -92,7 +96,7 @@ class NodeReport(msgspec.Struct, frozen=True, tag="report"):
 
     node: str
     event: Literal["loaded", "load_failed", "unloaded", "busy", "idle", "measure", "swapped",
-                   "swap_failed"]
+                   "swap_failed", "parallel"]
     state: NodeState
     model: str  # the variant it holds or is about to hold
     rss: int  # the process's resident memory now
@@ -109,17 +113,23 @@ class NodeReport(msgspec.Struct, frozen=True, tag="report"):
     available: int = 0  # the node's machine: available memory (the scheduler may run elsewhere)
     total: int = 0  # the node's machine: physical memory (0: not measured)
     delivery: Delivery = Delivery()
+    parallel: int = 0  # requests it serves together at most now (event parallel: newly so)
+    # the highest resident memory since its model loaded (Linux; 0: not measured): a working
+    # set's peaks (activations while serving) fall between two reports
+    peak_rss: int = 0
 
 
 class Command(msgspec.Struct, frozen=True, tag="command"):
     """The scheduler's decision for one node."""
 
     node: str
-    action: Literal["load", "unload", "switch", "wait", "refuse", "swap"]
+    action: Literal["load", "unload", "switch", "wait", "refuse", "swap", "parallel"]
     model: str = ""
     reason: str = ""
     beside: bool = False  # swap: load the new model while the old one keeps serving
     swap_id: str = ""
+    # load and parallel: the requests it may serve together (0: as many as it asked for)
+    parallel: int = 0
 
 
 class NodeStatus(msgspec.Struct, frozen=True):
@@ -135,6 +145,8 @@ class NodeStatus(msgspec.Struct, frozen=True):
     machine: str = ""  # the machine it runs on (dora's deploy: machine; "" on one machine)
     delivery: Delivery = Delivery()  # as of its latest report
     restarts: int = 0  # times dora restarted it after a crash
+    parallel: int = 0  # requests it serves together at most (0: not reported)
+    wanted_parallel: int = 0  # ... and would, memory allowing
 
 
 class MachineStatus(msgspec.Struct, frozen=True):

@@ -28,6 +28,15 @@ back up one rung at a time once memory is plentiful again: the step must leave
 ``min_available + step_up_margin`` available and fit the budget, and no pressure
 may have been seen for ``calm_seconds`` (hysteresis, so it does not flap).
 
+A model that decodes several requests together (an LLM batching its sequences)
+asks for its ``parallel`` requests and the memory each beyond the first takes at
+its longest (``sequence_bytes``, its KV cache). A grant reserves as many of them
+as the rest of the budget holds (at least one); under pressure, before any model
+is evicted or stepped down, the models reserving the most for them decode fewer
+together (:class:`SetParallel`; the node confirms once the requests above the new
+bound have ended, and waiting requests queue meanwhile); they widen again once
+memory is plentiful.
+
 A node asked to swap its model (``omni swap``) loads the new one beside the old,
 which keeps serving, when the budget holds both; in place (the old one unloaded
 first, requests waiting meanwhile) when it holds the new one only once the old
@@ -59,6 +68,11 @@ class LoadRequest:
     ladder: Ladder  # the requested model, then the smaller variants that may stand in
     now: float
     overhead: int | None = None  # the process's own resident memory, measured before loading
+    # Requests the model would decode together, and what each one beyond the first takes at
+    # its longest (its KV cache): reserved while the budget holds them, given back under
+    # pressure before any model is evicted (0: nothing beyond the model's own)
+    parallel: int = 1
+    sequence_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +114,16 @@ class Measured:
 
     node: str
     rss: int
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class ParallelSet:
+    """A node serves at most ``parallel`` requests together now (after a :class:`SetParallel`,
+    once the requests beyond it have ended): the sequences above it are given back."""
+
+    node: str
+    parallel: int
     now: float
 
 
@@ -167,7 +191,7 @@ class SwapFailed:
 
 
 Event = (LoadRequest | Loaded | LoadFailed | Unloaded | Departed | Activity | Measured | Tick
-         | SwapRequest | Swapped | SwapFailed | MachineLost | MachineMemory)
+         | SwapRequest | Swapped | SwapFailed | MachineLost | MachineMemory | ParallelSet)
 
 
 # --- decisions ---------------------------------------------------------------------------
@@ -177,6 +201,7 @@ class Grant:
     node: str
     model: str  # the model to load: the one asked for, or a smaller variant
     reason: str = field(default="", compare=False)
+    parallel: int = 0  # requests it may decode together (0: as many as it asked for)
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +216,16 @@ class Switch:
 
     node: str
     model: str
+    reason: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class SetParallel:
+    """Decode at most ``parallel`` requests together: fewer under pressure (the memory of the
+    sequences above it comes back as they end), more once memory is plentiful again."""
+
+    node: str
+    parallel: int
     reason: str = field(default="", compare=False)
 
 
@@ -225,7 +260,7 @@ class Decline:
     reason: str
 
 
-Decision = Grant | Evict | Switch | Wait | Refuse | Replace | Decline
+Decision = Grant | Evict | Switch | Wait | Refuse | Replace | Decline | SetParallel
 
 
 # --- state -------------------------------------------------------------------------------
@@ -245,10 +280,34 @@ class Resident:
     target: int = 0  # while leaving/switching: the bytes it will hold afterwards
     busy: bool = False
     served: bool = False  # finished a request since it loaded
+    parallel: int = 1  # requests it may decode together: those beyond the first are reserved
+    wanted_parallel: int = 1  # ... and would, memory allowing
+    sequence_bytes: int = 0  # what each request beyond the first takes at its longest
+    narrow_to: int = 0  # > 0: told to decode at most this many; the rest is being given back
+    narrowed_at: float = 0.0  # when it was told (told again if it has not confirmed in a while)
 
     @property
     def settled(self) -> bool:
         return self.phase == "ready"
+
+    @property
+    def held(self) -> int:
+        """The model, and the sequences reserved beyond the first."""
+        return self.bytes + (self.parallel - 1) * self.sequence_bytes
+
+    @property
+    def kept(self) -> int:
+        """What it holds once a narrowing under way is done."""
+        return self.bytes + ((self.narrow_to or self.parallel) - 1) * self.sequence_bytes
+
+    def giving_back(self) -> int:
+        """Memory an eviction, step-down or narrowing under way will give back."""
+        if self.phase == "leaving":
+            return max(self.held - self.target, 0)
+        back = self.held - self.kept
+        if self.phase == "switching":
+            back += max(self.bytes - self.target, 0)
+        return back
 
 
 @dataclass
@@ -282,14 +341,14 @@ class SchedulerState:
     calm_seconds: float = 10.0  # no step back up until memory was short this long ago
     unsettled_at: float | None = None  # when memory was last short or a node left
     swaps: dict[str, SwapPlan] = field(default_factory=dict)  # swaps under way, by node
+    confirm_seconds: float = 10.0  # a narrowing not confirmed this long is said again
 
     def used_bytes(self) -> int:
-        return sum(self.overhead.values()) + sum(r.bytes for r in self.residents.values())
+        return sum(self.overhead.values()) + sum(r.held for r in self.residents.values())
 
     def freeing_bytes(self) -> int:
-        """Memory that evictions and step-downs under way will give back."""
-        return sum(max(r.bytes - r.target, 0) for r in self.residents.values()
-                   if r.phase in ("leaving", "switching"))
+        """Memory that evictions, step-downs and narrowings under way will give back."""
+        return sum(r.giving_back() for r in self.residents.values())
 
     def protected_for(self, node: str | None) -> set[str]:
         """Nodes to keep loaded for ``node``: its pipelines' and the active pipelines' nodes."""
@@ -396,9 +455,13 @@ def decide(state: SchedulerState, event: Event) -> list[Decision]:
             else:
                 ladder = ((model, event.peak),)
             holding = state.holding(model, event.bytes)
-            state.residents[node] = Resident(node, model, holding, ladder, event.seconds,
-                                             last_used=now, phase="ready",
-                                             busy=bool(previous and previous.busy))
+            resident = state.residents[node] = Resident(node, model, holding, ladder,
+                                                        event.seconds, last_used=now,
+                                                        phase="ready",
+                                                        busy=bool(previous and previous.busy))
+            if previous:  # the sequences granted with the model (or held before the swap)
+                resident.parallel, resident.wanted_parallel, resident.sequence_bytes = \
+                    previous.parallel, previous.wanted_parallel, previous.sequence_bytes
             return _retry_pending(state, now)
         case Departed(node=node, now=now):
             state.residents.pop(node, None)
@@ -435,6 +498,10 @@ def decide(state: SchedulerState, event: Event) -> list[Decision]:
                 resident.bytes = state.working_set[model]
                 return _retry_pending(state, now)  # less than the estimate held until now
             return []
+        case ParallelSet(node=node, parallel=parallel, now=now):
+            if resident := state.residents.get(node):
+                resident.parallel, resident.narrow_to = max(parallel, 1), 0
+            return _retry_pending(state, now)
         case SwapRequest():
             state.note_estimates(event.ladder)
             return _swap(state, event)
@@ -448,7 +515,8 @@ def decide(state: SchedulerState, event: Event) -> list[Decision]:
             refused = [Refuse(p.request.node, f"no memory within {state.wait_seconds:g} s")
                        for p in state.pending if now > p.deadline]
             state.pending = [p for p in state.pending if now <= p.deadline]
-            return refused + _retry_pending(state, now) + _balance(state, available, now)
+            return refused + _narrow_again(state, now) + _retry_pending(state, now) + \
+                _balance(state, available, now)
     raise TypeError(f"not a scheduler event: {event!r}")
 
 
@@ -542,6 +610,14 @@ def _admit(state: SchedulerState, request: LoadRequest,
         return [Wait(node, f"waiting for memory being given back: {model} needs "
                            f"{_mib(need)}")], model
 
+    # Before any model is evicted or stepped down: fewer requests decoded together elsewhere.
+    narrowed = _narrow(state, need - free - incoming, f"makes room for {node} ({model})",
+                       request.now)
+    incoming = state.freeing_bytes()
+    if narrowed and need <= free + incoming:
+        return narrowed + [Wait(node, f"waiting for requests decoded together to end: {model} "
+                                      f"needs {_mib(need)}")], model
+
     protected = state.protected_for(node)
     evictable = sorted((r for r in state.residents.values()
                         if r.node not in protected and r.settled and not r.busy),
@@ -552,15 +628,15 @@ def _admit(state: SchedulerState, request: LoadRequest,
         if within_reach >= need:
             break
         evictions.append(resident)
-        within_reach += resident.bytes
+        within_reach += resident.kept
     plan: dict[str, tuple[str, int]] = {}
     if within_reach < need:
         # Evicting every idle outsider is not enough: step down the rest (partners, requester).
         plan = _step_down_plan(state, {node: candidates}, need - within_reach,
                                exclude={r.node for r in evictions}) or {}
         if not plan:
-            return [Wait(node, f"waiting for memory: {model} needs {_mib(need)}, "
-                               f"{_mib(free)} free of {_mib(state.budget)}")], model
+            return narrowed + [Wait(node, f"waiting for memory: {model} needs {_mib(need)}, "
+                                          f"{_mib(free)} free of {_mib(state.budget)}")], model
         # With the steps taken, fewer evictions may do: keep only the cheapest ones needed.
         need = plan.get(node, (model, need))[1]
         reach = free + incoming + sum(state.residents[n].bytes - size
@@ -570,12 +646,12 @@ def _admit(state: SchedulerState, request: LoadRequest,
             if reach >= need:
                 break
             kept.append(resident)
-            reach += resident.bytes
+            reach += resident.kept
         evictions = kept
 
     if plan:
         state.unsettled_at = request.now  # no stepping back up for a while: no flapping
-    decisions: list[Decision] = []
+    decisions: list[Decision] = list(narrowed)
     for resident in evictions:
         resident.phase, resident.target = "leaving", 0
         decisions.append(Evict(resident.node, f"idle, frees memory for {node} ({model})"))
@@ -625,9 +701,40 @@ def _grant(state: SchedulerState, request: LoadRequest, ladder: Ladder, model: s
            reason: str) -> list[Decision]:
     # Reserve the load's peak now so that concurrent requests cannot both be granted it.
     size = dict(ladder)[model]
-    state.residents[request.node] = Resident(request.node, model, size, ladder,
-                                             last_used=request.now)
-    return [Grant(request.node, model, reason)]
+    resident = state.residents[request.node] = Resident(
+        request.node, model, size, ladder, last_used=request.now,
+        wanted_parallel=max(request.parallel, 1), sequence_bytes=max(request.sequence_bytes, 0))
+    if resident.wanted_parallel == 1 or not resident.sequence_bytes:
+        resident.parallel = resident.wanted_parallel  # nothing to reserve per request
+        return [Grant(request.node, model, reason)]
+    # As many requests together as the rest of the budget holds, at least one.
+    room = max(state.budget - state.used_bytes(), 0) // resident.sequence_bytes
+    resident.parallel = 1 + min(resident.wanted_parallel - 1, room)
+    if resident.parallel < resident.wanted_parallel:
+        reason += f"; {resident.parallel} of {resident.wanted_parallel} requests together " \
+                  f"({_mib(resident.sequence_bytes)} each beyond the first): the budget " \
+                  f"holds no more"
+    return [Grant(request.node, model, reason, resident.parallel)]
+
+
+def _narrow(state: SchedulerState, shortfall: int, why: str, now: float) -> list[Decision]:
+    """Fewer requests decoded together on the models reserving the most for them, each only as
+    far as ``shortfall`` needs (at least one request each): freed without unloading anything,
+    as their extra requests end."""
+    wide = sorted((r for r in state.residents.values()
+                   if r.settled and not r.narrow_to and r.parallel > 1 and r.sequence_bytes),
+                  key=lambda r: (-(r.parallel - 1) * r.sequence_bytes, r.node))
+    decisions: list[Decision] = []
+    for resident in wide:
+        if shortfall <= 0:
+            break
+        fewer = min(resident.parallel - 1, -(-shortfall // resident.sequence_bytes))
+        resident.narrow_to, resident.narrowed_at = resident.parallel - fewer, now
+        shortfall -= fewer * resident.sequence_bytes
+        decisions.append(SetParallel(resident.node, resident.narrow_to,
+                                     f"{resident.narrow_to} of {resident.wanted_parallel} "
+                                     f"requests together: {why}"))
+    return decisions
 
 
 def _step_down_plan(state: SchedulerState, extra: dict[str, Ladder], shortfall: int,
@@ -665,12 +772,13 @@ def _balance(state: SchedulerState, available: int | None, now: float) -> list[D
     if available is not None and available < state.min_available:
         state.unsettled_at = now
         deficit = state.min_available - available - state.freeing_bytes()
-        return _relieve(state, deficit, "the system is short of memory") if deficit > 0 else []
+        return _relieve(state, deficit, "the system is short of memory", now) \
+            if deficit > 0 else []
     # Working sets grow after loading (KV caches, activations): back inside the budget.
     excess = state.used_bytes() - state.freeing_bytes() - state.budget
     if excess > 0 and not state.pending:
         state.unsettled_at = now
-        return _relieve(state, excess, "the models outgrew the budget")
+        return _relieve(state, excess, "the models outgrew the budget", now)
     settling = any(r.phase != "ready" for r in state.residents.values())
     calm = state.unsettled_at is None or now - state.unsettled_at >= state.calm_seconds
     if not calm or settling or state.pending:
@@ -678,18 +786,32 @@ def _balance(state: SchedulerState, available: int | None, now: float) -> list[D
     return _step_up(state, available)
 
 
-def _relieve(state: SchedulerState, deficit: int, why: str) -> list[Decision]:
-    """Free ``deficit`` bytes: idle models outside the active pipelines first, then step-downs."""
-    protected = state.protected_for(None)
+def _narrow_again(state: SchedulerState, now: float) -> list[Decision]:
+    """A narrowing not confirmed within ``confirm_seconds`` (its command dropped on the way,
+    or long requests still decoding): said again; the node confirms once it is done."""
     decisions: list[Decision] = []
+    for r in state.residents.values():
+        if r.narrow_to and now - r.narrowed_at >= state.confirm_seconds:
+            r.narrowed_at = now
+            decisions.append(SetParallel(r.node, r.narrow_to, "not confirmed yet: said again"))
+    return decisions
+
+
+def _relieve(state: SchedulerState, deficit: int, why: str, now: float) -> list[Decision]:
+    """Free ``deficit`` bytes: fewer requests decoded together first, then idle models outside
+    the active pipelines, then step-downs."""
+    before = state.freeing_bytes()
+    decisions = _narrow(state, deficit, why, now)
+    deficit -= state.freeing_bytes() - before
+    protected = state.protected_for(None)
     evictable = sorted((r for r in state.residents.values()
                         if r.node not in protected and r.settled and not r.busy),
                        key=lambda r: (r.reload_seconds, r.last_used, r.node))
     for resident in evictable:
         if deficit <= 0:
             return decisions
+        deficit -= resident.kept
         resident.phase, resident.target = "leaving", 0
-        deficit -= resident.bytes
         decisions.append(Evict(resident.node, f"idle; {why}"))
     if deficit > 0:
         plan = _step_down_plan(state, {}, deficit, exclude={d.node for d in decisions},
@@ -700,8 +822,18 @@ def _relieve(state: SchedulerState, deficit: int, why: str) -> list[Decision]:
 
 
 def _step_up(state: SchedulerState, available: int | None) -> list[Decision]:
-    """One rung back up for one stepped-down model, if memory stays plentiful after it."""
+    """More requests together for a model decoding fewer than it would, else one rung back up
+    for one stepped-down model, if memory stays plentiful after it."""
     free = state.budget - state.used_bytes()
+    spare = free if available is None or not state.min_available else \
+        min(free, available - state.min_available - state.step_up_margin)
+    for r in sorted(state.residents.values(), key=lambda r: r.node):
+        if r.settled and not r.narrow_to and r.sequence_bytes and \
+                r.parallel < r.wanted_parallel and spare >= r.sequence_bytes:
+            r.parallel += min(r.wanted_parallel - r.parallel, spare // r.sequence_bytes)
+            return [SetParallel(r.node, r.parallel, f"{r.parallel} of {r.wanted_parallel} "
+                                                   f"requests together: memory is plentiful "
+                                                   f"again")]
     candidates = []
     for r in state.residents.values():
         models = [m for m, _ in r.ladder]

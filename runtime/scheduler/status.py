@@ -12,8 +12,12 @@ _HEADER = (f"{'node':14} {'model':20} {'wants':20} {'state':12} {'resident':>10}
 def _node_line(n: NodeStatus) -> str:
     wants = n.wanted if n.wanted != n.model else ""
     restarts = f"  restarted {n.restarts}x after crashes" if n.restarts else ""
+    # a model decoding fewer requests together than it would: the budget holds no more
+    together = f"  {n.parallel} of {n.wanted_parallel} requests together" \
+        if 0 < n.parallel < n.wanted_parallel else ""
     return (f"{n.node:14} {n.model:20} {wants:20} {n.state:12} "
-            f"{format_bytes(n.rss):>10} {format_bytes(n.model_bytes):>10} {n.queue:>5}{restarts}")
+            f"{format_bytes(n.rss):>10} {format_bytes(n.model_bytes):>10} {n.queue:>5}"
+            f"{restarts}{together}")
 
 
 def _machine_lines(status: Status) -> list[str]:
