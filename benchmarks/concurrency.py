@@ -43,7 +43,8 @@ Goals (this 2-core machine): at 8 clients embeddings >= 5x and ASR >= 1.5x the s
 throughput; chat output tokens/s >= 2x single-stream and >= 1.0x llama-server with the same
 parallelism; p95 at 8 clients no worse than one at a time for any task; a lone request's
 latency within 5 % of one at a time (on MLX and CTranslate2: a lone request through the batch
-engine >= 0.95x the engine's own one-request path in tokens/s). --direct-only measures only the engines in this process (~1 min).
+engine >= 0.95x the engine's own one-request path in tokens/s). --direct-only measures only
+the engines in this process (~3 min).
 
 Prints tables; writes benchmarks/results/concurrency.json and concurrency.png (throughput and
 p95 against clients, per task). About 12 minutes; --quick about 5.

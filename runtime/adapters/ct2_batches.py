@@ -6,7 +6,10 @@ call at a time on its own thread, with every waiting request that samples the sa
 ``parallel``); each request's tokens reach its reader through the step callback as they are
 decoded. A request that reaches its own ``max_tokens``, or whose reader stopped (cancelled, a
 stop sequence), is stopped alone: the callback returns True for its batch index. Requests that
-come while a batch decodes wait for the next one, which starts as soon as it ends.
+come while a batch decodes wait for the next one, which starts as soon as it ends. A batch
+about to start with room to spare waits :data:`GATHER_S` for requests arriving with it (clients
+that ask at the same moment reach the engine milliseconds apart): a lone request loses that
+much, a burst of them decodes together instead of one, then the rest.
 
 In float32 each greedy reply is the one the request gets alone (tests/test_serving.py compares
 them); in int8, CTranslate2 quantizes the activations of a batch together, and prompts of other
@@ -19,6 +22,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +31,8 @@ from mofa_omni.adapters.engine_thread import END, read_until_end
 from mofa_omni.contract.errors import ServerError
 
 log = logging.getLogger("mofa_omni.adapters.ct2_batches")
+
+GATHER_S = 0.005  # how long a batch with room to spare waits for requests arriving with it
 
 
 class Ct2BatchError(ServerError):
@@ -107,12 +113,16 @@ class Ct2Batches:
 
     def _next_batch(self) -> list[_Request] | None:
         """The waiting requests that sample as the first one does, in order, up to
-        ``parallel`` (None: closing)."""
+        ``parallel`` (None: closing; empty: those waiting were closed meanwhile)."""
         with self._work:
             while not (self._waiting or self._closing):
                 self._work.wait()
-            if self._closing:
-                return None
+            deadline = time.monotonic() + GATHER_S
+            while len(self._waiting) < self.parallel and not self._closing and \
+                    (left := deadline - time.monotonic()) > 0:
+                self._work.wait(left)
+            if self._closing or not self._waiting:  # closing, or the one waiting was closed
+                return None if self._closing else []
             sampling = self._waiting[0].sampling
             batch = [r for r in self._waiting if r.sampling == sampling][:self.parallel]
             self._waiting = [r for r in self._waiting if r not in batch]
@@ -121,6 +131,8 @@ class Ct2Batches:
 
     def _run(self) -> None:
         while (batch := self._next_batch()) is not None:
+            if not batch:
+                continue
             try:
                 self._decode(batch)
                 error = None
