@@ -124,6 +124,7 @@ class ModelSlot:
         """Load a prepared model, measuring the memory it takes; what is loaded stays loaded
         (a swap loads the new model beside the old one). Raises if the load fails."""
         adapter = prepared.adapter
+        self.peak_since_load = False  # the peak measures this load now, not the serving
         precise = reset_peak_resident()
         before = resident_bytes()
         adapter.load(prepared.files)

@@ -468,6 +468,7 @@ class RequestWorker:
             self._swaps.remove(swap)
             if swap.prepared and swap.prepared.adapter.loaded:
                 swap.prepared.adapter.unload()
+            self.slot.peak_from_now()  # the old model serves on: its peak counts afresh
             self._report_swap("swap_failed", swap.failed(failure_reason(error)))
             threading.Event().wait()  # parked, like every thread that made MLX arrays
         self._commands.put(swap)  # the old thread hands over between two requests
