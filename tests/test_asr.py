@@ -28,6 +28,7 @@ from mofa_omni.media.text import normalize_words, word_error_rate
 from mofa_omni.models.catalog import ModelSpec, PathSource
 from mofa_omni.models.fetching import no_progress
 from mofa_omni.models.memory import format_bytes, snapshot
+from mofa_omni.node.batching import batch_serve
 
 SENTENCE = "Please turn on the lights in the kitchen and play some quiet music."
 PARAGRAPH = (  # about 36 s when spoken: more than one 30 s whisper window
@@ -294,10 +295,14 @@ def test_ctranslate2_transcribes_a_batch_as_each_alone(model, speech, tmp_path, 
     assert together == [adapter.transcribe(request) for request in requests]
     assert len(together[1].segments) == 2 and together[0].text and together[2].text
     # On a CPU one window per engine call: more are slower there and each holds ~90 MiB more
-    # (a burst of requests blew a memory budget). Several per call decode the same.
+    # (a burst of requests blew a memory budget). So a node serves its transcriptions one at
+    # a time there (a batch gained nothing and held each transcript until the last was done).
+    # Several windows per call decode the same, and then the node batches.
     assert adapter._windows_per_call == 1
+    assert batch_serve(adapter, Task.SPEECH_RECOGNITION) is None
     monkeypatch.setattr(adapter, "_windows_per_call", 3)
     assert adapter.transcribe_batch(requests) == together
+    assert batch_serve(adapter, Task.SPEECH_RECOGNITION) == adapter.transcribe_batch
 
 
 @pytest.mark.slow

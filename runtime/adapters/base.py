@@ -128,6 +128,12 @@ class ModelAdapter(ABC):
         by the engine, e.g. LLM sequences decoded together); 1: one after the other."""
         return 1
 
+    def batches_requests(self, task: Task) -> bool:
+        """Whether ``task`` requests that queued up are served faster in one call than one by
+        one (the node then serves them together, see :mod:`mofa_omni.node.batching`); where
+        not, each is answered as soon as its own work is done."""
+        return True
+
     def sequence_bytes(self, model_dir: Path) -> int:
         """Memory each request served alongside the first takes at its longest (an LLM
         sequence's KV cache, where the engine grows one per request), estimated from the

@@ -113,6 +113,11 @@ class Ct2WhisperAdapter(ModelAdapter):
             raise self.not_loaded()
         return not self._multilingual
 
+    def batches_requests(self, task: Task) -> bool:
+        """Only with several windows per engine call: one window at a time (on a CPU), a batch
+        costs what its requests cost one by one, and holds each transcript until the last."""
+        return self._windows_per_call > 1
+
     def transcribe(self, request: TranscriptionRequest) -> Transcript:
         """Transcribe mono float32 audio at any sample rate (resampled to 16 kHz)."""
         return self.transcribe_batch([request])[0]

@@ -35,6 +35,8 @@ BATCH_METHODS = {Task.RERANK: "rerank_batch", Task.SPEECH_RECOGNITION: "transcri
 def batch_serve(adapter: ModelAdapter, task: Task) -> BatchServe | None:
     """How ``adapter`` (loaded) serves several ``task`` requests in one go, or None where it
     serves them only one at a time."""
+    if not adapter.batches_requests(task):
+        return None
     if task is Task.EMBEDDING:
         return functools.partial(embed_together, adapter.handler(task))
     method = BATCH_METHODS.get(task)
