@@ -8,7 +8,8 @@ part of mofa_omni (no numpy, no MLX): a benchmark may still call ensure_fast_bla
 
 A graph a benchmark starts runs inside ``with DoraRun(...)`` (``dora run``) or ``with
 DoraCoordinator()`` (``dora up`` / ``dora start``): however the block ends -- normally, by an
-exception, by Ctrl-C -- the graph is stopped and every process it started is ended.
+exception, by Ctrl-C, by a SIGTERM (`kill`, a CI's timeout) -- the graph is stopped and every
+process it started is ended.
 """
 
 from __future__ import annotations
@@ -279,6 +280,20 @@ def wait_for_file(path: Path, read: Callable[[Path], T], *, timeout: float, what
         time.sleep(every_s)
 
 
+def exit_on_sigterm() -> None:
+    """Make a SIGTERM end this process by SystemExit (status 143), so that the ``with`` blocks
+    it is in stop their graphs: by default Python dies at once and leaves a `dora run` and its
+    nodes running (their own session is out of reach of the signals sent to this one). Only
+    where SIGTERM still has its default action, and only from the main thread (Python's rule)."""
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit_143)
+
+
+def _exit_143(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 class DoraRun:
     """``dora run DATAFLOW``, as a context manager: started on entering, its output (stdout and
     stderr) in the file ``log``, in a session of its own; on leaving, normally or by any
@@ -293,6 +308,7 @@ class DoraRun:
         self.leftovers: list[int] = []  # processes :meth:`stop` had to end after `dora run`
 
     def __enter__(self) -> DoraRun:
+        exit_on_sigterm()
         with self.log.open("w") as log:
             self.process = subprocess.Popen([str(BIN / "dora"), "run", str(self.dataflow)],
                                             env=self.env, cwd=self.cwd, stdout=log,
@@ -360,6 +376,7 @@ class DoraCoordinator:
         self.dora, self.omni = str(BIN / "dora"), str(BIN / "omni")
 
     def __enter__(self) -> DoraCoordinator:
+        exit_on_sigterm()
         try:
             self.run(self.dora, "up")
         except BaseException:
