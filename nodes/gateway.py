@@ -66,6 +66,7 @@ from mofa_omni.node.integrity import CheckedNode
 from mofa_omni.scheduler.messages import Status, from_arrow
 
 log = logging.getLogger("gateway")
+HOLD_S = 0.005  # the longest replies that came together wait for one more said to be queued
 
 
 def settings_from_env(env: Mapping[str, str] | None = None) -> Settings:
@@ -115,7 +116,14 @@ def main() -> int:
     http = threading.Thread(target=server.run, name="http", daemon=True)
     http.start()
     model_nodes = {route.node for route in router.routes}
-    for event in node:
+    arrived: list[tuple[str, Reply]] = []  # replies passed on together, in order
+    # while replies are held, the next event is awaited briefly: dora's "more queued" could
+    # name an event it does not hand out (a timeout ends the wait as an ERROR event)
+    while (event := node.next(timeout=HOLD_S if arrived else None)) is not None:
+        if arrived and (event["type"] != "INPUT" or sources.get(event["id"], ("", ""))[1]
+                        not in ("result", "error")):
+            replies.deliver_all(arrived)  # before anything else reaches the event loop
+            arrived = []
         if event["type"] in ("NODE_RESTARTED", "NODE_FAILED") and event["id"] in model_nodes \
                 and replies.loop is not None:  # a model node crashed: dora restarts it, or not
             replies.loop.call_soon_threadsafe(
@@ -134,13 +142,17 @@ def main() -> int:
             metadata = event.get("metadata") or {}
             if kind == "result":
                 loaded[source_node] = True
-            replies.deliver(str(metadata.get("request_id", "")),
-                            Reply(kind, event["value"], metadata))
+            arrived.append((str(metadata.get("request_id", "")),
+                            Reply(kind, event["value"], metadata)))
+            if node.is_empty():  # nothing more came meanwhile
+                replies.deliver_all(arrived)
+                arrived = []
         elif kind == "lost" and replies.loop is not None:  # dora dropped requests to that node
             metadata = event.get("metadata") or {}
             replies.loop.call_soon_threadsafe(
                 graph.resend_lost, source_node, str(metadata.get("lost_input", "")),
                 int(metadata.get("lost_first", 0)), int(metadata.get("lost_last", -1)))
+    replies.deliver_all(arrived)
     server.should_exit = True
     http.join(timeout=5)
     return 0

@@ -26,6 +26,7 @@ from mofa_omni.contract.tasks import (
     Segment,
     SpeechRequest,
     TextChunk,
+    ToolCall,
     Transcript,
     TranscriptionRequest,
 )
@@ -52,6 +53,25 @@ def test_round_trip_of_plain_messages(message):
     assert encoded.type == arrow.schema_of(type(message))
     decoded = arrow.decode(encoded, type(message))
     assert decoded == message  # sample floats are exact in float32
+
+
+def test_a_token_message_is_read_whole_yet_checked_as_field_by_field():
+    """A message without payload lists is read into Python in one call: a null deep inside
+    one is still refused naming its field, and one of other widths still read."""
+    chunk = TextChunk("", True, "tool_calls", 3, 2, [ToolCall("call_1", "add", "{}")])
+    encoded = arrow.encode(chunk)
+    calls = pa.array([[{"id": "call_1", "name": None, "arguments": "{}"}]],
+                     encoded.type.field("tool_calls").type)
+    names = [field.name for field in encoded.type]
+    with_null = pa.StructArray.from_arrays(
+        [calls if name == "tool_calls" else encoded.field(name) for name in names], names=names)
+    with pytest.raises(ContractError, match="field 'tool_calls' contains nulls"):
+        arrow.decode(with_null, TextChunk)
+    wider = pa.StructArray.from_arrays(
+        [encoded.field(name).cast(pa.int64()) if name.endswith("_tokens")
+         else encoded.field(name) for name in names], names=names)
+    assert arrow.decode(wider, TextChunk) == chunk
+    assert arrow.encode(TextChunk("", False)).field("text").to_pylist() == [""]
 
 
 def test_audio_round_trip_is_zero_copy_on_decode():

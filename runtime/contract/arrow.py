@@ -9,9 +9,10 @@ input) with a :class:`ContractError` that names the message and the field.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -70,9 +71,16 @@ _IMAGE_FIELDS = [
 
 
 class _Row:
-    """Typed, validating access to the single row of a message StructArray."""
+    """Typed, validating access to the single row of a message StructArray.
 
-    def __init__(self, array: pa.Array, schema: pa.StructType, what: str):
+    A row of exactly its schema that carries no list of numbers (a streamed token, a request
+    of text) is read into Python in one call, checked for nulls as Python values, and its
+    scalars are taken from there: per field through pyarrow, a token's message cost more to
+    read than everything else the gateway did with it. Anything else, or a row with a null,
+    goes field by field (that path words the errors)."""
+
+    def __init__(self, array: pa.Array, schema: pa.StructType, what: str, *,
+                 numbers: bool = True):
         if isinstance(array, pa.ChunkedArray):
             array = array.combine_chunks()
         if not isinstance(array, pa.StructArray):
@@ -80,6 +88,11 @@ class _Row:
         if len(array) != 1:
             raise ContractError(f"{what}: expected exactly one row, got {len(array)}")
         self.array, self.schema, self.what = array, schema, what
+        self._values: dict[str, Any] | None = None
+        if not numbers and array.type.equals(schema):
+            values = array[0].as_py()
+            if values is not None and not _holds_none(values):
+                self._values = values
 
     def column(self, name: str) -> pa.Array:
         index = self.array.type.get_field_index(name)
@@ -97,6 +110,8 @@ class _Row:
         return column
 
     def scalar(self, name: str) -> Any:
+        if self._values is not None:
+            return self._values[name]
         return self.column(name)[0].as_py()
 
     def optional(self, name: str, default: Any) -> Any:
@@ -111,6 +126,29 @@ class _Row:
         if values.null_count:
             raise ContractError(f"{self.what}: field {name!r} contains nulls")
         return values.to_numpy(zero_copy_only=True)
+
+
+def _without_numbers(schema: pa.DataType) -> bool:
+    """Whether no list of numbers (a payload: audio, pixels, vectors) is anywhere in
+    ``schema``: such a row is cheap to read into Python whole."""
+    if pa.types.is_list(schema) or pa.types.is_large_list(schema):
+        item = schema.value_type
+        return not (pa.types.is_integer(item) or pa.types.is_floating(item)) \
+            and _without_numbers(item)
+    if pa.types.is_struct(schema):
+        return all(_without_numbers(schema.field(i).type) for i in range(schema.num_fields))
+    return True
+
+
+def _holds_none(value: Any) -> bool:
+    """Whether a row read into Python holds a null anywhere."""
+    if value is None:
+        return True
+    if isinstance(value, dict):
+        return any(_holds_none(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_holds_none(v) for v in value)
+    return False
 
 
 def _nulls_inside(column: pa.Array) -> bool:
@@ -144,7 +182,17 @@ def _numbers(values: np.ndarray, arrow_type: pa.DataType) -> pa.ListArray:
 
 
 def _one(value: Any, arrow_type: pa.DataType) -> pa.Array:
+    if isinstance(value, (str, int, float, list)) and not value:  # "", 0, False, []
+        return _empty(type(value), arrow_type)
     return pa.array([value], type=arrow_type)
+
+
+@functools.lru_cache(maxsize=64)
+def _empty(kind: type, arrow_type: pa.DataType) -> pa.Array:
+    """A one-value array of an empty value ("", 0, False, no tool calls), built once and
+    shared (Arrow arrays are immutable): most fields of a streamed token's message hold one,
+    and building each anew cost more than the token's text."""
+    return pa.array([kind()], type=arrow_type)
 
 
 def _raw_bytes(array: Any) -> pa.ListArray:
@@ -204,6 +252,12 @@ class _Codec:
     schema: pa.StructType
     to_columns: Callable[[Any], list[pa.Array]]
     from_row: Callable[[_Row], Any]
+    numbers: bool = field(init=False)  # a list of numbers somewhere in the schema
+    fields: list[pa.Field] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "numbers", not _without_numbers(self.schema))
+        object.__setattr__(self, "fields", list(self.schema))
 
 
 _CODECS: dict[type, _Codec] = {
@@ -516,7 +570,7 @@ def encode(message: Any) -> pa.StructArray:
     codec = _CODECS.get(type(message))
     if codec is None:
         raise ContractError(f"cannot encode {type(message).__name__}: not a contract message")
-    return pa.StructArray.from_arrays(codec.to_columns(message), fields=list(codec.schema))
+    return pa.StructArray.from_arrays(codec.to_columns(message), fields=codec.fields)
 
 
 def decode(array: pa.Array, message_type: type[T]) -> T:
@@ -526,7 +580,8 @@ def decode(array: pa.Array, message_type: type[T]) -> T:
     codec = _CODECS.get(message_type)
     if codec is None:
         raise ContractError(f"cannot decode {message_type.__name__}: not a contract message")
-    message = codec.from_row(_Row(array, codec.schema, message_type.__name__))
+    message = codec.from_row(_Row(array, codec.schema, message_type.__name__,
+                                  numbers=codec.numbers))
     try:
         validate_request(message)
     except ContractError as error:

@@ -111,16 +111,29 @@ class Replies:
             self._queues.pop(request_id, None)
 
     def deliver(self, request_id: str, reply: Reply) -> None:
-        """Called on the dora thread."""
+        """Hand ``reply`` to the task waiting for it (from any thread)."""
+        self.deliver_all([(request_id, reply)])
+
+    def deliver_all(self, replies: list[tuple[str, Reply]]) -> None:
+        """Hand replies to their waiting tasks in one wake-up of the event loop: the dora
+        thread passes on together what came together (a decode step of several streams)."""
         with self._lock:
-            queue = self._queues.get(request_id)
-        if queue is None or self.loop is None:
-            kind = reply.kind
-            if kind == "error":
-                kind += ":" + arrow.decode(reply.value, ErrorReport).kind
-            self.unclaimed[kind] += 1
-            return
-        self.loop.call_soon_threadsafe(queue.put_nowait, reply)
+            waiting = [(self._queues.get(request_id), reply) for request_id, reply in replies]
+        claimed = [(queue, reply) for queue, reply in waiting
+                   if queue is not None and self.loop is not None]
+        for queue, reply in waiting:
+            if queue is None or self.loop is None:
+                kind = reply.kind
+                if kind == "error":
+                    kind += ":" + arrow.decode(reply.value, ErrorReport).kind
+                self.unclaimed[kind] += 1
+        if claimed:
+            self.loop.call_soon_threadsafe(_put_each, claimed)
+
+
+def _put_each(replies: list[tuple[asyncio.Queue[Reply], Reply]]) -> None:
+    for queue, reply in replies:
+        queue.put_nowait(reply)
 
 
 @dataclass(slots=True)
@@ -397,8 +410,11 @@ class Answer:
         wait = self.deadline - time.monotonic()
         if first_within is not None:
             wait = min(wait, first_within)
-        try:
-            return await asyncio.wait_for(queue.get(), max(wait, 0))
+        if wait > 0 and not queue.empty():  # it came while the last was passed on
+            return queue.get_nowait()
+        try:  # not wait_for: a task and a future more for every streamed token
+            async with asyncio.timeout(max(wait, 0)):
+                return await queue.get()
         except TimeoutError:
             if first_within is not None and time.monotonic() < self.deadline:
                 raise _FallBack(f"no result within {first_within:g} s") from None
