@@ -15,7 +15,7 @@ import pytest
 from mofa_omni.adapters.backends import create_adapter
 from mofa_omni.adapters.chat import StopMatcher
 from mofa_omni.adapters.loading import open_model
-from mofa_omni.contract.errors import ModelLoadError
+from mofa_omni.contract.errors import ContractError, ModelLoadError
 from mofa_omni.contract.tasks import ChatMessage, ChatRequest
 from mofa_omni.formats.gguf import convert_gguf
 from mofa_omni.models.catalog import Catalog
@@ -233,6 +233,18 @@ def test_max_tokens_gives_length(model, backend):
     _, chunks = reply(model("smollm2-135m", backend), ChatRequest(STORY, max_tokens=7))
     assert chunks[-1].finish_reason == "length"
     assert chunks[-1].completion_tokens == 7
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["mlx", "llama.cpp"])
+def test_a_request_longer_than_the_context_is_refused(model, backend):
+    """Both engines reserve a sequence's memory for the catalog's `context` (4096 tokens):
+    a prompt and max_tokens beyond it are refused before anything is decoded."""
+    adapter = model("smollm2-135m", backend)
+    with pytest.raises(ContractError, match=r"the prompt \(\d+ tokens\) and max_tokens "
+                                            r"\(4096\) exceed the 4096 tokens"):
+        adapter.generate(ChatRequest(CAPITAL, max_tokens=4096))
+    assert "Paris" in reply(adapter, ChatRequest(CAPITAL, max_tokens=24))[0]
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from mofa_omni.adapters.llm_rerank import relevance_scores, rerank_method
 from mofa_omni.adapters.options import AdapterOptions, ChatLmOptions
 from mofa_omni.adapters.structured import structured_reply
 from mofa_omni.adapters.tool_calls import tool_reply
+from mofa_omni.contract.errors import ContractError
 from mofa_omni.contract.tasks import (
     ChatRequest,
     RerankRequest,
@@ -97,6 +98,15 @@ class ChatLmAdapter(ModelAdapter):
 
     def check_prompt(self, prompt: list[int], request: ChatRequest) -> None:
         """Refuse a prompt the engine cannot take (e.g. beyond its context); default: none."""
+
+    def check_room(self, prompt: list[int], request: ChatRequest, limit: int,
+                   what: str) -> None:
+        """Refuse a request whose prompt and ``max_tokens`` exceed ``limit`` tokens (``what``
+        says whose limit it is), naming the figures."""
+        if len(prompt) + request.max_tokens > limit:
+            raise ContractError(f"model {self.spec.name!r}: the prompt ({len(prompt)} tokens) "
+                                f"and max_tokens ({request.max_tokens}) exceed the {limit} "
+                                f"tokens {what}")
 
     def session(self, need: int, prompt: list[int]) -> AbstractContextManager[Any]:
         """What serves one request of ``need`` tokens starting with ``prompt``: something with

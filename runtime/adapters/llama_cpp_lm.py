@@ -34,7 +34,7 @@ from mofa_omni.adapters.chat import Piece, detokenized_pieces
 from mofa_omni.adapters.chat_lm import ChatLmAdapter
 from mofa_omni.adapters.llama_engine import LlamaEngine, Sampling, Slot
 from mofa_omni.adapters.structured import common_prefix
-from mofa_omni.contract.errors import ContractError, ModelLoadError
+from mofa_omni.contract.errors import ModelLoadError
 from mofa_omni.contract.tasks import ChatRequest, Task
 from mofa_omni.models.fetching import Progress
 
@@ -115,12 +115,9 @@ class LlamaCppAdapter(ChatLmAdapter):
 
     def check_prompt(self, prompt: list[int], request: ChatRequest) -> None:
         engine = self._serving()
-        if len(prompt) + request.max_tokens > engine.request_limit:
-            share = f" (its context of {engine.pool} / {engine.parallel} sequences, the " \
-                "deterministic option)" if engine.deterministic else ""
-            raise ContractError(f"model {self.spec.name!r}: the prompt ({len(prompt)} "
-                                f"tokens) and max_tokens ({request.max_tokens}) exceed the "
-                                f"{engine.request_limit} tokens one request may hold{share}")
+        share = f" (its context of {engine.pool} / {engine.parallel} sequences, the " \
+            "deterministic option)" if engine.deterministic else ""
+        self.check_room(prompt, request, engine.request_limit, f"one request may hold{share}")
 
     @contextlib.contextmanager
     def session(self, need: int, prompt: list[int]) -> Iterator[LlamaSession]:

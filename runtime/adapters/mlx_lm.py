@@ -90,6 +90,12 @@ class MlxLmAdapter(ChatLmAdapter):
     def parallel_requests(self, task: Task) -> int:
         return self.options.parallel
 
+    def check_prompt(self, prompt: list[int], request: ChatRequest) -> None:
+        # each sequence's memory is reserved for a KV cache of ``context`` tokens: a longer
+        # request would outgrow what the scheduler granted
+        self.check_room(prompt, request, self.options.context,
+                        "of its context (the catalog's `context` option)")
+
     def pieces(self, request: ChatRequest, prompt: list[int]) -> Generator[Piece, None, None]:
         from mlx_lm.generate import stream_generate
         from mlx_lm.sample_utils import make_sampler
