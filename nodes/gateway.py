@@ -120,8 +120,9 @@ def main() -> int:
     # while replies are held, the next event is awaited briefly: dora's "more queued" could
     # name an event it does not hand out (a timeout ends the wait as an ERROR event)
     while (event := node.next(timeout=HOLD_S if arrived else None)) is not None:
-        if arrived and (event["type"] != "INPUT" or sources.get(event["id"], ("", ""))[1]
-                        not in ("result", "error")):
+        source_node, kind = sources.get(event["id"], ("", "")) if event["type"] == "INPUT" \
+            else ("", "")
+        if arrived and kind not in ("result", "error"):
             replies.deliver_all(arrived)  # before anything else reaches the event loop
             arrived = []
         if event["type"] in ("NODE_RESTARTED", "NODE_FAILED") and event["id"] in model_nodes \
@@ -131,7 +132,6 @@ def main() -> int:
                 graph.node_crashed(crashed, for_good=for_good))
         if event["type"] != "INPUT":
             continue
-        source_node, kind = sources.get(event["id"], ("", ""))
         if kind == "status":
             status = from_arrow(event["value"])
             if isinstance(status, Status):

@@ -119,14 +119,15 @@ class Replies:
         thread passes on together what came together (a decode step of several streams)."""
         with self._lock:
             waiting = [(self._queues.get(request_id), reply) for request_id, reply in replies]
-        claimed = [(queue, reply) for queue, reply in waiting
-                   if queue is not None and self.loop is not None]
+        claimed = []
         for queue, reply in waiting:
-            if queue is None or self.loop is None:
-                kind = reply.kind
-                if kind == "error":
-                    kind += ":" + arrow.decode(reply.value, ErrorReport).kind
-                self.unclaimed[kind] += 1
+            if queue is not None and self.loop is not None:
+                claimed.append((queue, reply))
+                continue
+            kind = reply.kind
+            if kind == "error":
+                kind += ":" + arrow.decode(reply.value, ErrorReport).kind
+            self.unclaimed[kind] += 1
         if claimed:
             self.loop.call_soon_threadsafe(_put_each, claimed)
 
