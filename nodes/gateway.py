@@ -51,13 +51,14 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
 from collections.abc import Mapping
 
 import uvicorn
 
 from mofa_omni.config import env_float, env_int, env_str, exit_on_bad_settings, listen_address
 from mofa_omni.gateway.app import build_app
-from mofa_omni.gateway.bridge import Graph, Replies, Reply
+from mofa_omni.gateway.bridge import Graph, HeldReplies, Replies, Reply
 from mofa_omni.gateway.routes import Router, input_sources, routes_from
 from mofa_omni.gateway.settings import Settings
 from mofa_omni.models.catalog import Catalog
@@ -66,7 +67,7 @@ from mofa_omni.node.integrity import CheckedNode
 from mofa_omni.scheduler.messages import Status, from_arrow
 
 log = logging.getLogger("gateway")
-HOLD_S = 0.005  # the longest replies that came together wait for one more said to be queued
+HOLD_S = 0.005  # the longest a reply is held to be handed over with those queued behind it
 
 
 def settings_from_env(env: Mapping[str, str] | None = None) -> Settings:
@@ -116,15 +117,14 @@ def main() -> int:
     http = threading.Thread(target=server.run, name="http", daemon=True)
     http.start()
     model_nodes = {route.node for route in router.routes}
-    arrived: list[tuple[str, Reply]] = []  # replies passed on together, in order
+    held = HeldReplies(HOLD_S)  # replies passed on together, in order
     # while replies are held, the next event is awaited briefly: dora's "more queued" could
     # name an event it does not hand out (a timeout ends the wait as an ERROR event)
-    while (event := node.next(timeout=HOLD_S if arrived else None)) is not None:
+    while (event := node.next(timeout=held.wait_s(time.monotonic()))) is not None:
         source_node, kind = sources.get(event["id"], ("", "")) if event["type"] == "INPUT" \
             else ("", "")
-        if arrived and kind not in ("result", "error"):
-            replies.deliver_all(arrived)  # before anything else reaches the event loop
-            arrived = []
+        if kind not in ("result", "error") and held.replies:
+            replies.deliver_all(held.take())  # before anything else reaches the event loop
         if event["type"] in ("NODE_RESTARTED", "NODE_FAILED") and event["id"] in model_nodes \
                 and replies.loop is not None:  # a model node crashed: dora restarts it, or not
             replies.loop.call_soon_threadsafe(
@@ -142,17 +142,17 @@ def main() -> int:
             metadata = event.get("metadata") or {}
             if kind == "result":
                 loaded[source_node] = True
-            arrived.append((str(metadata.get("request_id", "")),
-                            Reply(kind, event["value"], metadata)))
-            if node.is_empty():  # nothing more came meanwhile
-                replies.deliver_all(arrived)
-                arrived = []
+            now = time.monotonic()
+            held.add(str(metadata.get("request_id", "")), Reply(kind, event["value"], metadata),
+                     now)
+            if held.due(now, more_queued=not node.is_empty()):
+                replies.deliver_all(held.take())
         elif kind == "lost" and replies.loop is not None:  # dora dropped requests to that node
             metadata = event.get("metadata") or {}
             replies.loop.call_soon_threadsafe(
                 graph.resend_lost, source_node, str(metadata.get("lost_input", "")),
                 int(metadata.get("lost_first", 0)), int(metadata.get("lost_last", -1)))
-    replies.deliver_all(arrived)
+    replies.deliver_all(held.take())
     server.should_exit = True
     http.join(timeout=5)
     return 0

@@ -158,7 +158,8 @@ def _lose_machine_b_and_recover(cluster, flow, out, status_file, watcher):
     assert again["name"] == "voice" and again["status"] == "Finished", again
     lines = _lines(transcript)
     assert [line.split(":")[0] for line in lines] == ["user", "assistant"] * 2, lines
-    assert not any("[error" in line for line in lines), lines
+    # (a timeout here: where each node of the restarted graph was, from its log)
+    assert not any("[error" in line for line in lines), f"{lines}\n{_diagnosis(cluster)}"
     assert "capital of France" in lines[0] and "paris" in lines[1].lower(), lines
     status = _status(status_file)
     assert not any(m["lost"] for m in status["machines"]), status["machines"]

@@ -23,7 +23,15 @@ from mofa_omni.contract.tasks import (
     TextChunk,
 )
 from mofa_omni.gateway.app import build_app, check_transcription_fields
-from mofa_omni.gateway.bridge import ARRIVAL_NS, TAIL_GRACE_NS, Graph, Replies, Reply, _Sent
+from mofa_omni.gateway.bridge import (
+    ARRIVAL_NS,
+    TAIL_GRACE_NS,
+    Graph,
+    HeldReplies,
+    Replies,
+    Reply,
+    _Sent,
+)
 from mofa_omni.gateway.openai_bodies import HTTP_ERRORS, ApiError
 from mofa_omni.gateway.routes import Route, Router
 from mofa_omni.gateway.settings import Settings
@@ -282,6 +290,28 @@ def test_tokens_that_came_while_the_client_was_slower_go_out_in_one_event(catalo
     assert contents(0) == ["Hello world!"]
     # A client that keeps up with the model gets each token in its own event.
     assert contents(0.05) == ["Hel", "lo", " wor", "ld", "!"]
+
+
+def test_replies_are_held_to_go_together_but_never_past_their_time():
+    held = HeldReplies(hold_s=0.005)
+    assert held.wait_s(now=1.0) is None and not held.due(1.0, more_queued=False)
+    token = Reply("result", arrow.encode(chunk("a")), {})
+    held.add("first", token, now=1.0)
+    assert held.due(1.0, more_queued=False)  # nothing queued behind it: at once
+    assert not held.due(1.001, more_queued=True) and held.wait_s(1.001) == pytest.approx(0.004)
+    assert [request_id for request_id, _ in held.take()] == ["first"]
+    # A fast model keeps dora's queue from ever running dry: a token every millisecond is
+    # still handed over within the hold time of the oldest, not at the end of the reply.
+    came: dict[str, float] = {}
+    late: list[float] = []
+    for step in range(30):
+        now = 2.0 + step * 0.001
+        came[f"r{step}"] = now
+        held.add(f"r{step}", token, now)
+        if held.due(now, more_queued=True):
+            late += [now - came[request_id] for request_id, _ in held.take()]
+    assert len(late) >= 24 and max(late) < 0.005 + 0.001  # all but the last few, each in time
+    assert held.wait_s(now=3.0) == 1e-4  # those left are past their time: no wait for more
 
 
 def test_merged_tokens_are_not_lost_when_an_error_follows_them(catalog):

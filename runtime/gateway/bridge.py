@@ -138,6 +138,39 @@ def _put_each(replies: list[tuple[asyncio.Queue[Reply], Reply]]) -> None:
 
 
 @dataclass(slots=True)
+class HeldReplies:
+    """Replies the dora thread holds to hand over together (one wake-up of the event loop for
+    a decode step of several streams), for at most ``hold_s`` after the first was held: dora's
+    "more is queued" can stay true while a fast model streams, and a reply held until the
+    queue ran dry would reach its client in one piece at the end."""
+
+    hold_s: float
+    replies: list[tuple[str, Reply]] = field(default_factory=list)
+    since: float = 0.0  # monotonic seconds the oldest held reply came
+
+    def add(self, request_id: str, reply: Reply, now: float) -> None:
+        if not self.replies:
+            self.since = now
+        self.replies.append((request_id, reply))
+
+    def due(self, now: float, more_queued: bool) -> bool:
+        """Whether to hand the held replies over now: nothing more is queued, or the oldest
+        has waited its time."""
+        return bool(self.replies) and (not more_queued or now - self.since >= self.hold_s)
+
+    def wait_s(self, now: float) -> float | None:
+        """How long the next event may be awaited: for ever with nothing held, else what is
+        left of the oldest's time (never 0, which dora reads as no timeout)."""
+        if not self.replies:
+            return None
+        return max(self.since + self.hold_s - now, 1e-4)
+
+    def take(self) -> list[tuple[str, Reply]]:
+        replies, self.replies = self.replies, []
+        return replies
+
+
+@dataclass(slots=True)
 class _Sent:
     answer: Answer
     route: Route
