@@ -45,7 +45,9 @@ Inputs:
                     reading `chat`, `hear` and `cascade_chat`. A question (or an utterance for
                     the cascade's ASR) a report shows never arrived (dora dropped it; the last
                     one sent shows no gap) is sent again, up to twice, then the reply (or turn)
-                    ends in an error, in seconds rather than after REPLY_TIMEOUT_S
+                    ends in an error, in seconds rather than after REPLY_TIMEOUT_S. A node we
+                    wait for on a machine the scheduler lost (its nodes fell silent) ends the
+                    reply (or the turns it was hearing) with that reason, as a crash would
 
 The node ends once `utterance` (or, without it, `transcript`) is closed (no more turns) and
 the last reply is over.
@@ -97,6 +99,7 @@ from mofa_omni.voice.dialogue import (
     Release,
     TranscriptLine,
     TurnDone,
+    out_of_reach,
 )
 from mofa_omni.voice.events import is_held, read_event, voice_output
 
@@ -132,6 +135,10 @@ def main() -> None:
     # `chat`, the cascade's ASR on `hear`, the cascade's LLM on `cascade_chat`)
     delivery_checks = {output: check for output in ("chat", "hear", "cascade_chat")
                        if (check := question_reader(descriptor, node_id, output))}
+    # the nodes whose results we wait for: one on a lost machine will not answer
+    path_nodes = {source_node(inputs[input_id]) for input_id in (
+        "transcript", "reply", "llm_error", "tts_error", "spoken", "cascade_reply",
+        "cascade_error") if input_id in inputs}
     asked: dict[str, Ask] = {}  # the question of the reply under way, to ask it again
     to_hear: dict[str, Hear] = {}  # the cascade's turns not heard yet, to send them again
 
@@ -162,11 +169,16 @@ def main() -> None:
             questions.arrived(request_id)
 
     def check_delivery(value) -> list[Action]:
-        """The model nodes' reports: ask again what one never received, or end that reply."""
+        """The model nodes' reports: ask again what one never received, or end that reply;
+        a node of ours on a machine the scheduler lost: end what it was doing."""
         status = from_arrow(value)
         if not isinstance(status, Status):
             return []
         actions: list[Action] = []
+        for gone, why in out_of_reach(status, path_nodes).items():
+            if ended := dialogue.node_crashed(gone, time.time_ns(), time.monotonic(), why=why):
+                log.error("%s", why)
+                actions += ended
         for output, questions in delivery_checks.items():
             report = next((n for n in status.nodes if n.node == questions.node), None)
             heard = output == "hear"

@@ -1,5 +1,6 @@
 """The voice agent's conversation state machine (pure, no models)."""
 
+from mofa_omni.scheduler.messages import MachineStatus, NodeStatus, Status
 from mofa_omni.voice.dialogue import (
     UNHEARD,
     Ask,
@@ -9,6 +10,7 @@ from mofa_omni.voice.dialogue import (
     Release,
     TranscriptLine,
     TurnDone,
+    out_of_reach,
 )
 from mofa_omni.voice.events import is_held
 
@@ -131,6 +133,31 @@ def test_a_crash_on_the_replys_path_ends_the_turn_at_once_with_the_reason():
     assert [m.role for m in dialogue.history] == []  # the unanswered question dropped
     ask = dialogue.heard("turn-2", "Are you there?", 0, now=110.0)[-1]
     assert [m.role for m in ask.request.messages] == ["system", "user"]
+
+
+def test_a_node_on_a_lost_machine_ends_the_reply_and_the_turns_it_was_hearing_at_once():
+    def status(lost: bool) -> Status:
+        nodes = [NodeStatus(name, "m", "m", "unavailable" if lost and machine == "B" else "ready",
+                            0, 0, 0, [], machine=machine)
+                 for name, machine in (("asr", "A"), ("llm", "B"), ("tts", "B"), ("vlm", "B"))]
+        machines = [MachineStatus(machine, 0, 0, 0, 0, 0, 0, lost=lost and machine == "B")
+                    for machine in ("A", "B")]
+        return Status(0, 0, 0, 0, 0, 0, 0, 0.0, nodes, [], [], [], machines=machines)
+
+    path = {"asr", "llm", "tts"}  # the vlm on B is none of the dialogue's business
+    assert out_of_reach(status(lost=False), path) == {}
+    gone = out_of_reach(status(lost=True), path)
+    assert gone == {"llm": "llm unavailable: machine B is lost",
+                    "tts": "tts unavailable: machine B is lost"}
+    dialogue = Dialogue(hearing_node="asr")
+    dialogue.heard("turn-1", "Hello?", 0, now=100.0)
+    cancel, line, done = dialogue.node_crashed("llm", now=101.0, why=gone["llm"])
+    assert cancel == Cancel("reply-1") and done == TurnDone("turn-1")
+    assert line.render() == "assistant:  [error: llm unavailable: machine B is lost]"
+    assert dialogue.node_crashed("tts", why=gone["tts"]) == []  # that reply is over already
+    dialogue.sent_to_be_heard("turn-2", now=102.0)
+    line, done = dialogue.node_crashed("asr", why="asr unavailable: machine A is lost")
+    assert line.error == "asr unavailable: machine A is lost: not heard"
 
 
 def test_a_crashed_asr_ends_the_turns_it_was_hearing_and_the_next_is_answered():

@@ -36,6 +36,7 @@ import numpy as np
 from mofa_omni.contract.errors import ContractError
 from mofa_omni.contract.tasks import ChatMessage, ChatRequest, OmniRequest
 from mofa_omni.media.audio import resample
+from mofa_omni.scheduler.messages import Status
 from mofa_omni.voice import events
 from mofa_omni.voice.events import held_id
 
@@ -340,20 +341,23 @@ class Dialogue:
         return [*actions, TranscriptLine("assistant", reply.text.strip(), reply.turn_id,
                                          error=message), TurnDone(reply.turn_id)]
 
-    def node_crashed(self, node: str, now_ns: int = 0, now: float = 0.0) -> list[Action]:
-        """A node crashed (dora restarts it, or not), told at ``now_ns``. The ASR: the
-        utterances it was transcribing will not be heard, their turns end now with the reason
-        (and those sent before now, whose notice comes later). Any other node of the reply's
-        path: the reply in flight will not come, its turn ends now — not at the deadline."""
+    def node_crashed(self, node: str, now_ns: int = 0, now: float = 0.0,
+                     why: str = "") -> list[Action]:
+        """A node crashed (dora restarts it, or not), or is out of reach (``why`` says so;
+        default "<node> crashed"), told at ``now_ns``. The ASR: the utterances it was
+        transcribing will not be heard, their turns end now with the reason (and those sent
+        before now, whose notice comes later). Any other node of the reply's path: the reply
+        in flight will not come, its turn ends now — not at the deadline."""
+        why = why or f"{node} crashed"
         if node == self.hearing_node:
             self.hearing_crashed_ns = max(self.hearing_crashed_ns, now_ns)
             return [action for turn_id in list(self.transcribing)
-                    for action in self.not_heard(turn_id, f"{node} crashed: not heard")]
+                    for action in self.not_heard(turn_id, f"{why}: not heard")]
         reply = self.active
         if reply is None:
             return self._drop_held()
         return [*self._drop_held(), Cancel(reply.reply_id),
-                *self.reply_failed(reply.reply_id, f"{node} crashed", now,
+                *self.reply_failed(reply.reply_id, why, now,
                                    unavailable=node == self.omni_node)]
 
     def expire(self, now: float, timeout_s: float) -> list[Action]:
@@ -450,3 +454,13 @@ def _in_words(messages: list[ChatMessage]) -> list[ChatMessage]:
     """The history as an LLM reads it: a turn only an omni model heard is :data:`UNHEARD`."""
     return [ChatMessage("user", UNHEARD) if isinstance(m, HeardMessage) else m
             for m in messages]
+
+
+def out_of_reach(status: Status, nodes: set[str]) -> dict[str, str]:
+    """Of ``nodes``, those the scheduler's ``status`` shows on a machine it lost (every node
+    there fell silent: its daemon or the machine is gone), each with why. dora tells the
+    other machines nothing when one dies: without this, a reply it was making ends only at
+    the reply's deadline."""
+    lost = {machine.machine for machine in status.machines if machine.lost}
+    return {node.node: f"{node.node} unavailable: machine {node.machine} is lost"
+            for node in status.nodes if node.node in nodes and node.machine in lost}
